@@ -1,0 +1,222 @@
+"""PyTorch CaVE (Compression-aware Visual Embedder) for codiff.
+
+An independent re-implementation of the FBCNN-style CaVE network used by CODiff
+(arXiv 2502.09873, github.com/jp-guo/CODiff). Its ``state_dict`` uses exactly the
+official key names, so official ``cave.pth`` files load with ``strict=True`` and
+the models we train load in the Rust engine through the same code path.
+
+Layout (``nc = [c0, c1, c2, c3]``, ``nb`` residual blocks per stage):
+
+  m_head            Conv3x3(3 -> c0)
+  m_down1           nb x ResBlock(c0), Conv2x2 stride 2 (c0 -> c1)   key index nb
+  m_down2           nb x ResBlock(c1), Conv4x4 stride 4 (c1 -> c2)
+  m_down3           nb x ResBlock(c2), Conv4x4 stride 4 (c2 -> c3)
+  m_body_encoder    nb x ResBlock(c3)
+  qf_pred           nb x ResBlock(c3), avgpool, flatten, Linear(c3,c3), ReLU,
+                    Linear(c3,c3), ReLU, Linear(c3,1), Sigmoid
+                    (Linear keys at indices nb+2, nb+4, nb+6)
+  m_body_decoder    nb x ResBlock(c3)
+  m_up3             [ConvTranspose4x4 stride 4 (c3 -> c2), nb x QFAttention(c2)]
+  m_up2             [ConvTranspose4x4 stride 4 (c2 -> c1), nb x QFAttention(c1)]
+  m_up1             [ConvTranspose2x2 stride 2 (c1 -> c0), nb x QFAttention(c0)]
+  m_tail            Conv3x3(c0 -> 3)
+
+ResBlock:    y = x + conv3x3(relu(bn(conv3x3(x))))           keys res.0, res.1, res.3
+QFAttention: y = x + gamma * conv3x3(relu(bn(conv3x3(x)))) + beta, and CaVE calls
+             it with the constants gamma = beta = 1, i.e. y = x + res(x) + 1.
+BatchNorm eps is 1e-4.
+
+With nb == 1 the official ``sequential()`` helper collapses one-element
+containers, so ``m_body_encoder.0.res.0.weight`` becomes
+``m_body_encoder.res.0.weight``; this module reproduces that too.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BN_EPS = 1e-4
+
+
+class ResBlock(nn.Module):
+    """x + conv(relu(bn(conv(x)))) with the official child indices 0, 1, 3."""
+
+    def __init__(self, ch, bn_momentum=0.1):
+        super().__init__()
+        self.res = nn.Sequential(
+            nn.Conv2d(ch, ch, 3, 1, 1, bias=True),
+            nn.BatchNorm2d(ch, eps=BN_EPS, momentum=bn_momentum),
+            nn.ReLU(),
+            nn.Conv2d(ch, ch, 3, 1, 1, bias=True),
+        )
+
+    def forward(self, x):
+        return x + self.res(x)
+
+
+class QFAttention(ResBlock):
+    """Decoder block; CaVE uses gamma = beta = 1: x + res(x) + 1."""
+
+    def forward(self, x, gamma=1.0, beta=1.0):
+        return x + (gamma * self.res(x) + beta)
+
+
+def _stack(blocks):
+    # The official helper returns a lone module as is (key-name collapse for nb == 1).
+    return blocks[0] if len(blocks) == 1 else nn.Sequential(*blocks)
+
+
+class CaVE(nn.Module):
+    def __init__(self, nc=(64, 128, 256, 512), nb=4, in_nc=3, out_nc=3, bn_momentum=0.1):
+        super().__init__()
+        nc = [int(c) for c in nc]
+        assert len(nc) == 4 and nb >= 1
+        self.nc, self.nb = nc, nb
+        m = bn_momentum
+
+        def blocks(ch, n=nb):
+            return [ResBlock(ch, m) for _ in range(n)]
+
+        self.m_head = nn.Conv2d(in_nc, nc[0], 3, 1, 1, bias=True)
+        self.m_down1 = nn.Sequential(*blocks(nc[0]), nn.Conv2d(nc[0], nc[1], 2, 2, 0, bias=True))
+        self.m_down2 = nn.Sequential(*blocks(nc[1]), nn.Conv2d(nc[1], nc[2], 4, 4, 0, bias=True))
+        self.m_down3 = nn.Sequential(*blocks(nc[2]), nn.Conv2d(nc[2], nc[3], 4, 4, 0, bias=True))
+        self.m_body_encoder = _stack(blocks(nc[3]))
+        self.m_body_decoder = _stack(blocks(nc[3]))
+
+        def up(cin, cout, s):
+            return nn.ModuleList(
+                [nn.ConvTranspose2d(cin, cout, s, s, 0, bias=True)]
+                + [QFAttention(cout, m) for _ in range(nb)])
+
+        self.m_up3 = up(nc[3], nc[2], 4)
+        self.m_up2 = up(nc[2], nc[1], 4)
+        self.m_up1 = up(nc[1], nc[0], 2)
+        self.m_tail = nn.Conv2d(nc[0], out_nc, 3, 1, 1, bias=True)
+        self.qf_pred = nn.Sequential(
+            *blocks(nc[3]),
+            nn.AdaptiveAvgPool2d((1, 1)),
+            nn.Flatten(),
+            nn.Linear(nc[3], nc[3]),
+            nn.ReLU(),
+            nn.Linear(nc[3], nc[3]),
+            nn.ReLU(),
+            nn.Linear(nc[3], 1),
+            nn.Sigmoid(),
+        )
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def pad(x, multiple):
+        """Replicate-pad bottom/right so H and W are multiples of `multiple`."""
+        h, w = x.shape[-2:]
+        pb = (multiple - h % multiple) % multiple
+        pr = (multiple - w % multiple) % multiple
+        if pb or pr:
+            x = F.pad(x, (0, pr, 0, pb), mode="replicate")
+        return x
+
+    def encode(self, x):
+        x1 = self.m_head(x)
+        x2 = self.m_down1(x1)
+        x3 = self.m_down2(x2)
+        x4 = self.m_down3(x3)
+        return x1, x2, x3, x4, self.m_body_encoder(x4)
+
+    # ----------------------------------------------------------------- official API
+    def get_visual_embedding(self, x):
+        """[B,3,H,W] in [0,1] -> [B, floor(Hp/32)*floor(Wp/32), nc3] (Hp, Wp: pad to 8)."""
+        feat = self.encode(self.pad(x, 8))[-1]
+        return feat.flatten(-2, -1).permute(0, 2, 1)
+
+    def pred_qf(self, x):
+        """[B,3,H,W] in [0,1] -> q [B,1] in (0,1); estimated QF = 100 * (1 - q)."""
+        return self.qf_pred(self.encode(self.pad(x, 8))[-1])
+
+    def forward(self, x, pad_multiple=32):
+        """Returns (reconstruction [B,3,H,W], q [B,1]).
+
+        The official forward pads to a multiple of 8 and so only works when that is
+        also a multiple of 32; padding to 32 gives identical results in that case
+        and works for every size.
+        """
+        h, w = x.shape[-2:]
+        x = self.pad(x, pad_multiple)
+        x1, x2, x3, x4, x = self.encode(x)
+        qf = self.qf_pred(x)
+        x = self.m_body_decoder(x)
+        x = x + x4
+        x = self.m_up3[0](x)
+        for blk in self.m_up3[1:]:
+            x = blk(x)
+        x = x + x3
+        x = self.m_up2[0](x)
+        for blk in self.m_up2[1:]:
+            x = blk(x)
+        x = x + x2
+        x = self.m_up1[0](x)
+        for blk in self.m_up1[1:]:
+            x = blk(x)
+        x = x + x1
+        x = self.m_tail(x)
+        return x[..., :h, :w], qf
+
+
+def infer_config(state_dict):
+    """(nc, nb) of a CaVE state_dict (official key layout)."""
+    # m_down1 holds nb ResBlocks then the strided conv at index nb.
+    nb = max(int(k.split(".")[1]) for k in state_dict
+             if k.startswith("m_down1.") and k.split(".")[1].isdigit())
+    nc = [state_dict["m_head.weight"].shape[0]]
+    nc += [state_dict["m_down%d.%d.weight" % (i, nb)].shape[0] for i in (1, 2, 3)]
+    return [int(c) for c in nc], nb
+
+
+def load_state_dict_file(path):
+    """Load an official cave.pth (legacy or zip torch.save) or a codiff safetensors."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    sd = torch.load(str(path), map_location="cpu", weights_only=False)
+    if isinstance(sd, dict) and "params" in sd and isinstance(sd["params"], dict):
+        sd = sd["params"]
+    return sd
+
+
+def build_from_state_dict(sd, strict=True):
+    nc, nb = infer_config(sd)
+    model = CaVE(nc=nc, nb=nb)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # num_batches_tracked is optional in our safetensors files.
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if strict and (missing or unexpected):
+        raise KeyError("state_dict mismatch: missing %s unexpected %s" % (missing, unexpected))
+    return model.eval()
+
+
+def export_state_dict(model):
+    """float32 tensors with official names, without num_batches_tracked."""
+    return {k: v.detach().to(torch.float32).contiguous().clone()
+            for k, v in model.state_dict().items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def macs_per_pixel(nc, nb):
+    """Approximate multiply-accumulates per input pixel of forward()."""
+    c0, c1, c2, c3 = nc
+    k = 9
+    full = 3 * c0 * k * 2 + 4 * nb * c0 * c0 * k            # head, tail, down1/up1 blocks
+    full += c0 * c1 * 4 / 4 + c1 * c0 * 4 / 4                # 2x2 down / up
+    l2 = (4 * nb * c1 * c1 * k + c1 * c2 * 16 * 2 / 16) / 4
+    l3 = (4 * nb * c2 * c2 * k + c2 * c3 * 16 * 2 / 16) / 64
+    l4 = 6 * nb * c3 * c3 * k / 1024
+    return full + l2 + l3 + l4
+
+
+if __name__ == "__main__":
+    m = CaVE(nc=[16, 32, 64, 128], nb=2)
+    for k, v in m.state_dict().items():
+        print(k, tuple(v.shape))
+    print("params", sum(p.numel() for p in m.parameters()))
+    print("MAC/px", macs_per_pixel([16, 32, 64, 128], 2))
