@@ -1,0 +1,383 @@
+"""Train (or export) codiff's compact CaVE model.
+
+The model is the FBCNN-style CaVE of CODiff (see examples/cave_model.py) with a
+small width; its state_dict keys are the official ones. Training follows the
+CaVE recipe of the paper: clean crops are JPEG-compressed on the fly with
+Pillow's libjpeg at a random quality in [--qf-min, --qf-max] with 4:2:0 chroma
+subsampling, and the loss is
+
+    L1(reconstruction, clean) + --qf-weight * L1(q, (100 - QF) / 100)
+
+Optimiser: Adam(lr=--lr, betas 0.9/0.999), linear warm-up for --warmup steps,
+then cosine decay to --lr * --lr-final-ratio at --steps. BatchNorm runs in
+train mode during training; export switches to eval mode (running stats),
+after optionally re-estimating them over --bn-recalib fresh batches.
+
+Checkpoints (model + optimiser + step + RNG states) go to <--out>/last.pt every
+--ckpt-minutes and at the end; a new run with the same --out resumes from it
+automatically. When the run reaches --steps it exports <--out>/final.safetensors.
+
+Train:   nice -n 10 python3 examples/train_cave.py --out runs/cave --steps 20000
+Resume:  the same command again.
+Export:  python3 examples/train_cave.py --out runs/cave --export model.safetensors
+"""
+import argparse
+import io
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cave_model import CaVE, export_state_dict  # noqa: E402
+
+IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-dir", default="/work/data/train", help="clean training photos")
+    ap.add_argument("--eval-dir", default="/work/data/eval",
+                    help="held-out photos, only for the PSNR printed at checkpoints ('' to skip)")
+    ap.add_argument("--out", default="runs/cave", help="run directory (checkpoints, final export)")
+    ap.add_argument("--nc", default="8,16,64,64", help="channel widths c0,c1,c2,c3")
+    ap.add_argument("--nb", type=int, default=2, help="residual blocks per stage (>= 2 keeps official key names)")
+    ap.add_argument("--batch", type=int, default=16, help="crops per step")
+    ap.add_argument("--crop-min", type=int, default=96, help="smallest crop side (multiple of 8)")
+    ap.add_argument("--crop-max", type=int, default=128, help="largest crop side (multiple of 8)")
+    ap.add_argument("--qf-min", type=int, default=8, help="lowest JPEG quality")
+    ap.add_argument("--qf-max", type=int, default=95, help="highest JPEG quality")
+    ap.add_argument("--qf-weight", type=float, default=1e-3, help="weight of the QF L1 loss")
+    ap.add_argument("--lr", type=float, default=2e-4, help="peak Adam learning rate")
+    ap.add_argument("--lr-final-ratio", type=float, default=0.05, help="final lr = lr * this")
+    ap.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    ap.add_argument("--steps", type=int, default=20000, help="total optimiser steps (cosine horizon)")
+    ap.add_argument("--no-identity-init", action="store_true",
+                    help="plain random init (default: start the reconstruction near identity)")
+    ap.add_argument("--bn-momentum", type=float, default=0.1, help="BatchNorm running-stat momentum")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--no-channels-last", action="store_true",
+                    help="train in NCHW (channels_last is ~15%% faster on CPU)")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    ap.add_argument("--ckpt-minutes", type=float, default=5.0, help="minutes between checkpoints")
+    ap.add_argument("--init", default="", help="start from this checkpoint/safetensors instead of scratch")
+    ap.add_argument("--export", default="", metavar="OUT.safetensors",
+                    help="do not train: export <--out>/last.pt (or --ckpt) in eval mode and exit")
+    ap.add_argument("--ckpt", default="", help="checkpoint to export (default <--out>/last.pt)")
+    ap.add_argument("--bn-recalib", type=int, default=0,
+                    help="at export, re-estimate BN running stats over this many training batches")
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- data
+def load_images(folder):
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMG_EXT))
+    imgs = []
+    for p in paths:
+        im = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
+        imgs.append(np.ascontiguousarray(im))
+    return paths, imgs
+
+
+def jpeg_roundtrip(rgb_u8, quality):
+    buf = io.BytesIO()
+    Image.fromarray(rgb_u8).save(buf, format="JPEG", quality=int(quality), subsampling=2)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"), dtype=np.uint8)
+
+
+class CropSampler:
+    """Random crops from in-memory uint8 images, JPEG-compressed on the fly."""
+
+    def __init__(self, imgs, args, rng):
+        self.imgs = [im for im in imgs if min(im.shape[:2]) >= args.crop_max]
+        if not self.imgs:
+            raise SystemExit("no training image is at least %d px on its short side" % args.crop_max)
+        # Sample images proportionally to sqrt(area): big photos give more crops,
+        # small ones are not starved.
+        w = np.array([math.sqrt(im.shape[0] * im.shape[1]) for im in self.imgs])
+        self.p = w / w.sum()
+        self.args = args
+        self.rng = rng
+
+    def batch(self, n):
+        a, rng = self.args, self.rng
+        sizes = list(range(a.crop_min, a.crop_max + 1, 8))
+        s = int(rng.choice(sizes))
+        clean, lq, qfs = [], [], []
+        for _ in range(n):
+            im = self.imgs[rng.choice(len(self.imgs), p=self.p)]
+            y = rng.integers(0, im.shape[0] - s + 1)
+            x = rng.integers(0, im.shape[1] - s + 1)
+            c = im[y:y + s, x:x + s]
+            if rng.random() < 0.5:
+                c = c[:, ::-1]
+            c = np.rot90(c, int(rng.integers(0, 4)))
+            c = np.ascontiguousarray(c)
+            q = int(rng.integers(a.qf_min, a.qf_max + 1))
+            clean.append(c)
+            lq.append(jpeg_roundtrip(c, q))
+            qfs.append(q)
+        to_t = lambda arr: torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).float().div_(255.0)
+        return to_t(clean), to_t(lq), torch.tensor(qfs, dtype=torch.float32)
+
+
+def make_eval_set(folder, size=256, qualities=(10, 30, 50)):
+    if not folder or not os.path.isdir(folder):
+        return []
+    _, imgs = load_images(folder)
+    out = []
+    for im in imgs:
+        h, w = im.shape[:2]
+        s = min(size, h, w) // 8 * 8
+        y, x = (h - s) // 2, (w - s) // 2
+        c = np.ascontiguousarray(im[y:y + s, x:x + s])
+        for q in qualities:
+            out.append((q, c, jpeg_roundtrip(c, q)))
+    return out
+
+
+def psnr(a, b):
+    mse = F.mse_loss(a, b).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def evaluate(model, evalset):
+    """Mean PSNR (input, output) and QF MAE per quality on the held-out crops."""
+    if not evalset:
+        return ""
+    was_training = model.training
+    model.eval()
+    res = {}
+    for q, c, l in evalset:
+        ct = torch.from_numpy(c.copy()).permute(2, 0, 1)[None].float() / 255
+        lt = torch.from_numpy(l.copy()).permute(2, 0, 1)[None].float() / 255
+        rec, qp = model(lt)
+        r = res.setdefault(q, [0.0, 0.0, 0.0, 0])
+        r[0] += psnr(lt, ct)
+        r[1] += psnr(rec.clamp(0, 1), ct)
+        r[2] += abs(100 * (1 - qp.item()) - q)
+        r[3] += 1
+    model.train(was_training)
+    return "  ".join("QF%d psnr %.2f->%.2f qfErr %.1f" % (q, r[0] / r[3], r[1] / r[3], r[2] / r[3])
+                     for q, r in sorted(res.items()))
+
+
+# ---------------------------------------------------------------------------- model
+def build_model(args):
+    nc = [int(c) for c in args.nc.split(",")]
+    model = CaVE(nc=nc, nb=args.nb, bn_momentum=args.bn_momentum)
+    # Start every residual branch near zero so the untrained net is close to
+    # identity-plus-skips (faster, steadier start on CPU budgets).
+    for name, mod in model.named_modules():
+        if name.endswith(".res"):
+            with torch.no_grad():
+                mod[3].weight.mul_(0.1)
+                mod[3].bias.zero_()
+    if not args.no_identity_init:
+        # The reconstruction has no global input skip, so a random start spends
+        # hundreds of steps learning the identity. Instead: m_head copies RGB into
+        # its first 3 channels, the decoder's last upsampling starts at zero (its
+        # QFAttention blocks then add about nb * 1.0), and m_tail reads the 3 RGB
+        # channels back and subtracts that offset: output ~= input at step 0.
+        with torch.no_grad():
+            for i in range(3):
+                model.m_head.weight[i].zero_()
+                model.m_head.weight[i, i, 1, 1] = 1.0
+                model.m_head.bias[i] = 0.0
+            model.m_up1[0].weight.zero_()
+            model.m_up1[0].bias.zero_()
+            model.m_tail.weight.zero_()
+            for i in range(3):
+                model.m_tail.weight[i, i, 1, 1] = 1.0
+            model.m_tail.bias.fill_(-float(args.nb))
+    return model, nc
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    lo = args.lr * args.lr_final_ratio
+    return lo + 0.5 * (args.lr - lo) * (1 + math.cos(math.pi * t))
+
+
+def save_ckpt(path, model, opt, step, rng, args):
+    state = {
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "np_rng": rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "py_rng": random.getstate(),
+        "args": vars(args),
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(model, path):
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+        sd = sd.get("model", sd)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise KeyError("weights do not match: missing %s unexpected %s" % (missing, unexpected))
+
+
+@torch.no_grad()
+def recalibrate_bn(model, sampler, batches, batch_size):
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for _ in range(batches):
+        _, lq, _ = sampler.batch(batch_size)
+        model(lq)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+
+
+def export(args):
+    import json
+    from safetensors.torch import save_file
+    ckpt = args.ckpt or os.path.join(args.out, "last.pt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    run_args = state.get("args", {})
+    nc = [int(c) for c in run_args.get("nc", args.nc).split(",")]
+    nb = int(run_args.get("nb", args.nb))
+    model = CaVE(nc=nc, nb=nb)
+    model.load_state_dict(state["model"], strict=True)
+    if args.bn_recalib > 0:
+        _, imgs = load_images(args.train_dir)
+        sampler = CropSampler(imgs, args, np.random.default_rng(args.seed + 7))
+        recalibrate_bn(model, sampler, args.bn_recalib, args.batch)
+    model.eval()
+    sd = export_state_dict(model)
+    meta = {
+        "format": "codiff-cave",
+        "nc": ",".join(str(c) for c in nc),
+        "nb": str(nb),
+        "step": str(state.get("step", 0)),
+        "train": json.dumps({k: run_args.get(k) for k in
+                             ("lr", "batch", "crop_min", "crop_max", "qf_min", "qf_max", "qf_weight", "steps")}),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
+    save_file(sd, args.export, metadata=meta)
+    print("exported step %s (%d tensors, %.2f MB) -> %s" % (
+        meta["step"], len(sd), sum(v.numel() * 4 for v in sd.values()) / 1e6, args.export))
+    print("eval:", evaluate(model, make_eval_set(args.eval_dir)))
+
+
+# ----------------------------------------------------------------------------- train
+def train(args):
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "last.pt")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    model, nc = build_model(args)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    step = 0
+    if os.path.exists(ckpt_path):
+        st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        rng.bit_generator.state = st["np_rng"]
+        torch.set_rng_state(st["torch_rng"])
+        random.setstate(st["py_rng"])
+        print("resumed from %s at step %d" % (ckpt_path, step), flush=True)
+    elif args.init:
+        load_weights(model, args.init)
+        print("initialised from", args.init, flush=True)
+
+    t0 = time.time()
+    paths, imgs = load_images(args.train_dir)
+    sampler = CropSampler(imgs, args, rng)
+    evalset = make_eval_set(args.eval_dir)
+    nparam = sum(p.numel() for p in model.parameters())
+    print("nc=%s nb=%d params=%d; %d train images (%.1f MP) loaded in %.1fs; eval crops %d" % (
+        nc, args.nb, nparam, len(sampler.imgs), sum(i.shape[0] * i.shape[1] for i in imgs) / 1e6,
+        time.time() - t0, len(evalset)), flush=True)
+    print("args:", vars(args), flush=True)
+
+    fmt = torch.contiguous_format if args.no_channels_last else torch.channels_last
+    model = model.to(memory_format=fmt)
+    for st_ in opt.state.values():  # keep Adam moments in the parameters' layout
+        for k, v in st_.items():
+            if torch.is_tensor(v) and v.dim() == 4:
+                st_[k] = v.contiguous(memory_format=fmt)
+    model.train()
+    last_ckpt = time.time()
+    acc = {"loss": 0.0, "l1": 0.0, "qf": 0.0, "n": 0, "imgs": 0, "t": time.time(), "data": 0.0}
+    while step < args.steps:
+        td = time.time()
+        clean, lq, qf = sampler.batch(args.batch)
+        acc["data"] += time.time() - td
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        rec, q = model(lq.contiguous(memory_format=fmt))
+        target_q = (100.0 - qf[:, None]) / 100.0
+        l1 = F.l1_loss(rec, clean)
+        lqf = F.l1_loss(q, target_q)
+        loss = l1 + args.qf_weight * lqf
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+
+        acc["loss"] += loss.item()
+        acc["l1"] += l1.item()
+        acc["qf"] += 100.0 * lqf.item()
+        acc["n"] += 1
+        acc["imgs"] += args.batch
+        if step % args.log_every == 0 or step == args.steps:
+            dt = time.time() - acc["t"]
+            n = acc["n"]
+            print("step %d loss %.5f l1 %.5f qfErr %.2f lr %.2e  %.1f img/s (data %.0f%%)" % (
+                step, acc["loss"] / n, acc["l1"] / n, acc["qf"] / n, lr_at(step - 1, args),
+                acc["imgs"] / dt, 100 * acc["data"] / dt), flush=True)
+            acc = {"loss": 0.0, "l1": 0.0, "qf": 0.0, "n": 0, "imgs": 0, "t": time.time(), "data": 0.0}
+        if time.time() - last_ckpt > 60 * args.ckpt_minutes or step == args.steps:
+            save_ckpt(ckpt_path, model, opt, step, rng, args)
+            last_ckpt = time.time()
+            print("checkpoint step %d -> %s | eval %s" % (step, ckpt_path, evaluate(model, evalset)),
+                  flush=True)
+            acc["t"] = time.time()  # do not count checkpoint/eval time in img/s
+
+    final = os.path.join(args.out, "final.safetensors")
+    args.export = final
+    args.ckpt = ckpt_path
+    export(args)
+
+
+def main():
+    args = parse_args()
+    if args.export:
+        torch.set_num_threads(args.threads)
+        export(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()
