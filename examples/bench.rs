@@ -1,0 +1,121 @@
+//! Per-stage time and peak memory of one restoration.
+//!
+//! `cargo run --release --example bench -- --model full --sizes 256x256,512x512`
+//! builds the full-size CODiff architecture (SD-2.1-base UNet and VAE, CaVE
+//! nc [64,128,256,512], nb 4) with random weights; `--model compact` loads the
+//! shipped default model. Each size runs in a child process so that its peak
+//! resident memory (VmHWM) is its own.
+use std::process::Command;
+use std::time::Instant;
+
+use clap::Parser;
+use gstcodiff::engine::cave::CaveConfig;
+use gstcodiff::engine::unet::UNetConfig;
+use gstcodiff::engine::vae::VaeConfig;
+use gstcodiff::engine::{default_weights_path, DeviceSpec, Engine, Mode, ModelSpec, Precision, RestoreOptions, RgbImage};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// full (random-weight full-size CODiff) or compact (weights/ default)
+    #[arg(long, default_value = "compact")]
+    model: String,
+    /// Comma-separated WxH sizes
+    #[arg(long, default_value = "512x512")]
+    sizes: String,
+    /// Timed runs per size (after one warm-up run when --warmup)
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Run once untimed first
+    #[arg(long)]
+    warmup: bool,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// auto, f32, f16, bf16
+    #[arg(long, default_value = "auto")]
+    precision: String,
+    /// Latent tile (0 = none)
+    #[arg(long, default_value_t = 96)]
+    latent_tile: usize,
+    /// Internal: run one size in this process
+    #[arg(long, hide = true)]
+    child: bool,
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn test_image(w: usize, h: usize) -> RgbImage {
+    let mut data = Vec::with_capacity(w * h * 3);
+    let mut s = 12345u32;
+    for y in 0..h {
+        for x in 0..w {
+            for c in 0..3 {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                let v = (x * 255 / w.max(1) + y * 128 / h.max(1) + c * 40) as u32 + (s >> 28);
+                data.push((v % 256) as u8);
+            }
+        }
+    }
+    RgbImage { width: w, height: h, data }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    if !args.child {
+        println!("model={} device={} precision={} threads={}", args.model, args.device, args.precision,
+            std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| format!("{}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))));
+        for size in args.sizes.split(',') {
+            let exe = std::env::current_exe()?;
+            let status = Command::new(exe)
+                .args(std::env::args().skip(1))
+                .args(["--child", "--sizes", size])
+                .status()?;
+            if !status.success() {
+                println!("{size}: failed ({status})");
+            }
+        }
+        return Ok(());
+    }
+    let (w, h) = args.sizes.split_once('x').ok_or("size must be WxH")?;
+    let (w, h): (usize, usize) = (w.parse()?, h.parse()?);
+    let device: DeviceSpec = args.device.parse()?;
+    let precision: Precision = args.precision.parse()?;
+    let t0 = Instant::now();
+    let engine = match args.model.as_str() {
+        "full" => Engine::synthetic(
+            CaveConfig { nc: [64, 128, 256, 512], nb: 4 },
+            Some((UNetConfig::sd21_base(), VaeConfig::sd21_base())),
+            device,
+            precision,
+            false,
+        )?,
+        "compact" => Engine::load(&ModelSpec { device, precision, mode: Mode::Cave, weights: default_weights_path(), ..ModelSpec::compact_default() }, &mut |_| {})?,
+        m => return Err(format!("unknown model {m}").into()),
+    };
+    let load = t0.elapsed().as_secs_f64();
+    let opts = RestoreOptions { latent_tile: args.latent_tile, ..Default::default() };
+    if args.warmup {
+        engine.restore(&mut test_image(w, h), &opts)?;
+    }
+    for _ in 0..args.runs {
+        let mut img = test_image(w, h);
+        let t = Instant::now();
+        let (_, times) = engine.restore_timed(&mut img, &opts)?;
+        let total = t.elapsed().as_secs_f64();
+        let stages: Vec<String> = times.iter().map(|(n, s)| format!("{n} {s:.3}")).collect();
+        println!(
+            "{w}x{h}: total {total:.3} s ({:.3} s/MP) | {} | build {load:.1} s | peak RSS {:.0} MB",
+            total / (w * h) as f64 * 1e6,
+            stages.join(", "),
+            peak_rss_mb()
+        );
+    }
+    Ok(())
+}

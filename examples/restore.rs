@@ -1,0 +1,141 @@
+//! Restore one still image: `cargo run --release --example restore -- [flags] INPUT OUTPUT`.
+//!
+//! With no model flags it uses the compact default model in `weights/`
+//! (`--mode cave`); give `--sd-dir`, `--codiff` and `--cave` for the official
+//! one-step diffusion model (`--mode diffusion`).
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+use gstcodiff::engine::pipeline::Trace;
+use gstcodiff::engine::{
+    default_weights_path, ColorFix, DeviceSpec, Engine, Mode, ModelSpec, Precision, RestoreOptions, RgbImage,
+};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg {
+    /// diffusion when --sd-dir and --codiff are given, else cave
+    Auto,
+    Cave,
+    Diffusion,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FixArg {
+    Adain,
+    Wavelet,
+    None,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Remove JPEG artifacts from a still image with codiff")]
+struct Args {
+    /// Input image (PNG or JPEG)
+    input: PathBuf,
+    /// Output image (format from the extension: .png or .jpg)
+    output: PathBuf,
+    /// Restoration mode
+    #[arg(long, value_enum, default_value = "auto")]
+    mode: ModeArg,
+    /// Compact CaVE model for --mode cave (default: the one shipped in weights/)
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Stable Diffusion 2.1 base folder in diffusers layout (unet/, vae/, scheduler/)
+    #[arg(long)]
+    sd_dir: Option<PathBuf>,
+    /// Official codiff.pkl (LoRA weights and projection)
+    #[arg(long)]
+    codiff: Option<PathBuf>,
+    /// Official cave.pth (legacy PyTorch format) or a safetensors CaVE
+    #[arg(long)]
+    cave: Option<PathBuf>,
+    /// Colour correction against the input (diffusion mode)
+    #[arg(long, value_enum, default_value = "adain")]
+    color_fix: FixArg,
+    /// Latent tile side in latent pixels (0 = never tile)
+    #[arg(long, default_value_t = 96)]
+    latent_tile: usize,
+    /// Overlap between latent tiles
+    #[arg(long, default_value_t = 32)]
+    latent_overlap: usize,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// auto, f32, f16 or bf16 (UNet and VAE)
+    #[arg(long, default_value = "auto")]
+    precision: String,
+    /// Write every intermediate tensor to this safetensors file
+    #[arg(long)]
+    dump: Option<PathBuf>,
+}
+
+fn main() -> anyhow_free::Result {
+    run(Args::parse())
+}
+
+/// A tiny error type so the example needs no extra crates.
+mod anyhow_free {
+    pub type Result = std::result::Result<(), Box<dyn std::error::Error>>;
+}
+
+fn run(args: Args) -> anyhow_free::Result {
+    let mode = match args.mode {
+        ModeArg::Cave => Mode::Cave,
+        ModeArg::Diffusion => Mode::Diffusion,
+        ModeArg::Auto if args.sd_dir.is_some() && args.codiff.is_some() => Mode::Diffusion,
+        ModeArg::Auto => Mode::Cave,
+    };
+    let spec = ModelSpec {
+        mode,
+        weights: args.weights.clone().unwrap_or_else(default_weights_path),
+        sd_dir: args.sd_dir.clone(),
+        codiff: args.codiff.clone(),
+        cave: args.cave.clone(),
+        device: args.device.parse::<DeviceSpec>()?,
+        precision: args.precision.parse::<Precision>()?,
+    };
+    let opts = RestoreOptions {
+        color_fix: match args.color_fix {
+            FixArg::Adain => ColorFix::Adain,
+            FixArg::Wavelet => ColorFix::Wavelet,
+            FixArg::None => ColorFix::None,
+        },
+        latent_tile: args.latent_tile,
+        latent_overlap: args.latent_overlap,
+    };
+    let t0 = Instant::now();
+    let engine = Engine::load(&spec, &mut |s| eprintln!("codiff: {s}"))?;
+    eprintln!("codiff: loaded in {:.2} s", t0.elapsed().as_secs_f64());
+
+    let decoded = image::ImageReader::open(&args.input)?.with_guessed_format()?.decode()?.to_rgb8();
+    let (w, h) = decoded.dimensions();
+    let mut img = RgbImage::new(w as usize, h as usize, decoded.into_raw())?;
+    let mut trace = Trace::new();
+    let t1 = Instant::now();
+    let qf = engine.restore_traced(&mut img, &opts, args.dump.as_ref().map(|_| &mut trace))?;
+    let secs = t1.elapsed().as_secs_f64();
+    let out = image::RgbImage::from_raw(w, h, img.data).ok_or("output buffer size")?;
+    out.save(&args.output)?;
+    eprintln!(
+        "codiff: {}x{} {:?} restored in {:.2} s ({:.2} s/MP), estimated JPEG quality {:.1} -> {}",
+        w,
+        h,
+        mode,
+        secs,
+        secs / (w as f64 * h as f64 / 1e6),
+        qf,
+        args.output.display()
+    );
+    if let Some(path) = args.dump {
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> = trace
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if t.dtype() == candle_core::DType::U8 { t } else { t.to_dtype(candle_core::DType::F32)? };
+                Ok((n, t))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        candle_core::safetensors::save(&tensors, &path)?;
+        eprintln!("codiff: wrote {} intermediates to {}", tensors.len(), path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! CaVE, the Compression-aware Visual Embedder (an FBCNN-style UNet).
+//!
+//! Encoder: `m_head` (3x3) -> `m_down1` (nb ResBlocks + 2x2/2 conv) -> `m_down2`
+//! and `m_down3` (nb ResBlocks + 4x4/4 conv) -> `m_body_encoder` (nb ResBlocks):
+//! total stride 32. Its output, flattened row-major, is the visual embedding that
+//! conditions the diffusion UNet. `qf_pred` (nb ResBlocks, average pool, three
+//! Linear layers, sigmoid) estimates q, with QF = 100 (1 - q). The decoder half
+//! (`m_body_decoder`, `m_up3..1` with skip additions; the up-path blocks are the
+//! reference's QFAttention run with gamma = beta = 1, i.e. `x + res(x) + 1`, `m_tail`) reconstructs the
+//! clean image: it is the restorer of `mode=cave`.
+//!
+//! Sizes (`nc`, `nb`) come from the tensors themselves, so the official
+//! `cave.pth` (nc [64,128,256,512], nb 4) and our compact model load alike.
+//! BatchNorm (eval mode, eps 1e-4) is folded into the convolution before it.
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear};
+
+use super::error::{EngineError, Result};
+use super::weights::TensorFile;
+
+const BN_EPS: f64 = 1e-4;
+
+/// Widths of the four levels and the number of ResBlocks per stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaveConfig {
+    pub nc: [usize; 4],
+    pub nb: usize,
+}
+
+struct ResBlock {
+    conv1: Conv2d,
+    conv2: Conv2d,
+}
+
+impl ResBlock {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.conv1.forward(x)?.relu()?;
+        x + self.conv2.forward(&h)?
+    }
+}
+
+fn run_blocks(blocks: &[ResBlock], x: &Tensor) -> candle_core::Result<Tensor> {
+    let mut x = x.clone();
+    for b in blocks {
+        x = b.forward(&x)?;
+    }
+    Ok(x)
+}
+
+/// Loads layers out of a [`TensorFile`], checking each shape.
+struct Loader<'a> {
+    f: &'a TensorFile,
+    dev: &'a Device,
+}
+
+impl Loader<'_> {
+    fn t(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.f.get_shaped(key, shape)?.to_device(self.dev)?)
+    }
+
+    fn conv(&self, p: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
+        let w = self.t(&format!("{p}.weight"), &[cout, cin, k, k])?;
+        let b = self.t(&format!("{p}.bias"), &[cout])?;
+        let cfg = Conv2dConfig { padding: if k == 3 { 1 } else { 0 }, stride, ..Default::default() };
+        Ok(Conv2d::new(w, Some(b), cfg))
+    }
+
+    /// conv -> BatchNorm folded into one conv.
+    fn conv_bn(&self, conv: &str, bn: &str, c: usize) -> Result<Conv2d> {
+        let w = self.t(&format!("{conv}.weight"), &[c, c, 3, 3])?;
+        let b = self.t(&format!("{conv}.bias"), &[c])?;
+        let g = self.t(&format!("{bn}.weight"), &[c])?;
+        let beta = self.t(&format!("{bn}.bias"), &[c])?;
+        let mean = self.t(&format!("{bn}.running_mean"), &[c])?;
+        let var = self.t(&format!("{bn}.running_var"), &[c])?;
+        let scale = (g / (var + BN_EPS)?.sqrt()?)?;
+        let w = w.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
+        let b = ((b - mean)? * &scale)?.add(&beta)?;
+        Ok(Conv2d::new(w, Some(b), Conv2dConfig { padding: 1, ..Default::default() }))
+    }
+
+    fn resblock(&self, p: &str, c: usize) -> Result<ResBlock> {
+        self.resblock_shifted(p, c, 0.0)
+    }
+
+    /// `x + res(x) + beta`: the decoder's QFAttention blocks, which the
+    /// reference runs with gamma = beta = 1 (beta is folded into the bias).
+    fn resblock_shifted(&self, p: &str, c: usize, beta: f64) -> Result<ResBlock> {
+        let conv2 = self.conv(&format!("{p}.res.3"), c, c, 3, 1)?;
+        let conv2 = if beta != 0.0 {
+            let b = (conv2.bias().expect("bias") + beta)?;
+            Conv2d::new(conv2.weight().clone(), Some(b), *conv2.config())
+        } else {
+            conv2
+        };
+        Ok(ResBlock { conv1: self.conv_bn(&format!("{p}.res.0"), &format!("{p}.res.1"), c)?, conv2 })
+    }
+
+    /// `nb` ResBlocks at `p.{offset}..`; PyTorch names a lone module without the
+    /// index (FBCNN's `sequential()` collapses one-element containers).
+    fn blocks(&self, p: &str, offset: usize, nb: usize, c: usize, alone: bool) -> Result<Vec<ResBlock>> {
+        if alone && nb == 1 && !self.f.contains(&format!("{p}.0.res.0.weight")) {
+            return Ok(vec![self.resblock(p, c)?]);
+        }
+        (0..nb).map(|i| self.resblock(&format!("{p}.{}", i + offset), c)).collect()
+    }
+
+    fn linear(&self, p: &str, cin: usize, cout: usize) -> Result<Linear> {
+        Ok(Linear::new(self.t(&format!("{p}.weight"), &[cout, cin])?, Some(self.t(&format!("{p}.bias"), &[cout])?)))
+    }
+
+    fn up(&self, p: &str, cin: usize, cout: usize, k: usize) -> Result<ConvTranspose2d> {
+        let w = self.t(&format!("{p}.weight"), &[cin, cout, k, k])?;
+        let b = self.t(&format!("{p}.bias"), &[cout])?;
+        Ok(ConvTranspose2d::new(w, Some(b), ConvTranspose2dConfig { stride: k, ..Default::default() }))
+    }
+}
+
+pub struct Cave {
+    pub config: CaveConfig,
+    head: Conv2d,
+    down: [(Vec<ResBlock>, Conv2d); 3],
+    body_encoder: Vec<ResBlock>,
+    body_decoder: Vec<ResBlock>,
+    up: [(ConvTranspose2d, Vec<ResBlock>); 3],
+    tail: Conv2d,
+    qf_blocks: Vec<ResBlock>,
+    qf_linear: [Linear; 3],
+    device: Device,
+}
+
+/// Encoder outputs kept for the decoder's skip additions.
+pub struct Features {
+    pub skips: [Tensor; 4],
+    pub body: Tensor,
+}
+
+impl Cave {
+    /// Infer `nc` and `nb` from the tensors' shapes.
+    pub fn config_of(f: &TensorFile) -> Result<CaveConfig> {
+        let dims = |k: &str| -> Result<Vec<usize>> { Ok(f.get(k)?.dims().to_vec()) };
+        let head = dims("m_head.weight")?;
+        let mut nb = 0;
+        while f.contains(&format!("m_down1.{nb}.res.0.weight")) {
+            nb += 1;
+        }
+        if nb == 0 {
+            return Err(EngineError::MissingTensor { path: f.path.clone(), key: "m_down1.0.res.0.weight".into() });
+        }
+        let c1 = dims(&format!("m_down1.{nb}.weight"))?[0];
+        let c2 = dims(&format!("m_down2.{nb}.weight"))?[0];
+        let c3 = dims(&format!("m_down3.{nb}.weight"))?[0];
+        Ok(CaveConfig { nc: [head[0], c1, c2, c3], nb })
+    }
+
+    pub fn load(f: &TensorFile, device: &Device) -> Result<Self> {
+        let config = Self::config_of(f)?;
+        let CaveConfig { nc, nb } = config;
+        let l = Loader { f, dev: device };
+        let down = |i: usize, k: usize| -> Result<(Vec<ResBlock>, Conv2d)> {
+            let p = format!("m_down{}", i + 1);
+            Ok((l.blocks(&p, 0, nb, nc[i], false)?, l.conv(&format!("{p}.{nb}"), nc[i], nc[i + 1], k, k)?))
+        };
+        let up = |i: usize, k: usize| -> Result<(ConvTranspose2d, Vec<ResBlock>)> {
+            let p = format!("m_up{}", i + 1);
+            let blocks = (1..=nb).map(|j| l.resblock_shifted(&format!("{p}.{j}"), nc[i], 1.0)).collect::<Result<_>>()?;
+            Ok((l.up(&format!("{p}.0"), nc[i + 1], nc[i], k)?, blocks))
+        };
+        Ok(Self {
+            config,
+            head: l.conv("m_head", 3, nc[0], 3, 1)?,
+            down: [down(0, 2)?, down(1, 4)?, down(2, 4)?],
+            body_encoder: l.blocks("m_body_encoder", 0, nb, nc[3], true)?,
+            body_decoder: l.blocks("m_body_decoder", 0, nb, nc[3], true)?,
+            up: [up(0, 2)?, up(1, 4)?, up(2, 4)?],
+            tail: l.conv("m_tail", nc[0], 3, 3, 1)?,
+            qf_blocks: l.blocks("qf_pred", 0, nb, nc[3], false)?,
+            qf_linear: [
+                l.linear(&format!("qf_pred.{}", nb + 2), nc[3], nc[3])?,
+                l.linear(&format!("qf_pred.{}", nb + 4), nc[3], nc[3])?,
+                l.linear(&format!("qf_pred.{}", nb + 6), nc[3], 1)?,
+            ],
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Replicate-pad bottom/right to a multiple of `m`.
+    pub fn pad_to(x: &Tensor, m: usize) -> Result<Tensor> {
+        Self::pad_to_min(x, m, 0)
+    }
+
+    /// Replicate-pad bottom/right to a multiple of `m` and at least `min` pixels.
+    pub fn pad_to_min(x: &Tensor, m: usize, min: usize) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let up = |s: usize| s.max(min).div_ceil(m) * m - s;
+        let (ph, pw) = (up(h), up(w));
+        let mut x = x.clone();
+        if ph > 0 {
+            x = x.pad_with_same(2, 0, ph)?;
+        }
+        if pw > 0 {
+            x = x.pad_with_same(3, 0, pw)?;
+        }
+        Ok(x)
+    }
+
+    /// Encoder on an already padded `[B,3,H,W]` input in [0,1].
+    pub fn encode(&self, x: &Tensor) -> Result<Features> {
+        let x1 = self.head.forward(&x.to_dtype(DType::F32)?)?;
+        let mut skips = vec![x1.clone()];
+        let mut h = x1;
+        for (blocks, conv) in &self.down {
+            h = conv.forward(&run_blocks(blocks, &h)?)?;
+            skips.push(h.clone());
+        }
+        let body = run_blocks(&self.body_encoder, &h)?;
+        let skips: [Tensor; 4] = skips.try_into().expect("four levels");
+        Ok(Features { skips, body })
+    }
+
+    /// q in [0,1] from encoder features: `[B,1]`.
+    pub fn q_of(&self, f: &Features) -> Result<Tensor> {
+        let h = run_blocks(&self.qf_blocks, &f.body)?;
+        let h = h.mean(D::Minus1)?.mean(D::Minus1)?;
+        let h = self.qf_linear[0].forward(&h)?.relu()?;
+        let h = self.qf_linear[1].forward(&h)?.relu()?;
+        Ok(candle_nn::ops::sigmoid(&self.qf_linear[2].forward(&h)?)?)
+    }
+
+    /// Visual embedding `[B, floor(Hp/32)*floor(Wp/32), nc3]` (input padded to 8)
+    /// and q `[B,1]`.
+    pub fn embed(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        // frames under 32 px get one token from a replicate-padded 32 px square
+        let f = self.encode(&Self::pad_to_min(x, 8, 32)?)?;
+        let q = self.q_of(&f)?;
+        let (b, c, _, _) = f.body.dims4()?;
+        let tokens = f.body.reshape((b, c, ()))?.transpose(1, 2)?.contiguous()?;
+        Ok((tokens, q))
+    }
+
+    /// Full forward: the reconstructed image `[B,3,H,W]` (unclamped) and q.
+    pub fn reconstruct(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (_, _, h, w) = x.dims4()?;
+        let f = self.encode(&Self::pad_to(x, 32)?)?;
+        let q = self.q_of(&f)?;
+        let mut y = run_blocks(&self.body_decoder, &f.body)?;
+        for (i, (conv, blocks)) in self.up.iter().enumerate().rev() {
+            y = run_blocks(blocks, &conv.forward(&(y + &f.skips[i + 1])?)?)?;
+        }
+        let y = self.tail.forward(&(y + &f.skips[0])?)?;
+        Ok((y.narrow(2, 0, h)?.narrow(3, 0, w)?, q))
+    }
+}
+
+/// QF = 100 (1 - q).
+pub fn qf_from_q(q: f32) -> f32 {
+    (100.0 * (1.0 - q)).clamp(0.0, 100.0)
+}
+
+/// Every tensor of a CaVE of size `cfg` with the official key names: random
+/// (He-scaled convolutions, identity BatchNorm) or all zeros. For benchmarks of
+/// the full-size architecture and for tests; real weights come from files.
+pub fn synthetic_tensors(cfg: CaveConfig, zeros: bool) -> Result<std::collections::HashMap<String, Tensor>> {
+    enum Init {
+        Weight(usize),
+        Zero,
+        One,
+    }
+    let CaveConfig { nc, nb } = cfg;
+    let mut spec: Vec<(String, Vec<usize>, Init)> = vec![];
+    let block = |spec: &mut Vec<(String, Vec<usize>, Init)>, p: String, c: usize| {
+        for conv in ["res.0", "res.3"] {
+            spec.push((format!("{p}.{conv}.weight"), vec![c, c, 3, 3], Init::Weight(9 * c)));
+            spec.push((format!("{p}.{conv}.bias"), vec![c], Init::Zero));
+        }
+        for (k, init) in [("weight", Init::One), ("bias", Init::Zero), ("running_mean", Init::Zero), ("running_var", Init::One)] {
+            spec.push((format!("{p}.res.1.{k}"), vec![c], init));
+        }
+    };
+    let ks = [2, 4, 4];
+    spec.push(("m_head.weight".into(), vec![nc[0], 3, 3, 3], Init::Weight(27)));
+    spec.push(("m_head.bias".into(), vec![nc[0]], Init::Zero));
+    for i in 0..3 {
+        for j in 0..nb {
+            block(&mut spec, format!("m_down{}.{j}", i + 1), nc[i]);
+            block(&mut spec, format!("m_up{}.{}", i + 1, j + 1), nc[i]);
+        }
+        let k = ks[i];
+        spec.push((format!("m_down{}.{nb}.weight", i + 1), vec![nc[i + 1], nc[i], k, k], Init::Weight(nc[i] * k * k)));
+        spec.push((format!("m_down{}.{nb}.bias", i + 1), vec![nc[i + 1]], Init::Zero));
+        spec.push((format!("m_up{}.0.weight", i + 1), vec![nc[i + 1], nc[i], k, k], Init::Weight(nc[i + 1])));
+        spec.push((format!("m_up{}.0.bias", i + 1), vec![nc[i]], Init::Zero));
+    }
+    for j in 0..nb {
+        for p in ["m_body_encoder", "m_body_decoder", "qf_pred"] {
+            block(&mut spec, format!("{p}.{j}"), nc[3]);
+        }
+    }
+    spec.push(("m_tail.weight".into(), vec![3, nc[0], 3, 3], Init::Weight(9 * nc[0])));
+    spec.push(("m_tail.bias".into(), vec![3], Init::Zero));
+    for (i, out) in [(2, nc[3]), (4, nc[3]), (6, 1)] {
+        spec.push((format!("qf_pred.{}.weight", nb + i), vec![out, nc[3]], Init::Weight(nc[3])));
+        spec.push((format!("qf_pred.{}.bias", nb + i), vec![out], Init::Zero));
+    }
+    let dev = Device::Cpu;
+    spec.into_iter()
+        .map(|(k, shape, init)| {
+            let t = match init {
+                Init::Weight(fan_in) if !zeros => (Tensor::randn(0f32, 1., shape, &dev)? * (1.0 / fan_in as f64).sqrt())?,
+                Init::One => Tensor::ones(shape, DType::F32, &dev)?,
+                _ => Tensor::zeros(shape, DType::F32, &dev)?,
+            };
+            Ok((k, t))
+        })
+        .collect()
+}

@@ -1,0 +1,191 @@
+//! The CODiff engine: pure candle, no GStreamer.
+//!
+//! Paper concepts live in files of their own name: [`cave`] (Compression-aware
+//! Visual Embedder), [`lora`] (merge at load time), [`vae`], [`unet`],
+//! [`one_step`] (the t = 499 step), [`tiling`] (latent tiles with Gaussian
+//! weights), [`color_fix`] (AdaIN / wavelet), [`weights`] (safetensors, zip and
+//! legacy pickle loading) and [`error`].
+pub mod cave;
+pub mod color_fix;
+pub mod error;
+pub mod lora;
+pub mod one_step;
+pub mod pipeline;
+pub mod tiling;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use error::{EngineError, Result};
+pub use pipeline::Engine;
+
+use std::path::PathBuf;
+
+/// What the engine runs on each frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// CaVE's own reconstruction branch (compact default model or official `cave.pth`).
+    Cave,
+    /// Full one-step diffusion: CaVE tokens condition the LoRA-merged SD-2.1 UNet.
+    Diffusion,
+}
+
+/// Colour correction of the restored image against the input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ColorFix {
+    #[default]
+    Adain,
+    Wavelet,
+    None,
+}
+
+impl std::str::FromStr for ColorFix {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "adain" => Ok(Self::Adain),
+            "wavelet" => Ok(Self::Wavelet),
+            "none" => Ok(Self::None),
+            _ => Err(EngineError::InvalidInput(format!(
+                "colour fix `{s}`: expected adain, wavelet or none"
+            ))),
+        }
+    }
+}
+
+/// Where tensors live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(EngineError::InvalidInput(format!(
+                    "device `{s}`: expected cpu, cuda or cuda:N"
+                ))),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Floating-point precision of the UNet and VAE (CaVE and proj always run in f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Precision {
+    /// f32 on CPU, f16 on CUDA.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" | "fp32" => Ok(Self::F32),
+            "f16" | "fp16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(EngineError::InvalidInput(format!(
+                "precision `{s}`: expected auto, f32, f16 or bf16"
+            ))),
+        }
+    }
+}
+
+/// Which files to load, on which device: the key of the process-wide model cache.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ModelSpec {
+    pub mode: Mode,
+    /// Compact CaVE model (safetensors) used by `Mode::Cave` when `cave` is not given.
+    pub weights: PathBuf,
+    /// SD-2.1-base folder in diffusers layout (`unet/`, `vae/`, `scheduler/`).
+    pub sd_dir: Option<PathBuf>,
+    /// Official `codiff.pkl` (LoRA + proj).
+    pub codiff: Option<PathBuf>,
+    /// Official `cave.pth` (legacy pickle) or a safetensors CaVE.
+    pub cave: Option<PathBuf>,
+    pub device: DeviceSpec,
+    pub precision: Precision,
+}
+
+impl ModelSpec {
+    /// The compact default model shipped in `weights/`.
+    pub fn compact_default() -> Self {
+        Self {
+            mode: Mode::Cave,
+            weights: default_weights_path(),
+            sd_dir: None,
+            codiff: None,
+            cave: None,
+            device: DeviceSpec::Cpu,
+            precision: Precision::Auto,
+        }
+    }
+}
+
+/// Per-call settings that need no reload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RestoreOptions {
+    pub color_fix: ColorFix,
+    /// Latent tile side (latent pixels, 1/8 of image pixels); 0 = never tile.
+    pub latent_tile: usize,
+    pub latent_overlap: usize,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32 }
+    }
+}
+
+/// A packed 8-bit RGB image, row-major `height x width x 3`, no padding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl RgbImage {
+    pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
+        if data.len() != width * height * 3 {
+            return Err(EngineError::InvalidInput(format!(
+                "RGB image {width}x{height} needs {} bytes, got {}",
+                width * height * 3,
+                data.len()
+            )));
+        }
+        Ok(Self { width, height, data })
+    }
+}
+
+/// Default location of the shipped compact model: `$CODIFF_WEIGHTS` if set, else
+/// `weights/codiff-cave-compact.safetensors` in the source tree this was built from.
+pub fn default_weights_path() -> PathBuf {
+    match std::env::var_os("CODIFF_WEIGHTS") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("weights")
+            .join("codiff-cave-compact.safetensors"),
+    }
+}

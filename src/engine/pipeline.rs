@@ -1,0 +1,427 @@
+//! Engine: loads a model once, restores frames.
+//!
+//! `Mode::Cave`: CaVE's reconstruction branch (compact default model).
+//! `Mode::Diffusion`: VAE encode (posterior mean) -> proj(CaVE tokens) -> UNet
+//! at t = 499 (latent tiles) -> x0 step -> VAE decode -> clamp -> colour fix.
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
+
+use super::cave::{qf_from_q, Cave};
+use super::lora::{LoraSet, MergedBackend};
+use super::one_step::{x0_step, Schedule, TIMESTEP};
+use super::unet::UNetConfig;
+use super::vae::{VaeConfig, VaeDecoder, VaeEncoder};
+use super::weights::TensorFile;
+use super::*;
+
+/// Named intermediates of one restoration (the fixture manifest's names).
+pub type Trace = Vec<(String, Tensor)>;
+
+/// Seconds spent in each stage of one restoration.
+pub type StageTimes = Vec<(&'static str, f64)>;
+
+/// Collects intermediates (when tracing) and per-stage times.
+struct Probe<'a> {
+    trace: Option<&'a mut Trace>,
+    times: StageTimes,
+    t: std::time::Instant,
+    device: Device,
+}
+
+impl Probe<'_> {
+    fn keep(&mut self, name: &str, t: &Tensor) {
+        if let Some(tr) = self.trace.as_deref_mut() {
+            tr.push((name.to_string(), t.clone()));
+        }
+    }
+
+    fn tracing(&self) -> bool {
+        self.trace.is_some()
+    }
+
+    /// Close the current stage (waiting for the device, so times are real).
+    fn lap(&mut self, stage: &'static str) {
+        let _ = self.device.synchronize();
+        let now = std::time::Instant::now();
+        self.times.push((stage, (now - self.t).as_secs_f64()));
+        self.t = now;
+    }
+}
+
+struct Diffusion {
+    encoder: VaeEncoder,
+    decoder: VaeDecoder,
+    unet: UNet2DConditionModel,
+    proj: Linear,
+    vae: VaeConfig,
+    alpha_bar: f64,
+    dtype: DType,
+}
+
+pub struct Engine {
+    mode: Mode,
+    cave: Cave,
+    diffusion: Option<Diffusion>,
+    device: Device,
+    precision: Precision,
+}
+
+fn device_of(spec: DeviceSpec) -> Result<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda(n) => Device::new_cuda(n).map_err(|e| {
+            EngineError::Device(format!("cuda:{n} unavailable ({e}); build with `--features cuda` on a CUDA machine, or use device=cpu"))
+        }),
+    }
+}
+
+fn dtype_of(p: Precision, dev: &Device) -> Result<DType> {
+    Ok(match (p, dev.is_cpu()) {
+        (Precision::Auto, true) | (Precision::F32, _) => DType::F32,
+        (Precision::Auto, false) | (Precision::F16, _) => DType::F16,
+        (Precision::Bf16, true) => {
+            return Err(EngineError::Unsupported("bf16 on CPU (candle's CPU matmul lacks bf16); use f32".into()))
+        }
+        (Precision::Bf16, false) => DType::BF16,
+    })
+}
+
+/// Build a model through a LoRA-merging backend, turning candle's errors back
+/// into the typed error that the backend recorded.
+fn build<T>(
+    base: TensorFile,
+    lora: Option<LoraSet>,
+    dtype: DType,
+    dev: &Device,
+    f: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
+) -> Result<(T, usize)> {
+    let backend = std::sync::Arc::new(MergedBackend::new(base, lora));
+    let vb = VarBuilder::from_backend(Box::new(SharedBackend(backend.clone())), dtype, dev.clone());
+    match f(vb) {
+        Ok(m) => Ok((m, backend.merged_count())),
+        Err(e) => Err(backend.take_error().unwrap_or(EngineError::Candle(e))),
+    }
+}
+
+struct SharedBackend(std::sync::Arc<MergedBackend>);
+
+impl candle_nn::var_builder::SimpleBackend for SharedBackend {
+    fn get(&self, s: candle_core::Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
+
+/// The diffusers weights file of a component folder (`unet/`, `vae/`).
+fn component_weights(dir: &Path) -> Result<TensorFile> {
+    for name in ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors"] {
+        let p = dir.join(name);
+        if p.exists() {
+            return TensorFile::open(&p);
+        }
+    }
+    Err(EngineError::NotFound { path: dir.join("diffusion_pytorch_model.safetensors") })
+}
+
+impl Engine {
+    /// Load every file named by `spec`; `progress` receives human-readable steps.
+    pub fn load(spec: &ModelSpec, progress: &mut dyn FnMut(&str)) -> Result<Engine> {
+        let device = device_of(spec.device)?;
+        let cave_path = spec.cave.as_deref().unwrap_or(&spec.weights);
+        progress(&format!("loading CaVE from {}", cave_path.display()));
+        let cave = Cave::load(&TensorFile::open(cave_path)?, &device)?;
+        let diffusion = match spec.mode {
+            Mode::Cave => None,
+            Mode::Diffusion => Some(Self::load_diffusion(spec, &cave, &device, progress)?),
+        };
+        progress("ready");
+        Ok(Engine { mode: spec.mode, cave, diffusion, device, precision: spec.precision })
+    }
+
+    fn load_diffusion(spec: &ModelSpec, cave: &Cave, dev: &Device, progress: &mut dyn FnMut(&str)) -> Result<Diffusion> {
+        let need = |o: &Option<std::path::PathBuf>, what: &str| {
+            o.clone().ok_or_else(|| EngineError::InvalidInput(format!("diffusion mode needs {what}")))
+        };
+        let sd = need(&spec.sd_dir, "the SD-2.1-base folder (sd-model)")?;
+        let ckpt = need(&spec.codiff, "codiff.pkl (codiff-checkpoint)")?;
+        need(&spec.cave, "the official cave.pth (cave-checkpoint)")?;
+        let dtype = dtype_of(spec.precision, dev)?;
+        progress(&format!("loading LoRA and proj from {}", ckpt.display()));
+        let pkl = TensorFile::open(&ckpt)?;
+        let unet_lora = LoraSet::from_state_dict(&pkl.sub("state_dict_unet"), pkl.int("rank_unet"))?;
+        let vae_lora = LoraSet::from_state_dict(&pkl.sub("state_dict_vae"), pkl.int("rank_vae"))?;
+        let unet_cfg = UNetConfig::from_json(&sd.join("unet").join("config.json"))?;
+        let vae_cfg = VaeConfig::from_json(&sd.join("vae").join("config.json"))?;
+        let sched_path = sd.join("scheduler").join("scheduler_config.json");
+        let schedule = if sched_path.exists() { Schedule::from_json(&sched_path)? } else { Schedule::sd21() };
+        let c3 = cave.config.nc[3];
+        let cross = unet_cfg.model.cross_attention_dim;
+        let proj = Linear::new(
+            pkl.get_shaped("proj.weight", &[cross, c3])?.to_device(dev)?,
+            Some(pkl.get_shaped("proj.bias", &[cross])?.to_device(dev)?),
+        );
+        progress(&format!("loading VAE from {} (merging {} LoRA pairs)", sd.join("vae").display(), vae_lora.len()));
+        let vae_file = component_weights(&sd.join("vae"))?;
+        let n_vae_lora = vae_lora.len();
+        let ((encoder, decoder), merged_vae) = build(vae_file, Some(vae_lora), dtype, dev, |vb| {
+            Ok((VaeEncoder::new(&vae_cfg, vb.clone())?, VaeDecoder::new(&vae_cfg, vb)?))
+        })?;
+        progress(&format!("loading UNet from {} (merging {} LoRA pairs)", sd.join("unet").display(), unet_lora.len()));
+        let unet_file = component_weights(&sd.join("unet"))?;
+        let n_unet_lora = unet_lora.len();
+        let (unet, merged_unet) = build(unet_file, Some(unet_lora), dtype, dev, |vb| {
+            UNet2DConditionModel::new(vb, unet_cfg.in_channels, unet_cfg.out_channels, false, unet_cfg.model.clone())
+        })?;
+        // every LoRA pair must have found its base layer
+        for (merged, total, what) in [(merged_vae, n_vae_lora, "state_dict_vae"), (merged_unet, n_unet_lora, "state_dict_unet")] {
+            if merged < total {
+                return Err(EngineError::Format {
+                    path: ckpt.clone(),
+                    reason: format!("{what}: only {merged} of {total} LoRA modules match a layer of the model"),
+                });
+            }
+        }
+        Ok(Diffusion { encoder, decoder, unet, proj, vae: vae_cfg, alpha_bar: schedule.alpha_bar(TIMESTEP), dtype })
+    }
+
+    /// An engine of the given architecture with random (or zero) weights: the
+    /// full-size CODiff for benchmarks and shape tests without downloads.
+    /// `diffusion` = None builds a CaVE-only engine.
+    pub fn synthetic(
+        cave: super::cave::CaveConfig,
+        diffusion: Option<(UNetConfig, VaeConfig)>,
+        device: DeviceSpec,
+        precision: Precision,
+        zeros: bool,
+    ) -> Result<Engine> {
+        let dev = device_of(device)?;
+        let file = TensorFile::from_tensors(Path::new("<synthetic>"), super::cave::synthetic_tensors(cave, zeros)?);
+        let cave_model = Cave::load(&file, &dev)?;
+        let diffusion = match diffusion {
+            None => None,
+            Some((unet_cfg, vae_cfg)) => {
+                let dtype = dtype_of(precision, &dev)?;
+                let varmap = candle_nn::VarMap::new();
+                let vb = if zeros { VarBuilder::zeros(dtype, &dev) } else { VarBuilder::from_varmap(&varmap, dtype, &dev) };
+                let encoder = VaeEncoder::new(&vae_cfg, vb.pp("vae"))?;
+                let decoder = VaeDecoder::new(&vae_cfg, vb.pp("vae"))?;
+                let unet = UNet2DConditionModel::new(vb.pp("unet"), unet_cfg.in_channels, unet_cfg.out_channels, false, unet_cfg.model.clone())?;
+                let proj = candle_nn::linear(cave.nc[3], unet_cfg.model.cross_attention_dim, vb.pp("proj").set_dtype(DType::F32))?;
+                Some(Diffusion { encoder, decoder, unet, proj, vae: vae_cfg, alpha_bar: Schedule::sd21().alpha_bar(TIMESTEP), dtype })
+            }
+        };
+        let mode = if diffusion.is_some() { Mode::Diffusion } else { Mode::Cave };
+        Ok(Engine { mode, cave: cave_model, diffusion, device: dev, precision })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `[1,3,H,W]` f32 in [0,1] on the engine's device.
+    fn to_tensor(&self, img: &RgbImage) -> Result<Tensor> {
+        if img.width == 0 || img.height == 0 || img.data.len() != img.width * img.height * 3 {
+            return Err(EngineError::InvalidInput(format!(
+                "image {}x{} with {} bytes",
+                img.width,
+                img.height,
+                img.data.len()
+            )));
+        }
+        let t = Tensor::from_slice(&img.data, (img.height, img.width, 3), &Device::Cpu)?
+            .to_device(&self.device)?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .to_dtype(DType::F32)?;
+        Ok((t / 255.0)?)
+    }
+
+    /// Write `[1,3,H,W]` in [0,1] back into `img`, rounding to the nearest code.
+    fn write_back(img: &mut RgbImage, t: &Tensor) -> Result<()> {
+        let bytes: Vec<u8> = ((t.clamp(0f32, 1f32)? * 255.0)? + 0.5)?
+            .floor()?
+            .squeeze(0)?
+            .permute((1, 2, 0))?
+            .to_dtype(DType::U8)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1()?;
+        img.data.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn check_finite(t: &Tensor, stage: &'static str, precision: Precision) -> Result<()> {
+        let s = t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        if s.is_finite() {
+            Ok(())
+        } else {
+            Err(EngineError::NonFinite { stage, precision: format!("{precision:?}").to_lowercase() })
+        }
+    }
+
+    /// Restore `img` in place; returns the QF estimate (0..100).
+    pub fn restore(&self, img: &mut RgbImage, opts: &RestoreOptions) -> Result<f32> {
+        self.restore_traced(img, opts, None)
+    }
+
+    /// As [`Engine::restore`], pushing every intermediate into `trace` if given.
+    pub fn restore_traced(&self, img: &mut RgbImage, opts: &RestoreOptions, trace: Option<&mut Trace>) -> Result<f32> {
+        Ok(self.run(img, opts, trace)?.0)
+    }
+
+    /// As [`Engine::restore`], also returning the seconds spent per stage.
+    pub fn restore_timed(&self, img: &mut RgbImage, opts: &RestoreOptions) -> Result<(f32, StageTimes)> {
+        self.run(img, opts, None)
+    }
+
+    fn run(&self, img: &mut RgbImage, opts: &RestoreOptions, trace: Option<&mut Trace>) -> Result<(f32, StageTimes)> {
+        let mut p = Probe { trace, times: vec![], t: std::time::Instant::now(), device: self.device.clone() };
+        let x = self.to_tensor(img)?;
+        p.keep("lq_raw", &x);
+        let (y, q) = match &self.diffusion {
+            None => {
+                let (y, q) = self.cave.reconstruct(&x)?;
+                p.keep("cave_reconstruction", &y);
+                p.keep("qf_pred", &q);
+                Self::check_finite(&y, "CaVE reconstruction", Precision::F32)?;
+                p.lap("cave");
+                (y, q.flatten_all()?.to_vec1::<f32>()?[0])
+            }
+            Some(d) => {
+                if p.tracing() {
+                    p.keep("cave_reconstruction", &self.cave.reconstruct(&x)?.0);
+                }
+                self.diffuse(d, &x, opts, &mut p)?
+            }
+        };
+        Self::write_back(img, &y)?;
+        p.lap("output");
+        if let Some(tr) = p.trace.as_deref_mut() {
+            let name = match (self.mode, opts.color_fix) {
+                (Mode::Cave, _) => "output_cave",
+                (Mode::Diffusion, ColorFix::Adain) => "output_adain",
+                (Mode::Diffusion, ColorFix::Wavelet) => "output_wavelet",
+                (Mode::Diffusion, ColorFix::None) => "output_nofix",
+            };
+            tr.push((name.to_string(), Tensor::from_slice(&img.data, (img.height, img.width, 3), &Device::Cpu)?));
+        }
+        Ok((qf_from_q(q), p.times))
+    }
+
+    fn diffuse(&self, d: &Diffusion, x: &Tensor, opts: &RestoreOptions, p: &mut Probe) -> Result<(Tensor, f32)> {
+        let (_, _, h, w) = x.dims4()?;
+        // 1. CaVE tokens -> proj, rounded to f16 as the official code does
+        let (tokens, q) = self.cave.embed(x)?;
+        p.keep("cave_embedding", &tokens);
+        p.keep("qf_pred", &q);
+        let c = d.proj.forward(&tokens)?;
+        p.keep("proj_embedding", &c);
+        let c = c.to_dtype(DType::F16)?.to_dtype(d.dtype)?;
+        p.lap("cave");
+        // 2. VAE posterior mean of the padded input in [-1,1]
+        let m = d.vae.downscale();
+        let xp = Cave::pad_to_min(x, m, 8 * m)?;
+        let lq = ((xp * 2.0)? - 1.0)?.to_dtype(d.dtype)?;
+        let z = (d.encoder.encode_mean(&lq)? * d.vae.scaling_factor)?;
+        p.keep("lq_latent", &z);
+        Self::check_finite(&z, "VAE encoder", self.precision)?;
+        p.lap("vae_encode");
+        // 3. UNet at t = 499, in Gaussian-weighted latent tiles
+        let eps = super::tiling::tiled(&z, opts.latent_tile, opts.latent_overlap, |zt| {
+            d.unet.forward(zt, TIMESTEP as f64, &c)
+        })?;
+        p.keep("unet_eps", &eps);
+        Self::check_finite(&eps, "UNet", self.precision)?;
+        // 4. one x0 step
+        let z0 = x0_step(&z, &eps, d.alpha_bar)?;
+        p.keep("denoised_latent", &z0);
+        p.lap("unet");
+        // 5. decode, clamp, crop
+        let dec = d.decoder.decode(&(z0 / d.vae.scaling_factor)?)?.to_dtype(DType::F32)?;
+        Self::check_finite(&dec, "VAE decoder", self.precision)?;
+        let dec = dec.clamp(-1f32, 1f32)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
+        p.keep("decoded", &dec);
+        p.lap("vae_decode");
+        // 6. colour fix against the input
+        let y = finish(&dec, x, opts.color_fix)?;
+        p.lap("color_fix");
+        let q = q.flatten_all()?.to_vec1::<f32>()?[0];
+        Ok((y, q))
+    }
+
+    /// CaVE's JPEG quality estimate (0..100) for `img`.
+    pub fn estimate_qf(&self, img: &RgbImage) -> Result<f32> {
+        let x = self.to_tensor(img)?;
+        let (_, q) = self.cave.embed(&x)?;
+        Ok(qf_from_q(q.flatten_all()?.to_vec1::<f32>()?[0]))
+    }
+
+    /// The diffusion stages one by one (parity tests feed each stage the
+    /// reference's own input); None in CaVE mode.
+    pub fn stages(&self) -> Option<Stages<'_>> {
+        self.diffusion.as_ref().map(|d| Stages { d })
+    }
+
+    /// CaVE's visual embedding and q for `img` (for inspection and tests).
+    pub fn cave(&self) -> &Cave {
+        &self.cave
+    }
+}
+
+/// Decoded image in [-1,1] -> final image in [0,1], colour-fixed against
+/// `source` ([0,1]). The reference fixes the 8-bit image (truncated), and the
+/// fix's std ratio amplifies that quantisation, so do the same; both fixes
+/// re-anchor the mean, so the truncation adds no bias.
+pub fn finish(decoded: &Tensor, source: &Tensor, fix: ColorFix) -> Result<Tensor> {
+    let img = ((decoded.to_dtype(DType::F32)? + 1.0)? * 0.5)?.clamp(0f32, 1f32)?;
+    Ok(match fix {
+        ColorFix::None => img,
+        fix => {
+            let q8 = ((img * 255.0)?.floor()? / 255.0)?;
+            super::color_fix::apply(fix, &q8, source)?
+        }
+    })
+}
+
+/// Single stages of the diffusion path, in the model's dtype.
+pub struct Stages<'a> {
+    d: &'a Diffusion,
+}
+
+impl Stages<'_> {
+    /// `proj(tokens)` in f32.
+    pub fn proj(&self, tokens: &Tensor) -> Result<Tensor> {
+        Ok(self.d.proj.forward(tokens)?)
+    }
+
+    /// Scaled posterior mean of `lq` in [-1,1].
+    pub fn encode(&self, lq: &Tensor) -> Result<Tensor> {
+        Ok((self.d.encoder.encode_mean(&lq.to_dtype(self.d.dtype)?)? * self.d.vae.scaling_factor)?)
+    }
+
+    /// The UNet's noise prediction at t = 499.
+    pub fn unet(&self, z: &Tensor, c: &Tensor) -> Result<Tensor> {
+        Ok(self.d.unet.forward(&z.to_dtype(self.d.dtype)?, TIMESTEP as f64, &c.to_dtype(self.d.dtype)?)?)
+    }
+
+    pub fn x0(&self, z: &Tensor, eps: &Tensor) -> Result<Tensor> {
+        Ok(x0_step(z, eps, self.d.alpha_bar)?)
+    }
+
+    /// Clamped decoded image in [-1,1] from a scaled latent.
+    pub fn decode(&self, z0: &Tensor) -> Result<Tensor> {
+        Ok(self.d.decoder.decode(&(z0.to_dtype(self.d.dtype)? / self.d.vae.scaling_factor)?)?.clamp(-1f32, 1f32)?)
+    }
+}
