@@ -362,7 +362,8 @@ def train(args):
             last_ckpt = time.time()
             print("checkpoint step %d -> %s | eval %s" % (step, ckpt_path, evaluate(model, evalset)),
                   flush=True)
-            acc["t"] = time.time()  # do not count checkpoint/eval time in img/s
+            # do not count checkpoint/eval time in img/s
+            acc = {"loss": 0.0, "l1": 0.0, "qf": 0.0, "n": 0, "imgs": 0, "t": time.time(), "data": 0.0}
 
     final = os.path.join(args.out, "final.safetensors")
     args.export = final
