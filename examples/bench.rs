@@ -16,7 +16,8 @@ use gstcodiff::engine::{default_weights_path, DeviceSpec, Engine, Mode, ModelSpe
 
 #[derive(Parser, Debug)]
 struct Args {
-    /// full (random-weight full-size CODiff) or compact (weights/ default)
+    /// full (random-weight full-size CODiff), compact (weights/ default) or
+    /// cave:NC0,NC1,NC2,NC3:NB (random-weight CaVE of that size)
     #[arg(long, default_value = "compact")]
     model: String,
     /// Comma-separated WxH sizes
@@ -37,9 +38,9 @@ struct Args {
     /// Latent tile (0 = none)
     #[arg(long, default_value_t = 96)]
     latent_tile: usize,
-    /// Internal: run one size in this process
+    /// Internal: run this one size in this process
     #[arg(long, hide = true)]
-    child: bool,
+    child: Option<String>,
 }
 
 fn peak_rss_mb() -> f64 {
@@ -68,22 +69,22 @@ fn test_image(w: usize, h: usize) -> RgbImage {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    if !args.child {
+    let Some(size) = args.child.clone() else {
         println!("model={} device={} precision={} threads={}", args.model, args.device, args.precision,
             std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| format!("{}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))));
         for size in args.sizes.split(',') {
             let exe = std::env::current_exe()?;
             let status = Command::new(exe)
                 .args(std::env::args().skip(1))
-                .args(["--child", "--sizes", size])
+                .args(["--child", size])
                 .status()?;
             if !status.success() {
                 println!("{size}: failed ({status})");
             }
         }
         return Ok(());
-    }
-    let (w, h) = args.sizes.split_once('x').ok_or("size must be WxH")?;
+    };
+    let (w, h) = size.split_once('x').ok_or("size must be WxH")?;
     let (w, h): (usize, usize) = (w.parse()?, h.parse()?);
     let device: DeviceSpec = args.device.parse()?;
     let precision: Precision = args.precision.parse()?;
@@ -97,6 +98,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             false,
         )?,
         "compact" => Engine::load(&ModelSpec { device, precision, mode: Mode::Cave, weights: default_weights_path(), ..ModelSpec::compact_default() }, &mut |_| {})?,
+        m if m.starts_with("cave:") => {
+            // cave:NC0,NC1,NC2,NC3:NB — a random-weight CaVE of that size
+            let (nc, nb) = m[5..].split_once(':').ok_or("cave:NC0,NC1,NC2,NC3:NB")?;
+            let nc: Vec<usize> = nc.split(',').map(str::parse).collect::<Result<_, _>>()?;
+            let nc: [usize; 4] = nc.try_into().map_err(|_| "four widths")?;
+            Engine::synthetic(CaveConfig { nc, nb: nb.parse()? }, None, device, precision, false)?
+        }
         m => return Err(format!("unknown model {m}").into()),
     };
     let load = t0.elapsed().as_secs_f64();

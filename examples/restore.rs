@@ -58,6 +58,9 @@ struct Args {
     /// Overlap between latent tiles
     #[arg(long, default_value_t = 32)]
     latent_overlap: usize,
+    /// VAE tile side in pixels for large frames (0 = never tile)
+    #[arg(long, default_value_t = 1024)]
+    vae_tile: usize,
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -102,6 +105,7 @@ fn run(args: Args) -> anyhow_free::Result {
         },
         latent_tile: args.latent_tile,
         latent_overlap: args.latent_overlap,
+        vae_tile: args.vae_tile,
     };
     let t0 = Instant::now();
     let engine = Engine::load(&spec, &mut |s| eprintln!("codiff: {s}"))?;

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear};
 
 use super::error::{EngineError, Result};
+use super::kernels::{Conv3x3, PatchConv, PatchConvTranspose};
 use super::weights::TensorFile;
 
 const BN_EPS: f64 = 1e-4;
@@ -27,15 +28,70 @@ pub struct CaveConfig {
     pub nb: usize,
 }
 
+/// A convolution with the fast CPU kernel beside candle's op (other devices).
+struct Conv {
+    candle: Conv2d,
+    relu: bool,
+    fast3: Option<Conv3x3>,
+    fast_patch: Option<PatchConv>,
+}
+
+impl Conv {
+    fn new(candle: Conv2d, relu: bool, cpu: bool) -> candle_core::Result<Self> {
+        let w = candle.weight();
+        let k = w.dim(3)?;
+        let (fast3, fast_patch) = match (cpu, k, candle.config().stride) {
+            (true, 3, 1) => (Some(Conv3x3::from_tensors(w, candle.bias(), relu)?), None),
+            (true, k, s) if k == s => (None, Some(PatchConv::from_tensors(w, candle.bias().expect("bias"))?)),
+            _ => (None, None),
+        };
+        Ok(Self { candle, relu, fast3, fast_patch })
+    }
+
+    /// act(conv(x)) (+ residual)
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        if let Some(op) = &self.fast3 {
+            let x = x.contiguous()?;
+            return match residual {
+                Some(r) => x.apply_op2(&r.contiguous()?, op.clone()),
+                None => x.apply_op1(op.clone()),
+            };
+        }
+        let y = match &self.fast_patch {
+            Some(op) => x.contiguous()?.apply_op1(op.clone())?,
+            None => self.candle.forward(x)?,
+        };
+        let y = if self.relu { y.relu()? } else { y };
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+}
+
+struct Up {
+    candle: ConvTranspose2d,
+    fast: Option<PatchConvTranspose>,
+}
+
+impl Up {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.fast {
+            Some(op) => x.contiguous()?.apply_op1(op.clone()),
+            None => self.candle.forward(x),
+        }
+    }
+}
+
 struct ResBlock {
-    conv1: Conv2d,
-    conv2: Conv2d,
+    conv1: Conv,
+    conv2: Conv,
 }
 
 impl ResBlock {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(x)?.relu()?;
-        x + self.conv2.forward(&h)?
+        let h = self.conv1.forward(x, None)?;
+        self.conv2.forward(&h, Some(x))
     }
 }
 
@@ -58,7 +114,11 @@ impl Loader<'_> {
         Ok(self.f.get_shaped(key, shape)?.to_device(self.dev)?)
     }
 
-    fn conv(&self, p: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
+    fn conv(&self, p: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv> {
+        Ok(Conv::new(self.conv_raw(p, cin, cout, k, stride)?, false, self.dev.is_cpu())?)
+    }
+
+    fn conv_raw(&self, p: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
         let w = self.t(&format!("{p}.weight"), &[cout, cin, k, k])?;
         let b = self.t(&format!("{p}.bias"), &[cout])?;
         let cfg = Conv2dConfig { padding: if k == 3 { 1 } else { 0 }, stride, ..Default::default() };
@@ -86,14 +146,16 @@ impl Loader<'_> {
     /// `x + res(x) + beta`: the decoder's QFAttention blocks, which the
     /// reference runs with gamma = beta = 1 (beta is folded into the bias).
     fn resblock_shifted(&self, p: &str, c: usize, beta: f64) -> Result<ResBlock> {
-        let conv2 = self.conv(&format!("{p}.res.3"), c, c, 3, 1)?;
+        let conv2 = self.conv_raw(&format!("{p}.res.3"), c, c, 3, 1)?;
         let conv2 = if beta != 0.0 {
             let b = (conv2.bias().expect("bias") + beta)?;
             Conv2d::new(conv2.weight().clone(), Some(b), *conv2.config())
         } else {
             conv2
         };
-        Ok(ResBlock { conv1: self.conv_bn(&format!("{p}.res.0"), &format!("{p}.res.1"), c)?, conv2 })
+        let cpu = self.dev.is_cpu();
+        let conv1 = self.conv_bn(&format!("{p}.res.0"), &format!("{p}.res.1"), c)?;
+        Ok(ResBlock { conv1: Conv::new(conv1, true, cpu)?, conv2: Conv::new(conv2, false, cpu)? })
     }
 
     /// `nb` ResBlocks at `p.{offset}..`; PyTorch names a lone module without the
@@ -109,21 +171,22 @@ impl Loader<'_> {
         Ok(Linear::new(self.t(&format!("{p}.weight"), &[cout, cin])?, Some(self.t(&format!("{p}.bias"), &[cout])?)))
     }
 
-    fn up(&self, p: &str, cin: usize, cout: usize, k: usize) -> Result<ConvTranspose2d> {
+    fn up(&self, p: &str, cin: usize, cout: usize, k: usize) -> Result<Up> {
         let w = self.t(&format!("{p}.weight"), &[cin, cout, k, k])?;
         let b = self.t(&format!("{p}.bias"), &[cout])?;
-        Ok(ConvTranspose2d::new(w, Some(b), ConvTranspose2dConfig { stride: k, ..Default::default() }))
+        let fast = if self.dev.is_cpu() { Some(PatchConvTranspose::from_tensors(&w, &b)?) } else { None };
+        Ok(Up { candle: ConvTranspose2d::new(w, Some(b), ConvTranspose2dConfig { stride: k, ..Default::default() }), fast })
     }
 }
 
 pub struct Cave {
     pub config: CaveConfig,
-    head: Conv2d,
-    down: [(Vec<ResBlock>, Conv2d); 3],
+    head: Conv,
+    down: [(Vec<ResBlock>, Conv); 3],
     body_encoder: Vec<ResBlock>,
     body_decoder: Vec<ResBlock>,
-    up: [(ConvTranspose2d, Vec<ResBlock>); 3],
-    tail: Conv2d,
+    up: [(Up, Vec<ResBlock>); 3],
+    tail: Conv,
     qf_blocks: Vec<ResBlock>,
     qf_linear: [Linear; 3],
     device: Device,
@@ -157,11 +220,11 @@ impl Cave {
         let config = Self::config_of(f)?;
         let CaveConfig { nc, nb } = config;
         let l = Loader { f, dev: device };
-        let down = |i: usize, k: usize| -> Result<(Vec<ResBlock>, Conv2d)> {
+        let down = |i: usize, k: usize| -> Result<(Vec<ResBlock>, Conv)> {
             let p = format!("m_down{}", i + 1);
             Ok((l.blocks(&p, 0, nb, nc[i], false)?, l.conv(&format!("{p}.{nb}"), nc[i], nc[i + 1], k, k)?))
         };
-        let up = |i: usize, k: usize| -> Result<(ConvTranspose2d, Vec<ResBlock>)> {
+        let up = |i: usize, k: usize| -> Result<(Up, Vec<ResBlock>)> {
             let p = format!("m_up{}", i + 1);
             let blocks = (1..=nb).map(|j| l.resblock_shifted(&format!("{p}.{j}"), nc[i], 1.0)).collect::<Result<_>>()?;
             Ok((l.up(&format!("{p}.0"), nc[i + 1], nc[i], k)?, blocks))
@@ -210,11 +273,11 @@ impl Cave {
 
     /// Encoder on an already padded `[B,3,H,W]` input in [0,1].
     pub fn encode(&self, x: &Tensor) -> Result<Features> {
-        let x1 = self.head.forward(&x.to_dtype(DType::F32)?)?;
+        let x1 = self.head.forward(&x.to_dtype(DType::F32)?, None)?;
         let mut skips = vec![x1.clone()];
         let mut h = x1;
         for (blocks, conv) in &self.down {
-            h = conv.forward(&run_blocks(blocks, &h)?)?;
+            h = conv.forward(&run_blocks(blocks, &h)?, None)?;
             skips.push(h.clone());
         }
         let body = run_blocks(&self.body_encoder, &h)?;
@@ -251,7 +314,7 @@ impl Cave {
         for (i, (conv, blocks)) in self.up.iter().enumerate().rev() {
             y = run_blocks(blocks, &conv.forward(&(y + &f.skips[i + 1])?)?)?;
         }
-        let y = self.tail.forward(&(y + &f.skips[0])?)?;
+        let y = self.tail.forward(&(y + &f.skips[0])?, None)?;
         Ok((y.narrow(2, 0, h)?.narrow(3, 0, w)?, q))
     }
 }

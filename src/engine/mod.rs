@@ -8,6 +8,7 @@
 pub mod cave;
 pub mod color_fix;
 pub mod error;
+pub mod kernels;
 pub mod lora;
 pub mod one_step;
 pub mod pipeline;
@@ -150,11 +151,15 @@ pub struct RestoreOptions {
     /// Latent tile side (latent pixels, 1/8 of image pixels); 0 = never tile.
     pub latent_tile: usize,
     pub latent_overlap: usize,
+    /// VAE tile side in image pixels (multiple of 64): frames larger than this
+    /// are encoded and decoded in overlapping, blended tiles, so memory stays
+    /// bounded at any frame size. 0 = never tile.
+    pub vae_tile: usize,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32 }
+        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_tile: 1024 }
     }
 }
 

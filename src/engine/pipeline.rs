@@ -334,7 +334,14 @@ impl Engine {
         let m = d.vae.downscale();
         let xp = Cave::pad_to_min(x, m, 8 * m)?;
         let lq = ((xp * 2.0)? - 1.0)?.to_dtype(d.dtype)?;
-        let z = (d.encoder.encode_mean(&lq)? * d.vae.scaling_factor)?;
+        let z = match opts.vae_tile {
+            0 => d.encoder.encode_mean(&lq)?,
+            t => {
+                let t = t.max(8 * m) / m * m;
+                d.encoder.encode_mean_tiled(&lq, t, t / 8 / m * m, m)?
+            }
+        };
+        let z = (z * d.vae.scaling_factor)?;
         p.keep("lq_latent", &z);
         Self::check_finite(&z, "VAE encoder", self.precision)?;
         p.lap("vae_encode");
@@ -349,7 +356,15 @@ impl Engine {
         p.keep("denoised_latent", &z0);
         p.lap("unet");
         // 5. decode, clamp, crop
-        let dec = d.decoder.decode(&(z0 / d.vae.scaling_factor)?)?.to_dtype(DType::F32)?;
+        let zs = (z0 / d.vae.scaling_factor)?;
+        let dec = match opts.vae_tile {
+            0 => d.decoder.decode(&zs)?,
+            t => {
+                let t = (t / m).max(8);
+                d.decoder.decode_tiled(&zs, t, t / 8, m)?
+            }
+        }
+        .to_dtype(DType::F32)?;
         Self::check_finite(&dec, "VAE decoder", self.precision)?;
         let dec = dec.clamp(-1f32, 1f32)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
         p.keep("decoded", &dec);
