@@ -17,7 +17,8 @@ use gstcodiff::engine::{default_weights_path, DeviceSpec, Engine, Mode, ModelSpe
 #[derive(Parser, Debug)]
 struct Args {
     /// full (random-weight full-size CODiff), compact (weights/ default) or
-    /// cave:NC0,NC1,NC2,NC3:NB (random-weight CaVE of that size)
+    /// cave:NC0,NC1,NC2,NC3:NB (random-weight CaVE of that size) or
+    /// official:DIR (official-format files in DIR)
     #[arg(long, default_value = "compact")]
     model: String,
     /// Comma-separated WxH sizes
@@ -98,6 +99,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             false,
         )?,
         "compact" => Engine::load(&ModelSpec { device, precision, mode: Mode::Cave, weights: default_weights_path(), ..ModelSpec::compact_default() }, &mut |_| {})?,
+        m if m.starts_with("official:") => {
+            // official:DIR — DIR holds unet/ vae/ scheduler/ codiff.pkl and cave.pth or cave.safetensors
+            let dir = std::path::PathBuf::from(&m[9..]);
+            let cave = ["cave.pth", "cave.safetensors"].iter().map(|f| dir.join(f)).find(|p| p.exists()).ok_or("no cave.pth")?;
+            let spec = ModelSpec {
+                mode: Mode::Diffusion,
+                weights: cave.clone(),
+                sd_dir: Some(dir.clone()),
+                codiff: Some(dir.join("codiff.pkl")),
+                cave: Some(cave),
+                device,
+                precision,
+            };
+            Engine::load(&spec, &mut |_| {})?
+        }
         m if m.starts_with("cave:") => {
             // cave:NC0,NC1,NC2,NC3:NB — a random-weight CaVE of that size
             let (nc, nb) = m[5..].split_once(':').ok_or("cave:NC0,NC1,NC2,NC3:NB")?;
