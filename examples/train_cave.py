@@ -67,6 +67,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
     ap.add_argument("--ckpt-minutes", type=float, default=5.0, help="minutes between checkpoints")
+    ap.add_argument("--stop-at", default="",
+                    help="UTC wall-clock time (e.g. 2026-11-26T12:50) at which to checkpoint, export "
+                         "<--out>/final.safetensors and exit even if --steps is not reached")
     ap.add_argument("--init", default="", help="start from this checkpoint/safetensors instead of scratch")
     ap.add_argument("--export", default="", metavar="OUT.safetensors",
                     help="do not train: export <--out>/last.pt (or --ckpt) in eval mode and exit")
@@ -326,6 +329,11 @@ def train(args):
         for k, v in st_.items():
             if torch.is_tensor(v) and v.dim() == 4:
                 st_[k] = v.contiguous(memory_format=fmt)
+    stop_at = None
+    if args.stop_at:
+        import datetime
+        stop_at = datetime.datetime.fromisoformat(args.stop_at).replace(
+            tzinfo=datetime.timezone.utc).timestamp()
     model.train()
     last_ckpt = time.time()
     acc = {"loss": 0.0, "l1": 0.0, "qf": 0.0, "n": 0, "imgs": 0, "t": time.time(), "data": 0.0}
@@ -357,13 +365,17 @@ def train(args):
                 step, acc["loss"] / n, acc["l1"] / n, acc["qf"] / n, lr_at(step - 1, args),
                 acc["imgs"] / dt, 100 * acc["data"] / dt), flush=True)
             acc = {"loss": 0.0, "l1": 0.0, "qf": 0.0, "n": 0, "imgs": 0, "t": time.time(), "data": 0.0}
-        if time.time() - last_ckpt > 60 * args.ckpt_minutes or step == args.steps:
+        stopping = stop_at is not None and time.time() >= stop_at
+        if time.time() - last_ckpt > 60 * args.ckpt_minutes or step == args.steps or stopping:
             save_ckpt(ckpt_path, model, opt, step, rng, args)
             last_ckpt = time.time()
             print("checkpoint step %d -> %s | eval %s" % (step, ckpt_path, evaluate(model, evalset)),
                   flush=True)
             # do not count checkpoint/eval time in img/s
             acc = {"loss": 0.0, "l1": 0.0, "qf": 0.0, "n": 0, "imgs": 0, "t": time.time(), "data": 0.0}
+        if stopping:
+            print("--stop-at %s reached at step %d" % (args.stop_at, step), flush=True)
+            break
 
     final = os.path.join(args.out, "final.safetensors")
     args.export = final
