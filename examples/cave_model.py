@@ -197,7 +197,7 @@ def build_from_state_dict(sd, strict=True):
 
 def export_state_dict(model):
     """float32 tensors with official names, without num_batches_tracked."""
-    return {k: v.detach().to(torch.float32).contiguous().clone()
+    return {k: v.detach().cpu().to(torch.float32).contiguous().clone()
             for k, v in model.state_dict().items()
             if not k.endswith("num_batches_tracked")}
 

@@ -17,6 +17,9 @@ Checkpoints (model + optimiser + step + RNG states) go to <--out>/last.pt every
 --ckpt-minutes and at the end; a new run with the same --out resumes from it
 automatically. When the run reaches --steps it exports <--out>/final.safetensors.
 
+On a GPU machine add e.g. --device cuda --workers 8 --batch 64 (JPEG batches
+are made by DataLoader worker processes).
+
 Train:   nice -n 10 python3 examples/train_cave.py --out runs/cave --steps 20000
 Resume:  the same command again.
 Export:  python3 examples/train_cave.py --out runs/cave --export model.safetensors
@@ -62,6 +65,10 @@ def parse_args(argv=None):
                     help="plain random init (default: start the reconstruction near identity)")
     ap.add_argument("--bn-momentum", type=float, default=0.1, help="BatchNorm running-stat momentum")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1, ...)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="DataLoader processes making JPEG batches (0: in the training loop; "
+                         "with workers the data order is not reproduced exactly on resume)")
     ap.add_argument("--no-channels-last", action="store_true",
                     help="train in NCHW (channels_last is ~15%% faster on CPU)")
     ap.add_argument("--seed", type=int, default=1234)
@@ -132,6 +139,21 @@ class CropSampler:
         return to_t(clean), to_t(lq), torch.tensor(qfs, dtype=torch.float32)
 
 
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless batches from a CropSampler, one independent RNG per worker."""
+
+    def __init__(self, imgs, args, seed):
+        super().__init__()
+        self.imgs, self.args, self.seed = imgs, args, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        sampler = CropSampler(self.imgs, self.args, np.random.default_rng([self.seed, wid]))
+        while True:
+            yield sampler.batch(self.args.batch)
+
+
 def make_eval_set(folder, size=256, qualities=(10, 30, 50)):
     if not folder or not os.path.isdir(folder):
         return []
@@ -159,11 +181,13 @@ def evaluate(model, evalset):
         return ""
     was_training = model.training
     model.eval()
+    dev = next(model.parameters()).device
     res = {}
     for q, c, l in evalset:
         ct = torch.from_numpy(c.copy()).permute(2, 0, 1)[None].float() / 255
         lt = torch.from_numpy(l.copy()).permute(2, 0, 1)[None].float() / 255
-        rec, qp = model(lt)
+        rec, qp = model(lt.to(dev))
+        rec = rec.cpu()
         r = res.setdefault(q, [0.0, 0.0, 0.0, 0])
         r[0] += psnr(lt, ct)
         r[1] += psnr(rec.clamp(0, 1), ct)
@@ -251,7 +275,7 @@ def recalibrate_bn(model, sampler, batches, batch_size):
     model.train()
     for _ in range(batches):
         _, lq, _ = sampler.batch(batch_size)
-        model(lq)
+        model(lq.to(next(model.parameters()).device))
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.eval()
@@ -267,6 +291,7 @@ def export(args):
     nb = int(run_args.get("nb", args.nb))
     model = CaVE(nc=nc, nb=nb)
     model.load_state_dict(state["model"], strict=True)
+    model.to(torch.device(args.device))
     if args.bn_recalib > 0:
         _, imgs = load_images(args.train_dir)
         sampler = CropSampler(imgs, args, np.random.default_rng(args.seed + 7))
@@ -297,7 +322,9 @@ def train(args):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
+    device = torch.device(args.device)
     model, nc = build_model(args)
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     step = 0
     if os.path.exists(ckpt_path):
@@ -317,6 +344,12 @@ def train(args):
     paths, imgs = load_images(args.train_dir)
     sampler = CropSampler(imgs, args, rng)
     evalset = make_eval_set(args.eval_dir)
+    batches = None
+    if args.workers > 0:
+        stream = _BatchStream(sampler.imgs, args, args.seed * 1000003 + step)
+        batches = iter(torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=args.workers, persistent_workers=True,
+            prefetch_factor=4, pin_memory=device.type == "cuda"))
     nparam = sum(p.numel() for p in model.parameters())
     print("nc=%s nb=%d params=%d; %d train images (%.1f MP) loaded in %.1fs; eval crops %d" % (
         nc, args.nb, nparam, len(sampler.imgs), sum(i.shape[0] * i.shape[1] for i in imgs) / 1e6,
@@ -339,7 +372,8 @@ def train(args):
     acc = {"loss": 0.0, "l1": 0.0, "qf": 0.0, "n": 0, "imgs": 0, "t": time.time(), "data": 0.0}
     while step < args.steps:
         td = time.time()
-        clean, lq, qf = sampler.batch(args.batch)
+        clean, lq, qf = next(batches) if batches is not None else sampler.batch(args.batch)
+        clean, lq, qf = (t.to(device, non_blocking=True) for t in (clean, lq, qf))
         acc["data"] += time.time() - td
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
