@@ -127,20 +127,33 @@ impl LoraSet {
 /// The first typed error it meets is kept, so that a model constructor's
 /// candle error can be turned back into an [`EngineError`] naming the key.
 pub struct MergedBackend {
-    base: TensorFile,
+    /// Base tensors; a merged weight replaces its base tensor here, so the
+    /// unmerged copy is freed and a second request (candle's loaders probe
+    /// shapes) gets the same merged tensor.
+    base: Mutex<TensorFile>,
+    merged: Mutex<std::collections::HashSet<String>>,
+    base_path: PathBuf,
     lora: Option<LoraSet>,
     used_lora: Mutex<usize>,
-    first_error: Mutex<Option<EngineError>>,
+    last_error: Mutex<Option<EngineError>>,
 }
 
 impl MergedBackend {
     pub fn new(base: TensorFile, lora: Option<LoraSet>) -> Self {
-        Self { base, lora, used_lora: Mutex::new(0), first_error: Mutex::new(None) }
+        Self {
+            base_path: base.path.clone(),
+            base: Mutex::new(base),
+            merged: Mutex::new(Default::default()),
+            lora,
+            used_lora: Mutex::new(0),
+            last_error: Mutex::new(None),
+        }
     }
 
-    /// The typed error behind a failed build, if the backend saw one.
+    /// The typed error behind a failed build: the last one the backend saw
+    /// (earlier ones may be shape probes that the loader recovered from).
     pub fn take_error(&self) -> Option<EngineError> {
-        self.first_error.lock().ok()?.take()
+        self.last_error.lock().ok()?.take()
     }
 
     /// Number of LoRA pairs that were merged into requested weights.
@@ -154,14 +167,16 @@ impl MergedBackend {
             None => name.to_string(),
         };
         let over = self.lora.as_ref().and_then(|l| l.overrides.get(&canon));
+        let poisoned = || EngineError::Unsupported("weights lock poisoned".into());
+        let already = self.merged.lock().map_err(|_| poisoned())?.contains(name);
         let w = match over {
-            Some(t) => t.clone(),
-            None => self.base.get(name)?.clone(),
+            Some(t) if !already => t.clone(),
+            _ => self.base.lock().map_err(|_| poisoned())?.get(name)?.clone(),
         };
         if let Some(shape) = expected {
             if w.dims() != shape {
                 return Err(EngineError::ShapeMismatch {
-                    path: if over.is_some() { self.lora.as_ref().map(|l| l.path.clone()).unwrap_or_default() } else { self.base.path.clone() },
+                    path: if over.is_some() { self.lora.as_ref().map(|l| l.path.clone()).unwrap_or_default() } else { self.base_path.clone() },
                     key: name.to_string(),
                     expected: shape.to_vec(),
                     found: w.dims().to_vec(),
@@ -181,10 +196,16 @@ impl MergedBackend {
                         found: a.dims().to_vec(),
                     });
                 }
+                if already {
+                    return Ok(w);
+                }
                 if let Ok(mut n) = self.used_lora.lock() {
                     *n += 1;
                 }
-                return Ok(merge_delta(&w, a, b, lora.scale)?);
+                let m = merge_delta(&w, a, b, lora.scale)?;
+                self.base.lock().map_err(|_| poisoned())?.replace(name, m.clone());
+                self.merged.lock().map_err(|_| poisoned())?.insert(name.to_string());
+                return Ok(m);
             }
         }
         Ok(w)
@@ -192,8 +213,8 @@ impl MergedBackend {
 
     fn record(&self, e: EngineError) -> candle_core::Error {
         let msg = e.to_string();
-        if let Ok(mut slot) = self.first_error.lock() {
-            slot.get_or_insert(e);
+        if let Ok(mut slot) = self.last_error.lock() {
+            *slot = Some(e);
         }
         candle_core::Error::Msg(msg)
     }
@@ -215,7 +236,7 @@ impl SimpleBackend for MergedBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.base.contains(name)
+        self.base.lock().map(|b| b.contains(name)).unwrap_or(false)
     }
 }
 

@@ -42,13 +42,33 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 impl TensorFile {
     /// Open a weights file of any supported format, chosen by its first bytes.
     pub fn open(path: &Path) -> Result<Self> {
+        let mut head = [0u8; 8];
+        let n = {
+            let mut f = std::fs::File::open(path).map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound => EngineError::NotFound { path: path.to_path_buf() },
+                _ => EngineError::Io { path: path.to_path_buf(), source },
+            })?;
+            let mut n = 0;
+            while n < 8 {
+                match f.read(&mut head[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(source) => return Err(EngineError::Io { path: path.to_path_buf(), source }),
+                }
+            }
+            n
+        };
+        let head = &head[..n];
+        if !head.starts_with(b"PK\x03\x04") && !head.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) {
+            // safetensors: read tensor by tensor, so that loading a multi-GB UNet
+            // never holds the file and its tensors in memory at the same time
+            return Self::from_safetensors_file(path);
+        }
         let bytes = read_file(path)?;
         if bytes.starts_with(b"PK\x03\x04") {
             Self::from_zip_pickle(path, &bytes)
-        } else if bytes.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) {
-            Self::from_legacy_pickle(path, &bytes)
         } else {
-            Self::from_safetensors(path, &bytes)
+            Self::from_legacy_pickle(path, &bytes)
         }
     }
 
@@ -88,6 +108,11 @@ impl TensorFile {
         })
     }
 
+    /// Replace the tensor `key` (a merged weight replacing its base).
+    pub fn replace(&mut self, key: &str, t: Tensor) {
+        self.tensors.insert(key.to_string(), t);
+    }
+
     /// The tensor `key`, checked against `shape`.
     pub fn get_shaped(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.get(key)?;
@@ -115,17 +140,40 @@ impl TensorFile {
 
     // ------------------------------------------------------------ safetensors
 
-    fn from_safetensors(path: &Path, bytes: &[u8]) -> Result<Self> {
-        check_safetensors_header(path, bytes)?;
-        let st = safetensors_parse(path, bytes)?;
+    fn from_safetensors_file(path: &Path) -> Result<Self> {
+        use std::io::{Seek, SeekFrom};
+        let io = |source| EngineError::Io { path: path.to_path_buf(), source };
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len() as usize;
+        let mut n8 = [0u8; 8];
+        if len < 8 {
+            return Err(truncated(path, format!("{len} bytes: no safetensors header")));
+        }
+        f.read_exact(&mut n8).map_err(io)?;
+        let n = u64::from_le_bytes(n8) as usize;
+        if n > 100_000_000 {
+            return Err(format_err(path, "not a safetensors, PyTorch zip or legacy PyTorch file"));
+        }
+        if len < 8 + n {
+            return Err(truncated(path, format!("header of {n} bytes, file has {len}")));
+        }
+        let mut hdr = vec![0u8; 8 + n];
+        hdr[..8].copy_from_slice(&n8);
+        f.read_exact(&mut hdr[8..]).map_err(io)?;
+        // validate every entry against the real file length, without the data
+        let (entries, metadata) = safetensors_entries(path, &hdr, len - 8 - n)?;
         let mut tensors = HashMap::new();
-        for (name, view) in st.0 {
-            let t = Tensor::from_raw_buffer(view.data, view.dtype, &view.shape, &Device::Cpu)
+        let mut buf = Vec::new();
+        for (name, dtype, shape, start, end) in entries {
+            buf.resize(end - start, 0);
+            f.seek(SeekFrom::Start((8 + n + start) as u64)).map_err(io)?;
+            f.read_exact(&mut buf).map_err(|e| truncated(path, format!("tensor `{name}`: {e}")))?;
+            let t = Tensor::from_raw_buffer(&buf, dtype, &shape, &Device::Cpu)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .map_err(|e| format_err(path, format!("tensor `{name}`: {e}")))?;
             tensors.insert(name, t);
         }
-        Ok(Self { path: path.to_path_buf(), tensors, ints: HashMap::new(), metadata: st.1 })
+        Ok(Self { path: path.to_path_buf(), tensors, ints: HashMap::new(), metadata })
     }
 
     // ------------------------------------------------------------ zip pickle
@@ -447,14 +495,6 @@ fn tensor_rebuild(path: &Path, key: &str, obj: Object) -> Result<Option<Rebuild>
 
 // ---------------------------------------------------------------- safetensors
 
-struct StView<'a> {
-    dtype: DType,
-    shape: Vec<usize>,
-    data: &'a [u8],
-}
-
-type StParsed<'a> = (Vec<(String, StView<'a>)>, HashMap<String, String>);
-
 fn header(path: &Path, bytes: &[u8]) -> Result<(serde_json::Map<String, serde_json::Value>, usize)> {
     if bytes.len() < 8 {
         return Err(truncated(path, format!("{} bytes: no safetensors header", bytes.len())));
@@ -474,13 +514,12 @@ fn header(path: &Path, bytes: &[u8]) -> Result<(serde_json::Map<String, serde_js
     }
 }
 
-fn check_safetensors_header(path: &Path, bytes: &[u8]) -> Result<()> {
-    header(path, bytes).map(|_| ())
-}
+type StEntry = (String, DType, Vec<usize>, usize, usize);
 
-fn safetensors_parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<StParsed<'a>> {
-    let (hdr, start) = header(path, bytes)?;
-    let data = &bytes[start..];
+/// Name, dtype, shape and data byte range of every tensor; `data_len` is the
+/// number of data bytes the file holds after the header.
+fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: usize) -> Result<(Vec<StEntry>, HashMap<String, String>)> {
+    let (hdr, _) = header(path, header_bytes)?;
     let mut out = Vec::new();
     let mut meta = HashMap::new();
     for (name, v) in hdr {
@@ -522,22 +561,19 @@ fn safetensors_parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<StParsed<'a>> {
         if offs.len() != 2 || offs[1] < offs[0] {
             return Err(bad("data_offsets"));
         }
-        if offs[1] > data.len() {
+        if offs[1] > data_len {
             return Err(truncated(
                 path,
-                format!(
-                    "tensor `{name}` {shape:?} ends at byte {} of the data, file holds {}",
-                    offs[1],
-                    data.len()
-                ),
+                format!("tensor `{name}` {shape:?} ends at byte {} of the data, file holds {data_len}", offs[1]),
             ));
         }
         let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
         if offs[1] - offs[0] != want {
             return Err(bad(&format!("{} bytes for shape {shape:?}, expected {want}", offs[1] - offs[0])));
         }
-        out.push((name, StView { dtype, shape, data: &data[offs[0]..offs[1]] }));
+        out.push((name, dtype, shape, offs[0], offs[1]));
     }
+    out.sort_by_key(|e| e.3);
     Ok((out, meta))
 }
 
