@@ -1,0 +1,847 @@
+//! Pixel conversion between mapped video planes and the engine's packed RGB.
+//!
+//! Pure byte code, no GStreamer types: the element describes a frame's format as a
+//! [`Layout`] (where each of the three colour components lives) and hands over its
+//! planes with their strides. Any 8-bit packed RGB, planar, semi-planar or packed
+//! YUV format fits this description.
+//!
+//! Reading ([`read_rgb`]) turns the frame into packed RGB for the engine (YUV with
+//! the given matrix and range; sub-sampled chroma upsampled bilinearly with centred
+//! sites, as libjpeg's "fancy upsampling" does, so the engine sees what a JPEG
+//! decoder would show). Writing ([`write_rgb`]) converts the restored RGB back,
+//! averaging chroma over each sub-sampled block as a JPEG encoder does, and blends
+//! it with the original samples by `strength`. RGB frames round-trip bit-exactly;
+//! YUV frames within rounding (plus the usual chroma smoothing of sub-sampling).
+//! Alpha, padding and any byte outside the three components are never written.
+
+/// Where one colour component of a frame lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Component {
+    /// Index of the plane holding the component.
+    pub plane: usize,
+    /// Byte offset of the component's first sample inside a row of its plane.
+    pub offset: usize,
+    /// Bytes from one sample of the component to the next in a row.
+    pub pixel_stride: usize,
+    /// log2 of the horizontal sub-sampling (1 for 4:2:0 and 4:2:2 chroma).
+    pub sub_x: u32,
+    /// log2 of the vertical sub-sampling (1 for 4:2:0 chroma).
+    pub sub_y: u32,
+}
+
+impl Component {
+    /// Width and height in samples of this component for a `width` x `height` frame.
+    pub fn size(&self, width: usize, height: usize) -> (usize, usize) {
+        (
+            ceil_shift(width, self.sub_x),
+            ceil_shift(height, self.sub_y),
+        )
+    }
+}
+
+fn ceil_shift(n: usize, shift: u32) -> usize {
+    (n + (1 << shift) - 1) >> shift
+}
+
+/// Y'CbCr coefficients: luma weights `kr`, `kb` and the quantisation range.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct YuvMatrix {
+    pub kr: f32,
+    pub kb: f32,
+    /// true: 0..255 for all components (JPEG / JFIF); false: Y 16..235, C 16..240.
+    pub full_range: bool,
+}
+
+impl YuvMatrix {
+    /// BT.601 full range, what JPEG (JFIF) uses.
+    pub const BT601_FULL: Self = Self {
+        kr: 0.299,
+        kb: 0.114,
+        full_range: true,
+    };
+
+    /// Coefficients from the matrix's `kr`, `kb`.
+    pub fn new(kr: f64, kb: f64, full_range: bool) -> Self {
+        Self {
+            kr: kr as f32,
+            kb: kb as f32,
+            full_range,
+        }
+    }
+
+    fn kg(&self) -> f32 {
+        1.0 - self.kr - self.kb
+    }
+
+    /// RGB (0..255) to Y, Cb, Cr in the matrix's quantisation, unrounded.
+    pub fn from_rgb(&self, r: f32, g: f32, b: f32) -> [f32; 3] {
+        let y = self.kr * r + self.kg() * g + self.kb * b;
+        let cb = (b - y) / (2.0 * (1.0 - self.kb));
+        let cr = (r - y) / (2.0 * (1.0 - self.kr));
+        if self.full_range {
+            [y, cb + 128.0, cr + 128.0]
+        } else {
+            [
+                16.0 + y * (219.0 / 255.0),
+                128.0 + cb * (224.0 / 255.0),
+                128.0 + cr * (224.0 / 255.0),
+            ]
+        }
+    }
+
+    /// Y, Cb, Cr in the matrix's quantisation to RGB (0..255), unrounded, unclamped.
+    pub fn to_rgb(&self, y: f32, cb: f32, cr: f32) -> [f32; 3] {
+        let (y, cb, cr) = if self.full_range {
+            (y, cb - 128.0, cr - 128.0)
+        } else {
+            (
+                (y - 16.0) * (255.0 / 219.0),
+                (cb - 128.0) * (255.0 / 224.0),
+                (cr - 128.0) * (255.0 / 224.0),
+            )
+        };
+        let r = y + 2.0 * (1.0 - self.kr) * cr;
+        let b = y + 2.0 * (1.0 - self.kb) * cb;
+        let g = (y - self.kr * r - self.kb * b) / self.kg();
+        [r, g, b]
+    }
+}
+
+/// Colour model of a frame's three components.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ColorModel {
+    /// Components are R, G, B.
+    Rgb,
+    /// Components are Y, Cb (U), Cr (V).
+    Yuv(YuvMatrix),
+}
+
+/// How a frame stores its three colour components (alpha, padding and other bytes
+/// are left alone).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Layout {
+    pub model: ColorModel,
+    /// R, G, B or Y, U, V, in that order.
+    pub comps: [Component; 3],
+}
+
+/// One plane of a frame, read-only.
+#[derive(Clone, Copy, Debug)]
+pub struct Plane<'a> {
+    pub data: &'a [u8],
+    /// Bytes from one row to the next (may include padding).
+    pub stride: usize,
+}
+
+/// One plane of a frame, writable.
+#[derive(Debug)]
+pub struct PlaneMut<'a> {
+    pub data: &'a mut [u8],
+    pub stride: usize,
+}
+
+/// A frame that does not match its layout.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("component {comp} lives in plane {plane}, but the frame has {planes} planes")]
+    MissingPlane {
+        comp: usize,
+        plane: usize,
+        planes: usize,
+    },
+    #[error(
+        "plane {plane} holds {len} bytes with stride {stride}, component {comp} of a \
+         {width}x{height} frame needs {needed}"
+    )]
+    PlaneTooSmall {
+        plane: usize,
+        comp: usize,
+        len: usize,
+        stride: usize,
+        needed: usize,
+        width: usize,
+        height: usize,
+    },
+    #[error("component {comp} has pixel stride 0")]
+    ZeroPixelStride { comp: usize },
+    #[error("RGB buffer holds {len} bytes, a {width}x{height} image needs {needed}")]
+    RgbSize {
+        len: usize,
+        width: usize,
+        height: usize,
+        needed: usize,
+    },
+}
+
+/// Check that every component of a `width` x `height` frame fits its plane.
+fn check(
+    layout: &Layout,
+    plane_sizes: &[(usize, usize)],
+    width: usize,
+    height: usize,
+) -> Result<(), ConvertError> {
+    for (ci, c) in layout.comps.iter().enumerate() {
+        let Some(&(len, stride)) = plane_sizes.get(c.plane) else {
+            return Err(ConvertError::MissingPlane {
+                comp: ci,
+                plane: c.plane,
+                planes: plane_sizes.len(),
+            });
+        };
+        if c.pixel_stride == 0 {
+            return Err(ConvertError::ZeroPixelStride { comp: ci });
+        }
+        let (cw, ch) = c.size(width, height);
+        if cw == 0 || ch == 0 {
+            continue;
+        }
+        let needed = (ch - 1)
+            .checked_mul(stride)
+            .and_then(|n| n.checked_add((cw - 1).checked_mul(c.pixel_stride)?))
+            .and_then(|n| n.checked_add(c.offset + 1))
+            .unwrap_or(usize::MAX);
+        if needed > len {
+            return Err(ConvertError::PlaneTooSmall {
+                plane: c.plane,
+                comp: ci,
+                len,
+                stride,
+                needed,
+                width,
+                height,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_rgb(len: usize, width: usize, height: usize) -> Result<(), ConvertError> {
+    let needed = width * height * 3;
+    if len != needed {
+        return Err(ConvertError::RgbSize {
+            len,
+            width,
+            height,
+            needed,
+        });
+    }
+    Ok(())
+}
+
+#[inline]
+fn index(c: &Component, stride: usize, x: usize, y: usize) -> usize {
+    y * stride + x * c.pixel_stride + c.offset
+}
+
+#[inline]
+fn to_u8(v: f32) -> u8 {
+    // `as` saturates and maps NaN to 0.
+    v.round().clamp(0.0, 255.0) as u8
+}
+
+/// Sample positions and weights for bilinear upsampling with centred chroma sites:
+/// output sample `i` of a component sub-sampled by `2^shift` (of `n` samples) lies at
+/// `(i + 0.5) / 2^shift - 0.5`.
+fn upsample_taps(out_len: usize, shift: u32, n: usize) -> Vec<(usize, usize, f32)> {
+    let f = (1usize << shift) as f32;
+    (0..out_len)
+        .map(|i| {
+            if shift == 0 {
+                return (i, i, 0.0);
+            }
+            let pos = ((i as f32 + 0.5) / f - 0.5).max(0.0);
+            let i0 = (pos.floor() as usize).min(n - 1);
+            let i1 = (i0 + 1).min(n - 1);
+            (i0, i1, pos - i0 as f32)
+        })
+        .collect()
+}
+
+/// Read a `width` x `height` frame into packed RGB (`height x width x 3`).
+pub fn read_rgb(
+    layout: &Layout,
+    planes: &[Plane<'_>],
+    width: usize,
+    height: usize,
+) -> Result<Vec<u8>, ConvertError> {
+    let sizes: Vec<_> = planes.iter().map(|p| (p.data.len(), p.stride)).collect();
+    check(layout, &sizes, width, height)?;
+    let mut out = vec![0u8; width * height * 3];
+    if width == 0 || height == 0 {
+        return Ok(out);
+    }
+
+    // Every component upsampled to full resolution, as f32 (exact for 4:4:4).
+    let mut full = [Vec::new(), Vec::new(), Vec::new()];
+    for (ci, c) in layout.comps.iter().enumerate() {
+        let p = &planes[c.plane];
+        let (cw, ch) = c.size(width, height);
+        let tx = upsample_taps(width, c.sub_x, cw);
+        let ty = upsample_taps(height, c.sub_y, ch);
+        let mut v = Vec::with_capacity(width * height);
+        for &(y0, y1, fy) in &ty {
+            for &(x0, x1, fx) in &tx {
+                let s = |x, y| p.data[index(c, p.stride, x, y)] as f32;
+                let top = s(x0, y0) + fx * (s(x1, y0) - s(x0, y0));
+                let bottom = s(x0, y1) + fx * (s(x1, y1) - s(x0, y1));
+                v.push(top + fy * (bottom - top));
+            }
+        }
+        full[ci] = v;
+    }
+
+    match layout.model {
+        ColorModel::Rgb => {
+            for (i, px) in out.chunks_exact_mut(3).enumerate() {
+                for (k, comp) in full.iter().enumerate() {
+                    px[k] = to_u8(comp[i]);
+                }
+            }
+        }
+        ColorModel::Yuv(m) => {
+            for (i, px) in out.chunks_exact_mut(3).enumerate() {
+                let rgb = m.to_rgb(full[0][i], full[1][i], full[2][i]);
+                for k in 0..3 {
+                    px[k] = to_u8(rgb[k]);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Write the engine's `restored` RGB image (same size as the frame) back into the
+/// frame: each sample becomes `original + strength * (converted - original)`, the
+/// converted value being the restored colour in the frame's colour space, averaged
+/// over sub-sampled blocks. `strength` is clamped to 0..1 (0 writes nothing); bytes
+/// outside the three components are not touched.
+pub fn write_rgb(
+    layout: &Layout,
+    planes: &mut [PlaneMut<'_>],
+    width: usize,
+    height: usize,
+    restored: &[u8],
+    strength: f32,
+) -> Result<(), ConvertError> {
+    let sizes: Vec<_> = planes.iter().map(|p| (p.data.len(), p.stride)).collect();
+    check(layout, &sizes, width, height)?;
+    check_rgb(restored.len(), width, height)?;
+    let strength = if strength.is_finite() {
+        strength.clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
+    if width == 0 || height == 0 || strength == 0.0 {
+        return Ok(());
+    }
+
+    // The restored image's components at full resolution.
+    let n = width * height;
+    let mut full = [vec![0f32; n], vec![0f32; n], vec![0f32; n]];
+    for (i, px) in restored.chunks_exact(3).enumerate() {
+        let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
+        let v = match layout.model {
+            ColorModel::Rgb => [r, g, b],
+            ColorModel::Yuv(m) => m.from_rgb(r, g, b),
+        };
+        for k in 0..3 {
+            full[k][i] = v[k];
+        }
+    }
+
+    for (ci, c) in layout.comps.iter().enumerate() {
+        let p = &mut planes[c.plane];
+        let (cw, ch) = c.size(width, height);
+        let v = &full[ci];
+        for cy in 0..ch {
+            let ys = cy << c.sub_y..((cy + 1) << c.sub_y).min(height);
+            for cx in 0..cw {
+                let xs = cx << c.sub_x..((cx + 1) << c.sub_x).min(width);
+                let mut sum = 0f32;
+                for y in ys.clone() {
+                    sum += v[y * width + xs.start..y * width + xs.end]
+                        .iter()
+                        .sum::<f32>();
+                }
+                let converted = sum / (ys.len() * xs.len()) as f32;
+                let idx = index(c, p.stride, cx, cy);
+                let old = p.data[idx] as f32;
+                p.data[idx] = to_u8(old + strength * (converted - old));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packed(bpp: usize, r: usize, g: usize, b: usize) -> Layout {
+        let c = |offset| Component {
+            plane: 0,
+            offset,
+            pixel_stride: bpp,
+            sub_x: 0,
+            sub_y: 0,
+        };
+        Layout {
+            model: ColorModel::Rgb,
+            comps: [c(r), c(g), c(b)],
+        }
+    }
+
+    fn planar(m: YuvMatrix, sub_x: u32, sub_y: u32) -> Layout {
+        let c = |plane, sub_x, sub_y| Component {
+            plane,
+            offset: 0,
+            pixel_stride: 1,
+            sub_x,
+            sub_y,
+        };
+        Layout {
+            model: ColorModel::Yuv(m),
+            comps: [c(0, 0, 0), c(1, sub_x, sub_y), c(2, sub_x, sub_y)],
+        }
+    }
+
+    fn nv12(m: YuvMatrix) -> Layout {
+        Layout {
+            model: ColorModel::Yuv(m),
+            comps: [
+                Component {
+                    plane: 0,
+                    offset: 0,
+                    pixel_stride: 1,
+                    sub_x: 0,
+                    sub_y: 0,
+                },
+                Component {
+                    plane: 1,
+                    offset: 0,
+                    pixel_stride: 2,
+                    sub_x: 1,
+                    sub_y: 1,
+                },
+                Component {
+                    plane: 1,
+                    offset: 1,
+                    pixel_stride: 2,
+                    sub_x: 1,
+                    sub_y: 1,
+                },
+            ],
+        }
+    }
+
+    fn yuy2(m: YuvMatrix) -> Layout {
+        Layout {
+            model: ColorModel::Yuv(m),
+            comps: [
+                Component {
+                    plane: 0,
+                    offset: 0,
+                    pixel_stride: 2,
+                    sub_x: 0,
+                    sub_y: 0,
+                },
+                Component {
+                    plane: 0,
+                    offset: 1,
+                    pixel_stride: 4,
+                    sub_x: 1,
+                    sub_y: 0,
+                },
+                Component {
+                    plane: 0,
+                    offset: 3,
+                    pixel_stride: 4,
+                    sub_x: 1,
+                    sub_y: 0,
+                },
+            ],
+        }
+    }
+
+    /// Deterministic pseudo-random bytes (xorshift).
+    fn noise(n: usize, seed: u32) -> Vec<u8> {
+        let mut s = seed.max(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// Planes for `layout` at `width` x `height`, every row padded by `pad` bytes,
+    /// filled with noise (so padding and unused bytes are recognisable).
+    fn alloc(
+        layout: &Layout,
+        width: usize,
+        height: usize,
+        pad: usize,
+        seed: u32,
+    ) -> Vec<(Vec<u8>, usize)> {
+        let n = layout.comps.iter().map(|c| c.plane).max().unwrap() + 1;
+        (0..n)
+            .map(|p| {
+                let (mut row, mut rows) = (0, 0);
+                for c in layout.comps.iter().filter(|c| c.plane == p) {
+                    let (cw, ch) = c.size(width, height);
+                    row = row.max(cw * c.pixel_stride + c.offset);
+                    rows = rows.max(ch);
+                }
+                let stride = row + pad;
+                (noise(stride * rows, seed + p as u32), stride)
+            })
+            .collect()
+    }
+
+    fn read(layout: &Layout, planes: &[(Vec<u8>, usize)], w: usize, h: usize) -> Vec<u8> {
+        let p: Vec<_> = planes
+            .iter()
+            .map(|(d, s)| Plane {
+                data: d,
+                stride: *s,
+            })
+            .collect();
+        read_rgb(layout, &p, w, h).unwrap()
+    }
+
+    fn write(
+        layout: &Layout,
+        planes: &mut [(Vec<u8>, usize)],
+        w: usize,
+        h: usize,
+        restored: &[u8],
+        s: f32,
+    ) {
+        let mut p: Vec<_> = planes
+            .iter_mut()
+            .map(|(d, s)| PlaneMut {
+                data: d,
+                stride: *s,
+            })
+            .collect();
+        write_rgb(layout, &mut p, w, h, restored, s).unwrap();
+    }
+
+    fn all_layouts() -> Vec<(&'static str, Layout)> {
+        let m = YuvMatrix::BT601_FULL;
+        vec![
+            ("RGB", packed(3, 0, 1, 2)),
+            ("BGR", packed(3, 2, 1, 0)),
+            ("RGBA", packed(4, 0, 1, 2)),
+            ("BGRx", packed(4, 2, 1, 0)),
+            ("ARGB", packed(4, 1, 2, 3)),
+            ("I420", planar(m, 1, 1)),
+            ("Y42B", planar(m, 1, 0)),
+            ("Y444", planar(m, 0, 0)),
+            ("NV12", nv12(m)),
+            ("YUY2", yuy2(m)),
+            (
+                "I420 BT.709 limited",
+                planar(YuvMatrix::new(0.2126, 0.0722, false), 1, 1),
+            ),
+        ]
+    }
+
+    /// A smooth test image with some texture, `w x h x 3`.
+    fn smooth_rgb(w: usize, h: usize) -> Vec<u8> {
+        (0..h)
+            .flat_map(|y| {
+                (0..w).flat_map(move |x| {
+                    [
+                        (40 + x * 150 / w.max(1)) as u8,
+                        (60 + y * 120 / h.max(1)) as u8,
+                        (90 + (x + y) * 100 / (w + h)) as u8,
+                    ]
+                })
+            })
+            .collect()
+    }
+
+    fn max_abs_diff(a: &[u8], b: &[u8]) -> i32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (*x as i32 - *y as i32).abs())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Which bytes of each plane hold one of the three components.
+    fn component_mask(
+        layout: &Layout,
+        planes: &[(Vec<u8>, usize)],
+        w: usize,
+        h: usize,
+    ) -> Vec<Vec<bool>> {
+        let mut mask: Vec<Vec<bool>> = planes.iter().map(|(d, _)| vec![false; d.len()]).collect();
+        for c in &layout.comps {
+            let (cw, ch) = c.size(w, h);
+            for y in 0..ch {
+                for x in 0..cw {
+                    mask[c.plane][index(c, planes[c.plane].1, x, y)] = true;
+                }
+            }
+        }
+        mask
+    }
+
+    #[test]
+    fn identity_restore_keeps_rgb_frames_bit_exact() {
+        for (name, layout) in all_layouts()
+            .into_iter()
+            .filter(|(_, l)| l.model == ColorModel::Rgb)
+        {
+            for (w, h) in [(1, 1), (2, 2), (17, 9), (64, 3)] {
+                for pad in [0, 5] {
+                    let mut planes = alloc(&layout, w, h, pad, 7 + w as u32);
+                    let before = planes.clone();
+                    let rgb = read(&layout, &planes, w, h);
+                    assert_eq!(rgb.len(), w * h * 3);
+                    write(&layout, &mut planes, w, h, &rgb, 1.0);
+                    assert_eq!(planes, before, "{name} {w}x{h} pad {pad}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn identity_restore_keeps_yuv_frames_within_rounding() {
+        // YUV content as a decoder produces it (from an RGB picture): reading and
+        // writing back unchanged moves luma by at most one step; chroma only by the
+        // smoothing of sub-sampled blocks.
+        for (name, layout) in all_layouts()
+            .into_iter()
+            .filter(|(_, l)| l.model != ColorModel::Rgb)
+        {
+            for (w, h) in [(1, 1), (2, 2), (17, 9), (64, 33)] {
+                let mut planes = alloc(&layout, w, h, 3, 5);
+                write(&layout, &mut planes, w, h, &smooth_rgb(w, h), 1.0);
+                let before = planes.clone();
+                let rgb = read(&layout, &planes, w, h);
+                write(&layout, &mut planes, w, h, &rgb, 1.0);
+                let (mut luma, mut chroma) = (0, 0);
+                for (ci, c) in layout.comps.iter().enumerate() {
+                    let (cw, ch) = c.size(w, h);
+                    for yy in 0..ch {
+                        for xx in 0..cw {
+                            let i = index(c, planes[c.plane].1, xx, yy);
+                            let d =
+                                (planes[c.plane].0[i] as i32 - before[c.plane].0[i] as i32).abs();
+                            if ci == 0 {
+                                luma = luma.max(d)
+                            } else {
+                                chroma = chroma.max(d)
+                            }
+                        }
+                    }
+                }
+                assert!(luma <= 1, "{name} {w}x{h}: luma moved by {luma}");
+                assert!(chroma <= 3, "{name} {w}x{h}: chroma moved by {chroma}");
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_outside_the_components_are_never_written() {
+        for (name, layout) in all_layouts() {
+            let (w, h) = (17, 9);
+            let mut planes = alloc(&layout, w, h, 6, 21);
+            let before = planes.clone();
+            write(&layout, &mut planes, w, h, &noise(w * h * 3, 4), 1.0);
+            let mask = component_mask(&layout, &planes, w, h);
+            for p in 0..planes.len() {
+                for (i, &is_comp) in mask[p].iter().enumerate() {
+                    if !is_comp {
+                        assert_eq!(planes[p].0[i], before[p].0[i], "{name}: plane {p} byte {i}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_rgb_reads_and_writes_channels_in_order() {
+        // One BGRA pixel, B=10 G=20 R=30 A=40, in a row padded to 8 bytes.
+        let layout = packed(4, 2, 1, 0);
+        let mut planes = vec![(vec![10, 20, 30, 40, 99, 99, 99, 99], 8)];
+        assert_eq!(read(&layout, &planes, 1, 1), vec![30, 20, 10]);
+        write(&layout, &mut planes, 1, 1, &[1, 2, 3], 1.0);
+        assert_eq!(planes[0].0, vec![3, 2, 1, 40, 99, 99, 99, 99]);
+    }
+
+    #[test]
+    fn strength_blends_between_input_and_restored() {
+        let layout = packed(3, 0, 1, 2);
+        let mut planes = vec![(vec![100, 0, 255], 3)];
+        write(&layout, &mut planes, 1, 1, &[200, 100, 55], 0.5);
+        assert_eq!(planes[0].0, vec![150, 50, 155]);
+        write(&layout, &mut planes, 1, 1, &[0, 0, 0], 0.0);
+        assert_eq!(planes[0].0, vec![150, 50, 155]);
+        // Out-of-range strengths are clamped, NaN means full strength.
+        write(&layout, &mut planes, 1, 1, &[1, 2, 3], 7.0);
+        assert_eq!(planes[0].0, vec![1, 2, 3]);
+        write(&layout, &mut planes, 1, 1, &[4, 5, 6], f32::NAN);
+        assert_eq!(planes[0].0, vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn bt601_full_range_round_trip_is_within_two_steps() {
+        // RGB -> YUV (rounded, as a JPEG decoder stores it) -> RGB.
+        let m = YuvMatrix::BT601_FULL;
+        let layout = planar(m, 0, 0);
+        let mut max_err = 0;
+        for r in (0..=255).step_by(15) {
+            for g in (0..=255).step_by(15) {
+                for b in (0..=255).step_by(15) {
+                    let yuv = m.from_rgb(r as f32, g as f32, b as f32);
+                    let planes: Vec<_> = yuv.iter().map(|v| (vec![to_u8(*v)], 1)).collect();
+                    let rgb = read(&layout, &planes, 1, 1);
+                    max_err = max_err.max(max_abs_diff(&rgb, &[r as u8, g as u8, b as u8]));
+                }
+            }
+        }
+        assert!(max_err <= 2, "max error {max_err}");
+    }
+
+    #[test]
+    fn known_bt601_values() {
+        let m = YuvMatrix::BT601_FULL;
+        let y = m.from_rgb(255.0, 0.0, 0.0);
+        assert!(
+            (y[0] - 76.245).abs() < 0.01
+                && (y[1] - 84.97).abs() < 0.05
+                && (y[2] - 255.5).abs() < 0.05,
+            "{y:?}"
+        );
+        // Limited range: 16 is black, 235 white, 128 neutral chroma.
+        let l = YuvMatrix::new(0.299, 0.114, false);
+        let layout = planar(l, 0, 0);
+        let px = |y| {
+            read(
+                &layout,
+                &[(vec![y], 1), (vec![128], 1), (vec![128], 1)],
+                1,
+                1,
+            )
+        };
+        assert_eq!(px(16), vec![0, 0, 0]);
+        assert_eq!(px(235), vec![255, 255, 255]);
+        assert_eq!(px(0), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn every_format_stores_the_restored_picture() {
+        // Restoring to a given picture: every format must read back (nearly) it,
+        // whatever noise the frame held before.
+        for (name, layout) in all_layouts() {
+            for (w, h) in [(1, 1), (17, 9), (33, 20)] {
+                let mut planes = alloc(&layout, w, h, 3, 11);
+                let flat: Vec<u8> = [200u8, 120, 40]
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(w * h * 3)
+                    .collect();
+                write(&layout, &mut planes, w, h, &flat, 1.0);
+                let err = max_abs_diff(&read(&layout, &planes, w, h), &flat);
+                assert!(err <= 2, "{name} {w}x{h} flat: max error {err}");
+                let smooth = smooth_rgb(w, h);
+                write(&layout, &mut planes, w, h, &smooth, 1.0);
+                let back = read(&layout, &planes, w, h);
+                let mean = back
+                    .iter()
+                    .zip(&smooth)
+                    .map(|(a, b)| (*a as f64 - *b as f64).abs())
+                    .sum::<f64>()
+                    / smooth.len() as f64;
+                assert!(mean < 1.5, "{name} {w}x{h} smooth: mean abs error {mean}");
+            }
+        }
+    }
+
+    #[test]
+    fn short_planes_and_bad_sizes_are_errors_not_panics() {
+        let layout = planar(YuvMatrix::BT601_FULL, 1, 1);
+        // 4x4 I420 with a chroma plane one byte short.
+        let planes = [
+            Plane {
+                data: &[0; 16],
+                stride: 4,
+            },
+            Plane {
+                data: &[0; 4],
+                stride: 2,
+            },
+            Plane {
+                data: &[0; 3],
+                stride: 2,
+            },
+        ];
+        assert!(matches!(
+            read_rgb(&layout, &planes, 4, 4),
+            Err(ConvertError::PlaneTooSmall { plane: 2, .. })
+        ));
+        assert!(matches!(
+            read_rgb(&layout, &planes[..2], 4, 4),
+            Err(ConvertError::MissingPlane { plane: 2, .. })
+        ));
+        let mut y = [0u8; 16];
+        let mut u = [0u8; 4];
+        let mut v = [0u8; 4];
+        let mut planes = [
+            PlaneMut {
+                data: &mut y,
+                stride: 4,
+            },
+            PlaneMut {
+                data: &mut u,
+                stride: 2,
+            },
+            PlaneMut {
+                data: &mut v,
+                stride: 2,
+            },
+        ];
+        let rgb = vec![0u8; 4 * 4 * 3];
+        assert!(matches!(
+            write_rgb(&layout, &mut planes, 4, 4, &rgb[1..], 1.0),
+            Err(ConvertError::RgbSize { .. })
+        ));
+        assert!(write_rgb(&layout, &mut planes, 4, 4, &rgb, 1.0).is_ok());
+        // Huge sizes overflow-check instead of wrapping.
+        assert!(read_rgb(
+            &layout,
+            &[Plane {
+                data: &[0; 16],
+                stride: usize::MAX / 2
+            }; 3],
+            4,
+            4
+        )
+        .is_err());
+        // 1x1 I420: one sample per plane.
+        let one = [
+            Plane {
+                data: &[81],
+                stride: 1,
+            },
+            Plane {
+                data: &[90],
+                stride: 1,
+            },
+            Plane {
+                data: &[240],
+                stride: 1,
+            },
+        ];
+        assert_eq!(read_rgb(&layout, &one, 1, 1).unwrap().len(), 3);
+        // Empty frames are fine.
+        assert!(read_rgb(&layout, &one, 0, 0).unwrap().is_empty());
+    }
+}
