@@ -200,26 +200,14 @@ impl TensorFile {
         };
         let mut entries = Vec::new();
         flatten(path, "", obj, &mut entries)?;
-        let mut out = Self::from_tensors(path, HashMap::new());
-        for (key, entry) in entries {
-            match entry {
-                Flat::Int(v) => {
-                    out.ints.insert(key, v);
-                }
-                Flat::Tensor(rebuild) => {
-                    let name = format!("{data_dir}/{}", rebuild.storage_key);
-                    let mut raw = Vec::new();
-                    zip.by_name(&name)
-                        .and_then(|mut f| f.read_to_end(&mut raw).map_err(Into::into))
-                        .map_err(|e| {
-                            truncated(path, format!("tensor `{key}`: storage {name}: {e}"))
-                        })?;
-                    let t = rebuild.build(path, &key, &raw)?;
-                    out.tensors.insert(key, t);
-                }
-            }
-        }
-        Ok(out)
+        Self::assemble(path, entries, |key, rb| {
+            let name = format!("{data_dir}/{}", rb.storage_key);
+            let mut raw = Vec::new();
+            zip.by_name(&name)
+                .and_then(|mut f| f.read_to_end(&mut raw).map_err(Into::into))
+                .map_err(|e| truncated(path, format!("tensor `{key}`: storage {name}: {e}")))?;
+            Ok(std::borrow::Cow::Owned(raw))
+        })
     }
 
     // ------------------------------------------------------------ legacy pickle
@@ -288,6 +276,21 @@ impl TensorFile {
             storages.insert(key, &bytes[pos..pos + size]);
             pos += size;
         }
+        Self::assemble(path, entries, |key, rb| {
+            storages
+                .get(&rb.storage_key)
+                .map(|raw| std::borrow::Cow::Borrowed(*raw))
+                .ok_or_else(|| truncated(path, format!("tensor `{key}`: storage {} missing", rb.storage_key)))
+        })
+    }
+
+    /// Build the file from flattened pickle entries; `raw` yields the storage
+    /// bytes a tensor views.
+    fn assemble<'b>(
+        path: &Path,
+        entries: Vec<(String, Flat)>,
+        mut raw: impl FnMut(&str, &Rebuild) -> Result<std::borrow::Cow<'b, [u8]>>,
+    ) -> Result<Self> {
         let mut out = Self::from_tensors(path, HashMap::new());
         for (key, entry) in entries {
             match entry {
@@ -295,10 +298,8 @@ impl TensorFile {
                     out.ints.insert(key, v);
                 }
                 Flat::Tensor(rb) => {
-                    let raw = storages.get(&rb.storage_key).ok_or_else(|| {
-                        truncated(path, format!("tensor `{key}`: storage {} missing", rb.storage_key))
-                    })?;
-                    let t = rb.build(path, &key, raw)?;
+                    let bytes = raw(&key, &rb)?;
+                    let t = rb.build(path, &key, &bytes)?;
                     out.tensors.insert(key, t);
                 }
             }
