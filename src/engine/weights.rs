@@ -32,11 +32,16 @@ fn truncated(path: &Path, reason: impl Into<String>) -> EngineError {
     EngineError::Truncated { path: path.to_path_buf(), reason: reason.into() }
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| match source.kind() {
+/// `NotFound` for a missing file, `Io` for any other read failure.
+fn io_error(path: &Path, source: std::io::Error) -> EngineError {
+    match source.kind() {
         std::io::ErrorKind::NotFound => EngineError::NotFound { path: path.to_path_buf() },
         _ => EngineError::Io { path: path.to_path_buf(), source },
-    })
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| io_error(path, e))
 }
 
 impl TensorFile {
@@ -44,10 +49,7 @@ impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut head = [0u8; 8];
         let n = {
-            let mut f = std::fs::File::open(path).map_err(|source| match source.kind() {
-                std::io::ErrorKind::NotFound => EngineError::NotFound { path: path.to_path_buf() },
-                _ => EngineError::Io { path: path.to_path_buf(), source },
-            })?;
+            let mut f = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
             let mut n = 0;
             while n < 8 {
                 match f.read(&mut head[n..]) {
@@ -142,7 +144,7 @@ impl TensorFile {
 
     fn from_safetensors_file(path: &Path) -> Result<Self> {
         use std::io::{Seek, SeekFrom};
-        let io = |source| EngineError::Io { path: path.to_path_buf(), source };
+        let io = |e| io_error(path, e);
         let mut f = std::fs::File::open(path).map_err(io)?;
         let len = f.metadata().map_err(io)?.len() as usize;
         let mut n8 = [0u8; 8];
