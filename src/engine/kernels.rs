@@ -49,6 +49,12 @@ unsafe fn sgemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs:
     )
 }
 
+/// Run `f(first_row, rows)` over `m` rows split into one block per thread.
+fn par_row_blocks(m: usize, f: impl Fn(usize, usize) + Sync) {
+    let per = m.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    (0..m).step_by(per).collect::<Vec<_>>().par_iter().for_each(|&r0| f(r0, per.min(m - r0)));
+}
+
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(d) => d,
@@ -236,11 +242,9 @@ impl CustomOp1 for PatchConv {
                 }
             });
             let ob = &mut out[bi * self.cout * n..(bi + 1) * self.cout * n];
-            let rows_per = (self.cout / rayon::current_num_threads().max(1)).max(1);
             let optr = SendPtr(ob.as_mut_ptr());
-            (0..self.cout).step_by(rows_per).collect::<Vec<_>>().par_iter().for_each(|&co0| {
+            par_row_blocks(self.cout, |co0, m| {
                 let optr = optr;
-                let m = rows_per.min(self.cout - co0);
                 unsafe {
                     sgemm(m, n, kk, optr.0.add(co0 * n), n, self.weight.as_ptr().add(co0 * kk), kk, 1, col.as_ptr(), n);
                 }
@@ -290,12 +294,10 @@ impl CustomOp1 for PatchConvTranspose {
         for bi in 0..b {
             // tmp[(co,ky,kx), (y,x)] = sum_ci W[ci,(co,ky,kx)] x[ci,(y,x)]
             let mut tmp = vec![0f32; m * n];
-            let rows_per = m.div_ceil(rayon::current_num_threads().max(1)).max(1);
             let tptr = SendPtr(tmp.as_mut_ptr());
             let xb = &x[bi * c * n..(bi + 1) * c * n];
-            (0..m).step_by(rows_per).collect::<Vec<_>>().par_iter().for_each(|&r0| {
+            par_row_blocks(m, |r0, rows| {
                 let tptr = tptr;
-                let rows = rows_per.min(m - r0);
                 unsafe {
                     // lhs element (r, ci) at weight[ci * m + r]: row stride 1, column stride m
                     sgemm(rows, n, c, tptr.0.add(r0 * n), n, self.weight.as_ptr().add(r0), 1, m, xb.as_ptr(), n);

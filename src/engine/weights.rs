@@ -547,20 +547,16 @@ fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: usize) -> Res
             Some("U32") => DType::U32,
             other => return Err(bad(&format!("unsupported dtype {other:?}"))),
         };
-        let shape: Vec<usize> = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| bad("no shape"))?
-            .iter()
-            .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(|| bad("shape")))
-            .collect::<Result<_>>()?;
-        let offs: Vec<usize> = v
-            .get("data_offsets")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| bad("no data_offsets"))?
-            .iter()
-            .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(|| bad("data_offsets")))
-            .collect::<Result<_>>()?;
+        let list = |field: &str| -> Result<Vec<usize>> {
+            v.get(field)
+                .and_then(|s| s.as_array())
+                .ok_or_else(|| bad(&format!("no {field}")))?
+                .iter()
+                .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(|| bad(field)))
+                .collect()
+        };
+        let shape = list("shape")?;
+        let offs = list("data_offsets")?;
         if offs.len() != 2 || offs[1] < offs[0] {
             return Err(bad("data_offsets"));
         }
