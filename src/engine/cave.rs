@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear};
 
 use super::error::{EngineError, Result};
-use super::kernels::{Conv3x3, PatchConv, PatchConvTranspose};
+use super::kernels::{ConvOp, PatchConv, PatchConvTranspose};
 use super::weights::TensorFile;
 
 const BN_EPS: f64 = 1e-4;
@@ -32,7 +32,7 @@ pub struct CaveConfig {
 struct Conv {
     candle: Conv2d,
     relu: bool,
-    fast3: Option<Conv3x3>,
+    fast3: Option<ConvOp>,
     fast_patch: Option<PatchConv>,
 }
 
@@ -41,7 +41,7 @@ impl Conv {
         let w = candle.weight();
         let k = w.dim(3)?;
         let (fast3, fast_patch) = match (cpu, k, candle.config().stride) {
-            (true, 3, 1) => (Some(Conv3x3::from_tensors(w, candle.bias(), relu)?), None),
+            (true, 3, 1) => (Some(ConvOp::from_tensors(w, candle.bias(), relu)?), None),
             (true, k, s) if k == s => (None, Some(PatchConv::from_tensors(w, candle.bias().expect("bias"))?)),
             _ => (None, None),
         };
@@ -53,12 +53,12 @@ impl Conv {
         if let Some(op) = &self.fast3 {
             let x = x.contiguous()?;
             return match residual {
-                Some(r) => x.apply_op2(&r.contiguous()?, op.clone()),
-                None => x.apply_op1(op.clone()),
+                Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, op),
+                None => x.apply_op1_no_bwd(op),
             };
         }
         let y = match &self.fast_patch {
-            Some(op) => x.contiguous()?.apply_op1(op.clone())?,
+            Some(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
             None => self.candle.forward(x)?,
         };
         let y = if self.relu { y.relu()? } else { y };
@@ -77,7 +77,7 @@ struct Up {
 impl Up {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.fast {
-            Some(op) => x.contiguous()?.apply_op1(op.clone()),
+            Some(op) => x.contiguous()?.apply_op1_no_bwd(op),
             None => self.candle.forward(x),
         }
     }

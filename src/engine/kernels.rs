@@ -3,9 +3,9 @@
 //! candle's CPU `conv2d` materialises the whole im2col matrix (gigabytes for a
 //! megapixel frame) and re-lays it out around the matmul; its
 //! `conv_transpose2d` is a scalar loop. These kernels:
-//! - [`Conv3x3`]: 3x3, stride 1, padding 1, im2col in row bands that stay in
-//!   cache, one GEMM per band, bands in parallel, bias + ReLU + residual fused
-//!   into the epilogue;
+//! - [`ConvOp`]: k x k, any stride and padding, im2col in row bands that stay
+//!   in cache, one GEMM per band, bands in parallel, bias + ReLU + residual
+//!   fused into the epilogue;
 //! - [`PatchConv`]: k x k conv with stride k (space-to-depth + GEMM);
 //! - [`PatchConvTranspose`]: k x k transposed conv with stride k (GEMM +
 //!   depth-to-space).
@@ -25,7 +25,18 @@ unsafe impl Sync for SendPtr {}
 ///
 /// # Safety
 /// All pointers valid for the given extents.
-unsafe fn sgemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize) {
+unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+) {
     gemm::gemm(
         m,
         n,
@@ -66,129 +77,193 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Res
     }
 }
 
-/// 3x3 convolution, stride 1, padding 1, optional fused ReLU and residual add.
+/// k x k convolution (any stride, any zero padding per side) as banded
+/// im2col + GEMM, optional fused ReLU and residual add.
 #[derive(Clone, Debug)]
-pub struct Conv3x3 {
-    /// `[cout, cin, 3, 3]` row-major
-    pub weight: Vec<f32>,
+pub struct ConvOp {
+    /// `[cout, cin, k, k]`, contiguous f32 on the CPU; shares the loaded
+    /// tensor's memory (no copy of the model's weights)
+    pub weight: Tensor,
     pub bias: Vec<f32>,
     pub cin: usize,
     pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    /// zero padding: top, left, bottom, right
+    pub pad: [usize; 4],
     pub relu: bool,
 }
 
-impl Conv3x3 {
+impl ConvOp {
+    /// A square kernel from `w` `[cout, cin, k, k]`, stride 1, "same" padding k/2.
     pub fn from_tensors(w: &Tensor, b: Option<&Tensor>, relu: bool) -> candle_core::Result<Self> {
+        let k = w.dim(3)?;
+        Self::new(w, b, 1, [k / 2; 4], relu)
+    }
+
+    pub fn new(w: &Tensor, b: Option<&Tensor>, stride: usize, pad: [usize; 4], relu: bool) -> candle_core::Result<Self> {
         let (cout, cin, kh, kw) = w.dims4()?;
-        if (kh, kw) != (3, 3) {
-            candle_core::bail!("Conv3x3 needs a 3x3 kernel, got {kh}x{kw}");
+        if kh != kw || stride == 0 {
+            candle_core::bail!("ConvOp needs a square kernel and a stride >= 1, got {kh}x{kw} stride {stride}");
         }
         let bias = match b {
             Some(b) => b.to_dtype(candle_core::DType::F32)?.to_vec1()?,
             None => vec![0.0; cout],
         };
-        Ok(Self { weight: w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?, bias, cin, cout, relu })
+        let weight = w.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.contiguous()?;
+        Ok(Self { weight, bias, cin, cout, k: kh, stride, pad, relu })
     }
 
-    /// y = act(conv(x) + b) (+ residual), x `[B, cin, H, W]`.
-    fn run(&self, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> Vec<f32> {
-        let (cin, cout) = (self.cin, self.cout);
+    fn out_hw(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
+        let (k, s, [pt, pl, pb, pr]) = (self.k, self.stride, self.pad);
+        if h + pt + pb < k || w + pl + pr < k {
+            candle_core::bail!("conv: {h}x{w} input is smaller than the {k}x{k} kernel");
+        }
+        Ok(((h + pt + pb - k) / s + 1, (w + pl + pr - k) / s + 1))
+    }
+
+    /// Fill `col[(ci,ky,kx), (r - r0, ox)]` for output rows `r0..r1`.
+    fn im2col(&self, xb: &[f32], h: usize, w: usize, ow: usize, r0: usize, r1: usize, col: &mut [f32]) {
+        let (k, s) = (self.k, self.stride);
+        let (pt, pl) = (self.pad[0] as isize, self.pad[1] as isize);
+        let n = (r1 - r0) * ow;
         let hw = h * w;
-        let kk = cin * 9;
-        let mut out = vec![0f32; b * cout * hw];
-        // rows per band: keep the column buffer around 2 MB
-        let rows = ((1usize << 19) / (kk * w).max(1)).clamp(1, h);
-        let bands: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..h).step_by(rows).map(move |r0| (bi, r0))).collect();
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        bands.par_iter().for_each_init(Vec::new, |col: &mut Vec<f32>, &(bi, r0)| {
-            let out_ptr = out_ptr;
-            let r1 = (r0 + rows).min(h);
-            let n = (r1 - r0) * w;
-            col.clear();
-            col.resize(kk * n, 0.0);
-            let xb = &x[bi * cin * hw..(bi + 1) * cin * hw];
-            for ci in 0..cin {
-                let plane = &xb[ci * hw..(ci + 1) * hw];
-                for ky in 0..3 {
-                    for kx in 0..3 {
-                        let row = &mut col[(ci * 9 + ky * 3 + kx) * n..(ci * 9 + ky * 3 + kx + 1) * n];
-                        for r in r0..r1 {
-                            let dst = &mut row[(r - r0) * w..(r - r0 + 1) * w];
-                            let sy = r as isize + ky as isize - 1;
-                            if sy < 0 || sy >= h as isize {
-                                dst.fill(0.0);
-                                continue;
-                            }
-                            let src = &plane[sy as usize * w..(sy as usize + 1) * w];
-                            match kx {
-                                0 => {
-                                    dst[0] = 0.0;
-                                    dst[1..].copy_from_slice(&src[..w - 1]);
-                                }
-                                1 => dst.copy_from_slice(src),
-                                _ => {
-                                    dst[..w - 1].copy_from_slice(&src[1..]);
-                                    dst[w - 1] = 0.0;
-                                }
+        for ci in 0..self.cin {
+            let plane = &xb[ci * hw..(ci + 1) * hw];
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = &mut col[((ci * k + ky) * k + kx) * n..][..n];
+                    // output columns whose source column lies inside the image
+                    let off = kx as isize - pl;
+                    let lo = if off >= 0 { 0 } else { ((-off) as usize).div_ceil(s) };
+                    let hi = if (w as isize - 1 - off) < 0 { 0 } else { (((w as isize - 1 - off) as usize) / s + 1).min(ow) };
+                    for r in r0..r1 {
+                        let dst = &mut row[(r - r0) * ow..(r - r0 + 1) * ow];
+                        let sy = (r * s) as isize + ky as isize - pt;
+                        if sy < 0 || sy >= h as isize || lo >= hi {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[sy as usize * w..(sy as usize + 1) * w];
+                        dst[..lo].fill(0.0);
+                        dst[hi..].fill(0.0);
+                        let first = (lo * s) as isize + off;
+                        if s == 1 {
+                            dst[lo..hi].copy_from_slice(&src[first as usize..first as usize + (hi - lo)]);
+                        } else {
+                            for (i, d) in dst[lo..hi].iter_mut().enumerate() {
+                                *d = src[first as usize + i * s];
                             }
                         }
                     }
                 }
             }
-            unsafe {
-                let dst = out_ptr.0.add(bi * cout * hw + r0 * w);
-                sgemm(cout, n, kk, dst, hw, self.weight.as_ptr(), kk, 1, col.as_ptr(), n);
-                for co in 0..cout {
-                    let d = std::slice::from_raw_parts_mut(dst.add(co * hw), n);
-                    let bias = self.bias[co];
-                    let res = residual.map(|r| &r[bi * cout * hw + co * hw + r0 * w..][..n]);
-                    match (self.relu, res) {
-                        (true, None) => d.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
-                        (false, None) => d.iter_mut().for_each(|v| *v += bias),
-                        (true, Some(r)) => d.iter_mut().zip(r).for_each(|(v, r)| *v = (*v + bias).max(0.0) + r),
-                        (false, Some(r)) => d.iter_mut().zip(r).for_each(|(v, r)| *v += bias + r),
-                    }
-                }
+        }
+    }
+
+    /// Bias, activation and residual on `n` outputs of channel rows `co0..co0+m`.
+    ///
+    /// # Safety
+    /// `dst` points at channel `co0`'s first output of the band; rows `hw` apart.
+    unsafe fn epilogue(&self, dst: *mut f32, co0: usize, m: usize, n: usize, hw: usize, residual: Option<&[f32]>) {
+        for co in co0..co0 + m {
+            let d = std::slice::from_raw_parts_mut(dst.add((co - co0) * hw), n);
+            let bias = self.bias[co];
+            let res = residual.map(|r| &r[co * hw..][..n]);
+            match (self.relu, res) {
+                (true, None) => d.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
+                (false, None) => d.iter_mut().for_each(|v| *v += bias),
+                (true, Some(r)) => d.iter_mut().zip(r).for_each(|(v, r)| *v = (*v + bias).max(0.0) + r),
+                (false, Some(r)) => d.iter_mut().zip(r).for_each(|(v, r)| *v += bias + r),
             }
-        });
-        out
+        }
+    }
+
+    /// y = act(conv(x) + b) (+ residual), x `[B, cin, H, W]`.
+    fn run(&self, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+        let (storage, layout) = self.weight.storage_and_layout();
+        let weight = match &*storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[layout.start_offset()..],
+            _ => candle_core::bail!("conv: weights must be f32 on the CPU"),
+        };
+        let (cin, cout) = (self.cin, self.cout);
+        let (oh, ow) = self.out_hw(h, w)?;
+        let ohw = oh * ow;
+        let kk = cin * self.k * self.k;
+        let mut out = vec![0f32; b * cout * ohw];
+        // rows per band: keep the column buffer around 2 MB
+        let rows = ((1usize << 19) / (kk * ow).max(1)).clamp(1, oh);
+        let bands: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..oh).step_by(rows).map(move |r0| (bi, r0))).collect();
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let threads = rayon::current_num_threads().max(1);
+        let band = |bi: usize, r0: usize, col: &mut Vec<f32>, split_rows: bool| {
+            let out_ptr = out_ptr;
+            let r1 = (r0 + rows).min(oh);
+            let n = (r1 - r0) * ow;
+            col.clear();
+            col.resize(kk * n, 0.0);
+            self.im2col(&x[bi * cin * h * w..(bi + 1) * cin * h * w], h, w, ow, r0, r1, col);
+            let res = residual.map(|r| &r[bi * cout * ohw + r0 * ow..]);
+            let gemm_rows = |co0: usize, m: usize| unsafe {
+                let out_ptr = out_ptr;
+                let dst = out_ptr.0.add(bi * cout * ohw + co0 * ohw + r0 * ow);
+                sgemm(m, n, kk, dst, ohw, weight.as_ptr().add(co0 * kk), kk, 1, col.as_ptr(), n);
+                self.epilogue(dst, co0, m, n, ohw, res.map(|r| &r[..]));
+            };
+            if split_rows {
+                par_row_blocks(cout, gemm_rows);
+            } else {
+                gemm_rows(0, cout);
+            }
+        };
+        if bands.len() >= threads {
+            bands.par_iter().for_each_init(Vec::new, |col, &(bi, r0)| band(bi, r0, col, false));
+        } else {
+            // too few bands to occupy the threads: split each GEMM by output channel
+            let mut col = Vec::new();
+            for &(bi, r0) in &bands {
+                band(bi, r0, &mut col, true);
+            }
+        }
+        Ok(out)
     }
 
     fn out_shape(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, Shape)> {
         let (b, c, h, w) = l.shape().dims4()?;
         if c != self.cin {
-            candle_core::bail!("Conv3x3: {c} input channels, weight expects {}", self.cin);
+            candle_core::bail!("conv: {c} input channels, weight expects {}", self.cin);
         }
-        Ok((b, h, w, Shape::from((b, self.cout, h, w))))
+        let (oh, ow) = self.out_hw(h, w)?;
+        Ok((b, h, w, Shape::from((b, self.cout, oh, ow))))
     }
 }
 
-impl CustomOp1 for Conv3x3 {
+impl CustomOp1 for ConvOp {
     fn name(&self) -> &'static str {
-        "codiff-conv3x3"
+        "codiff-conv"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, "conv3x3")?;
+        let x = contiguous(s, l, "conv")?;
         let (b, h, w, shape) = self.out_shape(l)?;
-        Ok((CpuStorage::F32(self.run(x, b, h, w, None)), shape))
+        Ok((CpuStorage::F32(self.run(x, b, h, w, None)?), shape))
     }
 }
 
 /// The same convolution plus a residual input: `y = act(conv(x) + b) + r`.
-impl CustomOp2 for Conv3x3 {
+impl CustomOp2 for ConvOp {
     fn name(&self) -> &'static str {
-        "codiff-conv3x3-residual"
+        "codiff-conv-residual"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "conv3x3")?;
-        let r = contiguous(s2, l2, "conv3x3 residual")?;
+        let x = contiguous(s1, l1, "conv")?;
+        let r = contiguous(s2, l2, "conv residual")?;
         let (b, h, w, shape) = self.out_shape(l1)?;
         if l2.shape() != &shape {
-            candle_core::bail!("conv3x3 residual shape {:?}, output {:?}", l2.shape(), shape);
+            candle_core::bail!("conv residual shape {:?}, output {:?}", l2.shape(), shape);
         }
-        Ok((CpuStorage::F32(self.run(x, b, h, w, Some(r))), shape))
+        Ok((CpuStorage::F32(self.run(x, b, h, w, Some(r))?), shape))
     }
 }
 
@@ -322,6 +397,186 @@ impl CustomOp1 for PatchConvTranspose {
     }
 }
 
+/// `e^x` for f32 in straight-line code the compiler can vectorise (Cephes'
+/// polynomial after a ln 2 range reduction); relative error below 2e-7 for
+/// x in [-87, 88], saturating outside.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // round(x / ln 2) without a libm call: the 1.5 * 2^23 trick
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.500_000_01;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Group normalisation over `[B, C, ...]` with per-channel affine, optionally
+/// followed by SiLU, in one pass over the data (statistics in f64).
+#[derive(Clone, Debug)]
+pub struct GroupNormOp {
+    pub groups: usize,
+    pub eps: f64,
+    pub gamma: std::sync::Arc<Vec<f32>>,
+    pub beta: std::sync::Arc<Vec<f32>>,
+    pub silu: bool,
+}
+
+impl CustomOp1 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "codiff-group-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, "group norm")?;
+        let dims = l.shape().dims();
+        if dims.len() < 2 || dims[1] != self.gamma.len() || dims[1] % self.groups != 0 {
+            candle_core::bail!("group norm: shape {dims:?} for {} channels in {} groups", self.gamma.len(), self.groups);
+        }
+        let c = dims[1];
+        let hw: usize = dims[2..].iter().product();
+        let cpg = c / self.groups;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(cpg * hw).zip(x.par_chunks(cpg * hw)).enumerate().for_each(|(bg, (o, xi))| {
+            let g = bg % self.groups;
+            // two passes, f32 within 1024-element chunks, f64 across them
+            let nel = (cpg * hw) as f64;
+            let mean = xi.chunks(1024).map(|c| c.iter().sum::<f32>() as f64).sum::<f64>() / nel;
+            let m32 = mean as f32;
+            let var = xi.chunks(1024).map(|c| c.iter().map(|&v| (v - m32) * (v - m32)).sum::<f32>() as f64).sum::<f64>() / nel;
+            let inv = 1.0 / (var + self.eps).sqrt();
+            for (j, (oc, xc)) in o.chunks_mut(hw).zip(xi.chunks(hw)).enumerate() {
+                let ch = g * cpg + j;
+                let a = (self.gamma[ch] as f64 * inv) as f32;
+                let b = (self.beta[ch] as f64 - mean * self.gamma[ch] as f64 * inv) as f32;
+                if self.silu {
+                    oc.iter_mut().zip(xc).for_each(|(y, &v)| {
+                        let t = v * a + b;
+                        *y = t / (1.0 + fast_exp(-t));
+                    });
+                } else {
+                    oc.iter_mut().zip(xc).for_each(|(y, &v)| *y = v * a + b);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// Multi-head scaled dot-product attention on `q` `[B, N, H*D]`, `k`, `v`
+/// `[B, M, H*D]` (heads interleaved as the projections produce them), output
+/// `[B, N, H*D]`. Works through blocks of query rows, so the largest
+/// temporary is `rows x M` per thread, never the `N x M` score matrix.
+#[derive(Clone, Debug)]
+pub struct AttentionOp {
+    pub heads: usize,
+    pub scale: f32,
+}
+
+const ATTN_ROWS: usize = 64;
+
+impl candle_core::CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "codiff-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let q = contiguous(sq, lq, "attention q")?;
+        let k = contiguous(sk, lk, "attention k")?;
+        let v = contiguous(sv, lv, "attention v")?;
+        let (b, n, c) = lq.shape().dims3()?;
+        let (bk, m, ck) = lk.shape().dims3()?;
+        if lv.shape() != lk.shape() || bk != b || ck != c || c % self.heads != 0 {
+            candle_core::bail!("attention: q {:?}, k {:?}, v {:?}, {} heads", lq.shape(), lk.shape(), lv.shape(), self.heads);
+        }
+        let d = c / self.heads;
+        let mut out = vec![0f32; b * n * c];
+        let optr = SendPtr(out.as_mut_ptr());
+        let tasks: Vec<(usize, usize, usize)> =
+            (0..b).flat_map(|bi| (0..self.heads).flat_map(move |h| (0..n).step_by(ATTN_ROWS).map(move |r0| (bi, h, r0)))).collect();
+        tasks.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, &(bi, h, r0)| {
+            let optr = optr;
+            let rows = ATTN_ROWS.min(n - r0);
+            scores.clear();
+            scores.resize(rows * m, 0.0);
+            unsafe {
+                let qp = q.as_ptr().add(bi * n * c + r0 * c + h * d);
+                let kp = k.as_ptr().add(bi * m * c + h * d);
+                // scores[rows x m] = Q[rows x d] K^T[d x m]
+                gemm_strided(rows, m, d, scores.as_mut_ptr(), m, 1, qp, c, 1, kp, 1, c);
+            }
+            for row in scores.chunks_mut(m) {
+                let mx = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                let mut sum = 0f32;
+                for x in row.iter_mut() {
+                    *x = fast_exp((*x - mx) * self.scale);
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+            unsafe {
+                let dst = optr.0.add(bi * n * c + r0 * c + h * d);
+                let vp = v.as_ptr().add(bi * m * c + h * d);
+                // O[rows x d] = P[rows x m] V[m x d]
+                gemm_strided(rows, d, m, dst, c, 1, scores.as_ptr(), m, 1, vp, c, 1);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
+    }
+}
+
+/// `dst[m x n] = lhs[m x k] * rhs[k x n]`, every operand with its own row and
+/// column strides.
+///
+/// # Safety
+/// All pointers valid for the given extents and strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    dst_cs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,11 +595,11 @@ mod tests {
             let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
             let r = Tensor::randn(0f32, 1., (2, cout, h, w), &dev).unwrap();
             let reference = x.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
-            let op = Conv3x3::from_tensors(&wt, Some(&b), false).unwrap();
+            let op = ConvOp::from_tensors(&wt, Some(&b), false).unwrap();
             assert!(max_err(&x.apply_op1(op.clone()).unwrap(), &reference) < 1e-4);
             let with_res = x.apply_op2(&r, op).unwrap();
             assert!(max_err(&with_res, &(&reference + &r).unwrap()) < 1e-4);
-            let relu = Conv3x3::from_tensors(&wt, Some(&b), true).unwrap();
+            let relu = ConvOp::from_tensors(&wt, Some(&b), true).unwrap();
             assert!(max_err(&x.apply_op1(relu).unwrap(), &reference.relu().unwrap()) < 1e-4);
         }
     }
@@ -369,12 +624,93 @@ mod tests {
             let x = Tensor::randn(0f32, 1., (2, 6, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1., (6, 4, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1., 4, &dev).unwrap();
-            let reference = x
-                .conv_transpose2d(&wt, 0, 0, k, 1)
-                .unwrap()
-                .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
-                .unwrap();
+            let reference = x.conv_transpose2d(&wt, 0, 0, k, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap();
             let ours = x.apply_op1(PatchConvTranspose::from_tensors(&wt, &b).unwrap()).unwrap();
+            assert!(max_err(&ours, &reference) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn conv_strided_and_padded_matches_candle() {
+        let dev = Device::Cpu;
+        // stride 2 with symmetric padding (UNet downsampler), stride 2 with the
+        // VAE encoder's (0,1,0,1) padding, 1x1, and a 5x5
+        for (k, s, pad, h, w) in [(3, 2, [1, 1, 1, 1], 16, 12), (3, 2, [0, 0, 1, 1], 15, 10), (1, 1, [0; 4], 7, 9), (5, 1, [2; 4], 9, 11)] {
+            let x = Tensor::randn(0f32, 1., (2, 6, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (5, 6, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., 5, &dev).unwrap();
+            let padded = x.pad_with_zeros(2, pad[0], pad[2]).unwrap().pad_with_zeros(3, pad[1], pad[3]).unwrap();
+            let reference = padded.conv2d(&wt, 0, s, 1, 1).unwrap().broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap()).unwrap();
+            let op = ConvOp::new(&wt, Some(&b), s, pad, false).unwrap();
+            let ours = x.apply_op1_no_bwd(&op).unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            assert!(max_err(&ours, &reference) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn conv_splits_channels_when_bands_are_few() {
+        // one output row: a single band, so the GEMM is split by output channel
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (1, 32, 1, 5), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1., (67, 32, 3, 3), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1., (1, 67, 1, 5), &dev).unwrap();
+        let reference = (x.conv2d(&wt, 1, 1, 1, 1).unwrap() + &r).unwrap();
+        let ours = x.apply_op2_no_bwd(&r, &ConvOp::from_tensors(&wt, None, false).unwrap()).unwrap();
+        assert!(max_err(&ours, &reference) < 1e-4);
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f32;
+        for i in -8700..8799 {
+            let x = i as f32 * 0.01 + 0.003;
+            let (a, b) = (fast_exp(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+        }
+        assert!(worst < 5e-7, "{worst}");
+        assert!((fast_exp(-1000.0) / (-87f32).exp() - 1.0).abs() < 1e-6);
+        assert!((fast_exp(1000.0) / 88f32.exp() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn group_norm_matches_candle() {
+        let dev = Device::Cpu;
+        for (c, g, silu) in [(64, 32, true), (12, 4, false), (6, 1, true)] {
+            let x = Tensor::randn(0f32, 1., (2, c, 9, 7), &dev).unwrap().affine(3.0, 0.5).unwrap();
+            let gamma = Tensor::randn(0f32, 1., c, &dev).unwrap();
+            let beta = Tensor::randn(0f32, 1., c, &dev).unwrap();
+            let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, g, 1e-6).unwrap();
+            let mut reference = candle_core::Module::forward(&gn, &x).unwrap();
+            if silu {
+                reference = candle_nn::ops::silu(&reference).unwrap();
+            }
+            let op = GroupNormOp {
+                groups: g,
+                eps: 1e-6,
+                gamma: std::sync::Arc::new(gamma.to_vec1().unwrap()),
+                beta: std::sync::Arc::new(beta.to_vec1().unwrap()),
+                silu,
+            };
+            assert!(max_err(&x.apply_op1_no_bwd(&op).unwrap(), &reference) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn attention_matches_candle() {
+        let dev = Device::Cpu;
+        // multi-head self-attention with more rows than one block, and cross-attention
+        for (heads, d, n, m) in [(3, 8, 150, 150), (2, 16, 70, 7), (1, 32, 5, 200)] {
+            let c = heads * d;
+            let q = Tensor::randn(0f32, 1., (2, n, c), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1., (2, m, c), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1., (2, m, c), &dev).unwrap();
+            let split = |t: &Tensor, len: usize| t.reshape((2, len, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let scores = split(&q, n).matmul(&split(&k, m).t().unwrap()).unwrap();
+            let p = candle_nn::ops::softmax_last_dim(&(scores * scale).unwrap()).unwrap();
+            let reference = p.matmul(&split(&v, m)).unwrap().transpose(1, 2).unwrap().reshape((2, n, c)).unwrap();
+            let ours = q.apply_op3_no_bwd(&k, &v, &AttentionOp { heads, scale: scale as f32 }).unwrap();
             assert!(max_err(&ours, &reference) < 1e-4);
         }
     }

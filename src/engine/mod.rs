@@ -9,6 +9,7 @@ pub mod cave;
 pub mod color_fix;
 pub mod error;
 pub mod kernels;
+pub mod layers;
 pub mod lora;
 pub mod one_step;
 pub mod pipeline;
@@ -47,9 +48,7 @@ impl std::str::FromStr for ColorFix {
             "adain" => Ok(Self::Adain),
             "wavelet" => Ok(Self::Wavelet),
             "none" => Ok(Self::None),
-            _ => Err(EngineError::InvalidInput(format!(
-                "colour fix `{s}`: expected adain, wavelet or none"
-            ))),
+            _ => Err(EngineError::InvalidInput(format!("colour fix `{s}`: expected adain, wavelet or none"))),
         }
     }
 }
@@ -70,9 +69,7 @@ impl std::str::FromStr for DeviceSpec {
             "cuda" => Ok(Self::Cuda(0)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Self::Cuda(n)),
-                _ => Err(EngineError::InvalidInput(format!(
-                    "device `{s}`: expected cpu, cuda or cuda:N"
-                ))),
+                _ => Err(EngineError::InvalidInput(format!("device `{s}`: expected cpu, cuda or cuda:N"))),
             },
         }
     }
@@ -106,9 +103,7 @@ impl std::str::FromStr for Precision {
             "f32" | "fp32" => Ok(Self::F32),
             "f16" | "fp16" => Ok(Self::F16),
             "bf16" => Ok(Self::Bf16),
-            _ => Err(EngineError::InvalidInput(format!(
-                "precision `{s}`: expected auto, f32, f16 or bf16"
-            ))),
+            _ => Err(EngineError::InvalidInput(format!("precision `{s}`: expected auto, f32, f16 or bf16"))),
         }
     }
 }
@@ -174,11 +169,7 @@ pub struct RgbImage {
 impl RgbImage {
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
         if data.len() != width * height * 3 {
-            return Err(EngineError::InvalidInput(format!(
-                "RGB image {width}x{height} needs {} bytes, got {}",
-                width * height * 3,
-                data.len()
-            )));
+            return Err(EngineError::InvalidInput(format!("RGB image {width}x{height} needs {} bytes, got {}", width * height * 3, data.len())));
         }
         Ok(Self { width, height, data })
     }
@@ -189,8 +180,6 @@ impl RgbImage {
 pub fn default_weights_path() -> PathBuf {
     match std::env::var_os("CODIFF_WEIGHTS") {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("weights")
-            .join("codiff-cave-compact.safetensors"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights").join("codiff-cave-compact.safetensors"),
     }
 }

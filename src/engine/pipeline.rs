@@ -7,12 +7,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 
 use super::cave::{qf_from_q, Cave};
 use super::lora::{LoraSet, MergedBackend};
 use super::one_step::{x0_step, Schedule, TIMESTEP};
-use super::unet::UNetConfig;
+use super::unet::{UNet, UNetConfig};
 use super::vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use super::weights::TensorFile;
 use super::*;
@@ -54,7 +53,7 @@ impl Probe<'_> {
 struct Diffusion {
     encoder: VaeEncoder,
     decoder: VaeDecoder,
-    unet: UNet2DConditionModel,
+    unet: UNet,
     proj: Linear,
     vae: VaeConfig,
     alpha_bar: f64,
@@ -82,9 +81,7 @@ fn dtype_of(p: Precision, dev: &Device) -> Result<DType> {
     Ok(match (p, dev.is_cpu()) {
         (Precision::Auto, true) | (Precision::F32, _) => DType::F32,
         (Precision::Auto, false) | (Precision::F16, _) => DType::F16,
-        (Precision::Bf16, true) => {
-            return Err(EngineError::Unsupported("bf16 on CPU (candle's CPU matmul lacks bf16); use f32".into()))
-        }
+        (Precision::Bf16, true) => return Err(EngineError::Unsupported("bf16 on CPU (candle's CPU matmul lacks bf16); use f32".into())),
         (Precision::Bf16, false) => DType::BF16,
     })
 }
@@ -147,9 +144,8 @@ impl Engine {
     }
 
     fn load_diffusion(spec: &ModelSpec, cave: &Cave, dev: &Device, progress: &mut dyn FnMut(&str)) -> Result<Diffusion> {
-        let need = |o: &Option<std::path::PathBuf>, what: &str| {
-            o.clone().ok_or_else(|| EngineError::InvalidInput(format!("diffusion mode needs {what}")))
-        };
+        let need =
+            |o: &Option<std::path::PathBuf>, what: &str| o.clone().ok_or_else(|| EngineError::InvalidInput(format!("diffusion mode needs {what}")));
         let sd = need(&spec.sd_dir, "the SD-2.1-base folder (sd-model)")?;
         let ckpt = need(&spec.codiff, "codiff.pkl (codiff-checkpoint)")?;
         need(&spec.cave, "the official cave.pth (cave-checkpoint)")?;
@@ -164,22 +160,17 @@ impl Engine {
         let schedule = if sched_path.exists() { Schedule::from_json(&sched_path)? } else { Schedule::sd21() };
         let c3 = cave.config.nc[3];
         let cross = unet_cfg.model.cross_attention_dim;
-        let proj = Linear::new(
-            pkl.get_shaped("proj.weight", &[cross, c3])?.to_device(dev)?,
-            Some(pkl.get_shaped("proj.bias", &[cross])?.to_device(dev)?),
-        );
+        let proj =
+            Linear::new(pkl.get_shaped("proj.weight", &[cross, c3])?.to_device(dev)?, Some(pkl.get_shaped("proj.bias", &[cross])?.to_device(dev)?));
         progress(&format!("loading VAE from {} (merging {} LoRA pairs)", sd.join("vae").display(), vae_lora.len()));
         let vae_file = component_weights(&sd.join("vae"))?;
         let n_vae_lora = vae_lora.len();
-        let ((encoder, decoder), merged_vae) = build(vae_file, Some(vae_lora), dtype, dev, |vb| {
-            Ok((VaeEncoder::new(&vae_cfg, vb.clone())?, VaeDecoder::new(&vae_cfg, vb)?))
-        })?;
+        let ((encoder, decoder), merged_vae) =
+            build(vae_file, Some(vae_lora), dtype, dev, |vb| Ok((VaeEncoder::new(&vae_cfg, vb.clone())?, VaeDecoder::new(&vae_cfg, vb)?)))?;
         progress(&format!("loading UNet from {} (merging {} LoRA pairs)", sd.join("unet").display(), unet_lora.len()));
         let unet_file = component_weights(&sd.join("unet"))?;
         let n_unet_lora = unet_lora.len();
-        let (unet, merged_unet) = build(unet_file, Some(unet_lora), dtype, dev, |vb| {
-            UNet2DConditionModel::new(vb, unet_cfg.in_channels, unet_cfg.out_channels, false, unet_cfg.model.clone())
-        })?;
+        let (unet, merged_unet) = build(unet_file, Some(unet_lora), dtype, dev, |vb| UNet::new(vb, &unet_cfg))?;
         // every LoRA pair must have found its base layer
         for (merged, total, what) in [(merged_vae, n_vae_lora, "state_dict_vae"), (merged_unet, n_unet_lora, "state_dict_unet")] {
             if merged < total {
@@ -213,7 +204,7 @@ impl Engine {
                 let vb = if zeros { VarBuilder::zeros(dtype, &dev) } else { VarBuilder::from_varmap(&varmap, dtype, &dev) };
                 let encoder = VaeEncoder::new(&vae_cfg, vb.pp("vae"))?;
                 let decoder = VaeDecoder::new(&vae_cfg, vb.pp("vae"))?;
-                let unet = UNet2DConditionModel::new(vb.pp("unet"), unet_cfg.in_channels, unet_cfg.out_channels, false, unet_cfg.model.clone())?;
+                let unet = UNet::new(vb.pp("unet"), &unet_cfg)?;
                 let proj = candle_nn::linear(cave.nc[3], unet_cfg.model.cross_attention_dim, vb.pp("proj").set_dtype(DType::F32))?;
                 Some(Diffusion { encoder, decoder, unet, proj, vae: vae_cfg, alpha_bar: Schedule::sd21().alpha_bar(TIMESTEP), dtype })
             }
@@ -233,12 +224,7 @@ impl Engine {
     /// `[1,3,H,W]` f32 in [0,1] on the engine's device.
     fn to_tensor(&self, img: &RgbImage) -> Result<Tensor> {
         if img.width == 0 || img.height == 0 || img.data.len() != img.width * img.height * 3 {
-            return Err(EngineError::InvalidInput(format!(
-                "image {}x{} with {} bytes",
-                img.width,
-                img.height,
-                img.data.len()
-            )));
+            return Err(EngineError::InvalidInput(format!("image {}x{} with {} bytes", img.width, img.height, img.data.len())));
         }
         let t = Tensor::from_slice(&img.data, (img.height, img.width, 3), &Device::Cpu)?
             .to_device(&self.device)?
@@ -346,9 +332,7 @@ impl Engine {
         Self::check_finite(&z, "VAE encoder", self.precision)?;
         p.lap("vae_encode");
         // 3. UNet at t = 499, in Gaussian-weighted latent tiles
-        let eps = super::tiling::tiled(&z, opts.latent_tile, opts.latent_overlap, |zt| {
-            d.unet.forward(zt, TIMESTEP as f64, &c)
-        })?;
+        let eps = super::tiling::tiled(&z, opts.latent_tile, opts.latent_overlap, |zt| d.unet.forward(zt, TIMESTEP as f64, &c))?;
         p.keep("unet_eps", &eps);
         Self::check_finite(&eps, "UNet", self.precision)?;
         // 4. one x0 step

@@ -1,6 +1,6 @@
-//! The SD-2.1 VAE (AutoencoderKL), assembled from candle-transformers' blocks
-//! so that the posterior *mean* is reachable (CODiff encodes deterministically)
-//! and each half can run on its own.
+//! The SD-2.1 VAE (AutoencoderKL) from our own blocks ([`super::layers`]):
+//! the posterior *mean* is reachable (CODiff encodes deterministically), each
+//! half runs on its own, and the CPU path uses our fast kernels.
 //!
 //! Sizes come from the folder's `config.json`; weights may use either VAE
 //! attention naming (`query/key/value/proj_attn` or `to_q/to_k/to_v/to_out.0`).
@@ -8,12 +8,9 @@ use std::path::Path;
 
 use candle_core::{Module, Tensor};
 use candle_nn as nn;
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig, UpDecoderBlock2D,
-    UpDecoderBlock2DConfig,
-};
 
 use super::error::{EngineError, Result};
+use super::layers::{Conv, GroupNorm, ResnetBlock, Upsample, VaeAttention};
 
 /// Fields of diffusers' `AutoencoderKL` config.json that shape the model.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,22 +26,17 @@ pub struct VaeConfig {
 
 pub(crate) fn json_usize(v: &serde_json::Value, key: &str, default: Option<usize>, path: &Path) -> Result<usize> {
     match v.get(key) {
-        Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| EngineError::Config {
-            path: path.to_path_buf(),
-            reason: format!("`{key}` is not an unsigned integer"),
-        }),
+        Some(x) => x
+            .as_u64()
+            .map(|x| x as usize)
+            .ok_or_else(|| EngineError::Config { path: path.to_path_buf(), reason: format!("`{key}` is not an unsigned integer") }),
         None => default.ok_or_else(|| EngineError::Config { path: path.to_path_buf(), reason: format!("`{key}` missing") }),
     }
 }
 
 pub(crate) fn json_usizes(v: &serde_json::Value, key: &str, path: &Path) -> Result<Vec<usize>> {
     let bad = || EngineError::Config { path: path.to_path_buf(), reason: format!("`{key}` must be a list of integers") };
-    v.get(key)
-        .and_then(|x| x.as_array())
-        .ok_or_else(bad)?
-        .iter()
-        .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(bad))
-        .collect()
+    v.get(key).and_then(|x| x.as_array()).ok_or_else(bad)?.iter().map(|x| x.as_u64().map(|x| x as usize).ok_or_else(bad)).collect()
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -88,38 +80,56 @@ impl VaeConfig {
     }
 }
 
+/// `UNetMidBlock2D` of the VAE: resnet, attention, resnet.
+struct MidBlock {
+    res0: ResnetBlock,
+    attn: VaeAttention,
+    res1: ResnetBlock,
+}
+
+impl MidBlock {
+    fn new(vb: nn::VarBuilder, c: usize, groups: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            res0: ResnetBlock::new(vb.pp("resnets.0"), c, c, None, groups, 1e-6, 1.0)?,
+            attn: VaeAttention::new(vb.pp("attentions.0"), c, groups)?,
+            res1: ResnetBlock::new(vb.pp("resnets.1"), c, c, None, groups, 1e-6, 1.0)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.res1.forward(&self.attn.forward(&self.res0.forward(x, None)?)?, None)
+    }
+}
+
+/// `DownEncoderBlock2D`: resnets, then a stride-2 conv padded (0,1,0,1).
+struct DownBlock {
+    resnets: Vec<ResnetBlock>,
+    down: Option<Conv>,
+}
+
+/// `UpDecoderBlock2D`: resnets, then nearest 2x + conv.
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    up: Option<Upsample>,
+}
+
 pub struct VaeEncoder {
-    conv_in: nn::Conv2d,
-    down_blocks: Vec<DownEncoderBlock2D>,
-    mid_block: UNetMidBlock2D,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2d,
-    quant_conv: nn::Conv2d,
+    conv_in: Conv,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv,
+    quant_conv: Conv,
     latent_channels: usize,
 }
 
 pub struct VaeDecoder {
-    post_quant_conv: nn::Conv2d,
-    conv_in: nn::Conv2d,
-    mid_block: UNetMidBlock2D,
-    up_blocks: Vec<UpDecoderBlock2D>,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2d,
-}
-
-fn conv3(cin: usize, cout: usize, vb: nn::VarBuilder) -> candle_core::Result<nn::Conv2d> {
-    nn::conv2d(cin, cout, 3, nn::Conv2dConfig { padding: 1, ..Default::default() }, vb)
-}
-
-fn mid(c: usize, groups: usize, vb: nn::VarBuilder) -> candle_core::Result<UNetMidBlock2D> {
-    let cfg = UNetMidBlock2DConfig {
-        resnet_eps: 1e-6,
-        output_scale_factor: 1.,
-        attn_num_head_channels: None,
-        resnet_groups: Some(groups),
-        ..Default::default()
-    };
-    UNetMidBlock2D::new(vb, c, None, cfg)
+    post_quant_conv: Conv,
+    conv_in: Conv,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv,
 }
 
 impl VaeEncoder {
@@ -127,36 +137,43 @@ impl VaeEncoder {
     pub fn new(cfg: &VaeConfig, vb: nn::VarBuilder) -> candle_core::Result<Self> {
         let vs = vb.pp("encoder");
         let ch = &cfg.block_out_channels;
-        let conv_in = conv3(cfg.in_channels, ch[0], vs.pp("conv_in"))?;
+        let g = cfg.norm_num_groups;
+        let conv_in = Conv::same3(vs.pp("conv_in"), cfg.in_channels, ch[0])?;
         let mut down_blocks = vec![];
         for (i, &cout) in ch.iter().enumerate() {
+            let vbi = vs.pp(format!("down_blocks.{i}"));
             let cin = if i > 0 { ch[i - 1] } else { ch[0] };
-            let c = DownEncoderBlock2DConfig {
-                num_layers: cfg.layers_per_block,
-                resnet_eps: 1e-6,
-                resnet_groups: cfg.norm_num_groups,
-                add_downsample: i + 1 != ch.len(),
-                downsample_padding: 0,
-                ..Default::default()
-            };
-            down_blocks.push(DownEncoderBlock2D::new(vs.pp(format!("down_blocks.{i}")), cin, cout, c)?);
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| ResnetBlock::new(vbi.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, None, g, 1e-6, 1.0))
+                .collect::<candle_core::Result<_>>()?;
+            let down = if i + 1 != ch.len() { Some(Conv::new(vbi.pp("downsamplers.0.conv"), cout, cout, 3, 2, [0, 0, 1, 1], true)?) } else { None };
+            down_blocks.push(DownBlock { resnets, down });
         }
         let last = *ch.last().expect("channels");
-        let mid_block = mid(last, cfg.norm_num_groups, vs.pp("mid_block"))?;
-        let conv_norm_out = nn::group_norm(cfg.norm_num_groups, last, 1e-6, vs.pp("conv_norm_out"))?;
-        let conv_out = conv3(last, 2 * cfg.latent_channels, vs.pp("conv_out"))?;
-        let quant_conv = nn::conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1, Default::default(), vb.pp("quant_conv"))?;
-        Ok(Self { conv_in, down_blocks, mid_block, conv_norm_out, conv_out, quant_conv, latent_channels: cfg.latent_channels })
+        Ok(Self {
+            conv_in,
+            down_blocks,
+            mid_block: MidBlock::new(vs.pp("mid_block"), last, g)?,
+            conv_norm_out: GroupNorm::new(vs.pp("conv_norm_out"), g, last, 1e-6)?,
+            conv_out: Conv::same3(vs.pp("conv_out"), last, 2 * cfg.latent_channels)?,
+            quant_conv: Conv::point(vb.pp("quant_conv"), 2 * cfg.latent_channels, 2 * cfg.latent_channels)?,
+            latent_channels: cfg.latent_channels,
+        })
     }
 
     /// Posterior mean and log-variance (clamped to [-30, 20]) of `x` in [-1,1].
     pub fn posterior(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let mut h = self.conv_in.forward(x)?;
         for b in &self.down_blocks {
-            h = b.forward(&h)?;
+            for r in &b.resnets {
+                h = r.forward(&h, None)?;
+            }
+            if let Some(d) = &b.down {
+                h = d.forward(&h)?;
+            }
         }
-        let h = self.mid_block.forward(&h, None)?;
-        let h = nn::ops::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.mid_block.forward(&h)?;
+        let h = self.conv_norm_out.forward(&h, true)?;
         let moments = self.quant_conv.forward(&self.conv_out.forward(&h)?)?;
         let mean = moments.narrow(1, 0, self.latent_channels)?;
         let logvar = moments.narrow(1, self.latent_channels, self.latent_channels)?.clamp(-30f32, 20f32)?;
@@ -172,37 +189,46 @@ impl VaeEncoder {
 impl VaeDecoder {
     pub fn new(cfg: &VaeConfig, vb: nn::VarBuilder) -> candle_core::Result<Self> {
         let lc = cfg.latent_channels;
-        let post_quant_conv = nn::conv2d(lc, lc, 1, Default::default(), vb.pp("post_quant_conv"))?;
+        let g = cfg.norm_num_groups;
+        let post_quant_conv = Conv::point(vb.pp("post_quant_conv"), lc, lc)?;
         let vs = vb.pp("decoder");
         let ch: Vec<usize> = cfg.block_out_channels.iter().copied().rev().collect();
-        let conv_in = conv3(lc, ch[0], vs.pp("conv_in"))?;
-        let mid_block = mid(ch[0], cfg.norm_num_groups, vs.pp("mid_block"))?;
+        let conv_in = Conv::same3(vs.pp("conv_in"), lc, ch[0])?;
+        let mid_block = MidBlock::new(vs.pp("mid_block"), ch[0], g)?;
         let mut up_blocks = vec![];
         for (i, &cout) in ch.iter().enumerate() {
+            let vbi = vs.pp(format!("up_blocks.{i}"));
             let cin = if i > 0 { ch[i - 1] } else { ch[0] };
-            let c = UpDecoderBlock2DConfig {
-                num_layers: cfg.layers_per_block + 1,
-                resnet_eps: 1e-6,
-                resnet_groups: cfg.norm_num_groups,
-                add_upsample: i + 1 != ch.len(),
-                ..Default::default()
-            };
-            up_blocks.push(UpDecoderBlock2D::new(vs.pp(format!("up_blocks.{i}")), cin, cout, c)?);
+            let resnets = (0..cfg.layers_per_block + 1)
+                .map(|j| ResnetBlock::new(vbi.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, None, g, 1e-6, 1.0))
+                .collect::<candle_core::Result<_>>()?;
+            let up = if i + 1 != ch.len() { Some(Upsample::new(vbi.pp("upsamplers.0"), cout)?) } else { None };
+            up_blocks.push(UpBlock { resnets, up });
         }
         let first = cfg.block_out_channels[0];
-        let conv_norm_out = nn::group_norm(cfg.norm_num_groups, first, 1e-6, vs.pp("conv_norm_out"))?;
-        let conv_out = conv3(first, cfg.out_channels, vs.pp("conv_out"))?;
-        Ok(Self { post_quant_conv, conv_in, mid_block, up_blocks, conv_norm_out, conv_out })
+        Ok(Self {
+            post_quant_conv,
+            conv_in,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::new(vs.pp("conv_norm_out"), g, first, 1e-6)?,
+            conv_out: Conv::same3(vs.pp("conv_out"), first, cfg.out_channels)?,
+        })
     }
 
     /// Image in about [-1,1] from an unscaled latent.
     pub fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.conv_in.forward(&self.post_quant_conv.forward(z)?)?;
-        let mut h = self.mid_block.forward(&h, None)?;
+        let mut h = self.mid_block.forward(&h)?;
         for b in &self.up_blocks {
-            h = b.forward(&h)?;
+            for r in &b.resnets {
+                h = r.forward(&h, None)?;
+            }
+            if let Some(u) = &b.up {
+                h = u.forward(&h, None)?;
+            }
         }
-        let h = nn::ops::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward(&h, true)?;
         self.conv_out.forward(&h)
     }
 }

@@ -1,0 +1,397 @@
+//! The building blocks of the SD VAE and UNet (diffusers' module names and
+//! maths), written so that on the CPU at f32 they run on the kernels of
+//! [`super::kernels`]: banded-GEMM convolutions with the residual add fused,
+//! one-pass group norm + SiLU, and blocked attention that never holds the
+//! whole score matrix. On other devices or dtypes every block falls back to
+//! candle's own ops, so CUDA and f16 keep working.
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{self as nn, Init, VarBuilder};
+
+use super::kernels::{AttentionOp, ConvOp, GroupNormOp};
+
+fn fast_path(dev: &Device, dtype: DType) -> bool {
+    dev.is_cpu() && dtype == DType::F32
+}
+
+/// A 2-D convolution with square kernel, any stride and zero padding per
+/// side (top, left, bottom, right).
+pub enum Conv {
+    /// CPU f32: banded im2col + GEMM.
+    Fast(ConvOp),
+    /// 1x1, stride 1 on other devices: a matmul.
+    Pointwise { w: Tensor, b: Option<Tensor> },
+    /// Everything else: candle's conv2d.
+    Candle { w: Tensor, b: Option<Tensor>, stride: usize, pad: [usize; 4] },
+}
+
+impl Conv {
+    pub fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, pad: [usize; 4], bias: bool) -> candle_core::Result<Self> {
+        let bound = 1. / ((cin * k * k) as f64).sqrt();
+        let w = vb.get_with_hints((cout, cin, k, k), "weight", Init::Uniform { lo: -bound, up: bound })?;
+        let b = if bias { Some(vb.get_with_hints(cout, "bias", Init::Uniform { lo: -bound, up: bound })?) } else { None };
+        Ok(if fast_path(vb.device(), vb.dtype()) {
+            Conv::Fast(ConvOp::new(&w, b.as_ref(), stride, pad, false)?)
+        } else if k == 1 && stride == 1 && pad == [0; 4] {
+            Conv::Pointwise { w: w.reshape((cout, cin))?, b }
+        } else {
+            Conv::Candle { w, b, stride, pad }
+        })
+    }
+
+    /// 3x3, stride 1, padding 1.
+    pub fn same3(vb: VarBuilder, cin: usize, cout: usize) -> candle_core::Result<Self> {
+        Self::new(vb, cin, cout, 3, 1, [1; 4], true)
+    }
+
+    /// 1x1.
+    pub fn point(vb: VarBuilder, cin: usize, cout: usize) -> candle_core::Result<Self> {
+        Self::new(vb, cin, cout, 1, 1, [0; 4], true)
+    }
+
+    /// `conv(x) + residual`, the add fused into the kernel where there is one.
+    pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        if let Conv::Fast(op) = self {
+            let x = x.contiguous()?;
+            return match residual {
+                Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, op),
+                None => x.apply_op1_no_bwd(op),
+            };
+        }
+        let y = match self {
+            Conv::Fast(_) => unreachable!(),
+            Conv::Pointwise { w, b } => {
+                let (n, c, h, wd) = x.dims4()?;
+                let y = w.broadcast_matmul(&x.reshape((n, c, h * wd))?)?.reshape((n, w.dim(0)?, h, wd))?;
+                match b {
+                    Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+                    None => y,
+                }
+            }
+            Conv::Candle { w, b, stride, pad } => {
+                let [t, l, bo, r] = *pad;
+                let y = if t == bo && l == r && t == l {
+                    x.conv2d(w, t, *stride, 1, 1)?
+                } else {
+                    x.pad_with_zeros(2, t, bo)?.pad_with_zeros(3, l, r)?.conv2d(w, 0, *stride, 1, 1)?
+                };
+                match b {
+                    Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+                    None => y,
+                }
+            }
+        };
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_add(x, None)
+    }
+}
+
+/// Group norm with an optional fused SiLU.
+pub struct GroupNorm {
+    candle: nn::GroupNorm,
+    fast: Option<(Arc<Vec<f32>>, Arc<Vec<f32>>)>,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> candle_core::Result<Self> {
+        let gamma = vb.get_with_hints(channels, "weight", Init::Const(1.))?;
+        let beta = vb.get_with_hints(channels, "bias", Init::Const(0.))?;
+        let fast =
+            if fast_path(vb.device(), vb.dtype()) { Some((Arc::new(gamma.to_vec1::<f32>()?), Arc::new(beta.to_vec1::<f32>()?))) } else { None };
+        Ok(Self { candle: nn::GroupNorm::new(gamma, beta, channels, groups, eps)?, fast, groups, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        match &self.fast {
+            Some((gamma, beta)) => {
+                x.contiguous()?.apply_op1_no_bwd(&GroupNormOp { groups: self.groups, eps: self.eps, gamma: gamma.clone(), beta: beta.clone(), silu })
+            }
+            None => {
+                let y = self.candle.forward(x)?;
+                if silu {
+                    nn::ops::silu(&y)
+                } else {
+                    Ok(y)
+                }
+            }
+        }
+    }
+}
+
+/// Scaled dot-product attention, `q` `[B, N, H*D]`, `k`, `v` `[B, M, H*D]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (b, n, c) = q.dims3()?;
+    let d = c / heads;
+    let scale = 1. / (d as f64).sqrt();
+    if fast_path(q.device(), q.dtype()) {
+        return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &AttentionOp { heads, scale: scale as f32 });
+    }
+    let m = k.dim(1)?;
+    let split = |t: &Tensor, len: usize| t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous();
+    let scores = (split(q, n)?.matmul(&split(k, m)?.t()?)? * scale)?;
+    // softmax in f32 whatever the compute dtype
+    let p = nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
+    p.matmul(&split(v, m)?)?.transpose(1, 2)?.reshape((b, n, c))
+}
+
+/// A linear layer whose weight may be stored as `[out, in]` or as a 1x1 conv
+/// `[out, in, 1, 1]` (older VAE checkpoints).
+pub fn linear_any(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> candle_core::Result<nn::Linear> {
+    let bound = 1. / (cin as f64).sqrt();
+    let w = match vb.get_with_hints((cout, cin), "weight", Init::Uniform { lo: -bound, up: bound }) {
+        Ok(w) => w,
+        Err(e) => match vb.get((cout, cin, 1, 1), "weight") {
+            Ok(w) => w.reshape((cout, cin))?,
+            Err(_) => return Err(e),
+        },
+    };
+    let b = if bias { Some(vb.get_with_hints(cout, "bias", Init::Const(0.))?) } else { None };
+    Ok(nn::Linear::new(w, b))
+}
+
+/// diffusers' `ResnetBlock2D`: GN-SiLU-conv, (+ time embedding), GN-SiLU-conv,
+/// plus the (1x1-projected) input.
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv,
+    time_emb_proj: Option<nn::Linear>,
+    norm2: GroupNorm,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+    output_scale: f64,
+}
+
+impl ResnetBlock {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        temb: Option<usize>,
+        groups: usize,
+        eps: f64,
+        output_scale: f64,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm1: GroupNorm::new(vb.pp("norm1"), groups, cin, eps)?,
+            conv1: Conv::same3(vb.pp("conv1"), cin, cout)?,
+            time_emb_proj: match temb {
+                Some(t) => Some(nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+                None => None,
+            },
+            norm2: GroupNorm::new(vb.pp("norm2"), groups, cout, eps)?,
+            conv2: Conv::same3(vb.pp("conv2"), cout, cout)?,
+            shortcut: if cin != cout { Some(Conv::point(vb.pp("conv_shortcut"), cin, cout)?) } else { None },
+            output_scale,
+        })
+    }
+
+    /// `temb_silu` is SiLU(time embedding), shared by every block of a UNet.
+    pub fn forward(&self, x: &Tensor, temb_silu: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let short = match &self.shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let mut h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
+        if let (Some(t), Some(p)) = (temb_silu, &self.time_emb_proj) {
+            h = h.broadcast_add(&p.forward(t)?.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
+        }
+        let h = self.norm2.forward(&h, true)?;
+        if self.output_scale == 1.0 {
+            self.conv2.forward_add(&h, Some(&short))
+        } else {
+            self.conv2.forward_add(&h, Some(&short))? / self.output_scale
+        }
+    }
+}
+
+/// The VAE's single-head spatial self-attention (diffusers `Attention` with
+/// group norm and residual).
+pub struct VaeAttention {
+    norm: GroupNorm,
+    q: nn::Linear,
+    k: nn::Linear,
+    v: nn::Linear,
+    out: nn::Linear,
+}
+
+impl VaeAttention {
+    /// Weights under either naming: `to_q/to_k/to_v/to_out.0` (current
+    /// diffusers) or `query/key/value/proj_attn` (older checkpoints).
+    pub fn new(vb: VarBuilder, c: usize, groups: usize) -> candle_core::Result<Self> {
+        let names = if vb.contains_tensor("query.weight") && !vb.contains_tensor("to_q.weight") {
+            ["query", "key", "value", "proj_attn"]
+        } else {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        };
+        Ok(Self {
+            norm: GroupNorm::new(vb.pp("group_norm"), groups, c, 1e-6)?,
+            q: linear_any(vb.pp(names[0]), c, c, true)?,
+            k: linear_any(vb.pp(names[1]), c, c, true)?,
+            v: linear_any(vb.pp(names[2]), c, c, true)?,
+            out: linear_any(vb.pp(names[3]), c, c, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let t = self.norm.forward(x, false)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let o = attention(&self.q.forward(&t)?, &self.k.forward(&t)?, &self.v.forward(&t)?, 1)?;
+        let o = self.out.forward(&o)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        o + x
+    }
+}
+
+/// diffusers' `Attention` inside a transformer block (no bias on q/k/v).
+pub struct CrossAttention {
+    q: nn::Linear,
+    k: nn::Linear,
+    v: nn::Linear,
+    out: nn::Linear,
+    heads: usize,
+}
+
+impl CrossAttention {
+    pub fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize, head_dim: usize) -> candle_core::Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            q: nn::linear_no_bias(dim, inner, vb.pp("to_q"))?,
+            k: nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            v: nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            out: nn::linear(inner, dim, vb.pp("to_out.0"))?,
+            heads,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let o = attention(&self.q.forward(x)?, &self.k.forward(ctx)?, &self.v.forward(ctx)?, self.heads)?;
+        self.out.forward(&o)
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward.
+pub struct TransformerBlock {
+    norm1: nn::LayerNorm,
+    attn1: CrossAttention,
+    norm2: nn::LayerNorm,
+    attn2: CrossAttention,
+    norm3: nn::LayerNorm,
+    ff_in: nn::Linear,
+    ff_out: nn::Linear,
+}
+
+impl TransformerBlock {
+    pub fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, context_dim: usize) -> candle_core::Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            norm1: nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: CrossAttention::new(vb.pp("attn1"), dim, dim, heads, head_dim)?,
+            norm2: nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: CrossAttention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim)?,
+            norm3: nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff_in: nn::linear(dim, 2 * inner, vb.pp("ff.net.0.proj"))?,
+            ff_out: nn::linear(inner, dim, vb.pp("ff.net.2"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
+        // GEGLU with the exact (erf) GELU, as PyTorch's F.gelu
+        let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let h = (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        self.ff_out.forward(&h)? + x
+    }
+}
+
+enum Proj {
+    Linear(nn::Linear),
+    Conv(Conv),
+}
+
+/// `Transformer2DModel`: group norm, project in, transformer blocks, project
+/// out, plus the input.
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Proj,
+}
+
+impl SpatialTransformer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        head_dim: usize,
+        depth: usize,
+        context_dim: usize,
+        groups: usize,
+        linear_projection: bool,
+    ) -> candle_core::Result<Self> {
+        let inner = heads * head_dim;
+        let proj = |vb: VarBuilder, i: usize, o: usize| -> candle_core::Result<Proj> {
+            Ok(if linear_projection { Proj::Linear(nn::linear(i, o, vb)?) } else { Proj::Conv(Conv::point(vb, i, o)?) })
+        };
+        Ok(Self {
+            norm: GroupNorm::new(vb.pp("norm"), groups, channels, 1e-6)?,
+            proj_in: proj(vb.pp("proj_in"), channels, inner)?,
+            blocks: (0..depth)
+                .map(|i| TransformerBlock::new(vb.pp(format!("transformer_blocks.{i}")), inner, heads, head_dim, context_dim))
+                .collect::<candle_core::Result<_>>()?,
+            proj_out: proj(vb.pp("proj_out"), inner, channels)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let hn = self.norm.forward(x, false)?;
+        let tokens = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let ch = t.dim(1)?;
+            t.reshape((b, ch, h * w))?.transpose(1, 2)?.contiguous()
+        };
+        let mut t = match &self.proj_in {
+            Proj::Linear(p) => p.forward(&tokens(&hn)?)?,
+            Proj::Conv(p) => tokens(&p.forward(&hn)?)?,
+        };
+        for blk in &self.blocks {
+            t = blk.forward(&t, context)?;
+        }
+        let inner = t.dim(2)?;
+        let y = match &self.proj_out {
+            Proj::Linear(p) => p.forward(&t)?.transpose(1, 2)?.reshape((b, c, h, w))?,
+            Proj::Conv(p) => p.forward(&t.transpose(1, 2)?.reshape((b, inner, h, w))?)?,
+        };
+        y + x
+    }
+}
+
+/// Nearest-neighbour upsampling (to `size`, default 2x) then a 3x3 conv.
+pub struct Upsample {
+    conv: Conv,
+}
+
+impl Upsample {
+    pub fn new(vb: VarBuilder, c: usize) -> candle_core::Result<Self> {
+        Ok(Self { conv: Conv::same3(vb.pp("conv"), c, c)? })
+    }
+
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+}
