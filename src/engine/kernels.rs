@@ -465,15 +465,70 @@ impl CustomOp1 for GroupNormOp {
 
 /// Multi-head scaled dot-product attention on `q` `[B, N, H*D]`, `k`, `v`
 /// `[B, M, H*D]` (heads interleaved as the projections produce them), output
-/// `[B, N, H*D]`. Works through blocks of query rows, so the largest
-/// temporary is `rows x M` per thread, never the `N x M` score matrix.
+/// `[B, N, H*D]`. Flash-style: blocks of query rows meet blocks of keys with
+/// an online softmax, so the largest temporary is one `rows x keys` tile per
+/// thread, never the `N x M` score matrix.
 #[derive(Clone, Debug)]
 pub struct AttentionOp {
     pub heads: usize,
     pub scale: f32,
 }
 
-const ATTN_ROWS: usize = 64;
+const ATTN_ROWS: usize = 128;
+const ATTN_KEYS: usize = 512;
+
+fn row_max(row: &[f32]) -> f32 {
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for ch in &mut chunks {
+        for (m, &x) in mx.iter_mut().zip(ch) {
+            *m = m.max(x);
+        }
+    }
+    chunks.remainder().iter().chain(&mx).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `row[i] = exp(scale * row[i] - shift)` in place; returns the sum. Eight
+/// independent lanes so that the compiler vectorises the reduction.
+fn exp_shifted(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+    row.iter_mut().for_each(|x| *x = fast_exp(*x * scale - shift));
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for ch in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(ch) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// `dst[m x n] += lhs[m x k] * rhs[k x n]`, all row-major with the given row strides.
+///
+/// # Safety
+/// All pointers valid for the given extents.
+unsafe fn gemm_acc(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, rhs: *const f32, rhs_rs: usize) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        true,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        1,
+        rhs_rs as isize,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
 
 impl candle_core::CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
@@ -498,38 +553,71 @@ impl candle_core::CustomOp3 for AttentionOp {
             candle_core::bail!("attention: q {:?}, k {:?}, v {:?}, {} heads", lq.shape(), lk.shape(), lv.shape(), self.heads);
         }
         let d = c / self.heads;
+        // per (batch, head): K^T as [d x m] and V as [m x d], contiguous, so the
+        // GEMMs read unit-stride panels however many query blocks reuse them
+        let bh = b * self.heads;
+        let mut kt = vec![0f32; bh * d * m];
+        let mut vh = vec![0f32; bh * m * d];
+        kt.par_chunks_mut(d * m).zip(vh.par_chunks_mut(m * d)).enumerate().for_each(|(i, (ktc, vc))| {
+            let (bi, h) = (i / self.heads, i % self.heads);
+            for j in 0..m {
+                let src = bi * m * c + j * c + h * d;
+                vc[j * d..(j + 1) * d].copy_from_slice(&v[src..src + d]);
+                for dd in 0..d {
+                    ktc[dd * m + j] = k[src + dd];
+                }
+            }
+        });
         let mut out = vec![0f32; b * n * c];
         let optr = SendPtr(out.as_mut_ptr());
         let tasks: Vec<(usize, usize, usize)> =
             (0..b).flat_map(|bi| (0..self.heads).flat_map(move |h| (0..n).step_by(ATTN_ROWS).map(move |r0| (bi, h, r0)))).collect();
-        tasks.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, &(bi, h, r0)| {
-            let optr = optr;
-            let rows = ATTN_ROWS.min(n - r0);
-            scores.clear();
-            scores.resize(rows * m, 0.0);
-            unsafe {
-                let qp = q.as_ptr().add(bi * n * c + r0 * c + h * d);
-                let kp = k.as_ptr().add(bi * m * c + h * d);
-                // scores[rows x m] = Q[rows x d] K^T[d x m]
-                gemm_strided(rows, m, d, scores.as_mut_ptr(), m, 1, qp, c, 1, kp, 1, c);
-            }
-            for row in scores.chunks_mut(m) {
-                let mx = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = fast_exp((*x - mx) * self.scale);
-                    sum += *x;
+        tasks.par_iter().for_each_init(
+            || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+            |(scores, acc, mx, sum): &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>), &(bi, h, r0)| {
+                let optr = optr;
+                let rows = ATTN_ROWS.min(n - r0);
+                let head = bi * self.heads + h;
+                let (ktp, vp) = (kt[head * d * m..].as_ptr(), vh[head * m * d..].as_ptr());
+                let qp = unsafe { q.as_ptr().add(bi * n * c + r0 * c + h * d) };
+                acc.clear();
+                acc.resize(rows * d, 0.0);
+                mx.clear();
+                mx.resize(rows, f32::NEG_INFINITY);
+                sum.clear();
+                sum.resize(rows, 0.0);
+                // online softmax over key blocks: the running max, sum and
+                // output of each query row are rescaled as new keys arrive
+                for j0 in (0..m).step_by(ATTN_KEYS) {
+                    let kb = ATTN_KEYS.min(m - j0);
+                    scores.clear();
+                    scores.resize(rows * kb, 0.0);
+                    unsafe {
+                        // scores[rows x kb] = Q[rows x d] K^T[d x kb]
+                        gemm_strided(rows, kb, d, scores.as_mut_ptr(), kb, 1, qp, c, 1, ktp.add(j0), m, 1);
+                    }
+                    for (r, row) in scores.chunks_mut(kb).enumerate() {
+                        let new_max = mx[r].max(row_max(row) * self.scale);
+                        let alpha = fast_exp(mx[r] - new_max);
+                        mx[r] = new_max;
+                        let s = exp_shifted(row, self.scale, new_max);
+                        sum[r] = sum[r] * alpha + s;
+                        if alpha != 1.0 {
+                            acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
+                        }
+                    }
+                    unsafe {
+                        // acc[rows x d] += P[rows x kb] V[kb x d]
+                        gemm_acc(rows, d, kb, acc.as_mut_ptr(), d, scores.as_ptr(), kb, vp.add(j0 * d), d);
+                    }
                 }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
-            }
-            unsafe {
-                let dst = optr.0.add(bi * n * c + r0 * c + h * d);
-                let vp = v.as_ptr().add(bi * m * c + h * d);
-                // O[rows x d] = P[rows x m] V[m x d]
-                gemm_strided(rows, d, m, dst, c, 1, scores.as_ptr(), m, 1, vp, c, 1);
-            }
-        });
+                for r in 0..rows {
+                    let inv = 1.0 / sum[r];
+                    let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(bi * n * c + (r0 + r) * c + h * d), d) };
+                    dst.iter_mut().zip(&acc[r * d..(r + 1) * d]).for_each(|(o, a)| *o = a * inv);
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
     }
 }
@@ -700,7 +788,7 @@ mod tests {
     fn attention_matches_candle() {
         let dev = Device::Cpu;
         // multi-head self-attention with more rows than one block, and cross-attention
-        for (heads, d, n, m) in [(3, 8, 150, 150), (2, 16, 70, 7), (1, 32, 5, 200)] {
+        for (heads, d, n, m) in [(3, 8, 150, 150), (2, 16, 70, 7), (1, 32, 5, 200), (2, 8, 300, 1100)] {
             let c = heads * d;
             let q = Tensor::randn(0f32, 1., (2, n, c), &dev).unwrap();
             let k = Tensor::randn(0f32, 1., (2, m, c), &dev).unwrap();
