@@ -4,6 +4,9 @@
 //!
 //! Tolerance: max abs error <= 1e-4 on float intermediates (f32), at most one
 //! code value on the uint8 outputs.
+//!
+//! `CODIFF_TEST_DEVICE` (cpu, cuda, cuda:N; default cpu) picks the engine's
+//! device; the model runs in f32 there too, against the same tolerances.
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -14,11 +17,19 @@ use gstcodiff::engine::{ColorFix, DeviceSpec, Engine, Mode, ModelSpec, Precision
 const FLOAT_TOL: f32 = 1e-4;
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/codiff-tiny-a")
+    // cargo sets CARGO_MANIFEST_DIR at run time too; a prebuilt binary run from
+    // another checkout (build-aux/gpu-check.sh) sets it to that checkout.
+    let root = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    root.join("tests/fixtures/codiff-tiny-a")
 }
 
-fn reference() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu).unwrap()
+/// The reference intermediates, on the engine's device.
+fn reference(device: &Device) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("reference.safetensors"), device).unwrap()
+}
+
+fn test_device() -> DeviceSpec {
+    std::env::var("CODIFF_TEST_DEVICE").map_or(DeviceSpec::Cpu, |d| d.parse().expect("CODIFF_TEST_DEVICE"))
 }
 
 fn spec() -> ModelSpec {
@@ -29,7 +40,7 @@ fn spec() -> ModelSpec {
         sd_dir: Some(f.clone()),
         codiff: Some(f.join("codiff.pkl")),
         cave: Some(f.join("cave.pth")),
-        device: DeviceSpec::Cpu,
+        device: test_device(),
         precision: Precision::F32,
     }
 }
@@ -42,8 +53,8 @@ fn input(r: &HashMap<String, Tensor>) -> RgbImage {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
+    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
@@ -62,8 +73,8 @@ fn get<'a>(trace: &'a Trace, name: &str) -> &'a Tensor {
 /// Each stage fed the reference's own input: errors do not accumulate.
 #[test]
 fn each_stage_matches_on_the_reference_inputs() {
-    let r = reference();
     let engine = Engine::load(&spec(), &mut |_| {}).unwrap();
+    let r = reference(engine.device());
     let s = engine.stages().unwrap();
     let lq = ((&r["lq_raw"] * 2.0).unwrap() - 1.0).unwrap();
     let checks = [
@@ -106,8 +117,8 @@ fn adain_gain(r: &HashMap<String, Tensor>) -> f32 {
 /// FLOAT_TOL times the reference's largest magnitude (at least 1).
 #[test]
 fn every_intermediate_matches_the_official_pipeline() {
-    let r = reference();
     let engine = Engine::load(&spec(), &mut |_| {}).unwrap();
+    let r = reference(engine.device());
     let trace = run(&engine, &r, ColorFix::Adain);
     let mut report = vec![];
     for name in ["lq_raw", "cave_embedding", "qf_pred", "cave_reconstruction", "proj_embedding", "lq_latent", "unet_eps", "denoised_latent", "decoded"] {
@@ -132,8 +143,8 @@ fn every_intermediate_matches_the_official_pipeline() {
 
 #[test]
 fn qf_estimate_follows_the_reference_formula() {
-    let r = reference();
     let engine = Engine::load(&ModelSpec { mode: Mode::Cave, ..spec() }, &mut |_| {}).unwrap();
+    let r = reference(engine.device());
     let q = r["qf_pred"].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
     let qf = engine.estimate_qf(&input(&r)).unwrap();
     assert!((qf - 100.0 * (1.0 - q)).abs() < 1e-3, "{qf} vs {}", 100.0 * (1.0 - q));
@@ -141,8 +152,8 @@ fn qf_estimate_follows_the_reference_formula() {
 
 #[test]
 fn cave_mode_output_is_the_clamped_reconstruction() {
-    let r = reference();
     let engine = Engine::load(&ModelSpec { mode: Mode::Cave, ..spec() }, &mut |_| {}).unwrap();
+    let r = reference(engine.device());
     let trace = run(&engine, &r, ColorFix::None);
     assert!(max_abs(get(&trace, "cave_reconstruction"), &r["cave_reconstruction"]) <= FLOAT_TOL);
     let expect = ((r["cave_reconstruction"].clamp(0f32, 1f32).unwrap() * 255.0).unwrap().round().unwrap())
