@@ -36,6 +36,13 @@ BUNDLE=$ROOT/gpu-bundle
 T0=$SECONDS
 log() { printf '[build-cuda %4ds] %s\n' $((SECONDS - T0)) "$*"; }
 
+# --- 0. what the normal build needs (GStreamer dev packages: the tests' and
+# examples' dev-dependencies), plus xz and binutils for the bundle -------------
+. "$ROOT/.ci/deps"
+for tool in xz:xz-utils strip:binutils cc:gcc; do
+    command -v "${tool%%:*}" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${tool#*:}"; }
+done
+
 # --- 1. CUDA 13.0 from PyPI ---------------------------------------------------
 VENV=$PREFIX/venv
 STAMP=$PREFIX/.installed-cuda-toolkit-$TOOLKIT_PIN
