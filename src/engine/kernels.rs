@@ -21,45 +21,6 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `dst[m x n] (row stride dst_rs) = lhs[m x k] (row-major) * rhs[k x n] (row stride rhs_rs)`.
-///
-/// # Safety
-/// All pointers valid for the given extents.
-unsafe fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        false,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        1,
-        rhs_rs as isize,
-        0.0f32,
-        1.0f32,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
 /// Run `f(first_row, rows)` over `m` rows split into one block per thread.
 fn par_row_blocks(m: usize, f: impl Fn(usize, usize) + Sync) {
     let per = m.div_ceil(rayon::current_num_threads().max(1)).max(1);
@@ -207,7 +168,7 @@ impl ConvOp {
             let gemm_rows = |co0: usize, m: usize| unsafe {
                 let out_ptr = out_ptr;
                 let dst = out_ptr.0.add(bi * cout * ohw + co0 * ohw + r0 * ow);
-                sgemm(m, n, kk, dst, ohw, weight.as_ptr().add(co0 * kk), kk, 1, col.as_ptr(), n);
+                gemm_strided(m, n, kk, false, dst, ohw, 1, weight.as_ptr().add(co0 * kk), kk, 1, col.as_ptr(), n, 1);
                 self.epilogue(dst, co0, m, n, ohw, res.map(|r| &r[..]));
             };
             if split_rows {
@@ -321,7 +282,7 @@ impl CustomOp1 for PatchConv {
             par_row_blocks(self.cout, |co0, m| {
                 let optr = optr;
                 unsafe {
-                    sgemm(m, n, kk, optr.0.add(co0 * n), n, self.weight.as_ptr().add(co0 * kk), kk, 1, col.as_ptr(), n);
+                    gemm_strided(m, n, kk, false, optr.0.add(co0 * n), n, 1, self.weight.as_ptr().add(co0 * kk), kk, 1, col.as_ptr(), n, 1);
                 }
             });
             for (co, d) in ob.chunks_mut(n).enumerate() {
@@ -375,7 +336,7 @@ impl CustomOp1 for PatchConvTranspose {
                 let tptr = tptr;
                 unsafe {
                     // lhs element (r, ci) at weight[ci * m + r]: row stride 1, column stride m
-                    sgemm(rows, n, c, tptr.0.add(r0 * n), n, self.weight.as_ptr().add(r0), 1, m, xb.as_ptr(), n);
+                    gemm_strided(rows, n, c, false, tptr.0.add(r0 * n), n, 1, self.weight.as_ptr().add(r0), 1, m, xb.as_ptr(), n, 1);
                 }
             });
             let ob = &mut out[bi * self.cout * oh * ow..(bi + 1) * self.cout * oh * ow];
@@ -502,34 +463,6 @@ fn exp_shifted(row: &mut [f32], scale: f32, shift: f32) -> f32 {
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
-/// `dst[m x n] += lhs[m x k] * rhs[k x n]`, all row-major with the given row strides.
-///
-/// # Safety
-/// All pointers valid for the given extents.
-unsafe fn gemm_acc(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, rhs: *const f32, rhs_rs: usize) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        true,
-        lhs,
-        1,
-        lhs_rs as isize,
-        rhs,
-        1,
-        rhs_rs as isize,
-        1.0f32,
-        1.0f32,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
 impl candle_core::CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "codiff-attention"
@@ -594,7 +527,7 @@ impl candle_core::CustomOp3 for AttentionOp {
                     scores.resize(rows * kb, 0.0);
                     unsafe {
                         // scores[rows x kb] = Q[rows x d] K^T[d x kb]
-                        gemm_strided(rows, kb, d, scores.as_mut_ptr(), kb, 1, qp, c, 1, ktp.add(j0), m, 1);
+                        gemm_strided(rows, kb, d, false, scores.as_mut_ptr(), kb, 1, qp, c, 1, ktp.add(j0), m, 1);
                     }
                     for (r, row) in scores.chunks_mut(kb).enumerate() {
                         let new_max = mx[r].max(row_max(row) * self.scale);
@@ -608,7 +541,7 @@ impl candle_core::CustomOp3 for AttentionOp {
                     }
                     unsafe {
                         // acc[rows x d] += P[rows x kb] V[kb x d]
-                        gemm_acc(rows, d, kb, acc.as_mut_ptr(), d, scores.as_ptr(), kb, vp.add(j0 * d), d);
+                        gemm_strided(rows, d, kb, true, acc.as_mut_ptr(), d, 1, scores.as_ptr(), kb, 1, vp.add(j0 * d), d, 1);
                     }
                 }
                 for r in 0..rows {
@@ -622,8 +555,9 @@ impl candle_core::CustomOp3 for AttentionOp {
     }
 }
 
-/// `dst[m x n] = lhs[m x k] * rhs[k x n]`, every operand with its own row and
-/// column strides.
+/// `dst[m x n] = lhs[m x k] * rhs[k x n]` (`+=` when `accumulate`), every
+/// operand with its own row and column strides; single-threaded (callers
+/// parallelise around it).
 ///
 /// # Safety
 /// All pointers valid for the given extents and strides.
@@ -632,6 +566,7 @@ unsafe fn gemm_strided(
     m: usize,
     n: usize,
     k: usize,
+    accumulate: bool,
     dst: *mut f32,
     dst_rs: usize,
     dst_cs: usize,
@@ -649,14 +584,14 @@ unsafe fn gemm_strided(
         dst,
         dst_cs as isize,
         dst_rs as isize,
-        false,
+        accumulate,
         lhs,
         lhs_cs as isize,
         lhs_rs as isize,
         rhs,
         rhs_cs as isize,
         rhs_rs as isize,
-        0.0f32,
+        if accumulate { 1.0f32 } else { 0.0f32 },
         1.0f32,
         false,
         false,
