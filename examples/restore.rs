@@ -61,6 +61,9 @@ struct Args {
     /// VAE tile side in pixels for large frames (0 = never tile)
     #[arg(long, default_value_t = 1024)]
     vae_tile: usize,
+    /// Largest CaVE encoder tile side in pixels (exact stitching; 0 = never tile)
+    #[arg(long, default_value_t = 2048)]
+    cave_tile: usize,
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -106,6 +109,7 @@ fn run(args: Args) -> anyhow_free::Result {
         latent_tile: args.latent_tile,
         latent_overlap: args.latent_overlap,
         vae_tile: args.vae_tile,
+        cave_tile: args.cave_tile,
     };
     let t0 = Instant::now();
     let engine = Engine::load(&spec, &mut |s| eprintln!("codiff: {s}"))?;

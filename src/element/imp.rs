@@ -117,6 +117,9 @@ const DEFAULT_LATENT_TILE: u32 = 96;
 const MAX_LATENT_TILE: u32 = 4096;
 const DEFAULT_LATENT_OVERLAP: u32 = 32;
 const MAX_LATENT_OVERLAP: u32 = 2048;
+const DEFAULT_VAE_TILE: u32 = 1024;
+const DEFAULT_CAVE_TILE: u32 = 2048;
+const MAX_PIXEL_TILE: u32 = 32768;
 const DEFAULT_STRENGTH: f64 = 1.0;
 const DEFAULT_QF: u32 = 0;
 const DEFAULT_ENABLED: bool = true;
@@ -138,6 +141,8 @@ struct Settings {
     color_fix: CodiffColorFix,
     latent_tile: u32,
     latent_overlap: u32,
+    vae_tile: u32,
+    cave_tile: u32,
     strength: f64,
     qf: u32,
     enabled: bool,
@@ -156,6 +161,8 @@ impl Default for Settings {
             color_fix: DEFAULT_COLOR_FIX,
             latent_tile: DEFAULT_LATENT_TILE,
             latent_overlap: DEFAULT_LATENT_OVERLAP,
+            vae_tile: DEFAULT_VAE_TILE,
+            cave_tile: DEFAULT_CAVE_TILE,
             strength: DEFAULT_STRENGTH,
             qf: DEFAULT_QF,
             enabled: DEFAULT_ENABLED,
@@ -231,7 +238,8 @@ impl Settings {
             color_fix: self.color_fix.into(),
             latent_tile: self.latent_tile as usize,
             latent_overlap: self.latent_overlap as usize,
-            ..Default::default()
+            vae_tile: self.vae_tile as usize,
+            cave_tile: self.cave_tile as usize,
         }
     }
 }
@@ -524,6 +532,22 @@ impl ObjectImpl for Codiff {
                     .default_value(DEFAULT_LATENT_OVERLAP)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecUInt::builder("vae-tile")
+                    .nick("VAE tile")
+                    .blurb("Side of the blended VAE encoder/decoder tiles in image pixels for larger frames \
+                            (bounds memory at any frame size), 0 = never tile")
+                    .maximum(MAX_PIXEL_TILE)
+                    .default_value(DEFAULT_VAE_TILE)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("cave-tile")
+                    .nick("CaVE tile")
+                    .blurb("Largest side of the CaVE encoder tiles in image pixels for larger frames (the \
+                            stitched embedding is exact; at least 736 for the official CaVE), 0 = never tile")
+                    .maximum(MAX_PIXEL_TILE)
+                    .default_value(DEFAULT_CAVE_TILE)
+                    .mutable_playing()
+                    .build(),
                 glib::ParamSpecDouble::builder("strength")
                     .nick("Strength")
                     .blurb("Blend between the input (0) and the restored frame (1)")
@@ -590,6 +614,8 @@ impl ObjectImpl for Codiff {
             "latent-overlap" => {
                 settings.latent_overlap = value.get().expect("type checked upstream")
             }
+            "vae-tile" => settings.vae_tile = value.get().expect("type checked upstream"),
+            "cave-tile" => settings.cave_tile = value.get().expect("type checked upstream"),
             "strength" => settings.strength = value.get().expect("type checked upstream"),
             "qf" => settings.qf = value.get().expect("type checked upstream"),
             "enabled" => {
@@ -622,6 +648,8 @@ impl ObjectImpl for Codiff {
             "color-fix" => settings.color_fix.to_value(),
             "latent-tile" => settings.latent_tile.to_value(),
             "latent-overlap" => settings.latent_overlap.to_value(),
+            "vae-tile" => settings.vae_tile.to_value(),
+            "cave-tile" => settings.cave_tile.to_value(),
             "strength" => settings.strength.to_value(),
             "qf" => settings.qf.to_value(),
             "enabled" => settings.enabled.to_value(),

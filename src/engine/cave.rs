@@ -189,7 +189,58 @@ pub struct Cave {
     tail: Conv,
     qf_blocks: Vec<ResBlock>,
     qf_linear: [Linear; 3],
+    qf_calibration: Option<QfCalibration>,
     device: Device,
+}
+
+/// Optional `qf_calibration` tensor `[2, K]` of codiff's own exports: raw
+/// estimates (row 0, increasing) and the qualities they stand for (row 1).
+/// Raw estimates are interpolated between knots, shifted by the nearest end
+/// knot's offset beyond them. Official `cave.pth` files have none.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QfCalibration {
+    raw: Vec<f32>,
+    qf: Vec<f32>,
+}
+
+impl QfCalibration {
+    const KEY: &'static str = "qf_calibration";
+
+    fn load(f: &TensorFile) -> Result<Option<Self>> {
+        if !f.contains(Self::KEY) {
+            return Ok(None);
+        }
+        let t = f.get(Self::KEY)?;
+        let bad_shape = || EngineError::ShapeMismatch { path: f.path.clone(), key: Self::KEY.into(), expected: vec![2, 0], found: t.dims().to_vec() };
+        if t.rank() != 2 || t.dim(0)? != 2 || t.dim(1)? < 2 {
+            return Err(bad_shape());
+        }
+        let rows = t.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let (raw, qf) = (rows[0].clone(), rows[1].clone());
+        let ok = raw.iter().chain(&qf).all(|v| v.is_finite()) && raw.windows(2).all(|w| w[0] < w[1]);
+        if !ok {
+            return Err(EngineError::Format {
+                path: f.path.clone(),
+                reason: format!("tensor `{}` must hold finite values with increasing raw estimates in row 0", Self::KEY),
+            });
+        }
+        Ok(Some(Self { raw, qf }))
+    }
+
+    /// The calibrated quality for a raw estimate.
+    pub fn apply(&self, raw: f32) -> f32 {
+        let (r, q) = (&self.raw, &self.qf);
+        let n = r.len();
+        let y = if raw <= r[0] {
+            q[0] + (raw - r[0])
+        } else if raw >= r[n - 1] {
+            q[n - 1] + (raw - r[n - 1])
+        } else {
+            let i = r.partition_point(|&v| v <= raw) - 1;
+            q[i] + (q[i + 1] - q[i]) * (raw - r[i]) / (r[i + 1] - r[i])
+        };
+        y.clamp(0.0, 100.0)
+    }
 }
 
 /// Encoder outputs kept for the decoder's skip additions.
@@ -243,6 +294,7 @@ impl Cave {
                 l.linear(&format!("qf_pred.{}", nb + 4), nc[3], nc[3])?,
                 l.linear(&format!("qf_pred.{}", nb + 6), nc[3], 1)?,
             ],
+            qf_calibration: QfCalibration::load(f)?,
             device: device.clone(),
         })
     }
@@ -285,23 +337,95 @@ impl Cave {
         Ok(Features { skips, body })
     }
 
-    /// q in [0,1] from encoder features: `[B,1]`.
-    pub fn q_of(&self, f: &Features) -> Result<Tensor> {
-        let h = run_blocks(&self.qf_blocks, &f.body)?;
+    /// The encoder's output alone (no skips kept alive): `[B, nc3, H/32, W/32]`.
+    pub fn encode_body(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.head.forward(&x.to_dtype(DType::F32)?, None)?;
+        for (blocks, conv) in &self.down {
+            h = conv.forward(&run_blocks(blocks, &h)?, None)?;
+        }
+        Ok(run_blocks(&self.body_encoder, &h)?)
+    }
+
+    /// q in [0,1] from the encoder output `body`: `[B,1]`.
+    pub fn q_of(&self, body: &Tensor) -> Result<Tensor> {
+        let h = run_blocks(&self.qf_blocks, body)?;
         let h = h.mean(D::Minus1)?.mean(D::Minus1)?;
         let h = self.qf_linear[0].forward(&h)?.relu()?;
         let h = self.qf_linear[1].forward(&h)?.relu()?;
         Ok(candle_nn::ops::sigmoid(&self.qf_linear[2].forward(&h)?)?)
     }
 
+    /// The JPEG quality (0..100) for q from [`Cave::q_of`]: 100 (1 - q), through
+    /// the model's calibration when it has one.
+    pub fn qf(&self, q: f32) -> f32 {
+        let raw = qf_from_q(q);
+        match &self.qf_calibration {
+            Some(c) => c.apply(raw),
+            None => raw,
+        }
+    }
+
+    /// How far (input pixels, a multiple of 32) a tile edge's zero padding
+    /// reaches into the encoder output: every 3x3 convolution at scale s moves it
+    /// s pixels inwards and each strided convolution rounds it up to its cell.
+    /// Body tokens further than this from a tile's inner edges equal the
+    /// whole-frame tokens exactly.
+    pub fn tile_margin(&self) -> usize {
+        let nb = self.config.nb;
+        let d = 1 + 2 * nb; // m_head + m_down1's blocks at scale 1
+        let d = d.next_multiple_of(2) + 2 * nb * 2; // 2x2/2, then blocks at scale 2
+        let d = d.next_multiple_of(8) + 2 * nb * 8; // 4x4/4, then blocks at scale 8
+        d.next_multiple_of(32) + 2 * nb * 32 // 4x4/4, then m_body_encoder at scale 32
+    }
+
     /// Visual embedding `[B, floor(Hp/32)*floor(Wp/32), nc3]` (input padded to 8)
-    /// and q `[B,1]`.
+    /// and q `[B,1]`, encoding the whole frame at once.
     pub fn embed(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.embed_tiled(x, 0)
+    }
+
+    /// [`Cave::embed`] with the encoder run in tiles of at most `tile` pixels a
+    /// side (0 = whole frame), so memory stays bounded at any frame size. Tiles
+    /// start on the 32-pixel token grid and overlap by [`Cave::tile_margin`] on
+    /// each inner side; each contributes only the tokens its margins make exact,
+    /// so the stitched embedding and q equal the whole-frame ones (up to float
+    /// summation order). Frames that fit in one tile are encoded whole.
+    pub fn embed_tiled(&self, x: &Tensor, tile: usize) -> Result<(Tensor, Tensor)> {
         // frames under 32 px get one token from a replicate-padded 32 px square
-        let f = self.encode(&Self::pad_to_min(x, 8, 32)?)?;
-        let q = self.q_of(&f)?;
-        let (b, c, _, _) = f.body.dims4()?;
-        let tokens = f.body.reshape((b, c, ()))?.transpose(1, 2)?.contiguous()?;
+        let xp = Self::pad_to_min(x, 8, 32)?;
+        let (_, _, h, w) = xp.dims4()?;
+        let margin = self.tile_margin();
+        let body = if tile == 0 || (h <= tile && w <= tile) {
+            self.encode_body(&xp)?
+        } else {
+            let core = tile.saturating_sub(2 * margin) / 32 * 32;
+            if core < 32 {
+                return Err(EngineError::InvalidInput(format!(
+                    "CaVE tile {tile} px leaves no room for the {margin} px margins this model needs (use at least {})",
+                    2 * margin + 32
+                )));
+            }
+            // only the sides longer than `tile` are split
+            let axis = |n: usize| match n <= tile {
+                true => vec![TokenTile { start: 0, len: n, skip: 0, take: n / 32 }],
+                false => token_tiles(n, core, margin),
+            };
+            let (rows, cols) = (axis(h), axis(w));
+            let mut band = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let mut row = Vec::with_capacity(cols.len());
+                for c in &cols {
+                    let t = xp.narrow(2, r.start, r.len)?.narrow(3, c.start, c.len)?;
+                    let b = self.encode_body(&t)?;
+                    row.push(b.narrow(2, r.skip, r.take)?.narrow(3, c.skip, c.take)?);
+                }
+                band.push(Tensor::cat(&row, 3)?);
+            }
+            Tensor::cat(&band, 2)?
+        };
+        let q = self.q_of(&body)?;
+        let (b, c, _, _) = body.dims4()?;
+        let tokens = body.reshape((b, c, ()))?.transpose(1, 2)?.contiguous()?;
         Ok((tokens, q))
     }
 
@@ -309,7 +433,7 @@ impl Cave {
     pub fn reconstruct(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, _, h, w) = x.dims4()?;
         let f = self.encode(&Self::pad_to(x, 32)?)?;
-        let q = self.q_of(&f)?;
+        let q = self.q_of(&f.body)?;
         let mut y = run_blocks(&self.body_decoder, &f.body)?;
         for (i, (conv, blocks)) in self.up.iter().enumerate().rev() {
             y = run_blocks(blocks, &conv.forward(&(y + &f.skips[i + 1])?)?)?;
@@ -317,6 +441,34 @@ impl Cave {
         let y = self.tail.forward(&(y + &f.skips[0])?, None)?;
         Ok((y.narrow(2, 0, h)?.narrow(3, 0, w)?, q))
     }
+}
+
+/// One tile of [`Cave::embed_tiled`] along one axis: input pixels
+/// `start..start+len`, of whose tokens `skip..skip+take` are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TokenTile {
+    start: usize,
+    len: usize,
+    skip: usize,
+    take: usize,
+}
+
+/// Tiles covering an axis of `n` padded pixels (`floor(n/32)` tokens): `core`
+/// pixels of kept tokens each, `margin` more on each inner side; the last tile
+/// ends at `n`, so it sees the same bottom/right remainder as the whole frame.
+fn token_tiles(n: usize, core: usize, margin: usize) -> Vec<TokenTile> {
+    let tokens = n / 32;
+    let per = core / 32;
+    let mut tiles = Vec::new();
+    let mut a = 0;
+    while a < tokens {
+        let b = (a + per).min(tokens);
+        let start = (32 * a).saturating_sub(margin);
+        let end = if b == tokens { n } else { (32 * b + margin).min(n) };
+        tiles.push(TokenTile { start, len: end - start, skip: a - start / 32, take: b - a });
+        a = b;
+    }
+    tiles
 }
 
 /// QF = 100 (1 - q).
@@ -380,4 +532,76 @@ pub fn synthetic_tensors(cfg: CaveConfig, zeros: bool) -> Result<std::collection
             Ok((k, t))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_tiles_cover_every_token_once_on_the_grid() {
+        for (n, core, margin) in [(2160, 1280, 352), (3840, 1280, 352), (520, 64, 192), (1000, 32, 64), (96, 64, 192)] {
+            let tiles = token_tiles(n, core, margin);
+            let mut next = 0;
+            for t in &tiles {
+                assert_eq!(t.start % 32, 0, "{t:?}");
+                assert!(t.start + t.len <= n && t.take > 0, "{t:?}");
+                assert_eq!(t.start / 32 + t.skip, next, "tokens kept in order, none twice: {t:?}");
+                let first = 32 * next; // first kept token's pixels
+                let last = 32 * (next + t.take); // end of the last kept token's pixels
+                assert!(t.start == 0 || first - t.start >= margin, "margin before {t:?}");
+                assert!(t.start + t.len == n || t.start + t.len - last >= margin, "margin after {t:?}");
+                assert!(t.len <= core + 2 * margin + 31, "bounded {t:?}");
+                next += t.take;
+            }
+            assert_eq!(next, n / 32, "all tokens of {n}");
+        }
+    }
+
+    #[test]
+    fn qf_calibration_interpolates_and_is_checked() {
+        let cfg = CaveConfig { nc: [4, 8, 8, 16], nb: 2 };
+        let mut tensors = synthetic_tensors(cfg, false).unwrap();
+        let cal = Tensor::new(&[[8f32, 20., 40.], [10., 30., 50.]], &Device::Cpu).unwrap();
+        tensors.insert("qf_calibration".into(), cal);
+        let cave = Cave::load(&TensorFile::from_tensors(std::path::Path::new("m.safetensors"), tensors.clone()), &Device::Cpu).unwrap();
+        for (raw, want) in [(8.0, 10.0), (14.0, 20.0), (30.0, 40.0), (45.0, 55.0), (2.0, 4.0), (1.0, 3.0)] {
+            let q = 1.0 - raw / 100.0;
+            assert!((cave.qf(q) - want).abs() < 1e-3, "raw {raw}: {} != {want}", cave.qf(q));
+        }
+        assert!((cave.qf(0.0) - 100.0).abs() < 1e-6, "clamped to 100");
+        // without the tensor the estimate is the official 100 (1 - q)
+        tensors.remove("qf_calibration");
+        let plain = Cave::load(&TensorFile::from_tensors(std::path::Path::new("m.safetensors"), tensors.clone()), &Device::Cpu).unwrap();
+        assert!((plain.qf(0.7) - 30.0).abs() < 1e-4);
+        // a malformed table names the file and the key
+        for bad in [Tensor::new(&[[8f32, 20.], [10., 30.], [1., 2.]], &Device::Cpu).unwrap(), Tensor::new(&[[20f32, 8.], [10., 30.]], &Device::Cpu).unwrap()] {
+            tensors.insert("qf_calibration".into(), bad);
+            let err = Cave::load(&TensorFile::from_tensors(std::path::Path::new("m.safetensors"), tensors.clone()), &Device::Cpu).err().unwrap().to_string();
+            assert!(err.contains("m.safetensors") && err.contains("qf_calibration"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tiled_embedding_equals_the_whole_frame() {
+        let cfg = CaveConfig { nc: [4, 8, 8, 16], nb: 2 };
+        let file = TensorFile::from_tensors(std::path::Path::new("<synthetic>"), synthetic_tensors(cfg, false).unwrap());
+        let cave = Cave::load(&file, &Device::Cpu).unwrap();
+        assert_eq!(cave.tile_margin(), 192);
+        // 520 x 700: 16 x 21 tokens, with the 4-px remainder on the right
+        let x = Tensor::rand(0f32, 1., (1, 3, 520, 700), &Device::Cpu).unwrap();
+        let (whole, q_whole) = cave.embed(&x).unwrap();
+        for tile in [512, 600] {
+            let (tiled, q) = cave.embed_tiled(&x, tile).unwrap();
+            assert_eq!(tiled.dims(), whole.dims());
+            let diff = (&tiled - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = whole.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-5 * scale.max(1.0), "tile {tile}: max |diff| {diff} (scale {scale})");
+            let dq = (&q - &q_whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(dq < 1e-6, "tile {tile}: q differs by {dq}");
+        }
+        // a margin-sized tile cannot keep any token
+        let err = cave.embed_tiled(&x, 400).unwrap_err().to_string();
+        assert!(err.contains("192 px margins"), "{err}");
+    }
 }

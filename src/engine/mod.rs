@@ -150,11 +150,15 @@ pub struct RestoreOptions {
     /// are encoded and decoded in overlapping, blended tiles, so memory stays
     /// bounded at any frame size. 0 = never tile.
     pub vae_tile: usize,
+    /// Largest CaVE encoder tile side in image pixels (diffusion mode's
+    /// embedding and the QF estimate): larger frames are encoded in tiles whose
+    /// margins make the stitched embedding exact. 0 = never tile.
+    pub cave_tile: usize,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_tile: 1024 }
+        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_tile: 1024, cave_tile: 2048 }
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::cave::{qf_from_q, Cave};
+use super::cave::Cave;
 use super::lora::{LoraSet, MergedBackend};
 use super::one_step::{x0_step, Schedule, TIMESTEP};
 use super::unet::{UNet, UNetConfig};
@@ -303,13 +303,13 @@ impl Engine {
             };
             tr.push((name.to_string(), Tensor::from_slice(&img.data, (img.height, img.width, 3), &Device::Cpu)?));
         }
-        Ok((qf_from_q(q), p.times))
+        Ok((self.cave.qf(q), p.times))
     }
 
     fn diffuse(&self, d: &Diffusion, x: &Tensor, opts: &RestoreOptions, p: &mut Probe) -> Result<(Tensor, f32)> {
         let (_, _, h, w) = x.dims4()?;
         // 1. CaVE tokens -> proj, rounded to f16 as the official code does
-        let (tokens, q) = self.cave.embed(x)?;
+        let (tokens, q) = self.cave.embed_tiled(x, opts.cave_tile)?;
         p.keep("cave_embedding", &tokens);
         p.keep("qf_pred", &q);
         let c = d.proj.forward(&tokens)?;
@@ -363,8 +363,8 @@ impl Engine {
     /// CaVE's JPEG quality estimate (0..100) for `img`.
     pub fn estimate_qf(&self, img: &RgbImage) -> Result<f32> {
         let x = self.to_tensor(img)?;
-        let (_, q) = self.cave.embed(&x)?;
-        Ok(qf_from_q(q.flatten_all()?.to_vec1::<f32>()?[0]))
+        let (_, q) = self.cave.embed_tiled(&x, RestoreOptions::default().cave_tile)?;
+        Ok(self.cave.qf(q.flatten_all()?.to_vec1::<f32>()?[0]))
     }
 
     /// The diffusion stages one by one (parity tests feed each stage the
