@@ -187,6 +187,8 @@ def load_state_dict_file(path):
 def build_from_state_dict(sd, strict=True):
     nc, nb = infer_config(sd)
     model = CaVE(nc=nc, nb=nb)
+    # codiff's exports add a QF calibration table, applied by the engine
+    sd = {k: v for k, v in sd.items() if k != "qf_calibration"}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # num_batches_tracked is optional in our safetensors files.
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]

@@ -83,6 +83,9 @@ def parse_args(argv=None):
     ap.add_argument("--ckpt", default="", help="checkpoint to export (default <--out>/last.pt)")
     ap.add_argument("--bn-recalib", type=int, default=0,
                     help="at export, re-estimate BN running stats over this many training batches")
+    ap.add_argument("--qf-calib-size", type=int, default=512,
+                    help="at export, fit the QF calibration on centre crops of at most this side of "
+                         "every training photo (0: no calibration)")
     return ap.parse_args(argv)
 
 
@@ -256,6 +259,7 @@ def load_weights(model, path):
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         sd = load_file(path)
+        sd.pop("qf_calibration", None)  # not a parameter: refitted at export
     else:
         sd = torch.load(path, map_location="cpu", weights_only=False)
         sd = sd.get("model", sd)
@@ -281,6 +285,38 @@ def recalibrate_bn(model, sampler, batches, batch_size):
     model.eval()
 
 
+CALIB_QUALITIES = (8, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75, 80, 85, 90, 95)
+
+
+@torch.no_grad()
+def fit_qf_calibration(model, imgs, size, qualities=CALIB_QUALITIES):
+    """Monotone piecewise-linear map raw estimate -> QF, as a [2, K] tensor.
+
+    The QF head is trained with BatchNorm in batch-statistics mode; in eval mode
+    (running statistics) its estimates drift, reading up to ~10 low at high
+    qualities. For each trained quality, the knot is the median raw estimate
+    over centre crops of the training photos; knots are made increasing, and
+    the engine interpolates between them (slope 1 beyond the ends).
+    """
+    dev = next(model.parameters()).device
+    model.eval()
+    raw = []
+    for q in qualities:
+        est = []
+        for im in imgs:
+            h, w = im.shape[:2]
+            s_h, s_w = min(h, size), min(w, size)
+            c = np.ascontiguousarray(im[(h - s_h) // 2:(h - s_h) // 2 + s_h, (w - s_w) // 2:(w - s_w) // 2 + s_w])
+            lq = torch.from_numpy(jpeg_roundtrip(c, q).copy()).permute(2, 0, 1)[None].float().div_(255.0)
+            est.append(100.0 * (1.0 - model.pred_qf(lq.to(dev)).item()))
+        raw.append(float(np.median(est)))
+    xs = np.maximum.accumulate(np.array(raw))
+    xs = xs + 1e-3 * np.arange(len(xs))  # strictly increasing
+    print("QF calibration (quality: median raw estimate): " +
+          " ".join("%d:%.1f" % (q, r) for q, r in zip(qualities, raw)))
+    return torch.tensor(np.stack([xs, np.array(qualities, dtype=np.float64)]), dtype=torch.float32)
+
+
 def export(args):
     import json
     from safetensors.torch import save_file
@@ -298,6 +334,9 @@ def export(args):
         recalibrate_bn(model, sampler, args.bn_recalib, args.batch)
     model.eval()
     sd = export_state_dict(model)
+    if args.qf_calib_size > 0:
+        _, imgs = load_images(args.train_dir)
+        sd["qf_calibration"] = fit_qf_calibration(model, imgs, args.qf_calib_size)
     meta = {
         "format": "codiff-cave",
         "nc": ",".join(str(c) for c in nc),
