@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cave_model import CaVE, export_state_dict  # noqa: E402
+from cave_model import CaVE, build_from_state_dict, export_state_dict, infer_config, load_state_dict_file  # noqa: E402
 
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -80,7 +80,9 @@ def parse_args(argv=None):
     ap.add_argument("--init", default="", help="start from this checkpoint/safetensors instead of scratch")
     ap.add_argument("--export", default="", metavar="OUT.safetensors",
                     help="do not train: export <--out>/last.pt (or --ckpt) in eval mode and exit")
-    ap.add_argument("--ckpt", default="", help="checkpoint to export (default <--out>/last.pt)")
+    ap.add_argument("--ckpt", default="", help="checkpoint to export (default <--out>/last.pt); an "
+                    "exported .safetensors is re-exported with a freshly fitted QF calibration "
+                    "(use --bn-recalib 0 to keep its BatchNorm statistics)")
     ap.add_argument("--bn-recalib", type=int, default=0,
                     help="at export, re-estimate BN running stats over this many training batches")
     ap.add_argument("--qf-calib-size", type=int, default=512,
@@ -321,12 +323,22 @@ def export(args):
     import json
     from safetensors.torch import save_file
     ckpt = args.ckpt or os.path.join(args.out, "last.pt")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    run_args = state.get("args", {})
-    nc = [int(c) for c in run_args.get("nc", args.nc).split(",")]
-    nb = int(run_args.get("nb", args.nb))
-    model = CaVE(nc=nc, nb=nb)
-    model.load_state_dict(state["model"], strict=True)
+    if ckpt.endswith(".safetensors"):
+        # an earlier export: keep its weights and metadata, refit the calibration
+        from safetensors import safe_open
+        with safe_open(ckpt, framework="pt") as f:
+            file_meta = f.metadata() or {}
+        model = build_from_state_dict(load_state_dict_file(ckpt))
+        nc, nb = infer_config(model.state_dict())
+        state = {"step": int(file_meta.get("step", 0))}
+        run_args = json.loads(file_meta.get("train", "{}"))
+    else:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        run_args = state.get("args", {})
+        nc = [int(c) for c in run_args.get("nc", args.nc).split(",")]
+        nb = int(run_args.get("nb", args.nb))
+        model = CaVE(nc=nc, nb=nb)
+        model.load_state_dict(state["model"], strict=True)
     model.to(torch.device(args.device))
     if args.bn_recalib > 0:
         _, imgs = load_images(args.train_dir)

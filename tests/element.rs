@@ -645,14 +645,17 @@ fn jpeg_to_png_pipeline_keeps_the_size() {
     let props = model_or_skip!();
     let dir = std::env::temp_dir().join(format!("codiff-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // jpegdec ! codiff <args> ! pngenc into `png`
+    let decode_through_codiff = |args: &str, png: &std::path::Path| {
+        run_pipeline(&format!(
+            "filesrc location=\"{}\" ! jpegdec ! codiff {args}{} ! videoconvert ! pngenc ! filesink location=\"{}\"",
+            demo_jpeg().display(),
+            props_string(&props),
+            png.display()
+        ))
+    };
     let out = dir.join("out.png");
-    let err = run_pipeline(&format!(
-        "filesrc location=\"{}\" ! jpegdec ! codiff name=codiff{} ! videoconvert ! pngenc ! filesink location=\"{}\"",
-        demo_jpeg().display(),
-        props_string(&props),
-        out.display()
-    ));
-    assert_eq!(err, None);
+    assert_eq!(decode_through_codiff("name=codiff", &out), None);
     let input = image::open(demo_jpeg()).unwrap();
     let output = image::open(&out).unwrap();
     assert_eq!(
@@ -661,13 +664,7 @@ fn jpeg_to_png_pipeline_keeps_the_size() {
     );
     // the same pipeline in passthrough gives jpegdec's own pixels
     let plain = dir.join("plain.png");
-    let err = run_pipeline(&format!(
-        "filesrc location=\"{}\" ! jpegdec ! codiff enabled=false{} ! videoconvert ! pngenc ! filesink location=\"{}\"",
-        demo_jpeg().display(),
-        props_string(&props),
-        plain.display()
-    ));
-    assert_eq!(err, None);
+    assert_eq!(decode_through_codiff("enabled=false", &plain), None);
     // with the shipped model, the restored frame is closer to the original
     if props.is_empty() {
         let original = image::open(manifest_dir().join("examples/data/astronaut.png")).unwrap().to_rgb8();
