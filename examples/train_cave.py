@@ -340,14 +340,14 @@ def export(args):
         model = CaVE(nc=nc, nb=nb)
         model.load_state_dict(state["model"], strict=True)
     model.to(torch.device(args.device))
+    # training photos, read once for both BN re-estimation and the QF calibration
+    imgs = load_images(args.train_dir)[1] if args.bn_recalib > 0 or args.qf_calib_size > 0 else []
     if args.bn_recalib > 0:
-        _, imgs = load_images(args.train_dir)
         sampler = CropSampler(imgs, args, np.random.default_rng(args.seed + 7))
         recalibrate_bn(model, sampler, args.bn_recalib, args.batch)
     model.eval()
     sd = export_state_dict(model)
     if args.qf_calib_size > 0:
-        _, imgs = load_images(args.train_dir)
         sd["qf_calibration"] = fit_qf_calibration(model, imgs, args.qf_calib_size)
     meta = {
         "format": "codiff-cave",
