@@ -174,21 +174,28 @@ def infer_config(state_dict):
 
 
 def load_state_dict_file(path):
-    """Load an official cave.pth (legacy or zip torch.save) or a codiff safetensors."""
+    """Load an official cave.pth (legacy or zip torch.save) or a codiff safetensors
+    (or a train_cave.py checkpoint) as a CaVE state_dict.
+
+    A codiff export's `qf_calibration` table is dropped: the Rust engine applies it,
+    it is no parameter of the PyTorch module, and train_cave.py refits it at export.
+    """
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=False)
-    if isinstance(sd, dict) and "params" in sd and isinstance(sd["params"], dict):
-        sd = sd["params"]
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(str(path), map_location="cpu", weights_only=False)
+        for wrapper in ("params", "model"):  # official training state / our checkpoint
+            if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+                sd = sd[wrapper]
+                break
+    sd.pop("qf_calibration", None)
     return sd
 
 
 def build_from_state_dict(sd, strict=True):
     nc, nb = infer_config(sd)
     model = CaVE(nc=nc, nb=nb)
-    # codiff's exports add a QF calibration table, applied by the engine
-    sd = {k: v for k, v in sd.items() if k != "qf_calibration"}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # num_batches_tracked is optional in our safetensors files.
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]

@@ -258,17 +258,54 @@ def save_ckpt(path, model, opt, step, rng, args):
 
 
 def load_weights(model, path):
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
-        sd.pop("qf_calibration", None)  # not a parameter: refitted at export
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=False)
-        sd = sd.get("model", sd)
+    """Load a checkpoint/safetensors into `model`; a narrower model (smaller nc) is
+    embedded function-preservingly (see widen_into)."""
+    sd = load_state_dict_file(path)
+    own = model.state_dict()
+    if any(k in own and own[k].shape != v.shape for k, v in sd.items()):
+        widen_into(model, sd)
+        return
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise KeyError("weights do not match: missing %s unexpected %s" % (missing, unexpected))
+
+
+@torch.no_grad()
+def widen_into(model, sd):
+    """Copy a narrower CaVE (same nb, each nc[i] <= the model's) into `model` so that
+    the wider model computes exactly the same reconstruction and q.
+
+    Every tensor is copied into the leading slice of the model's. The new channels keep
+    their fresh initialisation, except the weights by which a new channel would feed an
+    old one, which are zeroed: old channels then see only old channels (BatchNorm is per
+    channel, QFAttention's +1 is per channel), so the old function is untouched, while
+    those zero weights still get gradients and the new channels start learning at once.
+    Weight layout: [out, in, ...] for Conv2d/Linear, [in, out, ...] for ConvTranspose2d
+    (the m_up*.0 keys).
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise KeyError("cannot widen: missing %s unexpected %s" % (missing, unexpected))
+    for k, src in sd.items():
+        dst = own[k]
+        if src.dim() != dst.dim() or any(a > b for a, b in zip(src.shape, dst.shape)):
+            raise ValueError("cannot widen %s: %s into %s" % (k, tuple(src.shape), tuple(dst.shape)))
+        if src.dim() == 0:
+            dst.copy_(src)
+            continue
+        lead = tuple(slice(0, n) for n in src.shape)
+        if src.dim() >= 2:
+            transposed = k.startswith("m_up") and k.split(".")[1] == "0"
+            o_ax, i_ax = (1, 0) if transposed else (0, 1)
+            cut = [slice(None)] * dst.dim()
+            cut[o_ax] = slice(0, src.shape[o_ax])
+            cut[i_ax] = slice(src.shape[i_ax], None)
+            dst[tuple(cut)] = 0  # new inputs -> old outputs
+        dst[lead] = src.to(dst.dtype)
+    model.load_state_dict(own)
 
 
 @torch.no_grad()

@@ -325,23 +325,29 @@ impl Cave {
 
     /// Encoder on an already padded `[B,3,H,W]` input in [0,1].
     pub fn encode(&self, x: &Tensor) -> Result<Features> {
-        let x1 = self.head.forward(&x.to_dtype(DType::F32)?, None)?;
-        let mut skips = vec![x1.clone()];
-        let mut h = x1;
-        for (blocks, conv) in &self.down {
-            h = conv.forward(&run_blocks(blocks, &h)?, None)?;
-            skips.push(h.clone());
-        }
-        let body = run_blocks(&self.body_encoder, &h)?;
+        let mut skips = Vec::with_capacity(4);
+        let body = self.run_encoder(x, Some(&mut skips))?;
         let skips: [Tensor; 4] = skips.try_into().expect("four levels");
         Ok(Features { skips, body })
     }
 
     /// The encoder's output alone (no skips kept alive): `[B, nc3, H/32, W/32]`.
     pub fn encode_body(&self, x: &Tensor) -> Result<Tensor> {
+        self.run_encoder(x, None)
+    }
+
+    /// `m_head`, `m_down1..3`, `m_body_encoder`; each level's input (the skip
+    /// the decoder adds back) goes to `skips` when given.
+    fn run_encoder(&self, x: &Tensor, mut skips: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
         let mut h = self.head.forward(&x.to_dtype(DType::F32)?, None)?;
         for (blocks, conv) in &self.down {
+            if let Some(s) = skips.as_deref_mut() {
+                s.push(h.clone());
+            }
             h = conv.forward(&run_blocks(blocks, &h)?, None)?;
+        }
+        if let Some(s) = skips {
+            s.push(h.clone());
         }
         Ok(run_blocks(&self.body_encoder, &h)?)
     }
