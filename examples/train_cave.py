@@ -259,22 +259,15 @@ def save_ckpt(path, model, opt, step, rng, args):
 
 def load_weights(model, path):
     """Load a checkpoint/safetensors into `model`; a narrower model (smaller nc) is
-    embedded function-preservingly (see widen_into)."""
-    sd = load_state_dict_file(path)
-    own = model.state_dict()
-    if any(k in own and own[k].shape != v.shape for k, v in sd.items()):
-        widen_into(model, sd)
-        return
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise KeyError("weights do not match: missing %s unexpected %s" % (missing, unexpected))
+    embedded function-preservingly (see widen_into, which also does the plain load)."""
+    widen_into(model, load_state_dict_file(path))
 
 
 @torch.no_grad()
 def widen_into(model, sd):
-    """Copy a narrower CaVE (same nb, each nc[i] <= the model's) into `model` so that
-    the wider model computes exactly the same reconstruction and q.
+    """Copy a CaVE of the same nb and each nc[i] <= the model's into `model` so that
+    the model computes exactly the same reconstruction and q (with equal widths this is
+    a plain strict load).
 
     Every tensor is copied into the leading slice of the model's. The new channels keep
     their fresh initialisation, except the weights by which a new channel would feed an
@@ -288,7 +281,7 @@ def widen_into(model, sd):
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
-        raise KeyError("cannot widen: missing %s unexpected %s" % (missing, unexpected))
+        raise KeyError("weights do not match: missing %s unexpected %s" % (missing, unexpected))
     for k, src in sd.items():
         dst = own[k]
         if src.dim() != dst.dim() or any(a > b for a, b in zip(src.shape, dst.shape)):
