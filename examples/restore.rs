@@ -58,9 +58,12 @@ struct Args {
     /// Overlap between latent tiles
     #[arg(long, default_value_t = 32)]
     latent_overlap: usize,
-    /// VAE tile side in pixels for large frames (0 = never tile)
+    /// VAE encoder tile side in image pixels (official vae_encoder_tiled_size; 0 = never tile)
     #[arg(long, default_value_t = 1024)]
-    vae_tile: usize,
+    vae_encoder_tile: usize,
+    /// VAE decoder tile side in latent pixels (official vae_decoder_tiled_size; 0 = never tile)
+    #[arg(long, default_value_t = 224)]
+    vae_decoder_tile: usize,
     /// Largest CaVE encoder tile side in pixels (exact stitching; 0 = never tile)
     #[arg(long, default_value_t = 2048)]
     cave_tile: usize,
@@ -108,8 +111,10 @@ fn run(args: Args) -> anyhow_free::Result {
         },
         latent_tile: args.latent_tile,
         latent_overlap: args.latent_overlap,
-        vae_tile: args.vae_tile,
+        vae_encoder_tile: args.vae_encoder_tile,
+        vae_decoder_tile: args.vae_decoder_tile,
         cave_tile: args.cave_tile,
+        ..Default::default()
     };
     let t0 = Instant::now();
     let engine = Engine::load(&spec, &mut |s| eprintln!("codiff: {s}"))?;

@@ -290,7 +290,8 @@ fn property_defaults_and_ranges() {
     );
     assert_eq!(e.property::<u32>("latent-tile"), 96);
     assert_eq!(e.property::<u32>("latent-overlap"), 32);
-    assert_eq!(e.property::<u32>("vae-tile"), 1024);
+    assert_eq!(e.property::<u32>("vae-encoder-tile"), 1024);
+    assert_eq!(e.property::<u32>("vae-decoder-tile"), 224);
     assert_eq!(e.property::<u32>("cave-tile"), 2048);
     assert_eq!(e.property::<f64>("strength"), 1.0);
     assert_eq!(e.property::<u32>("qf"), 0);

@@ -117,7 +117,8 @@ const DEFAULT_LATENT_TILE: u32 = 96;
 const MAX_LATENT_TILE: u32 = 4096;
 const DEFAULT_LATENT_OVERLAP: u32 = 32;
 const MAX_LATENT_OVERLAP: u32 = 2048;
-const DEFAULT_VAE_TILE: u32 = 1024;
+const DEFAULT_VAE_ENCODER_TILE: u32 = 1024;
+const DEFAULT_VAE_DECODER_TILE: u32 = 224;
 const DEFAULT_CAVE_TILE: u32 = 2048;
 const MAX_PIXEL_TILE: u32 = 32768;
 const DEFAULT_STRENGTH: f64 = 1.0;
@@ -141,7 +142,8 @@ struct Settings {
     color_fix: CodiffColorFix,
     latent_tile: u32,
     latent_overlap: u32,
-    vae_tile: u32,
+    vae_encoder_tile: u32,
+    vae_decoder_tile: u32,
     cave_tile: u32,
     strength: f64,
     qf: u32,
@@ -161,7 +163,8 @@ impl Default for Settings {
             color_fix: DEFAULT_COLOR_FIX,
             latent_tile: DEFAULT_LATENT_TILE,
             latent_overlap: DEFAULT_LATENT_OVERLAP,
-            vae_tile: DEFAULT_VAE_TILE,
+            vae_encoder_tile: DEFAULT_VAE_ENCODER_TILE,
+            vae_decoder_tile: DEFAULT_VAE_DECODER_TILE,
             cave_tile: DEFAULT_CAVE_TILE,
             strength: DEFAULT_STRENGTH,
             qf: DEFAULT_QF,
@@ -238,8 +241,10 @@ impl Settings {
             color_fix: self.color_fix.into(),
             latent_tile: self.latent_tile as usize,
             latent_overlap: self.latent_overlap as usize,
-            vae_tile: self.vae_tile as usize,
+            vae_encoder_tile: self.vae_encoder_tile as usize,
+            vae_decoder_tile: self.vae_decoder_tile as usize,
             cave_tile: self.cave_tile as usize,
+            ..Default::default()
         }
     }
 }
@@ -532,12 +537,20 @@ impl ObjectImpl for Codiff {
                     .default_value(DEFAULT_LATENT_OVERLAP)
                     .mutable_playing()
                     .build(),
-                glib::ParamSpecUInt::builder("vae-tile")
-                    .nick("VAE tile")
-                    .blurb("Side of the blended VAE encoder/decoder tiles in image pixels for larger frames \
-                            (bounds memory at any frame size), 0 = never tile")
+                glib::ParamSpecUInt::builder("vae-encoder-tile")
+                    .nick("VAE encoder tile")
+                    .blurb("VAE encoder tile side in image pixels (diffusion mode; the official \
+                            vae_encoder_tiled_size): frames larger than this are encoded in tiles, 0 = never tile")
                     .maximum(MAX_PIXEL_TILE)
-                    .default_value(DEFAULT_VAE_TILE)
+                    .default_value(DEFAULT_VAE_ENCODER_TILE)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("vae-decoder-tile")
+                    .nick("VAE decoder tile")
+                    .blurb("VAE decoder tile side in latent pixels (1 latent px = 8 image px; diffusion mode; \
+                            the official vae_decoder_tiled_size): larger latents are decoded in tiles, 0 = never tile")
+                    .maximum(MAX_PIXEL_TILE / 8)
+                    .default_value(DEFAULT_VAE_DECODER_TILE)
                     .mutable_playing()
                     .build(),
                 glib::ParamSpecUInt::builder("cave-tile")
@@ -614,7 +627,8 @@ impl ObjectImpl for Codiff {
             "latent-overlap" => {
                 settings.latent_overlap = value.get().expect("type checked upstream")
             }
-            "vae-tile" => settings.vae_tile = value.get().expect("type checked upstream"),
+            "vae-encoder-tile" => settings.vae_encoder_tile = value.get().expect("type checked upstream"),
+            "vae-decoder-tile" => settings.vae_decoder_tile = value.get().expect("type checked upstream"),
             "cave-tile" => settings.cave_tile = value.get().expect("type checked upstream"),
             "strength" => settings.strength = value.get().expect("type checked upstream"),
             "qf" => settings.qf = value.get().expect("type checked upstream"),
@@ -648,7 +662,8 @@ impl ObjectImpl for Codiff {
             "color-fix" => settings.color_fix.to_value(),
             "latent-tile" => settings.latent_tile.to_value(),
             "latent-overlap" => settings.latent_overlap.to_value(),
-            "vae-tile" => settings.vae_tile.to_value(),
+            "vae-encoder-tile" => settings.vae_encoder_tile.to_value(),
+            "vae-decoder-tile" => settings.vae_decoder_tile.to_value(),
             "cave-tile" => settings.cave_tile.to_value(),
             "strength" => settings.strength.to_value(),
             "qf" => settings.qf.to_value(),

@@ -33,6 +33,8 @@ pub enum EngineError {
     InvalidInput(String),
     #[error("non-finite values in {stage} output (precision {precision}); try precision=f32")]
     NonFinite { stage: &'static str, precision: String },
+    #[error("cancelled")]
+    Cancelled,
     #[error("device: {0}")]
     Device(String),
     #[error("tensor op failed: {0}")]

@@ -22,6 +22,47 @@ pub use error::{EngineError, Result};
 pub use pipeline::Engine;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// A flag the host raises to stop a restore early. The engine checks it
+/// between stages and between tiles and then returns
+/// [`EngineError::Cancelled`], so a flush or a state change never waits for a
+/// whole large frame. Clones share the flag.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Ask every restore that holds a clone of this token to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Lower the flag again (before the next frame).
+    pub fn reset(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    /// `Err(Cancelled)` once the flag is raised: call between stages and tiles.
+    pub fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            Err(EngineError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Tokens compare equal when they share one flag.
+impl PartialEq for Cancel {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
 
 /// What the engine runs on each frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -146,19 +187,23 @@ pub struct RestoreOptions {
     /// Latent tile side (latent pixels, 1/8 of image pixels); 0 = never tile.
     pub latent_tile: usize,
     pub latent_overlap: usize,
-    /// VAE tile side in image pixels (multiple of 64): frames larger than this
-    /// are encoded and decoded in overlapping, blended tiles, so memory stays
-    /// bounded at any frame size. 0 = never tile.
-    pub vae_tile: usize,
+    /// VAE encoder tile side in image pixels (the official
+    /// `vae_encoder_tiled_size`, default 1024). 0 = never tile.
+    pub vae_encoder_tile: usize,
+    /// VAE decoder tile side in latent pixels (the official
+    /// `vae_decoder_tiled_size`, default 224). 0 = never tile.
+    pub vae_decoder_tile: usize,
     /// Largest CaVE encoder tile side in image pixels (diffusion mode's
     /// embedding and the QF estimate): larger frames are encoded in tiles whose
     /// margins make the stitched embedding exact. 0 = never tile.
     pub cave_tile: usize,
+    /// Checked between stages and tiles; raise it to stop this restore.
+    pub cancel: Cancel,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_tile: 1024, cave_tile: 2048 }
+        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_encoder_tile: 1024, vae_decoder_tile: 224, cave_tile: 2048, cancel: Cancel::default() }
     }
 }
 

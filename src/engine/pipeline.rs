@@ -28,6 +28,7 @@ struct Probe<'a> {
     times: StageTimes,
     t: std::time::Instant,
     device: Device,
+    cancel: super::Cancel,
 }
 
 impl Probe<'_> {
@@ -41,12 +42,14 @@ impl Probe<'_> {
         self.trace.is_some()
     }
 
-    /// Close the current stage (waiting for the device, so times are real).
-    fn lap(&mut self, stage: &'static str) {
+    /// Close the current stage (waiting for the device, so times are real);
+    /// `Err(Cancelled)` when the host asked to stop.
+    fn lap(&mut self, stage: &'static str) -> Result<()> {
         let _ = self.device.synchronize();
         let now = std::time::Instant::now();
         self.times.push((stage, (now - self.t).as_secs_f64()));
         self.t = now;
+        self.cancel.check()
     }
 }
 
@@ -273,7 +276,8 @@ impl Engine {
     }
 
     fn run(&self, img: &mut RgbImage, opts: &RestoreOptions, trace: Option<&mut Trace>) -> Result<(f32, StageTimes)> {
-        let mut p = Probe { trace, times: vec![], t: std::time::Instant::now(), device: self.device.clone() };
+        let mut p = Probe { trace, times: vec![], t: std::time::Instant::now(), device: self.device.clone(), cancel: opts.cancel.clone() };
+        opts.cancel.check()?;
         let x = self.to_tensor(img)?;
         p.keep("lq_raw", &x);
         let (y, q) = match &self.diffusion {
@@ -282,7 +286,7 @@ impl Engine {
                 p.keep("cave_reconstruction", &y);
                 p.keep("qf_pred", &q);
                 Self::check_finite(&y, "CaVE reconstruction", Precision::F32)?;
-                p.lap("cave");
+                p.lap("cave")?;
                 (y, q.flatten_all()?.to_vec1::<f32>()?[0])
             }
             Some(d) => {
@@ -293,7 +297,7 @@ impl Engine {
             }
         };
         Self::write_back(img, &y)?;
-        p.lap("output");
+        p.lap("output")?;
         if let Some(tr) = p.trace.as_deref_mut() {
             let name = match (self.mode, opts.color_fix) {
                 (Mode::Cave, _) => "output_cave",
@@ -315,12 +319,12 @@ impl Engine {
         let c = d.proj.forward(&tokens)?;
         p.keep("proj_embedding", &c);
         let c = c.to_dtype(DType::F16)?.to_dtype(d.dtype)?;
-        p.lap("cave");
+        p.lap("cave")?;
         // 2. VAE posterior mean of the padded input in [-1,1]
         let m = d.vae.downscale();
         let xp = Cave::pad_to_min(x, m, 8 * m)?;
         let lq = ((xp * 2.0)? - 1.0)?.to_dtype(d.dtype)?;
-        let z = match opts.vae_tile {
+        let z = match opts.vae_encoder_tile {
             0 => d.encoder.encode_mean(&lq)?,
             t => {
                 let t = t.max(8 * m) / m * m;
@@ -330,7 +334,7 @@ impl Engine {
         let z = (z * d.vae.scaling_factor)?;
         p.keep("lq_latent", &z);
         Self::check_finite(&z, "VAE encoder", self.precision)?;
-        p.lap("vae_encode");
+        p.lap("vae_encode")?;
         // 3. UNet at t = 499, in Gaussian-weighted latent tiles
         let eps = super::tiling::tiled(&z, opts.latent_tile, opts.latent_overlap, |zt| d.unet.forward(zt, TIMESTEP as f64, &c))?;
         p.keep("unet_eps", &eps);
@@ -338,13 +342,13 @@ impl Engine {
         // 4. one x0 step
         let z0 = x0_step(&z, &eps, d.alpha_bar)?;
         p.keep("denoised_latent", &z0);
-        p.lap("unet");
+        p.lap("unet")?;
         // 5. decode, clamp, crop
         let zs = (z0 / d.vae.scaling_factor)?;
-        let dec = match opts.vae_tile {
+        let dec = match opts.vae_decoder_tile {
             0 => d.decoder.decode(&zs)?,
             t => {
-                let t = (t / m).max(8);
+                let t = t.max(8);
                 d.decoder.decode_tiled(&zs, t, t / 8, m)?
             }
         }
@@ -352,10 +356,10 @@ impl Engine {
         Self::check_finite(&dec, "VAE decoder", self.precision)?;
         let dec = dec.clamp(-1f32, 1f32)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
         p.keep("decoded", &dec);
-        p.lap("vae_decode");
+        p.lap("vae_decode")?;
         // 6. colour fix against the input
         let y = finish(&dec, x, opts.color_fix)?;
-        p.lap("color_fix");
+        p.lap("color_fix")?;
         let q = q.flatten_all()?.to_vec1::<f32>()?[0];
         Ok((y, q))
     }
