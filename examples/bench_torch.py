@@ -1,7 +1,7 @@
 """The CODiff one-step pipeline in PyTorch (fp32, CPU), timed per stage like
 examples/bench.rs, on the same official-format files.
 
-    python3 examples/bench_torch.py --model-dir /tmp/codiff-random --size 512x512 --runs 1 --threads 2
+    python3 examples/bench_torch.py --model-dir target/codiff-random --size 512x512 --runs 1 --threads 2
 
 DIR is what examples/make_random_codiff.py writes (or the real files): unet/ and
 vae/ (diffusers folders), scheduler/scheduler_config.json, codiff.pkl, and

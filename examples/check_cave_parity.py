@@ -17,11 +17,14 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cave_model import CaVE, infer_config, load_state_dict_file  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fixture", default="/work/shared/fixtures/codiff-tiny-a",
-                    help="directory holding cave.pth and reference.safetensors")
+    ap.add_argument("--fixture", default=os.path.join(ROOT, "tests", "fixtures", "codiff-tiny-a"),
+                    help="directory holding cave.pth and reference.safetensors "
+                         "(default: the repository's tests/fixtures/codiff-tiny-a)")
     ap.add_argument("--tol", type=float, default=1e-5, help="max allowed abs error")
     args = ap.parse_args()
     torch.set_num_threads(1)

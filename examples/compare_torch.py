@@ -3,10 +3,10 @@ PyTorch (examples/bench_torch.py), same machine, same thread count, same files.
 
 The benchmark (on an otherwise idle machine; ~4 GB of random full-size weights):
 
-    python3 examples/make_random_codiff.py /tmp/codiff-random
+    python3 examples/make_random_codiff.py target/codiff-random
     cargo build --release --no-default-features --example bench
-    python3 examples/compare_torch.py --model-dir /tmp/codiff-random \\
-        --sizes 256x256,512x512 --rounds 3 --threads 2 | tee /tmp/compare.md
+    python3 examples/compare_torch.py --model-dir target/codiff-random \\
+        --sizes 256x256,512x512 --rounds 3 --threads 2 | tee target/compare.md
 
 For every size and round it runs one Rust bench process
 (`target/release/examples/bench --model official:DIR --sizes WxH --runs 1`,

@@ -3,14 +3,14 @@
 
 Usage (from the repository root):
 
-    python3 examples/evaluate.py                                   # default model, /work/data/eval
-    python3 examples/evaluate.py --weights /tmp/model.safetensors  # another compact model
+    python3 examples/evaluate.py                                   # default model, data/eval
+    python3 examples/evaluate.py --weights runs/cave/final.safetensors  # another compact model
     python3 examples/evaluate.py --eval-dir DIR --out target/eval --qfs 5,10,20,30,50
     python3 examples/evaluate.py --spp-sweep                       # re-derive spp's qp per QF
 
-For every clean photo in --eval-dir (default $CODIFF_EVAL_DIR or
-/work/data/eval; when that folder is missing, /work/shared/tools/get_images.sh
-is run to create it) and every quality in --qfs:
+For every clean photo in --eval-dir (default $CODIFF_EVAL_DIR, else data/eval in
+the repository; when that folder is missing, examples/get_images.py is run to
+create it) and every quality in --qfs:
 
   1. JPEG: compress with Pillow's libjpeg at that quality, 4:2:0 chroma
      (subsampling=2, as the training script does), decode with Pillow, save PNG.
@@ -26,7 +26,7 @@ is run to create it) and every quality in --qfs:
      ffmpeg run minus the same ffmpeg run without spp (PNG I/O, conversion).
   4. Metrics: PSNR, SSIM, PSNR-B on Y (MATLAB-rounded BT.601 luma) and RGB with
      the Rust metrics (target/release/examples/metrics; the conventions of
-     /work/shared/tools/metrics.py, tests/metrics.rs checks the agreement).
+     examples/metrics.py, tests/metrics.rs checks the agreement).
 
 It also measures the QF-estimate mean absolute error of CaVE with
 target/release/examples/estimate_qf on --qf-est-seen qualities (10..90) and on
@@ -67,7 +67,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, 'target', 'release', 'examples')
 EXAMPLES = ['restore', 'metrics', 'estimate_qf']
-GET_IMAGES = '/work/shared/tools/get_images.sh'
+GET_IMAGES = os.path.join(ROOT, 'examples', 'get_images.py')
 IMG_EXT = ('.png', '.bmp', '.ppm', '.tif', '.tiff', '.webp', '.jpg', '.jpeg')
 
 # spp qp per JPEG quality (see the docstring and --spp-sweep)
@@ -109,9 +109,9 @@ def ensure_eval_dir(d):
         return
     parent = os.path.dirname(os.path.abspath(d))
     if os.path.basename(os.path.normpath(d)) != 'eval':
-        sys.exit('%s does not exist (get_images.sh only makes folders named eval)' % d)
+        sys.exit('%s does not exist (get_images.py only makes folders named eval)' % d)
     log('%s missing: running %s %s' % (d, GET_IMAGES, parent))
-    subprocess.run(['bash', GET_IMAGES, parent], check=True)
+    subprocess.run([sys.executable, GET_IMAGES, parent], check=True)
 
 
 def weights_info(path):
@@ -266,8 +266,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split('\n', 2)[2])
-    ap.add_argument('--eval-dir', default=os.environ.get('CODIFF_EVAL_DIR', '/work/data/eval'),
-                    help='clean photos (created with get_images.sh when missing)')
+    ap.add_argument('--eval-dir', default=os.environ.get('CODIFF_EVAL_DIR', os.path.join(ROOT, 'data', 'eval')),
+                    help='clean photos (created with examples/get_images.py when missing)')
     ap.add_argument('--weights', default=None,
                     help='compact CaVE model (default: the restore command\'s default, '
                          '$CODIFF_WEIGHTS or weights/codiff-cave-compact.safetensors)')

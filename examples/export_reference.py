@@ -20,7 +20,7 @@ fixture exercises both padding rules; the random model uses distinct widths per
 stage and randomised BatchNorm statistics so layout or BN mistakes show up.
 
     python3 examples/export_reference.py --out tests/fixtures/compact
-    python3 examples/export_reference.py --model runs/cave/final.safetensors --out /tmp/fx
+    python3 examples/export_reference.py --model runs/cave/final.safetensors --out target/fx
 """
 import argparse
 import hashlib
@@ -37,6 +37,8 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cave_model import CaVE, build_from_state_dict, export_state_dict  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,8 +46,9 @@ def parse_args():
     ap.add_argument("--nc", default="4,8,12,16", help="widths of the random model")
     ap.add_argument("--nb", type=int, default=2, help="blocks per stage of the random model")
     ap.add_argument("--seed", type=int, default=20260211, help="seed of the random model")
-    ap.add_argument("--image", default="/work/shared/fixtures/codiff-tiny-a/gt.png",
-                    help="clean source image (default: the astronaut crop of the official fixture)")
+    ap.add_argument("--image", default=os.path.join(ROOT, "tests", "fixtures", "codiff-tiny-a", "gt.png"),
+                    help="clean source image (default: the astronaut crop of the official fixture, "
+                         "tests/fixtures/codiff-tiny-a/gt.png)")
     ap.add_argument("--crop", default="0,20,66,94", help="y,x,h,w of the crop taken from --image")
     ap.add_argument("--quality", type=int, default=20, help="JPEG quality of the test input")
     ap.add_argument("--out", default="tests/fixtures/compact", help="output folder")

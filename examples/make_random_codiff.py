@@ -1,6 +1,6 @@
 """Write a full-size, random-weight CODiff in the official file formats.
 
-    python3 examples/make_random_codiff.py /tmp/codiff-random [--seed 0] [--lora-rank 16]
+    python3 examples/make_random_codiff.py target/codiff-random [--seed 0] [--lora-rank 16]
 
 Layout of OUT_DIR (about 3.6 GB, so keep it under /tmp):
 
@@ -100,7 +100,7 @@ SCHEDULER_CONFIG = {
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out_dir", nargs="?", default="/tmp/codiff-random", help="output folder (default /tmp/codiff-random)")
+    ap.add_argument("out_dir", nargs="?", default="target/codiff-random", help="output folder (default target/codiff-random)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lora-rank", type=int, default=16, help="rank of the UNet and VAE LoRA (released model: 16)")
     ap.add_argument("--lora-b-std", type=float, default=1e-2, help="std of the random LoRA B matrices")

@@ -4,8 +4,8 @@
 Usage (from the repository root):
 
     python3 examples/side_by_side.py                       # default model and photo
-    python3 examples/side_by_side.py --weights /tmp/model.safetensors \\
-        --image /work/data/eval/skimage_astronaut.png --qf 10 --out examples/data/side_by_side.png
+    python3 examples/side_by_side.py --weights runs/cave/final.safetensors \\
+        --image data/eval/skimage_astronaut.png --qf 10 --out examples/data/side_by_side.png
 
 The photo is compressed with Pillow/libjpeg at --qf (4:2:0), decoded, and
 restored with the Rust still command (target/release/examples/restore --mode
@@ -106,7 +106,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split('\n', 2)[2])
-    ap.add_argument('--image', default='/work/data/eval/skimage_astronaut.png', help='clean photo')
+    ap.add_argument('--image', default=os.path.join(ROOT, 'data', 'eval', 'skimage_astronaut.png'),
+                    help='clean photo (default data/eval/skimage_astronaut.png of examples/get_images.py)')
     ap.add_argument('--qf', type=int, default=10, help='JPEG quality')
     ap.add_argument('--weights', default=None, help='compact CaVE model (default: the restore default)')
     ap.add_argument('--out', default=os.path.join(ROOT, 'examples', 'data', 'side_by_side.png'))

@@ -41,12 +41,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cave_model import CaVE, build_from_state_dict, export_state_dict, infer_config, load_state_dict_file  # noqa: E402
 
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Photos of examples/get_images.py: $CODIFF_DATA, else data/ in the repository.
+DATA = os.environ.get("CODIFF_DATA", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data"))
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-dir", default="/work/data/train", help="clean training photos")
-    ap.add_argument("--eval-dir", default="/work/data/eval",
+    ap.add_argument("--train-dir", default=os.path.join(DATA, "train"),
+                    help="clean training photos (default $CODIFF_DATA/train or data/train; made by examples/get_images.py)")
+    ap.add_argument("--eval-dir", default=os.path.join(DATA, "eval"),
                     help="held-out photos, only for the PSNR printed at checkpoints ('' to skip)")
     ap.add_argument("--out", default="runs/cave", help="run directory (checkpoints, final export)")
     ap.add_argument("--nc", default="8,16,64,64", help="channel widths c0,c1,c2,c3")

@@ -1,6 +1,6 @@
 //! Full-reference quality metrics for JPEG-artifact-removal evaluation: PSNR,
 //! SSIM and PSNR-B on Y and on RGB, with exactly the conventions of the
-//! project's reference script `/work/shared/tools/metrics.py`
+//! project's reference script `examples/metrics.py`
 //! (`tests/metrics.rs` checks the agreement against values it produced):
 //!
 //! * **Y**: BT.601 studio-range luma as MATLAB `rgb2ycbcr` on uint8 input,
