@@ -5,12 +5,16 @@
 //! planes with their strides. Any 8-bit packed RGB, planar, semi-planar or packed
 //! YUV format fits this description.
 //!
-//! Reading ([`read_rgb`]) turns the frame into packed RGB for the engine (YUV with
-//! the given matrix and range; sub-sampled chroma upsampled bilinearly with centred
-//! sites, as libjpeg's "fancy upsampling" does, so the engine sees what a JPEG
-//! decoder would show). Writing ([`write_rgb`]) converts the restored RGB back,
-//! averaging chroma over each sub-sampled block as a JPEG encoder does, and blends
-//! it with the original samples by `strength`. RGB frames round-trip bit-exactly;
+//! Reading ([`read_rgb_sited`]) turns the frame into packed RGB for the engine (YUV
+//! with the given matrix and range; sub-sampled chroma upsampled bilinearly from
+//! where the caps' [`ChromaSiting`] puts the samples: centred as in JPEG, where this
+//! matches libjpeg's "fancy upsampling", so the engine sees what a JPEG decoder
+//! would show, or co-sited with the first luma sample as H.264/MPEG-2 decoders
+//! send it). Writing ([`write_rgb_sited`]) converts the restored RGB back, filtering
+//! chroma onto the same sites (a box over each sub-sampled block for centred sites,
+//! as a JPEG encoder averages; a triangle centred on the luma sample for co-sited
+//! ones), and blends it with the original samples by `strength`. [`read_rgb`] and
+//! [`write_rgb`] are the same with centred (JPEG) siting. RGB frames round-trip bit-exactly;
 //! YUV frames within rounding (plus the usual chroma smoothing of sub-sampling).
 //! Alpha, padding and any byte outside the three components are never written.
 
@@ -114,6 +118,35 @@ pub enum ColorModel {
     Rgb,
     /// Components are Y, Cb (U), Cr (V).
     Yuv(YuvMatrix),
+}
+
+/// Where the samples of sub-sampled chroma sit on the luma grid, per axis: centred
+/// between the luma samples they cover (JPEG/JFIF, `GST_VIDEO_CHROMA_SITE_JPEG`) or
+/// co-sited with the first of them (`H_COSITED` / `V_COSITED` of
+/// `GstVideoChromaSite`; MPEG-2 and H.264's default is co-sited horizontally,
+/// centred vertically: `GST_VIDEO_CHROMA_SITE_MPEG2`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChromaSiting {
+    pub cosited_x: bool,
+    pub cosited_y: bool,
+}
+
+impl ChromaSiting {
+    /// Centred on both axes (JPEG).
+    pub const JPEG: Self = Self {
+        cosited_x: false,
+        cosited_y: false,
+    };
+    /// Co-sited horizontally, centred vertically (MPEG-2, H.264 "left").
+    pub const MPEG2: Self = Self {
+        cosited_x: true,
+        cosited_y: false,
+    };
+    /// Co-sited on both axes (DV, H.265 "top-left").
+    pub const COSITED: Self = Self {
+        cosited_x: true,
+        cosited_y: true,
+    };
 }
 
 /// How a frame stores its three colour components (alpha, padding and other bytes
@@ -239,17 +272,21 @@ fn to_u8(v: f32) -> u8 {
     v.round().clamp(0.0, 255.0) as u8
 }
 
-/// Sample positions and weights for bilinear upsampling with centred chroma sites:
-/// output sample `i` of a component sub-sampled by `2^shift` (of `n` samples) lies at
-/// `(i + 0.5) / 2^shift - 0.5`.
-fn upsample_taps(out_len: usize, shift: u32, n: usize) -> Vec<(usize, usize, f32)> {
+/// Sample positions and weights for bilinear upsampling: output sample `i` of a
+/// component sub-sampled by `f = 2^shift` (of `n` samples) lies at `(i + 0.5) / f - 0.5`
+/// in the component's samples when they are centred, at `i / f` when co-sited.
+fn upsample_taps(out_len: usize, shift: u32, n: usize, cosited: bool) -> Vec<(usize, usize, f32)> {
     let f = (1usize << shift) as f32;
     (0..out_len)
         .map(|i| {
             if shift == 0 {
                 return (i, i, 0.0);
             }
-            let pos = ((i as f32 + 0.5) / f - 0.5).max(0.0);
+            let pos = if cosited {
+                i as f32 / f
+            } else {
+                ((i as f32 + 0.5) / f - 0.5).max(0.0)
+            };
             let i0 = (pos.floor() as usize).min(n - 1);
             let i1 = (i0 + 1).min(n - 1);
             (i0, i1, pos - i0 as f32)
@@ -257,9 +294,49 @@ fn upsample_taps(out_len: usize, shift: u32, n: usize) -> Vec<(usize, usize, f32
         .collect()
 }
 
-/// Read a `width` x `height` frame into packed RGB (`height x width x 3`).
+/// Full-resolution samples feeding sub-sampled sample `j` (of a component
+/// sub-sampled by `f = 2^shift` on an axis of `len` samples), with weights summing
+/// to 1: the `f` samples of its block when centred (a box), a triangle of
+/// half-width `f` centred on sample `j * f` when co-sited (`1/4, 1/2, 1/4` for
+/// 4:2:x). Taps outside the frame are left out.
+fn downsample_taps(len: usize, shift: u32, n: usize, cosited: bool) -> Vec<Vec<(usize, f32)>> {
+    let f = 1usize << shift;
+    (0..n)
+        .map(|j| {
+            let mut taps: Vec<(usize, f32)> = if !cosited || shift == 0 {
+                (j * f..((j + 1) * f).min(len)).map(|i| (i, 1.0)).collect()
+            } else {
+                let c = (j * f) as isize;
+                (c - f as isize + 1..c + f as isize)
+                    .filter(|&i| i >= 0 && (i as usize) < len)
+                    .map(|i| (i as usize, 1.0 - (i - c).unsigned_abs() as f32 / f as f32))
+                    .collect()
+            };
+            let total: f32 = taps.iter().map(|t| t.1).sum();
+            for t in &mut taps {
+                t.1 /= total;
+            }
+            taps
+        })
+        .collect()
+}
+
+/// Read a `width` x `height` frame with centred (JPEG) chroma siting into packed
+/// RGB: [`read_rgb_sited`] with [`ChromaSiting::JPEG`].
 pub fn read_rgb(
     layout: &Layout,
+    planes: &[Plane<'_>],
+    width: usize,
+    height: usize,
+) -> Result<Vec<u8>, ConvertError> {
+    read_rgb_sited(layout, ChromaSiting::JPEG, planes, width, height)
+}
+
+/// Read a `width` x `height` frame into packed RGB (`height x width x 3`),
+/// upsampling sub-sampled components from the sites `siting` gives.
+pub fn read_rgb_sited(
+    layout: &Layout,
+    siting: ChromaSiting,
     planes: &[Plane<'_>],
     width: usize,
     height: usize,
@@ -276,8 +353,8 @@ pub fn read_rgb(
     for (ci, c) in layout.comps.iter().enumerate() {
         let p = &planes[c.plane];
         let (cw, ch) = c.size(width, height);
-        let tx = upsample_taps(width, c.sub_x, cw);
-        let ty = upsample_taps(height, c.sub_y, ch);
+        let tx = upsample_taps(width, c.sub_x, cw, siting.cosited_x);
+        let ty = upsample_taps(height, c.sub_y, ch, siting.cosited_y);
         let mut v = Vec::with_capacity(width * height);
         for &(y0, y1, fy) in &ty {
             for &(x0, x1, fx) in &tx {
@@ -310,13 +387,27 @@ pub fn read_rgb(
     Ok(out)
 }
 
-/// Write the engine's `restored` RGB image (same size as the frame) back into the
-/// frame: each sample becomes `original + strength * (converted - original)`, the
-/// converted value being the restored colour in the frame's colour space, averaged
-/// over sub-sampled blocks. `strength` is clamped to 0..1 (0 writes nothing); bytes
-/// outside the three components are not touched.
+/// [`write_rgb_sited`] with centred (JPEG) chroma siting.
 pub fn write_rgb(
     layout: &Layout,
+    planes: &mut [PlaneMut<'_>],
+    width: usize,
+    height: usize,
+    restored: &[u8],
+    strength: f32,
+) -> Result<(), ConvertError> {
+    write_rgb_sited(layout, ChromaSiting::JPEG, planes, width, height, restored, strength)
+}
+
+/// Write the engine's `restored` RGB image (same size as the frame) back into the
+/// frame: each sample becomes `original + strength * (converted - original)`, the
+/// converted value being the restored colour in the frame's colour space, filtered
+/// onto the sub-sampled sites `siting` gives (see [`downsample_taps`]). `strength`
+/// is clamped to 0..1 (0 writes nothing); bytes outside the three components are
+/// not touched.
+pub fn write_rgb_sited(
+    layout: &Layout,
+    siting: ChromaSiting,
     planes: &mut [PlaneMut<'_>],
     width: usize,
     height: usize,
@@ -353,17 +444,15 @@ pub fn write_rgb(
         let p = &mut planes[c.plane];
         let (cw, ch) = c.size(width, height);
         let v = &full[ci];
-        for cy in 0..ch {
-            let ys = cy << c.sub_y..((cy + 1) << c.sub_y).min(height);
-            for cx in 0..cw {
-                let xs = cx << c.sub_x..((cx + 1) << c.sub_x).min(width);
-                let mut sum = 0f32;
-                for y in ys.clone() {
-                    sum += v[y * width + xs.start..y * width + xs.end]
-                        .iter()
-                        .sum::<f32>();
+        let tx = downsample_taps(width, c.sub_x, cw, siting.cosited_x);
+        let ty = downsample_taps(height, c.sub_y, ch, siting.cosited_y);
+        for (cy, ys) in ty.iter().enumerate() {
+            for (cx, xs) in tx.iter().enumerate() {
+                let mut converted = 0f32;
+                for &(y, wy) in ys {
+                    let row = &v[y * width..(y + 1) * width];
+                    converted += wy * xs.iter().map(|&(x, wx)| wx * row[x]).sum::<f32>();
                 }
-                let converted = sum / (ys.len() * xs.len()) as f32;
                 let idx = index(c, p.stride, cx, cy);
                 let old = p.data[idx] as f32;
                 p.data[idx] = to_u8(old + strength * (converted - old));
@@ -843,5 +932,106 @@ mod tests {
         assert_eq!(read_rgb(&layout, &one, 1, 1).unwrap().len(), 3);
         // Empty frames are fine.
         assert!(read_rgb(&layout, &one, 0, 0).unwrap().is_empty());
+    }
+
+    /// An I420 frame whose chroma is a horizontal ramp sampled left-cosited (as an
+    /// H.264 decoder delivers it) against the full-resolution picture it stands for.
+    fn cosited_ramp(w: usize, h: usize) -> (Layout, Vec<(Vec<u8>, usize)>, Vec<u8>) {
+        let m = YuvMatrix::BT601_FULL;
+        let layout = planar(m, 1, 1);
+        // Full-resolution Y, Cb, Cr: flat luma, chroma ramps along x (steep, but
+        // inside the RGB gamut for w <= 16, so that no colour is clipped).
+        let cb = |x: f32| 60.0 + 8.0 * x;
+        let cr = |x: f32| 190.0 - 8.0 * x;
+        let truth: Vec<u8> = (0..h)
+            .flat_map(|_| {
+                (0..w).flat_map(move |x| {
+                    m.to_rgb(128.0, cb(x as f32), cr(x as f32))
+                        .map(to_u8)
+                })
+            })
+            .collect();
+        let (cw, ch) = layout.comps[1].size(w, h);
+        let plane = |f: &dyn Fn(f32) -> f32| -> Vec<u8> {
+            (0..ch)
+                .flat_map(|_| (0..cw).map(|j| to_u8(f((2 * j) as f32))).collect::<Vec<_>>())
+                .collect()
+        };
+        let planes = vec![(vec![128u8; w * h], w), (plane(&cb), cw), (plane(&cr), cw)];
+        (layout, planes, truth)
+    }
+
+    fn read_sited(layout: &Layout, s: ChromaSiting, planes: &[(Vec<u8>, usize)], w: usize, h: usize) -> Vec<u8> {
+        let p: Vec<_> = planes.iter().map(|(d, st)| Plane { data: d, stride: *st }).collect();
+        read_rgb_sited(layout, s, &p, w, h).unwrap()
+    }
+
+    fn mean_abs(a: &[u8], b: &[u8]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.len() as f64
+    }
+
+    #[test]
+    fn left_cosited_chroma_reads_and_writes_better_with_its_siting() {
+        let (w, h) = (16, 8);
+        let (layout, planes, truth) = cosited_ramp(w, h);
+        // Reading: the picture seen with the caps' siting is the true one (within
+        // rounding); assuming centred sites shifts chroma by half a luma pixel.
+        let right = mean_abs(&read_sited(&layout, ChromaSiting::MPEG2, &planes, w, h), &truth);
+        let wrong = mean_abs(&read_sited(&layout, ChromaSiting::JPEG, &planes, w, h), &truth);
+        eprintln!("left-cosited ramp read: mean RGB error {right:.3} (MPEG-2 siting) vs {wrong:.3} (centred)");
+        // (all of it in the last column, which has no chroma sample to its right)
+        assert!(right < 1.0, "MPEG-2 siting: mean error {right}");
+        assert!(wrong > 2.0 * right + 0.5, "centred {wrong} vs MPEG-2 {right}");
+
+        // Writing the true picture back: co-sited filtering reproduces the decoder's
+        // chroma samples; a box over each block (centred) moves them.
+        let write_planes = |s: ChromaSiting| {
+            let mut out = planes.clone();
+            let mut p: Vec<_> = out.iter_mut().map(|(d, st)| PlaneMut { data: d, stride: *st }).collect();
+            write_rgb_sited(&layout, s, &mut p, w, h, &truth, 1.0).unwrap();
+            out
+        };
+        let chroma_err = |out: &[(Vec<u8>, usize)]| {
+            // interior samples (the first column's triangle is cut by the frame edge)
+            let (cw, _) = layout.comps[1].size(w, h);
+            let mut e = 0i32;
+            for c in 1..3 {
+                for (i, (a, b)) in out[c].0.iter().zip(&planes[c].0).enumerate() {
+                    if i % cw != 0 {
+                        e = e.max((*a as i32 - *b as i32).abs());
+                    }
+                }
+            }
+            e
+        };
+        let right = chroma_err(&write_planes(ChromaSiting::MPEG2));
+        let wrong = chroma_err(&write_planes(ChromaSiting::JPEG));
+        eprintln!("left-cosited ramp write: chroma moved by {right} (MPEG-2 siting) vs {wrong} (centred)");
+        assert!(right <= 1, "MPEG-2 siting moved chroma by {right}");
+        assert!(wrong >= 3, "centred siting moved chroma by only {wrong}");
+
+        // And a full read -> write round trip with the right siting keeps the planes
+        // (within the rounding of the 8-bit RGB in between).
+        let rgb = read_sited(&layout, ChromaSiting::MPEG2, &planes, w, h);
+        let mut out = planes.clone();
+        let mut p: Vec<_> = out.iter_mut().map(|(d, st)| PlaneMut { data: d, stride: *st }).collect();
+        write_rgb_sited(&layout, ChromaSiting::MPEG2, &mut p, w, h, &rgb, 1.0).unwrap();
+        assert!(chroma_err(&out) <= 2, "round trip moved chroma by {}", chroma_err(&out));
+    }
+
+    #[test]
+    fn downsample_taps_are_normalised_boxes_or_triangles() {
+        let boxes = downsample_taps(5, 1, 3, false);
+        assert_eq!(boxes[0], vec![(0, 0.5), (1, 0.5)]);
+        assert_eq!(boxes[2], vec![(4, 1.0)]);
+        let tri = downsample_taps(5, 1, 3, true);
+        assert_eq!(tri[1], vec![(1, 0.25), (2, 0.5), (3, 0.25)]);
+        // the left edge drops the tap outside the frame and renormalises
+        assert_eq!(tri[0], vec![(0, 2.0 / 3.0), (1, 1.0 / 3.0)]);
+        assert_eq!(downsample_taps(4, 0, 4, true)[2], vec![(2, 1.0)]);
+        // co-sited upsampling puts chroma sample j on luma sample 2j
+        let up = upsample_taps(6, 1, 3, true);
+        assert_eq!((up[2].0, up[2].2), (1, 0.0));
+        assert_eq!((up[3].0, up[3].1, up[3].2), (1, 2, 0.5));
     }
 }
