@@ -21,5 +21,5 @@ gst::plugin_define!(
     "Apache-2.0",
     env!("CARGO_PKG_NAME"),
     env!("CARGO_PKG_NAME"),
-    "https://github.com/jp-guo/CODiff"
+    env!("CARGO_PKG_REPOSITORY")
 );

@@ -224,11 +224,32 @@ impl RgbImage {
     }
 }
 
-/// Default location of the shipped compact model: `$CODIFF_WEIGHTS` if set, else
-/// `weights/codiff-cave-compact.safetensors` in the source tree this was built from.
+/// Name of the shipped compact model's file, in `weights/` of the source tree and
+/// in the installed data directory (`<prefix>/share/codiff/`).
+pub const DEFAULT_WEIGHTS_FILE: &str = "codiff-cave-compact.safetensors";
+
+/// Data directory fixed at build time: `meson install` builds with
+/// `CODIFF_DATADIR=<prefix>/<datadir>/codiff` and installs the default weights there.
+pub const BUILD_DATADIR: Option<&str> = option_env!("CODIFF_DATADIR");
+
+/// Default location of the shipped compact model, the first of:
+/// 1. `$CODIFF_WEIGHTS` when set (used as given, even if missing: the load error names it);
+/// 2. `CODIFF_DATADIR/codiff-cave-compact.safetensors`, the installed data directory
+///    fixed at build time (see [`BUILD_DATADIR`]), when that file exists;
+/// 3. `weights/codiff-cave-compact.safetensors` in the source tree this was built from
+///    (a development build), when that file exists.
+///
+/// When neither 2 nor 3 exists the installed path (or, without one, the source
+/// tree's) is returned, so the load error names where the file was expected.
 pub fn default_weights_path() -> PathBuf {
-    match std::env::var_os("CODIFF_WEIGHTS") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights").join("codiff-cave-compact.safetensors"),
+    if let Some(p) = std::env::var_os("CODIFF_WEIGHTS") {
+        return PathBuf::from(p);
+    }
+    let installed = BUILD_DATADIR.filter(|d| !d.is_empty()).map(|d| PathBuf::from(d).join(DEFAULT_WEIGHTS_FILE));
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights").join(DEFAULT_WEIGHTS_FILE);
+    match installed {
+        Some(p) if p.is_file() => p,
+        Some(p) if !source.is_file() => p,
+        _ => source,
     }
 }
