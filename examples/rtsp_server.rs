@@ -79,6 +79,11 @@ fn main() {
         wire_quality: args.wire_quality,
         codiff_properties: args.codiff,
     };
+    // This binary's own build of the plugin, so that no GST_PLUGIN_PATH is needed.
+    if let Err(e) = gst::init().map_err(|e| e.to_string()).and_then(|_| gstcodiff::plugin_register_static().map_err(|e| e.to_string())) {
+        eprintln!("rtsp_server: cannot register the codiff plugin: {e}");
+        std::process::exit(1);
+    }
     let frames = AtomicU64::new(0);
     let server = match rtsp::Server::start(&options, move |event| match event {
         rtsp::MediaEvent::Qf(s) => {

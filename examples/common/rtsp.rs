@@ -143,6 +143,13 @@ impl Server {
         on_event: impl Fn(MediaEvent<'_>) + Send + Sync + 'static,
     ) -> Result<Server, String> {
         gst::init().map_err(|e| format!("GStreamer: {e}"))?;
+        // The factory's launch line would otherwise leave a gap where codiff is
+        // missing and fail only when a client plays the media.
+        for name in ["codiff", "rtpjpegpay", "jpegenc", "jpegdec", "videoconvert"] {
+            if gst::ElementFactory::find(name).is_none() {
+                return Err(format!("no GStreamer element {name:?} (codiff: register the plugin or set GST_PLUGIN_PATH)"));
+            }
+        }
         if !options.mount.starts_with('/') {
             return Err(format!("mount {:?} must start with '/'", options.mount));
         }
