@@ -12,17 +12,13 @@ use gst_base::subclass::prelude::*;
 use gst_video::prelude::*;
 use gst_video::subclass::prelude::*;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{LazyLock, Mutex};
 use std::time::Instant;
 
-use super::cache;
 use super::convert::{self, ColorModel, Component, Layout, Plane, PlaneMut, YuvMatrix};
-use crate::engine::{
-    default_weights_path, ColorFix, DeviceSpec, Engine, EngineError, Mode, ModelSpec, Precision,
-    RestoreOptions, RgbImage,
-};
+use super::loading::{guarded, mode_name, Model};
+use super::settings::{self, Settings};
+use crate::engine::RgbImage;
 
 pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -35,225 +31,6 @@ pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 /// Name of the custom meta carrying the quality estimate of a processed buffer.
 pub const QF_META_NAME: &str = "CodiffQfMeta";
 
-/// Which network restores the frames.
-#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
-#[repr(u32)]
-#[enum_type(name = "GstCodiffMode")]
-pub enum CodiffMode {
-    #[default]
-    #[enum_value(
-        name = "Diffusion when sd-model and codiff-checkpoint are set, else CaVE",
-        nick = "auto"
-    )]
-    Auto = 0,
-    #[enum_value(
-        name = "CaVE reconstruction (compact weights or cave-checkpoint)",
-        nick = "cave"
-    )]
-    Cave = 1,
-    #[enum_value(
-        name = "One-step diffusion (SD-2.1-base + CODiff LoRA)",
-        nick = "diffusion"
-    )]
-    Diffusion = 2,
-}
-
-/// Floating-point precision of the UNet and VAE.
-#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
-#[repr(u32)]
-#[enum_type(name = "GstCodiffPrecision")]
-pub enum CodiffPrecision {
-    #[default]
-    #[enum_value(name = "f32 on CPU, f16 on CUDA", nick = "auto")]
-    Auto = 0,
-    #[enum_value(name = "32-bit float", nick = "f32")]
-    F32 = 1,
-    #[enum_value(name = "16-bit float", nick = "f16")]
-    F16 = 2,
-    #[enum_value(name = "bfloat16", nick = "bf16")]
-    Bf16 = 3,
-}
-
-/// Colour correction of the restored frame against the input.
-#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
-#[repr(u32)]
-#[enum_type(name = "GstCodiffColorFix")]
-pub enum CodiffColorFix {
-    #[default]
-    #[enum_value(name = "AdaIN: match channel mean and deviation", nick = "adain")]
-    Adain = 0,
-    #[enum_value(name = "Wavelet: keep the input's low frequencies", nick = "wavelet")]
-    Wavelet = 1,
-    #[enum_value(name = "None", nick = "none")]
-    None = 2,
-}
-
-impl From<CodiffPrecision> for Precision {
-    fn from(p: CodiffPrecision) -> Self {
-        match p {
-            CodiffPrecision::Auto => Precision::Auto,
-            CodiffPrecision::F32 => Precision::F32,
-            CodiffPrecision::F16 => Precision::F16,
-            CodiffPrecision::Bf16 => Precision::Bf16,
-        }
-    }
-}
-
-impl From<CodiffColorFix> for ColorFix {
-    fn from(c: CodiffColorFix) -> Self {
-        match c {
-            CodiffColorFix::Adain => ColorFix::Adain,
-            CodiffColorFix::Wavelet => ColorFix::Wavelet,
-            CodiffColorFix::None => ColorFix::None,
-        }
-    }
-}
-
-const DEFAULT_MODE: CodiffMode = CodiffMode::Auto;
-const DEFAULT_DEVICE: &str = "cpu";
-const DEFAULT_PRECISION: CodiffPrecision = CodiffPrecision::Auto;
-const DEFAULT_COLOR_FIX: CodiffColorFix = CodiffColorFix::Adain;
-const DEFAULT_LATENT_TILE: u32 = 96;
-const MAX_LATENT_TILE: u32 = 4096;
-const DEFAULT_LATENT_OVERLAP: u32 = 32;
-const MAX_LATENT_OVERLAP: u32 = 2048;
-const DEFAULT_VAE_ENCODER_TILE: u32 = 1024;
-const DEFAULT_VAE_DECODER_TILE: u32 = 224;
-const DEFAULT_CAVE_TILE: u32 = 2048;
-const MAX_PIXEL_TILE: u32 = 32768;
-const DEFAULT_STRENGTH: f64 = 1.0;
-const DEFAULT_QF: u32 = 0;
-const DEFAULT_ENABLED: bool = true;
-/// The default `weights` is [`default_weights_path()`] (`$CODIFF_WEIGHTS` or the
-/// source tree's `weights/codiff-cave-compact.safetensors`).
-static DEFAULT_WEIGHTS: LazyLock<String> =
-    LazyLock::new(|| default_weights_path().to_string_lossy().into_owned());
-
-/// Property values.
-#[derive(Debug, Clone)]
-struct Settings {
-    mode: CodiffMode,
-    weights: PathBuf,
-    sd_model: Option<PathBuf>,
-    codiff_checkpoint: Option<PathBuf>,
-    cave_checkpoint: Option<PathBuf>,
-    device: String,
-    precision: CodiffPrecision,
-    color_fix: CodiffColorFix,
-    latent_tile: u32,
-    latent_overlap: u32,
-    vae_encoder_tile: u32,
-    vae_decoder_tile: u32,
-    cave_tile: u32,
-    strength: f64,
-    qf: u32,
-    enabled: bool,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            mode: DEFAULT_MODE,
-            weights: PathBuf::from(DEFAULT_WEIGHTS.as_str()),
-            sd_model: None,
-            codiff_checkpoint: None,
-            cave_checkpoint: None,
-            device: DEFAULT_DEVICE.to_string(),
-            precision: DEFAULT_PRECISION,
-            color_fix: DEFAULT_COLOR_FIX,
-            latent_tile: DEFAULT_LATENT_TILE,
-            latent_overlap: DEFAULT_LATENT_OVERLAP,
-            vae_encoder_tile: DEFAULT_VAE_ENCODER_TILE,
-            vae_decoder_tile: DEFAULT_VAE_DECODER_TILE,
-            cave_tile: DEFAULT_CAVE_TILE,
-            strength: DEFAULT_STRENGTH,
-            qf: DEFAULT_QF,
-            enabled: DEFAULT_ENABLED,
-        }
-    }
-}
-
-impl Settings {
-    /// The files and device to load, checked: the mode resolved, the device parsed,
-    /// and every file the engine will open present.
-    fn model_spec(&self) -> Result<ModelSpec, gst::ErrorMessage> {
-        let mode = match self.mode {
-            CodiffMode::Cave => Mode::Cave,
-            CodiffMode::Diffusion => Mode::Diffusion,
-            CodiffMode::Auto if self.sd_model.is_some() && self.codiff_checkpoint.is_some() => {
-                Mode::Diffusion
-            }
-            CodiffMode::Auto => Mode::Cave,
-        };
-        let device: DeviceSpec = self.device.parse().map_err(|err| {
-            gst::error_msg!(
-                gst::ResourceError::Settings,
-                ["Invalid device property: {err}"]
-            )
-        })?;
-
-        let mut files: Vec<(&str, &Path)> = Vec::new();
-        match &self.cave_checkpoint {
-            Some(cave) => files.push(("cave-checkpoint", cave)),
-            None => files.push(("weights", &self.weights)),
-        }
-        if mode == Mode::Diffusion {
-            match (&self.sd_model, &self.codiff_checkpoint) {
-                (Some(sd), Some(codiff)) => {
-                    files.push(("sd-model", sd));
-                    files.push(("codiff-checkpoint", codiff));
-                }
-                _ => {
-                    return Err(gst::error_msg!(
-                        gst::ResourceError::Settings,
-                        ["mode=diffusion needs both sd-model and codiff-checkpoint"]
-                    ))
-                }
-            }
-        }
-        for (property, path) in files {
-            if !path.exists() {
-                return Err(gst::error_msg!(
-                    gst::ResourceError::NotFound,
-                    ("{property} file not found: {}", path.display()),
-                    ["Set the {property} property to an existing file"]
-                ));
-            }
-        }
-
-        let (sd_dir, codiff) = match mode {
-            Mode::Diffusion => (self.sd_model.clone(), self.codiff_checkpoint.clone()),
-            Mode::Cave => (None, None),
-        };
-        Ok(ModelSpec {
-            mode,
-            weights: self.weights.clone(),
-            sd_dir,
-            codiff,
-            cave: self.cave_checkpoint.clone(),
-            device,
-            precision: self.precision.into(),
-        })
-    }
-
-    fn restore_options(&self) -> RestoreOptions {
-        RestoreOptions {
-            color_fix: self.color_fix.into(),
-            latent_tile: self.latent_tile as usize,
-            latent_overlap: self.latent_overlap as usize,
-            vae_encoder_tile: self.vae_encoder_tile as usize,
-            vae_decoder_tile: self.vae_decoder_tile as usize,
-            cave_tile: self.cave_tile as usize,
-            ..Default::default()
-        }
-    }
-}
-
-/// The loaded model and what it was loaded from.
-struct Model {
-    spec: ModelSpec,
-    engine: Arc<Engine>,
-}
 
 /// Per-stream state, built in `set_info`.
 struct State {
@@ -271,52 +48,14 @@ struct Stats {
 
 #[derive(Default)]
 pub struct Codiff {
-    settings: Mutex<Settings>,
-    model: Mutex<Option<Model>>,
+    pub(super) settings: Mutex<Settings>,
+    pub(super) model: Mutex<Option<Model>>,
     state: Mutex<Option<State>>,
     stats: Mutex<Stats>,
     /// QF of the frame just processed, for `transform_ip` to attach as meta.
     pending_qf: Mutex<Option<f64>>,
 }
 
-/// Why a call into the engine failed.
-#[derive(Debug)]
-enum Failure {
-    Engine(EngineError),
-    Panic(String),
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            // EngineError's Display names the file, tensor key and shapes.
-            Failure::Engine(err) => write!(f, "{err}"),
-            Failure::Panic(what) => write!(f, "engine panicked: {what}"),
-        }
-    }
-}
-
-/// Run engine code, turning a panic into an error instead of unwinding into C.
-fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, Failure> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(err)) => Err(Failure::Engine(err)),
-        Err(payload) => Err(Failure::Panic(
-            payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string()),
-        )),
-    }
-}
-
-fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Cave => "cave",
-        Mode::Diffusion => "diffusion",
-    }
-}
 
 /// Where the three colour components of `info`'s format live, or `None` for formats
 /// the element does not handle (not 8 bits, not RGB or YUV, fewer than 3 components).
@@ -354,75 +93,6 @@ fn layout_for(info: &gst_video::VideoInfo) -> Option<Layout> {
 }
 
 impl Codiff {
-    /// Load (or take from the cache) the model the properties name, unless the one
-    /// held already matches them.
-    fn ensure_model(&self) -> Result<(), gst::ErrorMessage> {
-        let spec = self.settings.lock().unwrap().model_spec()?;
-        if let Some(model) = self.model.lock().unwrap().as_ref() {
-            if model.spec == spec {
-                return Ok(());
-            }
-        }
-        // Drop a model loaded for other settings before loading the new one.
-        self.model.lock().unwrap().take();
-
-        let obj = self.obj();
-        // Each step is posted twice: as a `codiff-progress` element message (field
-        // `step`) and as a GstProgress message (code `load`).
-        let post_step = |kind: gst::ProgressType, step: &str| {
-            gst::info!(CAT, imp = self, "model: {step}");
-            let s = gst::Structure::builder("codiff-progress")
-                .field("step", step)
-                .build();
-            let _ = obj.post_message(gst::message::Element::builder(s).src(&*obj).build());
-            let _ = obj.post_message(
-                gst::message::Progress::builder(kind, "load", step)
-                    .src(&*obj)
-                    .build(),
-            );
-        };
-        post_step(
-            gst::ProgressType::Start,
-            &format!("loading {} model on {}", mode_name(spec.mode), spec.device),
-        );
-        let started = Instant::now();
-        let mut progress = |step: &str| post_step(gst::ProgressType::Continue, step);
-        let result = guarded(|| cache::engine(&spec, &mut progress));
-
-        let (engine, loaded) = match result {
-            Ok(v) => v,
-            Err(err) => {
-                let text = err.to_string();
-                post_step(gst::ProgressType::Error, &format!("loading failed: {text}"));
-                return Err(match err {
-                    Failure::Engine(EngineError::NotFound { .. }) => gst::error_msg!(
-                        gst::ResourceError::NotFound,
-                        ("Cannot load the CODiff model: {text}"),
-                        ["{spec:?}"]
-                    ),
-                    Failure::Engine(EngineError::Io { .. }) => gst::error_msg!(
-                        gst::ResourceError::OpenRead,
-                        ("Cannot load the CODiff model: {text}"),
-                        ["{spec:?}"]
-                    ),
-                    _ => gst::error_msg!(
-                        gst::LibraryError::Init,
-                        ("Cannot load the CODiff model: {text}"),
-                        ["{spec:?}"]
-                    ),
-                });
-            }
-        };
-        let done = if loaded {
-            format!("model loaded in {:.1} s", started.elapsed().as_secs_f64())
-        } else {
-            "reusing the model already loaded by another element".to_string()
-        };
-        post_step(gst::ProgressType::Complete, &done);
-        *self.model.lock().unwrap() = Some(Model { spec, engine });
-        Ok(())
-    }
-
     /// Post a stream error naming `cause`; the caller returns the flow error.
     fn fail(&self, what: &str, cause: impl std::fmt::Display) -> gst::FlowError {
         gst::element_imp_error!(
@@ -479,112 +149,7 @@ impl ObjectSubclass for Codiff {
 
 impl ObjectImpl for Codiff {
     fn properties() -> &'static [glib::ParamSpec] {
-        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
-            vec![
-                glib::ParamSpecEnum::builder_with_default("mode", DEFAULT_MODE)
-                    .nick("Mode")
-                    .blurb("Restoration network: auto picks diffusion when sd-model and codiff-checkpoint are set, else CaVE")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("weights")
-                    .nick("Weights")
-                    .blurb("Compact CaVE model (safetensors); default $CODIFF_WEIGHTS or the shipped weights/codiff-cave-compact.safetensors")
-                    .default_value(Some(DEFAULT_WEIGHTS.as_str()))
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("sd-model")
-                    .nick("SD model")
-                    .blurb("Stable Diffusion 2.1-base folder in diffusers layout (unet/, vae/, scheduler/), for mode=diffusion")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("codiff-checkpoint")
-                    .nick("CODiff checkpoint")
-                    .blurb("Official codiff.pkl (LoRA and projection), for mode=diffusion")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("cave-checkpoint")
-                    .nick("CaVE checkpoint")
-                    .blurb("Official cave.pth (or a safetensors CaVE); replaces the CaVE of the weights file")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("device")
-                    .nick("Device")
-                    .blurb("Where the model runs: cpu, cuda or cuda:N")
-                    .default_value(Some(DEFAULT_DEVICE))
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecEnum::builder_with_default("precision", DEFAULT_PRECISION)
-                    .nick("Precision")
-                    .blurb("Floating-point precision of the UNet and VAE")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecEnum::builder_with_default("color-fix", DEFAULT_COLOR_FIX)
-                    .nick("Colour fix")
-                    .blurb("Colour correction of the restored frame against the input")
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("latent-tile")
-                    .nick("Latent tile")
-                    .blurb("Side of the latent tiles in latent pixels (1/8 of image pixels), 0 = never tile")
-                    .maximum(MAX_LATENT_TILE)
-                    .default_value(DEFAULT_LATENT_TILE)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("latent-overlap")
-                    .nick("Latent overlap")
-                    .blurb("Overlap of neighbouring latent tiles in latent pixels (less than latent-tile)")
-                    .maximum(MAX_LATENT_OVERLAP)
-                    .default_value(DEFAULT_LATENT_OVERLAP)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("vae-encoder-tile")
-                    .nick("VAE encoder tile")
-                    .blurb("VAE encoder tile side in image pixels (diffusion mode; the official \
-                            vae_encoder_tiled_size): frames larger than this are encoded in tiles, 0 = never tile")
-                    .maximum(MAX_PIXEL_TILE)
-                    .default_value(DEFAULT_VAE_ENCODER_TILE)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("vae-decoder-tile")
-                    .nick("VAE decoder tile")
-                    .blurb("VAE decoder tile side in latent pixels (1 latent px = 8 image px; diffusion mode; \
-                            the official vae_decoder_tiled_size): larger latents are decoded in tiles, 0 = never tile")
-                    .maximum(MAX_PIXEL_TILE / 8)
-                    .default_value(DEFAULT_VAE_DECODER_TILE)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("cave-tile")
-                    .nick("CaVE tile")
-                    .blurb("Largest side of the CaVE encoder tiles in image pixels for larger frames (the \
-                            stitched embedding is exact; at least 736 for the official CaVE), 0 = never tile")
-                    .maximum(MAX_PIXEL_TILE)
-                    .default_value(DEFAULT_CAVE_TILE)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecDouble::builder("strength")
-                    .nick("Strength")
-                    .blurb("Blend between the input (0) and the restored frame (1)")
-                    .minimum(0.0)
-                    .maximum(1.0)
-                    .default_value(DEFAULT_STRENGTH)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("qf")
-                    .nick("Quality factor")
-                    .blurb("Known JPEG quality (1-100) reported instead of CaVE's estimate; 0 = estimate")
-                    .maximum(100)
-                    .default_value(DEFAULT_QF)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecBoolean::builder("enabled")
-                    .nick("Enabled")
-                    .blurb("Restore frames; when false, buffers pass through untouched")
-                    .default_value(DEFAULT_ENABLED)
-                    .mutable_playing()
-                    .build(),
-            ]
-        });
-        PROPERTIES.as_ref()
+        settings::param_specs()
     }
 
     fn constructed(&self) {
@@ -594,82 +159,19 @@ impl ObjectImpl for Codiff {
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
-        let path = |v: &glib::Value| {
-            v.get::<Option<String>>()
-                .expect("type checked upstream")
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-        };
-        let mut settings = self.settings.lock().unwrap();
-        match pspec.name() {
-            "mode" => settings.mode = value.get().expect("type checked upstream"),
-            "weights" => {
-                settings.weights =
-                    path(value).unwrap_or_else(|| PathBuf::from(DEFAULT_WEIGHTS.as_str()))
-            }
-            "sd-model" => settings.sd_model = path(value),
-            "codiff-checkpoint" => settings.codiff_checkpoint = path(value),
-            "cave-checkpoint" => settings.cave_checkpoint = path(value),
-            "device" => {
-                let device = value
-                    .get::<Option<String>>()
-                    .expect("type checked upstream")
-                    .unwrap_or_else(|| DEFAULT_DEVICE.to_string());
-                if let Err(err) = device.parse::<DeviceSpec>() {
-                    // Kept as is: loading fails with this message.
-                    gst::warning!(CAT, imp = self, "{err}");
-                }
-                settings.device = device;
-            }
-            "precision" => settings.precision = value.get().expect("type checked upstream"),
-            "color-fix" => settings.color_fix = value.get().expect("type checked upstream"),
-            "latent-tile" => settings.latent_tile = value.get().expect("type checked upstream"),
-            "latent-overlap" => {
-                settings.latent_overlap = value.get().expect("type checked upstream")
-            }
-            "vae-encoder-tile" => settings.vae_encoder_tile = value.get().expect("type checked upstream"),
-            "vae-decoder-tile" => settings.vae_decoder_tile = value.get().expect("type checked upstream"),
-            "cave-tile" => settings.cave_tile = value.get().expect("type checked upstream"),
-            "strength" => settings.strength = value.get().expect("type checked upstream"),
-            "qf" => settings.qf = value.get().expect("type checked upstream"),
-            "enabled" => {
-                let enabled = value.get().expect("type checked upstream");
-                settings.enabled = enabled;
-                drop(settings);
-                self.obj().set_passthrough(!enabled);
-                return;
-            }
-            other => unimplemented!("property {other}"),
+        let warnings = self.settings.lock().unwrap().set(value, pspec);
+        for warning in warnings {
+            gst::warning!(CAT, imp = self, "{warning}");
         }
         gst::debug!(CAT, imp = self, "{} set to {:?}", pspec.name(), value);
+        if pspec.name() == "enabled" {
+            let enabled = value.get::<bool>().expect("type checked upstream");
+            self.obj().set_passthrough(!enabled);
+        }
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
-        let settings = self.settings.lock().unwrap();
-        let path = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map(|p| p.to_string_lossy().into_owned())
-                .to_value()
-        };
-        match pspec.name() {
-            "mode" => settings.mode.to_value(),
-            "weights" => settings.weights.to_string_lossy().to_value(),
-            "sd-model" => path(&settings.sd_model),
-            "codiff-checkpoint" => path(&settings.codiff_checkpoint),
-            "cave-checkpoint" => path(&settings.cave_checkpoint),
-            "device" => settings.device.to_value(),
-            "precision" => settings.precision.to_value(),
-            "color-fix" => settings.color_fix.to_value(),
-            "latent-tile" => settings.latent_tile.to_value(),
-            "latent-overlap" => settings.latent_overlap.to_value(),
-            "vae-encoder-tile" => settings.vae_encoder_tile.to_value(),
-            "vae-decoder-tile" => settings.vae_decoder_tile.to_value(),
-            "cave-tile" => settings.cave_tile.to_value(),
-            "strength" => settings.strength.to_value(),
-            "qf" => settings.qf.to_value(),
-            "enabled" => settings.enabled.to_value(),
-            other => unimplemented!("property {other}"),
-        }
+        self.settings.lock().unwrap().get(pspec)
     }
 }
 
@@ -918,78 +420,6 @@ impl VideoFilterImpl for Codiff {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn engine_panics_and_errors_become_failures() {
-        let r: Result<(), _> = guarded(|| panic!("boom {}", 7));
-        assert!(
-            matches!(&r, Err(Failure::Panic(m)) if m == "boom 7"),
-            "{r:?}"
-        );
-        assert_eq!(r.unwrap_err().to_string(), "engine panicked: boom 7");
-        let r: Result<(), _> = guarded(|| {
-            Err(EngineError::NotFound {
-                path: "/x/w.safetensors".into(),
-            })
-        });
-        assert_eq!(
-            r.unwrap_err().to_string(),
-            "/x/w.safetensors: file not found"
-        );
-        assert_eq!(guarded(|| Ok(3)).unwrap(), 3);
-    }
-
-    #[test]
-    fn settings_resolve_the_mode_and_check_files() {
-        let dir = std::env::temp_dir().join(format!("codiff-settings-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = |name: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, b"").unwrap();
-            p
-        };
-        let mut s = Settings {
-            weights: file("w.safetensors"),
-            ..Settings::default()
-        };
-        assert_eq!(s.model_spec().unwrap().mode, Mode::Cave);
-        s.sd_model = Some(dir.clone());
-        assert_eq!(
-            s.model_spec().unwrap().mode,
-            Mode::Cave,
-            "auto needs both files"
-        );
-        s.codiff_checkpoint = Some(file("codiff.pkl"));
-        let spec = s.model_spec().unwrap();
-        assert_eq!(
-            (spec.mode, spec.sd_dir.as_deref()),
-            (Mode::Diffusion, Some(dir.as_path()))
-        );
-        s.mode = CodiffMode::Cave;
-        let spec = s.model_spec().unwrap();
-        assert_eq!(
-            (spec.mode, spec.sd_dir, spec.codiff),
-            (Mode::Cave, None, None)
-        );
-        s.device = "cuda:1".into();
-        assert_eq!(s.model_spec().unwrap().device, DeviceSpec::Cuda(1));
-        s.device = "tpu".into();
-        assert!(s.model_spec().unwrap_err().to_string().contains("tpu"));
-        s.device = "cpu".into();
-        s.weights = dir.join("missing.safetensors");
-        let err = format!("{:?}", s.model_spec().unwrap_err());
-        assert!(
-            err.contains("missing.safetensors") && err.contains("weights"),
-            "{err}"
-        );
-        // A CaVE checkpoint replaces the weights file.
-        s.cave_checkpoint = Some(file("cave.pth"));
-        assert!(s.model_spec().is_ok());
-        s.mode = CodiffMode::Diffusion;
-        s.codiff_checkpoint = None;
-        assert!(format!("{:?}", s.model_spec().unwrap_err()).contains("codiff-checkpoint"));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 
     #[test]
     fn layouts_of_common_formats() {

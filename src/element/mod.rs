@@ -34,11 +34,14 @@ use gst::glib;
 use gst::prelude::*;
 
 mod imp;
+mod loading;
+mod settings;
 
 pub mod cache;
 pub mod convert;
 
-pub use imp::{CodiffColorFix, CodiffMode, CodiffPrecision, QF_META_NAME};
+pub use imp::QF_META_NAME;
+pub use settings::{CodiffColorFix, CodiffMode, CodiffPrecision};
 
 glib::wrapper! {
     pub struct Codiff(ObjectSubclass<imp::Codiff>)
