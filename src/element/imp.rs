@@ -4,6 +4,13 @@
 //! copied or cloned at the top of each call and never held while the engine runs.
 //! The model is loaded at NULL->READY (again at READY->PAUSED if a model property
 //! changed in READY), shared through [`super::cache`], and released at READY->NULL.
+//! Model properties (`mutable_ready`) set in PAUSED or PLAYING are kept pending,
+//! with a warning, and applied at the next PAUSED->READY.
+//!
+//! A [`Cancel`] token stops the frame in the engine: raised by FLUSH_START, by
+//! PAUSED->READY (before the pads are deactivated, which waits for the frame) and by
+//! `stop`; lowered by FLUSH_STOP and `start`. A cancelled frame returns
+//! `FLUSHING` without an error.
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
@@ -12,13 +19,13 @@ use gst_base::subclass::prelude::*;
 use gst_video::prelude::*;
 use gst_video::subclass::prelude::*;
 
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
 use super::convert::{self, ColorModel, Component, Layout, Plane, PlaneMut, YuvMatrix};
-use super::loading::{guarded, mode_name, Model};
-use super::settings::{self, Settings};
-use crate::engine::RgbImage;
+use super::loading::{guarded, mode_name, Failure, Model};
+use super::settings::{self, CodiffOnError, Settings};
+use crate::engine::{Cancel, Engine, EngineError, RgbImage};
 
 pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -44,6 +51,42 @@ struct Stats {
     max: gst::ClockTime,
     /// Latency last reported (query answer or latency message).
     reported: gst::ClockTime,
+    /// Pixels of the largest frame size timed by the caps-time warm-up.
+    warmed_pixels: u64,
+}
+
+/// The warm-up restore runs on at most this many pixels (640x480); its time is
+/// scaled by the pixel ratio for larger frames.
+const WARM_UP_PIXELS: usize = 640 * 480;
+
+/// Why a frame was not restored.
+enum FrameError {
+    /// The cancel token was raised (flush, state change): not an error.
+    Cancelled,
+    /// What failed, and why.
+    Failed(&'static str, String),
+}
+
+impl FrameError {
+    fn failed(what: &'static str, cause: impl std::fmt::Display) -> Self {
+        Self::Failed(what, cause.to_string())
+    }
+
+    fn engine(what: &'static str, err: Failure) -> Self {
+        match err {
+            Failure::Engine(EngineError::Cancelled) => Self::Cancelled,
+            err => Self::failed(what, err),
+        }
+    }
+}
+
+/// Run `f` inside `pool` when the element has its own (`n-threads`), else on
+/// rayon's global pool.
+fn in_pool<T: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> T + Send) -> T {
+    match pool {
+        Some(pool) => pool.install(f),
+        None => f(),
+    }
 }
 
 #[derive(Default)]
@@ -54,6 +97,14 @@ pub struct Codiff {
     stats: Mutex<Stats>,
     /// QF of the frame just processed, for `transform_ip` to attach as meta.
     pending_qf: Mutex<Option<f64>>,
+    /// Model properties set in PAUSED or PLAYING, applied at the next READY.
+    pending: Mutex<Option<Settings>>,
+    /// Stops the frame in the engine (see the module doc).
+    cancel: Cancel,
+    /// The element's own thread pool (`n-threads` > 0) and its size.
+    pub(super) pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
+    /// Whether the last frame failed under on-error=passthrough (one warning per run).
+    failing: Mutex<bool>,
 }
 
 
@@ -93,6 +144,193 @@ fn layout_for(info: &gst_video::VideoInfo) -> Option<Layout> {
 }
 
 impl Codiff {
+    /// The smallest CaVE tile the loaded model accepts.
+    fn min_cave_tile(&self) -> Option<usize> {
+        self.model
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|m| m.engine.cave().min_tile())
+    }
+
+    fn thread_pool(&self) -> Option<Arc<rayon::ThreadPool>> {
+        self.pool.lock().unwrap().as_ref().map(|(_, p)| p.clone())
+    }
+
+    /// A frame that was not restored: under on-error=fail post an error and stop
+    /// the stream; under passthrough post a warning (for the first frame of a run
+    /// of failing ones) and push the frame unchanged.
+    fn frame_failed(
+        &self,
+        on_error: CodiffOnError,
+        what: &str,
+        cause: &str,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        match on_error {
+            CodiffOnError::Fail => Err(self.fail(what, cause)),
+            CodiffOnError::Passthrough => {
+                let first = !std::mem::replace(&mut *self.failing.lock().unwrap(), true);
+                if first {
+                    gst::element_imp_warning!(
+                        self,
+                        gst::StreamError::Failed,
+                        ("codiff: {what}: {cause}"),
+                        ["the frame was pushed unchanged (on-error=passthrough); following \
+                          failing frames are only logged until one is restored"]
+                    );
+                } else {
+                    gst::info!(CAT, imp = self, "passing a frame through: {what}: {cause}");
+                }
+                Ok(gst::FlowSuccess::Ok)
+            }
+        }
+    }
+
+    /// Read `frame`, restore it and write it back; returns the QF estimate.
+    fn restore_frame(
+        &self,
+        frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
+        settings: &Settings,
+        engine: &Arc<Engine>,
+        layout: &Layout,
+    ) -> Result<f32, FrameError> {
+        let (width, height) = (frame.width() as usize, frame.height() as usize);
+        // Refuse oversized frames before anything is allocated for them.
+        let pixels = width as u64 * height as u64;
+        if settings.max_frame_pixels > 0 && pixels > settings.max_frame_pixels {
+            return Err(FrameError::failed(
+                "frame too large",
+                format!(
+                    "{width}x{height} is {pixels} pixels, more than max-frame-pixels={}",
+                    settings.max_frame_pixels
+                ),
+            ));
+        }
+        let n_planes = frame.n_planes() as usize;
+        let strides = frame.plane_stride()[..n_planes]
+            .iter()
+            .map(|&s| usize::try_from(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| FrameError::failed("frame", "negative plane strides are not supported"))?;
+
+        let input = {
+            let mut planes = Vec::with_capacity(n_planes);
+            for (p, &stride) in strides.iter().enumerate() {
+                let data = frame
+                    .plane_data(p as u32)
+                    .map_err(|err| FrameError::failed("frame", err))?;
+                planes.push(Plane { data, stride });
+            }
+            convert::read_rgb(layout, &planes, width, height)
+                .map_err(|err| FrameError::failed("reading the frame", err))?
+        };
+
+        let strength = settings.strength.clamp(0.0, 1.0) as f32;
+        let mut image = RgbImage::new(width, height, input)
+            .map_err(|err| FrameError::failed("frame", err))?;
+        let pool = self.thread_pool();
+        let estimate = if strength > 0.0 {
+            let (mut opts, adjusted) = settings.restore_options(Some(engine.cave().min_tile()));
+            for a in adjusted {
+                gst::debug!(CAT, imp = self, "{a}");
+            }
+            opts.cancel = self.cancel.clone();
+            in_pool(pool.as_deref(), || {
+                guarded(|| engine.restore(&mut image, &opts))
+            })
+        } else if settings.qf == 0 {
+            in_pool(pool.as_deref(), || guarded(|| engine.estimate_qf(&image)))
+        } else {
+            Ok(settings.qf as f32)
+        }
+        .map_err(|err| FrameError::engine("restoring the frame failed", err))?;
+
+        if strength > 0.0 {
+            if (image.width, image.height) != (width, height) {
+                return Err(FrameError::failed(
+                    "restoring the frame failed",
+                    format!(
+                        "engine returned {}x{} for a {width}x{height} frame",
+                        image.width, image.height
+                    ),
+                ));
+            }
+            let mut planes: Vec<PlaneMut> = frame
+                .planes_data_mut()
+                .into_iter()
+                .zip(&strides)
+                .map(|(data, &stride)| PlaneMut { data, stride })
+                .collect();
+            convert::write_rgb(layout, &mut planes, width, height, &image.data, strength)
+                .map_err(|err| FrameError::failed("writing the frame", err))?;
+        }
+        Ok(estimate)
+    }
+
+    /// Time one restore of a test pattern of the negotiated size (at most
+    /// [`WARM_UP_PIXELS`], the time scaled up by the pixel ratio) so the LATENCY
+    /// query is right before the first frame. Runs once per size larger than any
+    /// timed before; failures are left to the frames to report.
+    fn warm_up(&self, info: &gst_video::VideoInfo) {
+        let settings = self.settings.lock().unwrap().clone();
+        if !settings.warm_up || !settings.enabled || settings.strength <= 0.0 {
+            return;
+        }
+        let (w, h) = (info.width() as usize, info.height() as usize);
+        let pixels = w as u64 * h as u64;
+        if pixels == 0
+            || (settings.max_frame_pixels > 0 && pixels > settings.max_frame_pixels)
+            || pixels <= self.stats.lock().unwrap().warmed_pixels
+        {
+            return;
+        }
+        let Some(engine) = self
+            .model
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|m| m.engine.clone())
+        else {
+            return;
+        };
+        let scale = (WARM_UP_PIXELS as f64 / pixels as f64).sqrt().min(1.0);
+        let ww = ((w as f64 * scale) as usize).clamp(1, w);
+        let wh = ((h as f64 * scale) as usize).clamp(1, h);
+        // 8x8 blocks of a gradient, like a coarse JPEG
+        let data = (0..ww * wh * 3)
+            .map(|i| {
+                let (x, y, c) = (i / 3 % ww, i / 3 / ww, i % 3);
+                ((x / 8 * 29 + y / 8 * 53 + c * 71) % 256) as u8
+            })
+            .collect();
+        let Ok(mut image) = RgbImage::new(ww, wh, data) else {
+            return;
+        };
+        let (mut opts, _) = settings.restore_options(Some(engine.cave().min_tile()));
+        opts.cancel = self.cancel.clone();
+        let pool = self.thread_pool();
+        let started = Instant::now();
+        let result = in_pool(pool.as_deref(), || {
+            guarded(|| engine.restore(&mut image, &opts))
+        });
+        match result {
+            Ok(_) => {
+                let ratio = pixels as f64 / (ww * wh) as f64;
+                let ns = started.elapsed().as_nanos() as f64 * ratio;
+                let estimate = gst::ClockTime::from_nseconds(ns as u64);
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "warm-up: {ww}x{wh} restored in {}, {estimate} estimated for {w}x{h}",
+                    started.elapsed().as_secs_f64()
+                );
+                self.stats.lock().unwrap().warmed_pixels = pixels;
+                self.record_processing_time(estimate);
+            }
+            Err(err) => gst::debug!(CAT, imp = self, "warm-up failed: {err}"),
+        }
+    }
+
     /// Post a stream error naming `cause`; the caller returns the flow error.
     fn fail(&self, what: &str, cause: impl std::fmt::Display) -> gst::FlowError {
         gst::element_imp_error!(
@@ -159,7 +397,35 @@ impl ObjectImpl for Codiff {
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
-        let warnings = self.settings.lock().unwrap().set(value, pspec);
+        let state = self.obj().current_state();
+        if pspec.flags().contains(gst::PARAM_FLAG_MUTABLE_READY) && state > gst::State::Ready {
+            // The model in use stays; property() reports it until the next READY.
+            let mut pending = self.pending.lock().unwrap();
+            let pending = pending.get_or_insert_with(|| self.settings.lock().unwrap().clone());
+            for warning in pending.set(value, pspec) {
+                gst::warning!(CAT, imp = self, "{warning}");
+            }
+            gst::element_imp_warning!(
+                self,
+                gst::LibraryError::Settings,
+                (
+                    "codiff: {} cannot change in {state:?}: the new value is kept pending and \
+                     applies at the next READY",
+                    pspec.name()
+                ),
+                ["set to {value:?}; the running value stays until then"]
+            );
+            return;
+        }
+        let min_cave_tile = self.min_cave_tile();
+        let warnings = {
+            let mut settings = self.settings.lock().unwrap();
+            let mut warnings = settings.set(value, pspec);
+            if pspec.name() == "cave-tile" {
+                warnings.extend(settings.restore_options(min_cave_tile).1);
+            }
+            warnings
+        };
         for warning in warnings {
             gst::warning!(CAT, imp = self, "{warning}");
         }
@@ -201,6 +467,8 @@ impl ElementImpl for Codiff {
                     I420, Yv12, Nv12, Nv21, Y42b, Y444, Yuy2, Uyvy, Rgb, Bgr, Rgba, Bgra, Argb,
                     Abgr, Rgbx, Bgrx, Xrgb, Xbgr,
                 ])
+                // fields of interlaced frames would be restored as one picture
+                .field("interlace-mode", "progressive")
                 .build();
             vec![
                 gst::PadTemplate::new(
@@ -234,10 +502,27 @@ impl ElementImpl for Codiff {
                 return Err(gst::StateChangeError);
             }
         }
+        if matches!(
+            transition,
+            gst::StateChange::PausedToReady | gst::StateChange::ReadyToNull
+        ) {
+            // Deactivating the pads waits for the frame in progress: stop it.
+            self.cancel.cancel();
+        }
         let ret = self.parent_change_state(transition)?;
-        if transition == gst::StateChange::ReadyToNull {
-            // The cache frees the model with its last user.
-            self.model.lock().unwrap().take();
+        match transition {
+            gst::StateChange::PausedToReady => {
+                if let Some(pending) = self.pending.lock().unwrap().take() {
+                    gst::info!(CAT, imp = self, "applying the model properties set while running");
+                    self.settings.lock().unwrap().take_model_fields(&pending);
+                }
+            }
+            gst::StateChange::ReadyToNull => {
+                // The cache frees the model with its last user.
+                self.model.lock().unwrap().take();
+                self.pool.lock().unwrap().take();
+            }
+            _ => (),
         }
         Ok(ret)
     }
@@ -252,6 +537,9 @@ impl BaseTransformImpl for Codiff {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         // A model property may have changed in READY.
         self.ensure_model()?;
+        self.ensure_pool()?;
+        self.cancel.reset();
+        *self.failing.lock().unwrap() = false;
         *self.stats.lock().unwrap() = Stats::default();
         let enabled = self.settings.lock().unwrap().enabled;
         self.obj().set_passthrough(!enabled);
@@ -259,6 +547,7 @@ impl BaseTransformImpl for Codiff {
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.cancel.cancel();
         self.state.lock().unwrap().take();
         self.pending_qf.lock().unwrap().take();
         *self.stats.lock().unwrap() = Stats::default();
@@ -291,6 +580,17 @@ impl BaseTransformImpl for Codiff {
         BaseTransformImplExt::parent_query(self, direction, query)
     }
 
+    fn sink_event(&self, event: gst::Event) -> bool {
+        match event.view() {
+            // Not serialised: arrives while the streaming thread may be in the engine.
+            gst::EventView::FlushStart(_) => self.cancel.cancel(),
+            // Serialised: the frame in progress has returned.
+            gst::EventView::FlushStop(_) => self.cancel.reset(),
+            _ => (),
+        }
+        self.parent_sink_event(event)
+    }
+
     fn transform_ip(&self, buf: &mut gst::BufferRef) -> Result<gst::FlowSuccess, gst::FlowError> {
         self.pending_qf.lock().unwrap().take();
         // Maps the frame and calls transform_frame_ip.
@@ -311,11 +611,19 @@ impl VideoFilterImpl for Codiff {
         out_info: &gst_video::VideoInfo,
     ) -> Result<(), gst::LoggableError> {
         // Caps may change mid-stream: only the pixel layout changes, the model stays.
+        if in_info.interlace_mode() != gst_video::VideoInterlaceMode::Progressive {
+            return Err(gst::loggable_error!(
+                CAT,
+                "interlaced video ({:?}) is not supported: deinterlace first",
+                in_info.interlace_mode()
+            ));
+        }
         let layout = layout_for(in_info).ok_or_else(|| {
             gst::loggable_error!(CAT, "unsupported format {:?}", in_info.format())
         })?;
         gst::debug!(CAT, imp = self, "caps {incaps}: layout {layout:?}");
         *self.state.lock().unwrap() = Some(State { layout });
+        self.warm_up(in_info);
         self.parent_set_info(incaps, in_info, outcaps, out_info)
     }
 
@@ -323,6 +631,9 @@ impl VideoFilterImpl for Codiff {
         &self,
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        if self.cancel.is_cancelled() {
+            return Err(gst::FlowError::Flushing);
+        }
         let settings = self.settings.lock().unwrap().clone();
         let Some(engine) = self
             .model
@@ -337,57 +648,17 @@ impl VideoFilterImpl for Codiff {
             return Err(gst::FlowError::NotNegotiated);
         };
         let started = Instant::now();
-        let (width, height) = (frame.width() as usize, frame.height() as usize);
-        let n_planes = frame.n_planes() as usize;
-        let strides = frame.plane_stride()[..n_planes]
-            .iter()
-            .map(|&s| usize::try_from(s))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| self.fail("frame", "negative plane strides are not supported"))?;
-
-        let input = {
-            let mut planes = Vec::with_capacity(n_planes);
-            for (p, &stride) in strides.iter().enumerate() {
-                let data = frame
-                    .plane_data(p as u32)
-                    .map_err(|err| self.fail("frame", err))?;
-                planes.push(Plane { data, stride });
+        let estimate = match self.restore_frame(frame, &settings, &engine, &layout) {
+            Ok(estimate) => estimate,
+            Err(FrameError::Cancelled) => {
+                gst::debug!(CAT, imp = self, "frame cancelled (flush or state change)");
+                return Err(gst::FlowError::Flushing);
             }
-            convert::read_rgb(&layout, &planes, width, height)
-                .map_err(|err| self.fail("reading the frame", err))?
+            Err(FrameError::Failed(what, cause)) => {
+                return self.frame_failed(settings.on_error, what, &cause);
+            }
         };
-
-        let strength = settings.strength.clamp(0.0, 1.0) as f32;
-        let mut image =
-            RgbImage::new(width, height, input).map_err(|err| self.fail("frame", err))?;
-        let estimate = if strength > 0.0 {
-            guarded(|| engine.restore(&mut image, &settings.restore_options()))
-        } else if settings.qf == 0 {
-            guarded(|| engine.estimate_qf(&image))
-        } else {
-            Ok(settings.qf as f32)
-        }
-        .map_err(|err| self.fail("restoring the frame failed", err))?;
-
-        if strength > 0.0 {
-            if (image.width, image.height) != (width, height) {
-                return Err(self.fail(
-                    "restoring the frame failed",
-                    format!(
-                        "engine returned {}x{} for a {width}x{height} frame",
-                        image.width, image.height
-                    ),
-                ));
-            }
-            let mut planes: Vec<PlaneMut> = frame
-                .planes_data_mut()
-                .into_iter()
-                .zip(&strides)
-                .map(|(data, &stride)| PlaneMut { data, stride })
-                .collect();
-            convert::write_rgb(&layout, &mut planes, width, height, &image.data, strength)
-                .map_err(|err| self.fail("writing the frame", err))?;
-        }
+        *self.failing.lock().unwrap() = false;
 
         let elapsed = gst::ClockTime::from_nseconds(started.elapsed().as_nanos() as u64);
         self.record_processing_time(elapsed);
@@ -403,15 +674,17 @@ impl VideoFilterImpl for Codiff {
             "frame {} qf {qf:.1} in {elapsed}",
             pts.display()
         );
-        let obj = self.obj();
-        let s = gst::Structure::builder("codiff-qf")
-            .field("qf", qf)
-            .field("estimated", settings.qf == 0)
-            .field("pts", pts.map_or(u64::MAX, gst::ClockTime::nseconds))
-            .field("processing-time", elapsed.nseconds())
-            .field("mode", mode_name(engine.mode()))
-            .build();
-        let _ = obj.post_message(gst::message::Element::builder(s).src(&*obj).build());
+        if settings.post_messages {
+            let obj = self.obj();
+            let s = gst::Structure::builder("codiff-qf")
+                .field("qf", qf)
+                .field("estimated", settings.qf == 0)
+                .field("pts", pts.map_or(u64::MAX, gst::ClockTime::nseconds))
+                .field("processing-time", elapsed.nseconds())
+                .field("mode", mode_name(engine.mode()))
+                .build();
+            let _ = obj.post_message(gst::message::Element::builder(s).src(&*obj).build());
+        }
         *self.pending_qf.lock().unwrap() = Some(qf);
         Ok(gst::FlowSuccess::Ok)
     }

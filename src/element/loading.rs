@@ -122,7 +122,35 @@ impl Codiff {
             "reusing the model already loaded by another element".to_string()
         };
         post_step(gst::ProgressType::Complete, &done);
+        // Tile properties this model cannot use as set (adjusted at each frame).
+        let min_cave_tile = engine.cave().min_tile();
+        for warning in self.settings.lock().unwrap().restore_options(Some(min_cave_tile)).1 {
+            gst::warning!(CAT, imp = self, "{warning}");
+        }
         *self.model.lock().unwrap() = Some(Model { spec, engine });
+        Ok(())
+    }
+
+    /// Build the element's own thread pool when `n-threads` asks for one.
+    pub(super) fn ensure_pool(&self) -> Result<(), gst::ErrorMessage> {
+        let n = self.settings.lock().unwrap().n_threads;
+        let mut pool = self.pool.lock().unwrap();
+        if n == 0 {
+            *pool = None;
+        } else if pool.as_ref().is_none_or(|(size, _)| *size != n) {
+            let built = rayon::ThreadPoolBuilder::new()
+                .num_threads(n as usize)
+                .thread_name(|i| format!("codiff-{i}"))
+                .build()
+                .map_err(|err| {
+                    gst::error_msg!(
+                        gst::ResourceError::Settings,
+                        ["Cannot start n-threads={n} threads: {err}"]
+                    )
+                })?;
+            gst::debug!(CAT, imp = self, "own thread pool of {n} threads");
+            *pool = Some((n, Arc::new(built)));
+        }
         Ok(())
     }
 }

@@ -41,7 +41,7 @@ pub mod cache;
 pub mod convert;
 
 pub use imp::QF_META_NAME;
-pub use settings::{CodiffColorFix, CodiffMode, CodiffPrecision};
+pub use settings::{CodiffColorFix, CodiffMode, CodiffOnError, CodiffPrecision};
 
 glib::wrapper! {
     pub struct Codiff(ObjectSubclass<imp::Codiff>)
@@ -56,6 +56,7 @@ pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     CodiffMode::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     CodiffPrecision::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     CodiffColorFix::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    CodiffOnError::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     gst::Element::register(
         Some(plugin),
         "codiff",

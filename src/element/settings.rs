@@ -84,6 +84,21 @@ impl From<CodiffColorFix> for ColorFix {
     }
 }
 
+/// What happens to a frame the engine cannot restore.
+#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstCodiffOnError")]
+pub enum CodiffOnError {
+    #[default]
+    #[enum_value(name = "Post an error and stop the stream", nick = "fail")]
+    Fail = 0,
+    #[enum_value(
+        name = "Post a warning and push the frame unchanged",
+        nick = "passthrough"
+    )]
+    Passthrough = 1,
+}
+
 pub(super) const DEFAULT_MODE: CodiffMode = CodiffMode::Auto;
 pub(super) const DEFAULT_DEVICE: &str = "cpu";
 pub(super) const DEFAULT_PRECISION: CodiffPrecision = CodiffPrecision::Auto;
@@ -99,6 +114,18 @@ pub(super) const MAX_PIXEL_TILE: u32 = 32768;
 pub(super) const DEFAULT_STRENGTH: f64 = 1.0;
 pub(super) const DEFAULT_QF: u32 = 0;
 pub(super) const DEFAULT_ENABLED: bool = true;
+pub(super) const DEFAULT_ON_ERROR: CodiffOnError = CodiffOnError::Fail;
+/// 4096x4096: DCI 4K and 3840x2160 pass; an 8000x8000 frame (what a 2 KB JPEG can
+/// claim) is refused. CaVE mode takes about 200 bytes per pixel (3.4 GB here),
+/// diffusion mode at 3840x2160 7.6 GB peak (most of it the model).
+pub(super) const DEFAULT_MAX_FRAME_PIXELS: u64 = 4096 * 4096;
+pub(super) const DEFAULT_POST_MESSAGES: bool = true;
+pub(super) const DEFAULT_N_THREADS: u32 = 0;
+pub(super) const MAX_N_THREADS: u32 = 1024;
+pub(super) const DEFAULT_WARM_UP: bool = true;
+/// Smallest latent tile used (latent px; 256 image px): smaller tiles cost more
+/// UNet calls than they save memory.
+pub(super) const MIN_LATENT_TILE: u32 = 32;
 /// The default `weights` is [`default_weights_path()`] (`$CODIFF_WEIGHTS` or the
 /// source tree's `weights/codiff-cave-compact.safetensors`).
 pub(super) static DEFAULT_WEIGHTS: LazyLock<String> =
@@ -123,6 +150,11 @@ pub(super) struct Settings {
     pub(super) strength: f64,
     pub(super) qf: u32,
     pub(super) enabled: bool,
+    pub(super) on_error: CodiffOnError,
+    pub(super) max_frame_pixels: u64,
+    pub(super) post_messages: bool,
+    pub(super) n_threads: u32,
+    pub(super) warm_up: bool,
 }
 
 impl Default for Settings {
@@ -144,6 +176,11 @@ impl Default for Settings {
             strength: DEFAULT_STRENGTH,
             qf: DEFAULT_QF,
             enabled: DEFAULT_ENABLED,
+            on_error: DEFAULT_ON_ERROR,
+            max_frame_pixels: DEFAULT_MAX_FRAME_PIXELS,
+            post_messages: DEFAULT_POST_MESSAGES,
+            n_threads: DEFAULT_N_THREADS,
+            warm_up: DEFAULT_WARM_UP,
         }
     }
 }
@@ -211,16 +248,55 @@ impl Settings {
         })
     }
 
-    pub(super) fn restore_options(&self) -> RestoreOptions {
-        RestoreOptions {
+    /// The options a frame runs with: the tile properties as set, except that
+    /// a latent tile under [`MIN_LATENT_TILE`] is raised to it, the latent
+    /// overlap is capped at half the tile (a stride of 1 means thousands of UNet
+    /// calls per frame), and a CaVE tile under `min_cave_tile` (the loaded
+    /// encoder's [`crate::engine::cave::Cave::min_tile`]) is raised to it. Also
+    /// returns one warning per adjusted value.
+    pub(super) fn restore_options(
+        &self,
+        min_cave_tile: Option<usize>,
+    ) -> (RestoreOptions, Vec<String>) {
+        let mut warnings = Vec::new();
+        let mut latent_tile = self.latent_tile;
+        if latent_tile > 0 && latent_tile < MIN_LATENT_TILE {
+            warnings.push(format!(
+                "latent-tile {latent_tile} is below {MIN_LATENT_TILE} latent px (thousands of \
+                 small UNet calls): using {MIN_LATENT_TILE}"
+            ));
+            latent_tile = MIN_LATENT_TILE;
+        }
+        let mut latent_overlap = self.latent_overlap;
+        if latent_tile > 0 && latent_overlap > latent_tile / 2 {
+            warnings.push(format!(
+                "latent-overlap {latent_overlap} is more than half of latent-tile {latent_tile} \
+                 (tiles would advance by {} latent px): using {}",
+                latent_tile.saturating_sub(latent_overlap).max(1),
+                latent_tile / 2
+            ));
+            latent_overlap = latent_tile / 2;
+        }
+        let mut cave_tile = self.cave_tile as usize;
+        if let Some(min) = min_cave_tile {
+            if cave_tile > 0 && cave_tile < min {
+                warnings.push(format!(
+                    "cave-tile {cave_tile} is below the {min} px this CaVE encoder needs for its \
+                     tile margins: using {min}"
+                ));
+                cave_tile = min;
+            }
+        }
+        let options = RestoreOptions {
             color_fix: self.color_fix.into(),
-            latent_tile: self.latent_tile as usize,
-            latent_overlap: self.latent_overlap as usize,
+            latent_tile: latent_tile as usize,
+            latent_overlap: latent_overlap as usize,
             vae_encoder_tile: self.vae_encoder_tile as usize,
             vae_decoder_tile: self.vae_decoder_tile as usize,
-            cave_tile: self.cave_tile as usize,
+            cave_tile,
             ..Default::default()
-        }
+        };
+        (options, warnings)
     }
 }
 
@@ -329,6 +405,45 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
                 .default_value(DEFAULT_ENABLED)
                 .mutable_playing()
                 .build(),
+            glib::ParamSpecEnum::builder_with_default("on-error", DEFAULT_ON_ERROR)
+                .nick("On error")
+                .blurb("A frame that cannot be restored (engine error, above max-frame-pixels): fail \
+                        stops the stream with an error, passthrough posts a warning and pushes the \
+                        frame unchanged")
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecUInt64::builder("max-frame-pixels")
+                .nick("Maximum frame pixels")
+                .blurb("Frames with more pixels (width x height) are refused before anything is \
+                        allocated for them (see on-error); the default 16777216 = 4096x4096 takes \
+                        3840x2160; 0 = no limit")
+                .default_value(DEFAULT_MAX_FRAME_PIXELS)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecBoolean::builder("post-messages")
+                .nick("Post messages")
+                .blurb("Post a codiff-qf element message for every frame (the CodiffQfMeta is \
+                        attached either way)")
+                .default_value(DEFAULT_POST_MESSAGES)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecUInt::builder("n-threads")
+                .nick("Threads")
+                .blurb("CPU threads of this element's own thread pool for the engine's kernels, \
+                        matrix products and convolutions; 0 = rayon's global pool (all cores). \
+                        Element-wise tensor ops use candle's process-wide pool (CANDLE_NUM_THREADS)")
+                .maximum(MAX_N_THREADS)
+                .default_value(DEFAULT_N_THREADS)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecBoolean::builder("warm-up")
+                .nick("Warm-up")
+                .blurb("At caps time, time one restore of a grey frame of the negotiated size (at \
+                        most 640x480 pixels, the time scaled up for larger frames) so the \
+                        LATENCY query is right before the first frame")
+                .default_value(DEFAULT_WARM_UP)
+                .mutable_playing()
+                .build(),
         ]
     });
     PROPERTIES.as_ref()
@@ -377,9 +492,32 @@ impl Settings {
             "strength" => self.strength = value.get().expect("type checked upstream"),
             "qf" => self.qf = value.get().expect("type checked upstream"),
             "enabled" => self.enabled = value.get().expect("type checked upstream"),
+            "on-error" => self.on_error = value.get().expect("type checked upstream"),
+            "max-frame-pixels" => {
+                self.max_frame_pixels = value.get().expect("type checked upstream")
+            }
+            "post-messages" => self.post_messages = value.get().expect("type checked upstream"),
+            "n-threads" => self.n_threads = value.get().expect("type checked upstream"),
+            "warm-up" => self.warm_up = value.get().expect("type checked upstream"),
             other => unimplemented!("property {other}"),
         }
+        if matches!(pspec.name(), "latent-tile" | "latent-overlap") {
+            warnings.extend(self.restore_options(None).1);
+        }
         warnings
+    }
+
+    /// Copy the `mutable_ready` values (model files, device, precision,
+    /// threads) of `other`, the pending values set while running.
+    pub(super) fn take_model_fields(&mut self, other: &Settings) {
+        self.mode = other.mode;
+        self.weights = other.weights.clone();
+        self.sd_model = other.sd_model.clone();
+        self.codiff_checkpoint = other.codiff_checkpoint.clone();
+        self.cave_checkpoint = other.cave_checkpoint.clone();
+        self.device = other.device.clone();
+        self.precision = other.precision;
+        self.n_threads = other.n_threads;
     }
 
     /// The value of property `pspec`.
@@ -406,6 +544,11 @@ impl Settings {
             "strength" => self.strength.to_value(),
             "qf" => self.qf.to_value(),
             "enabled" => self.enabled.to_value(),
+            "on-error" => self.on_error.to_value(),
+            "max-frame-pixels" => self.max_frame_pixels.to_value(),
+            "post-messages" => self.post_messages.to_value(),
+            "n-threads" => self.n_threads.to_value(),
+            "warm-up" => self.warm_up.to_value(),
             other => unimplemented!("property {other}"),
         }
     }
@@ -414,6 +557,38 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tile_settings_are_clamped_with_warnings() {
+        let mut s = Settings::default();
+        let (o, w) = s.restore_options(Some(416));
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!((o.latent_tile, o.latent_overlap, o.cave_tile), (96, 32, 2048));
+        // stride 1 and a tiny tile: both raised
+        s.latent_tile = 4;
+        s.latent_overlap = 32;
+        let (o, w) = s.restore_options(None);
+        assert_eq!((o.latent_tile, o.latent_overlap), (32, 16));
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("latent-tile 4") && w[1].contains("latent-overlap 32"), "{w:?}");
+        s.latent_tile = 64;
+        s.latent_overlap = 64;
+        let (o, w) = s.restore_options(None);
+        assert_eq!((o.latent_tile, o.latent_overlap), (64, 32));
+        assert!(w[0].contains("advance by 1 latent px"), "{w:?}");
+        // 0 = never tile stays as set
+        s.latent_tile = 0;
+        s.cave_tile = 0;
+        let (o, w) = s.restore_options(Some(416));
+        assert_eq!((o.latent_tile, o.latent_overlap, o.cave_tile), (0, 64, 0));
+        assert!(w.is_empty(), "{w:?}");
+        // a CaVE tile under the encoder's minimum, known once a model is loaded
+        s.cave_tile = 100;
+        assert_eq!(s.restore_options(None).0.cave_tile, 100);
+        let (o, w) = s.restore_options(Some(416));
+        assert_eq!(o.cave_tile, 416);
+        assert!(w[0].contains("cave-tile 100") && w[0].contains("416"), "{w:?}");
+    }
 
     #[test]
     fn settings_resolve_the_mode_and_check_files() {
