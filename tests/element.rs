@@ -1256,3 +1256,68 @@ fn corrupt_jpegs_fail_in_the_decoder_not_in_codiff() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A copy of the shipped compact weights with every f32 tensor set to NaN: it
+/// loads, and the engine refuses every frame (non-finite CaVE output).
+fn nan_weights(dir: &Path) -> Option<PathBuf> {
+    let bytes = std::fs::read(default_weights_path()).ok()?;
+    let n = u64::from_le_bytes(bytes[..8].try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).ok()?;
+    let mut out = bytes.clone();
+    for (name, t) in header.as_object()? {
+        if name == "__metadata__" || name.contains("calibration") || t["dtype"] != "F32" {
+            continue;
+        }
+        let (a, b) = (
+            t["data_offsets"][0].as_u64()? as usize,
+            t["data_offsets"][1].as_u64()? as usize,
+        );
+        out[8 + n + a..8 + n + b].fill(0xFF);
+    }
+    let path = dir.join("nan.safetensors");
+    std::fs::write(&path, out).ok()?;
+    Some(path)
+}
+
+#[test]
+fn a_frame_the_engine_refuses_fails_or_passes_through() {
+    let props = model_or_skip!();
+    if !props.is_empty() {
+        eprintln!("SKIPPED: needs the shipped compact weights");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("codiff-nan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let weights = nan_weights(&dir).expect("a NaN copy of the weights");
+    let props = vec![
+        ("weights", weights.to_string_lossy().into_owned()),
+        ("warm-up", "false".to_string()),
+    ];
+    let (element, bus) = ready_element(&props);
+    let i = info(gst_video::VideoFormat::I420, 64, 48);
+    let mut h = harness(&element);
+    h.set_src_caps(i.to_caps().unwrap());
+    assert_eq!(h.push(padded_frame(&i, 0)), Err(gst::FlowError::Error));
+    let (msg, _) = first_error(&bus, Duration::from_secs(1)).expect("an error");
+    assert!(msg.contains("restoring the frame failed"), "{msg}");
+    drop(h);
+    element.set_state(gst::State::Null).unwrap();
+
+    let (element, bus) = ready_element(&props);
+    element.set_property_from_str("on-error", "passthrough");
+    let mut h = harness(&element);
+    h.set_src_caps(i.to_caps().unwrap());
+    let input = padded_frame(&i, 0);
+    h.push(input.clone()).expect("passed through");
+    let out = h.pull().unwrap();
+    assert_eq!(
+        out.map_readable().unwrap().as_slice(),
+        input.map_readable().unwrap().as_slice()
+    );
+    let w = warnings(&bus);
+    assert!(w.len() == 1 && w[0].contains("restoring the frame failed"), "{w:?}");
+    assert!(first_error(&bus, Duration::ZERO).is_none());
+    drop(h);
+    element.set_state(gst::State::Null).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
