@@ -80,7 +80,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let codiff = pipeline.by_name("codiff").ok_or("no codiff")?;
     codiff.set_property("post-messages", false);
     for p in &args.properties {
-        let (name, value) = p.split_once('=').ok_or_else(|| format!("`{p}`: expected PROPERTY=VALUE"))?;
+        let (name, value) = p
+            .split_once('=')
+            .ok_or_else(|| format!("`{p}`: expected PROPERTY=VALUE"))?;
         codiff.set_property_from_str(name, value);
     }
 
@@ -145,7 +147,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fps,
         first.2 as f64 / 1e6,
         last.2 as f64 / 1e6,
-        slope(&points)
+        slope(&points) + 0.0 // no "-0.0"
     );
     Ok(())
 }

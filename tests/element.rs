@@ -676,15 +676,28 @@ fn jpeg_to_png_pipeline_keeps_the_size() {
     assert_eq!(decode_through_codiff("enabled=false", &plain), None);
     // with the shipped model, the restored frame is closer to the original
     if props.is_empty() {
-        let original = image::open(manifest_dir().join("examples/data/astronaut.png")).unwrap().to_rgb8();
+        let original = image::open(manifest_dir().join("examples/data/astronaut.png"))
+            .unwrap()
+            .to_rgb8();
         let psnr = |img: &image::RgbImage| {
-            let mse = img.as_raw().iter().zip(original.as_raw()).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>()
+            let mse = img
+                .as_raw()
+                .iter()
+                .zip(original.as_raw())
+                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                .sum::<f64>()
                 / original.as_raw().len() as f64;
             10.0 * (255.0f64 * 255.0 / mse).log10()
         };
-        let (jpeg_db, ours_db) = (psnr(&image::open(&plain).unwrap().to_rgb8()), psnr(&output.to_rgb8()));
+        let (jpeg_db, ours_db) = (
+            psnr(&image::open(&plain).unwrap().to_rgb8()),
+            psnr(&output.to_rgb8()),
+        );
         eprintln!("PSNR vs original: JPEG {jpeg_db:.2} dB, codiff {ours_db:.2} dB");
-        assert!(ours_db > jpeg_db + 0.3, "JPEG {jpeg_db:.2} dB, codiff {ours_db:.2} dB");
+        assert!(
+            ours_db > jpeg_db + 0.3,
+            "JPEG {jpeg_db:.2} dB, codiff {ours_db:.2} dB"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -759,13 +772,27 @@ fn new_property_defaults() {
     let e = make(&[]);
     assert_eq!(glib_enum_nick(&e.property_value("on-error")), "fail");
     assert_eq!(e.property::<u64>("max-frame-pixels"), 4096 * 4096);
-    assert!(3840u64 * 2160 <= e.property::<u64>("max-frame-pixels"), "4K UHD passes");
+    assert!(
+        3840u64 * 2160 <= e.property::<u64>("max-frame-pixels"),
+        "4K UHD passes"
+    );
     assert!(8000u64 * 8000 > e.property::<u64>("max-frame-pixels"));
     assert!(e.property::<bool>("post-messages"));
     assert_eq!(e.property::<u32>("n-threads"), 0);
     assert!(e.property::<bool>("warm-up"));
-    for name in ["on-error", "max-frame-pixels", "post-messages", "n-threads", "warm-up"] {
-        let blurb = e.find_property(name).unwrap().blurb().unwrap_or_default().to_string();
+    for name in [
+        "on-error",
+        "max-frame-pixels",
+        "post-messages",
+        "n-threads",
+        "warm-up",
+    ] {
+        let blurb = e
+            .find_property(name)
+            .unwrap()
+            .blurb()
+            .unwrap_or_default()
+            .to_string();
         assert!(blurb.len() > 20, "{name}: blurb `{blurb}`");
     }
     assert!(e
@@ -776,9 +803,13 @@ fn new_property_defaults() {
     // Interlaced video is refused in the pad templates.
     let template = e.pad_template("sink").unwrap().caps().clone();
     let interlaced: gst::Caps =
-        "video/x-raw,format=I420,width=64,height=48,interlace-mode=interleaved".parse().unwrap();
+        "video/x-raw,format=I420,width=64,height=48,interlace-mode=interleaved"
+            .parse()
+            .unwrap();
     assert!(!template.can_intersect(&interlaced), "{template}");
-    let progressive: gst::Caps = "video/x-raw,format=I420,width=64,height=48".parse().unwrap();
+    let progressive: gst::Caps = "video/x-raw,format=I420,width=64,height=48"
+        .parse()
+        .unwrap();
     assert!(template.can_intersect(&progressive));
 }
 
@@ -793,7 +824,10 @@ fn interlaced_caps_are_not_negotiated() {
             .unwrap();
     h.set_src_caps(caps);
     let i = info(gst_video::VideoFormat::I420, 64, 48);
-    assert_eq!(h.push(padded_frame(&i, 0)), Err(gst::FlowError::NotNegotiated));
+    assert_eq!(
+        h.push(padded_frame(&i, 0)),
+        Err(gst::FlowError::NotNegotiated)
+    );
 }
 
 #[test]
@@ -807,7 +841,10 @@ fn oversized_frames_are_refused_or_passed_through() {
     h.set_src_caps(i.to_caps().unwrap());
     assert_eq!(h.push(padded_frame(&i, 0)), Err(gst::FlowError::Error));
     let (msg, _) = first_error(&bus, Duration::from_secs(1)).expect("an error on the bus");
-    assert!(msg.contains("64x48") && msg.contains("max-frame-pixels=1000"), "{msg}");
+    assert!(
+        msg.contains("64x48") && msg.contains("max-frame-pixels=1000"),
+        "{msg}"
+    );
     drop(h);
     element.set_state(gst::State::Null).unwrap();
 
@@ -829,7 +866,10 @@ fn oversized_frames_are_refused_or_passed_through() {
     }
     let w = warnings(&bus);
     assert_eq!(w.len(), 1, "one warning for a run of failing frames: {w:?}");
-    assert!(w[0].contains("max-frame-pixels") && w[0].contains("passthrough"), "{w:?}");
+    assert!(
+        w[0].contains("max-frame-pixels") && w[0].contains("passthrough"),
+        "{w:?}"
+    );
     assert!(qf_messages(&bus).is_empty());
     // Back under the cap: restored again, and a later failure warns again.
     element.set_property("max-frame-pixels", 0u64);
@@ -871,7 +911,10 @@ fn a_small_jpeg_claiming_8000x8000_is_refused_before_allocating() {
     // refuses it before converting it.
     let (err, src) = result.expect("an error");
     assert_eq!(src, "codiff", "{err}");
-    assert!(err.contains("8000x8000") && err.contains("max-frame-pixels"), "{err}");
+    assert!(
+        err.contains("8000x8000") && err.contains("max-frame-pixels"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -955,18 +998,27 @@ fn model_properties_set_while_playing_stay_pending_until_ready() {
     element.set_property("device", "cuda:7");
     element.set_property("n-threads", 2u32);
     // The running values are reported, with a warning.
-    assert_eq!(element.property::<Option<String>>("device").as_deref(), Some("cpu"));
+    assert_eq!(
+        element.property::<Option<String>>("device").as_deref(),
+        Some("cpu")
+    );
     assert_eq!(element.property::<u32>("n-threads"), 0);
     let w = warnings(&bus);
     assert_eq!(w.len(), 2, "{w:?}");
-    assert!(w[0].contains("device") && w[0].contains("next READY"), "{w:?}");
+    assert!(
+        w[0].contains("device") && w[0].contains("next READY"),
+        "{w:?}"
+    );
     // Frames still run on the loaded model.
     h.push(padded_frame(&i, 0)).unwrap();
     h.pull().unwrap();
     // The harness goes down through READY, where the pending values apply.
     drop(h);
     assert_eq!(element.current_state(), gst::State::Null);
-    assert_eq!(element.property::<Option<String>>("device").as_deref(), Some("cuda:7"));
+    assert_eq!(
+        element.property::<Option<String>>("device").as_deref(),
+        Some("cuda:7")
+    );
     assert_eq!(element.property::<u32>("n-threads"), 2);
 }
 
@@ -1028,13 +1080,13 @@ fn a_state_change_to_null_cancels_the_frame_in_progress() {
         None
     });
     let (entered_tx, entered_rx) = std::sync::mpsc::channel();
-    codiff.static_pad("sink").unwrap().add_probe(
-        gst::PadProbeType::BUFFER,
-        move |_, _| {
+    codiff
+        .static_pad("sink")
+        .unwrap()
+        .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
             let _ = entered_tx.send(());
             gst::PadProbeReturn::Ok
-        },
-    );
+        });
     let bus = pipeline.bus().unwrap();
     pipeline.set_state(gst::State::Playing).unwrap();
     entered_rx
@@ -1054,7 +1106,10 @@ fn a_state_change_to_null_cancels_the_frame_in_progress() {
     assert!(errors(&bus).is_empty());
     // (Measured once: the state change returned after 2.4 s; the frame would have
     // taken 184 s at the test profile's opt-level.)
-    eprintln!("state change to NULL during the frame: {:.2} s", stop.as_secs_f64());
+    eprintln!(
+        "state change to NULL during the frame: {:.2} s",
+        stop.as_secs_f64()
+    );
 }
 
 // ---- stream torture ----
@@ -1080,7 +1135,8 @@ fn tiny_sizes_in_every_format_with_caps_changing_every_frame() {
             h.set_src_caps(i.to_caps().unwrap());
             let input = padded_frame(&i, (w as usize) % 3);
             let before = untouched_bytes(&i, &input);
-            h.push(input.clone()).unwrap_or_else(|e| panic!("{format:?} {w}x{h_}: {e:?}"));
+            h.push(input.clone())
+                .unwrap_or_else(|e| panic!("{format:?} {w}x{h_}: {e:?}"));
             let out = h.pull().unwrap();
             assert_eq!(out.size(), input.size(), "{format:?} {w}x{h_}");
             assert_eq!(untouched_bytes(&i, &out), before, "{format:?} {w}x{h_}");
@@ -1315,7 +1371,10 @@ fn a_frame_the_engine_refuses_fails_or_passes_through() {
         input.map_readable().unwrap().as_slice()
     );
     let w = warnings(&bus);
-    assert!(w.len() == 1 && w[0].contains("restoring the frame failed"), "{w:?}");
+    assert!(
+        w.len() == 1 && w[0].contains("restoring the frame failed"),
+        "{w:?}"
+    );
     assert!(first_error(&bus, Duration::ZERO).is_none());
     drop(h);
     element.set_state(gst::State::Null).unwrap();

@@ -38,7 +38,6 @@ pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 /// Name of the custom meta carrying the quality estimate of a processed buffer.
 pub const QF_META_NAME: &str = "CodiffQfMeta";
 
-
 /// Per-stream state, built in `set_info`.
 struct State {
     layout: Layout,
@@ -107,7 +106,6 @@ pub struct Codiff {
     failing: Mutex<bool>,
 }
 
-
 /// Where the three colour components of `info`'s format live, or `None` for formats
 /// the element does not handle (not 8 bits, not RGB or YUV, fewer than 3 components).
 fn layout_for(info: &gst_video::VideoInfo) -> Option<Layout> {
@@ -175,8 +173,10 @@ impl Codiff {
                         self,
                         gst::StreamError::Failed,
                         ("codiff: {what}: {cause}"),
-                        ["the frame was pushed unchanged (on-error=passthrough); following \
-                          failing frames are only logged until one is restored"]
+                        [
+                            "the frame was pushed unchanged (on-error=passthrough); following \
+                          failing frames are only logged until one is restored"
+                        ]
                     );
                 } else {
                     gst::info!(CAT, imp = self, "passing a frame through: {what}: {cause}");
@@ -226,8 +226,8 @@ impl Codiff {
         };
 
         let strength = settings.strength.clamp(0.0, 1.0) as f32;
-        let mut image = RgbImage::new(width, height, input)
-            .map_err(|err| FrameError::failed("frame", err))?;
+        let mut image =
+            RgbImage::new(width, height, input).map_err(|err| FrameError::failed("frame", err))?;
         let pool = self.thread_pool();
         let estimate = if strength > 0.0 {
             let (mut opts, adjusted) = settings.restore_options(Some(engine.cave().min_tile()));
@@ -513,7 +513,11 @@ impl ElementImpl for Codiff {
         match transition {
             gst::StateChange::PausedToReady => {
                 if let Some(pending) = self.pending.lock().unwrap().take() {
-                    gst::info!(CAT, imp = self, "applying the model properties set while running");
+                    gst::info!(
+                        CAT,
+                        imp = self,
+                        "applying the model properties set while running"
+                    );
                     self.settings.lock().unwrap().take_model_fields(&pending);
                 }
             }

@@ -124,7 +124,12 @@ impl Codiff {
         post_step(gst::ProgressType::Complete, &done);
         // Tile properties this model cannot use as set (adjusted at each frame).
         let min_cave_tile = engine.cave().min_tile();
-        for warning in self.settings.lock().unwrap().restore_options(Some(min_cave_tile)).1 {
+        let (_, adjusted) = self
+            .settings
+            .lock()
+            .unwrap()
+            .restore_options(Some(min_cave_tile));
+        for warning in adjusted {
             gst::warning!(CAT, imp = self, "{warning}");
         }
         *self.model.lock().unwrap() = Some(Model { spec, engine });

@@ -462,7 +462,8 @@ impl Settings {
         match pspec.name() {
             "mode" => self.mode = value.get().expect("type checked upstream"),
             "weights" => {
-                self.weights = path(value).unwrap_or_else(|| PathBuf::from(DEFAULT_WEIGHTS.as_str()))
+                self.weights =
+                    path(value).unwrap_or_else(|| PathBuf::from(DEFAULT_WEIGHTS.as_str()))
             }
             "sd-model" => self.sd_model = path(value),
             "codiff-checkpoint" => self.codiff_checkpoint = path(value),
@@ -563,14 +564,20 @@ mod tests {
         let mut s = Settings::default();
         let (o, w) = s.restore_options(Some(416));
         assert!(w.is_empty(), "{w:?}");
-        assert_eq!((o.latent_tile, o.latent_overlap, o.cave_tile), (96, 32, 2048));
+        assert_eq!(
+            (o.latent_tile, o.latent_overlap, o.cave_tile),
+            (96, 32, 2048)
+        );
         // stride 1 and a tiny tile: both raised
         s.latent_tile = 4;
         s.latent_overlap = 32;
         let (o, w) = s.restore_options(None);
         assert_eq!((o.latent_tile, o.latent_overlap), (32, 16));
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("latent-tile 4") && w[1].contains("latent-overlap 32"), "{w:?}");
+        assert!(
+            w[0].contains("latent-tile 4") && w[1].contains("latent-overlap 32"),
+            "{w:?}"
+        );
         s.latent_tile = 64;
         s.latent_overlap = 64;
         let (o, w) = s.restore_options(None);
@@ -587,7 +594,10 @@ mod tests {
         assert_eq!(s.restore_options(None).0.cave_tile, 100);
         let (o, w) = s.restore_options(Some(416));
         assert_eq!(o.cave_tile, 416);
-        assert!(w[0].contains("cave-tile 100") && w[0].contains("416"), "{w:?}");
+        assert!(
+            w[0].contains("cave-tile 100") && w[0].contains("416"),
+            "{w:?}"
+        );
     }
 
     #[test]
