@@ -348,14 +348,16 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
                 .build(),
             glib::ParamSpecUInt::builder("latent-tile")
                 .nick("Latent tile")
-                .blurb("Side of the latent tiles in latent pixels (1/8 of image pixels), 0 = never tile")
+                .blurb("Side of the latent tiles in latent pixels (1/8 of image pixels), 0 = never tile; \
+                        values under 32 run as 32 (with a warning)")
                 .maximum(MAX_LATENT_TILE)
                 .default_value(DEFAULT_LATENT_TILE)
                 .mutable_playing()
                 .build(),
             glib::ParamSpecUInt::builder("latent-overlap")
                 .nick("Latent overlap")
-                .blurb("Overlap of neighbouring latent tiles in latent pixels (less than latent-tile)")
+                .blurb("Overlap of neighbouring latent tiles in latent pixels; more than half of latent-tile \
+                        runs as half (with a warning)")
                 .maximum(MAX_LATENT_OVERLAP)
                 .default_value(DEFAULT_LATENT_OVERLAP)
                 .mutable_playing()
@@ -379,7 +381,8 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
             glib::ParamSpecUInt::builder("cave-tile")
                 .nick("CaVE tile")
                 .blurb("Largest side of the CaVE encoder tiles in image pixels for larger frames (the \
-                        stitched embedding is exact; at least 736 for the official CaVE), 0 = never tile")
+                        stitched embedding is exact), 0 = never tile; values under what the loaded CaVE's \
+                        margins need (736 for the official CaVE) run as that minimum (with a warning)")
                 .maximum(MAX_PIXEL_TILE)
                 .default_value(DEFAULT_CAVE_TILE)
                 .mutable_playing()
@@ -438,7 +441,7 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
                 .build(),
             glib::ParamSpecBoolean::builder("warm-up")
                 .nick("Warm-up")
-                .blurb("At caps time, time one restore of a grey frame of the negotiated size (at \
+                .blurb("At caps time, time one restore of a test pattern of the negotiated size (at \
                         most 640x480 pixels, the time scaled up for larger frames) so the \
                         LATENCY query is right before the first frame")
                 .default_value(DEFAULT_WARM_UP)
