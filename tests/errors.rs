@@ -321,11 +321,15 @@ fn memo_refetch_cannot_grow_exponentially() {
     let d = hostile_dir("memo");
     let t = TensorRef::contiguous("w", "0", &[2]);
     let st = [("0".to_string(), vec![1.0f32, 2.0])];
-    // 64 levels of {a: previous, b: previous} under a walked key: 2^64 paths
-    let e = open_err(&d.join("bomb.pth"), &legacy_file(&memo_bomb(64, &t), &st));
+    // 40 levels of {a: previous, b: previous} under a walked key: 2^40
+    // paths, within the nesting bound, so the walk's budget must stop it
+    let e = open_err(&d.join("bomb.pth"), &legacy_file(&memo_bomb(40, &t), &st));
     assert!(e.to_string().contains("bomb.pth") && e.to_string().contains("shared"), "{e}");
-    let e = open_err(&d.join("bomb.pkl"), &zip_file(&memo_bomb(64, &t), &st));
-    assert!(e.to_string().contains("bomb.pkl"), "{e}");
+    let e = open_err(&d.join("bomb.pkl"), &zip_file(&memo_bomb(40, &t), &st));
+    assert!(e.to_string().contains("bomb.pkl") && e.to_string().contains("shared"), "{e}");
+    // 64 levels stop at the nesting bound
+    let e = open_err(&d.join("deep.pth"), &legacy_file(&memo_bomb(64, &t), &st));
+    assert!(e.to_string().contains("deeper than 64"), "{e}");
     // a few shared levels (2^4 paths) load, with the tensor beside them
     std::fs::write(d.join("small.pth"), legacy_file(&memo_bomb(4, &t), &st)).unwrap();
     let f = TensorFile::open(&d.join("small.pth")).unwrap();

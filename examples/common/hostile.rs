@@ -221,15 +221,16 @@ pub struct TensorRef {
 impl TensorRef {
     /// A contiguous f32 tensor over storage `storage_key`.
     pub fn contiguous(key: &str, storage_key: &str, shape: &[i64]) -> Self {
+        // wrapping: hostile shapes overflow on purpose
         let mut stride = vec![1i64; shape.len()];
         for i in (0..shape.len().saturating_sub(1)).rev() {
-            stride[i] = stride[i + 1] * shape[i + 1];
+            stride[i] = stride[i + 1].wrapping_mul(shape[i + 1]);
         }
         Self {
             key: key.into(),
             storage_key: storage_key.into(),
             storage_type: "FloatStorage".into(),
-            storage_numel: shape.iter().product(),
+            storage_numel: shape.iter().fold(1i64, |a, &d| a.wrapping_mul(d)),
             offset: 0,
             shape: shape.to_vec(),
             stride,
