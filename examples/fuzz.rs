@@ -37,14 +37,31 @@ struct Args {
     /// Write every panicking input here
     #[arg(long)]
     crashes: Option<std::path::PathBuf>,
+    /// Run only these case numbers (comma-separated), printing each outcome
+    #[arg(long, value_delimiter = ',')]
+    replay: Vec<usize>,
 }
 
 fn main() {
     let args = Args::parse();
     hostile::ALLOC_LIMIT.store(1 << 30, Ordering::Relaxed);
+    let seeds = hostile::seeds();
+    if !args.replay.is_empty() {
+        let dir = std::env::temp_dir().join(format!("codiff-fuzz-replay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for &i in &args.replay {
+            let c = hostile::case(args.seed, i, &seeds);
+            let out = match &c.full_load {
+                Some(rel) => hostile::run_model_case(&hostile::model_copy(&dir), rel, &c.bytes),
+                None => hostile::run_case(&dir, &c.name, c.target, &c.bytes),
+            };
+            println!("case {i} ({}, {} bytes, full load: {:?}): {out:?}", c.name, c.bytes.len(), c.full_load);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     // panics are counted and reported below, not printed as they happen
     std::panic::set_hook(Box::new(|_| {}));
-    let seeds = hostile::seeds();
     let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     let deadline = Instant::now() + Duration::from_secs_f64(args.minutes * 60.0);
     let next = AtomicUsize::new(0);
@@ -66,7 +83,7 @@ fn main() {
                             if let Some(c) = crashes {
                                 std::fs::create_dir_all(c).unwrap();
                                 for (k, name, _) in t.first_panics.iter().filter(|p| p.0 >= i) {
-                                    let bytes = hostile::case(args.seed, *k, seeds).2;
+                                    let bytes = hostile::case(args.seed, *k, seeds).bytes;
                                     std::fs::write(c.join(format!("{k}-{name}")), bytes).unwrap();
                                 }
                             }
@@ -94,6 +111,7 @@ fn main() {
     let mut total = hostile::Tally::default();
     for t in tallies {
         total.cases += t.cases;
+        total.full_loads += t.full_loads;
         total.ok += t.ok;
         total.errors += t.errors;
         total.panics += t.panics;
@@ -101,10 +119,11 @@ fn main() {
         total.unnamed.extend(t.unnamed);
     }
     println!(
-        "fuzz: seed {} for {:.1} min on {jobs} threads: {} cases tried, {} ok, {} clean errors, {} panics; largest allocation {} bytes",
+        "fuzz: seed {} for {:.1} min on {jobs} threads: {} cases tried ({} loading the whole engine), {} ok, {} clean errors, {} panics; largest allocation {} bytes",
         args.seed,
         start.elapsed().as_secs_f64() / 60.0,
         total.cases,
+        total.full_loads,
         total.ok,
         total.errors,
         total.panics,

@@ -266,6 +266,18 @@ fn overflowing_and_negative_sizes_are_refused() {
     let t = TensorRef::strided("w", "0", &[1 << 32, 1 << 32, 16], &[0, 0, 0]);
     let e = open_err(&d.join("a.pth"), &legacy_file(&state_dict_pickle(&[t]).bytes(), &[("0".into(), vec![0.0])]));
     assert!(e.to_string().contains("overflows") && e.to_string().contains("a.pth"), "{e}");
+    // an empty view whose other sizes overflow (found by the fuzzer: a
+    // panic computing the empty tensor's strides)
+    for shape in [vec![0i64, 1 << 40, 1 << 40], vec![1 << 40, 1 << 40, 0]] {
+        let t = TensorRef::strided("w", "0", &shape, &[1, 1, 1]);
+        let e = open_err(&d.join("z.pth"), &legacy_file(&state_dict_pickle(&[t]).bytes(), &[("0".into(), vec![0.0])]));
+        assert!(e.to_string().contains("overflows") && e.to_string().contains("z.pth"), "{e}");
+    }
+    let hdr = r#"{"w":{"dtype":"F32","shape":[0,1099511627776,1099511627776],"data_offsets":[0,0]}}"#;
+    let mut st = (hdr.len() as u64).to_le_bytes().to_vec();
+    st.extend(hdr.as_bytes());
+    let e = open_err(&d.join("z.safetensors"), &st);
+    assert!(e.to_string().contains("overflows"), "{e}");
     // a negative size
     let t = TensorRef::strided("w", "0", &[-1], &[1]);
     let e = open_err(&d.join("b.pth"), &legacy_file(&state_dict_pickle(&[t]).bytes(), &[("0".into(), vec![0.0])]));

@@ -344,13 +344,26 @@ pub enum Target {
     Scheduler,
 }
 
-/// A seed input: the file name it is written under and its bytes.
+/// A seed input: the file name it is written under and its bytes; fixture
+/// files also have their path in the model folder (`rel`).
 #[derive(Clone)]
 pub struct Seed {
     pub name: String,
+    pub rel: Option<String>,
     pub target: Target,
     pub bytes: Vec<u8>,
 }
+
+/// The model files a full load reads, relative to the model folder.
+pub const MODEL_FILES: [&str; 7] = [
+    "cave.pth",
+    "codiff.pkl",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+];
 
 pub fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/codiff-tiny-a")
@@ -371,7 +384,7 @@ pub fn seeds() -> Vec<Seed> {
     ] {
         let bytes = std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
         let name = Path::new(f).file_name().unwrap().to_string_lossy().into_owned();
-        out.push(Seed { name, target, bytes });
+        out.push(Seed { name, rel: Some(f.to_string()), target, bytes });
     }
     let tensors = [
         TensorRef::contiguous("w", "0", &[2, 3]),
@@ -380,9 +393,9 @@ pub fn seeds() -> Vec<Seed> {
     ];
     let storages: Vec<Storage> = vec![("0".into(), (0..6).map(|i| i as f32).collect()), ("1".into(), vec![1.0; 4])];
     let obj = state_dict_pickle(&tensors).bytes();
-    out.push(Seed { name: "small.pth".into(), target: Target::Weights, bytes: legacy_file(&obj, &storages) });
-    out.push(Seed { name: "small.pkl".into(), target: Target::Weights, bytes: zip_file(&obj, &storages) });
-    out.push(Seed { name: "small.safetensors".into(), target: Target::Weights, bytes: small_safetensors() });
+    out.push(Seed { name: "small.pth".into(), rel: None, target: Target::Weights, bytes: legacy_file(&obj, &storages) });
+    out.push(Seed { name: "small.pkl".into(), rel: None, target: Target::Weights, bytes: zip_file(&obj, &storages) });
+    out.push(Seed { name: "small.safetensors".into(), rel: None, target: Target::Weights, bytes: small_safetensors() });
     out
 }
 
@@ -572,10 +585,50 @@ pub fn run_case(dir: &Path, name: &str, target: Target, bytes: &[u8]) -> Outcome
     }
 }
 
+/// A writable copy of the fixture model in `dir`.
+pub fn model_copy(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    for f in MODEL_FILES {
+        let p = m.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::copy(fixture_dir().join(f), &p).unwrap_or_else(|e| panic!("{f}: {e}"));
+    }
+    m
+}
+
+/// Put `bytes` at `rel` in the model copy `model`, load the whole diffusion
+/// engine from it (every file, LoRA merge, configs against weights) catching
+/// panics, then restore the fixture's file.
+pub fn run_model_case(model: &Path, rel: &str, bytes: &[u8]) -> Outcome {
+    use gstcodiff::engine::{DeviceSpec, Engine, Mode, ModelSpec, Precision};
+    let p = model.join(rel);
+    std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let spec = ModelSpec {
+        mode: Mode::Diffusion,
+        weights: model.join("cave.pth"),
+        sd_dir: Some(model.to_path_buf()),
+        codiff: Some(model.join("codiff.pkl")),
+        cave: Some(model.join("cave.pth")),
+        device: DeviceSpec::Cpu,
+        precision: Precision::F32,
+    };
+    let r = std::panic::catch_unwind(|| Engine::load(&spec, &mut |_| {}).map(|_| ()).map_err(|e| e.to_string()));
+    std::fs::copy(fixture_dir().join(rel), &p).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    match r {
+        Ok(Ok(())) => Outcome::Ok,
+        Ok(Err(e)) => Outcome::Error(e),
+        Err(p) => Outcome::Panic(
+            p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default(),
+        ),
+    }
+}
+
 /// Counts over a run.
 #[derive(Debug, Default)]
 pub struct Tally {
     pub cases: usize,
+    /// Cases that loaded the whole engine.
+    pub full_loads: usize,
     pub ok: usize,
     pub errors: usize,
     pub panics: usize,
@@ -585,26 +638,45 @@ pub struct Tally {
     pub unnamed: Vec<String>,
 }
 
+/// One input: the name it is written under, its parser, its bytes, and for
+/// the cases that load the whole engine, its path in the model folder.
+pub struct Case {
+    pub name: String,
+    pub target: Target,
+    pub bytes: Vec<u8>,
+    pub full_load: Option<String>,
+}
+
 /// Case `i` of the run seeded by `seed`: a mutated fixture file (3 in 4) or
-/// a generated checkpoint. Returns the name it was written under, its target
-/// and the bytes.
-pub fn case(seed: u64, i: usize, seeds: &[Seed]) -> (String, Target, Vec<u8>) {
+/// a generated checkpoint. Every 8th case that mutates a fixture file loads
+/// the whole engine with it in place of the original.
+pub fn case(seed: u64, i: usize, seeds: &[Seed]) -> Case {
     let mut rng = Rng::new(seed ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
     if rng.below(4) == 0 {
         let name = if rng.chance(0.5) { "gen.pth" } else { "gen.pkl" };
-        return (name.into(), Target::Weights, generate(&mut rng));
+        return Case { name: name.into(), target: Target::Weights, bytes: generate(&mut rng), full_load: None };
     }
     let s = rng.pick(seeds);
     let json = s.target != Target::Weights;
-    (s.name.clone(), s.target, mutate(&mut rng, &s.bytes, seeds, json))
+    let bytes = mutate(&mut rng, &s.bytes, seeds, json);
+    let full_load = if i % 8 == 7 { s.rel.clone() } else { None };
+    Case { name: s.name.clone(), target: s.target, bytes, full_load }
 }
 
 /// Run cases `range` of the run seeded by `seed` in `dir`, tallying outcomes.
 pub fn run(seed: u64, range: std::ops::Range<usize>, seeds: &[Seed], dir: &Path, tally: &mut Tally) {
+    let model = model_copy(dir);
     for i in range {
-        let (name, target, bytes) = case(seed, i, seeds);
+        let Case { name, target, bytes, full_load } = case(seed, i, seeds);
         tally.cases += 1;
-        match run_case(dir, &name, target, &bytes) {
+        let outcome = match &full_load {
+            Some(rel) => {
+                tally.full_loads += 1;
+                run_model_case(&model, rel, &bytes)
+            }
+            None => run_case(dir, &name, target, &bytes),
+        };
+        match outcome {
             Outcome::Ok => tally.ok += 1,
             Outcome::Error(e) => {
                 tally.errors += 1;
