@@ -372,6 +372,11 @@ fn absurd_config_sizes_are_refused_before_allocating() {
         ("vae/config.json", "block_out_channels", "[32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32]", "block_out_channels"),
         ("vae/config.json", "norm_num_groups", "0", "norm_num_groups"),
         ("vae/config.json", "latent_channels", "0", "latent_channels"),
+        // found by the fuzzer: 2 * latent_channels overflowed building the encoder
+        ("vae/config.json", "latent_channels", "18446744073709551615", "latent_channels"),
+        ("vae/config.json", "block_out_channels", "[32, 32, 32, 310000000000]", "block_out_channels"),
+        ("unet/config.json", "cross_attention_dim", "4611686018427387904", "cross_attention_dim"),
+        ("unet/config.json", "downsample_padding", "1000000000", "downsample_padding"),
     ];
     for (i, (file, key, value, want)) in cases.iter().enumerate() {
         let d = copy_fixture(&format!("cfg{i}"));

@@ -669,18 +669,20 @@ pub fn run(seed: u64, range: std::ops::Range<usize>, seeds: &[Seed], dir: &Path,
     for i in range {
         let Case { name, target, bytes, full_load } = case(seed, i, seeds);
         tally.cases += 1;
-        let outcome = match &full_load {
+        // a full load's error may name another file of the model (a config
+        // that contradicts the weights is reported at the weights)
+        let (outcome, must_name) = match &full_load {
             Some(rel) => {
                 tally.full_loads += 1;
-                run_model_case(&model, rel, &bytes)
+                (run_model_case(&model, rel, &bytes), model.to_string_lossy().into_owned())
             }
-            None => run_case(dir, &name, target, &bytes),
+            None => (run_case(dir, &name, target, &bytes), name.clone()),
         };
         match outcome {
             Outcome::Ok => tally.ok += 1,
             Outcome::Error(e) => {
                 tally.errors += 1;
-                if !e.contains(&name) && tally.unnamed.len() < 5 {
+                if !e.contains(&must_name) && tally.unnamed.len() < 5 {
                     tally.unnamed.push(e);
                 }
             }

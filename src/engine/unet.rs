@@ -9,7 +9,7 @@ use candle_nn as nn;
 
 use super::error::{EngineError, Result};
 use super::layers::{Conv, GroupNorm, ResnetBlock, SpatialTransformer, Upsample};
-use super::vae::{check_levels, json_usize, json_usizes, read_json, MAX_LAYERS};
+use super::vae::{check_levels, check_size, json_usize, json_usizes, read_json, MAX_LAYERS};
 
 /// One resolution level of the UNet.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -119,9 +119,11 @@ impl UNetConfig {
             }
         }
         for (k, c) in [("in_channels", self.in_channels), ("out_channels", self.out_channels), ("cross_attention_dim", m.cross_attention_dim)] {
-            if c == 0 {
-                return bad(format!("`{k}` is 0"));
-            }
+            check_size(path, k, c)?;
+        }
+        // padding is allocated with every frame: diffusers uses 0 or 1
+        if m.downsample_padding > 4 {
+            return bad(format!("`downsample_padding` is {}, expected 0 to 4", m.downsample_padding));
         }
         if !(m.norm_eps.is_finite() && m.norm_eps > 0.0) {
             return bad(format!("`norm_eps` {} is not a positive number", m.norm_eps));

@@ -62,10 +62,23 @@ pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| EngineError::Config { path: path.to_path_buf(), reason: e.to_string() })
 }
 
+/// Most channels (or latent channels, or context width) a config may declare:
+/// SD uses at most 1,280 and SDXL 2,048. Products of a few such sizes (a
+/// weight's shape) then never overflow.
+pub(crate) const MAX_CHANNELS: usize = 1 << 16;
+
+/// `value` of `key` is a size from 1 to [`MAX_CHANNELS`].
+pub(crate) fn check_size(path: &Path, key: &str, value: usize) -> Result<()> {
+    if value == 0 || value > MAX_CHANNELS {
+        return Err(EngineError::Config { path: path.to_path_buf(), reason: format!("`{key}` is {value}, expected 1 to {MAX_CHANNELS}") });
+    }
+    Ok(())
+}
+
 /// Sizes every config must satisfy before a model is built from it (the
 /// weights then check every tensor's shape): 1..=[`MAX_LEVELS`] levels of
-/// nonzero channel counts that `norm_num_groups` (nonzero) divides, and
-/// 1..=[`MAX_LAYERS`] layers per block.
+/// channel counts (1..=[`MAX_CHANNELS`]) that `norm_num_groups` (nonzero)
+/// divides, and 1..=[`MAX_LAYERS`] layers per block.
 pub(crate) fn check_levels(path: &Path, channels: &[usize], groups: usize, layers_per_block: usize) -> Result<()> {
     let bad = |reason: String| Err(EngineError::Config { path: path.to_path_buf(), reason });
     if channels.is_empty() || channels.len() > MAX_LEVELS {
@@ -74,8 +87,11 @@ pub(crate) fn check_levels(path: &Path, channels: &[usize], groups: usize, layer
     if groups == 0 {
         return bad("`norm_num_groups` is 0".into());
     }
-    if let Some(c) = channels.iter().find(|&&c| c == 0 || c % groups != 0) {
-        return bad(format!("`block_out_channels` entry {c} is not a nonzero multiple of `norm_num_groups` {groups}"));
+    for &c in channels {
+        check_size(path, "block_out_channels", c)?;
+    }
+    if let Some(c) = channels.iter().find(|&&c| c % groups != 0) {
+        return bad(format!("`block_out_channels` entry {c} is not a multiple of `norm_num_groups` {groups}"));
     }
     if layers_per_block == 0 || layers_per_block > MAX_LAYERS {
         return bad(format!("`layers_per_block` is {layers_per_block}, expected 1 to {MAX_LAYERS}"));
@@ -98,9 +114,7 @@ impl VaeConfig {
         check_levels(path, &cfg.block_out_channels, cfg.norm_num_groups, cfg.layers_per_block)?;
         let bad = |reason: String| Err(EngineError::Config { path: path.to_path_buf(), reason });
         for (k, c) in [("in_channels", cfg.in_channels), ("out_channels", cfg.out_channels), ("latent_channels", cfg.latent_channels)] {
-            if c == 0 {
-                return bad(format!("`{k}` is 0"));
-            }
+            check_size(path, k, c)?;
         }
         if !(cfg.scaling_factor.is_finite() && cfg.scaling_factor > 0.0) {
             return bad(format!("`scaling_factor` {} is not a positive number", cfg.scaling_factor));

@@ -4,6 +4,18 @@
 //! models cast to their own dtype and device when they are built.
 //!
 //! Errors name the file, the key and the expected vs found shape.
+//!
+//! Files we do not control never crash the host. Every size taken from a
+//! file is checked against the bytes actually there before anything is
+//! sliced or allocated, through one checked reader ([`Bytes`]) under all
+//! three formats, with checked arithmetic. The pickles run on our own
+//! machine ([`super::pickle`]: memo entries shared, not copied; no
+//! recursion). A tensor view may not hold more elements than its storage
+//! (so a stride-0 `[2^40]` view of one element is refused), every index it
+//! reaches is checked, and the views of one storage together materialise at
+//! most [`MAX_VIEWS_PER_STORAGE`] times its bytes: loading never needs much
+//! more memory than the file's size. Dictionary nesting is bounded
+//! ([`MAX_NESTING`]), and so is the walk over shared sub-dictionaries.
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
