@@ -211,9 +211,11 @@ impl QfCalibration {
             return Ok(None);
         }
         let t = f.get(Self::KEY)?;
-        let bad_shape = || EngineError::ShapeMismatch { path: f.path.clone(), key: Self::KEY.into(), expected: vec![2, 0], found: t.dims().to_vec() };
         if t.rank() != 2 || t.dim(0)? != 2 || t.dim(1)? < 2 {
-            return Err(bad_shape());
+            return Err(EngineError::Format {
+                path: f.path.clone(),
+                reason: format!("tensor `{}` has shape {:?}, expected [2, K] with K >= 2 knots", Self::KEY, t.dims()),
+            });
         }
         let rows = t.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let (raw, qf) = (rows[0].clone(), rows[1].clone());
@@ -587,10 +589,20 @@ mod tests {
         let plain = Cave::load(&TensorFile::from_tensors(std::path::Path::new("m.safetensors"), tensors.clone()), &Device::Cpu).unwrap();
         assert!((plain.qf(0.7) - 30.0).abs() < 1e-4);
         // a malformed table names the file and the key
-        for bad in [Tensor::new(&[[8f32, 20.], [10., 30.], [1., 2.]], &Device::Cpu).unwrap(), Tensor::new(&[[20f32, 8.], [10., 30.]], &Device::Cpu).unwrap()] {
+        for bad in [
+            Tensor::new(&[[8f32, 20.], [10., 30.], [1., 2.]], &Device::Cpu).unwrap(),
+            Tensor::new(&[[20f32, 8.], [10., 30.]], &Device::Cpu).unwrap(),
+            Tensor::zeros((2, 0), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((2, 1), DType::F32, &Device::Cpu).unwrap(),
+        ] {
+            let dims = bad.dims().to_vec();
             tensors.insert("qf_calibration".into(), bad);
             let err = Cave::load(&TensorFile::from_tensors(std::path::Path::new("m.safetensors"), tensors.clone()), &Device::Cpu).err().unwrap().to_string();
             assert!(err.contains("m.safetensors") && err.contains("qf_calibration"), "{err}");
+            // the message never contradicts itself ("expected [2, 0], found [2, 0]")
+            if dims[0] == 2 && dims[1] < 2 {
+                assert!(err.contains(&format!("{dims:?}")) && err.contains("K >= 2"), "{err}");
+            }
         }
     }
 

@@ -31,7 +31,7 @@ pub enum EngineError {
     Unsupported(String),
     #[error("invalid input: {0}")]
     InvalidInput(String),
-    #[error("non-finite values in {stage} output (precision {precision}); try precision=f32")]
+    #[error("non-finite values in {stage} output (precision {precision}){}", non_finite_hint(.precision))]
     NonFinite { stage: &'static str, precision: String },
     #[error("cancelled")]
     Cancelled,
@@ -41,4 +41,27 @@ pub enum EngineError {
     Candle(#[from] candle_core::Error),
 }
 
+/// Lower precisions can overflow where f32 does not: suggest f32 only when it
+/// is not what already ran.
+fn non_finite_hint(precision: &str) -> &'static str {
+    if precision == "f32" {
+        ": the weights or the input hold NaN or infinite values"
+    } else {
+        "; try precision=f32"
+    }
+}
+
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_suggests_f32_only_below_f32() {
+        let f32_err = EngineError::NonFinite { stage: "UNet", precision: "f32".into() }.to_string();
+        assert!(!f32_err.contains("try precision=f32") && f32_err.contains("NaN"), "{f32_err}");
+        let f16_err = EngineError::NonFinite { stage: "UNet", precision: "f16".into() }.to_string();
+        assert!(f16_err.contains("try precision=f32"), "{f16_err}");
+    }
+}

@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod layers;
 pub mod lora;
 pub mod one_step;
+pub(crate) mod pickle;
 pub mod pipeline;
 pub mod tiling;
 pub mod unet;

@@ -10,6 +10,9 @@ use super::vae::read_json;
 /// The fixed timestep of CODiff's one-step restorer.
 pub const TIMESTEP: usize = 499;
 
+/// Most `num_train_timesteps` a scheduler config may ask for (SD uses 1,000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// DDPM noise schedule (`scheduler/scheduler_config.json`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Schedule {
@@ -57,11 +60,17 @@ impl Schedule {
                 return Err(EngineError::Config { path: path.to_path_buf(), reason: format!("prediction_type `{p}`: CODiff needs epsilon") });
             }
         }
-        let steps = v.get("num_train_timesteps").and_then(|x| x.as_u64()).unwrap_or(1000) as usize;
-        if steps <= TIMESTEP {
-            return Err(EngineError::Config { path: path.to_path_buf(), reason: format!("{steps} timesteps, CODiff needs t = {TIMESTEP}") });
+        let bad = |reason: String| Err(EngineError::Config { path: path.to_path_buf(), reason });
+        // the schedule is computed for every step: bounded, as no weights stand behind it
+        let steps = super::vae::json_usize(&v, "num_train_timesteps", Some(1000), path)?;
+        if !(TIMESTEP < steps && steps <= MAX_TRAIN_TIMESTEPS) {
+            return bad(format!("`num_train_timesteps` is {steps}: CODiff needs t = {TIMESTEP}, at most {MAX_TRAIN_TIMESTEPS} are accepted"));
         }
-        Ok(Self::new(f("beta_start", 0.00085), f("beta_end", 0.012), steps, kind == "scaled_linear"))
+        let (b0, b1) = (f("beta_start", 0.00085), f("beta_end", 0.012));
+        if !(b0 > 0.0 && b0 <= b1 && b1 < 1.0) {
+            return bad(format!("betas {b0}..{b1}: expected 0 < beta_start <= beta_end < 1"));
+        }
+        Ok(Self::new(b0, b1, steps, kind == "scaled_linear"))
     }
 
     pub fn alpha_bar(&self, t: usize) -> f64 {

@@ -9,7 +9,7 @@ use candle_nn as nn;
 
 use super::error::{EngineError, Result};
 use super::layers::{Conv, GroupNorm, ResnetBlock, SpatialTransformer, Upsample};
-use super::vae::{json_usize, json_usizes, read_json};
+use super::vae::{check_levels, check_size, json_usize, json_usizes, read_json, MAX_LAYERS};
 
 /// One resolution level of the UNet.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -63,14 +63,17 @@ impl UNetConfig {
         }
         // diffusers' `attention_head_dim` is, for SD 2.x, the number of heads.
         let heads: Vec<usize> = match v.get("attention_head_dim") {
-            Some(serde_json::Value::Number(x)) => vec![x.as_u64().unwrap_or(8) as usize; n],
+            Some(serde_json::Value::Number(_)) => vec![json_usize(&v, "attention_head_dim", None, path)?; n],
             Some(serde_json::Value::Array(_)) => json_usizes(&v, "attention_head_dim", path)?,
             _ => vec![8; n],
         };
         if heads.len() != n {
             return Err(bad(format!("{} attention head counts for {n} blocks", heads.len())));
         }
-        let tlpb = v.get("transformer_layers_per_block").and_then(|x| x.as_u64()).unwrap_or(1) as usize;
+        let tlpb = json_usize(&v, "transformer_layers_per_block", Some(1), path)?;
+        if tlpb == 0 || tlpb > MAX_LAYERS {
+            return Err(bad(format!("`transformer_layers_per_block` is {tlpb}, expected 1 to {MAX_LAYERS}")));
+        }
         let blocks = (0..n)
             .map(|i| BlockConfig {
                 out_channels: channels[i],
@@ -92,7 +95,40 @@ impl UNetConfig {
             cross_attention_dim: json_usize(&v, "cross_attention_dim", None, path)?,
             use_linear_projection: v.get("use_linear_projection").and_then(|x| x.as_bool()).unwrap_or(false),
         };
-        Ok(Self { model, in_channels: json_usize(&v, "in_channels", Some(4), path)?, out_channels: json_usize(&v, "out_channels", Some(4), path)? })
+        let cfg = Self { model, in_channels: json_usize(&v, "in_channels", Some(4), path)?, out_channels: json_usize(&v, "out_channels", Some(4), path)? };
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    /// Refuse sizes no weights can stand behind before anything is built:
+    /// zero or absurd level counts and channels, head counts of 0 or that do
+    /// not divide their level's channels (the head width would be 0 or cut).
+    fn check(&self, path: &Path) -> Result<()> {
+        let m = &self.model;
+        let bad = |reason: String| Err(EngineError::Config { path: path.to_path_buf(), reason });
+        let channels: Vec<usize> = m.blocks.iter().map(|b| b.out_channels).collect();
+        check_levels(path, &channels, m.norm_num_groups, m.layers_per_block)?;
+        let last = m.blocks.len() - 1;
+        for (i, b) in m.blocks.iter().enumerate() {
+            // the mid block attends with the last level's head count
+            if (b.use_cross_attn.is_some() || i == last) && (b.attention_head_dim == 0 || b.out_channels % b.attention_head_dim != 0) {
+                return bad(format!(
+                    "`attention_head_dim` {} of block {i} does not divide its {} channels into heads",
+                    b.attention_head_dim, b.out_channels
+                ));
+            }
+        }
+        for (k, c) in [("in_channels", self.in_channels), ("out_channels", self.out_channels), ("cross_attention_dim", m.cross_attention_dim)] {
+            check_size(path, k, c)?;
+        }
+        // padding is allocated with every frame: diffusers uses 0 or 1
+        if m.downsample_padding > 4 {
+            return bad(format!("`downsample_padding` is {}, expected 0 to 4", m.downsample_padding));
+        }
+        if !(m.norm_eps.is_finite() && m.norm_eps > 0.0) {
+            return bad(format!("`norm_eps` {} is not a positive number", m.norm_eps));
+        }
+        Ok(())
     }
 
     /// SD-2.1-base (epsilon prediction, 512 px).

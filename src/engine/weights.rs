@@ -4,14 +4,26 @@
 //! models cast to their own dtype and device when they are built.
 //!
 //! Errors name the file, the key and the expected vs found shape.
+//!
+//! Files we do not control never crash the host. Every size taken from a
+//! file is checked against the bytes actually there before anything is
+//! sliced or allocated, through one checked reader ([`Bytes`]) under all
+//! three formats, with checked arithmetic. The pickles run on our own
+//! machine ([`super::pickle`]: memo entries shared, not copied; no
+//! recursion). A tensor view may not hold more elements than its storage
+//! (so a stride-0 `[2^40]` view of one element is refused), every index it
+//! reaches is checked, and the views of one storage together materialise at
+//! most [`MAX_VIEWS_PER_STORAGE`] times its bytes: loading never needs much
+//! more memory than the file's size. Dictionary nesting is bounded
+//! ([`MAX_NESTING`]), and so is the walk over shared sub-dictionaries.
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{EngineError, Result};
+use super::pickle::{self, Id, Node, Pickle};
 
 /// All tensors of one file (or of one sub-dictionary of a pickle), by key.
 #[derive(Clone, Debug)]
@@ -146,29 +158,31 @@ impl TensorFile {
         use std::io::{Seek, SeekFrom};
         let io = |e| io_error(path, e);
         let mut f = std::fs::File::open(path).map_err(io)?;
-        let len = f.metadata().map_err(io)?.len() as usize;
+        let len = f.metadata().map_err(io)?.len();
         let mut n8 = [0u8; 8];
         if len < 8 {
             return Err(truncated(path, format!("{len} bytes: no safetensors header")));
         }
         f.read_exact(&mut n8).map_err(io)?;
-        let n = u64::from_le_bytes(n8) as usize;
-        if n > 100_000_000 {
+        let n = u64::from_le_bytes(n8);
+        if n > MAX_SAFETENSORS_HEADER {
             return Err(format_err(path, "not a safetensors, PyTorch zip or legacy PyTorch file"));
         }
-        if len < 8 + n {
+        if len - 8 < n {
             return Err(truncated(path, format!("header of {n} bytes, file has {len}")));
         }
-        let mut hdr = vec![0u8; 8 + n];
+        let mut hdr = vec![0u8; 8 + n as usize];
         hdr[..8].copy_from_slice(&n8);
         f.read_exact(&mut hdr[8..]).map_err(io)?;
         // validate every entry against the real file length, without the data
-        let (entries, metadata) = safetensors_entries(path, &hdr, len - 8 - n)?;
+        let data_len = len - 8 - n;
+        let (entries, metadata) = safetensors_entries(path, &hdr, data_len)?;
         let mut tensors = HashMap::new();
         let mut buf = Vec::new();
         for (name, dtype, shape, start, end) in entries {
-            buf.resize(end - start, 0);
-            f.seek(SeekFrom::Start((8 + n + start) as u64)).map_err(io)?;
+            // end <= data_len: checked against the file's length above
+            buf.resize((end - start) as usize, 0);
+            f.seek(SeekFrom::Start(8 + n + start)).map_err(io)?;
             f.read_exact(&mut buf).map_err(|e| truncated(path, format!("tensor `{name}`: {e}")))?;
             let t = Tensor::from_raw_buffer(&buf, dtype, &shape, &Device::Cpu)
                 .and_then(|t| t.to_dtype(DType::F32))
@@ -193,22 +207,18 @@ impl TensorFile {
             .map(|n| n.into_owned())
             .ok_or_else(|| format_err(path, "zip archive without data.pkl: not a torch.save file"))?;
         let data_dir = pkl_name.trim_end_matches(".pkl").to_string();
-        let obj = {
-            let entry = zip
-                .by_name(&pkl_name)
-                .map_err(|e| truncated_or_format(path, &format!("{pkl_name}: {e}")))?;
-            let mut reader = BufReader::new(entry);
-            read_pickle(path, &mut reader)?
-        };
-        let mut entries = Vec::new();
-        flatten(path, "", obj, &mut entries)?;
+        let pkl = zip_entry(path, &mut zip, bytes, &pkl_name, Some(MAX_ZIP_PICKLE))?;
+        let pk = pickle::load(&mut Bytes::new(path, &pkl).part(&pkl_name))?;
+        let entries = flatten(path, &pk)?;
         Self::assemble(path, entries, |key, rb| {
             let name = format!("{data_dir}/{}", rb.storage_key);
-            let mut raw = Vec::new();
-            zip.by_name(&name)
-                .and_then(|mut f| f.read_to_end(&mut raw).map_err(Into::into))
-                .map_err(|e| truncated(path, format!("tensor `{key}`: storage {name}: {e}")))?;
-            Ok(std::borrow::Cow::Owned(raw))
+            zip_entry(path, &mut zip, bytes, &name, None).map_err(|e| match e {
+                EngineError::Truncated { path, reason } => {
+                    EngineError::Truncated { path, reason: format!("tensor `{key}`: {reason}") }
+                }
+                EngineError::Format { path, reason } => EngineError::Format { path, reason: format!("tensor `{key}`: {reason}") },
+                e => e,
+            })
         })
     }
 
@@ -224,32 +234,34 @@ impl TensorFile {
         if bytes.len() < 15 || bytes[4..14] != MAGIC || bytes[14] != b'.' {
             return Err(format_err(path, "not a PyTorch legacy file (bad magic number)"));
         }
-        let mut r = std::io::Cursor::new(&bytes[15..]);
-        let version = read_pickle(path, &mut r)?;
-        match version {
-            Object::Int(1001) | Object::Long(1001) => {}
-            other => {
-                return Err(format_err(path, format!("unsupported legacy protocol {other:?}")))
-            }
+        let mut r = Bytes::new(path, bytes);
+        r.take(15, "magic number")?;
+        let version = pickle::load(&mut r)?;
+        if version.int(version.root) != Some(1001) {
+            return Err(format_err(path, format!("unsupported legacy protocol ({})", version.node(version.root).kind())));
         }
-        let sys_info = read_pickle(path, &mut r)?;
-        if let Object::Dict(items) = &sys_info {
-            for (k, v) in items {
-                if *k == Object::Unicode("little_endian".into()) && *v == Object::Bool(false) {
+        let sys_info = pickle::load(&mut r)?;
+        if let Node::Dict(items) = sys_info.node(sys_info.root) {
+            for &(k, v) in items {
+                if sys_info.str(k) == Some("little_endian") && sys_info.node(v) == &Node::Bool(false) {
                     return Err(format_err(path, "big-endian legacy file"));
                 }
             }
         }
-        let obj = read_pickle(path, &mut r)?;
-        let keys: Vec<String> = match read_pickle(path, &mut r)? {
-            Object::List(items) => items
-                .into_iter()
-                .map(|o| o.unicode().map_err(|o| format_err(path, format!("storage key {o:?}"))))
+        let obj = pickle::load(&mut r)?;
+        let key_list = pickle::load(&mut r)?;
+        let keys: Vec<String> = match key_list.node(key_list.root) {
+            Node::List(items) => items
+                .iter()
+                .map(|&k| match key_list.node(k) {
+                    Node::Str(s) => Ok(s.clone()),
+                    Node::Int(i) => Ok(i.to_string()),
+                    other => Err(format_err(path, format!("storage key: {}", other.kind()))),
+                })
                 .collect::<Result<_>>()?,
-            other => return Err(format_err(path, format!("storage key list: {other:?}"))),
+            other => return Err(format_err(path, format!("storage key list: {}", other.kind()))),
         };
-        let mut entries = Vec::new();
-        flatten(path, "", obj, &mut entries)?;
+        let entries = flatten(path, &obj)?;
         // storage key -> element size, from the storages the tensors name
         let mut elem_size = HashMap::new();
         for (_, e) in &entries {
@@ -257,26 +269,15 @@ impl TensorFile {
                 elem_size.insert(rb.storage_key.clone(), rb.dtype.size_in_bytes());
             }
         }
-        let mut pos = 15 + r.position() as usize;
         let mut storages: HashMap<String, &[u8]> = HashMap::new();
         for key in keys {
-            if pos + 8 > bytes.len() {
-                return Err(truncated(path, format!("storage {key}: header past end of file")));
-            }
-            let n = u64::from_le_bytes(bytes[pos..pos + 8].try_into().expect("8 bytes")) as usize;
-            pos += 8;
-            let size = n * elem_size.get(&key).copied().unwrap_or(4);
-            if pos + size > bytes.len() {
-                return Err(truncated(
-                    path,
-                    format!(
-                        "storage {key}: needs {size} bytes at offset {pos}, file has {}",
-                        bytes.len()
-                    ),
-                ));
-            }
-            storages.insert(key, &bytes[pos..pos + size]);
-            pos += size;
+            let n = u64::from_le_bytes(r.array(&format!("storage {key}: element count"))?);
+            let es = elem_size.get(&key).copied().unwrap_or(4) as u64;
+            let size = n.checked_mul(es).ok_or_else(|| {
+                truncated(path, format!("storage {key}: {n} elements of {es} bytes, more than the file can hold"))
+            })?;
+            let data = r.take(size, &format!("storage {key} ({n} elements of {es} bytes)"))?;
+            storages.insert(key, data);
         }
         Self::assemble(path, entries, |key, rb| {
             storages
@@ -287,13 +288,15 @@ impl TensorFile {
     }
 
     /// Build the file from flattened pickle entries; `raw` yields the storage
-    /// bytes a tensor views.
+    /// bytes a tensor views. The tensors viewing one storage may together
+    /// materialise at most [`MAX_VIEWS_PER_STORAGE`] times its bytes.
     fn assemble<'b>(
         path: &Path,
         entries: Vec<(String, Flat)>,
         mut raw: impl FnMut(&str, &Rebuild) -> Result<std::borrow::Cow<'b, [u8]>>,
     ) -> Result<Self> {
         let mut out = Self::from_tensors(path, HashMap::new());
+        let mut used: HashMap<String, usize> = HashMap::new();
         for (key, entry) in entries {
             match entry {
                 Flat::Int(v) => {
@@ -302,12 +305,78 @@ impl TensorFile {
                 Flat::Tensor(rb) => {
                     let bytes = raw(&key, &rb)?;
                     let t = rb.build(path, &key, &bytes)?;
+                    let u = used.entry(rb.storage_key.clone()).or_insert(0);
+                    *u = u.saturating_add(t.elem_count() * rb.dtype.size_in_bytes());
+                    if *u > bytes.len().saturating_mul(MAX_VIEWS_PER_STORAGE) {
+                        return Err(format_err(
+                            path,
+                            format!(
+                                "tensor `{key}`: the tensors viewing storage {} materialise {} bytes from its {}: more than {MAX_VIEWS_PER_STORAGE} times",
+                                rb.storage_key,
+                                *u,
+                                bytes.len()
+                            ),
+                        ));
+                    }
                     out.tensors.insert(key, t);
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// Bytes a compressed `data.pkl` may expand to (torch writes it uncompressed;
+/// a real SD-2.1 UNet's is about 100 KB).
+const MAX_ZIP_PICKLE: usize = 64 << 20;
+
+/// How many times its own bytes the tensors viewing one storage may
+/// materialise together: views never hold more elements than their storage
+/// ([`Rebuild::build`]), and a few tied weights may share one.
+pub const MAX_VIEWS_PER_STORAGE: usize = 4;
+
+/// Most dimensions of one tensor.
+const MAX_DIMS: usize = 16;
+
+/// Deepest dictionary nesting [`flatten`] follows (state dicts nest 2 or 3).
+pub const MAX_NESTING: usize = 64;
+
+/// Longest dotted key.
+const MAX_KEY: usize = 4096;
+
+/// The bytes of zip entry `name`: a slice of the file when stored (as torch
+/// writes every entry), else decompressed up to `cap` bytes when a cap is
+/// given; compressed storages are refused.
+fn zip_entry<'a>(
+    path: &Path,
+    zip: &mut zip::ZipArchive<std::io::Cursor<&'a [u8]>>,
+    bytes: &'a [u8],
+    name: &str,
+    cap: Option<usize>,
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    let mut f = zip.by_name(name).map_err(|e| truncated_or_format(path, &format!("{name}: {e}")))?;
+    let size = f.size();
+    if f.compression() == zip::CompressionMethod::Stored {
+        let start = f.data_start().ok_or_else(|| format_err(path, format!("{name}: no data offset")))?;
+        if f.compressed_size() != size {
+            return Err(format_err(path, format!("{name}: stored entry of {} bytes claims {size}", f.compressed_size())));
+        }
+        let mut r = Bytes::new(path, bytes).part(name);
+        r.seek(start)?;
+        return Ok(std::borrow::Cow::Borrowed(r.take(size, "entry data")?));
+    }
+    let Some(cap) = cap else {
+        return Err(format_err(path, format!("{name} is compressed ({:?}): torch.save stores tensor data uncompressed", f.compression())));
+    };
+    let mut out = Vec::new();
+    (&mut f)
+        .take(cap as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| truncated(path, format!("{name}: {e}")))?;
+    if out.len() > cap {
+        return Err(format_err(path, format!("{name} expands to more than {cap} bytes")));
+    }
+    Ok(std::borrow::Cow::Owned(out))
 }
 
 fn truncated_or_format(path: &Path, msg: &str) -> EngineError {
@@ -319,17 +388,94 @@ fn truncated_or_format(path: &Path, msg: &str) -> EngineError {
     }
 }
 
-fn read_pickle<R: BufRead>(path: &Path, r: &mut R) -> Result<Object> {
-    let mut stack = Stack::empty();
-    stack.read_loop(r).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("failed to fill whole buffer") || msg.contains("EOF") {
-            truncated(path, format!("pickle ends early ({msg})"))
-        } else {
-            format_err(path, format!("pickle: {msg}"))
+// ---------------------------------------------------------------- checked reads
+
+/// The one checked reader under every file format: a cursor over bytes that
+/// are actually there. Every length taken from a file goes through
+/// [`Bytes::take`], which compares it with what remains (in `u64`, so no
+/// length can overflow) before anything is sliced or allocated; errors are
+/// `Truncated` and name the file, the part and what was being read.
+pub(crate) struct Bytes<'a> {
+    path: PathBuf,
+    part: Option<String>,
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Bytes<'a> {
+    pub(crate) fn new(path: &Path, data: &'a [u8]) -> Self {
+        Self { path: path.to_path_buf(), part: None, data, pos: 0 }
+    }
+
+    /// Name the part of the file these bytes are (a zip entry) in errors.
+    pub(crate) fn part(mut self, name: &str) -> Self {
+        self.part = Some(name.to_string());
+        self
+    }
+
+    pub(crate) fn pos(&self) -> usize {
+        self.pos
+    }
+
+    fn prefix(&self) -> String {
+        self.part.as_ref().map(|p| format!("{p}: ")).unwrap_or_default()
+    }
+
+    /// A `Truncated` error for this file.
+    pub(crate) fn truncated(&self, reason: impl Into<String>) -> EngineError {
+        truncated(&self.path, format!("{}{}", self.prefix(), reason.into()))
+    }
+
+    /// A `Format` error for this file.
+    pub(crate) fn format(&self, reason: impl Into<String>) -> EngineError {
+        format_err(&self.path, format!("{}{}", self.prefix(), reason.into()))
+    }
+
+    pub(crate) fn seek(&mut self, pos: u64) -> Result<()> {
+        if pos > self.data.len() as u64 {
+            return Err(self.truncated(format!("offset {pos} past the end ({} bytes)", self.data.len())));
         }
-    })?;
-    stack.finalize().map_err(|e| format_err(path, format!("pickle: {e}")))
+        self.pos = pos as usize;
+        Ok(())
+    }
+
+    /// The next `n` bytes, if that many remain.
+    pub(crate) fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
+        let left = (self.data.len() - self.pos) as u64;
+        if n > left {
+            return Err(self.truncated(format!("{what}: needs {n} bytes at offset {}, {left} left", self.pos)));
+        }
+        let s = &self.data[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+
+    pub(crate) fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        Ok(self.take(N as u64, what)?.try_into().expect("N bytes"))
+    }
+
+    pub(crate) fn u8(&mut self, what: &str) -> Result<u8> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    /// Bytes up to the next newline (consumed, not returned).
+    pub(crate) fn line(&mut self, what: &str) -> Result<&'a [u8]> {
+        let rest = &self.data[self.pos..];
+        match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                self.pos += i + 1;
+                Ok(&rest[..i])
+            }
+            None => Err(self.truncated(format!("{what}: no end of line after offset {}", self.pos))),
+        }
+    }
+}
+
+/// Elements of `shape`, `None` when the product of its nonzero sizes
+/// overflows: an empty tensor `[0, 2^40, 2^40]` still has strides to compute.
+pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d.max(1)))?;
+    Some(shape.iter().product())
 }
 
 /// Arguments of `torch._utils._rebuild_tensor_v2`.
@@ -343,31 +489,58 @@ struct Rebuild {
 }
 
 impl Rebuild {
-    /// Gather the (possibly strided) view out of the raw storage bytes.
+    /// Gather the (possibly strided) view out of the raw storage bytes. A view
+    /// may not have more elements than its storage holds: strides of 0 or
+    /// overlapping strides (`expand`) could otherwise make a few bytes of file
+    /// into any amount of memory. Every index the view reaches is checked.
     fn build(&self, path: &Path, key: &str, raw: &[u8]) -> Result<Tensor> {
         let es = self.dtype.size_in_bytes();
         let n_storage = raw.len() / es;
-        let numel: usize = self.shape.iter().product();
-        if numel > 0 {
-            let last = self.offset
-                + self.shape.iter().zip(&self.stride).map(|(d, s)| (d - 1) * s).sum::<usize>();
-            if last >= n_storage {
+        let (shape, stride, offset) = (&self.shape, &self.stride, self.offset);
+        let desc = || format!("tensor `{key}` of shape {shape:?} (stride {stride:?}, offset {offset})");
+        if shape.len() != stride.len() {
+            return Err(format_err(path, format!("{}: {} sizes but {} strides", desc(), shape.len(), stride.len())));
+        }
+        if shape.len() > MAX_DIMS {
+            return Err(format_err(path, format!("{}: more than {MAX_DIMS} dimensions", desc())));
+        }
+        let numel = checked_numel(shape)
+            .ok_or_else(|| format_err(path, format!("{}: the element count overflows", desc())))?;
+        if numel > n_storage {
+            return Err(format_err(
+                path,
+                format!(
+                    "{}: {numel} elements viewed from storage {} of {n_storage}; a view may not hold more elements than its storage",
+                    desc(),
+                    self.storage_key
+                ),
+            ));
+        }
+        if numel == 0 {
+            return Ok(Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?);
+        }
+        // the largest index the view reaches, over every dimension
+        let last = shape
+            .iter()
+            .zip(stride)
+            .try_fold(offset, |acc, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x)));
+        match last {
+            Some(last) if last < n_storage => {}
+            _ => {
                 return Err(truncated(
                     path,
                     format!(
-                        "tensor `{key}` {:?}: storage has {n_storage} elements, view needs {}",
-                        self.shape,
-                        last + 1
+                        "{}: storage {} has {n_storage} elements, the view reaches past them",
+                        desc(),
+                        self.storage_key
                     ),
-                ));
+                ))
             }
         }
-        let storage = Tensor::from_raw_buffer(&raw[..n_storage * es], self.dtype, &[n_storage], &Device::Cpu)
-            .map_err(|e| format_err(path, format!("tensor `{key}`: {e}")))?;
         let contiguous = {
             let mut s = 1;
             let mut ok = true;
-            for (d, st) in self.shape.iter().zip(&self.stride).rev() {
+            for (d, st) in shape.iter().zip(stride).rev() {
                 if *d > 1 && *st != s {
                     ok = false;
                 }
@@ -375,27 +548,27 @@ impl Rebuild {
             }
             ok
         };
-        let t = if contiguous {
-            storage.narrow(0, self.offset, numel)?.reshape(self.shape.as_slice())?
+        // numel <= n_storage: the copy is never larger than the storage
+        let data: std::borrow::Cow<[u8]> = if contiguous {
+            std::borrow::Cow::Borrowed(&raw[offset * es..(offset + numel) * es])
         } else {
-            let mut idx = Vec::with_capacity(numel);
-            let mut coord = vec![0usize; self.shape.len()];
+            let mut out = Vec::with_capacity(numel * es);
+            let mut coord = vec![0usize; shape.len()];
             for _ in 0..numel {
-                idx.push(
-                    (self.offset + coord.iter().zip(&self.stride).map(|(c, s)| c * s).sum::<usize>())
-                        as u32,
-                );
+                let i = offset + coord.iter().zip(stride).map(|(c, s)| c * s).sum::<usize>();
+                out.extend_from_slice(&raw[i * es..(i + 1) * es]);
                 for d in (0..coord.len()).rev() {
                     coord[d] += 1;
-                    if coord[d] < self.shape[d] {
+                    if coord[d] < shape[d] {
                         break;
                     }
                     coord[d] = 0;
                 }
             }
-            let idx = Tensor::from_vec(idx, numel, &Device::Cpu)?;
-            storage.index_select(&idx, 0)?.reshape(self.shape.as_slice())?
+            std::borrow::Cow::Owned(out)
         };
+        let t = Tensor::from_raw_buffer(&data, self.dtype, shape, &Device::Cpu)
+            .map_err(|e| format_err(path, format!("tensor `{key}`: {e}")))?;
         Ok(t.to_dtype(DType::F32)?)
     }
 }
@@ -406,28 +579,40 @@ enum Flat {
 }
 
 /// Walk nested dicts, collecting tensors and ints under dotted keys; lists of
-/// strings (module-name lists) and other values are skipped.
-fn flatten(path: &Path, prefix: &str, obj: Object, out: &mut Vec<(String, Flat)>) -> Result<()> {
-    let join = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
-    match obj {
-        Object::Dict(items) => {
-            for (k, v) in items {
-                let k = match k {
-                    Object::Unicode(s) => s,
-                    _ => continue,
-                };
-                flatten(path, &join(&k), v, out)?;
+/// strings (module-name lists) and other values are skipped. Nesting is
+/// bounded by [`MAX_NESTING`] and the walk by the number of objects (shared
+/// sub-dictionaries cannot multiply it).
+fn flatten(path: &Path, pk: &Pickle) -> Result<Vec<(String, Flat)>> {
+    let mut out = Vec::new();
+    let mut budget = pk.nodes.len().saturating_mul(2).saturating_add(1024);
+    walk(path, pk, pk.root, "", 0, &mut budget, &mut out)?;
+    Ok(out)
+}
+
+fn walk(path: &Path, pk: &Pickle, id: Id, prefix: &str, depth: usize, budget: &mut usize, out: &mut Vec<(String, Flat)>) -> Result<()> {
+    if depth > MAX_NESTING {
+        return Err(format_err(path, format!("dictionaries nested deeper than {MAX_NESTING} levels at `{}`", trim_key(prefix))));
+    }
+    if *budget == 0 {
+        return Err(format_err(path, "pickle: objects reached more often than the file holds objects (shared dictionaries)"));
+    }
+    *budget -= 1;
+    match pk.node(id) {
+        Node::Dict(items) => {
+            for &(k, v) in items {
+                let Some(k) = pk.str(k) else { continue };
+                let key = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+                if key.len() > MAX_KEY {
+                    return Err(format_err(path, format!("key longer than {MAX_KEY} bytes: `{}`", trim_key(&key))));
+                }
+                walk(path, pk, v, &key, depth + 1, budget, out)?;
             }
         }
-        Object::Build { callable, args } => {
-            // OrderedDict with attributes, or a module: the entries are in `callable`.
-            flatten(path, prefix, *callable, out)?;
-            let _ = args;
-        }
-        Object::Int(v) => out.push((prefix.to_string(), Flat::Int(v as i64))),
-        Object::Long(v) => out.push((prefix.to_string(), Flat::Int(v))),
-        obj @ Object::Reduce { .. } => {
-            if let Some(rb) = tensor_rebuild(path, prefix, obj)? {
+        // OrderedDict with attributes, or a module: the entries are in `obj`.
+        Node::Build { obj, .. } => walk(path, pk, *obj, prefix, depth + 1, budget, out)?,
+        Node::Int(v) => out.push((prefix.to_string(), Flat::Int(*v))),
+        Node::Reduce { .. } => {
+            if let Some(rb) = tensor_rebuild(path, pk, prefix, id)? {
                 out.push((prefix.to_string(), Flat::Tensor(rb)));
             }
         }
@@ -436,93 +621,114 @@ fn flatten(path: &Path, prefix: &str, obj: Object, out: &mut Vec<(String, Flat)>
     Ok(())
 }
 
-fn tensor_rebuild(path: &Path, key: &str, obj: Object) -> Result<Option<Rebuild>> {
-    let bad = |what: &str| format_err(path, format!("tensor `{key}`: {what}"));
-    let (callable, args) = obj.reduce().map_err(|_| bad("not a reduce"))?;
-    let (callable, args) = match callable {
-        Object::Class { module_name, class_name }
-            if module_name == "torch._utils" && class_name == "_rebuild_parameter" =>
-        {
-            let mut a = args.tuple().map_err(|_| bad("parameter args"))?;
-            if a.is_empty() {
-                return Err(bad("empty parameter args"));
-            }
-            a.remove(0).reduce().map_err(|_| bad("parameter data"))?
-        }
-        c => (c, args),
-    };
-    match &callable {
-        Object::Class { module_name, class_name }
-            if module_name == "torch._utils" && class_name == "_rebuild_tensor_v2" => {}
-        _ => return Ok(None),
+fn trim_key(k: &str) -> &str {
+    match k.char_indices().nth(200) {
+        Some((i, _)) => &k[..i],
+        None => k,
     }
-    let mut a = args.tuple().map_err(|_| bad("rebuild args"))?;
+}
+
+fn tensor_rebuild(path: &Path, pk: &Pickle, key: &str, id: Id) -> Result<Option<Rebuild>> {
+    let bad = |what: &str| format_err(path, format!("tensor `{}`: {what}", trim_key(key)));
+    let (mut callable, mut args) = match pk.node(id) {
+        Node::Reduce { callable, args } => (*callable, *args),
+        _ => return Ok(None),
+    };
+    // parameters and tensor subclasses wrap the plain rebuild (one level each)
+    for _ in 0..2 {
+        match pk.global(callable) {
+            Some(("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state")) => {
+                let a = pk.items(args).ok_or_else(|| bad("parameter args"))?;
+                match a.first().map(|&d| pk.node(d)) {
+                    Some(Node::Reduce { callable: c, args: x }) => (callable, args) = (*c, *x),
+                    _ => return Err(bad("parameter data")),
+                }
+            }
+            Some(("torch._tensor", "_rebuild_from_type_v2")) => {
+                let a = pk.items(args).ok_or_else(|| bad("rebuild_from_type args"))?;
+                if a.len() < 3 {
+                    return Err(bad("short rebuild_from_type args"));
+                }
+                (callable, args) = (a[0], a[2]);
+            }
+            _ => break,
+        }
+    }
+    if pk.global(callable) != Some(("torch._utils", "_rebuild_tensor_v2")) {
+        return Ok(None);
+    }
+    let a = pk.items(args).ok_or_else(|| bad("rebuild args"))?;
     if a.len() < 4 {
         return Err(bad("short rebuild args"));
     }
-    let usizes = |o: Object| -> Result<Vec<usize>> {
-        match o {
-            Object::Tuple(v) | Object::List(v) => v
-                .into_iter()
-                .map(|x| x.int_or_long().map(|x| x as usize).map_err(|_| bad("size/stride")))
-                .collect(),
-            _ => Err(bad("size/stride")),
+    let usize_of = |id: Id, what: &str| -> Result<usize> {
+        match pk.int(id) {
+            Some(v) => usize::try_from(v).map_err(|_| bad(&format!("{what} {v} is negative"))),
+            None => Err(bad(&format!("{what} is a {}", pk.node(id).kind()))),
         }
     };
-    let stride = usizes(a.remove(3))?;
-    let shape = usizes(a.remove(2))?;
-    let offset = a.remove(1).int_or_long().map_err(|_| bad("storage offset"))? as usize;
-    let storage = a.remove(0).persistent_load().map_err(|_| bad("storage reference"))?;
-    let mut st = storage.tuple().map_err(|_| bad("storage tuple"))?;
+    let usizes = |id: Id, what: &str| -> Result<Vec<usize>> {
+        let items = pk.items(id).ok_or_else(|| bad(&format!("{what} is a {}", pk.node(id).kind())))?;
+        if items.len() > MAX_DIMS {
+            return Err(bad(&format!("{what} has {} dimensions, at most {MAX_DIMS}", items.len())));
+        }
+        items.iter().map(|&x| usize_of(x, what)).collect()
+    };
+    let shape = usizes(a[2], "size")?;
+    let stride = usizes(a[3], "stride")?;
+    let offset = usize_of(a[1], "storage offset")?;
+    let st = match pk.node(a[0]) {
+        Node::PersId(t) => pk.items(*t).ok_or_else(|| bad("storage tuple"))?,
+        _ => return Err(bad("storage reference")),
+    };
     if st.len() < 5 {
         return Err(bad("storage tuple"));
     }
-    let storage_key = match st.remove(2) {
-        Object::Unicode(s) => s,
-        Object::Int(i) => i.to_string(),
-        Object::Long(i) => i.to_string(),
-        _ => return Err(bad("storage key")),
+    let storage_key = match pk.node(st[2]) {
+        Node::Str(s) => s.clone(),
+        Node::Int(i) => i.to_string(),
+        other => return Err(bad(&format!("storage key is a {}", other.kind()))),
     };
-    let (_, class_name) = st.remove(1).class().map_err(|_| bad("storage type"))?;
-    let dtype = match class_name.as_str() {
+    let (_, class_name) = pk.global(st[1]).ok_or_else(|| bad("storage type"))?;
+    let dtype = match class_name {
         "FloatStorage" => DType::F32,
         "DoubleStorage" => DType::F64,
         "HalfStorage" => DType::F16,
         "BFloat16Storage" => DType::BF16,
         "LongStorage" => DType::I64,
         "ByteStorage" => DType::U8,
-        other => return Err(bad(&format!("unsupported storage {other}"))),
+        other => return Err(bad(&format!("unsupported storage {}", trim_key(other)))),
     };
     Ok(Some(Rebuild { storage_key, dtype, offset, shape, stride }))
 }
 
 // ---------------------------------------------------------------- safetensors
 
-fn header(path: &Path, bytes: &[u8]) -> Result<(serde_json::Map<String, serde_json::Value>, usize)> {
-    if bytes.len() < 8 {
-        return Err(truncated(path, format!("{} bytes: no safetensors header", bytes.len())));
-    }
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
-    if n > 100_000_000 {
+/// Largest safetensors JSON header (the format's own limit).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+fn header(path: &Path, bytes: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut r = Bytes::new(path, bytes);
+    let n = u64::from_le_bytes(r.array("safetensors header length")?);
+    if n > MAX_SAFETENSORS_HEADER {
         return Err(format_err(path, "not a safetensors, PyTorch zip or legacy PyTorch file"));
     }
-    if bytes.len() < 8 + n {
-        return Err(truncated(path, format!("header of {n} bytes, file has {}", bytes.len())));
-    }
-    let json: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])
+    let json: serde_json::Value = serde_json::from_slice(r.take(n, "safetensors header")?)
         .map_err(|e| format_err(path, format!("safetensors header: {e}")))?;
     match json {
-        serde_json::Value::Object(m) => Ok((m, 8 + n)),
+        serde_json::Value::Object(m) => Ok(m),
         _ => Err(format_err(path, "safetensors header is not an object")),
     }
 }
 
-type StEntry = (String, DType, Vec<usize>, usize, usize);
+type StEntry = (String, DType, Vec<usize>, u64, u64);
 
 /// Name, dtype, shape and data byte range of every tensor; `data_len` is the
-/// number of data bytes the file holds after the header.
-fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: usize) -> Result<(Vec<StEntry>, HashMap<String, String>)> {
-    let (hdr, _) = header(path, header_bytes)?;
+/// number of data bytes the file holds after the header. Sizes are computed
+/// with checked arithmetic and ranges may not overlap, so the tensors together
+/// never need more bytes than the file holds.
+fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: u64) -> Result<(Vec<StEntry>, HashMap<String, String>)> {
+    let hdr = header(path, header_bytes)?;
     let mut out = Vec::new();
     let mut meta = HashMap::new();
     for (name, v) in hdr {
@@ -536,7 +742,7 @@ fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: usize) -> Res
             }
             continue;
         }
-        let bad = |what: &str| format_err(path, format!("tensor `{name}`: {what}"));
+        let bad = |what: &str| format_err(path, format!("tensor `{}`: {what}", trim_key(&name)));
         let dtype = match v.get("dtype").and_then(|d| d.as_str()) {
             Some("F32") => DType::F32,
             Some("F16") => DType::F16,
@@ -545,34 +751,40 @@ fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: usize) -> Res
             Some("I64") => DType::I64,
             Some("U8") => DType::U8,
             Some("U32") => DType::U32,
-            other => return Err(bad(&format!("unsupported dtype {other:?}"))),
+            other => return Err(bad(&format!("unsupported dtype {:?}", other.map(trim_key)))),
         };
-        let list = |field: &str| -> Result<Vec<usize>> {
-            v.get(field)
-                .and_then(|s| s.as_array())
-                .ok_or_else(|| bad(&format!("no {field}")))?
-                .iter()
-                .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(|| bad(field)))
-                .collect()
+        let list = |field: &str| -> Result<Vec<u64>> {
+            let items = v.get(field).and_then(|s| s.as_array()).ok_or_else(|| bad(&format!("no {field}")))?;
+            if items.len() > MAX_DIMS {
+                return Err(bad(&format!("{field} has {} entries, at most {MAX_DIMS}", items.len())));
+            }
+            items.iter().map(|x| x.as_u64().ok_or_else(|| bad(&format!("{field} must hold unsigned integers")))).collect()
         };
-        let shape = list("shape")?;
+        let shape: Vec<usize> = list("shape")?.into_iter().map(|d| d as usize).collect();
         let offs = list("data_offsets")?;
         if offs.len() != 2 || offs[1] < offs[0] {
-            return Err(bad("data_offsets"));
+            return Err(bad(&format!("data_offsets {offs:?}")));
         }
         if offs[1] > data_len {
             return Err(truncated(
                 path,
-                format!("tensor `{name}` {shape:?} ends at byte {} of the data, file holds {data_len}", offs[1]),
+                format!("tensor `{}` {shape:?} ends at byte {} of the data, file holds {data_len}", trim_key(&name), offs[1]),
             ));
         }
-        let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
-        if offs[1] - offs[0] != want {
-            return Err(bad(&format!("{} bytes for shape {shape:?}, expected {want}", offs[1] - offs[0])));
+        let want = checked_numel(&shape).and_then(|n| n.checked_mul(dtype.size_in_bytes()));
+        match want {
+            Some(w) if w as u64 == offs[1] - offs[0] => {}
+            Some(w) => return Err(bad(&format!("{} bytes for shape {shape:?}, expected {w}", offs[1] - offs[0]))),
+            None => return Err(bad(&format!("shape {shape:?}: the byte size overflows"))),
         }
         out.push((name, dtype, shape, offs[0], offs[1]));
     }
-    out.sort_by_key(|e| e.3);
+    out.sort_by_key(|e| (e.3, e.4));
+    for w in out.windows(2) {
+        if w[1].3 < w[0].4 {
+            return Err(format_err(path, format!("tensors `{}` and `{}` overlap in the data", trim_key(&w[0].0), trim_key(&w[1].0))));
+        }
+    }
     Ok((out, meta))
 }
 
@@ -606,6 +818,21 @@ mod tests {
         assert_eq!(unet.len(), 516);
         assert!(unet.contains("conv_in.base_layer.weight"));
         assert_eq!(f.sub("state_dict_vae").len(), 60);
+    }
+
+    #[test]
+    fn zip_storages_are_sliced_from_the_right_bytes() {
+        // values and sums read with Python's zipfile + struct from the entries
+        let f = TensorFile::open(&fixture("codiff.pkl")).unwrap();
+        for (key, first, sum) in [
+            ("proj.weight", [-0.16230431f32, 0.042676132], 0.21757861f64),
+            ("state_dict_unet.conv_in.base_layer.weight", [0.12785248, -0.013588025], 3.7247422),
+        ] {
+            let v: Vec<f32> = f.get(key).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(&v[..2], &first, "{key}");
+            let s: f64 = v.iter().map(|&x| x as f64).sum();
+            assert!((s - sum).abs() < 1e-5, "{key}: {s} vs {sum}");
+        }
     }
 
     #[test]
