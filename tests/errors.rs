@@ -220,6 +220,35 @@ fn stride0_view_in_legacy_cave_pth_is_refused() {
     assert!(msg.contains("may not hold more elements than its storage"), "{msg}");
 }
 
+/// The same hostile `cave.pth` given to the element: the host process lives
+/// and the state change fails with an error on the bus naming file and key
+/// (it used to abort gst-launch-1.0 with SIGABRT at model load).
+#[test]
+fn stride0_cave_pth_through_the_element_is_a_bus_error() {
+    use gst::prelude::*;
+    let d = copy_fixture("stride0elem");
+    let (obj, st) = stride0_bomb("m_head.weight");
+    std::fs::write(d.join("cave.pth"), legacy_file(&obj, &st)).unwrap();
+    limit_allocations();
+    gst::init().unwrap();
+    gstcodiff::plugin_register_static().unwrap();
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc num-buffers=1 ! video/x-raw,width=64,height=64 ! \
+         codiff mode=diffusion sd-model=\"{0}\" codiff-checkpoint=\"{0}/codiff.pkl\" cave-checkpoint=\"{0}/cave.pth\" ! fakesink",
+        d.display()
+    ))
+    .unwrap();
+    let started = pipeline.set_state(gst::State::Playing);
+    let bus = pipeline.bus().unwrap();
+    let msg = bus.timed_pop_filtered(gst::ClockTime::from_seconds(120), &[gst::MessageType::Error, gst::MessageType::Eos]);
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(started.is_err(), "the state change must fail");
+    let msg = msg.expect("an error on the bus");
+    let gst::MessageView::Error(err) = msg.view() else { panic!("expected an error, got {msg:?}") };
+    let text = format!("{} {:?}", err.error(), err.debug());
+    assert!(text.contains("cave.pth") && text.contains("m_head.weight"), "{text}");
+}
+
 #[test]
 fn stride0_view_in_zip_codiff_pkl_is_refused() {
     let d = copy_fixture("stride0zip");
