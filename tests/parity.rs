@@ -210,6 +210,11 @@ fn vae_tiling_matches_the_official_vaehook() {
         assert!(err <= tol, "{name}: max abs error {err} > {tol}");
         assert!(far > 100.0 * tol, "{name}: the untiled result is only {far} away");
     }
+    // and through the pipeline: the restore's latent with encoder tiles of 96 px
+    let opts = RestoreOptions { latent_tile: 16, latent_overlap: 6, vae_encoder_tile: 96, vae_decoder_tile: 4, ..RestoreOptions::default() };
+    let trace = run(&engine, &r, &opts, ColorFix::Adain);
+    let err = max_abs(get(&trace, "lq_latent"), &r["vae_tiled_lq_latent"]);
+    assert!(err <= FLOAT_TOL * range(&r["vae_tiled_lq_latent"]), "pipeline lq_latent with VAE tiles: {err}");
 }
 
 #[test]
