@@ -617,3 +617,43 @@ impl Upsample {
         self.conv.forward(&x.upsample_nearest2d(th, tw)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group norm with random affine parameters.
+    fn norm(groups: usize, c: usize) -> GroupNorm {
+        let vm = nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        GroupNorm::new(vb.pp("gn"), groups, c, 1e-6).unwrap();
+        for v in vm.all_vars() {
+            v.set(&Tensor::randn(0.5f32, 0.3, c, &Device::Cpu).unwrap()).unwrap();
+        }
+        GroupNorm::new(vb.pp("gn"), groups, c, 1e-6).unwrap()
+    }
+
+    #[test]
+    fn pooled_statistics_weight_tiles_by_pixels_and_average_variances() {
+        let a = GroupStats { mean: vec![1.0], var: vec![1.0], pixels: 30 };
+        let b = GroupStats { mean: vec![3.0], var: vec![5.0], pixels: 10 };
+        let p = GroupStats::pool(&[a, b]).unwrap();
+        assert!((p.mean[0] - 1.5).abs() < 1e-12);
+        // the tiles' variances averaged (2.0), not the union's variance (2.0 + 0.75)
+        assert!((p.var[0] - 2.0).abs() < 1e-12);
+        assert_eq!(p.pixels, 40);
+    }
+
+    #[test]
+    fn normalising_with_a_frames_own_statistics_is_the_group_norm() {
+        let gn = norm(4, 8);
+        let x = (Tensor::randn(0f32, 2., (1, 8, 9, 11), &Device::Cpu).unwrap() + 3.0).unwrap();
+        for silu in [false, true] {
+            let st = gn.stats(&x).unwrap();
+            let ours = gn.forward_with(&x, &st, silu).unwrap();
+            let theirs = gn.forward(&x, silu).unwrap();
+            let err = (ours - theirs).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(err < 1e-5, "silu {silu}: {err}");
+        }
+    }
+}
