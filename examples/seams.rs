@@ -99,7 +99,10 @@ fn borders(spans: &[gstcodiff::engine::tiling::Span], scale: usize) -> Vec<usize
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+    run(Args::parse())
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let (w, h) = args.size.split_once('x').ok_or("size must be WxH")?;
     let (w, h): (usize, usize) = (w.parse()?, h.parse()?);
     let input = photo(&args, w, h)?;
