@@ -39,6 +39,18 @@ struct Args {
     /// Latent tile (0 = none)
     #[arg(long, default_value_t = 96)]
     latent_tile: usize,
+    /// Latent tile overlap
+    #[arg(long, default_value_t = 32)]
+    latent_overlap: usize,
+    /// VAE encoder tile in image px (official VAEHook; 0 = none)
+    #[arg(long, default_value_t = 1024)]
+    vae_encoder_tile: usize,
+    /// VAE decoder tile in latent px (official VAEHook; 0 = none)
+    #[arg(long, default_value_t = 224)]
+    vae_decoder_tile: usize,
+    /// CaVE tile in px (embedding and cave mode's reconstruction; 0 = none)
+    #[arg(long, default_value_t = 2048)]
+    cave_tile: usize,
     /// Internal: run this one size in this process
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -124,7 +136,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         m => return Err(format!("unknown model {m}").into()),
     };
     let load = t0.elapsed().as_secs_f64();
-    let opts = RestoreOptions { latent_tile: args.latent_tile, ..Default::default() };
+    let opts = RestoreOptions {
+        latent_tile: args.latent_tile,
+        latent_overlap: args.latent_overlap,
+        vae_encoder_tile: args.vae_encoder_tile,
+        vae_decoder_tile: args.vae_decoder_tile,
+        cave_tile: args.cave_tile,
+        ..Default::default()
+    };
     if args.warmup {
         engine.restore(&mut test_image(w, h), &opts)?;
     }

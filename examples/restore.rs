@@ -64,7 +64,8 @@ struct Args {
     /// VAE decoder tile side in latent pixels (official vae_decoder_tiled_size; 0 = never tile)
     #[arg(long, default_value_t = 224)]
     vae_decoder_tile: usize,
-    /// Largest CaVE encoder tile side in pixels (exact stitching; 0 = never tile)
+    /// Largest CaVE tile side in pixels: diffusion mode's embedding, cave mode's
+    /// reconstruction (exact stitching; >= 800 for the compact model; 0 = never tile)
     #[arg(long, default_value_t = 2048)]
     cave_tile: usize,
     /// cpu, cuda or cuda:N

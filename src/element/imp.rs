@@ -148,7 +148,7 @@ impl Codiff {
             .lock()
             .unwrap()
             .as_ref()
-            .map(|m| m.engine.cave().min_tile())
+            .map(|m| m.engine.min_cave_tile())
     }
 
     fn thread_pool(&self) -> Option<Arc<rayon::ThreadPool>> {
@@ -230,7 +230,7 @@ impl Codiff {
             RgbImage::new(width, height, input).map_err(|err| FrameError::failed("frame", err))?;
         let pool = self.thread_pool();
         let estimate = if strength > 0.0 {
-            let (mut opts, adjusted) = settings.restore_options(Some(engine.cave().min_tile()));
+            let (mut opts, adjusted) = settings.restore_options(Some(engine.min_cave_tile()));
             for a in adjusted {
                 gst::debug!(CAT, imp = self, "{a}");
             }
@@ -306,7 +306,7 @@ impl Codiff {
         let Ok(mut image) = RgbImage::new(ww, wh, data) else {
             return;
         };
-        let (mut opts, _) = settings.restore_options(Some(engine.cave().min_tile()));
+        let (mut opts, _) = settings.restore_options(Some(engine.min_cave_tile()));
         opts.cancel = self.cancel.clone();
         let pool = self.thread_pool();
         let started = Instant::now();

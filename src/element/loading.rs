@@ -123,7 +123,7 @@ impl Codiff {
         };
         post_step(gst::ProgressType::Complete, &done);
         // Tile properties this model cannot use as set (adjusted at each frame).
-        let min_cave_tile = engine.cave().min_tile();
+        let min_cave_tile = engine.min_cave_tile();
         let (_, adjusted) = self
             .settings
             .lock()

@@ -252,7 +252,7 @@ impl Settings {
     /// a latent tile under [`MIN_LATENT_TILE`] is raised to it, the latent
     /// overlap is capped at half the tile (a stride of 1 means thousands of UNet
     /// calls per frame), and a CaVE tile under `min_cave_tile` (the loaded
-    /// encoder's [`crate::engine::cave::Cave::min_tile`]) is raised to it. Also
+    /// model's [`crate::engine::Engine::min_cave_tile`]) is raised to it. Also
     /// returns one warning per adjusted value.
     pub(super) fn restore_options(
         &self,
@@ -281,7 +281,7 @@ impl Settings {
         if let Some(min) = min_cave_tile {
             if cave_tile > 0 && cave_tile < min {
                 warnings.push(format!(
-                    "cave-tile {cave_tile} is below the {min} px this CaVE encoder needs for its \
+                    "cave-tile {cave_tile} is below the {min} px the loaded CaVE needs for its \
                      tile margins: using {min}"
                 ));
                 cave_tile = min;
@@ -380,9 +380,10 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
                 .build(),
             glib::ParamSpecUInt::builder("cave-tile")
                 .nick("CaVE tile")
-                .blurb("Largest side of the CaVE encoder tiles in image pixels for larger frames (the \
-                        stitched embedding is exact), 0 = never tile; values under what the loaded CaVE's \
-                        margins need (736 for the official CaVE) run as that minimum (with a warning)")
+                .blurb("Largest side of the CaVE tiles in image pixels for larger frames: the embedding \
+                        (diffusion) and the reconstruction (cave mode), stitched exactly; 0 = never tile; \
+                        values under what the loaded model's margins need (736 for the official CaVE's \
+                        embedding, 800 for the default model's reconstruction) run as that minimum (with a warning)")
                 .maximum(MAX_PIXEL_TILE)
                 .default_value(DEFAULT_CAVE_TILE)
                 .mutable_playing()

@@ -16,6 +16,8 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear};
 
 use super::error::{EngineError, Result};
+use super::tiling::Plan;
+use super::Cancel;
 use super::kernels::{ConvOp, PatchConv, PatchConvTranspose};
 use super::weights::TensorFile;
 
@@ -401,41 +403,19 @@ impl Cave {
     /// [`Cave::embed`] with the encoder run in tiles of at most `tile` pixels a
     /// side (0 = whole frame), so memory stays bounded at any frame size. Tiles
     /// start on the 32-pixel token grid and overlap by [`Cave::tile_margin`] on
-    /// each inner side; each contributes only the tokens its margins make exact,
-    /// so the stitched embedding and q equal the whole-frame ones (up to float
-    /// summation order). Frames that fit in one tile are encoded whole.
+    /// each inner side; each contributes only the tokens its margins make exact
+    /// ([`Plan::exact`]), so the stitched embedding and q equal the whole-frame
+    /// ones (up to float summation order). Frames that fit in one tile are
+    /// encoded whole.
     pub fn embed_tiled(&self, x: &Tensor, tile: usize) -> Result<(Tensor, Tensor)> {
         // frames under 32 px get one token from a replicate-padded 32 px square
         let xp = Self::pad_to_min(x, 8, 32)?;
         let (_, _, h, w) = xp.dims4()?;
-        let margin = self.tile_margin();
         let body = if tile == 0 || (h <= tile && w <= tile) {
             self.encode_body(&xp)?
         } else {
-            let core = tile.saturating_sub(2 * margin) / 32 * 32;
-            if core < 32 {
-                return Err(EngineError::InvalidInput(format!(
-                    "CaVE tile {tile} px leaves no room for the {margin} px margins this model needs (use at least {})",
-                    2 * margin + 32
-                )));
-            }
-            // only the sides longer than `tile` are split
-            let axis = |n: usize| match n <= tile {
-                true => vec![TokenTile { start: 0, len: n, skip: 0, take: n / 32 }],
-                false => token_tiles(n, core, margin),
-            };
-            let (rows, cols) = (axis(h), axis(w));
-            let mut band = Vec::with_capacity(rows.len());
-            for r in &rows {
-                let mut row = Vec::with_capacity(cols.len());
-                for c in &cols {
-                    let t = xp.narrow(2, r.start, r.len)?.narrow(3, c.start, c.len)?;
-                    let b = self.encode_body(&t)?;
-                    row.push(b.narrow(2, r.skip, r.take)?.narrow(3, c.skip, c.take)?);
-                }
-                band.push(Tensor::cat(&row, 3)?);
-            }
-            Tensor::cat(&band, 2)?
+            let plan = Plan::exact(h, w, tile, self.tile_margin(), 32, 32, "CaVE")?;
+            plan.run(&xp, 1, &Cancel::new(), |_, xs| xs.iter().map(|t| self.encode_body(t)).collect())?
         };
         let q = self.q_of(&body)?;
         let (b, c, _, _) = body.dims4()?;
@@ -443,46 +423,67 @@ impl Cave {
         Ok((tokens, q))
     }
 
+    /// How far (input pixels, a multiple of 32) a tile edge's zero padding
+    /// reaches into the reconstruction: the encoder's reach
+    /// ([`Cave::tile_margin`]), then the decoder's blocks at scales 32, 8, 2
+    /// and 1 (two 3x3 convolutions each; the transposed convolutions stay
+    /// within their cells, the skips reach less far) and the 3x3 tail.
+    pub fn reconstruct_margin(&self) -> usize {
+        let nb = self.config.nb;
+        (self.tile_margin() + 2 * nb * (32 + 8 + 2 + 1) + 1).next_multiple_of(32)
+    }
+
+    /// The smallest `tile` [`Cave::reconstruct_tiled`] accepts (other than 0):
+    /// the reconstruction margins on both sides plus one 32-pixel cell.
+    pub fn min_reconstruct_tile(&self) -> usize {
+        2 * self.reconstruct_margin() + 32
+    }
+
     /// Full forward: the reconstructed image `[B,3,H,W]` (unclamped) and q.
     pub fn reconstruct(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.reconstruct_tiled(x, 0, &Cancel::new())
+    }
+
+    /// [`Cave::reconstruct`] in tiles of at most `tile` pixels a side (0 =
+    /// whole frame): tiles on the 32-pixel grid widened by
+    /// [`Cave::reconstruct_margin`] on inner sides and cropped to their cores
+    /// ([`Plan::exact`]), so the stitched image equals the whole-frame one
+    /// (up to float summation order) while memory is bounded by one tile's
+    /// activations plus the frame buffers. q comes from the QF head on the
+    /// stitched encoder output, as [`Cave::embed_tiled`] does.
+    pub fn reconstruct_tiled(&self, x: &Tensor, tile: usize, cancel: &Cancel) -> Result<(Tensor, Tensor)> {
         let (_, _, h, w) = x.dims4()?;
-        let f = self.encode(&Self::pad_to(x, 32)?)?;
-        let q = self.q_of(&f.body)?;
+        let xp = Self::pad_to(x, 32)?;
+        let (_, _, hp, wp) = xp.dims4()?;
+        let (y, body) = if tile == 0 || (hp <= tile && wp <= tile) {
+            let f = self.encode(&xp)?;
+            let body = f.body.clone();
+            (self.decode(f)?, body)
+        } else {
+            let plan = Plan::exact(hp, wp, tile, self.reconstruct_margin(), 32, 1, "CaVE")?;
+            let mut cores = Vec::with_capacity(plan.len());
+            let y = plan.run(&xp, 1, cancel, |spans, xs| {
+                let (r, c) = spans[0];
+                let f = self.encode(&xs[0])?;
+                cores.push(f.body.narrow(2, r.skip / 32, r.take / 32)?.narrow(3, c.skip / 32, c.take / 32)?);
+                Ok(vec![self.decode(f)?])
+            })?;
+            // tiles ran row by row: stitch the encoder outputs the same way
+            let rows = cores.chunks(plan.cols.len()).map(|r| Tensor::cat(r, 3)).collect::<candle_core::Result<Vec<_>>>()?;
+            (y, Tensor::cat(&rows, 2)?)
+        };
+        let q = self.q_of(&body)?;
+        Ok((y.narrow(2, 0, h)?.narrow(3, 0, w)?, q))
+    }
+
+    /// The decoder half on encoder features: the reconstructed (padded) image.
+    fn decode(&self, f: Features) -> Result<Tensor> {
         let mut y = run_blocks(&self.body_decoder, &f.body)?;
         for (i, (conv, blocks)) in self.up.iter().enumerate().rev() {
             y = run_blocks(blocks, &conv.forward(&(y + &f.skips[i + 1])?)?)?;
         }
-        let y = self.tail.forward(&(y + &f.skips[0])?, None)?;
-        Ok((y.narrow(2, 0, h)?.narrow(3, 0, w)?, q))
+        Ok(self.tail.forward(&(y + &f.skips[0])?, None)?)
     }
-}
-
-/// One tile of [`Cave::embed_tiled`] along one axis: input pixels
-/// `start..start+len`, of whose tokens `skip..skip+take` are kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct TokenTile {
-    start: usize,
-    len: usize,
-    skip: usize,
-    take: usize,
-}
-
-/// Tiles covering an axis of `n` padded pixels (`floor(n/32)` tokens): `core`
-/// pixels of kept tokens each, `margin` more on each inner side; the last tile
-/// ends at `n`, so it sees the same bottom/right remainder as the whole frame.
-fn token_tiles(n: usize, core: usize, margin: usize) -> Vec<TokenTile> {
-    let tokens = n / 32;
-    let per = core / 32;
-    let mut tiles = Vec::new();
-    let mut a = 0;
-    while a < tokens {
-        let b = (a + per).min(tokens);
-        let start = (32 * a).saturating_sub(margin);
-        let end = if b == tokens { n } else { (32 * b + margin).min(n) };
-        tiles.push(TokenTile { start, len: end - start, skip: a - start / 32, take: b - a });
-        a = b;
-    }
-    tiles
 }
 
 /// QF = 100 (1 - q).
@@ -553,26 +554,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_tiles_cover_every_token_once_on_the_grid() {
-        for (n, core, margin) in [(2160, 1280, 352), (3840, 1280, 352), (520, 64, 192), (1000, 32, 64), (96, 64, 192)] {
-            let tiles = token_tiles(n, core, margin);
-            let mut next = 0;
-            for t in &tiles {
-                assert_eq!(t.start % 32, 0, "{t:?}");
-                assert!(t.start + t.len <= n && t.take > 0, "{t:?}");
-                assert_eq!(t.start / 32 + t.skip, next, "tokens kept in order, none twice: {t:?}");
-                let first = 32 * next; // first kept token's pixels
-                let last = 32 * (next + t.take); // end of the last kept token's pixels
-                assert!(t.start == 0 || first - t.start >= margin, "margin before {t:?}");
-                assert!(t.start + t.len == n || t.start + t.len - last >= margin, "margin after {t:?}");
-                assert!(t.len <= core + 2 * margin + 31, "bounded {t:?}");
-                next += t.take;
-            }
-            assert_eq!(next, n / 32, "all tokens of {n}");
-        }
-    }
-
-    #[test]
     fn qf_calibration_interpolates_and_is_checked() {
         let cfg = CaveConfig { nc: [4, 8, 8, 16], nb: 2 };
         let mut tensors = synthetic_tensors(cfg, false).unwrap();
@@ -627,5 +608,35 @@ mod tests {
         // a margin-sized tile cannot keep any token
         let err = cave.embed_tiled(&x, 400).unwrap_err().to_string();
         assert!(err.contains("192 px margins"), "{err}");
+    }
+
+    #[test]
+    fn tiled_reconstruction_equals_the_whole_frame() {
+        let cfg = CaveConfig { nc: [4, 8, 8, 16], nb: 1 };
+        let file = TensorFile::from_tensors(std::path::Path::new("<synthetic>"), synthetic_tensors(cfg, false).unwrap());
+        let cave = Cave::load(&file, &Device::Cpu).unwrap();
+        let margin = cave.reconstruct_margin();
+        assert_eq!(margin, 192);
+        // 450 x 700, padded to 480 x 704: cores of 64 px both ways, then of 192 px
+        // along the width only (the height fits in a 576 px tile)
+        let x = Tensor::rand(0f32, 1., (1, 3, 450, 700), &Device::Cpu).unwrap();
+        let (whole, q_whole) = cave.reconstruct(&x).unwrap();
+        let scale = whole.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        for tile in [2 * margin + 64, 2 * margin + 192] {
+            let (tiled, q) = cave.reconstruct_tiled(&x, tile, &Cancel::new()).unwrap();
+            assert_eq!(tiled.dims(), whole.dims());
+            let diff = (&tiled - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-5 * scale, "tile {tile}: max |diff| {diff} (scale {scale})");
+            let dq = (&q - &q_whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(dq < 1e-6, "tile {tile}: q differs by {dq}");
+        }
+        // with margins one scale-32 block short, the seams show: the margin is not slack
+        let plan = Plan::exact(480, 704, 2 * margin, margin - 64, 32, 1, "t").unwrap();
+        let xp = Cave::pad_to(&x, 32).unwrap();
+        let short = plan.run(&xp, 1, &Cancel::new(), |_, xs| Ok(vec![cave.decode(cave.encode(&xs[0])?)?])).unwrap();
+        let diff = (short.narrow(2, 0, 450).unwrap().narrow(3, 0, 700).unwrap() - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff > 1e-4 * scale, "{diff}");
+        let err = cave.reconstruct_tiled(&x, 300, &Cancel::new()).unwrap_err().to_string();
+        assert!(err.contains("CaVE tile 300 px"), "{err}");
     }
 }

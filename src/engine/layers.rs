@@ -9,7 +9,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{self as nn, Init, VarBuilder};
 
-use super::kernels::{AttentionOp, ConvOp, GroupNormOp};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use rayon::prelude::*;
+
+use super::kernels::{fast_exp, AttentionOp, ConvOp, GroupNormOp};
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
     dev.is_cpu() && dtype == DType::F32
@@ -98,6 +101,8 @@ impl Module for Conv {
 /// Group norm with an optional fused SiLU.
 pub struct GroupNorm {
     candle: nn::GroupNorm,
+    gamma: Tensor,
+    beta: Tensor,
     fast: Option<(Arc<Vec<f32>>, Arc<Vec<f32>>)>,
     groups: usize,
     eps: f64,
@@ -109,7 +114,7 @@ impl GroupNorm {
         let beta = vb.get_with_hints(channels, "bias", Init::Const(0.))?;
         let fast =
             if fast_path(vb.device(), vb.dtype()) { Some((Arc::new(gamma.to_vec1::<f32>()?), Arc::new(beta.to_vec1::<f32>()?))) } else { None };
-        Ok(Self { candle: nn::GroupNorm::new(gamma, beta, channels, groups, eps)?, fast, groups, eps })
+        Ok(Self { candle: nn::GroupNorm::new(gamma.clone(), beta.clone(), channels, groups, eps)?, gamma, beta, fast, groups, eps })
     }
 
     pub fn forward(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
@@ -125,6 +130,176 @@ impl GroupNorm {
                     Ok(y)
                 }
             }
+        }
+    }
+}
+
+/// Mean and biased variance of each (item, group) of one tile, and the tile's
+/// pixel count: what VAEHook's `get_var_mean` records per tile.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupStats {
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
+    pub pixels: usize,
+}
+
+impl GroupStats {
+    /// VAEHook's pooling (`GroupNormParam.summary`): the tiles' means and
+    /// variances averaged with weights proportional to their pixel counts,
+    /// padding included (tiles overlap by their padding, which counts in every
+    /// tile that holds it). The variance is the weighted mean of the per-tile
+    /// variances, not the variance of the union.
+    pub fn pool(tiles: &[GroupStats]) -> candle_core::Result<GroupStats> {
+        let first = tiles.first().ok_or_else(|| candle_core::Error::Msg("group norm statistics of no tile".into()))?;
+        let total: usize = tiles.iter().map(|t| t.pixels).sum();
+        let mut mean = vec![0f64; first.mean.len()];
+        let mut var = vec![0f64; first.var.len()];
+        for t in tiles {
+            if t.mean.len() != mean.len() {
+                candle_core::bail!("group norm statistics of {} and {} groups", t.mean.len(), mean.len());
+            }
+            let wgt = t.pixels as f64 / total as f64;
+            mean.iter_mut().zip(&t.mean).for_each(|(m, v)| *m += wgt * v);
+            var.iter_mut().zip(&t.var).for_each(|(m, v)| *m += wgt * v);
+        }
+        Ok(GroupStats { mean, var, pixels: total })
+    }
+}
+
+/// Per-(item, group) mean and biased variance, `[B*G, 2]` f64 (CPU f32).
+struct GroupStatsOp {
+    groups: usize,
+}
+
+impl CustomOp1 for GroupStatsOp {
+    fn name(&self) -> &'static str {
+        "codiff-group-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(d), Some((a, b))) => &d[a..b],
+            _ => candle_core::bail!("group stats: contiguous f32 input expected"),
+        };
+        let dims = l.shape().dims();
+        let bg = dims[0] * self.groups;
+        let n = x.len() / bg.max(1);
+        let out: Vec<f64> = x
+            .par_chunks(n.max(1))
+            .flat_map_iter(|xi| {
+                // two passes, f32 within 1024-element chunks, f64 across them
+                let mean = xi.chunks(1024).map(|c| c.iter().sum::<f32>() as f64).sum::<f64>() / n as f64;
+                let m32 = mean as f32;
+                let var = xi.chunks(1024).map(|c| c.iter().map(|&v| (v - m32) * (v - m32)).sum::<f32>() as f64).sum::<f64>() / n as f64;
+                let d = mean - m32 as f64;
+                [mean, (var - d * d).max(0.0)]
+            })
+            .collect();
+        Ok((CpuStorage::F64(out), Shape::from((bg, 2))))
+    }
+}
+
+/// `y = x * a[c] + b[c]` per channel, optionally followed by SiLU (CPU f32).
+struct ChannelAffineOp {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    silu: bool,
+}
+
+impl CustomOp1 for ChannelAffineOp {
+    fn name(&self) -> &'static str {
+        "codiff-channel-affine"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(d), Some((a, b))) => &d[a..b],
+            _ => candle_core::bail!("channel affine: contiguous f32 input expected"),
+        };
+        let dims = l.shape().dims();
+        let c = self.a.len();
+        let hw: usize = dims[2..].iter().product();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(hw.max(1)).zip(x.par_chunks(hw.max(1))).enumerate().for_each(|(bc, (o, xi))| {
+            let (a, b) = (self.a[bc % c], self.b[bc % c]);
+            if self.silu {
+                o.iter_mut().zip(xi).for_each(|(y, &v)| {
+                    let t = v * a + b;
+                    *y = t / (1.0 + fast_exp(-t));
+                });
+            } else {
+                o.iter_mut().zip(xi).for_each(|(y, &v)| *y = v * a + b);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+impl GroupNorm {
+    /// This tile's statistics for VAEHook's pooling.
+    pub fn stats(&self, x: &Tensor) -> candle_core::Result<GroupStats> {
+        let (b, c, h, w) = x.dims4()?;
+        if c % self.groups != 0 {
+            candle_core::bail!("group norm: {c} channels in {} groups", self.groups);
+        }
+        let bg = b * self.groups;
+        let st = if fast_path(x.device(), x.dtype()) {
+            x.contiguous()?.apply_op1_no_bwd(&GroupStatsOp { groups: self.groups })?
+        } else {
+            let v = x.to_dtype(DType::F64)?.reshape((bg, ()))?;
+            let mean = v.mean_keepdim(1)?;
+            let var = v.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+            Tensor::cat(&[mean, var], 1)?
+        };
+        let st = st.to_device(&Device::Cpu)?.to_vec2::<f64>()?;
+        Ok(GroupStats { mean: st.iter().map(|r| r[0]).collect(), var: st.iter().map(|r| r[1]).collect(), pixels: h * w })
+    }
+
+    /// Normalise with given (pooled) statistics, VAEHook's `custom_group_norm`:
+    /// `(x - mean) / sqrt(var + eps) * weight + bias`, then SiLU if asked.
+    pub fn forward_with(&self, x: &Tensor, st: &GroupStats, silu: bool) -> candle_core::Result<Tensor> {
+        let (b, c, _, _) = x.dims4()?;
+        let cpg = c / self.groups;
+        if st.mean.len() != b * self.groups {
+            candle_core::bail!("group norm: statistics for {} groups, input has {}", st.mean.len(), b * self.groups);
+        }
+        let gamma = self.candle_weight()?;
+        let beta = self.candle_bias()?;
+        let (mut a, mut o) = (Vec::with_capacity(b * c), Vec::with_capacity(b * c));
+        for bi in 0..b {
+            for ch in 0..c {
+                let g = bi * self.groups + ch / cpg;
+                let inv = 1.0 / (st.var[g] + self.eps).sqrt();
+                a.push((gamma[ch] as f64 * inv) as f32);
+                o.push((beta[ch] as f64 - st.mean[g] * gamma[ch] as f64 * inv) as f32);
+            }
+        }
+        if fast_path(x.device(), x.dtype()) {
+            // `a`/`b` per (item, channel): index by bc % (b*c) with b folded in
+            return x.contiguous()?.apply_op1_no_bwd(&ChannelAffineOp { a, b: o, silu });
+        }
+        let shape = (b, c, 1, 1);
+        let a = Tensor::from_vec(a, shape, x.device())?.to_dtype(x.dtype())?;
+        let o = Tensor::from_vec(o, shape, x.device())?.to_dtype(x.dtype())?;
+        let y = x.broadcast_mul(&a)?.broadcast_add(&o)?;
+        if silu {
+            nn::ops::silu(&y)
+        } else {
+            Ok(y)
+        }
+    }
+
+    fn candle_weight(&self) -> candle_core::Result<Vec<f32>> {
+        match &self.fast {
+            Some((g, _)) => Ok(g.to_vec()),
+            None => self.gamma.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1(),
+        }
+    }
+
+    fn candle_bias(&self) -> candle_core::Result<Vec<f32>> {
+        match &self.fast {
+            Some((_, b)) => Ok(b.to_vec()),
+            None => self.beta.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1(),
         }
     }
 }
@@ -215,6 +390,39 @@ impl ResnetBlock {
     }
 }
 
+impl ResnetBlock {
+    pub fn norm1(&self) -> &GroupNorm {
+        &self.norm1
+    }
+
+    pub fn norm2(&self) -> &GroupNorm {
+        &self.norm2
+    }
+
+    /// First half on one tile with pooled `norm1` statistics (no time
+    /// embedding): `conv1(silu(norm1(x)))` and the residual (`x` or its 1x1
+    /// projection), so that `x` itself can be dropped.
+    pub fn first_half_with(&self, x: &Tensor, st1: &GroupStats) -> candle_core::Result<(Tensor, Tensor)> {
+        let h = self.conv1.forward(&self.norm1.forward_with(x, st1, true)?)?;
+        let res = match &self.shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((h, res))
+    }
+
+    /// Second half on one tile with pooled `norm2` statistics:
+    /// `conv2(silu(norm2(h))) + res`, over the output scale.
+    pub fn second_half_with(&self, h: &Tensor, res: &Tensor, st2: &GroupStats) -> candle_core::Result<Tensor> {
+        let y = self.conv2.forward_add(&self.norm2.forward_with(h, st2, true)?, Some(res))?;
+        if self.output_scale == 1.0 {
+            Ok(y)
+        } else {
+            y / self.output_scale
+        }
+    }
+}
+
 /// The VAE's single-head spatial self-attention (diffusers `Attention` with
 /// group norm and residual).
 pub struct VaeAttention {
@@ -244,8 +452,22 @@ impl VaeAttention {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.attend(x, &self.norm.forward(x, false)?)
+    }
+
+    pub fn norm(&self) -> &GroupNorm {
+        &self.norm
+    }
+
+    /// On one tile with pooled statistics; attention stays within the tile,
+    /// as VAEHook runs it.
+    pub fn forward_with(&self, x: &Tensor, st: &GroupStats) -> candle_core::Result<Tensor> {
+        self.attend(x, &self.norm.forward_with(x, st, false)?)
+    }
+
+    fn attend(&self, x: &Tensor, normed: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let t = self.norm.forward(x, false)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let t = normed.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let o = attention(&self.q.forward(&t)?, &self.k.forward(&t)?, &self.v.forward(&t)?, 1)?;
         let o = self.out.forward(&o)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x
@@ -393,5 +615,45 @@ impl Upsample {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group norm with random affine parameters.
+    fn norm(groups: usize, c: usize) -> GroupNorm {
+        let vm = nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        GroupNorm::new(vb.pp("gn"), groups, c, 1e-6).unwrap();
+        for v in vm.all_vars() {
+            v.set(&Tensor::randn(0.5f32, 0.3, c, &Device::Cpu).unwrap()).unwrap();
+        }
+        GroupNorm::new(vb.pp("gn"), groups, c, 1e-6).unwrap()
+    }
+
+    #[test]
+    fn pooled_statistics_weight_tiles_by_pixels_and_average_variances() {
+        let a = GroupStats { mean: vec![1.0], var: vec![1.0], pixels: 30 };
+        let b = GroupStats { mean: vec![3.0], var: vec![5.0], pixels: 10 };
+        let p = GroupStats::pool(&[a, b]).unwrap();
+        assert!((p.mean[0] - 1.5).abs() < 1e-12);
+        // the tiles' variances averaged (2.0), not the union's variance (2.0 + 0.75)
+        assert!((p.var[0] - 2.0).abs() < 1e-12);
+        assert_eq!(p.pixels, 40);
+    }
+
+    #[test]
+    fn normalising_with_a_frames_own_statistics_is_the_group_norm() {
+        let gn = norm(4, 8);
+        let x = (Tensor::randn(0f32, 2., (1, 8, 9, 11), &Device::Cpu).unwrap() + 3.0).unwrap();
+        for silu in [false, true] {
+            let st = gn.stats(&x).unwrap();
+            let ours = gn.forward_with(&x, &st, silu).unwrap();
+            let theirs = gn.forward(&x, silu).unwrap();
+            let err = (ours - theirs).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(err < 1e-5, "silu {silu}: {err}");
+        }
     }
 }

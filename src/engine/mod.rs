@@ -194,9 +194,11 @@ pub struct RestoreOptions {
     /// VAE decoder tile side in latent pixels (the official
     /// `vae_decoder_tiled_size`, default 224). 0 = never tile.
     pub vae_decoder_tile: usize,
-    /// Largest CaVE encoder tile side in image pixels (diffusion mode's
-    /// embedding and the QF estimate): larger frames are encoded in tiles whose
-    /// margins make the stitched embedding exact. 0 = never tile.
+    /// Largest CaVE tile side in image pixels (diffusion mode's embedding, the
+    /// QF estimate and `Mode::Cave`'s reconstruction): larger frames run in
+    /// tiles whose margins make the stitched result equal the whole-frame one
+    /// (reconstruction needs at least `2 * Cave::reconstruct_margin() + 32`:
+    /// 800 px for the compact model). 0 = never tile.
     pub cave_tile: usize,
     /// Checked between stages and tiles; raise it to stop this restore.
     pub cancel: Cancel,

@@ -282,7 +282,7 @@ impl Engine {
         p.keep("lq_raw", &x);
         let (y, q) = match &self.diffusion {
             None => {
-                let (y, q) = self.cave.reconstruct(&x)?;
+                let (y, q) = self.cave.reconstruct_tiled(&x, opts.cave_tile, &opts.cancel)?;
                 p.keep("cave_reconstruction", &y);
                 p.keep("qf_pred", &q);
                 Self::check_finite(&y, "CaVE reconstruction", Precision::F32)?;
@@ -291,7 +291,7 @@ impl Engine {
             }
             Some(d) => {
                 if p.tracing() {
-                    p.keep("cave_reconstruction", &self.cave.reconstruct(&x)?.0);
+                    p.keep("cave_reconstruction", &self.cave.reconstruct_tiled(&x, opts.cave_tile, &opts.cancel)?.0);
                 }
                 self.diffuse(d, &x, opts, &mut p)?
             }
@@ -324,19 +324,13 @@ impl Engine {
         let m = d.vae.downscale();
         let xp = Cave::pad_to_min(x, m, 8 * m)?;
         let lq = ((xp * 2.0)? - 1.0)?.to_dtype(d.dtype)?;
-        let z = match opts.vae_encoder_tile {
-            0 => d.encoder.encode_mean(&lq)?,
-            t => {
-                let t = t.max(8 * m) / m * m;
-                d.encoder.encode_mean_tiled(&lq, t, t / 8 / m * m, m)?
-            }
-        };
+        let z = d.encoder.encode_mean_tiled(&lq, opts.vae_encoder_tile, &opts.cancel)?;
         let z = (z * d.vae.scaling_factor)?;
         p.keep("lq_latent", &z);
         Self::check_finite(&z, "VAE encoder", self.precision)?;
         p.lap("vae_encode")?;
         // 3. UNet at t = 499, in Gaussian-weighted latent tiles
-        let eps = super::tiling::tiled(&z, opts.latent_tile, opts.latent_overlap, |zt| d.unet.forward(zt, TIMESTEP as f64, &c))?;
+        let eps = super::tiling::gaussian_tiled(&z, opts.latent_tile, opts.latent_overlap, &opts.cancel, |zt| Ok(d.unet.forward(zt, TIMESTEP as f64, &c)?))?;
         p.keep("unet_eps", &eps);
         Self::check_finite(&eps, "UNet", self.precision)?;
         // 4. one x0 step
@@ -345,14 +339,7 @@ impl Engine {
         p.lap("unet")?;
         // 5. decode, clamp, crop
         let zs = (z0 / d.vae.scaling_factor)?;
-        let dec = match opts.vae_decoder_tile {
-            0 => d.decoder.decode(&zs)?,
-            t => {
-                let t = t.max(8);
-                d.decoder.decode_tiled(&zs, t, t / 8, m)?
-            }
-        }
-        .to_dtype(DType::F32)?;
+        let dec = d.decoder.decode_tiled(&zs, opts.vae_decoder_tile, &opts.cancel)?.to_dtype(DType::F32)?;
         Self::check_finite(&dec, "VAE decoder", self.precision)?;
         let dec = dec.clamp(-1f32, 1f32)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
         p.keep("decoded", &dec);
@@ -378,6 +365,16 @@ impl Engine {
     }
 
     /// CaVE's visual embedding and q for `img` (for inspection and tests).
+    /// The smallest `cave_tile` (other than 0) this engine's mode accepts:
+    /// the embedding's minimum in diffusion mode, the reconstruction's in
+    /// cave mode.
+    pub fn min_cave_tile(&self) -> usize {
+        match self.mode {
+            Mode::Cave => self.cave.min_reconstruct_tile(),
+            Mode::Diffusion => self.cave.min_tile(),
+        }
+    }
+
     pub fn cave(&self) -> &Cave {
         &self.cave
     }
@@ -425,6 +422,17 @@ impl Stages<'_> {
 
     /// Clamped decoded image in [-1,1] from a scaled latent.
     pub fn decode(&self, z0: &Tensor) -> Result<Tensor> {
-        Ok(self.d.decoder.decode(&(z0.to_dtype(self.d.dtype)? / self.d.vae.scaling_factor)?)?.clamp(-1f32, 1f32)?)
+        self.decode_tiled(z0, 0)
+    }
+
+    /// [`Stages::encode`] through the official VAEHook tiling (`tile` image px).
+    pub fn encode_tiled(&self, lq: &Tensor, tile: usize) -> Result<Tensor> {
+        Ok((self.d.encoder.encode_mean_tiled(&lq.to_dtype(self.d.dtype)?, tile, &Cancel::new())? * self.d.vae.scaling_factor)?)
+    }
+
+    /// [`Stages::decode`] through the official VAEHook tiling (`tile` latent px).
+    pub fn decode_tiled(&self, z0: &Tensor, tile: usize) -> Result<Tensor> {
+        let z = (z0.to_dtype(self.d.dtype)? / self.d.vae.scaling_factor)?;
+        Ok(self.d.decoder.decode_tiled(&z, tile, &Cancel::new())?.clamp(-1f32, 1f32)?)
     }
 }

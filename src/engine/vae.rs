@@ -10,7 +10,9 @@ use candle_core::{Module, Tensor};
 use candle_nn as nn;
 
 use super::error::{EngineError, Result};
-use super::layers::{Conv, GroupNorm, ResnetBlock, Upsample, VaeAttention};
+use super::layers::{Conv, GroupNorm, GroupStats, ResnetBlock, Upsample, VaeAttention};
+use super::tiling::{Plan, Scale};
+use super::Cancel;
 
 /// Fields of diffusers' `AutoencoderKL` config.json that shape the model.
 #[derive(Clone, Debug, PartialEq)]
@@ -160,6 +162,12 @@ impl MidBlock {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.res1.forward(&self.attn.forward(&self.res0.forward(x, None)?)?, None)
     }
+
+    fn forward_tiles(&self, t: &mut Tiles) -> Result<()> {
+        t.resnet(&self.res0)?;
+        t.attention(&self.attn)?;
+        t.resnet(&self.res1)
+    }
 }
 
 /// `DownEncoderBlock2D`: resnets, then a stride-2 conv padded (0,1,0,1).
@@ -294,100 +302,180 @@ impl VaeDecoder {
     }
 }
 
-/// Run `f` over overlapping square tiles of `x` (`[1,C,H,W]`) and blend the
-/// outputs with linear ramps across the overlaps (diffusers' VAE tiling idea),
-/// accumulating on the host: peak memory is one tile's activations plus the
-/// output frame, whatever the frame size. `scale` is output px per input px.
-pub fn blend_tiles<F>(x: &Tensor, tile: usize, overlap: usize, scale_num: usize, scale_den: usize, mut f: F) -> candle_core::Result<Tensor>
-where
-    F: FnMut(&Tensor) -> candle_core::Result<Tensor>,
-{
-    let (_, _, h, w) = x.dims4()?;
-    let tile = tile.max(1);
-    if h <= tile && w <= tile {
-        return f(x);
-    }
-    let sc = |v: usize| v * scale_num / scale_den;
-    let (oh, ow) = (sc(h), sc(w));
-    let mut acc: Vec<f32> = vec![];
-    let mut wsum = vec![0f32; oh * ow];
-    let mut channels = 0;
-    let ys = super::tiling::tile_starts(h, tile, overlap);
-    let xs = super::tiling::tile_starts(w, tile, overlap);
-    let ov = sc(overlap).max(1) as f32;
-    let ramp = |i: usize, n: usize| ((i as f32 + 0.5) / ov).min((n as f32 - i as f32 - 0.5) / ov).min(1.0);
-    for &y0 in &ys {
-        for &x0 in &xs {
-            let th = tile.min(h);
-            let tw = tile.min(w);
-            let out = f(&x.narrow(2, y0, th)?.narrow(3, x0, tw)?)?.to_dtype(candle_core::DType::F32)?;
-            let (_, c, toh, tow) = out.dims4()?;
-            if acc.is_empty() {
-                channels = c;
-                acc = vec![0f32; c * oh * ow];
-            }
-            let v: Vec<f32> = out.flatten_all()?.to_device(&candle_core::Device::Cpu)?.to_vec1()?;
-            let (oy, ox) = (sc(y0), sc(x0));
-            for yy in 0..toh {
-                let wy = ramp(yy, toh);
-                for xx in 0..tow {
-                    let wgt = wy * ramp(xx, tow);
-                    let o = (oy + yy) * ow + ox + xx;
-                    wsum[o] += wgt;
-                    for ch in 0..c {
-                        acc[ch * oh * ow + o] += wgt * v[(ch * toh + yy) * tow + xx];
-                    }
-                }
-            }
+/// VAEHook's padding: 32 image px around encoder tiles, 11 latent px around
+/// decoder tiles.
+pub const ENCODER_PAD: usize = 32;
+pub const DECODER_PAD: usize = 11;
+
+/// The activations of every tile of one image, advanced through the network
+/// block by block as VAEHook does: each GroupNorm first gathers every tile's
+/// mean and variance and normalises all tiles with the pooled statistics
+/// ([`GroupStats::pool`]). A tile's activation is replaced in place as it
+/// advances, so the state held is one activation per tile (two inside a
+/// resnet: its hidden state and its residual) plus one tile's temporaries.
+struct Tiles<'a> {
+    xs: Vec<Tensor>,
+    cancel: &'a Cancel,
+}
+
+impl Tiles<'_> {
+    /// `x = f(x)` on every tile.
+    fn map(&mut self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<()> {
+        for x in self.xs.iter_mut() {
+            self.cancel.check()?;
+            *x = f(x)?;
         }
+        Ok(())
     }
-    for ch in 0..channels {
-        for (a, s) in acc[ch * oh * ow..(ch + 1) * oh * ow].iter_mut().zip(&wsum) {
-            *a /= s;
+
+    fn pooled(norm: &GroupNorm, xs: &[Tensor]) -> Result<GroupStats> {
+        let st = xs.iter().map(|x| norm.stats(x)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(GroupStats::pool(&st)?)
+    }
+
+    fn norm(&mut self, norm: &GroupNorm, silu: bool) -> Result<()> {
+        let st = Self::pooled(norm, &self.xs)?;
+        self.map(|x| norm.forward_with(x, &st, silu))
+    }
+
+    fn resnet(&mut self, r: &ResnetBlock) -> Result<()> {
+        let st1 = Self::pooled(r.norm1(), &self.xs)?;
+        let mut hs = Vec::with_capacity(self.xs.len());
+        for x in self.xs.iter_mut() {
+            self.cancel.check()?;
+            let (h, res) = r.first_half_with(x, &st1)?;
+            *x = res;
+            hs.push(h);
         }
+        let st2 = Self::pooled(r.norm2(), &hs)?;
+        // each hidden state is dropped as soon as its tile has advanced
+        for (x, h) in self.xs.iter_mut().zip(hs) {
+            self.cancel.check()?;
+            *x = r.second_half_with(&h, x, &st2)?;
+        }
+        Ok(())
     }
-    Tensor::from_vec(acc, (1, channels, oh, ow), &candle_core::Device::Cpu)?.to_device(x.device())
+
+    fn attention(&mut self, a: &VaeAttention) -> Result<()> {
+        let st = Self::pooled(a.norm(), &self.xs)?;
+        self.map(|x| a.forward_with(x, &st))
+    }
 }
 
 impl VaeEncoder {
-    /// Posterior mean, encoded in overlapping tiles of `tile` px when the
-    /// image is larger (bounded memory). `tile` and `overlap` are multiples of 8.
-    pub fn encode_mean_tiled(&self, x: &Tensor, tile: usize, overlap: usize, down: usize) -> candle_core::Result<Tensor> {
-        blend_tiles(x, tile, overlap, 1, down, |t| self.encode_mean(t))
+    /// Pixels per latent pixel.
+    fn downscale(&self) -> usize {
+        1 << (self.down_blocks.len() - 1)
+    }
+
+    /// The moments (`quant_conv` output) of every tile, VAEHook-style.
+    fn moments_tiles(&self, xs: Vec<Tensor>, cancel: &Cancel) -> Result<Vec<Tensor>> {
+        let mut t = Tiles { xs, cancel };
+        t.map(|x| self.conv_in.forward(x))?;
+        for b in &self.down_blocks {
+            for r in &b.resnets {
+                t.resnet(r)?;
+            }
+            if let Some(d) = &b.down {
+                t.map(|x| d.forward(x))?;
+            }
+        }
+        self.mid_block.forward_tiles(&mut t)?;
+        t.norm(&self.conv_norm_out, true)?;
+        t.map(|x| self.quant_conv.forward(&self.conv_out.forward(x)?))?;
+        Ok(t.xs)
+    }
+
+    /// Posterior mean as the official VAEHook computes it: whole when
+    /// `max(H, W) <= tile + 64` (or `tile` is 0), else in tiles of about
+    /// `tile` image px (rounded down to a multiple of 8) padded by 32 px, the
+    /// network run block by block over all tiles with GroupNorm statistics
+    /// pooled over them, the padding cropped off.
+    pub fn encode_mean_tiled(&self, x: &Tensor, tile: usize, cancel: &Cancel) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let m = self.downscale();
+        let tile = if tile == 0 { 0 } else { (tile / m * m).max(m) };
+        match Plan::vaehook(h, w, tile, ENCODER_PAD, Scale::Down(m)) {
+            None => Ok(self.encode_mean(x)?),
+            Some(plan) => {
+                let moments = plan.run(x, usize::MAX, cancel, |_, xs| self.moments_tiles(xs, cancel))?;
+                Ok(moments.narrow(1, 0, self.latent_channels)?)
+            }
+        }
     }
 }
 
 impl VaeDecoder {
-    /// Decode in overlapping latent tiles of `tile` latent px when larger.
-    pub fn decode_tiled(&self, z: &Tensor, tile: usize, overlap: usize, up: usize) -> candle_core::Result<Tensor> {
-        blend_tiles(z, tile, overlap, up, 1, |t| self.decode(t))
+    fn upscale(&self) -> usize {
+        1 << self.up_blocks.iter().filter(|b| b.up.is_some()).count()
+    }
+
+    fn decode_tiles(&self, zs: Vec<Tensor>, cancel: &Cancel) -> Result<Vec<Tensor>> {
+        let mut t = Tiles { xs: zs, cancel };
+        t.map(|z| self.conv_in.forward(&self.post_quant_conv.forward(z)?))?;
+        self.mid_block.forward_tiles(&mut t)?;
+        for b in &self.up_blocks {
+            for r in &b.resnets {
+                t.resnet(r)?;
+            }
+            if let Some(u) = &b.up {
+                t.map(|x| u.forward(x, None))?;
+            }
+        }
+        t.norm(&self.conv_norm_out, true)?;
+        t.map(|x| self.conv_out.forward(x))?;
+        Ok(t.xs)
+    }
+
+    /// Decode as the official VAEHook does: whole when `max(h, w) <= tile + 22`
+    /// latent px (or `tile` is 0), else in tiles of about `tile` latent px
+    /// padded by 11, block by block with pooled GroupNorm statistics, cropped.
+    pub fn decode_tiled(&self, z: &Tensor, tile: usize, cancel: &Cancel) -> Result<Tensor> {
+        let (_, _, h, w) = z.dims4()?;
+        match Plan::vaehook(h, w, tile, DECODER_PAD, Scale::Up(self.upscale())) {
+            None => Ok(self.decode(z)?),
+            Some(plan) => plan.run(z, usize::MAX, cancel, |_, zs| self.decode_tiles(zs, cancel)),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
-    #[test]
-    fn blending_a_pointwise_map_is_exact() {
-        // a per-pixel function tiled with overlaps must equal the untiled result
-        let x = Tensor::randn(0f32, 1., (1, 2, 37, 53), &Device::Cpu).unwrap();
-        let f = |t: &Tensor| (t * 3.0).and_then(|t| t + 1.0);
-        let whole = f(&x).unwrap();
-        let tiled = blend_tiles(&x, 16, 6, 1, 1, f).unwrap();
-        let err = (whole - tiled).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(err < 1e-5, "{err}");
+    fn tiny() -> VaeConfig {
+        VaeConfig { block_out_channels: vec![8, 16, 16, 16], norm_num_groups: 4, ..VaeConfig::sd21_base() }
     }
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// One tile covering the frame is the untiled network: the pooled path
+    /// (statistics, affine, SiLU, block order) is the plain forward.
     #[test]
-    fn blending_handles_scaled_outputs() {
-        // nearest 2x upsampling: tiles of the input map to 2x tiles of the output
-        let x = Tensor::randn(0f32, 1., (1, 1, 20, 30), &Device::Cpu).unwrap();
-        let up = |t: &Tensor| t.upsample_nearest2d(t.dim(2)? * 2, t.dim(3)? * 2);
-        let whole = up(&x).unwrap();
-        let tiled = blend_tiles(&x, 8, 4, 2, 1, up).unwrap();
-        let err = (whole - tiled).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(err < 1e-5, "{err}");
+    fn one_pooled_tile_is_the_plain_forward() {
+        let vm = candle_nn::VarMap::new();
+        let vb = nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let enc = VaeEncoder::new(&tiny(), vb.clone()).unwrap();
+        let dec = VaeDecoder::new(&tiny(), vb).unwrap();
+        let x = Tensor::randn(0f32, 1., (1, 3, 48, 40), &Device::Cpu).unwrap();
+        let cancel = Cancel::new();
+        let whole = enc.posterior(&x).unwrap().0;
+        let m = enc.moments_tiles(vec![x.clone()], &cancel).unwrap().remove(0);
+        assert!(max_diff(&m.narrow(1, 0, 4).unwrap(), &whole) < 1e-4);
+        let z = Tensor::randn(0f32, 1., (1, 4, 6, 5), &Device::Cpu).unwrap();
+        let whole = dec.decode(&z).unwrap();
+        let d = dec.decode_tiles(vec![z.clone()], &cancel).unwrap().remove(0);
+        assert!(max_diff(&d, &whole) < 1e-4);
+        // tiled (forced small tiles) lands near the whole-frame result but not on it
+        let x = Tensor::randn(0f32, 1., (1, 3, 160, 200), &Device::Cpu).unwrap();
+        let tiled = enc.encode_mean_tiled(&x, 64, &cancel).unwrap();
+        let whole = enc.encode_mean(&x).unwrap();
+        assert_eq!(tiled.dims(), whole.dims());
+        let z = Tensor::randn(0f32, 1., (1, 4, 30, 27), &Device::Cpu).unwrap();
+        let tiled = dec.decode_tiled(&z, 4, &cancel).unwrap();
+        assert_eq!(tiled.dims(), &[1, 3, 240, 216]);
     }
 }
