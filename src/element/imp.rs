@@ -4,6 +4,13 @@
 //! copied or cloned at the top of each call and never held while the engine runs.
 //! The model is loaded at NULL->READY (again at READY->PAUSED if a model property
 //! changed in READY), shared through [`super::cache`], and released at READY->NULL.
+//! Model properties (`mutable_ready`) set in PAUSED or PLAYING are kept pending,
+//! with a warning, and applied at the next PAUSED->READY.
+//!
+//! A [`Cancel`] token stops the frame in the engine: raised by FLUSH_START, by
+//! PAUSED->READY (before the pads are deactivated, which waits for the frame) and by
+//! `stop`; lowered by FLUSH_STOP and `start`. A cancelled frame returns
+//! `FLUSHING` without an error.
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
@@ -12,17 +19,13 @@ use gst_base::subclass::prelude::*;
 use gst_video::prelude::*;
 use gst_video::subclass::prelude::*;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
-use super::cache;
 use super::convert::{self, ColorModel, Component, Layout, Plane, PlaneMut, YuvMatrix};
-use crate::engine::{
-    default_weights_path, ColorFix, DeviceSpec, Engine, EngineError, Mode, ModelSpec, Precision,
-    RestoreOptions, RgbImage,
-};
+use super::loading::{guarded, mode_name, Failure, Model};
+use super::settings::{self, CodiffOnError, Settings};
+use crate::engine::{Cancel, Engine, EngineError, RgbImage};
 
 pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -34,226 +37,6 @@ pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 
 /// Name of the custom meta carrying the quality estimate of a processed buffer.
 pub const QF_META_NAME: &str = "CodiffQfMeta";
-
-/// Which network restores the frames.
-#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
-#[repr(u32)]
-#[enum_type(name = "GstCodiffMode")]
-pub enum CodiffMode {
-    #[default]
-    #[enum_value(
-        name = "Diffusion when sd-model and codiff-checkpoint are set, else CaVE",
-        nick = "auto"
-    )]
-    Auto = 0,
-    #[enum_value(
-        name = "CaVE reconstruction (compact weights or cave-checkpoint)",
-        nick = "cave"
-    )]
-    Cave = 1,
-    #[enum_value(
-        name = "One-step diffusion (SD-2.1-base + CODiff LoRA)",
-        nick = "diffusion"
-    )]
-    Diffusion = 2,
-}
-
-/// Floating-point precision of the UNet and VAE.
-#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
-#[repr(u32)]
-#[enum_type(name = "GstCodiffPrecision")]
-pub enum CodiffPrecision {
-    #[default]
-    #[enum_value(name = "f32 on CPU, f16 on CUDA", nick = "auto")]
-    Auto = 0,
-    #[enum_value(name = "32-bit float", nick = "f32")]
-    F32 = 1,
-    #[enum_value(name = "16-bit float", nick = "f16")]
-    F16 = 2,
-    #[enum_value(name = "bfloat16", nick = "bf16")]
-    Bf16 = 3,
-}
-
-/// Colour correction of the restored frame against the input.
-#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
-#[repr(u32)]
-#[enum_type(name = "GstCodiffColorFix")]
-pub enum CodiffColorFix {
-    #[default]
-    #[enum_value(name = "AdaIN: match channel mean and deviation", nick = "adain")]
-    Adain = 0,
-    #[enum_value(name = "Wavelet: keep the input's low frequencies", nick = "wavelet")]
-    Wavelet = 1,
-    #[enum_value(name = "None", nick = "none")]
-    None = 2,
-}
-
-impl From<CodiffPrecision> for Precision {
-    fn from(p: CodiffPrecision) -> Self {
-        match p {
-            CodiffPrecision::Auto => Precision::Auto,
-            CodiffPrecision::F32 => Precision::F32,
-            CodiffPrecision::F16 => Precision::F16,
-            CodiffPrecision::Bf16 => Precision::Bf16,
-        }
-    }
-}
-
-impl From<CodiffColorFix> for ColorFix {
-    fn from(c: CodiffColorFix) -> Self {
-        match c {
-            CodiffColorFix::Adain => ColorFix::Adain,
-            CodiffColorFix::Wavelet => ColorFix::Wavelet,
-            CodiffColorFix::None => ColorFix::None,
-        }
-    }
-}
-
-const DEFAULT_MODE: CodiffMode = CodiffMode::Auto;
-const DEFAULT_DEVICE: &str = "cpu";
-const DEFAULT_PRECISION: CodiffPrecision = CodiffPrecision::Auto;
-const DEFAULT_COLOR_FIX: CodiffColorFix = CodiffColorFix::Adain;
-const DEFAULT_LATENT_TILE: u32 = 96;
-const MAX_LATENT_TILE: u32 = 4096;
-const DEFAULT_LATENT_OVERLAP: u32 = 32;
-const MAX_LATENT_OVERLAP: u32 = 2048;
-const DEFAULT_VAE_ENCODER_TILE: u32 = 1024;
-const DEFAULT_VAE_DECODER_TILE: u32 = 224;
-const DEFAULT_CAVE_TILE: u32 = 2048;
-const MAX_PIXEL_TILE: u32 = 32768;
-const DEFAULT_STRENGTH: f64 = 1.0;
-const DEFAULT_QF: u32 = 0;
-const DEFAULT_ENABLED: bool = true;
-/// The default `weights` is [`default_weights_path()`] (`$CODIFF_WEIGHTS` or the
-/// source tree's `weights/codiff-cave-compact.safetensors`).
-static DEFAULT_WEIGHTS: LazyLock<String> =
-    LazyLock::new(|| default_weights_path().to_string_lossy().into_owned());
-
-/// Property values.
-#[derive(Debug, Clone)]
-struct Settings {
-    mode: CodiffMode,
-    weights: PathBuf,
-    sd_model: Option<PathBuf>,
-    codiff_checkpoint: Option<PathBuf>,
-    cave_checkpoint: Option<PathBuf>,
-    device: String,
-    precision: CodiffPrecision,
-    color_fix: CodiffColorFix,
-    latent_tile: u32,
-    latent_overlap: u32,
-    vae_encoder_tile: u32,
-    vae_decoder_tile: u32,
-    cave_tile: u32,
-    strength: f64,
-    qf: u32,
-    enabled: bool,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            mode: DEFAULT_MODE,
-            weights: PathBuf::from(DEFAULT_WEIGHTS.as_str()),
-            sd_model: None,
-            codiff_checkpoint: None,
-            cave_checkpoint: None,
-            device: DEFAULT_DEVICE.to_string(),
-            precision: DEFAULT_PRECISION,
-            color_fix: DEFAULT_COLOR_FIX,
-            latent_tile: DEFAULT_LATENT_TILE,
-            latent_overlap: DEFAULT_LATENT_OVERLAP,
-            vae_encoder_tile: DEFAULT_VAE_ENCODER_TILE,
-            vae_decoder_tile: DEFAULT_VAE_DECODER_TILE,
-            cave_tile: DEFAULT_CAVE_TILE,
-            strength: DEFAULT_STRENGTH,
-            qf: DEFAULT_QF,
-            enabled: DEFAULT_ENABLED,
-        }
-    }
-}
-
-impl Settings {
-    /// The files and device to load, checked: the mode resolved, the device parsed,
-    /// and every file the engine will open present.
-    fn model_spec(&self) -> Result<ModelSpec, gst::ErrorMessage> {
-        let mode = match self.mode {
-            CodiffMode::Cave => Mode::Cave,
-            CodiffMode::Diffusion => Mode::Diffusion,
-            CodiffMode::Auto if self.sd_model.is_some() && self.codiff_checkpoint.is_some() => {
-                Mode::Diffusion
-            }
-            CodiffMode::Auto => Mode::Cave,
-        };
-        let device: DeviceSpec = self.device.parse().map_err(|err| {
-            gst::error_msg!(
-                gst::ResourceError::Settings,
-                ["Invalid device property: {err}"]
-            )
-        })?;
-
-        let mut files: Vec<(&str, &Path)> = Vec::new();
-        match &self.cave_checkpoint {
-            Some(cave) => files.push(("cave-checkpoint", cave)),
-            None => files.push(("weights", &self.weights)),
-        }
-        if mode == Mode::Diffusion {
-            match (&self.sd_model, &self.codiff_checkpoint) {
-                (Some(sd), Some(codiff)) => {
-                    files.push(("sd-model", sd));
-                    files.push(("codiff-checkpoint", codiff));
-                }
-                _ => {
-                    return Err(gst::error_msg!(
-                        gst::ResourceError::Settings,
-                        ["mode=diffusion needs both sd-model and codiff-checkpoint"]
-                    ))
-                }
-            }
-        }
-        for (property, path) in files {
-            if !path.exists() {
-                return Err(gst::error_msg!(
-                    gst::ResourceError::NotFound,
-                    ("{property} file not found: {}", path.display()),
-                    ["Set the {property} property to an existing file"]
-                ));
-            }
-        }
-
-        let (sd_dir, codiff) = match mode {
-            Mode::Diffusion => (self.sd_model.clone(), self.codiff_checkpoint.clone()),
-            Mode::Cave => (None, None),
-        };
-        Ok(ModelSpec {
-            mode,
-            weights: self.weights.clone(),
-            sd_dir,
-            codiff,
-            cave: self.cave_checkpoint.clone(),
-            device,
-            precision: self.precision.into(),
-        })
-    }
-
-    fn restore_options(&self) -> RestoreOptions {
-        RestoreOptions {
-            color_fix: self.color_fix.into(),
-            latent_tile: self.latent_tile as usize,
-            latent_overlap: self.latent_overlap as usize,
-            vae_encoder_tile: self.vae_encoder_tile as usize,
-            vae_decoder_tile: self.vae_decoder_tile as usize,
-            cave_tile: self.cave_tile as usize,
-            ..Default::default()
-        }
-    }
-}
-
-/// The loaded model and what it was loaded from.
-struct Model {
-    spec: ModelSpec,
-    engine: Arc<Engine>,
-}
 
 /// Per-stream state, built in `set_info`.
 struct State {
@@ -267,55 +50,60 @@ struct Stats {
     max: gst::ClockTime,
     /// Latency last reported (query answer or latency message).
     reported: gst::ClockTime,
+    /// Pixels of the largest frame size timed by the caps-time warm-up.
+    warmed_pixels: u64,
 }
 
-#[derive(Default)]
-pub struct Codiff {
-    settings: Mutex<Settings>,
-    model: Mutex<Option<Model>>,
-    state: Mutex<Option<State>>,
-    stats: Mutex<Stats>,
-    /// QF of the frame just processed, for `transform_ip` to attach as meta.
-    pending_qf: Mutex<Option<f64>>,
+/// The warm-up restore runs on at most this many pixels (640x480); its time is
+/// scaled by the pixel ratio for larger frames.
+const WARM_UP_PIXELS: usize = 640 * 480;
+
+/// Why a frame was not restored.
+enum FrameError {
+    /// The cancel token was raised (flush, state change): not an error.
+    Cancelled,
+    /// What failed, and why.
+    Failed(&'static str, String),
 }
 
-/// Why a call into the engine failed.
-#[derive(Debug)]
-enum Failure {
-    Engine(EngineError),
-    Panic(String),
-}
+impl FrameError {
+    fn failed(what: &'static str, cause: impl std::fmt::Display) -> Self {
+        Self::Failed(what, cause.to_string())
+    }
 
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            // EngineError's Display names the file, tensor key and shapes.
-            Failure::Engine(err) => write!(f, "{err}"),
-            Failure::Panic(what) => write!(f, "engine panicked: {what}"),
+    fn engine(what: &'static str, err: Failure) -> Self {
+        match err {
+            Failure::Engine(EngineError::Cancelled) => Self::Cancelled,
+            err => Self::failed(what, err),
         }
     }
 }
 
-/// Run engine code, turning a panic into an error instead of unwinding into C.
-fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, Failure> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(err)) => Err(Failure::Engine(err)),
-        Err(payload) => Err(Failure::Panic(
-            payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string()),
-        )),
+/// Run `f` inside `pool` when the element has its own (`n-threads`), else on
+/// rayon's global pool.
+fn in_pool<T: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> T + Send) -> T {
+    match pool {
+        Some(pool) => pool.install(f),
+        None => f(),
     }
 }
 
-fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Cave => "cave",
-        Mode::Diffusion => "diffusion",
-    }
+#[derive(Default)]
+pub struct Codiff {
+    pub(super) settings: Mutex<Settings>,
+    pub(super) model: Mutex<Option<Model>>,
+    state: Mutex<Option<State>>,
+    stats: Mutex<Stats>,
+    /// QF of the frame just processed, for `transform_ip` to attach as meta.
+    pending_qf: Mutex<Option<f64>>,
+    /// Model properties set in PAUSED or PLAYING, applied at the next READY.
+    pending: Mutex<Option<Settings>>,
+    /// Stops the frame in the engine (see the module doc).
+    cancel: Cancel,
+    /// The element's own thread pool (`n-threads` > 0) and its size.
+    pub(super) pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
+    /// Whether the last frame failed under on-error=passthrough (one warning per run).
+    failing: Mutex<bool>,
 }
 
 /// Where the three colour components of `info`'s format live, or `None` for formats
@@ -354,73 +142,193 @@ fn layout_for(info: &gst_video::VideoInfo) -> Option<Layout> {
 }
 
 impl Codiff {
-    /// Load (or take from the cache) the model the properties name, unless the one
-    /// held already matches them.
-    fn ensure_model(&self) -> Result<(), gst::ErrorMessage> {
-        let spec = self.settings.lock().unwrap().model_spec()?;
-        if let Some(model) = self.model.lock().unwrap().as_ref() {
-            if model.spec == spec {
-                return Ok(());
+    /// The smallest CaVE tile the loaded model accepts.
+    fn min_cave_tile(&self) -> Option<usize> {
+        self.model
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|m| m.engine.cave().min_tile())
+    }
+
+    fn thread_pool(&self) -> Option<Arc<rayon::ThreadPool>> {
+        self.pool.lock().unwrap().as_ref().map(|(_, p)| p.clone())
+    }
+
+    /// A frame that was not restored: under on-error=fail post an error and stop
+    /// the stream; under passthrough post a warning (for the first frame of a run
+    /// of failing ones) and push the frame unchanged.
+    fn frame_failed(
+        &self,
+        on_error: CodiffOnError,
+        what: &str,
+        cause: &str,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        match on_error {
+            CodiffOnError::Fail => Err(self.fail(what, cause)),
+            CodiffOnError::Passthrough => {
+                let first = !std::mem::replace(&mut *self.failing.lock().unwrap(), true);
+                if first {
+                    gst::element_imp_warning!(
+                        self,
+                        gst::StreamError::Failed,
+                        ("codiff: {what}: {cause}"),
+                        [
+                            "the frame was pushed unchanged (on-error=passthrough); following \
+                          failing frames are only logged until one is restored"
+                        ]
+                    );
+                } else {
+                    gst::info!(CAT, imp = self, "passing a frame through: {what}: {cause}");
+                }
+                Ok(gst::FlowSuccess::Ok)
             }
         }
-        // Drop a model loaded for other settings before loading the new one.
-        self.model.lock().unwrap().take();
+    }
 
-        let obj = self.obj();
-        // Each step is posted twice: as a `codiff-progress` element message (field
-        // `step`) and as a GstProgress message (code `load`).
-        let post_step = |kind: gst::ProgressType, step: &str| {
-            gst::info!(CAT, imp = self, "model: {step}");
-            let s = gst::Structure::builder("codiff-progress")
-                .field("step", step)
-                .build();
-            let _ = obj.post_message(gst::message::Element::builder(s).src(&*obj).build());
-            let _ = obj.post_message(
-                gst::message::Progress::builder(kind, "load", step)
-                    .src(&*obj)
-                    .build(),
-            );
-        };
-        post_step(
-            gst::ProgressType::Start,
-            &format!("loading {} model on {}", mode_name(spec.mode), spec.device),
-        );
-        let started = Instant::now();
-        let mut progress = |step: &str| post_step(gst::ProgressType::Continue, step);
-        let result = guarded(|| cache::engine(&spec, &mut progress));
+    /// Read `frame`, restore it and write it back; returns the QF estimate.
+    fn restore_frame(
+        &self,
+        frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
+        settings: &Settings,
+        engine: &Arc<Engine>,
+        layout: &Layout,
+    ) -> Result<f32, FrameError> {
+        let (width, height) = (frame.width() as usize, frame.height() as usize);
+        // Refuse oversized frames before anything is allocated for them.
+        let pixels = width as u64 * height as u64;
+        if settings.max_frame_pixels > 0 && pixels > settings.max_frame_pixels {
+            return Err(FrameError::failed(
+                "frame too large",
+                format!(
+                    "{width}x{height} is {pixels} pixels, more than max-frame-pixels={}",
+                    settings.max_frame_pixels
+                ),
+            ));
+        }
+        let n_planes = frame.n_planes() as usize;
+        let strides = frame.plane_stride()[..n_planes]
+            .iter()
+            .map(|&s| usize::try_from(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| FrameError::failed("frame", "negative plane strides are not supported"))?;
 
-        let (engine, loaded) = match result {
-            Ok(v) => v,
-            Err(err) => {
-                let text = err.to_string();
-                post_step(gst::ProgressType::Error, &format!("loading failed: {text}"));
-                return Err(match err {
-                    Failure::Engine(EngineError::NotFound { .. }) => gst::error_msg!(
-                        gst::ResourceError::NotFound,
-                        ("Cannot load the CODiff model: {text}"),
-                        ["{spec:?}"]
-                    ),
-                    Failure::Engine(EngineError::Io { .. }) => gst::error_msg!(
-                        gst::ResourceError::OpenRead,
-                        ("Cannot load the CODiff model: {text}"),
-                        ["{spec:?}"]
-                    ),
-                    _ => gst::error_msg!(
-                        gst::LibraryError::Init,
-                        ("Cannot load the CODiff model: {text}"),
-                        ["{spec:?}"]
-                    ),
-                });
+        let input = {
+            let mut planes = Vec::with_capacity(n_planes);
+            for (p, &stride) in strides.iter().enumerate() {
+                let data = frame
+                    .plane_data(p as u32)
+                    .map_err(|err| FrameError::failed("frame", err))?;
+                planes.push(Plane { data, stride });
             }
+            convert::read_rgb(layout, &planes, width, height)
+                .map_err(|err| FrameError::failed("reading the frame", err))?
         };
-        let done = if loaded {
-            format!("model loaded in {:.1} s", started.elapsed().as_secs_f64())
+
+        let strength = settings.strength.clamp(0.0, 1.0) as f32;
+        let mut image =
+            RgbImage::new(width, height, input).map_err(|err| FrameError::failed("frame", err))?;
+        let pool = self.thread_pool();
+        let estimate = if strength > 0.0 {
+            let (mut opts, adjusted) = settings.restore_options(Some(engine.cave().min_tile()));
+            for a in adjusted {
+                gst::debug!(CAT, imp = self, "{a}");
+            }
+            opts.cancel = self.cancel.clone();
+            in_pool(pool.as_deref(), || {
+                guarded(|| engine.restore(&mut image, &opts))
+            })
+        } else if settings.qf == 0 {
+            in_pool(pool.as_deref(), || guarded(|| engine.estimate_qf(&image)))
         } else {
-            "reusing the model already loaded by another element".to_string()
+            Ok(settings.qf as f32)
+        }
+        .map_err(|err| FrameError::engine("restoring the frame failed", err))?;
+
+        if strength > 0.0 {
+            if (image.width, image.height) != (width, height) {
+                return Err(FrameError::failed(
+                    "restoring the frame failed",
+                    format!(
+                        "engine returned {}x{} for a {width}x{height} frame",
+                        image.width, image.height
+                    ),
+                ));
+            }
+            let mut planes: Vec<PlaneMut> = frame
+                .planes_data_mut()
+                .into_iter()
+                .zip(&strides)
+                .map(|(data, &stride)| PlaneMut { data, stride })
+                .collect();
+            convert::write_rgb(layout, &mut planes, width, height, &image.data, strength)
+                .map_err(|err| FrameError::failed("writing the frame", err))?;
+        }
+        Ok(estimate)
+    }
+
+    /// Time one restore of a test pattern of the negotiated size (at most
+    /// [`WARM_UP_PIXELS`], the time scaled up by the pixel ratio) so the LATENCY
+    /// query is right before the first frame. Runs once per size larger than any
+    /// timed before; failures are left to the frames to report.
+    fn warm_up(&self, info: &gst_video::VideoInfo) {
+        let settings = self.settings.lock().unwrap().clone();
+        if !settings.warm_up || !settings.enabled || settings.strength <= 0.0 {
+            return;
+        }
+        let (w, h) = (info.width() as usize, info.height() as usize);
+        let pixels = w as u64 * h as u64;
+        if pixels == 0
+            || (settings.max_frame_pixels > 0 && pixels > settings.max_frame_pixels)
+            || pixels <= self.stats.lock().unwrap().warmed_pixels
+        {
+            return;
+        }
+        let Some(engine) = self
+            .model
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|m| m.engine.clone())
+        else {
+            return;
         };
-        post_step(gst::ProgressType::Complete, &done);
-        *self.model.lock().unwrap() = Some(Model { spec, engine });
-        Ok(())
+        let scale = (WARM_UP_PIXELS as f64 / pixels as f64).sqrt().min(1.0);
+        let ww = ((w as f64 * scale) as usize).clamp(1, w);
+        let wh = ((h as f64 * scale) as usize).clamp(1, h);
+        // 8x8 blocks of a gradient, like a coarse JPEG
+        let data = (0..ww * wh * 3)
+            .map(|i| {
+                let (x, y, c) = (i / 3 % ww, i / 3 / ww, i % 3);
+                ((x / 8 * 29 + y / 8 * 53 + c * 71) % 256) as u8
+            })
+            .collect();
+        let Ok(mut image) = RgbImage::new(ww, wh, data) else {
+            return;
+        };
+        let (mut opts, _) = settings.restore_options(Some(engine.cave().min_tile()));
+        opts.cancel = self.cancel.clone();
+        let pool = self.thread_pool();
+        let started = Instant::now();
+        let result = in_pool(pool.as_deref(), || {
+            guarded(|| engine.restore(&mut image, &opts))
+        });
+        match result {
+            Ok(_) => {
+                let ratio = pixels as f64 / (ww * wh) as f64;
+                let ns = started.elapsed().as_nanos() as f64 * ratio;
+                let estimate = gst::ClockTime::from_nseconds(ns as u64);
+                gst::info!(
+                    CAT,
+                    imp = self,
+                    "warm-up: {ww}x{wh} restored in {}, {estimate} estimated for {w}x{h}",
+                    started.elapsed().as_secs_f64()
+                );
+                self.stats.lock().unwrap().warmed_pixels = pixels;
+                self.record_processing_time(estimate);
+            }
+            Err(err) => gst::debug!(CAT, imp = self, "warm-up failed: {err}"),
+        }
     }
 
     /// Post a stream error naming `cause`; the caller returns the flow error.
@@ -479,112 +387,7 @@ impl ObjectSubclass for Codiff {
 
 impl ObjectImpl for Codiff {
     fn properties() -> &'static [glib::ParamSpec] {
-        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
-            vec![
-                glib::ParamSpecEnum::builder_with_default("mode", DEFAULT_MODE)
-                    .nick("Mode")
-                    .blurb("Restoration network: auto picks diffusion when sd-model and codiff-checkpoint are set, else CaVE")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("weights")
-                    .nick("Weights")
-                    .blurb("Compact CaVE model (safetensors); default $CODIFF_WEIGHTS or the shipped weights/codiff-cave-compact.safetensors")
-                    .default_value(Some(DEFAULT_WEIGHTS.as_str()))
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("sd-model")
-                    .nick("SD model")
-                    .blurb("Stable Diffusion 2.1-base folder in diffusers layout (unet/, vae/, scheduler/), for mode=diffusion")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("codiff-checkpoint")
-                    .nick("CODiff checkpoint")
-                    .blurb("Official codiff.pkl (LoRA and projection), for mode=diffusion")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("cave-checkpoint")
-                    .nick("CaVE checkpoint")
-                    .blurb("Official cave.pth (or a safetensors CaVE); replaces the CaVE of the weights file")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecString::builder("device")
-                    .nick("Device")
-                    .blurb("Where the model runs: cpu, cuda or cuda:N")
-                    .default_value(Some(DEFAULT_DEVICE))
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecEnum::builder_with_default("precision", DEFAULT_PRECISION)
-                    .nick("Precision")
-                    .blurb("Floating-point precision of the UNet and VAE")
-                    .mutable_ready()
-                    .build(),
-                glib::ParamSpecEnum::builder_with_default("color-fix", DEFAULT_COLOR_FIX)
-                    .nick("Colour fix")
-                    .blurb("Colour correction of the restored frame against the input")
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("latent-tile")
-                    .nick("Latent tile")
-                    .blurb("Side of the latent tiles in latent pixels (1/8 of image pixels), 0 = never tile")
-                    .maximum(MAX_LATENT_TILE)
-                    .default_value(DEFAULT_LATENT_TILE)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("latent-overlap")
-                    .nick("Latent overlap")
-                    .blurb("Overlap of neighbouring latent tiles in latent pixels (less than latent-tile)")
-                    .maximum(MAX_LATENT_OVERLAP)
-                    .default_value(DEFAULT_LATENT_OVERLAP)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("vae-encoder-tile")
-                    .nick("VAE encoder tile")
-                    .blurb("VAE encoder tile side in image pixels (diffusion mode; the official \
-                            vae_encoder_tiled_size): frames larger than this are encoded in tiles, 0 = never tile")
-                    .maximum(MAX_PIXEL_TILE)
-                    .default_value(DEFAULT_VAE_ENCODER_TILE)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("vae-decoder-tile")
-                    .nick("VAE decoder tile")
-                    .blurb("VAE decoder tile side in latent pixels (1 latent px = 8 image px; diffusion mode; \
-                            the official vae_decoder_tiled_size): larger latents are decoded in tiles, 0 = never tile")
-                    .maximum(MAX_PIXEL_TILE / 8)
-                    .default_value(DEFAULT_VAE_DECODER_TILE)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("cave-tile")
-                    .nick("CaVE tile")
-                    .blurb("Largest side of the CaVE encoder tiles in image pixels for larger frames (the \
-                            stitched embedding is exact; at least 736 for the official CaVE), 0 = never tile")
-                    .maximum(MAX_PIXEL_TILE)
-                    .default_value(DEFAULT_CAVE_TILE)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecDouble::builder("strength")
-                    .nick("Strength")
-                    .blurb("Blend between the input (0) and the restored frame (1)")
-                    .minimum(0.0)
-                    .maximum(1.0)
-                    .default_value(DEFAULT_STRENGTH)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecUInt::builder("qf")
-                    .nick("Quality factor")
-                    .blurb("Known JPEG quality (1-100) reported instead of CaVE's estimate; 0 = estimate")
-                    .maximum(100)
-                    .default_value(DEFAULT_QF)
-                    .mutable_playing()
-                    .build(),
-                glib::ParamSpecBoolean::builder("enabled")
-                    .nick("Enabled")
-                    .blurb("Restore frames; when false, buffers pass through untouched")
-                    .default_value(DEFAULT_ENABLED)
-                    .mutable_playing()
-                    .build(),
-            ]
-        });
-        PROPERTIES.as_ref()
+        settings::param_specs()
     }
 
     fn constructed(&self) {
@@ -594,82 +397,47 @@ impl ObjectImpl for Codiff {
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
-        let path = |v: &glib::Value| {
-            v.get::<Option<String>>()
-                .expect("type checked upstream")
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
+        let state = self.obj().current_state();
+        if pspec.flags().contains(gst::PARAM_FLAG_MUTABLE_READY) && state > gst::State::Ready {
+            // The model in use stays; property() reports it until the next READY.
+            let mut pending = self.pending.lock().unwrap();
+            let pending = pending.get_or_insert_with(|| self.settings.lock().unwrap().clone());
+            for warning in pending.set(value, pspec) {
+                gst::warning!(CAT, imp = self, "{warning}");
+            }
+            gst::element_imp_warning!(
+                self,
+                gst::LibraryError::Settings,
+                (
+                    "codiff: {} cannot change in {state:?}: the new value is kept pending and \
+                     applies at the next READY",
+                    pspec.name()
+                ),
+                ["set to {value:?}; the running value stays until then"]
+            );
+            return;
+        }
+        let min_cave_tile = self.min_cave_tile();
+        let warnings = {
+            let mut settings = self.settings.lock().unwrap();
+            let mut warnings = settings.set(value, pspec);
+            if pspec.name() == "cave-tile" {
+                warnings.extend(settings.restore_options(min_cave_tile).1);
+            }
+            warnings
         };
-        let mut settings = self.settings.lock().unwrap();
-        match pspec.name() {
-            "mode" => settings.mode = value.get().expect("type checked upstream"),
-            "weights" => {
-                settings.weights =
-                    path(value).unwrap_or_else(|| PathBuf::from(DEFAULT_WEIGHTS.as_str()))
-            }
-            "sd-model" => settings.sd_model = path(value),
-            "codiff-checkpoint" => settings.codiff_checkpoint = path(value),
-            "cave-checkpoint" => settings.cave_checkpoint = path(value),
-            "device" => {
-                let device = value
-                    .get::<Option<String>>()
-                    .expect("type checked upstream")
-                    .unwrap_or_else(|| DEFAULT_DEVICE.to_string());
-                if let Err(err) = device.parse::<DeviceSpec>() {
-                    // Kept as is: loading fails with this message.
-                    gst::warning!(CAT, imp = self, "{err}");
-                }
-                settings.device = device;
-            }
-            "precision" => settings.precision = value.get().expect("type checked upstream"),
-            "color-fix" => settings.color_fix = value.get().expect("type checked upstream"),
-            "latent-tile" => settings.latent_tile = value.get().expect("type checked upstream"),
-            "latent-overlap" => {
-                settings.latent_overlap = value.get().expect("type checked upstream")
-            }
-            "vae-encoder-tile" => settings.vae_encoder_tile = value.get().expect("type checked upstream"),
-            "vae-decoder-tile" => settings.vae_decoder_tile = value.get().expect("type checked upstream"),
-            "cave-tile" => settings.cave_tile = value.get().expect("type checked upstream"),
-            "strength" => settings.strength = value.get().expect("type checked upstream"),
-            "qf" => settings.qf = value.get().expect("type checked upstream"),
-            "enabled" => {
-                let enabled = value.get().expect("type checked upstream");
-                settings.enabled = enabled;
-                drop(settings);
-                self.obj().set_passthrough(!enabled);
-                return;
-            }
-            other => unimplemented!("property {other}"),
+        for warning in warnings {
+            gst::warning!(CAT, imp = self, "{warning}");
         }
         gst::debug!(CAT, imp = self, "{} set to {:?}", pspec.name(), value);
+        if pspec.name() == "enabled" {
+            let enabled = value.get::<bool>().expect("type checked upstream");
+            self.obj().set_passthrough(!enabled);
+        }
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
-        let settings = self.settings.lock().unwrap();
-        let path = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map(|p| p.to_string_lossy().into_owned())
-                .to_value()
-        };
-        match pspec.name() {
-            "mode" => settings.mode.to_value(),
-            "weights" => settings.weights.to_string_lossy().to_value(),
-            "sd-model" => path(&settings.sd_model),
-            "codiff-checkpoint" => path(&settings.codiff_checkpoint),
-            "cave-checkpoint" => path(&settings.cave_checkpoint),
-            "device" => settings.device.to_value(),
-            "precision" => settings.precision.to_value(),
-            "color-fix" => settings.color_fix.to_value(),
-            "latent-tile" => settings.latent_tile.to_value(),
-            "latent-overlap" => settings.latent_overlap.to_value(),
-            "vae-encoder-tile" => settings.vae_encoder_tile.to_value(),
-            "vae-decoder-tile" => settings.vae_decoder_tile.to_value(),
-            "cave-tile" => settings.cave_tile.to_value(),
-            "strength" => settings.strength.to_value(),
-            "qf" => settings.qf.to_value(),
-            "enabled" => settings.enabled.to_value(),
-            other => unimplemented!("property {other}"),
-        }
+        self.settings.lock().unwrap().get(pspec)
     }
 }
 
@@ -699,6 +467,8 @@ impl ElementImpl for Codiff {
                     I420, Yv12, Nv12, Nv21, Y42b, Y444, Yuy2, Uyvy, Rgb, Bgr, Rgba, Bgra, Argb,
                     Abgr, Rgbx, Bgrx, Xrgb, Xbgr,
                 ])
+                // fields of interlaced frames would be restored as one picture
+                .field("interlace-mode", "progressive")
                 .build();
             vec![
                 gst::PadTemplate::new(
@@ -732,10 +502,31 @@ impl ElementImpl for Codiff {
                 return Err(gst::StateChangeError);
             }
         }
+        if matches!(
+            transition,
+            gst::StateChange::PausedToReady | gst::StateChange::ReadyToNull
+        ) {
+            // Deactivating the pads waits for the frame in progress: stop it.
+            self.cancel.cancel();
+        }
         let ret = self.parent_change_state(transition)?;
-        if transition == gst::StateChange::ReadyToNull {
-            // The cache frees the model with its last user.
-            self.model.lock().unwrap().take();
+        match transition {
+            gst::StateChange::PausedToReady => {
+                if let Some(pending) = self.pending.lock().unwrap().take() {
+                    gst::info!(
+                        CAT,
+                        imp = self,
+                        "applying the model properties set while running"
+                    );
+                    self.settings.lock().unwrap().take_model_fields(&pending);
+                }
+            }
+            gst::StateChange::ReadyToNull => {
+                // The cache frees the model with its last user.
+                self.model.lock().unwrap().take();
+                self.pool.lock().unwrap().take();
+            }
+            _ => (),
         }
         Ok(ret)
     }
@@ -750,6 +541,9 @@ impl BaseTransformImpl for Codiff {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         // A model property may have changed in READY.
         self.ensure_model()?;
+        self.ensure_pool()?;
+        self.cancel.reset();
+        *self.failing.lock().unwrap() = false;
         *self.stats.lock().unwrap() = Stats::default();
         let enabled = self.settings.lock().unwrap().enabled;
         self.obj().set_passthrough(!enabled);
@@ -757,6 +551,7 @@ impl BaseTransformImpl for Codiff {
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        self.cancel.cancel();
         self.state.lock().unwrap().take();
         self.pending_qf.lock().unwrap().take();
         *self.stats.lock().unwrap() = Stats::default();
@@ -789,6 +584,17 @@ impl BaseTransformImpl for Codiff {
         BaseTransformImplExt::parent_query(self, direction, query)
     }
 
+    fn sink_event(&self, event: gst::Event) -> bool {
+        match event.view() {
+            // Not serialised: arrives while the streaming thread may be in the engine.
+            gst::EventView::FlushStart(_) => self.cancel.cancel(),
+            // Serialised: the frame in progress has returned.
+            gst::EventView::FlushStop(_) => self.cancel.reset(),
+            _ => (),
+        }
+        self.parent_sink_event(event)
+    }
+
     fn transform_ip(&self, buf: &mut gst::BufferRef) -> Result<gst::FlowSuccess, gst::FlowError> {
         self.pending_qf.lock().unwrap().take();
         // Maps the frame and calls transform_frame_ip.
@@ -809,11 +615,19 @@ impl VideoFilterImpl for Codiff {
         out_info: &gst_video::VideoInfo,
     ) -> Result<(), gst::LoggableError> {
         // Caps may change mid-stream: only the pixel layout changes, the model stays.
+        if in_info.interlace_mode() != gst_video::VideoInterlaceMode::Progressive {
+            return Err(gst::loggable_error!(
+                CAT,
+                "interlaced video ({:?}) is not supported: deinterlace first",
+                in_info.interlace_mode()
+            ));
+        }
         let layout = layout_for(in_info).ok_or_else(|| {
             gst::loggable_error!(CAT, "unsupported format {:?}", in_info.format())
         })?;
         gst::debug!(CAT, imp = self, "caps {incaps}: layout {layout:?}");
         *self.state.lock().unwrap() = Some(State { layout });
+        self.warm_up(in_info);
         self.parent_set_info(incaps, in_info, outcaps, out_info)
     }
 
@@ -821,6 +635,9 @@ impl VideoFilterImpl for Codiff {
         &self,
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        if self.cancel.is_cancelled() {
+            return Err(gst::FlowError::Flushing);
+        }
         let settings = self.settings.lock().unwrap().clone();
         let Some(engine) = self
             .model
@@ -835,57 +652,17 @@ impl VideoFilterImpl for Codiff {
             return Err(gst::FlowError::NotNegotiated);
         };
         let started = Instant::now();
-        let (width, height) = (frame.width() as usize, frame.height() as usize);
-        let n_planes = frame.n_planes() as usize;
-        let strides = frame.plane_stride()[..n_planes]
-            .iter()
-            .map(|&s| usize::try_from(s))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| self.fail("frame", "negative plane strides are not supported"))?;
-
-        let input = {
-            let mut planes = Vec::with_capacity(n_planes);
-            for (p, &stride) in strides.iter().enumerate() {
-                let data = frame
-                    .plane_data(p as u32)
-                    .map_err(|err| self.fail("frame", err))?;
-                planes.push(Plane { data, stride });
+        let estimate = match self.restore_frame(frame, &settings, &engine, &layout) {
+            Ok(estimate) => estimate,
+            Err(FrameError::Cancelled) => {
+                gst::debug!(CAT, imp = self, "frame cancelled (flush or state change)");
+                return Err(gst::FlowError::Flushing);
             }
-            convert::read_rgb(&layout, &planes, width, height)
-                .map_err(|err| self.fail("reading the frame", err))?
+            Err(FrameError::Failed(what, cause)) => {
+                return self.frame_failed(settings.on_error, what, &cause);
+            }
         };
-
-        let strength = settings.strength.clamp(0.0, 1.0) as f32;
-        let mut image =
-            RgbImage::new(width, height, input).map_err(|err| self.fail("frame", err))?;
-        let estimate = if strength > 0.0 {
-            guarded(|| engine.restore(&mut image, &settings.restore_options()))
-        } else if settings.qf == 0 {
-            guarded(|| engine.estimate_qf(&image))
-        } else {
-            Ok(settings.qf as f32)
-        }
-        .map_err(|err| self.fail("restoring the frame failed", err))?;
-
-        if strength > 0.0 {
-            if (image.width, image.height) != (width, height) {
-                return Err(self.fail(
-                    "restoring the frame failed",
-                    format!(
-                        "engine returned {}x{} for a {width}x{height} frame",
-                        image.width, image.height
-                    ),
-                ));
-            }
-            let mut planes: Vec<PlaneMut> = frame
-                .planes_data_mut()
-                .into_iter()
-                .zip(&strides)
-                .map(|(data, &stride)| PlaneMut { data, stride })
-                .collect();
-            convert::write_rgb(&layout, &mut planes, width, height, &image.data, strength)
-                .map_err(|err| self.fail("writing the frame", err))?;
-        }
+        *self.failing.lock().unwrap() = false;
 
         let elapsed = gst::ClockTime::from_nseconds(started.elapsed().as_nanos() as u64);
         self.record_processing_time(elapsed);
@@ -901,15 +678,17 @@ impl VideoFilterImpl for Codiff {
             "frame {} qf {qf:.1} in {elapsed}",
             pts.display()
         );
-        let obj = self.obj();
-        let s = gst::Structure::builder("codiff-qf")
-            .field("qf", qf)
-            .field("estimated", settings.qf == 0)
-            .field("pts", pts.map_or(u64::MAX, gst::ClockTime::nseconds))
-            .field("processing-time", elapsed.nseconds())
-            .field("mode", mode_name(engine.mode()))
-            .build();
-        let _ = obj.post_message(gst::message::Element::builder(s).src(&*obj).build());
+        if settings.post_messages {
+            let obj = self.obj();
+            let s = gst::Structure::builder("codiff-qf")
+                .field("qf", qf)
+                .field("estimated", settings.qf == 0)
+                .field("pts", pts.map_or(u64::MAX, gst::ClockTime::nseconds))
+                .field("processing-time", elapsed.nseconds())
+                .field("mode", mode_name(engine.mode()))
+                .build();
+            let _ = obj.post_message(gst::message::Element::builder(s).src(&*obj).build());
+        }
         *self.pending_qf.lock().unwrap() = Some(qf);
         Ok(gst::FlowSuccess::Ok)
     }
@@ -918,78 +697,6 @@ impl VideoFilterImpl for Codiff {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn engine_panics_and_errors_become_failures() {
-        let r: Result<(), _> = guarded(|| panic!("boom {}", 7));
-        assert!(
-            matches!(&r, Err(Failure::Panic(m)) if m == "boom 7"),
-            "{r:?}"
-        );
-        assert_eq!(r.unwrap_err().to_string(), "engine panicked: boom 7");
-        let r: Result<(), _> = guarded(|| {
-            Err(EngineError::NotFound {
-                path: "/x/w.safetensors".into(),
-            })
-        });
-        assert_eq!(
-            r.unwrap_err().to_string(),
-            "/x/w.safetensors: file not found"
-        );
-        assert_eq!(guarded(|| Ok(3)).unwrap(), 3);
-    }
-
-    #[test]
-    fn settings_resolve_the_mode_and_check_files() {
-        let dir = std::env::temp_dir().join(format!("codiff-settings-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = |name: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, b"").unwrap();
-            p
-        };
-        let mut s = Settings {
-            weights: file("w.safetensors"),
-            ..Settings::default()
-        };
-        assert_eq!(s.model_spec().unwrap().mode, Mode::Cave);
-        s.sd_model = Some(dir.clone());
-        assert_eq!(
-            s.model_spec().unwrap().mode,
-            Mode::Cave,
-            "auto needs both files"
-        );
-        s.codiff_checkpoint = Some(file("codiff.pkl"));
-        let spec = s.model_spec().unwrap();
-        assert_eq!(
-            (spec.mode, spec.sd_dir.as_deref()),
-            (Mode::Diffusion, Some(dir.as_path()))
-        );
-        s.mode = CodiffMode::Cave;
-        let spec = s.model_spec().unwrap();
-        assert_eq!(
-            (spec.mode, spec.sd_dir, spec.codiff),
-            (Mode::Cave, None, None)
-        );
-        s.device = "cuda:1".into();
-        assert_eq!(s.model_spec().unwrap().device, DeviceSpec::Cuda(1));
-        s.device = "tpu".into();
-        assert!(s.model_spec().unwrap_err().to_string().contains("tpu"));
-        s.device = "cpu".into();
-        s.weights = dir.join("missing.safetensors");
-        let err = format!("{:?}", s.model_spec().unwrap_err());
-        assert!(
-            err.contains("missing.safetensors") && err.contains("weights"),
-            "{err}"
-        );
-        // A CaVE checkpoint replaces the weights file.
-        s.cave_checkpoint = Some(file("cave.pth"));
-        assert!(s.model_spec().is_ok());
-        s.mode = CodiffMode::Diffusion;
-        s.codiff_checkpoint = None;
-        assert!(format!("{:?}", s.model_spec().unwrap_err()).contains("codiff-checkpoint"));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 
     #[test]
     fn layouts_of_common_formats() {

@@ -27,18 +27,47 @@
 //!   `gst_buffer_get_custom_meta (buffer, "CodiffQfMeta")` (C).
 //!
 //! The LATENCY query adds the longest per-frame processing time measured so far, and
-//! a latency message is posted when it grows by more than a quarter. QoS is on:
-//! frames already late are dropped before processing. `enabled=false` switches to
-//! passthrough (buffers untouched, no messages, no meta).
+//! a latency message is posted when it grows by more than a quarter. With `warm-up`
+//! (default) one restore of a test pattern of the negotiated size (at most 640x480
+//! pixels, its time scaled by the pixel ratio) is timed at caps time, so the query
+//! is right before the first frame. QoS is on: frames already late are dropped
+//! before processing. `enabled=false` switches to passthrough (buffers untouched,
+//! no messages, no meta); `post-messages=false` drops only the `codiff-qf` message.
+//!
+//! Robustness:
+//! - a frame above `max-frame-pixels` (default 4096x4096) is refused before any
+//!   conversion buffer is allocated; a frame the engine cannot restore, or a
+//!   refused one, stops the stream with an error (`on-error=fail`, default) or is
+//!   pushed unchanged with a warning (`on-error=passthrough`: one bus warning per
+//!   run of failing frames, the rest logged);
+//! - FLUSH_START, PAUSED->READY and `stop` raise the engine's
+//!   [`crate::engine::Cancel`] token, so a seek or a state change does not wait for
+//!   a whole large frame; a cancelled frame returns FLUSHING, without an error;
+//! - tile properties are checked against each other and the loaded model
+//!   (`latent-overlap` at most half of `latent-tile`, `latent-tile` at least 32,
+//!   `cave-tile` at least the CaVE encoder's margins): adjusted with a warning;
+//! - model properties (`mutable_ready`) set in PAUSED or PLAYING are kept pending
+//!   with a bus warning and apply at the next READY; until then the property
+//!   reads the running value;
+//! - interlaced caps are refused (progressive only).
+//!
+//! `n-threads` > 0 runs the engine inside a rayon pool of that size owned by the
+//! element: it bounds the engine's kernels (convolutions, attention, GEMMs) and
+//! candle's matmul and conv2d, which run on the calling rayon pool. candle's
+//! element-wise ops on large tensors use candle's own process-wide pool, sized by
+//! `CANDLE_NUM_THREADS` (or `RAYON_NUM_THREADS`), shared by all elements.
 use gst::glib;
 use gst::prelude::*;
 
 mod imp;
+mod loading;
+mod settings;
 
 pub mod cache;
 pub mod convert;
 
-pub use imp::{CodiffColorFix, CodiffMode, CodiffPrecision, QF_META_NAME};
+pub use imp::QF_META_NAME;
+pub use settings::{CodiffColorFix, CodiffMode, CodiffOnError, CodiffPrecision};
 
 glib::wrapper! {
     pub struct Codiff(ObjectSubclass<imp::Codiff>)
@@ -53,6 +82,7 @@ pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     CodiffMode::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     CodiffPrecision::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     CodiffColorFix::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    CodiffOnError::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     gst::Element::register(
         Some(plugin),
         "codiff",

@@ -384,6 +384,12 @@ impl Cave {
         d.next_multiple_of(32) + 2 * nb * 32 // 4x4/4, then m_body_encoder at scale 32
     }
 
+    /// The smallest `tile` [`Cave::embed_tiled`] accepts (other than 0): the
+    /// margins on both sides plus one 32-pixel token.
+    pub fn min_tile(&self) -> usize {
+        2 * self.tile_margin() + 32
+    }
+
     /// Visual embedding `[B, floor(Hp/32)*floor(Wp/32), nc3]` (input padded to 8)
     /// and q `[B,1]`, encoding the whole frame at once.
     pub fn embed(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {

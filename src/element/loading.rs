@@ -1,0 +1,186 @@
+//! Loading the model of the `codiff` element: the engine call guarded against
+//! panics, progress messages, and the process-wide [`super::cache`].
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::cache;
+use super::imp::{Codiff, CAT};
+use crate::engine::{Engine, EngineError, Mode, ModelSpec};
+
+/// The loaded model and what it was loaded from.
+pub(super) struct Model {
+    pub(super) spec: ModelSpec,
+    pub(super) engine: Arc<Engine>,
+}
+
+/// Why a call into the engine failed.
+#[derive(Debug)]
+pub(super) enum Failure {
+    Engine(EngineError),
+    Panic(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // EngineError's Display names the file, tensor key and shapes.
+            Failure::Engine(err) => write!(f, "{err}"),
+            Failure::Panic(what) => write!(f, "engine panicked: {what}"),
+        }
+    }
+}
+
+/// Run engine code, turning a panic into an error instead of unwinding into C.
+pub(super) fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, Failure> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(err)) => Err(Failure::Engine(err)),
+        Err(payload) => Err(Failure::Panic(
+            payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string()),
+        )),
+    }
+}
+
+pub(super) fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Cave => "cave",
+        Mode::Diffusion => "diffusion",
+    }
+}
+
+impl Codiff {
+    /// Load (or take from the cache) the model the properties name, unless the one
+    /// held already matches them.
+    pub(super) fn ensure_model(&self) -> Result<(), gst::ErrorMessage> {
+        let spec = self.settings.lock().unwrap().model_spec()?;
+        if let Some(model) = self.model.lock().unwrap().as_ref() {
+            if model.spec == spec {
+                return Ok(());
+            }
+        }
+        // Drop a model loaded for other settings before loading the new one.
+        self.model.lock().unwrap().take();
+
+        let obj = self.obj();
+        // Each step is posted twice: as a `codiff-progress` element message (field
+        // `step`) and as a GstProgress message (code `load`).
+        let post_step = |kind: gst::ProgressType, step: &str| {
+            gst::info!(CAT, imp = self, "model: {step}");
+            let s = gst::Structure::builder("codiff-progress")
+                .field("step", step)
+                .build();
+            let _ = obj.post_message(gst::message::Element::builder(s).src(&*obj).build());
+            let _ = obj.post_message(
+                gst::message::Progress::builder(kind, "load", step)
+                    .src(&*obj)
+                    .build(),
+            );
+        };
+        post_step(
+            gst::ProgressType::Start,
+            &format!("loading {} model on {}", mode_name(spec.mode), spec.device),
+        );
+        let started = Instant::now();
+        let mut progress = |step: &str| post_step(gst::ProgressType::Continue, step);
+        let result = guarded(|| cache::engine(&spec, &mut progress));
+
+        let (engine, loaded) = match result {
+            Ok(v) => v,
+            Err(err) => {
+                let text = err.to_string();
+                post_step(gst::ProgressType::Error, &format!("loading failed: {text}"));
+                return Err(match err {
+                    Failure::Engine(EngineError::NotFound { .. }) => gst::error_msg!(
+                        gst::ResourceError::NotFound,
+                        ("Cannot load the CODiff model: {text}"),
+                        ["{spec:?}"]
+                    ),
+                    Failure::Engine(EngineError::Io { .. }) => gst::error_msg!(
+                        gst::ResourceError::OpenRead,
+                        ("Cannot load the CODiff model: {text}"),
+                        ["{spec:?}"]
+                    ),
+                    _ => gst::error_msg!(
+                        gst::LibraryError::Init,
+                        ("Cannot load the CODiff model: {text}"),
+                        ["{spec:?}"]
+                    ),
+                });
+            }
+        };
+        let done = if loaded {
+            format!("model loaded in {:.1} s", started.elapsed().as_secs_f64())
+        } else {
+            "reusing the model already loaded by another element".to_string()
+        };
+        post_step(gst::ProgressType::Complete, &done);
+        // Tile properties this model cannot use as set (adjusted at each frame).
+        let min_cave_tile = engine.cave().min_tile();
+        let (_, adjusted) = self
+            .settings
+            .lock()
+            .unwrap()
+            .restore_options(Some(min_cave_tile));
+        for warning in adjusted {
+            gst::warning!(CAT, imp = self, "{warning}");
+        }
+        *self.model.lock().unwrap() = Some(Model { spec, engine });
+        Ok(())
+    }
+
+    /// Build the element's own thread pool when `n-threads` asks for one.
+    pub(super) fn ensure_pool(&self) -> Result<(), gst::ErrorMessage> {
+        let n = self.settings.lock().unwrap().n_threads;
+        let mut pool = self.pool.lock().unwrap();
+        if n == 0 {
+            *pool = None;
+        } else if pool.as_ref().is_none_or(|(size, _)| *size != n) {
+            let built = rayon::ThreadPoolBuilder::new()
+                .num_threads(n as usize)
+                .thread_name(|i| format!("codiff-{i}"))
+                .build()
+                .map_err(|err| {
+                    gst::error_msg!(
+                        gst::ResourceError::Settings,
+                        ["Cannot start n-threads={n} threads: {err}"]
+                    )
+                })?;
+            gst::debug!(CAT, imp = self, "own thread pool of {n} threads");
+            *pool = Some((n, Arc::new(built)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_panics_and_errors_become_failures() {
+        let r: Result<(), _> = guarded(|| panic!("boom {}", 7));
+        assert!(
+            matches!(&r, Err(Failure::Panic(m)) if m == "boom 7"),
+            "{r:?}"
+        );
+        assert_eq!(r.unwrap_err().to_string(), "engine panicked: boom 7");
+        let r: Result<(), _> = guarded(|| {
+            Err(EngineError::NotFound {
+                path: "/x/w.safetensors".into(),
+            })
+        });
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "/x/w.safetensors: file not found"
+        );
+        assert_eq!(guarded(|| Ok(3)).unwrap(), 3);
+    }
+}

@@ -1,0 +1,654 @@
+//! Property values of the `codiff` element: the enums, the defaults, [`Settings`],
+//! the property specs and how a property is set and read.
+use gst::glib;
+use gst::prelude::*;
+
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+
+use crate::engine::{
+    default_weights_path, ColorFix, DeviceSpec, Mode, ModelSpec, Precision, RestoreOptions,
+};
+
+/// Which network restores the frames.
+#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstCodiffMode")]
+pub enum CodiffMode {
+    #[default]
+    #[enum_value(
+        name = "Diffusion when sd-model and codiff-checkpoint are set, else CaVE",
+        nick = "auto"
+    )]
+    Auto = 0,
+    #[enum_value(
+        name = "CaVE reconstruction (compact weights or cave-checkpoint)",
+        nick = "cave"
+    )]
+    Cave = 1,
+    #[enum_value(
+        name = "One-step diffusion (SD-2.1-base + CODiff LoRA)",
+        nick = "diffusion"
+    )]
+    Diffusion = 2,
+}
+
+/// Floating-point precision of the UNet and VAE.
+#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstCodiffPrecision")]
+pub enum CodiffPrecision {
+    #[default]
+    #[enum_value(name = "f32 on CPU, f16 on CUDA", nick = "auto")]
+    Auto = 0,
+    #[enum_value(name = "32-bit float", nick = "f32")]
+    F32 = 1,
+    #[enum_value(name = "16-bit float", nick = "f16")]
+    F16 = 2,
+    #[enum_value(name = "bfloat16", nick = "bf16")]
+    Bf16 = 3,
+}
+
+/// Colour correction of the restored frame against the input.
+#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstCodiffColorFix")]
+pub enum CodiffColorFix {
+    #[default]
+    #[enum_value(name = "AdaIN: match channel mean and deviation", nick = "adain")]
+    Adain = 0,
+    #[enum_value(name = "Wavelet: keep the input's low frequencies", nick = "wavelet")]
+    Wavelet = 1,
+    #[enum_value(name = "None", nick = "none")]
+    None = 2,
+}
+
+impl From<CodiffPrecision> for Precision {
+    fn from(p: CodiffPrecision) -> Self {
+        match p {
+            CodiffPrecision::Auto => Precision::Auto,
+            CodiffPrecision::F32 => Precision::F32,
+            CodiffPrecision::F16 => Precision::F16,
+            CodiffPrecision::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+impl From<CodiffColorFix> for ColorFix {
+    fn from(c: CodiffColorFix) -> Self {
+        match c {
+            CodiffColorFix::Adain => ColorFix::Adain,
+            CodiffColorFix::Wavelet => ColorFix::Wavelet,
+            CodiffColorFix::None => ColorFix::None,
+        }
+    }
+}
+
+/// What happens to a frame the engine cannot restore.
+#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstCodiffOnError")]
+pub enum CodiffOnError {
+    #[default]
+    #[enum_value(name = "Post an error and stop the stream", nick = "fail")]
+    Fail = 0,
+    #[enum_value(
+        name = "Post a warning and push the frame unchanged",
+        nick = "passthrough"
+    )]
+    Passthrough = 1,
+}
+
+pub(super) const DEFAULT_MODE: CodiffMode = CodiffMode::Auto;
+pub(super) const DEFAULT_DEVICE: &str = "cpu";
+pub(super) const DEFAULT_PRECISION: CodiffPrecision = CodiffPrecision::Auto;
+pub(super) const DEFAULT_COLOR_FIX: CodiffColorFix = CodiffColorFix::Adain;
+pub(super) const DEFAULT_LATENT_TILE: u32 = 96;
+pub(super) const MAX_LATENT_TILE: u32 = 4096;
+pub(super) const DEFAULT_LATENT_OVERLAP: u32 = 32;
+pub(super) const MAX_LATENT_OVERLAP: u32 = 2048;
+pub(super) const DEFAULT_VAE_ENCODER_TILE: u32 = 1024;
+pub(super) const DEFAULT_VAE_DECODER_TILE: u32 = 224;
+pub(super) const DEFAULT_CAVE_TILE: u32 = 2048;
+pub(super) const MAX_PIXEL_TILE: u32 = 32768;
+pub(super) const DEFAULT_STRENGTH: f64 = 1.0;
+pub(super) const DEFAULT_QF: u32 = 0;
+pub(super) const DEFAULT_ENABLED: bool = true;
+pub(super) const DEFAULT_ON_ERROR: CodiffOnError = CodiffOnError::Fail;
+/// 4096x4096: DCI 4K and 3840x2160 pass; an 8000x8000 frame (what a 2 KB JPEG can
+/// claim) is refused. CaVE mode takes about 200 bytes per pixel (3.4 GB here),
+/// diffusion mode at 3840x2160 7.6 GB peak (most of it the model).
+pub(super) const DEFAULT_MAX_FRAME_PIXELS: u64 = 4096 * 4096;
+pub(super) const DEFAULT_POST_MESSAGES: bool = true;
+pub(super) const DEFAULT_N_THREADS: u32 = 0;
+pub(super) const MAX_N_THREADS: u32 = 1024;
+pub(super) const DEFAULT_WARM_UP: bool = true;
+/// Smallest latent tile used (latent px; 256 image px): smaller tiles cost more
+/// UNet calls than they save memory.
+pub(super) const MIN_LATENT_TILE: u32 = 32;
+/// The default `weights` is [`default_weights_path()`] (`$CODIFF_WEIGHTS` or the
+/// source tree's `weights/codiff-cave-compact.safetensors`).
+pub(super) static DEFAULT_WEIGHTS: LazyLock<String> =
+    LazyLock::new(|| default_weights_path().to_string_lossy().into_owned());
+
+/// Property values.
+#[derive(Debug, Clone)]
+pub(super) struct Settings {
+    pub(super) mode: CodiffMode,
+    pub(super) weights: PathBuf,
+    pub(super) sd_model: Option<PathBuf>,
+    pub(super) codiff_checkpoint: Option<PathBuf>,
+    pub(super) cave_checkpoint: Option<PathBuf>,
+    pub(super) device: String,
+    pub(super) precision: CodiffPrecision,
+    pub(super) color_fix: CodiffColorFix,
+    pub(super) latent_tile: u32,
+    pub(super) latent_overlap: u32,
+    pub(super) vae_encoder_tile: u32,
+    pub(super) vae_decoder_tile: u32,
+    pub(super) cave_tile: u32,
+    pub(super) strength: f64,
+    pub(super) qf: u32,
+    pub(super) enabled: bool,
+    pub(super) on_error: CodiffOnError,
+    pub(super) max_frame_pixels: u64,
+    pub(super) post_messages: bool,
+    pub(super) n_threads: u32,
+    pub(super) warm_up: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            mode: DEFAULT_MODE,
+            weights: PathBuf::from(DEFAULT_WEIGHTS.as_str()),
+            sd_model: None,
+            codiff_checkpoint: None,
+            cave_checkpoint: None,
+            device: DEFAULT_DEVICE.to_string(),
+            precision: DEFAULT_PRECISION,
+            color_fix: DEFAULT_COLOR_FIX,
+            latent_tile: DEFAULT_LATENT_TILE,
+            latent_overlap: DEFAULT_LATENT_OVERLAP,
+            vae_encoder_tile: DEFAULT_VAE_ENCODER_TILE,
+            vae_decoder_tile: DEFAULT_VAE_DECODER_TILE,
+            cave_tile: DEFAULT_CAVE_TILE,
+            strength: DEFAULT_STRENGTH,
+            qf: DEFAULT_QF,
+            enabled: DEFAULT_ENABLED,
+            on_error: DEFAULT_ON_ERROR,
+            max_frame_pixels: DEFAULT_MAX_FRAME_PIXELS,
+            post_messages: DEFAULT_POST_MESSAGES,
+            n_threads: DEFAULT_N_THREADS,
+            warm_up: DEFAULT_WARM_UP,
+        }
+    }
+}
+
+impl Settings {
+    /// The files and device to load, checked: the mode resolved, the device parsed,
+    /// and every file the engine will open present.
+    pub(super) fn model_spec(&self) -> Result<ModelSpec, gst::ErrorMessage> {
+        let mode = match self.mode {
+            CodiffMode::Cave => Mode::Cave,
+            CodiffMode::Diffusion => Mode::Diffusion,
+            CodiffMode::Auto if self.sd_model.is_some() && self.codiff_checkpoint.is_some() => {
+                Mode::Diffusion
+            }
+            CodiffMode::Auto => Mode::Cave,
+        };
+        let device: DeviceSpec = self.device.parse().map_err(|err| {
+            gst::error_msg!(
+                gst::ResourceError::Settings,
+                ["Invalid device property: {err}"]
+            )
+        })?;
+
+        let mut files: Vec<(&str, &Path)> = Vec::new();
+        match &self.cave_checkpoint {
+            Some(cave) => files.push(("cave-checkpoint", cave)),
+            None => files.push(("weights", &self.weights)),
+        }
+        if mode == Mode::Diffusion {
+            match (&self.sd_model, &self.codiff_checkpoint) {
+                (Some(sd), Some(codiff)) => {
+                    files.push(("sd-model", sd));
+                    files.push(("codiff-checkpoint", codiff));
+                }
+                _ => {
+                    return Err(gst::error_msg!(
+                        gst::ResourceError::Settings,
+                        ["mode=diffusion needs both sd-model and codiff-checkpoint"]
+                    ))
+                }
+            }
+        }
+        for (property, path) in files {
+            if !path.exists() {
+                return Err(gst::error_msg!(
+                    gst::ResourceError::NotFound,
+                    ("{property} file not found: {}", path.display()),
+                    ["Set the {property} property to an existing file"]
+                ));
+            }
+        }
+
+        let (sd_dir, codiff) = match mode {
+            Mode::Diffusion => (self.sd_model.clone(), self.codiff_checkpoint.clone()),
+            Mode::Cave => (None, None),
+        };
+        Ok(ModelSpec {
+            mode,
+            weights: self.weights.clone(),
+            sd_dir,
+            codiff,
+            cave: self.cave_checkpoint.clone(),
+            device,
+            precision: self.precision.into(),
+        })
+    }
+
+    /// The options a frame runs with: the tile properties as set, except that
+    /// a latent tile under [`MIN_LATENT_TILE`] is raised to it, the latent
+    /// overlap is capped at half the tile (a stride of 1 means thousands of UNet
+    /// calls per frame), and a CaVE tile under `min_cave_tile` (the loaded
+    /// encoder's [`crate::engine::cave::Cave::min_tile`]) is raised to it. Also
+    /// returns one warning per adjusted value.
+    pub(super) fn restore_options(
+        &self,
+        min_cave_tile: Option<usize>,
+    ) -> (RestoreOptions, Vec<String>) {
+        let mut warnings = Vec::new();
+        let mut latent_tile = self.latent_tile;
+        if latent_tile > 0 && latent_tile < MIN_LATENT_TILE {
+            warnings.push(format!(
+                "latent-tile {latent_tile} is below {MIN_LATENT_TILE} latent px (thousands of \
+                 small UNet calls): using {MIN_LATENT_TILE}"
+            ));
+            latent_tile = MIN_LATENT_TILE;
+        }
+        let mut latent_overlap = self.latent_overlap;
+        if latent_tile > 0 && latent_overlap > latent_tile / 2 {
+            warnings.push(format!(
+                "latent-overlap {latent_overlap} is more than half of latent-tile {latent_tile} \
+                 (tiles would advance by {} latent px): using {}",
+                latent_tile.saturating_sub(latent_overlap).max(1),
+                latent_tile / 2
+            ));
+            latent_overlap = latent_tile / 2;
+        }
+        let mut cave_tile = self.cave_tile as usize;
+        if let Some(min) = min_cave_tile {
+            if cave_tile > 0 && cave_tile < min {
+                warnings.push(format!(
+                    "cave-tile {cave_tile} is below the {min} px this CaVE encoder needs for its \
+                     tile margins: using {min}"
+                ));
+                cave_tile = min;
+            }
+        }
+        let options = RestoreOptions {
+            color_fix: self.color_fix.into(),
+            latent_tile: latent_tile as usize,
+            latent_overlap: latent_overlap as usize,
+            vae_encoder_tile: self.vae_encoder_tile as usize,
+            vae_decoder_tile: self.vae_decoder_tile as usize,
+            cave_tile,
+            ..Default::default()
+        };
+        (options, warnings)
+    }
+}
+
+/// The element's property specs.
+pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
+    static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+        vec![
+            glib::ParamSpecEnum::builder_with_default("mode", DEFAULT_MODE)
+                .nick("Mode")
+                .blurb("Restoration network: auto picks diffusion when sd-model and codiff-checkpoint are set, else CaVE")
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecString::builder("weights")
+                .nick("Weights")
+                .blurb("Compact CaVE model (safetensors); default $CODIFF_WEIGHTS or the shipped weights/codiff-cave-compact.safetensors")
+                .default_value(Some(DEFAULT_WEIGHTS.as_str()))
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecString::builder("sd-model")
+                .nick("SD model")
+                .blurb("Stable Diffusion 2.1-base folder in diffusers layout (unet/, vae/, scheduler/), for mode=diffusion")
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecString::builder("codiff-checkpoint")
+                .nick("CODiff checkpoint")
+                .blurb("Official codiff.pkl (LoRA and projection), for mode=diffusion")
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecString::builder("cave-checkpoint")
+                .nick("CaVE checkpoint")
+                .blurb("Official cave.pth (or a safetensors CaVE); replaces the CaVE of the weights file")
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecString::builder("device")
+                .nick("Device")
+                .blurb("Where the model runs: cpu, cuda or cuda:N")
+                .default_value(Some(DEFAULT_DEVICE))
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecEnum::builder_with_default("precision", DEFAULT_PRECISION)
+                .nick("Precision")
+                .blurb("Floating-point precision of the UNet and VAE")
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecEnum::builder_with_default("color-fix", DEFAULT_COLOR_FIX)
+                .nick("Colour fix")
+                .blurb("Colour correction of the restored frame against the input")
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecUInt::builder("latent-tile")
+                .nick("Latent tile")
+                .blurb("Side of the latent tiles in latent pixels (1/8 of image pixels), 0 = never tile")
+                .maximum(MAX_LATENT_TILE)
+                .default_value(DEFAULT_LATENT_TILE)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecUInt::builder("latent-overlap")
+                .nick("Latent overlap")
+                .blurb("Overlap of neighbouring latent tiles in latent pixels (less than latent-tile)")
+                .maximum(MAX_LATENT_OVERLAP)
+                .default_value(DEFAULT_LATENT_OVERLAP)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecUInt::builder("vae-encoder-tile")
+                .nick("VAE encoder tile")
+                .blurb("VAE encoder tile side in image pixels (diffusion mode; the official \
+                        vae_encoder_tiled_size): frames larger than this are encoded in tiles, 0 = never tile")
+                .maximum(MAX_PIXEL_TILE)
+                .default_value(DEFAULT_VAE_ENCODER_TILE)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecUInt::builder("vae-decoder-tile")
+                .nick("VAE decoder tile")
+                .blurb("VAE decoder tile side in latent pixels (1 latent px = 8 image px; diffusion mode; \
+                        the official vae_decoder_tiled_size): larger latents are decoded in tiles, 0 = never tile")
+                .maximum(MAX_PIXEL_TILE / 8)
+                .default_value(DEFAULT_VAE_DECODER_TILE)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecUInt::builder("cave-tile")
+                .nick("CaVE tile")
+                .blurb("Largest side of the CaVE encoder tiles in image pixels for larger frames (the \
+                        stitched embedding is exact; at least 736 for the official CaVE), 0 = never tile")
+                .maximum(MAX_PIXEL_TILE)
+                .default_value(DEFAULT_CAVE_TILE)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecDouble::builder("strength")
+                .nick("Strength")
+                .blurb("Blend between the input (0) and the restored frame (1)")
+                .minimum(0.0)
+                .maximum(1.0)
+                .default_value(DEFAULT_STRENGTH)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecUInt::builder("qf")
+                .nick("Quality factor")
+                .blurb("Known JPEG quality (1-100) reported instead of CaVE's estimate; 0 = estimate")
+                .maximum(100)
+                .default_value(DEFAULT_QF)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecBoolean::builder("enabled")
+                .nick("Enabled")
+                .blurb("Restore frames; when false, buffers pass through untouched")
+                .default_value(DEFAULT_ENABLED)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecEnum::builder_with_default("on-error", DEFAULT_ON_ERROR)
+                .nick("On error")
+                .blurb("A frame that cannot be restored (engine error, above max-frame-pixels): fail \
+                        stops the stream with an error, passthrough posts a warning and pushes the \
+                        frame unchanged")
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecUInt64::builder("max-frame-pixels")
+                .nick("Maximum frame pixels")
+                .blurb("Frames with more pixels (width x height) are refused before anything is \
+                        allocated for them (see on-error); the default 16777216 = 4096x4096 takes \
+                        3840x2160; 0 = no limit")
+                .default_value(DEFAULT_MAX_FRAME_PIXELS)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecBoolean::builder("post-messages")
+                .nick("Post messages")
+                .blurb("Post a codiff-qf element message for every frame (the CodiffQfMeta is \
+                        attached either way)")
+                .default_value(DEFAULT_POST_MESSAGES)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecUInt::builder("n-threads")
+                .nick("Threads")
+                .blurb("CPU threads of this element's own thread pool for the engine's kernels, \
+                        matrix products and convolutions; 0 = rayon's global pool (all cores). \
+                        Element-wise tensor ops use candle's process-wide pool (CANDLE_NUM_THREADS)")
+                .maximum(MAX_N_THREADS)
+                .default_value(DEFAULT_N_THREADS)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecBoolean::builder("warm-up")
+                .nick("Warm-up")
+                .blurb("At caps time, time one restore of a grey frame of the negotiated size (at \
+                        most 640x480 pixels, the time scaled up for larger frames) so the \
+                        LATENCY query is right before the first frame")
+                .default_value(DEFAULT_WARM_UP)
+                .mutable_playing()
+                .build(),
+        ]
+    });
+    PROPERTIES.as_ref()
+}
+
+impl Settings {
+    /// Set the property `pspec` to `value`; returns warnings for the log.
+    pub(super) fn set(&mut self, value: &glib::Value, pspec: &glib::ParamSpec) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let path = |v: &glib::Value| {
+            v.get::<Option<String>>()
+                .expect("type checked upstream")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        };
+        match pspec.name() {
+            "mode" => self.mode = value.get().expect("type checked upstream"),
+            "weights" => {
+                self.weights =
+                    path(value).unwrap_or_else(|| PathBuf::from(DEFAULT_WEIGHTS.as_str()))
+            }
+            "sd-model" => self.sd_model = path(value),
+            "codiff-checkpoint" => self.codiff_checkpoint = path(value),
+            "cave-checkpoint" => self.cave_checkpoint = path(value),
+            "device" => {
+                let device = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .unwrap_or_else(|| DEFAULT_DEVICE.to_string());
+                if let Err(err) = device.parse::<DeviceSpec>() {
+                    // Kept as is: loading fails with this message.
+                    warnings.push(err.to_string());
+                }
+                self.device = device;
+            }
+            "precision" => self.precision = value.get().expect("type checked upstream"),
+            "color-fix" => self.color_fix = value.get().expect("type checked upstream"),
+            "latent-tile" => self.latent_tile = value.get().expect("type checked upstream"),
+            "latent-overlap" => self.latent_overlap = value.get().expect("type checked upstream"),
+            "vae-encoder-tile" => {
+                self.vae_encoder_tile = value.get().expect("type checked upstream")
+            }
+            "vae-decoder-tile" => {
+                self.vae_decoder_tile = value.get().expect("type checked upstream")
+            }
+            "cave-tile" => self.cave_tile = value.get().expect("type checked upstream"),
+            "strength" => self.strength = value.get().expect("type checked upstream"),
+            "qf" => self.qf = value.get().expect("type checked upstream"),
+            "enabled" => self.enabled = value.get().expect("type checked upstream"),
+            "on-error" => self.on_error = value.get().expect("type checked upstream"),
+            "max-frame-pixels" => {
+                self.max_frame_pixels = value.get().expect("type checked upstream")
+            }
+            "post-messages" => self.post_messages = value.get().expect("type checked upstream"),
+            "n-threads" => self.n_threads = value.get().expect("type checked upstream"),
+            "warm-up" => self.warm_up = value.get().expect("type checked upstream"),
+            other => unimplemented!("property {other}"),
+        }
+        if matches!(pspec.name(), "latent-tile" | "latent-overlap") {
+            warnings.extend(self.restore_options(None).1);
+        }
+        warnings
+    }
+
+    /// Copy the `mutable_ready` values (model files, device, precision,
+    /// threads) of `other`, the pending values set while running.
+    pub(super) fn take_model_fields(&mut self, other: &Settings) {
+        self.mode = other.mode;
+        self.weights = other.weights.clone();
+        self.sd_model = other.sd_model.clone();
+        self.codiff_checkpoint = other.codiff_checkpoint.clone();
+        self.cave_checkpoint = other.cave_checkpoint.clone();
+        self.device = other.device.clone();
+        self.precision = other.precision;
+        self.n_threads = other.n_threads;
+    }
+
+    /// The value of property `pspec`.
+    pub(super) fn get(&self, pspec: &glib::ParamSpec) -> glib::Value {
+        let path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .to_value()
+        };
+        match pspec.name() {
+            "mode" => self.mode.to_value(),
+            "weights" => self.weights.to_string_lossy().to_value(),
+            "sd-model" => path(&self.sd_model),
+            "codiff-checkpoint" => path(&self.codiff_checkpoint),
+            "cave-checkpoint" => path(&self.cave_checkpoint),
+            "device" => self.device.to_value(),
+            "precision" => self.precision.to_value(),
+            "color-fix" => self.color_fix.to_value(),
+            "latent-tile" => self.latent_tile.to_value(),
+            "latent-overlap" => self.latent_overlap.to_value(),
+            "vae-encoder-tile" => self.vae_encoder_tile.to_value(),
+            "vae-decoder-tile" => self.vae_decoder_tile.to_value(),
+            "cave-tile" => self.cave_tile.to_value(),
+            "strength" => self.strength.to_value(),
+            "qf" => self.qf.to_value(),
+            "enabled" => self.enabled.to_value(),
+            "on-error" => self.on_error.to_value(),
+            "max-frame-pixels" => self.max_frame_pixels.to_value(),
+            "post-messages" => self.post_messages.to_value(),
+            "n-threads" => self.n_threads.to_value(),
+            "warm-up" => self.warm_up.to_value(),
+            other => unimplemented!("property {other}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tile_settings_are_clamped_with_warnings() {
+        let mut s = Settings::default();
+        let (o, w) = s.restore_options(Some(416));
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(
+            (o.latent_tile, o.latent_overlap, o.cave_tile),
+            (96, 32, 2048)
+        );
+        // stride 1 and a tiny tile: both raised
+        s.latent_tile = 4;
+        s.latent_overlap = 32;
+        let (o, w) = s.restore_options(None);
+        assert_eq!((o.latent_tile, o.latent_overlap), (32, 16));
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("latent-tile 4") && w[1].contains("latent-overlap 32"),
+            "{w:?}"
+        );
+        s.latent_tile = 64;
+        s.latent_overlap = 64;
+        let (o, w) = s.restore_options(None);
+        assert_eq!((o.latent_tile, o.latent_overlap), (64, 32));
+        assert!(w[0].contains("advance by 1 latent px"), "{w:?}");
+        // 0 = never tile stays as set
+        s.latent_tile = 0;
+        s.cave_tile = 0;
+        let (o, w) = s.restore_options(Some(416));
+        assert_eq!((o.latent_tile, o.latent_overlap, o.cave_tile), (0, 64, 0));
+        assert!(w.is_empty(), "{w:?}");
+        // a CaVE tile under the encoder's minimum, known once a model is loaded
+        s.cave_tile = 100;
+        assert_eq!(s.restore_options(None).0.cave_tile, 100);
+        let (o, w) = s.restore_options(Some(416));
+        assert_eq!(o.cave_tile, 416);
+        assert!(
+            w[0].contains("cave-tile 100") && w[0].contains("416"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn settings_resolve_the_mode_and_check_files() {
+        let dir = std::env::temp_dir().join(format!("codiff-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, b"").unwrap();
+            p
+        };
+        let mut s = Settings {
+            weights: file("w.safetensors"),
+            ..Settings::default()
+        };
+        assert_eq!(s.model_spec().unwrap().mode, Mode::Cave);
+        s.sd_model = Some(dir.clone());
+        assert_eq!(
+            s.model_spec().unwrap().mode,
+            Mode::Cave,
+            "auto needs both files"
+        );
+        s.codiff_checkpoint = Some(file("codiff.pkl"));
+        let spec = s.model_spec().unwrap();
+        assert_eq!(
+            (spec.mode, spec.sd_dir.as_deref()),
+            (Mode::Diffusion, Some(dir.as_path()))
+        );
+        s.mode = CodiffMode::Cave;
+        let spec = s.model_spec().unwrap();
+        assert_eq!(
+            (spec.mode, spec.sd_dir, spec.codiff),
+            (Mode::Cave, None, None)
+        );
+        s.device = "cuda:1".into();
+        assert_eq!(s.model_spec().unwrap().device, DeviceSpec::Cuda(1));
+        s.device = "tpu".into();
+        assert!(s.model_spec().unwrap_err().to_string().contains("tpu"));
+        s.device = "cpu".into();
+        s.weights = dir.join("missing.safetensors");
+        let err = format!("{:?}", s.model_spec().unwrap_err());
+        assert!(
+            err.contains("missing.safetensors") && err.contains("weights"),
+            "{err}"
+        );
+        // A CaVE checkpoint replaces the weights file.
+        s.cave_checkpoint = Some(file("cave.pth"));
+        assert!(s.model_spec().is_ok());
+        s.mode = CodiffMode::Diffusion;
+        s.codiff_checkpoint = None;
+        assert!(format!("{:?}", s.model_spec().unwrap_err()).contains("codiff-checkpoint"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
