@@ -106,7 +106,7 @@ fn run(args: &Args) -> Result<(), String> {
     let row = |name: &str, frames: &[Vec<u8>], rel: bool| {
         let (mad, max) = consecutive_mad(frames, w, h, pan);
         let vs = if rel { format!("  ({:+.1} % vs input)", 100.0 * (mad / in_mad.max(1e-9) - 1.0)) } else { String::new() };
-        println!("  {name:<32} {mad:6.3} / {max:6.3}   {:6.2} dB{vs}", psnr(frames, &report.truth));
+        println!("  {name:<42} {mad:6.3} / {max:6.3}   {:6.2} dB{vs}", psnr(frames, &report.truth));
     };
     row("clean + noise", &report.noisy, false);
     row("JPEG input", &report.input, false);

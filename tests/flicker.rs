@@ -45,11 +45,12 @@ fn the_default_element_does_not_flicker_more_than_its_input() {
     }
     gst::init().unwrap();
     gstcodiff::plugin_register_static().unwrap();
-    let default = gst::ElementFactory::make("codiff")
-        .build()
-        .unwrap()
-        .property::<f64>("temporal-smoothing");
+    let element = gst::ElementFactory::make("codiff").build().unwrap();
+    let default = element.property::<f64>("temporal-smoothing");
     assert!(default > 0.0, "smoothing is on by default");
+    let pspec = element.find_property("temporal-smoothing").unwrap();
+    assert!(pspec.flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING), "live");
+    assert!(pspec.blurb().unwrap_or_default().len() > 20);
     let scene = scene();
     let branches = ["temporal-smoothing=0".to_string(), String::new()];
     let (w, h) = (160, 120);
