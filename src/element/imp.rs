@@ -22,9 +22,12 @@ use gst_video::subclass::prelude::*;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
-use super::convert::{self, ColorModel, Component, Layout, Plane, PlaneMut, YuvMatrix};
+use super::convert::{
+    self, ChromaSiting, ColorModel, Component, Layout, Plane, PlaneMut, YuvMatrix,
+};
 use super::loading::{guarded, mode_name, Failure, Model};
 use super::settings::{self, CodiffOnError, Settings};
+use crate::engine::temporal::TemporalFilter;
 use crate::engine::{Cancel, Engine, EngineError, RgbImage};
 
 pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -41,6 +44,10 @@ pub const QF_META_NAME: &str = "CodiffQfMeta";
 /// Per-stream state, built in `set_info`.
 struct State {
     layout: Layout,
+    siting: ChromaSiting,
+    /// `temporal-smoothing`'s history: reset on FLUSH_STOP, DISCONT, new caps,
+    /// a frame not restored, and `stop`.
+    temporal: TemporalFilter,
 }
 
 /// Measured processing time, for the latency query.
@@ -141,6 +148,15 @@ fn layout_for(info: &gst_video::VideoInfo) -> Option<Layout> {
     })
 }
 
+/// Chroma sites of `info`'s caps (no `chroma-site` field = unknown = centred, as JPEG).
+fn chroma_siting(info: &gst_video::VideoInfo) -> ChromaSiting {
+    let site = info.chroma_site();
+    ChromaSiting {
+        cosited_x: site.contains(gst_video::VideoChromaSite::H_COSITED),
+        cosited_y: site.contains(gst_video::VideoChromaSite::V_COSITED),
+    }
+}
+
 impl Codiff {
     /// The smallest CaVE tile the loaded model accepts.
     fn min_cave_tile(&self) -> Option<usize> {
@@ -153,6 +169,13 @@ impl Codiff {
 
     fn thread_pool(&self) -> Option<Arc<rayon::ThreadPool>> {
         self.pool.lock().unwrap().as_ref().map(|(_, p)| p.clone())
+    }
+
+    /// Forget `temporal-smoothing`'s previous frame.
+    fn reset_temporal(&self) {
+        if let Some(state) = self.state.lock().unwrap().as_mut() {
+            state.temporal.reset();
+        }
     }
 
     /// A frame that was not restored: under on-error=fail post an error and stop
@@ -193,6 +216,7 @@ impl Codiff {
         settings: &Settings,
         engine: &Arc<Engine>,
         layout: &Layout,
+        siting: ChromaSiting,
     ) -> Result<f32, FrameError> {
         let (width, height) = (frame.width() as usize, frame.height() as usize);
         // Refuse oversized frames before anything is allocated for them.
@@ -221,13 +245,16 @@ impl Codiff {
                     .map_err(|err| FrameError::failed("frame", err))?;
                 planes.push(Plane { data, stride });
             }
-            convert::read_rgb(layout, &planes, width, height)
+            convert::read_rgb_sited(layout, siting, &planes, width, height)
                 .map_err(|err| FrameError::failed("reading the frame", err))?
         };
 
         let strength = settings.strength.clamp(0.0, 1.0) as f32;
         let mut image =
             RgbImage::new(width, height, input).map_err(|err| FrameError::failed("frame", err))?;
+        let smoothing = settings.temporal_smoothing.clamp(0.0, 1.0) as f32;
+        // The input, for the temporal filter's motion test.
+        let original = (strength > 0.0 && smoothing > 0.0).then(|| image.clone());
         let pool = self.thread_pool();
         let estimate = if strength > 0.0 {
             let (mut opts, adjusted) = settings.restore_options(Some(engine.min_cave_tile()));
@@ -255,14 +282,36 @@ impl Codiff {
                     ),
                 ));
             }
+            match &original {
+                Some(original) => {
+                    if let Some(state) = self.state.lock().unwrap().as_mut() {
+                        state
+                            .temporal
+                            .apply(smoothing, original, &mut image)
+                            .map_err(|err| FrameError::failed("temporal smoothing", err))?;
+                    }
+                }
+                None => self.reset_temporal(),
+            }
             let mut planes: Vec<PlaneMut> = frame
                 .planes_data_mut()
                 .into_iter()
                 .zip(&strides)
                 .map(|(data, &stride)| PlaneMut { data, stride })
                 .collect();
-            convert::write_rgb(layout, &mut planes, width, height, &image.data, strength)
-                .map_err(|err| FrameError::failed("writing the frame", err))?;
+            convert::write_rgb_sited(
+                layout,
+                siting,
+                &mut planes,
+                width,
+                height,
+                &image.data,
+                strength,
+            )
+            .map_err(|err| FrameError::failed("writing the frame", err))?;
+        }
+        if strength <= 0.0 {
+            self.reset_temporal();
         }
         Ok(estimate)
     }
@@ -589,7 +638,10 @@ impl BaseTransformImpl for Codiff {
             // Not serialised: arrives while the streaming thread may be in the engine.
             gst::EventView::FlushStart(_) => self.cancel.cancel(),
             // Serialised: the frame in progress has returned.
-            gst::EventView::FlushStop(_) => self.cancel.reset(),
+            gst::EventView::FlushStop(_) => {
+                self.cancel.reset();
+                self.reset_temporal();
+            }
             _ => (),
         }
         self.parent_sink_event(event)
@@ -625,8 +677,17 @@ impl VideoFilterImpl for Codiff {
         let layout = layout_for(in_info).ok_or_else(|| {
             gst::loggable_error!(CAT, "unsupported format {:?}", in_info.format())
         })?;
-        gst::debug!(CAT, imp = self, "caps {incaps}: layout {layout:?}");
-        *self.state.lock().unwrap() = Some(State { layout });
+        let siting = chroma_siting(in_info);
+        gst::debug!(
+            CAT,
+            imp = self,
+            "caps {incaps}: layout {layout:?}, chroma {siting:?}"
+        );
+        *self.state.lock().unwrap() = Some(State {
+            layout,
+            siting,
+            temporal: TemporalFilter::default(),
+        });
         self.warm_up(in_info);
         self.parent_set_info(incaps, in_info, outcaps, out_info)
     }
@@ -648,18 +709,30 @@ impl VideoFilterImpl for Codiff {
         else {
             return Err(self.fail("no model", "the element was not started"));
         };
-        let Some(layout) = self.state.lock().unwrap().as_ref().map(|s| s.layout) else {
+        let discont = frame.buffer().flags().contains(gst::BufferFlags::DISCONT);
+        let Some((layout, siting)) = self.state.lock().unwrap().as_mut().map(|s| {
+            if discont {
+                s.temporal.reset();
+            }
+            (s.layout, s.siting)
+        }) else {
             return Err(gst::FlowError::NotNegotiated);
         };
         let started = Instant::now();
-        let estimate = match self.restore_frame(frame, &settings, &engine, &layout) {
+        let estimate = match self.restore_frame(frame, &settings, &engine, &layout, siting) {
             Ok(estimate) => estimate,
-            Err(FrameError::Cancelled) => {
-                gst::debug!(CAT, imp = self, "frame cancelled (flush or state change)");
-                return Err(gst::FlowError::Flushing);
-            }
-            Err(FrameError::Failed(what, cause)) => {
-                return self.frame_failed(settings.on_error, what, &cause);
+            Err(err) => {
+                // The next frame must not be blended with an older one.
+                self.reset_temporal();
+                return match err {
+                    FrameError::Cancelled => {
+                        gst::debug!(CAT, imp = self, "frame cancelled (flush or state change)");
+                        Err(gst::FlowError::Flushing)
+                    }
+                    FrameError::Failed(what, cause) => {
+                        self.frame_failed(settings.on_error, what, &cause)
+                    }
+                };
             }
         };
         *self.failing.lock().unwrap() = false;
@@ -749,5 +822,23 @@ mod tests {
         );
         assert!(layout("video/x-raw,format=GRAY8,width=4,height=2").is_none());
         assert!(layout("video/x-raw,format=I420_10LE,width=4,height=2").is_none());
+    }
+
+    #[test]
+    fn chroma_siting_of_the_caps() {
+        gst::init().unwrap();
+        // GStreamer 1.22 reads chroma-site only next to a colorimetry field (which
+        // decoders and videoconvert always set); without one it assumes centred.
+        let siting = |site: &str| {
+            let caps: gst::Caps =
+                format!("video/x-raw,format=I420,width=16,height=16,colorimetry=bt601{site}")
+                    .parse()
+                    .unwrap();
+            chroma_siting(&gst_video::VideoInfo::from_caps(&caps).unwrap())
+        };
+        assert_eq!(siting(",chroma-site=mpeg2"), ChromaSiting::MPEG2);
+        assert_eq!(siting(",chroma-site=jpeg"), ChromaSiting::JPEG);
+        assert_eq!(siting(",chroma-site=cosited"), ChromaSiting::COSITED);
+        assert_eq!(siting(""), ChromaSiting::JPEG, "no field: centred");
     }
 }

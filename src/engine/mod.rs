@@ -4,7 +4,8 @@
 //! Visual Embedder), [`lora`] (merge at load time), [`vae`], [`unet`],
 //! [`one_step`] (the t = 499 step), [`tiling`] (latent tiles with Gaussian
 //! weights), [`color_fix`] (AdaIN / wavelet), [`weights`] (safetensors, zip and
-//! legacy pickle loading) and [`error`].
+//! legacy pickle loading) and [`error`]; [`temporal`] smooths restored video
+//! frames over time.
 pub mod cave;
 pub mod color_fix;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod lora;
 pub mod one_step;
 pub(crate) mod pickle;
 pub mod pipeline;
+pub mod temporal;
 pub mod tiling;
 pub mod unet;
 pub mod vae;
