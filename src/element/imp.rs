@@ -167,6 +167,11 @@ impl Codiff {
             .map(|m| m.engine.min_cave_tile())
     }
 
+    /// The loaded model's engine, if a model is loaded.
+    fn engine(&self) -> Option<Arc<Engine>> {
+        self.model.lock().unwrap().as_ref().map(|m| m.engine.clone())
+    }
+
     fn thread_pool(&self) -> Option<Arc<rayon::ThreadPool>> {
         self.pool.lock().unwrap().as_ref().map(|(_, p)| p.clone())
     }
@@ -333,13 +338,7 @@ impl Codiff {
         {
             return;
         }
-        let Some(engine) = self
-            .model
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|m| m.engine.clone())
-        else {
+        let Some(engine) = self.engine() else {
             return;
         };
         let scale = (WARM_UP_PIXELS as f64 / pixels as f64).sqrt().min(1.0);
@@ -700,13 +699,7 @@ impl VideoFilterImpl for Codiff {
             return Err(gst::FlowError::Flushing);
         }
         let settings = self.settings.lock().unwrap().clone();
-        let Some(engine) = self
-            .model
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|m| m.engine.clone())
-        else {
+        let Some(engine) = self.engine() else {
             return Err(self.fail("no model", "the element was not started"));
         };
         let discont = frame.buffer().flags().contains(gst::BufferFlags::DISCONT);
