@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use gstcodiff::engine::weights::TensorFile;
-use gstcodiff::engine::{DeviceSpec, Engine, EngineError, Mode, ModelSpec, Precision};
+use gstcodiff::engine::{Engine, EngineError, Mode, ModelSpec};
 
 #[path = "../examples/common/hostile.rs"]
 mod hostile;
@@ -21,41 +21,15 @@ fn limit_allocations() {
     hostile::ALLOC_LIMIT.store(1 << 30, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/codiff-tiny-a")
-}
-
 /// A writable copy of the fixture model in a fresh temp dir.
 fn copy_fixture(tag: &str) -> PathBuf {
-    let dst = std::env::temp_dir().join(format!("codiff-err-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    for sub in ["", "unet", "vae", "scheduler"] {
-        std::fs::create_dir_all(dst.join(sub)).unwrap();
-    }
-    for f in [
-        "cave.pth",
-        "codiff.pkl",
-        "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors",
-        "vae/config.json",
-        "vae/diffusion_pytorch_model.safetensors",
-        "scheduler/scheduler_config.json",
-    ] {
-        std::fs::copy(fixture().join(f), dst.join(f)).unwrap();
-    }
-    dst
+    let dir = std::env::temp_dir().join(format!("codiff-err-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    hostile::model_copy(&dir)
 }
 
 fn spec(dir: &Path) -> ModelSpec {
-    ModelSpec {
-        mode: Mode::Diffusion,
-        weights: dir.join("cave.pth"),
-        sd_dir: Some(dir.to_path_buf()),
-        codiff: Some(dir.join("codiff.pkl")),
-        cave: Some(dir.join("cave.pth")),
-        device: DeviceSpec::Cpu,
-        precision: Precision::F32,
-    }
+    hostile::diffusion_spec(dir)
 }
 
 fn load_err(dir: &Path) -> EngineError {
@@ -414,6 +388,6 @@ fn absurd_config_sizes_are_refused_before_allocating() {
         let msg = e.to_string();
         assert!(matches!(e, EngineError::Config { .. }), "{key} = {value}: {msg}");
         assert!(msg.contains(file) && msg.contains(want), "{key} = {value}: {msg}");
-        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(d.parent().unwrap());
     }
 }

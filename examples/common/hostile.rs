@@ -596,14 +596,11 @@ pub fn model_copy(dir: &Path) -> PathBuf {
     m
 }
 
-/// Put `bytes` at `rel` in the model copy `model`, load the whole diffusion
-/// engine from it (every file, LoRA merge, configs against weights) catching
-/// panics, then restore the fixture's file.
-pub fn run_model_case(model: &Path, rel: &str, bytes: &[u8]) -> Outcome {
-    use gstcodiff::engine::{DeviceSpec, Engine, Mode, ModelSpec, Precision};
-    let p = model.join(rel);
-    std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    let spec = ModelSpec {
+/// The full diffusion model in the folder `model` (a [`model_copy`]), on the
+/// CPU in f32.
+pub fn diffusion_spec(model: &Path) -> gstcodiff::engine::ModelSpec {
+    use gstcodiff::engine::{DeviceSpec, Mode, ModelSpec, Precision};
+    ModelSpec {
         mode: Mode::Diffusion,
         weights: model.join("cave.pth"),
         sd_dir: Some(model.to_path_buf()),
@@ -611,7 +608,17 @@ pub fn run_model_case(model: &Path, rel: &str, bytes: &[u8]) -> Outcome {
         cave: Some(model.join("cave.pth")),
         device: DeviceSpec::Cpu,
         precision: Precision::F32,
-    };
+    }
+}
+
+/// Put `bytes` at `rel` in the model copy `model`, load the whole diffusion
+/// engine from it (every file, LoRA merge, configs against weights) catching
+/// panics, then restore the fixture's file.
+pub fn run_model_case(model: &Path, rel: &str, bytes: &[u8]) -> Outcome {
+    use gstcodiff::engine::Engine;
+    let p = model.join(rel);
+    std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let spec = diffusion_spec(model);
     let r = std::panic::catch_unwind(|| Engine::load(&spec, &mut |_| {}).map(|_| ()).map_err(|e| e.to_string()));
     std::fs::copy(fixture_dir().join(rel), &p).unwrap_or_else(|e| panic!("{rel}: {e}"));
     match r {
