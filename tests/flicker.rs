@@ -10,11 +10,13 @@
 //! returns, or fails under `CODIFF_REQUIRE_MODEL=1`.
 #![cfg(feature = "gst")]
 
+mod common;
 #[path = "../examples/common/flicker.rs"]
 mod flicker;
 #[path = "../examples/common/metrics.rs"]
 mod metrics;
 
+use common::weights_or_skip;
 use flicker::{consecutive_mad, psnr, Config};
 use gst::prelude::*;
 
@@ -25,26 +27,12 @@ fn scene() -> image::RgbImage {
         .to_rgb8()
 }
 
-fn weights_or_skip() -> bool {
-    let path = gstcodiff::engine::default_weights_path();
-    if path.exists() {
-        return true;
-    }
-    let why = format!("no model: {} does not exist", path.display());
-    if std::env::var_os("CODIFF_REQUIRE_MODEL").is_some() {
-        panic!("{why}");
-    }
-    eprintln!("SKIPPED: {why}");
-    false
-}
-
 #[test]
 fn the_default_element_does_not_flicker_more_than_its_input() {
     if !weights_or_skip() {
         return;
     }
-    gst::init().unwrap();
-    gstcodiff::plugin_register_static().unwrap();
+    common::init();
     let element = gst::ElementFactory::make("codiff").build().unwrap();
     let default = element.property::<f64>("temporal-smoothing");
     assert!(default > 0.0, "smoothing is on by default");

@@ -12,30 +12,14 @@ use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 
+mod common;
 #[path = "../examples/common/rtsp.rs"]
 mod rtsp;
 
+use common::{init, packed_rgb, psnr, weights_or_skip};
+
 const FRAMES_PER_CLIENT: usize = 3;
 const PULL_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn init() {
-    gst::init().expect("GStreamer initialises");
-    // The test's own build of the plugin, registered in this process (the media
-    // runs here, so `codiff` resolves to it).
-    let _ = gstcodiff::plugin_register_static();
-}
-
-fn default_weights_or_skip() -> bool {
-    let w = gstcodiff::engine::default_weights_path();
-    if w.exists() {
-        return true;
-    }
-    if std::env::var_os("CODIFF_REQUIRE_MODEL").is_some() {
-        panic!("no model: {} does not exist", w.display());
-    }
-    eprintln!("SKIPPED: no model at {}", w.display());
-    false
-}
 
 /// The clean picture: the top-left 256x192 of the README's astronaut photo, as
 /// raw video (quoting the path for a launch line).
@@ -74,13 +58,7 @@ fn pull_rgb(pipeline: &gst::Element, n: usize) -> Result<Vec<(usize, usize, Vec<
         let (w, h) = (s.get::<i32>("width").unwrap() as usize, s.get::<i32>("height").unwrap() as usize);
         let buffer = sample.buffer().ok_or("sample without buffer")?;
         let map = buffer.map_readable().map_err(|e| e.to_string())?;
-        // RGB rows are padded to 4 bytes by GStreamer.
-        let stride = (w * 3 + 3) & !3;
-        let mut rgb = Vec::with_capacity(w * h * 3);
-        for y in 0..h {
-            rgb.extend_from_slice(&map[y * stride..y * stride + w * 3]);
-        }
-        frames.push((w, h, rgb));
+        frames.push((w, h, packed_rgb(&map, w, h)));
     }
     Ok(frames)
 }
@@ -98,16 +76,10 @@ fn local_frame(description: &str) -> (usize, usize, Vec<u8>) {
     f
 }
 
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let mse = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    10.0 * (255.0f64 * 255.0 / mse.max(1e-10)).log10()
-}
-
 #[test]
 fn two_rtsp_clients_receive_restored_frames_and_the_bus_carries_qf() {
     init();
-    if !default_weights_or_skip() {
+    if !weights_or_skip() {
         return;
     }
     let clean = local_frame(&clean_source());

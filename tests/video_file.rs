@@ -10,28 +10,14 @@ use std::time::Duration;
 
 use gst::prelude::*;
 
+mod common;
+use common::{init, packed_rgb, psnr, weights_or_skip};
+
 const FRAMES: usize = 4;
 const WIDTH: u32 = 192;
 const HEIGHT: u32 = 128;
 /// Pixels the scene pans per frame (a slow camera pan).
 const PAN: u32 = 8;
-
-fn init() {
-    gst::init().expect("GStreamer initialises");
-    let _ = gstcodiff::plugin_register_static();
-}
-
-fn weights_or_skip() -> bool {
-    let w = gstcodiff::engine::default_weights_path();
-    if w.exists() {
-        return true;
-    }
-    if std::env::var_os("CODIFF_REQUIRE_MODEL").is_some() {
-        panic!("no model: {} does not exist", w.display());
-    }
-    eprintln!("SKIPPED: no model at {}", w.display());
-    false
-}
 
 /// A fresh folder under the target dir (removed at the end of a passing test).
 fn work_dir() -> PathBuf {
@@ -103,12 +89,7 @@ fn read_avi(path: &Path) -> Result<Vec<(Option<gst::ClockTime>, Option<gst::Cloc
         match sample {
             Some(sample) => {
                 let map = sample.buffer().unwrap().map_readable().unwrap();
-                let stride = (WIDTH as usize * 3 + 3) & !3;
-                let mut rgb = Vec::new();
-                for y in 0..HEIGHT as usize {
-                    rgb.extend_from_slice(&map[y * stride..y * stride + WIDTH as usize * 3]);
-                }
-                pixels.push(rgb);
+                pixels.push(packed_rgb(&map, WIDTH as usize, HEIGHT as usize));
             }
             None if sink.property::<bool>("eos") => break Ok(()),
             None => {}
@@ -121,11 +102,6 @@ fn read_avi(path: &Path) -> Result<Vec<(Option<gst::ClockTime>, Option<gst::Cloc
         return Err(format!("{} demuxed frames but {} decoded", timing.len(), pixels.len()));
     }
     Ok(timing.into_iter().zip(pixels).map(|((p, d), px)| (p, d, px)).collect())
-}
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    10.0 * (255.0f64 * 255.0 / mse.max(1e-10)).log10()
 }
 
 #[test]
