@@ -11,20 +11,16 @@
 use gst::prelude::*;
 use gst_video::prelude::*;
 use std::path::{Path, PathBuf};
-use std::sync::Once;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use gstcodiff::engine::default_weights_path;
 
-const QF_META: &str = "CodiffQfMeta";
+mod common;
+use common::init;
 
-fn init() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        gst::init().expect("GStreamer initialises");
-        gstcodiff::plugin_register_static().expect("codiff plugin registers");
-    });
-}
+const QF_META: &str = "CodiffQfMeta";
 
 fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -629,12 +625,7 @@ fn run_pipeline(description: &str) -> Option<(String, String)> {
         pipeline.set_state(gst::State::Null).unwrap();
         panic!("pipeline `{description}` failed to start: {err:?}");
     }
-    let msg = bus
-        .timed_pop_filtered(
-            gst::ClockTime::from_seconds(600),
-            &[gst::MessageType::Eos, gst::MessageType::Error],
-        )
-        .expect("EOS or error within 10 minutes");
+    let msg = eos_or_error(&bus, 600);
     pipeline.set_state(gst::State::Null).unwrap();
     match msg.view() {
         gst::MessageView::Error(err) => Some((
@@ -1048,6 +1039,26 @@ fn test_pipeline(
     (pipeline, codiff, sink)
 }
 
+/// A count of the buffers the fakesink `sink` (signal-handoffs on) receives.
+fn count_outputs(sink: &gst::Element) -> Arc<AtomicUsize> {
+    let outputs = Arc::new(AtomicUsize::new(0));
+    let o = outputs.clone();
+    sink.connect("handoff", false, move |_| {
+        o.fetch_add(1, Ordering::SeqCst);
+        None
+    });
+    outputs
+}
+
+/// The next EOS or error message on `bus`; panics after `seconds`.
+fn eos_or_error(bus: &gst::Bus, seconds: u64) -> gst::Message {
+    bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(seconds),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    )
+    .unwrap_or_else(|| panic!("no EOS or error within {seconds} s"))
+}
+
 /// Errors waiting on `bus`, as text.
 fn errors(bus: &gst::Bus) -> Vec<String> {
     drain(bus)
@@ -1073,12 +1084,7 @@ fn a_state_change_to_null_cancels_the_frame_in_progress() {
         "video/x-raw,format=I420,width=1536,height=1536,framerate=30/1",
         1,
     );
-    let outputs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let o = outputs.clone();
-    sink.connect("handoff", false, move |_| {
-        o.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        None
-    });
+    let outputs = count_outputs(&sink);
     let (entered_tx, entered_rx) = std::sync::mpsc::channel();
     codiff
         .static_pad("sink")
@@ -1101,7 +1107,7 @@ fn a_state_change_to_null_cancels_the_frame_in_progress() {
     let stop = started.elapsed();
     // The frame was stopped, not finished: nothing reached the sink, no QF was
     // posted, and cancelling is not an error.
-    assert_eq!(outputs.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(outputs.load(Ordering::SeqCst), 0);
     assert!(qf_messages(&bus).is_empty());
     assert!(errors(&bus).is_empty());
     // (Measured once: the state change returned after 2.4 s; the frame would have
@@ -1183,12 +1189,7 @@ fn properties_changed_while_playing() {
     let props = model_or_skip!();
     let (pipeline, codiff, sink) =
         test_pipeline(&props, "video/x-raw,format=I420,width=96,height=64", 60);
-    let outputs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let o = outputs.clone();
-    sink.connect("handoff", false, move |_| {
-        o.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        None
-    });
+    let outputs = count_outputs(&sink);
     let bus = pipeline.bus().unwrap();
     pipeline.set_state(gst::State::Playing).unwrap();
     let changes: [(&str, &str); 12] = [
@@ -1209,15 +1210,10 @@ fn properties_changed_while_playing() {
         std::thread::sleep(Duration::from_millis(20));
         codiff.set_property_from_str(name, value);
     }
-    let msg = bus
-        .timed_pop_filtered(
-            gst::ClockTime::from_seconds(120),
-            &[gst::MessageType::Eos, gst::MessageType::Error],
-        )
-        .expect("EOS");
+    let msg = eos_or_error(&bus, 120);
     pipeline.set_state(gst::State::Null).unwrap();
     assert_eq!(msg.type_(), gst::MessageType::Eos, "{msg:?}");
-    assert_eq!(outputs.load(std::sync::atomic::Ordering::SeqCst), 60);
+    assert_eq!(outputs.load(Ordering::SeqCst), 60);
 }
 
 #[test]
@@ -1225,25 +1221,15 @@ fn null_playing_cycles_in_one_process() {
     let props = model_or_skip!();
     let (pipeline, _codiff, sink) =
         test_pipeline(&props, "video/x-raw,format=RGB,width=48,height=32", 2);
-    let outputs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let o = outputs.clone();
-    sink.connect("handoff", false, move |_| {
-        o.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        None
-    });
+    let outputs = count_outputs(&sink);
     let bus = pipeline.bus().unwrap();
     for cycle in 0..30 {
         pipeline.set_state(gst::State::Playing).unwrap();
-        let msg = bus
-            .timed_pop_filtered(
-                gst::ClockTime::from_seconds(60),
-                &[gst::MessageType::Eos, gst::MessageType::Error],
-            )
-            .expect("EOS");
+        let msg = eos_or_error(&bus, 60);
         assert_eq!(msg.type_(), gst::MessageType::Eos, "cycle {cycle}: {msg:?}");
         pipeline.set_state(gst::State::Null).unwrap();
     }
-    assert_eq!(outputs.load(std::sync::atomic::Ordering::SeqCst), 60);
+    assert_eq!(outputs.load(Ordering::SeqCst), 60);
 }
 
 #[test]
@@ -1265,12 +1251,7 @@ fn two_pipelines_on_two_threads_share_one_model() {
                 pipeline.set_state(gst::State::Ready).unwrap();
                 let reused = progress_steps(&bus).iter().any(|s| s.contains("reusing"));
                 pipeline.set_state(gst::State::Playing).unwrap();
-                let msg = bus
-                    .timed_pop_filtered(
-                        gst::ClockTime::from_seconds(120),
-                        &[gst::MessageType::Eos, gst::MessageType::Error],
-                    )
-                    .expect("EOS");
+                let msg = eos_or_error(&bus, 120);
                 pipeline.set_state(gst::State::Null).unwrap();
                 assert_eq!(msg.type_(), gst::MessageType::Eos, "{msg:?}");
                 reused
