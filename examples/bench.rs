@@ -12,7 +12,10 @@ use clap::Parser;
 use gstcodiff::engine::cave::CaveConfig;
 use gstcodiff::engine::unet::UNetConfig;
 use gstcodiff::engine::vae::VaeConfig;
-use gstcodiff::engine::{default_weights_path, DeviceSpec, Engine, Mode, ModelSpec, Precision, RestoreOptions, RgbImage};
+use gstcodiff::engine::{default_weights_path, DeviceSpec, Engine, Mode, ModelSpec, Precision, RgbImage};
+
+#[path = "common/tiles.rs"]
+mod tiles;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -36,21 +39,8 @@ struct Args {
     /// auto, f32, f16, bf16
     #[arg(long, default_value = "auto")]
     precision: String,
-    /// Latent tile (0 = none)
-    #[arg(long, default_value_t = 96)]
-    latent_tile: usize,
-    /// Latent tile overlap
-    #[arg(long, default_value_t = 32)]
-    latent_overlap: usize,
-    /// VAE encoder tile in image px (official VAEHook; 0 = none)
-    #[arg(long, default_value_t = 1024)]
-    vae_encoder_tile: usize,
-    /// VAE decoder tile in latent px (official VAEHook; 0 = none)
-    #[arg(long, default_value_t = 224)]
-    vae_decoder_tile: usize,
-    /// CaVE tile in px (embedding and cave mode's reconstruction; 0 = none)
-    #[arg(long, default_value_t = 2048)]
-    cave_tile: usize,
+    #[command(flatten)]
+    tiles: tiles::TileArgs,
     /// Internal: run this one size in this process
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -136,14 +126,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         m => return Err(format!("unknown model {m}").into()),
     };
     let load = t0.elapsed().as_secs_f64();
-    let opts = RestoreOptions {
-        latent_tile: args.latent_tile,
-        latent_overlap: args.latent_overlap,
-        vae_encoder_tile: args.vae_encoder_tile,
-        vae_decoder_tile: args.vae_decoder_tile,
-        cave_tile: args.cave_tile,
-        ..Default::default()
-    };
+    let opts = args.tiles.options();
     if args.warmup {
         engine.restore(&mut test_image(w, h), &opts)?;
     }

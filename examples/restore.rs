@@ -12,6 +12,9 @@ use gstcodiff::engine::{
     default_weights_path, ColorFix, DeviceSpec, Engine, Mode, ModelSpec, Precision, RestoreOptions, RgbImage,
 };
 
+#[path = "common/tiles.rs"]
+mod tiles;
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ModeArg {
     /// diffusion when --sd-dir and --codiff are given, else cave
@@ -52,22 +55,8 @@ struct Args {
     /// Colour correction against the input (diffusion mode)
     #[arg(long, value_enum, default_value = "adain")]
     color_fix: FixArg,
-    /// Latent tile side in latent pixels (0 = never tile)
-    #[arg(long, default_value_t = 96)]
-    latent_tile: usize,
-    /// Overlap between latent tiles
-    #[arg(long, default_value_t = 32)]
-    latent_overlap: usize,
-    /// VAE encoder tile side in image pixels (official vae_encoder_tiled_size; 0 = never tile)
-    #[arg(long, default_value_t = 1024)]
-    vae_encoder_tile: usize,
-    /// VAE decoder tile side in latent pixels (official vae_decoder_tiled_size; 0 = never tile)
-    #[arg(long, default_value_t = 224)]
-    vae_decoder_tile: usize,
-    /// Largest CaVE tile side in pixels: diffusion mode's embedding, cave mode's
-    /// reconstruction (exact stitching; >= 800 for the compact model; 0 = never tile)
-    #[arg(long, default_value_t = 2048)]
-    cave_tile: usize,
+    #[command(flatten)]
+    tiles: tiles::TileArgs,
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -110,12 +99,7 @@ fn run(args: Args) -> anyhow_free::Result {
             FixArg::Wavelet => ColorFix::Wavelet,
             FixArg::None => ColorFix::None,
         },
-        latent_tile: args.latent_tile,
-        latent_overlap: args.latent_overlap,
-        vae_encoder_tile: args.vae_encoder_tile,
-        vae_decoder_tile: args.vae_decoder_tile,
-        cave_tile: args.cave_tile,
-        ..Default::default()
+        ..args.tiles.options()
     };
     let t0 = Instant::now();
     let engine = Engine::load(&spec, &mut |s| eprintln!("codiff: {s}"))?;
