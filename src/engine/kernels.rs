@@ -27,7 +27,8 @@ fn par_row_blocks(m: usize, f: impl Fn(usize, usize) + Sync) {
     (0..m).step_by(per).collect::<Vec<_>>().par_iter().for_each(|&r0| f(r0, per.min(m - r0)));
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+/// The f32 data of a contiguous CPU tensor; `what` names the op in errors.
+pub(super) fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(d) => d,
         _ => candle_core::bail!("{what}: f32 input expected"),
@@ -372,6 +373,19 @@ pub fn fast_exp(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// `out = x * a + b`, then SiLU when `silu`.
+#[inline]
+pub(super) fn affine(out: &mut [f32], x: &[f32], a: f32, b: f32, silu: bool) {
+    if silu {
+        out.iter_mut().zip(x).for_each(|(y, &v)| {
+            let t = v * a + b;
+            *y = t / (1.0 + fast_exp(-t));
+        });
+    } else {
+        out.iter_mut().zip(x).for_each(|(y, &v)| *y = v * a + b);
+    }
+}
+
 /// Group normalisation over `[B, C, ...]` with per-channel affine, optionally
 /// followed by SiLU, in one pass over the data (statistics in f64).
 #[derive(Clone, Debug)]
@@ -410,14 +424,7 @@ impl CustomOp1 for GroupNormOp {
                 let ch = g * cpg + j;
                 let a = (self.gamma[ch] as f64 * inv) as f32;
                 let b = (self.beta[ch] as f64 - mean * self.gamma[ch] as f64 * inv) as f32;
-                if self.silu {
-                    oc.iter_mut().zip(xc).for_each(|(y, &v)| {
-                        let t = v * a + b;
-                        *y = t / (1.0 + fast_exp(-t));
-                    });
-                } else {
-                    oc.iter_mut().zip(xc).for_each(|(y, &v)| *y = v * a + b);
-                }
+                affine(oc, xc, a, b, self.silu);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))

@@ -12,7 +12,7 @@ use candle_nn::{self as nn, Init, VarBuilder};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::kernels::{fast_exp, AttentionOp, ConvOp, GroupNormOp};
+use super::kernels::{affine, contiguous, AttentionOp, ConvOp, GroupNormOp};
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
     dev.is_cpu() && dtype == DType::F32
@@ -177,10 +177,7 @@ impl CustomOp1 for GroupStatsOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(d), Some((a, b))) => &d[a..b],
-            _ => candle_core::bail!("group stats: contiguous f32 input expected"),
-        };
+        let x = contiguous(s, l, "group stats")?;
         let dims = l.shape().dims();
         let bg = dims[0] * self.groups;
         let n = x.len() / bg.max(1);
@@ -212,24 +209,14 @@ impl CustomOp1 for ChannelAffineOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(d), Some((a, b))) => &d[a..b],
-            _ => candle_core::bail!("channel affine: contiguous f32 input expected"),
-        };
+        let x = contiguous(s, l, "channel affine")?;
         let dims = l.shape().dims();
         let c = self.a.len();
         let hw: usize = dims[2..].iter().product();
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(hw.max(1)).zip(x.par_chunks(hw.max(1))).enumerate().for_each(|(bc, (o, xi))| {
             let (a, b) = (self.a[bc % c], self.b[bc % c]);
-            if self.silu {
-                o.iter_mut().zip(xi).for_each(|(y, &v)| {
-                    let t = v * a + b;
-                    *y = t / (1.0 + fast_exp(-t));
-                });
-            } else {
-                o.iter_mut().zip(xi).for_each(|(y, &v)| *y = v * a + b);
-            }
+            affine(o, xi, a, b, self.silu);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
