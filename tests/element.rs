@@ -128,6 +128,19 @@ fn harness(element: &gst::Element) -> gst_check::Harness {
     gst_check::Harness::with_element(element, Some("sink"), Some("src"))
 }
 
+/// A harness on `element` with the caps of `info`, after one padded frame
+/// pushed and pulled: the harness, `info` and that output.
+fn harness_after_one_frame(
+    element: &gst::Element,
+    info: gst_video::VideoInfo,
+) -> (gst_check::Harness, gst_video::VideoInfo, gst::Buffer) {
+    let mut h = harness(element);
+    h.set_src_caps(info.to_caps().unwrap());
+    h.push(padded_frame(&info, 0)).unwrap();
+    let out = h.pull().unwrap();
+    (h, info, out)
+}
+
 fn info(format: gst_video::VideoFormat, width: u32, height: u32) -> gst_video::VideoInfo {
     gst_video::VideoInfo::builder(format, width, height)
         .fps(gst::Fraction::new(30, 1))
@@ -514,11 +527,8 @@ fn passthrough_when_disabled_and_live_toggle() {
 fn eos_is_forwarded() {
     let props = model_or_skip!();
     let (element, _bus) = ready_element(&props);
-    let mut h = harness(&element);
-    let i = info(gst_video::VideoFormat::Rgba, 16, 16);
-    h.set_src_caps(i.to_caps().unwrap());
-    h.push(padded_frame(&i, 0)).unwrap();
-    h.pull().unwrap();
+    let (mut h, _, _) =
+        harness_after_one_frame(&element, info(gst_video::VideoFormat::Rgba, 16, 16));
     assert!(h.push_event(gst::event::Eos::new()));
     let mut saw_eos = false;
     while let Ok(ev) = h.pull_event() {
@@ -534,11 +544,8 @@ fn eos_is_forwarded() {
 fn qf_message_meta_and_latency() {
     let props = model_or_skip!();
     let (element, bus) = ready_element(&props);
-    let mut h = harness(&element);
-    let i = info(gst_video::VideoFormat::I420, 64, 48);
-    h.set_src_caps(i.to_caps().unwrap());
-    h.push(padded_frame(&i, 0)).unwrap();
-    let out = h.pull().unwrap();
+    let (mut h, i, out) =
+        harness_after_one_frame(&element, info(gst_video::VideoFormat::I420, 64, 48));
 
     let msgs = qf_messages(&bus);
     assert_eq!(msgs.len(), 1, "{msgs:?}");
@@ -914,11 +921,8 @@ fn post_messages_false_keeps_the_meta_only() {
     let props = model_or_skip!();
     let (element, bus) = ready_element(&props);
     element.set_property("post-messages", false);
-    let mut h = harness(&element);
-    let i = info(gst_video::VideoFormat::Rgb, 32, 24);
-    h.set_src_caps(i.to_caps().unwrap());
-    h.push(padded_frame(&i, 0)).unwrap();
-    let out = h.pull().unwrap();
+    let (mut h, i, out) =
+        harness_after_one_frame(&element, info(gst_video::VideoFormat::Rgb, 32, 24));
     assert!(gst::meta::CustomMeta::from_buffer(&out, QF_META).is_ok());
     assert!(qf_messages(&bus).is_empty());
     element.set_property("post-messages", true);
@@ -943,11 +947,9 @@ fn n_threads_runs_the_engine_in_an_own_pool() {
     let props = model_or_skip!();
     let (element, bus) = ready_element(&props);
     element.set_property("n-threads", 3u32);
-    let mut h = harness(&element);
-    let i = info(gst_video::VideoFormat::I420, 64, 48);
-    h.set_src_caps(i.to_caps().unwrap());
-    h.push(padded_frame(&i, 0)).unwrap();
-    assert!(gst::meta::CustomMeta::from_buffer(&h.pull().unwrap(), QF_META).is_ok());
+    let (_h, _, out) =
+        harness_after_one_frame(&element, info(gst_video::VideoFormat::I420, 64, 48));
+    assert!(gst::meta::CustomMeta::from_buffer(&out, QF_META).is_ok());
     let names = thread_names();
     for n in 0..3 {
         assert!(names.contains(&format!("codiff-{n}")), "{names:?}");
@@ -979,11 +981,8 @@ fn latency_is_known_before_the_first_frame() {
 fn model_properties_set_while_playing_stay_pending_until_ready() {
     let props = model_or_skip!();
     let (element, bus) = ready_element(&props);
-    let mut h = harness(&element);
-    let i = info(gst_video::VideoFormat::Rgb, 32, 24);
-    h.set_src_caps(i.to_caps().unwrap());
-    h.push(padded_frame(&i, 0)).unwrap();
-    h.pull().unwrap();
+    let (mut h, i, _) =
+        harness_after_one_frame(&element, info(gst_video::VideoFormat::Rgb, 32, 24));
     drain(&bus);
     assert_eq!(element.current_state(), gst::State::Playing);
     element.set_property("device", "cuda:7");
