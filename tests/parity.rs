@@ -7,6 +7,8 @@
 //!
 //! Tolerance: max abs error <= 1e-4 on float intermediates (f32), at most one
 //! code value on the uint8 outputs.
+//! The same fixture in f16 and bf16 on the CPU is held to tolerances derived
+//! from the dtype's epsilon and each stage's depth (see "half precision" below).
 //!
 //! `CODIFF_TEST_DEVICE` (cpu, cuda, cuda:N; default cpu) picks the engine's
 //! device; the model runs in f32 there too, against the same tolerances.
@@ -16,7 +18,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use gstcodiff::engine::pipeline::{finish, Trace};
 use gstcodiff::engine::tiling::Plan;
-use gstcodiff::engine::{ColorFix, DeviceSpec, Engine, Mode, ModelSpec, Precision, RestoreOptions, RgbImage};
+use gstcodiff::engine::{ColorFix, DeviceSpec, Engine, EngineError, Mode, ModelSpec, Precision, RestoreOptions, RgbImage};
 
 const FLOAT_TOL: f32 = 1e-4;
 
@@ -235,4 +237,187 @@ fn cave_mode_output_is_the_clamped_reconstruction() {
     let expect = ((r["cave_reconstruction"].clamp(0f32, 1f32).unwrap() * 255.0).unwrap().round().unwrap())
         .squeeze(0).unwrap().permute((1, 2, 0)).unwrap();
     assert!(max_abs(get(&trace, "output_cave"), &expect) <= 1.0);
+}
+
+// ---- half precision (the CUDA default) on the CPU --------------------------
+//
+// The same fixture in f16 and bf16, so the half-precision code path (weight
+// casts after the LoRA merge, the f16 embedding, the f32 colour fix, the
+// non-finite checks) runs in CI without a GPU.
+//
+// Tolerance, derived from the dtype: every op rounds its result to the dtype,
+// a relative error of at most u = eps/2 (eps = 2^-10 for f16, 2^-7 for bf16).
+// The GroupNorms keep activations near unit scale, so a relative error passes
+// from layer to layer with gain about 1, and the roundings of the N ops on a
+// stage's longest path, independent and of either sign, add like a random
+// walk: relative error ~ u * sqrt(N). A stage is held to
+// DEPTH_SAFETY * u * sqrt(N) * (its output's magnitude), DEPTH_SAFETY = 3
+// standard deviations of that walk. Chained stages add their relative
+// tolerances (the x0 step multiplies the UNet's by 1 / sqrt(alpha_bar) = 1.61).
+//
+// Checked by hand (Dec 2026) that these tolerances still catch real faults:
+// LoRA merge skipped (lq_latent 3.3 vs 0.047 in f16, 3.2 vs 0.38 in bf16), the
+// UNet attention LoRA alone skipped (unet_eps 0.15 vs 0.047 in f16; bf16 is too
+// coarse to see it: 0.13 vs 0.37), no colour fix (97 codes vs 17 in f16, 105
+// vs 96 in bf16), AdaIN and wavelet swapped (174 vs 17, 178 vs 96).
+
+const DEPTH_SAFETY: f32 = 3.0;
+/// 1 / sqrt(alpha_bar(499)): the x0 step's gain on the noise prediction.
+const X0_GAIN: f32 = 1.61;
+
+/// Rounded ops N on the longest path of each tiny-a stage (its configs: VAE
+/// 4 blocks x 2 resnets, UNet 4 down / mid / 4 up blocks). A resnet is
+/// GroupNorm, SiLU, conv, GroupNorm, SiLU, conv, add: 7 roundings; a VAE
+/// attention block norm, q/k/v, scores, softmax, product, out, add: 8; a UNet
+/// transformer block adds self- and cross-attention and the GEGLU MLP: 16.
+fn depth(stage: &str) -> f32 {
+    match stage {
+        // conv_in, 4 blocks x 2 resnets, 3 downsamples, mid (2 resnets + attn), norm, SiLU, conv_out, quant_conv
+        "lq_latent" => 1.0 + 8.0 * 7.0 + 3.0 + 2.0 * 7.0 + 8.0 + 4.0,
+        // time embedding 3, conv_in, 4 down blocks x 2 (resnet + transformer in 3 of them), 3 downsamples,
+        // mid (2 resnets + transformer), 4 up blocks x 3 (resnet + transformer in 3 of them), 3 upsamples, norm, SiLU, conv_out
+        "unet_eps" => 3.0 + 1.0 + 8.0 * 7.0 + 6.0 * 16.0 + 3.0 + 2.0 * 7.0 + 16.0 + 12.0 * 7.0 + 9.0 * 16.0 + 3.0 * 2.0 + 3.0,
+        // post_quant_conv, conv_in, mid (2 resnets + attn), 4 blocks x 3 resnets, 3 upsamples (nearest + conv), norm, SiLU, conv_out
+        "decoded" => 2.0 + 2.0 * 7.0 + 8.0 + 12.0 * 7.0 + 3.0 * 2.0 + 3.0,
+        _ => unreachable!("no depth for {stage}"),
+    }
+}
+
+fn eps_of(p: Precision) -> f32 {
+    match p {
+        Precision::F16 => 9.765625e-4, // 2^-10
+        Precision::Bf16 => 7.8125e-3,  // 2^-7
+        _ => f32::EPSILON,
+    }
+}
+
+/// Relative tolerance of one stage run alone.
+fn stage_rel_tol(p: Precision, stage: &str) -> f32 {
+    DEPTH_SAFETY * eps_of(p) / 2.0 * depth(stage).sqrt()
+}
+
+fn magnitude(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0)
+}
+
+fn load_in(name: &str, precision: Precision) -> Engine {
+    Engine::load(&ModelSpec { precision, ..spec(name) }, &mut |_| {}).unwrap()
+}
+
+/// Each diffusion stage in `p`, fed the reference's own input.
+fn half_stages(p: Precision) {
+    let engine = load_in(TINY_A, p);
+    let r = reference(TINY_A, engine.device());
+    let s = engine.stages().unwrap();
+    let lq = ((&r["lq_raw"] * 2.0).unwrap() - 1.0).unwrap();
+    let checks = [
+        ("lq_latent", s.encode(&lq).unwrap()),
+        ("unet_eps", s.unet(&r["lq_latent"], &r["proj_embedding_f16"].to_dtype(DType::F32).unwrap()).unwrap()),
+        ("decoded", s.decode(&r["denoised_latent"]).unwrap()),
+    ];
+    for (name, ours) in checks {
+        assert_eq!(ours.dtype(), if p == Precision::F16 { DType::F16 } else { DType::BF16 }, "{name} ran in another dtype");
+        let err = max_abs(&ours, &r[name]);
+        let tol = stage_rel_tol(p, name) * magnitude(&r[name]);
+        eprintln!("{p:?} {name}: {err:.2e} (tolerance {tol:.1e})");
+        assert!(err <= tol, "{p:?} {name}: max abs error {err} > {tol}");
+    }
+}
+
+/// The whole pipeline in `p`: every diffusion intermediate within the sum of
+/// the relative tolerances of the stages that made it, and the 8-bit outputs
+/// within what the measured decoded error allows once the colour fix has
+/// multiplied it (and the one-code 8-bit step) by its gain.
+fn half_end_to_end(p: Precision) {
+    let engine = load_in(TINY_A, p);
+    let r = reference(TINY_A, engine.device());
+    let trace = run(&engine, &r, &RestoreOptions::default(), ColorFix::Adain);
+    let enc = stage_rel_tol(p, "lq_latent");
+    let unet = enc + stage_rel_tol(p, "unet_eps");
+    let x0 = enc + X0_GAIN * stage_rel_tol(p, "unet_eps");
+    let dec = x0 + stage_rel_tol(p, "decoded");
+    let mut report = vec![];
+    for (name, rel) in [("lq_latent", enc), ("unet_eps", unet), ("denoised_latent", x0), ("decoded", dec)] {
+        let err = max_abs(get(&trace, name), &r[name]);
+        let tol = rel * magnitude(&r[name]);
+        report.push(format!("{p:?} {name}: {err:.2e} (tolerance {tol:.1e})"));
+        assert!(err <= tol, "{name}: max abs error {err} > {tol}\n{}", report.join("\n"));
+    }
+    // decoded is in [-1,1]: 127.5 code values per unit
+    let dec_codes = max_abs(get(&trace, "decoded"), &r["decoded"]) * 127.5;
+    let tol = 1.0 + (adain_gain(&r) * (1.0 + dec_codes)).ceil();
+    for (fix, out) in [(ColorFix::Adain, "output_adain"), (ColorFix::Wavelet, "output_wavelet")] {
+        let trace = if fix == ColorFix::Adain { trace.clone() } else { run(&engine, &r, &RestoreOptions::default(), fix) };
+        let err = max_abs(get(&trace, out), &r[out]);
+        report.push(format!("{p:?} {out}: {err} code values (tolerance {tol})"));
+        assert!(err <= tol, "{out} differs by {err} code values\n{}", report.join("\n"));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn f16_stages_match_within_the_f16_tolerance() {
+    half_stages(Precision::F16);
+}
+
+#[test]
+fn f16_pipeline_matches_within_the_f16_tolerance() {
+    half_end_to_end(Precision::F16);
+}
+
+#[test]
+fn bf16_stages_match_within_the_bf16_tolerance() {
+    half_stages(Precision::Bf16);
+}
+
+#[test]
+fn bf16_pipeline_matches_within_the_bf16_tolerance() {
+    half_end_to_end(Precision::Bf16);
+}
+
+/// A copy of tiny-a whose VAE encoder's conv_in is scaled by 1e6: its
+/// activations (~1e5 and up) overflow f16 (max 65504) but not f32. The f16 run
+/// must stop with `NonFinite` naming the VAE encoder, not write a black frame;
+/// the f32 run of the same weights stays finite.
+#[test]
+fn f16_overflow_is_reported_as_non_finite_naming_the_stage() {
+    let src = fixture(TINY_A);
+    let dir = std::env::temp_dir().join(format!("codiff-f16-overflow-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("vae")).unwrap();
+    for f in ["cave.pth", "codiff.pkl", "unet", "scheduler"] {
+        std::os::unix::fs::symlink(src.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::copy(src.join("vae/config.json"), dir.join("vae/config.json")).unwrap();
+    let vae = src.join("vae/diffusion_pytorch_model.safetensors");
+    let mut w = candle_core::safetensors::load(&vae, &Device::Cpu).unwrap();
+    for k in ["encoder.conv_in.weight", "encoder.conv_in.bias"] {
+        let t = (&w[k] * 1e6).unwrap();
+        w.insert(k.to_string(), t);
+    }
+    candle_core::safetensors::save(&w, dir.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let spec_at = |precision| ModelSpec {
+        weights: dir.join("cave.pth"),
+        sd_dir: Some(dir.clone()),
+        codiff: Some(dir.join("codiff.pkl")),
+        cave: Some(dir.join("cave.pth")),
+        precision,
+        ..spec(TINY_A)
+    };
+    let r = reference(TINY_A, &Device::Cpu);
+    let f16 = Engine::load(&spec_at(Precision::F16), &mut |_| {}).unwrap();
+    let mut img = input(&r);
+    let before = img.data.clone();
+    let res = f16.restore(&mut img, &RestoreOptions::default());
+    let f32_engine = Engine::load(&spec_at(Precision::F32), &mut |_| {}).unwrap();
+    let f32_res = f32_engine.restore(&mut input(&r), &RestoreOptions::default());
+    let _ = std::fs::remove_dir_all(&dir);
+    match res {
+        Err(e @ EngineError::NonFinite { stage: "VAE encoder", .. }) => {
+            assert!(e.to_string().contains("try precision=f32"), "{e}");
+        }
+        other => panic!("f16 overflow gave {other:?}, expected NonFinite in the VAE encoder"),
+    }
+    assert_eq!(img.data, before, "the failed frame was written");
+    f32_res.expect("the same weights in f32 do not overflow");
 }

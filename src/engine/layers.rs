@@ -74,11 +74,19 @@ impl Conv {
             }
             Conv::Candle { w, b, stride, pad } => {
                 let [t, l, bo, r] = *pad;
+                // WORKAROUND (candle 0.11.1): its CPU conv2d calls the GEMM
+                // kernel directly (cpu_backend/conv2d.rs), which has no bf16, so
+                // a bf16 conv on the CPU fails with "unsupported dtype BF16 for
+                // op matmul". Run it in f32 and round back: the same result as
+                // a bf16 conv with f32 accumulation.
+                let widen = x.device().is_cpu() && x.dtype() == DType::BF16;
+                let (xc, wc) = if widen { (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?) } else { (x.clone(), w.clone()) };
                 let y = if t == bo && l == r && t == l {
-                    x.conv2d(w, t, *stride, 1, 1)?
+                    xc.conv2d(&wc, t, *stride, 1, 1)?
                 } else {
-                    x.pad_with_zeros(2, t, bo)?.pad_with_zeros(3, l, r)?.conv2d(w, 0, *stride, 1, 1)?
+                    xc.pad_with_zeros(2, t, bo)?.pad_with_zeros(3, l, r)?.conv2d(&wc, 0, *stride, 1, 1)?
                 };
+                let y = if widen { y.to_dtype(DType::BF16)? } else { y };
                 match b {
                     Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
                     None => y,

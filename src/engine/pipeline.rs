@@ -84,8 +84,7 @@ fn dtype_of(p: Precision, dev: &Device) -> Result<DType> {
     Ok(match (p, dev.is_cpu()) {
         (Precision::Auto, true) | (Precision::F32, _) => DType::F32,
         (Precision::Auto, false) | (Precision::F16, _) => DType::F16,
-        (Precision::Bf16, true) => return Err(EngineError::Unsupported("bf16 on CPU (candle's CPU matmul lacks bf16); use f32".into())),
-        (Precision::Bf16, false) => DType::BF16,
+        (Precision::Bf16, _) => DType::BF16,
     })
 }
 
