@@ -13,8 +13,7 @@
 //! send it). Writing ([`write_rgb_sited`]) converts the restored RGB back, filtering
 //! chroma onto the same sites (a box over each sub-sampled block for centred sites,
 //! as a JPEG encoder averages; a triangle centred on the luma sample for co-sited
-//! ones), and blends it with the original samples by `strength`. [`read_rgb`] and
-//! [`write_rgb`] are the same with centred (JPEG) siting. RGB frames round-trip bit-exactly;
+//! ones), and blends it with the original samples by `strength`. RGB frames round-trip bit-exactly;
 //! YUV frames within rounding (plus the usual chroma smoothing of sub-sampling).
 //! Alpha, padding and any byte outside the three components are never written.
 
@@ -321,17 +320,6 @@ fn downsample_taps(len: usize, shift: u32, n: usize, cosited: bool) -> Vec<Vec<(
         .collect()
 }
 
-/// Read a `width` x `height` frame with centred (JPEG) chroma siting into packed
-/// RGB: [`read_rgb_sited`] with [`ChromaSiting::JPEG`].
-pub fn read_rgb(
-    layout: &Layout,
-    planes: &[Plane<'_>],
-    width: usize,
-    height: usize,
-) -> Result<Vec<u8>, ConvertError> {
-    read_rgb_sited(layout, ChromaSiting::JPEG, planes, width, height)
-}
-
 /// Read a `width` x `height` frame into packed RGB (`height x width x 3`),
 /// upsampling sub-sampled components from the sites `siting` gives.
 pub fn read_rgb_sited(
@@ -385,18 +373,6 @@ pub fn read_rgb_sited(
         }
     }
     Ok(out)
-}
-
-/// [`write_rgb_sited`] with centred (JPEG) chroma siting.
-pub fn write_rgb(
-    layout: &Layout,
-    planes: &mut [PlaneMut<'_>],
-    width: usize,
-    height: usize,
-    restored: &[u8],
-    strength: f32,
-) -> Result<(), ConvertError> {
-    write_rgb_sited(layout, ChromaSiting::JPEG, planes, width, height, restored, strength)
 }
 
 /// Write the engine's `restored` RGB image (same size as the frame) back into the
@@ -597,7 +573,7 @@ mod tests {
                 stride: *s,
             })
             .collect();
-        read_rgb(layout, &p, w, h).unwrap()
+        read_rgb_sited(layout, ChromaSiting::JPEG, &p, w, h).unwrap()
     }
 
     fn write(
@@ -615,7 +591,7 @@ mod tests {
                 stride: *s,
             })
             .collect();
-        write_rgb(layout, &mut p, w, h, restored, s).unwrap();
+        write_rgb_sited(layout, ChromaSiting::JPEG, &mut p, w, h, restored, s).unwrap();
     }
 
     fn all_layouts() -> Vec<(&'static str, Layout)> {
@@ -873,11 +849,11 @@ mod tests {
             },
         ];
         assert!(matches!(
-            read_rgb(&layout, &planes, 4, 4),
+            read_rgb_sited(&layout, ChromaSiting::JPEG, &planes, 4, 4),
             Err(ConvertError::PlaneTooSmall { plane: 2, .. })
         ));
         assert!(matches!(
-            read_rgb(&layout, &planes[..2], 4, 4),
+            read_rgb_sited(&layout, ChromaSiting::JPEG, &planes[..2], 4, 4),
             Err(ConvertError::MissingPlane { plane: 2, .. })
         ));
         let mut y = [0u8; 16];
@@ -899,13 +875,14 @@ mod tests {
         ];
         let rgb = vec![0u8; 4 * 4 * 3];
         assert!(matches!(
-            write_rgb(&layout, &mut planes, 4, 4, &rgb[1..], 1.0),
+            write_rgb_sited(&layout, ChromaSiting::JPEG, &mut planes, 4, 4, &rgb[1..], 1.0),
             Err(ConvertError::RgbSize { .. })
         ));
-        assert!(write_rgb(&layout, &mut planes, 4, 4, &rgb, 1.0).is_ok());
+        assert!(write_rgb_sited(&layout, ChromaSiting::JPEG, &mut planes, 4, 4, &rgb, 1.0).is_ok());
         // Huge sizes overflow-check instead of wrapping.
-        assert!(read_rgb(
+        assert!(read_rgb_sited(
             &layout,
+            ChromaSiting::JPEG,
             &[Plane {
                 data: &[0; 16],
                 stride: usize::MAX / 2
@@ -929,9 +906,9 @@ mod tests {
                 stride: 1,
             },
         ];
-        assert_eq!(read_rgb(&layout, &one, 1, 1).unwrap().len(), 3);
+        assert_eq!(read_rgb_sited(&layout, ChromaSiting::JPEG, &one, 1, 1).unwrap().len(), 3);
         // Empty frames are fine.
-        assert!(read_rgb(&layout, &one, 0, 0).unwrap().is_empty());
+        assert!(read_rgb_sited(&layout, ChromaSiting::JPEG, &one, 0, 0).unwrap().is_empty());
     }
 
     /// An I420 frame whose chroma is a horizontal ramp sampled left-cosited (as an
