@@ -10,16 +10,56 @@
 //! - [`PatchConvTranspose`]: k x k transposed conv with stride k (GEMM +
 //!   depth-to-space).
 //!
+//! Narrow 3x3 layers (at most [`DIRECT_MAX_CHANNELS`] channels in and out)
+//! skip im2col on CPUs with AVX-512: [`direct`] convolves in registers.
+//!
 //! Layout NCHW f32 on the CPU; other devices use candle's ops. Each is
 //! unit-tested against candle's reference op.
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
+
+pub mod direct;
+
+/// Widest 3x3 stride-1 layer (input and output channels) that runs the
+/// direct kernel; wider ones are GEMM-bound and stay on im2col + GEMM
+/// (`cargo run --release --example bench_kernels` measures both).
+pub const DIRECT_MAX_CHANNELS: usize = 64;
 
 /// Raw pointer that may cross threads: each band writes a disjoint region.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+/// Ask the kernel to back a large, not yet touched activation buffer with
+/// transparent huge pages (where THP is in `madvise` mode): one page fault
+/// per 2 MB instead of per 4 kB when the buffer is first written.
+fn huge_pages<T>(buf: &mut [T]) {
+    const HUGE: usize = 2 << 20;
+    let bytes = std::mem::size_of_val(buf);
+    if bytes < 4 * HUGE {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let start = (buf.as_mut_ptr() as usize).next_multiple_of(HUGE);
+        let end = (buf.as_mut_ptr() as usize + bytes) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: advice only, on pages inside `buf`; failure is harmless
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+}
+
+/// A zeroed output buffer of `n` values, on huge pages when it is large.
+pub(crate) fn activation(n: usize) -> Vec<f32> {
+    // calloc maps large blocks without touching them, so the advice precedes
+    // the first write
+    let mut v = vec![0f32; n];
+    huge_pages(&mut v);
+    v
+}
 
 /// Run `f(first_row, rows)` over `m` rows split into one block per thread.
 fn par_row_blocks(m: usize, f: impl Fn(usize, usize) + Sync) {
@@ -54,6 +94,8 @@ pub struct ConvOp {
     /// zero padding: top, left, bottom, right
     pub pad: [usize; 4],
     pub relu: bool,
+    /// the direct kernel's repacked weights, where it applies
+    direct: Option<Arc<direct::Direct>>,
 }
 
 impl ConvOp {
@@ -73,7 +115,75 @@ impl ConvOp {
             None => vec![0.0; cout],
         };
         let weight = w.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.contiguous()?;
-        Ok(Self { weight, bias, cin, cout, k: kh, stride, pad, relu })
+        let op = Self { weight, bias, cin, cout, k: kh, stride, pad, relu, direct: None };
+        if cin <= DIRECT_MAX_CHANNELS && cout <= DIRECT_MAX_CHANNELS {
+            op.direct()
+        } else {
+            Ok(op)
+        }
+    }
+
+    /// The same convolution on the direct kernel where it applies (3x3,
+    /// stride 1, padding 1, an AVX-512 CPU), whatever its width.
+    pub fn direct(mut self) -> candle_core::Result<Self> {
+        if self.k == 3 && self.stride == 1 && self.pad == [1; 4] && direct::available() {
+            let w = self.weight.flatten_all()?.to_vec1::<f32>()?;
+            self.direct = Some(Arc::new(direct::Direct::new(&w, self.cout, self.cin)));
+        }
+        Ok(self)
+    }
+
+    /// The same convolution on im2col + GEMM only (benchmarks and tests
+    /// compare the two paths).
+    pub fn gemm_only(mut self) -> Self {
+        self.direct = None;
+        self
+    }
+
+    /// Whether this layer runs the direct kernel.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// The direct kernel over row chunks of every image, in parallel.
+    fn run_direct(&self, d: &direct::Direct, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> Vec<f32> {
+        let (cin, cout) = (self.cin, self.cout);
+        let n = b * cout * h * w;
+        let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n);
+        // SAFETY: capacity n; MaybeUninit needs no initialisation
+        unsafe { out.set_len(n) };
+        huge_pages(&mut out);
+        let threads = rayon::current_num_threads().max(1);
+        // a few chunks per thread for balance, each at least a few rows
+        let rows = h.div_ceil(4 * threads).max(4).min(h);
+        let chunks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..h).step_by(rows).map(move |r0| (bi, r0))).collect();
+        let out_ptr = SendPtr(out.as_mut_ptr() as *mut f32);
+        let res_ptr = residual.map(|r| SendPtr(r.as_ptr() as *mut f32));
+        chunks.par_iter().for_each(|&(bi, r0)| {
+            let (out_ptr, res_ptr) = (out_ptr, res_ptr);
+            let plane_out = bi * cout * h * w;
+            // SAFETY: direct::available() held at construction; every chunk
+            // writes its own rows; slices hold b * c * h * w values
+            unsafe {
+                d.rows(
+                    x.as_ptr().add(bi * cin * h * w),
+                    h,
+                    w,
+                    r0,
+                    (r0 + rows).min(h),
+                    &self.bias,
+                    self.relu,
+                    res_ptr.map(|r| r.0.add(plane_out) as *const f32),
+                    out_ptr.0.add(plane_out),
+                )
+            }
+        });
+        // SAFETY: the chunks cover every row of every channel of every image,
+        // so all n values were written; MaybeUninit<f32> has f32's layout
+        unsafe {
+            let mut out = std::mem::ManuallyDrop::new(out);
+            Vec::from_raw_parts(out.as_mut_ptr() as *mut f32, n, out.capacity())
+        }
     }
 
     fn out_hw(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
@@ -143,6 +253,9 @@ impl ConvOp {
 
     /// y = act(conv(x) + b) (+ residual), x `[B, cin, H, W]`.
     fn run(&self, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+        if let Some(d) = &self.direct {
+            return Ok(self.run_direct(d, x, b, h, w, residual));
+        }
         let (storage, layout) = self.weight.storage_and_layout();
         let weight = match &*storage {
             candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[layout.start_offset()..],
@@ -152,7 +265,7 @@ impl ConvOp {
         let (oh, ow) = self.out_hw(h, w)?;
         let ohw = oh * ow;
         let kk = cin * self.k * self.k;
-        let mut out = vec![0f32; b * cout * ohw];
+        let mut out = activation(b * cout * ohw);
         // rows per band: keep the column buffer around 2 MB
         let rows = ((1usize << 19) / (kk * ow).max(1)).clamp(1, oh);
         let bands: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..oh).step_by(rows).map(move |r0| (bi, r0))).collect();
@@ -264,7 +377,7 @@ impl CustomOp1 for PatchConv {
         let (oh, ow) = (h / k, w / k);
         let n = oh * ow;
         let kk = c * k * k;
-        let mut out = vec![0f32; b * self.cout * n];
+        let mut out = activation(b * self.cout * n);
         for bi in 0..b {
             let xb = &x[bi * c * h * w..];
             // space-to-depth: col[(ci,ky,kx), (oy,ox)]
@@ -327,7 +440,7 @@ impl CustomOp1 for PatchConvTranspose {
         let n = h * w;
         let m = self.cout * k * k;
         let (oh, ow) = (h * k, w * k);
-        let mut out = vec![0f32; b * self.cout * oh * ow];
+        let mut out = activation(b * self.cout * oh * ow);
         for bi in 0..b {
             // tmp[(co,ky,kx), (y,x)] = sum_ci W[ci,(co,ky,kx)] x[ci,(y,x)]
             let mut tmp = vec![0f32; m * n];
@@ -411,7 +524,7 @@ impl CustomOp1 for GroupNormOp {
         let c = dims[1];
         let hw: usize = dims[2..].iter().product();
         let cpg = c / self.groups;
-        let mut out = vec![0f32; x.len()];
+        let mut out = activation(x.len());
         out.par_chunks_mut(cpg * hw).zip(x.par_chunks(cpg * hw)).enumerate().for_each(|(bg, (o, xi))| {
             let g = bg % self.groups;
             // two passes, f32 within 1024-element chunks, f64 across them
@@ -508,7 +621,7 @@ impl candle_core::CustomOp3 for AttentionOp {
                 }
             }
         });
-        let mut out = vec![0f32; b * n * c];
+        let mut out = activation(b * n * c);
         let optr = SendPtr(out.as_mut_ptr());
         let tasks: Vec<(usize, usize, usize)> =
             (0..b).flat_map(|bi| (0..self.heads).flat_map(move |h| (0..n).step_by(ATTN_ROWS).map(move |r0| (bi, h, r0)))).collect();
@@ -632,6 +745,37 @@ mod tests {
             let relu = ConvOp::from_tensors(&wt, Some(&b), true).unwrap();
             assert!(max_err(&x.apply_op1(relu).unwrap(), &reference.relu().unwrap()) < 1e-4);
         }
+    }
+
+    #[test]
+    fn direct_and_gemm_paths_match_candle() {
+        // every direct tile shape (4/8/16 output channels per block, a partial
+        // last block), widths around the 16-lane strips, one-row and one-column
+        // frames, batch 2; the GEMM path on the same layers
+        let dev = Device::Cpu;
+        for (cin, cout, h, w) in [(3, 3, 5, 1), (8, 8, 1, 16), (8, 8, 4, 48), (8, 8, 3, 49), (16, 16, 7, 31), (64, 64, 5, 17), (3, 17, 6, 33), (13, 40, 2, 65)] {
+            let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
+            let r = Tensor::randn(0f32, 1., (2, cout, h, w), &dev).unwrap();
+            let reference = x.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            let relu_res = (reference.relu().unwrap() + &r).unwrap();
+            for relu in [false, true] {
+                let op = ConvOp::from_tensors(&wt, Some(&b), relu).unwrap();
+                assert_eq!(op.is_direct(), direct::available(), "{cin}->{cout} should take the direct path on AVX-512");
+                for op in [op.clone(), op.gemm_only()] {
+                    let want = if relu { reference.relu().unwrap() } else { reference.clone() };
+                    let tol = 1e-4 * (cin as f32).sqrt() * 3.0;
+                    assert!(max_err(&x.apply_op1_no_bwd(&op).unwrap(), &want) < tol, "{cin}->{cout} {h}x{w} relu {relu}");
+                    if relu {
+                        assert!(max_err(&x.apply_op2_no_bwd(&r, &op).unwrap(), &relu_res) < tol, "{cin}->{cout} {h}x{w} residual");
+                    }
+                }
+            }
+        }
+        // wide layers stay on GEMM
+        let wide = Tensor::randn(0f32, 1., (128, 128, 3, 3), &dev).unwrap();
+        assert!(!ConvOp::from_tensors(&wide, None, false).unwrap().is_direct());
     }
 
     #[test]

@@ -1,0 +1,236 @@
+//! Direct 3x3 convolution (stride 1, zero padding 1) with AVX-512, for the
+//! narrow layers where im2col + GEMM spends its time copying: the compact
+//! CaVE's full-resolution stage has 8 channels, so its GEMM is 8 rows deep and
+//! the im2col copy costs as much as the arithmetic.
+//!
+//! Layout NCHW f32. Output channels are taken in blocks of `CB` (4, 8 or 16),
+//! each held in `CB x S` zmm accumulators over `S` strips of 16 pixels of one
+//! output row; every (input channel, tap) loads one input vector per strip
+//! (masked at the borders, so no padded copy is made) and broadcasts `CB`
+//! weights. Weights are repacked once, at load time, as
+//! `[block][cin][tap][CB]` with zero weights filling the last block. Bias,
+//! ReLU and the residual add run in the epilogue, as in the GEMM path.
+//!
+//! Sums are taken in a different order than the GEMM path's, so results
+//! agree with it to rounding (unit-tested against candle's conv2d).
+
+/// Output channels per block, and 16-pixel strips per accumulator tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tile {
+    C4S4,
+    C8S3,
+    C16S1,
+}
+
+impl Tile {
+    fn for_cout(cout: usize) -> Self {
+        match cout {
+            0..=4 => Tile::C4S4,
+            5..=8 => Tile::C8S3,
+            _ => Tile::C16S1,
+        }
+    }
+
+    fn cb(self) -> usize {
+        match self {
+            Tile::C4S4 => 4,
+            Tile::C8S3 => 8,
+            Tile::C16S1 => 16,
+        }
+    }
+}
+
+/// A 3x3 stride-1 pad-1 convolution's weights, repacked for the direct kernel.
+#[derive(Clone, Debug)]
+pub struct Direct {
+    tile: Tile,
+    cin: usize,
+    cout: usize,
+    /// `[cout.div_ceil(cb)][cin][9][cb]`
+    packed: Vec<f32>,
+}
+
+/// Whether the direct kernel runs here: an x86-64 CPU with AVX-512F (checked
+/// at run time) and `CODIFF_CONV` not set to `gemm` (which keeps every layer
+/// on im2col + GEMM, for comparisons).
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let forced_off = std::env::var("CODIFF_CONV").is_ok_and(|v| v.eq_ignore_ascii_case("gemm"));
+        #[cfg(target_arch = "x86_64")]
+        let cpu = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let cpu = false;
+        cpu && !forced_off
+    })
+}
+
+impl Direct {
+    /// Repack `weight` `[cout, cin, 3, 3]` (row-major f32).
+    pub fn new(weight: &[f32], cout: usize, cin: usize) -> Self {
+        let tile = Tile::for_cout(cout);
+        let cb = tile.cb();
+        let blocks = cout.div_ceil(cb);
+        let mut packed = vec![0f32; blocks * cin * 9 * cb];
+        for co in 0..cout {
+            let (blk, lane) = (co / cb, co % cb);
+            for ci in 0..cin {
+                for t in 0..9 {
+                    packed[((blk * cin + ci) * 9 + t) * cb + lane] = weight[(co * cin + ci) * 9 + t];
+                }
+            }
+        }
+        Self { tile, cin, cout, packed }
+    }
+
+    /// Output rows `oy0..oy1` of one image: `x` `[cin, h, w]`, `out` and
+    /// `residual` `[cout, h, w]` (only those rows are written / read).
+    ///
+    /// # Safety
+    /// [`available`] returned true; `x` holds `cin * h * w` values, `out` (and
+    /// `residual`) `cout * h * w`; no other thread writes rows `oy0..oy1` of `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows(
+        &self,
+        x: *const f32,
+        h: usize,
+        w: usize,
+        oy0: usize,
+        oy1: usize,
+        bias: &[f32],
+        relu: bool,
+        residual: Option<*const f32>,
+        out: *mut f32,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let a = avx512::Args { x, h, w, cin: self.cin, cout: self.cout, bias, relu, residual, out };
+            let cb = self.tile.cb();
+            for blk in 0..self.cout.div_ceil(cb) {
+                let wp = self.packed.as_ptr().add(blk * self.cin * 9 * cb);
+                for oy in oy0..oy1 {
+                    match self.tile {
+                        Tile::C4S4 => avx512::row::<4, 4>(&a, wp, blk * 4, oy),
+                        Tile::C8S3 => avx512::row::<8, 3>(&a, wp, blk * 8, oy),
+                        Tile::C16S1 => avx512::row::<16, 1>(&a, wp, blk * 16, oy),
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (x, h, w, oy0, oy1, bias, relu, residual, out);
+            unreachable!("direct convolution needs x86-64 with AVX-512");
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    pub(super) struct Args<'a> {
+        pub x: *const f32,
+        pub h: usize,
+        pub w: usize,
+        pub cin: usize,
+        pub cout: usize,
+        pub bias: &'a [f32],
+        pub relu: bool,
+        pub residual: Option<*const f32>,
+        pub out: *mut f32,
+    }
+
+    /// Lanes `l` of a 16-wide vector starting at column `start + l` whose
+    /// column lies in `0..w`.
+    #[inline(always)]
+    fn lanes(start: isize, w: usize) -> u16 {
+        let lo = (-start).clamp(0, 16) as u32;
+        let hi = (w as isize - start).clamp(0, 16) as u32;
+        if hi <= lo {
+            return 0;
+        }
+        let upto = if hi == 16 { u16::MAX } else { (1u16 << hi) - 1 };
+        upto & !((1u16 << lo) - 1)
+    }
+
+    /// One output row `oy` of output channels `co0..co0 + CB` (those below
+    /// `cout` are stored).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row<const CB: usize, const S: usize>(a: &Args, wp: *const f32, co0: usize, oy: usize) {
+        let (h, w) = (a.h, a.w);
+        let hw = h * w;
+        let stored = (a.cout - co0).min(CB);
+        let mut x0 = 0usize;
+        while x0 < w {
+            let mut acc = [[_mm512_setzero_ps(); S]; CB];
+            // load masks per strip and tap column
+            let mut masks = [[0u16; 3]; S];
+            for (s, m) in masks.iter_mut().enumerate() {
+                for (kx, mk) in m.iter_mut().enumerate() {
+                    *mk = lanes((x0 + 16 * s) as isize + kx as isize - 1, w);
+                }
+            }
+            for ci in 0..a.cin {
+                let plane = a.x.add(ci * hw);
+                let wci = wp.add(ci * 9 * CB);
+                for ky in 0..3 {
+                    let sy = oy as isize + ky as isize - 1;
+                    if sy < 0 || sy >= h as isize {
+                        continue;
+                    }
+                    let src = plane.add(sy as usize * w);
+                    for kx in 0..3 {
+                        let mut v = [_mm512_setzero_ps(); S];
+                        for s in 0..S {
+                            let col = (x0 + 16 * s) as isize + kx as isize - 1;
+                            // masked-off lanes are not read, so the address may
+                            // lie outside the row
+                            v[s] = _mm512_maskz_loadu_ps(masks[s][kx], src.wrapping_offset(col));
+                        }
+                        let wt = wci.add((ky * 3 + kx) * CB);
+                        for (c, acc_c) in acc.iter_mut().enumerate() {
+                            let wv = _mm512_set1_ps(*wt.add(c));
+                            for s in 0..S {
+                                acc_c[s] = _mm512_fmadd_ps(v[s], wv, acc_c[s]);
+                            }
+                        }
+                    }
+                }
+            }
+            // epilogue: bias, ReLU, residual; masked stores at the right border
+            for (c, acc_c) in acc.iter().enumerate().take(stored) {
+                let co = co0 + c;
+                let b = _mm512_set1_ps(a.bias[co]);
+                let row_off = co * hw + oy * w;
+                for s in 0..S {
+                    let start = x0 + 16 * s;
+                    if start >= w {
+                        break;
+                    }
+                    let m = lanes(start as isize, w);
+                    let mut y = _mm512_add_ps(acc_c[s], b);
+                    if a.relu {
+                        y = _mm512_max_ps(y, _mm512_setzero_ps());
+                    }
+                    if let Some(r) = a.residual {
+                        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, r.add(row_off + start)));
+                    }
+                    _mm512_mask_storeu_ps(a.out.add(row_off + start), m, y);
+                }
+            }
+            x0 += 16 * S;
+        }
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn lanes_cover_the_row() {
+        assert_eq!(lanes(0, 100), u16::MAX);
+        assert_eq!(lanes(-1, 100), u16::MAX << 1);
+        assert_eq!(lanes(90, 100), (1 << 10) - 1);
+        assert_eq!(lanes(-1, 3), 0b1110);
+        assert_eq!(lanes(100, 100), 0);
+        assert_eq!(lanes(-20, 100), 0);
+    }
+}
