@@ -133,8 +133,8 @@ def jpeg_decode(img, qf):
     return Image.open(buf).convert('RGB'), buf.getbuffer().nbytes
 
 
-def run_restore(weights, src, dst):
-    cmd = [os.path.join(BIN, 'restore'), '--mode', 'cave']
+def run_restore(weights, src, dst, extra=()):
+    cmd = [os.path.join(BIN, 'restore'), '--mode', 'cave'] + list(extra)
     if weights:
         cmd += ['--weights', weights]
     p = subprocess.run(cmd + [src, dst], capture_output=True, text=True)
@@ -282,6 +282,8 @@ def main():
     ap.add_argument('--spp-sweep', action='store_true',
                     help='first pick spp\'s qp per QF by a sweep on these photos (best Y-PSNR)')
     ap.add_argument('--no-spp', action='store_true')
+    ap.add_argument('--self-ensemble', action='store_true',
+                    help='also restore with --self-ensemble (8 flips/transposes averaged): row "codiff x8"')
     ap.add_argument('--limit', type=int, default=0, help='use only the first N photos (quick check)')
     ap.add_argument('--build', action='store_true', help='run cargo build even when the binaries exist')
     a = ap.parse_args()
@@ -327,7 +329,7 @@ def main():
 
     rows = []
     for qf in qfs:
-        d = {m: os.path.join(out, 'q%d' % qf, m) for m in ('jpeg', 'codiff', 'spp')}
+        d = {m: os.path.join(out, 'q%d' % qf, m) for m in ('jpeg', 'codiff', 'codiff-x8', 'spp')}
         for p in d.values():
             shutil.rmtree(p, ignore_errors=True)
             os.makedirs(p)
@@ -345,6 +347,11 @@ def main():
                      'bpp': 8 * nbytes / (mp * 1e6)})
         rows.append({'qf': qf, 'method': 'codiff', 'mean': metrics(ref_dir, d['codiff'])['mean'],
                      's_per_mp': t_codiff / mp, 'qf_mae': sum(errs) / len(errs)})
+        if a.self_ensemble:
+            t_x8 = sum(run_restore(weights, os.path.join(d['jpeg'], n), os.path.join(d['codiff-x8'], n),
+                                   ['--self-ensemble'])[0] for n, _ in photos)
+            rows.append({'qf': qf, 'method': 'codiff x8', 'mean': metrics(ref_dir, d['codiff-x8'])['mean'],
+                         's_per_mp': t_x8 / mp})
         if not a.no_spp:
             qp = spp_qp_for(qf, spp_table)
             t_spp = sum(run_spp(os.path.join(d['jpeg'], n), os.path.join(d['spp'], n), qp) for n, _ in photos)

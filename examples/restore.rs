@@ -66,6 +66,9 @@ struct Args {
     /// Write every intermediate tensor to this safetensors file
     #[arg(long)]
     dump: Option<PathBuf>,
+    /// Restore under the 8 flips and transposes and average (8x the time)
+    #[arg(long)]
+    self_ensemble: bool,
 }
 
 fn main() -> anyhow_free::Result {
@@ -99,6 +102,7 @@ fn run(args: Args) -> anyhow_free::Result {
             FixArg::Wavelet => ColorFix::Wavelet,
             FixArg::None => ColorFix::None,
         },
+        self_ensemble: args.self_ensemble,
         ..args.tiles.options()
     };
     let t0 = Instant::now();

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use gstcodiff::engine::{Engine, Mode, ModelSpec};
+use gstcodiff::engine::{Engine, Mode, ModelSpec, RestoreOptions, RgbImage};
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/compact")
@@ -39,4 +39,47 @@ fn compact_model_matches_pytorch() {
         eprintln!("{name}: {err:.2e}");
         assert!(err <= 1e-4, "{name}: max abs error {err}");
     }
+}
+
+/// `img` flipped left-right, or transposed.
+fn transformed(img: &RgbImage, transpose: bool) -> RgbImage {
+    let (w, h) = (img.width, img.height);
+    let (ow, oh) = if transpose { (h, w) } else { (w, h) };
+    let mut data = vec![0u8; w * h * 3];
+    for y in 0..oh {
+        for x in 0..ow {
+            let (sx, sy) = if transpose { (y, x) } else { (w - 1 - x, y) };
+            data[(y * ow + x) * 3..][..3].copy_from_slice(&img.data[(sy * w + sx) * 3..][..3]);
+        }
+    }
+    RgbImage { width: ow, height: oh, data }
+}
+
+#[test]
+fn self_ensemble_is_equivariant_and_changes_the_output() {
+    let spec = ModelSpec { mode: Mode::Cave, weights: dir().join("model.safetensors"), ..ModelSpec::compact_default() };
+    let engine = Engine::load(&spec, &mut |_| {}).unwrap();
+    let ens = RestoreOptions { self_ensemble: true, ..Default::default() };
+    // an asymmetric test card with 8x8 blocks of texture, 48x32 (on the 16 px grid)
+    let (w, h) = (48, 32);
+    let data = (0..w * h * 3).map(|i| ((i * 37 + (i / (3 * w)) * 11 + (i % 7) * 29) % 256) as u8).collect();
+    let img = RgbImage { width: w, height: h, data };
+    let mut plain = img.clone();
+    engine.restore(&mut plain, &RestoreOptions::default()).unwrap();
+    let mut a = img.clone();
+    engine.restore(&mut a, &ens).unwrap();
+    assert_ne!(a.data, plain.data, "the ensemble must differ from one pass");
+    // the average over all eight transforms commutes with each of them: the
+    // same members, summed in another order
+    for transpose in [false, true] {
+        let mut b = transformed(&img, transpose);
+        engine.restore(&mut b, &ens).unwrap();
+        let back = if transpose { transformed(&b, true) } else { transformed(&b, false) };
+        let worst = a.data.iter().zip(&back.data).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+        assert!(worst <= 1, "transpose {transpose}: ensemble of the transformed frame differs by {worst} codes");
+    }
+    // any size: padded to the 16 px grid and cropped back
+    let mut odd = RgbImage { width: 37, height: 29, data: vec![90; 37 * 29 * 3] };
+    engine.restore(&mut odd, &ens).unwrap();
+    assert_eq!(odd.data.len(), 37 * 29 * 3);
 }

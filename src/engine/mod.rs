@@ -202,13 +202,16 @@ pub struct RestoreOptions {
     /// (reconstruction needs at least `2 * Cave::reconstruct_margin() + 32`:
     /// 800 px for the compact model). 0 = never tile.
     pub cave_tile: usize,
+    /// Geometric self-ensemble: restore under the 8 flips and transposes and
+    /// average (8x the time; for stills). Off by default.
+    pub self_ensemble: bool,
     /// Checked between stages and tiles; raise it to stop this restore.
     pub cancel: Cancel,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_encoder_tile: 1024, vae_decoder_tile: 224, cave_tile: 2048, cancel: Cancel::default() }
+        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_encoder_tile: 1024, vae_decoder_tile: 224, cave_tile: 2048, self_ensemble: false, cancel: Cancel::default() }
     }
 }
 

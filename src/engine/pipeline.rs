@@ -16,6 +16,26 @@ use super::vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use super::weights::TensorFile;
 use super::*;
 
+/// Transform `t` (0..8) of the dihedral group on `[B,C,H,W]`: bit 0 flips
+/// the width, bit 1 the height, bit 2 transposes; `inverse` undoes it.
+fn dihedral(x: &Tensor, t: u8, inverse: bool) -> Result<Tensor> {
+    // candle's flip (index-select) needs a contiguous input
+    let mut x = x.contiguous()?;
+    if inverse && t & 4 != 0 {
+        x = x.transpose(2, 3)?.contiguous()?;
+    }
+    if t & 1 != 0 {
+        x = x.flip(&[3])?;
+    }
+    if t & 2 != 0 {
+        x = x.flip(&[2])?;
+    }
+    if !inverse && t & 4 != 0 {
+        x = x.transpose(2, 3)?.contiguous()?;
+    }
+    Ok(x)
+}
+
 /// Named intermediates of one restoration (the fixture manifest's names).
 pub type Trace = Vec<(String, Tensor)>;
 
@@ -228,6 +248,21 @@ impl Engine {
         if img.width == 0 || img.height == 0 || img.data.len() != img.width * img.height * 3 {
             return Err(EngineError::InvalidInput(format!("image {}x{} with {} bytes", img.width, img.height, img.data.len())));
         }
+        if self.device.is_cpu() {
+            // one pass, planar, the same arithmetic as candle's `t / 255.0`
+            // (a multiply by the f32 reciprocal)
+            let (w, h) = (img.width, img.height);
+            let inv = (1.0f64 / 255.0) as f32;
+            let mut planes = vec![0f32; 3 * w * h];
+            let (r, gb) = planes.split_at_mut(w * h);
+            let (g, b) = gb.split_at_mut(w * h);
+            for (i, px) in img.data.chunks_exact(3).enumerate() {
+                r[i] = px[0] as f32 * inv;
+                g[i] = px[1] as f32 * inv;
+                b[i] = px[2] as f32 * inv;
+            }
+            return Ok(Tensor::from_vec(planes, (1, 3, h, w), &Device::Cpu)?);
+        }
         let t = Tensor::from_slice(&img.data, (img.height, img.width, 3), &Device::Cpu)?
             .to_device(&self.device)?
             .permute((2, 0, 1))?
@@ -238,6 +273,26 @@ impl Engine {
 
     /// Write `[1,3,H,W]` in [0,1] back into `img`, rounding to the nearest code.
     fn write_back(img: &mut RgbImage, t: &Tensor) -> Result<()> {
+        if t.device().is_cpu() && t.dtype() == DType::F32 && t.dims() == [1, 3, img.height, img.width] {
+            // one pass over the (possibly cropped, strided) tensor: clamp,
+            // x 255, + 0.5, floor, as the candle ops below
+            let (storage, layout) = t.storage_and_layout();
+            let data = match &*storage {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v,
+                _ => unreachable!("checked: f32 on the CPU"),
+            };
+            let (o, st) = (layout.start_offset(), layout.stride());
+            let w = img.width;
+            for (y, row) in img.data.chunks_exact_mut(3 * w).enumerate() {
+                for (c, plane) in (0..3).map(|c| (c, o + c * st[1] + y * st[2])) {
+                    for x in 0..w {
+                        let v = data[plane + x * st[3]].clamp(0.0, 1.0) * 255.0 + 0.5;
+                        row[3 * x + c] = v.floor() as u8;
+                    }
+                }
+            }
+            return Ok(());
+        }
         let bytes: Vec<u8> = ((t.clamp(0f32, 1f32)? * 255.0)? + 0.5)?
             .floor()?
             .squeeze(0)?
@@ -279,22 +334,7 @@ impl Engine {
         opts.cancel.check()?;
         let x = self.to_tensor(img)?;
         p.keep("lq_raw", &x);
-        let (y, q) = match &self.diffusion {
-            None => {
-                let (y, q) = self.cave.reconstruct_tiled(&x, opts.cave_tile, &opts.cancel)?;
-                p.keep("cave_reconstruction", &y);
-                p.keep("qf_pred", &q);
-                Self::check_finite(&y, "CaVE reconstruction", Precision::F32)?;
-                p.lap("cave")?;
-                (y, q.flatten_all()?.to_vec1::<f32>()?[0])
-            }
-            Some(d) => {
-                if p.tracing() {
-                    p.keep("cave_reconstruction", &self.cave.reconstruct_tiled(&x, opts.cave_tile, &opts.cancel)?.0);
-                }
-                self.diffuse(d, &x, opts, &mut p)?
-            }
-        };
+        let (y, q) = if opts.self_ensemble { self.ensemble(&x, opts, &mut p)? } else { self.restore_frame(&x, opts, &mut p)? };
         Self::write_back(img, &y)?;
         p.lap("output")?;
         if let Some(tr) = p.trace.as_deref_mut() {
@@ -307,6 +347,56 @@ impl Engine {
             tr.push((name.to_string(), Tensor::from_slice(&img.data, (img.height, img.width, 3), &Device::Cpu)?));
         }
         Ok((self.cave.qf(q), p.times))
+    }
+
+    /// The restored frame `[1,3,H,W]` in [0,1] and CaVE's raw q for `x`.
+    fn restore_frame(&self, x: &Tensor, opts: &RestoreOptions, p: &mut Probe) -> Result<(Tensor, f32)> {
+        Ok(match &self.diffusion {
+            None => {
+                let (y, q) = self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel)?;
+                p.keep("cave_reconstruction", &y);
+                p.keep("qf_pred", &q);
+                Self::check_finite(&y, "CaVE reconstruction", Precision::F32)?;
+                p.lap("cave")?;
+                (y, q.flatten_all()?.to_vec1::<f32>()?[0])
+            }
+            Some(d) => {
+                if p.tracing() {
+                    p.keep("cave_reconstruction", &self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel)?.0);
+                }
+                self.diffuse(d, x, opts, p)?
+            }
+        })
+    }
+
+    /// Geometric self-ensemble: the frame restored under each of the 8 flips
+    /// and transposes, mapped back and averaged (q too). The frame is first
+    /// replicate-padded to a multiple of 16 px, so JPEG's 8x8 blocks and 4:2:0
+    /// macroblocks stay on their grid under every transform. Members are not
+    /// traced; their stage times add up.
+    fn ensemble(&self, x: &Tensor, opts: &RestoreOptions, p: &mut Probe) -> Result<(Tensor, f32)> {
+        let (_, _, h, w) = x.dims4()?;
+        let xp = Cave::pad_to(x, 16)?;
+        let (mut sum, mut q_sum) = (None::<Tensor>, 0f32);
+        for t in 0..8u8 {
+            let mut member = Probe { trace: None, times: vec![], t: std::time::Instant::now(), device: p.device.clone(), cancel: p.cancel.clone() };
+            let (y, q) = self.restore_frame(&dihedral(&xp, t, false)?, opts, &mut member)?;
+            let y = dihedral(&y, t, true)?;
+            sum = Some(match sum {
+                None => y,
+                Some(s) => (s + y)?,
+            });
+            q_sum += q;
+            for (stage, secs) in member.times {
+                match p.times.iter_mut().find(|(s, _)| *s == stage) {
+                    Some(e) => e.1 += secs,
+                    None => p.times.push((stage, secs)),
+                }
+            }
+        }
+        p.t = std::time::Instant::now();
+        let y = (sum.expect("eight members") / 8.0)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
+        Ok((y, q_sum / 8.0))
     }
 
     fn diffuse(&self, d: &Diffusion, x: &Tensor, opts: &RestoreOptions, p: &mut Probe) -> Result<(Tensor, f32)> {
