@@ -39,13 +39,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("threads={} avx512 direct kernel available: {}", rayon::current_num_threads(), direct::available());
     println!("| layer | cin->cout | HxW | direct ms | GEMM ms | candle ms | direct GFLOP/s | GEMM GFLOP/s |");
     println!("|---|---|---|---:|---:|---:|---:|---:|");
-    let layers: [(&str, usize, usize, usize, usize); 8] = [
+    let layers: [(&str, usize, usize, usize, usize); 9] = [
         ("compact head", 3, 8, 720, 1280),
         ("compact level 0", 8, 8, 720, 1280),
         ("compact tail", 8, 3, 720, 1280),
         ("compact level 1", 16, 16, 360, 640),
         ("compact level 2", 64, 64, 90, 160),
         ("compact level 3", 64, 64, 23, 40),
+        ("official CaVE level 0", 64, 64, 512, 512),
         ("SD VAE 128 ch", 128, 128, 256, 256),
         ("SD VAE 512 ch", 512, 512, 64, 64),
     ];

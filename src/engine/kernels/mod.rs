@@ -22,9 +22,19 @@ use std::sync::Arc;
 pub mod direct;
 
 /// Widest 3x3 stride-1 layer (input and output channels) that runs the
-/// direct kernel; wider ones are GEMM-bound and stay on im2col + GEMM
-/// (`cargo run --release --example bench_kernels` measures both).
+/// direct kernel; wider ones stay on im2col + GEMM, which there amortises its
+/// copy. Above [`DIRECT_NARROW`] channels the direct kernel runs only on
+/// frames at most [`DIRECT_MAX_WIDE_WIDTH`] px wide: `cargo run --release
+/// --example bench_kernels` measured it 2-3x faster than GEMM at 3-8
+/// channels, level at 16 channels and at 64 on 160 px, 2x faster at 64 on
+/// 40 px, and 1.8x slower at 64 channels on 512x512 (the official CaVE's
+/// first level), where the input rows and 16-channel weight blocks outgrow
+/// the caches.
 pub const DIRECT_MAX_CHANNELS: usize = 64;
+/// See [`DIRECT_MAX_CHANNELS`].
+pub const DIRECT_NARROW: usize = 16;
+/// See [`DIRECT_MAX_CHANNELS`].
+pub const DIRECT_MAX_WIDE_WIDTH: usize = 256;
 
 /// Raw pointer that may cross threads: each band writes a disjoint region.
 #[derive(Clone, Copy)]
@@ -96,6 +106,8 @@ pub struct ConvOp {
     pub relu: bool,
     /// the direct kernel's repacked weights, where it applies
     direct: Option<Arc<direct::Direct>>,
+    /// run the direct kernel at every frame width (see [`ConvOp::direct`])
+    always_direct: bool,
 }
 
 impl ConvOp {
@@ -115,20 +127,22 @@ impl ConvOp {
             None => vec![0.0; cout],
         };
         let weight = w.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.contiguous()?;
-        let op = Self { weight, bias, cin, cout, k: kh, stride, pad, relu, direct: None };
+        let mut op = Self { weight, bias, cin, cout, k: kh, stride, pad, relu, direct: None, always_direct: false };
         if cin <= DIRECT_MAX_CHANNELS && cout <= DIRECT_MAX_CHANNELS {
-            op.direct()
-        } else {
-            Ok(op)
+            op = op.direct()?;
+            op.always_direct = false;
         }
+        Ok(op)
     }
 
     /// The same convolution on the direct kernel where it applies (3x3,
-    /// stride 1, padding 1, an AVX-512 CPU), whatever its width.
+    /// stride 1, padding 1, an AVX-512 CPU), whatever its channels and the
+    /// frame's width (benchmarks and tests).
     pub fn direct(mut self) -> candle_core::Result<Self> {
         if self.k == 3 && self.stride == 1 && self.pad == [1; 4] && direct::available() {
             let w = self.weight.flatten_all()?.to_vec1::<f32>()?;
             self.direct = Some(Arc::new(direct::Direct::new(&w, self.cout, self.cin)));
+            self.always_direct = true;
         }
         Ok(self)
     }
@@ -137,10 +151,12 @@ impl ConvOp {
     /// compare the two paths).
     pub fn gemm_only(mut self) -> Self {
         self.direct = None;
+        self.always_direct = false;
         self
     }
 
-    /// Whether this layer runs the direct kernel.
+    /// Whether this layer has the direct kernel (narrow layers use it on any
+    /// frame, 17-64 channel layers on frames up to [`DIRECT_MAX_WIDE_WIDTH`]).
     pub fn is_direct(&self) -> bool {
         self.direct.is_some()
     }
@@ -254,7 +270,9 @@ impl ConvOp {
     /// y = act(conv(x) + b) (+ residual), x `[B, cin, H, W]`.
     fn run(&self, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
         if let Some(d) = &self.direct {
-            return Ok(self.run_direct(d, x, b, h, w, residual));
+            if self.always_direct || self.cin.max(self.cout) <= DIRECT_NARROW || w <= DIRECT_MAX_WIDE_WIDTH {
+                return Ok(self.run_direct(d, x, b, h, w, residual));
+            }
         }
         let (storage, layout) = self.weight.storage_and_layout();
         let weight = match &*storage {
@@ -761,7 +779,7 @@ mod tests {
             let reference = x.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
             let relu_res = (reference.relu().unwrap() + &r).unwrap();
             for relu in [false, true] {
-                let op = ConvOp::from_tensors(&wt, Some(&b), relu).unwrap();
+                let op = ConvOp::from_tensors(&wt, Some(&b), relu).unwrap().direct().unwrap();
                 assert_eq!(op.is_direct(), direct::available(), "{cin}->{cout} should take the direct path on AVX-512");
                 for op in [op.clone(), op.gemm_only()] {
                     let want = if relu { reference.relu().unwrap() } else { reference.clone() };
@@ -773,9 +791,10 @@ mod tests {
                 }
             }
         }
-        // wide layers stay on GEMM
+        // wide layers stay on GEMM unless asked
         let wide = Tensor::randn(0f32, 1., (128, 128, 3, 3), &dev).unwrap();
         assert!(!ConvOp::from_tensors(&wide, None, false).unwrap().is_direct());
+        assert_eq!(ConvOp::from_tensors(&wide, None, false).unwrap().direct().unwrap().is_direct(), direct::available());
     }
 
     #[test]
