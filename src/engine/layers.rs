@@ -192,12 +192,8 @@ impl CustomOp1 for GroupStatsOp {
         let out: Vec<f64> = x
             .par_chunks(n.max(1))
             .flat_map_iter(|xi| {
-                // two passes, f32 within 1024-element chunks, f64 across them
-                let mean = xi.chunks(1024).map(|c| c.iter().sum::<f32>() as f64).sum::<f64>() / n as f64;
-                let m32 = mean as f32;
-                let var = xi.chunks(1024).map(|c| c.iter().map(|&v| (v - m32) * (v - m32)).sum::<f32>() as f64).sum::<f64>() / n as f64;
-                let d = mean - m32 as f64;
-                [mean, (var - d * d).max(0.0)]
+                let (mean, var) = super::kernels::mean_var(xi);
+                [mean, var]
             })
             .collect();
         Ok((CpuStorage::F64(out), Shape::from((bg, 2))))

@@ -71,6 +71,20 @@ pub(crate) fn activation(n: usize) -> Vec<f32> {
     v
 }
 
+/// Mean and (biased) variance of one group, in two passes: f32 sums within
+/// 1024-element chunks, f64 across them. The deviations are taken from the
+/// mean rounded to f32, so the variance is corrected by the rounding's square
+/// (E[(x - m')^2] = var + (m - m')^2). Shared by the group norm and the
+/// VAE tiler's pooled statistics.
+pub(crate) fn mean_var(xi: &[f32]) -> (f64, f64) {
+    let n = xi.len().max(1) as f64;
+    let mean = xi.chunks(1024).map(|c| c.iter().sum::<f32>() as f64).sum::<f64>() / n;
+    let m32 = mean as f32;
+    let var = xi.chunks(1024).map(|c| c.iter().map(|&v| (v - m32) * (v - m32)).sum::<f32>() as f64).sum::<f64>() / n;
+    let d = mean - m32 as f64;
+    (mean, (var - d * d).max(0.0))
+}
+
 /// Run `f(first_row, rows)` over `m` rows split into one block per thread.
 fn par_row_blocks(m: usize, f: impl Fn(usize, usize) + Sync) {
     let per = m.div_ceil(rayon::current_num_threads().max(1)).max(1);
@@ -545,11 +559,7 @@ impl CustomOp1 for GroupNormOp {
         let mut out = activation(x.len());
         out.par_chunks_mut(cpg * hw).zip(x.par_chunks(cpg * hw)).enumerate().for_each(|(bg, (o, xi))| {
             let g = bg % self.groups;
-            // two passes, f32 within 1024-element chunks, f64 across them
-            let nel = (cpg * hw) as f64;
-            let mean = xi.chunks(1024).map(|c| c.iter().sum::<f32>() as f64).sum::<f64>() / nel;
-            let m32 = mean as f32;
-            let var = xi.chunks(1024).map(|c| c.iter().map(|&v| (v - m32) * (v - m32)).sum::<f32>() as f64).sum::<f64>() / nel;
+            let (mean, var) = mean_var(xi);
             let inv = 1.0 / (var + self.eps).sqrt();
             for (j, (oc, xc)) in o.chunks_mut(hw).zip(xi.chunks(hw)).enumerate() {
                 let ch = g * cpg + j;
