@@ -329,7 +329,8 @@ def main():
 
     rows = []
     for qf in qfs:
-        d = {m: os.path.join(out, 'q%d' % qf, m) for m in ('jpeg', 'codiff', 'codiff-x8', 'spp')}
+        methods = ('jpeg', 'codiff') + (('codiff-x8',) if a.self_ensemble else ()) + (() if a.no_spp else ('spp',))
+        d = {m: os.path.join(out, 'q%d' % qf, m) for m in methods}
         for p in d.values():
             shutil.rmtree(p, ignore_errors=True)
             os.makedirs(p)

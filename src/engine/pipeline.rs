@@ -51,7 +51,21 @@ struct Probe<'a> {
     cancel: super::Cancel,
 }
 
-impl Probe<'_> {
+impl<'a> Probe<'a> {
+    fn new(trace: Option<&'a mut Trace>, device: &Device, cancel: &super::Cancel) -> Self {
+        Probe { trace, times: vec![], t: std::time::Instant::now(), device: device.clone(), cancel: cancel.clone() }
+    }
+
+    /// Add `times` (another probe's stages) to this probe's, stage by stage.
+    fn add_times(&mut self, times: StageTimes) {
+        for (stage, secs) in times {
+            match self.times.iter_mut().find(|(s, _)| *s == stage) {
+                Some(e) => e.1 += secs,
+                None => self.times.push((stage, secs)),
+            }
+        }
+    }
+
     fn keep(&mut self, name: &str, t: &Tensor) {
         if let Some(tr) = self.trace.as_deref_mut() {
             tr.push((name.to_string(), t.clone()));
@@ -330,7 +344,7 @@ impl Engine {
     }
 
     fn run(&self, img: &mut RgbImage, opts: &RestoreOptions, trace: Option<&mut Trace>) -> Result<(f32, StageTimes)> {
-        let mut p = Probe { trace, times: vec![], t: std::time::Instant::now(), device: self.device.clone(), cancel: opts.cancel.clone() };
+        let mut p = Probe::new(trace, &self.device, &opts.cancel);
         opts.cancel.check()?;
         let x = self.to_tensor(img)?;
         p.keep("lq_raw", &x);
@@ -379,7 +393,7 @@ impl Engine {
         let xp = Cave::pad_to(x, 16)?;
         let (mut sum, mut q_sum) = (None::<Tensor>, 0f32);
         for t in 0..8u8 {
-            let mut member = Probe { trace: None, times: vec![], t: std::time::Instant::now(), device: p.device.clone(), cancel: p.cancel.clone() };
+            let mut member = Probe::new(None, &p.device, &p.cancel);
             let (y, q) = self.restore_frame(&dihedral(&xp, t, false)?, opts, &mut member)?;
             let y = dihedral(&y, t, true)?;
             sum = Some(match sum {
@@ -387,12 +401,7 @@ impl Engine {
                 Some(s) => (s + y)?,
             });
             q_sum += q;
-            for (stage, secs) in member.times {
-                match p.times.iter_mut().find(|(s, _)| *s == stage) {
-                    Some(e) => e.1 += secs,
-                    None => p.times.push((stage, secs)),
-                }
-            }
+            p.add_times(member.times);
         }
         p.t = std::time::Instant::now();
         let y = (sum.expect("eight members") / 8.0)?.narrow(2, 0, h)?.narrow(3, 0, w)?;

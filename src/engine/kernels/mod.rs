@@ -45,7 +45,7 @@ unsafe impl Sync for SendPtr {}
 /// Ask the kernel to back a large, not yet touched activation buffer with
 /// transparent huge pages (where THP is in `madvise` mode): one page fault
 /// per 2 MB instead of per 4 kB when the buffer is first written.
-fn huge_pages<T>(buf: &mut [T]) {
+fn huge_pages(buf: &mut [f32]) {
     const HUGE: usize = 2 << 20;
     let bytes = std::mem::size_of_val(buf);
     if bytes < 4 * HUGE {
@@ -141,22 +141,28 @@ impl ConvOp {
             None => vec![0.0; cout],
         };
         let weight = w.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.contiguous()?;
-        let mut op = Self { weight, bias, cin, cout, k: kh, stride, pad, relu, direct: None, always_direct: false };
+        let op = Self { weight, bias, cin, cout, k: kh, stride, pad, relu, direct: None, always_direct: false };
         if cin <= DIRECT_MAX_CHANNELS && cout <= DIRECT_MAX_CHANNELS {
-            op = op.direct()?;
-            op.always_direct = false;
+            op.with_direct(false)
+        } else {
+            Ok(op)
         }
-        Ok(op)
     }
 
     /// The same convolution on the direct kernel where it applies (3x3,
     /// stride 1, padding 1, an AVX-512 CPU), whatever its channels and the
     /// frame's width (benchmarks and tests).
-    pub fn direct(mut self) -> candle_core::Result<Self> {
+    pub fn direct(self) -> candle_core::Result<Self> {
+        self.with_direct(true)
+    }
+
+    /// Attach the direct kernel where it applies; `always`: on every frame
+    /// width, not only where [`DIRECT_MAX_CHANNELS`]' rule picks it.
+    fn with_direct(mut self, always: bool) -> candle_core::Result<Self> {
         if self.k == 3 && self.stride == 1 && self.pad == [1; 4] && direct::available() {
             let w = self.weight.flatten_all()?.to_vec1::<f32>()?;
             self.direct = Some(Arc::new(direct::Direct::new(&w, self.cout, self.cin)));
-            self.always_direct = true;
+            self.always_direct = always;
         }
         Ok(self)
     }
@@ -178,16 +184,12 @@ impl ConvOp {
     /// The direct kernel over row chunks of every image, in parallel.
     fn run_direct(&self, d: &direct::Direct, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> Vec<f32> {
         let (cin, cout) = (self.cin, self.cout);
-        let n = b * cout * h * w;
-        let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n);
-        // SAFETY: capacity n; MaybeUninit needs no initialisation
-        unsafe { out.set_len(n) };
-        huge_pages(&mut out);
+        let mut out = activation(b * cout * h * w);
         let threads = rayon::current_num_threads().max(1);
         // a few chunks per thread for balance, each at least a few rows
         let rows = h.div_ceil(4 * threads).max(4).min(h);
         let chunks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..h).step_by(rows).map(move |r0| (bi, r0))).collect();
-        let out_ptr = SendPtr(out.as_mut_ptr() as *mut f32);
+        let out_ptr = SendPtr(out.as_mut_ptr());
         let res_ptr = residual.map(|r| SendPtr(r.as_ptr() as *mut f32));
         chunks.par_iter().for_each(|&(bi, r0)| {
             let (out_ptr, res_ptr) = (out_ptr, res_ptr);
@@ -208,12 +210,7 @@ impl ConvOp {
                 )
             }
         });
-        // SAFETY: the chunks cover every row of every channel of every image,
-        // so all n values were written; MaybeUninit<f32> has f32's layout
-        unsafe {
-            let mut out = std::mem::ManuallyDrop::new(out);
-            Vec::from_raw_parts(out.as_mut_ptr() as *mut f32, n, out.capacity())
-        }
+        out
     }
 
     fn out_hw(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
