@@ -26,6 +26,19 @@ QFAttention: y = x + gamma * conv3x3(relu(bn(conv3x3(x)))) + beta, and CaVE call
              it with the constants gamma = beta = 1, i.e. y = x + res(x) + 1.
 BatchNorm eps is 1e-4.
 
+Quality conditioning (codiff's compact models only; ``cond > 0``), after FBCNN:
+the JPEG quality QF (the true one in training; at inference the model's own
+calibrated estimate, or the user's value) enters as c = 1 - QF/100 and
+
+  qf_embed          Linear(1, cond), ReLU, Linear(cond, cond), ReLU  (keys .0, .2)
+  to_gamma_L.0, to_beta_L.0   Linear(cond, nc[L-1]) for the up stages L = 3, 2, 1
+
+give per-channel gamma = 1 + tanh(to_gamma_L(e)) and beta = 1 + tanh(to_beta_L(e))
+for every QFAttention block of m_upL. FBCNN uses sigmoid / tanh; the 1 + tanh
+form makes zero-initialised heads reproduce the unconditioned model exactly
+(gamma = beta = 1), so a conditioned model starts from a trained one. Official
+``cave.pth`` files have none of these keys.
+
 With nb == 1 the official ``sequential()`` helper collapses one-element
 containers, so ``m_body_encoder.0.res.0.weight`` becomes
 ``m_body_encoder.res.0.weight``; this module reproduces that too.
@@ -62,17 +75,20 @@ class QFAttention(ResBlock):
         return x + (gamma * self.res(x) + beta)
 
 
+COND_PREFIXES = ("qf_embed.", "to_gamma_", "to_beta_")
+
+
 def _stack(blocks):
     # The official helper returns a lone module as is (key-name collapse for nb == 1).
     return blocks[0] if len(blocks) == 1 else nn.Sequential(*blocks)
 
 
 class CaVE(nn.Module):
-    def __init__(self, nc=(64, 128, 256, 512), nb=4, in_nc=3, out_nc=3, bn_momentum=0.1):
+    def __init__(self, nc=(64, 128, 256, 512), nb=4, in_nc=3, out_nc=3, bn_momentum=0.1, cond=0):
         super().__init__()
         nc = [int(c) for c in nc]
         assert len(nc) == 4 and nb >= 1
-        self.nc, self.nb = nc, nb
+        self.nc, self.nb, self.cond = nc, nb, int(cond)
         m = bn_momentum
 
         def blocks(ch, n=nb):
@@ -105,6 +121,17 @@ class CaVE(nn.Module):
             nn.Linear(nc[3], 1),
             nn.Sigmoid(),
         )
+        if self.cond > 0:
+            hid = self.cond
+            self.qf_embed = nn.Sequential(nn.Linear(1, hid), nn.ReLU(), nn.Linear(hid, hid), nn.ReLU())
+            # to_{gamma,beta}_L for up stage L = 3, 2, 1 (widths nc[2], nc[1], nc[0]),
+            # zero-initialised: gamma = beta = 1, the unconditioned model
+            for lvl in (3, 2, 1):
+                for kind in ("gamma", "beta"):
+                    lin = nn.Linear(hid, nc[lvl - 1])
+                    nn.init.zeros_(lin.weight)
+                    nn.init.zeros_(lin.bias)
+                    setattr(self, "to_%s_%d" % (kind, lvl), nn.Sequential(lin))
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -124,6 +151,16 @@ class CaVE(nn.Module):
         x4 = self.m_down3(x3)
         return x1, x2, x3, x4, self.m_body_encoder(x4)
 
+    def modulation(self, qf):
+        """qf: [B] qualities 0..100 -> {L: (gamma, beta)}, each [B, nc[L-1], 1, 1]."""
+        e = self.qf_embed((1.0 - qf.float() / 100.0)[:, None])
+        out = {}
+        for lvl in (3, 2, 1):
+            g = 1.0 + torch.tanh(getattr(self, "to_gamma_%d" % lvl)(e))
+            b = 1.0 + torch.tanh(getattr(self, "to_beta_%d" % lvl)(e))
+            out[lvl] = (g[:, :, None, None], b[:, :, None, None])
+        return out
+
     # ----------------------------------------------------------------- official API
     def get_visual_embedding(self, x):
         """[B,3,H,W] in [0,1] -> [B, floor(Hp/32)*floor(Wp/32), nc3] (Hp, Wp: pad to 8)."""
@@ -134,33 +171,36 @@ class CaVE(nn.Module):
         """[B,3,H,W] in [0,1] -> q [B,1] in (0,1); estimated QF = 100 * (1 - q)."""
         return self.qf_pred(self.encode(self.pad(x, 8))[-1])
 
-    def forward(self, x, pad_multiple=32):
+    def forward(self, x, pad_multiple=32, qf=None):
         """Returns (reconstruction [B,3,H,W], q [B,1]).
 
         The official forward pads to a multiple of 8 and so only works when that is
         also a multiple of 32; padding to 32 gives identical results in that case
-        and works for every size.
+        and works for every size. A conditioned model (cond > 0) restores as if the
+        JPEG quality were `qf` ([B] tensor, 0..100); None uses the raw estimate
+        100 (1 - q) (the Rust engine uses its calibrated estimate instead).
         """
         h, w = x.shape[-2:]
         x = self.pad(x, pad_multiple)
         x1, x2, x3, x4, x = self.encode(x)
-        qf = self.qf_pred(x)
+        q = self.qf_pred(x)
+        mod = {}
+        if self.cond > 0:
+            mod = self.modulation(qf if qf is not None else 100.0 * (1.0 - q.detach()[:, 0]))
         x = self.m_body_decoder(x)
-        x = x + x4
-        x = self.m_up3[0](x)
-        for blk in self.m_up3[1:]:
-            x = blk(x)
-        x = x + x3
-        x = self.m_up2[0](x)
-        for blk in self.m_up2[1:]:
-            x = blk(x)
-        x = x + x2
-        x = self.m_up1[0](x)
-        for blk in self.m_up1[1:]:
-            x = blk(x)
+        for lvl, up, skip in ((3, self.m_up3, x4), (2, self.m_up2, x3), (1, self.m_up1, x2)):
+            x = up[0](x + skip)
+            for blk in up[1:]:
+                x = blk(x, *mod[lvl]) if mod else blk(x)
         x = x + x1
         x = self.m_tail(x)
-        return x[..., :h, :w], qf
+        return x[..., :h, :w], q
+
+
+def cond_width(state_dict):
+    """Hidden width of the quality conditioning (0: an unconditioned model)."""
+    w = state_dict.get("qf_embed.0.weight")
+    return 0 if w is None else int(w.shape[0])
 
 
 def infer_config(state_dict):
@@ -195,7 +235,7 @@ def load_state_dict_file(path):
 
 def build_from_state_dict(sd, strict=True):
     nc, nb = infer_config(sd)
-    model = CaVE(nc=nc, nb=nb)
+    model = CaVE(nc=nc, nb=nb, cond=cond_width(sd))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # num_batches_tracked is optional in our safetensors files.
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]

@@ -12,6 +12,9 @@ one) and an image, this writes into --out:
       qf_pred              [1,1]       pred_qf (pad to 8), q in (0,1), QF = 100 * (1 - q)
       cave_reconstruction  [1,3,H,W]   forward (pad to 32, crop back), not clamped
       cave_reconstruction_qf [1,1]     q from forward's own (32-padded) encoder pass
+      cave_reconstruction_q20, _q70      with --cond: forward conditioned on QF 20 / 70
+                                       (cave_reconstruction is conditioned on the raw
+                                       estimate 100 (1 - q); the model has no calibration)
       debug.<module>       encoder intermediates during get_visual_embedding
   manifest.json          what the files are and how they were made
 
@@ -20,6 +23,7 @@ fixture exercises both padding rules; the random model uses distinct widths per
 stage and randomised BatchNorm statistics so layout or BN mistakes show up.
 
     python3 examples/export_reference.py --out tests/fixtures/compact
+    python3 examples/export_reference.py --cond 8 --out tests/fixtures/compact-cond
     python3 examples/export_reference.py --model runs/cave/final.safetensors --out target/fx
 """
 import argparse
@@ -46,6 +50,8 @@ def parse_args():
     ap.add_argument("--nc", default="4,8,12,16", help="widths of the random model")
     ap.add_argument("--nb", type=int, default=2, help="blocks per stage of the random model")
     ap.add_argument("--seed", type=int, default=20260211, help="seed of the random model")
+    ap.add_argument("--cond", type=int, default=0,
+                    help="random model with quality conditioning of this hidden width (random heads)")
     ap.add_argument("--image", default=os.path.join(ROOT, "tests", "fixtures", "codiff-tiny-a", "gt.png"),
                     help="clean source image (default: the astronaut crop of the official fixture, "
                          "tests/fixtures/codiff-tiny-a/gt.png)")
@@ -55,9 +61,9 @@ def parse_args():
     return ap.parse_args()
 
 
-def random_model(nc, nb, seed):
+def random_model(nc, nb, seed, cond=0):
     torch.manual_seed(seed)
-    model = CaVE(nc=nc, nb=nb)
+    model = CaVE(nc=nc, nb=nb, cond=cond)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
@@ -67,6 +73,11 @@ def random_model(nc, nb, seed):
                 m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
                 m.weight.copy_(0.5 + torch.rand(c, generator=g))
                 m.bias.copy_(0.1 * torch.randn(c, generator=g))
+        # conditioning heads start at zero in training; random here so gamma and
+        # beta differ per channel and per quality
+        for name, p in model.named_parameters():
+            if name.startswith(("to_gamma_", "to_beta_")):
+                p.copy_((3.0 if name.endswith("weight") else 1.0) * torch.randn(p.shape, generator=g))
     return model.eval()
 
 
@@ -84,13 +95,13 @@ def main():
         model = build_from_state_dict(sd)
         source = "trained model %s" % args.model
     else:
-        model = random_model([int(c) for c in args.nc.split(",")], args.nb, args.seed)
+        model = random_model([int(c) for c in args.nc.split(",")], args.nb, args.seed, args.cond)
         source = "random init (torch defaults, seed %d) with randomised BN affine/running stats" % args.seed
     model.eval()
     sd = export_state_dict(model)
     model_path = os.path.join(args.out, "model.safetensors")
     save_file(sd, model_path, metadata={
-        "format": "codiff-cave", "nc": ",".join(map(str, model.nc)), "nb": str(model.nb)})
+        "format": "codiff-cave", "nc": ",".join(map(str, model.nc)), "nb": str(model.nb), "cond": str(model.cond)})
 
     # Test input: crop of the clean image, JPEG (4:2:0) round trip through Pillow.
     y, x, h, w = (int(v) for v in args.crop.split(","))
@@ -119,13 +130,16 @@ def main():
         rec, q = model(lq)
         out["cave_reconstruction"] = rec
         out["cave_reconstruction_qf"] = q
+        if model.cond:
+            for qf in (20, 70):
+                out["cave_reconstruction_q%d" % qf] = model(lq, qf=torch.tensor([float(qf)]))[0]
     out = {k: v.contiguous() for k, v in out.items()}
     ref_path = os.path.join(args.out, "reference.safetensors")
     save_file(out, ref_path, metadata={"format": "codiff-cave-reference"})
 
     manifest = {
         "generator": "examples/export_reference.py (PyTorch %s, CPU, float32)" % torch.__version__,
-        "model": {"source": source, "nc": model.nc, "nb": model.nb,
+        "model": {"source": source, "nc": model.nc, "nb": model.nb, "cond": model.cond,
                   "num_params": int(sum(v.numel() for k, v in sd.items()
                                         if "running_" not in k))},
         "input": {"image": os.path.basename(args.image), "crop_yxhw": [y, x, h, w],

@@ -69,6 +69,10 @@ struct Args {
     /// Restore under the 8 flips and transposes and average (8x the time)
     #[arg(long)]
     self_ensemble: bool,
+    /// Restore as if the JPEG quality were this (1-100; lower smooths more), for
+    /// quality-conditioned models such as the default; unset: the model's estimate
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    qf: Option<u32>,
 }
 
 fn main() -> anyhow_free::Result {
@@ -103,6 +107,7 @@ fn run(args: Args) -> anyhow_free::Result {
             FixArg::None => ColorFix::None,
         },
         self_ensemble: args.self_ensemble,
+        quality: args.qf.map(|q| q as f32),
         ..args.tiles.options()
     };
     let t0 = Instant::now();

@@ -8,6 +8,11 @@ subsampling, and the loss is
 
     L1(reconstruction, clean) + --qf-weight * L1(q, (100 - QF) / 100)
 
+With --cond N the model is quality-conditioned (see cave_model.py): its decoder
+is told the crop's true quality, jittered by up to +-(--cond-jitter) so that it
+tolerates the estimate's error at inference. --init from an unconditioned model
+adds the conditioning exactly (zero heads: the same output at step 0).
+
 Optimiser: Adam(lr=--lr, betas 0.9/0.999), linear warm-up for --warmup steps,
 then cosine decay to --lr * --lr-final-ratio at --steps. BatchNorm runs in
 train mode during training; export switches to eval mode (running stats),
@@ -38,7 +43,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cave_model import CaVE, build_from_state_dict, export_state_dict, infer_config, load_state_dict_file  # noqa: E402
+from cave_model import (COND_PREFIXES, CaVE, build_from_state_dict, export_state_dict,  # noqa: E402
+                        infer_config, load_state_dict_file)
 
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Photos of examples/get_images.py: $CODIFF_DATA, else data/ in the repository.
@@ -54,6 +60,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="runs/cave", help="run directory (checkpoints, final export)")
     ap.add_argument("--nc", default="8,16,64,64", help="channel widths c0,c1,c2,c3")
     ap.add_argument("--nb", type=int, default=2, help="residual blocks per stage (>= 2 keeps official key names)")
+    ap.add_argument("--cond", type=int, default=0,
+                    help="quality conditioning: hidden width of the QF embedding (0: none)")
+    ap.add_argument("--cond-jitter", type=float, default=3.0,
+                    help="with --cond: the conditioning quality is the true one +- up to this")
     ap.add_argument("--batch", type=int, default=16, help="crops per step")
     ap.add_argument("--crop-min", type=int, default=96, help="smallest crop side (multiple of 8)")
     ap.add_argument("--crop-max", type=int, default=128, help="largest crop side (multiple of 8)")
@@ -194,7 +204,9 @@ def evaluate(model, evalset):
     for q, c, l in evalset:
         ct = torch.from_numpy(c.copy()).permute(2, 0, 1)[None].float() / 255
         lt = torch.from_numpy(l.copy()).permute(2, 0, 1)[None].float() / 255
-        rec, qp = model(lt.to(dev))
+        # a conditioned model is told the true quality here (the Rust engine
+        # uses its calibrated estimate, which raw BatchNorm-eval q is not)
+        rec, qp = model(lt.to(dev), qf=torch.tensor([float(q)], device=dev) if model.cond else None)
         rec = rec.cpu()
         r = res.setdefault(q, [0.0, 0.0, 0.0, 0])
         r[0] += psnr(lt, ct)
@@ -209,7 +221,7 @@ def evaluate(model, evalset):
 # ---------------------------------------------------------------------------- model
 def build_model(args):
     nc = [int(c) for c in args.nc.split(",")]
-    model = CaVE(nc=nc, nb=args.nb, bn_momentum=args.bn_momentum)
+    model = CaVE(nc=nc, nb=args.nb, bn_momentum=args.bn_momentum, cond=args.cond)
     # Start every residual branch near zero so the untrained net is close to
     # identity-plus-skips (faster, steadier start on CPU budgets).
     for name, mod in model.named_modules():
@@ -281,7 +293,9 @@ def widen_into(model, sd):
     (the m_up*.0 keys).
     """
     own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    # an unconditioned source gains the conditioning, whose zero heads keep its function
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")
+               and not k.startswith(COND_PREFIXES)]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
         raise KeyError("weights do not match: missing %s unexpected %s" % (missing, unexpected))
@@ -370,7 +384,7 @@ def export(args):
         run_args = state.get("args", {})
         nc = [int(c) for c in run_args.get("nc", args.nc).split(",")]
         nb = int(run_args.get("nb", args.nb))
-        model = CaVE(nc=nc, nb=nb)
+        model = CaVE(nc=nc, nb=nb, cond=int(run_args.get("cond", 0) or 0))
         model.load_state_dict(state["model"], strict=True)
     model.to(torch.device(args.device))
     # training photos, read once for both BN re-estimation and the QF calibration
@@ -387,8 +401,10 @@ def export(args):
         "nc": ",".join(str(c) for c in nc),
         "nb": str(nb),
         "step": str(state.get("step", 0)),
+        "cond": str(model.cond),
         "train": json.dumps({k: run_args.get(k) for k in
-                             ("lr", "batch", "crop_min", "crop_max", "qf_min", "qf_max", "qf_weight", "steps")}),
+                             ("lr", "batch", "crop_min", "crop_max", "qf_min", "qf_max", "qf_weight", "steps",
+                              "cond", "cond_jitter")}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
     save_file(sd, args.export, metadata=meta)
@@ -461,7 +477,11 @@ def train(args):
         acc["data"] += time.time() - td
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        rec, q = model(lq.contiguous(memory_format=fmt))
+        cond_qf = None
+        if args.cond:
+            jit = (torch.rand(qf.shape, device=device) * 2 - 1) * args.cond_jitter
+            cond_qf = (qf + jit).clamp(1.0, 100.0)
+        rec, q = model(lq.contiguous(memory_format=fmt), qf=cond_qf)
         target_q = (100.0 - qf[:, None]) / 100.0
         l1 = F.l1_loss(rec, clean)
         lqf = F.l1_loss(q, target_q)

@@ -41,6 +41,52 @@ fn compact_model_matches_pytorch() {
     }
 }
 
+/// A quality-conditioned model (`tests/fixtures/compact-cond/`: random
+/// conditioning heads, so gamma and beta differ per channel and quality)
+/// restores as PyTorch does for a given quality and for its own estimate.
+#[test]
+fn conditioned_model_matches_pytorch() {
+    let d = dir().with_file_name("compact-cond");
+    let r = candle_core::safetensors::load(d.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let spec = ModelSpec { mode: Mode::Cave, weights: d.join("model.safetensors"), ..ModelSpec::compact_default() };
+    let engine = Engine::load(&spec, &mut |_| {}).unwrap();
+    let cave = engine.cave();
+    assert!(cave.conditioned());
+    let x = &r["lq_raw"];
+    let cancel = gstcodiff::engine::Cancel::new();
+    for (name, quality) in [("cave_reconstruction", None), ("cave_reconstruction_q20", Some(20.0)), ("cave_reconstruction_q70", Some(70.0))] {
+        let (rec, q) = cave.reconstruct_tiled(x, 0, &cancel, quality).unwrap();
+        let err = max_abs(&rec, &r[name]);
+        eprintln!("{name}: {err:.2e}");
+        assert!(err <= 1e-4, "{name}: max abs error {err}");
+        assert!(max_abs(&q, &r["cave_reconstruction_qf"]) <= 1e-5, "q does not depend on the quality");
+    }
+    // the qualities matter far beyond the tolerance
+    assert!(max_abs(&r["cave_reconstruction_q20"], &r["cave_reconstruction_q70"]) > 1e-2);
+
+    // RestoreOptions::quality reaches the model; None is the estimate path,
+    // which equals naming the estimate
+    let png = image::open(d.join("input.png")).unwrap().to_rgb8();
+    let img = RgbImage { width: png.width() as usize, height: png.height() as usize, data: png.into_raw() };
+    let restored = |quality| {
+        let mut out = img.clone();
+        let qf = engine.restore(&mut out, &RestoreOptions { quality, ..Default::default() }).unwrap();
+        (out, qf)
+    };
+    let (own, estimate) = restored(None);
+    assert_eq!(restored(Some(estimate)).0.data, own.data);
+    assert_ne!(restored(Some(20.0)).0.data, restored(Some(70.0)).0.data);
+    // an unconditioned model ignores it
+    let spec = ModelSpec { mode: Mode::Cave, weights: dir().join("model.safetensors"), ..ModelSpec::compact_default() };
+    let plain = Engine::load(&spec, &mut |_| {}).unwrap();
+    assert!(!plain.cave().conditioned());
+    let mut a = img.clone();
+    let mut b = img.clone();
+    plain.restore(&mut a, &RestoreOptions { quality: Some(20.0), ..Default::default() }).unwrap();
+    plain.restore(&mut b, &RestoreOptions::default()).unwrap();
+    assert_eq!(a.data, b.data);
+}
+
 /// `img` flipped left-right, or transposed.
 fn transformed(img: &RgbImage, transpose: bool) -> RgbImage {
     let (w, h) = (img.width, img.height);

@@ -299,6 +299,7 @@ impl Settings {
             vae_encoder_tile: self.vae_encoder_tile as usize,
             vae_decoder_tile: self.vae_decoder_tile as usize,
             cave_tile,
+            quality: (self.qf > 0).then_some(self.qf as f32),
             ..Default::default()
         };
         (options, warnings)
@@ -403,7 +404,9 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
                 .build(),
             glib::ParamSpecUInt::builder("qf")
                 .nick("Quality factor")
-                .blurb("Known JPEG quality (1-100) reported instead of CaVE's estimate; 0 = estimate")
+                .blurb("JPEG quality (1-100) to restore for and report instead of CaVE's estimate: \
+                        a quality-conditioned model (the default one) smooths more at lower values; \
+                        0 = CaVE's estimate")
                 .maximum(100)
                 .default_value(DEFAULT_QF)
                 .mutable_playing()

@@ -9,6 +9,12 @@
 //! reference's QFAttention run with gamma = beta = 1, i.e. `x + res(x) + 1`, `m_tail`) reconstructs the
 //! clean image: it is the restorer of `mode=cave`.
 //!
+//! codiff's own models may add FBCNN-style quality conditioning (`qf_embed.*`,
+//! `to_gamma_L.*`, `to_beta_L.*`; see [`QfConditioning`]): the decoder then
+//! restores as if the JPEG quality were a given QF (the model's own estimate
+//! unless the caller names one), with per-channel gamma and beta in place of
+//! the constant 1s. Official files have none of these keys.
+//!
 //! Sizes (`nc`, `nb`) come from the tensors themselves, so the official
 //! `cave.pth` (nc [64,128,256,512], nb 4) and our compact model load alike.
 //! BatchNorm (eval mode, eps 1e-4) is folded into the convolution before it.
@@ -88,6 +94,9 @@ impl Up {
 struct ResBlock {
     conv1: Conv,
     conv2: Conv,
+    /// conv2's own weight and bias (no shift folded in), kept by the decoder's
+    /// QFAttention blocks of conditioned models to build the modulated conv2.
+    raw2: Option<(Tensor, Tensor)>,
 }
 
 impl ResBlock {
@@ -142,13 +151,15 @@ impl Loader<'_> {
     }
 
     fn resblock(&self, p: &str, c: usize) -> Result<ResBlock> {
-        self.resblock_shifted(p, c, 0.0)
+        self.resblock_shifted(p, c, 0.0, false)
     }
 
     /// `x + res(x) + beta`: the decoder's QFAttention blocks, which the
     /// reference runs with gamma = beta = 1 (beta is folded into the bias).
-    fn resblock_shifted(&self, p: &str, c: usize, beta: f64) -> Result<ResBlock> {
+    /// `keep_raw` keeps conv2's own weight and bias for [`QfConditioning`].
+    fn resblock_shifted(&self, p: &str, c: usize, beta: f64, keep_raw: bool) -> Result<ResBlock> {
         let conv2 = self.conv_raw(&format!("{p}.res.3"), c, c, 3, 1)?;
+        let raw2 = keep_raw.then(|| (conv2.weight().clone(), conv2.bias().expect("bias").clone()));
         let conv2 = if beta != 0.0 {
             let b = (conv2.bias().expect("bias") + beta)?;
             Conv2d::new(conv2.weight().clone(), Some(b), *conv2.config())
@@ -157,7 +168,7 @@ impl Loader<'_> {
         };
         let cpu = self.dev.is_cpu();
         let conv1 = self.conv_bn(&format!("{p}.res.0"), &format!("{p}.res.1"), c)?;
-        Ok(ResBlock { conv1: Conv::new(conv1, true, cpu)?, conv2: Conv::new(conv2, false, cpu)? })
+        Ok(ResBlock { conv1: Conv::new(conv1, true, cpu)?, conv2: Conv::new(conv2, false, cpu)?, raw2 })
     }
 
     /// `nb` ResBlocks at `p.{offset}..`; PyTorch names a lone module without the
@@ -192,8 +203,51 @@ pub struct Cave {
     qf_blocks: Vec<ResBlock>,
     qf_linear: [Linear; 3],
     qf_calibration: Option<QfCalibration>,
+    conditioning: Option<QfConditioning>,
     device: Device,
 }
+
+/// FBCNN-style quality conditioning of codiff's own models: c = 1 - QF/100
+/// through `qf_embed` (Linear(1,H), ReLU, Linear(H,H), ReLU) to per-channel
+/// gamma = 1 + tanh(to_gamma_L(e)) and beta = 1 + tanh(to_beta_L(e)) for the
+/// QFAttention blocks of up stage L (`x + gamma * res(x) + beta`). Zero heads
+/// give gamma = beta = 1, the unconditioned model (how training starts).
+struct QfConditioning {
+    embed: [Linear; 2],
+    /// (to_gamma_L, to_beta_L) for L = 1, 2, 3 (index 0, 1, 2 of `Cave::up`)
+    heads: [(Linear, Linear); 3],
+}
+
+impl QfConditioning {
+    fn load(l: &Loader, nc: [usize; 4]) -> Result<Option<Self>> {
+        if !l.f.contains("qf_embed.0.weight") {
+            return Ok(None);
+        }
+        let hidden = l.f.get("qf_embed.0.weight")?.dims().first().copied().unwrap_or(0);
+        let head = |kind: &str, lvl: usize| l.linear(&format!("to_{kind}_{lvl}.0"), hidden, nc[lvl - 1]);
+        Ok(Some(Self {
+            embed: [l.linear("qf_embed.0", 1, hidden)?, l.linear("qf_embed.2", hidden, hidden)?],
+            heads: [
+                (head("gamma", 1)?, head("beta", 1)?),
+                (head("gamma", 2)?, head("beta", 2)?),
+                (head("gamma", 3)?, head("beta", 3)?),
+            ],
+        }))
+    }
+
+    /// (gamma, beta), each `[C_L]`, for up stages L = 1, 2, 3 at quality `qf`.
+    fn modulation(&self, qf: f32, dev: &Device) -> Result<[(Tensor, Tensor); 3]> {
+        let c = Tensor::new(&[[1.0 - qf.clamp(0.0, 100.0) / 100.0]], dev)?;
+        let e = self.embed[1].forward(&self.embed[0].forward(&c)?.relu()?)?.relu()?;
+        let one = |lin: &Linear| -> Result<Tensor> { Ok((lin.forward(&e)?.tanh()? + 1.0)?.squeeze(0)?) };
+        let [a, b, c] = &self.heads;
+        Ok([(one(&a.0)?, one(&a.1)?), (one(&b.0)?, one(&b.1)?), (one(&c.0)?, one(&c.1)?)])
+    }
+}
+
+/// The decoder's QFAttention conv2s with one quality's gamma and beta folded
+/// in (`gamma * (W x + b) + beta`), per up stage and block.
+struct Modulated([Vec<Conv>; 3]);
 
 /// Optional `qf_calibration` tensor `[2, K]` of codiff's own exports: raw
 /// estimates (row 0, increasing) and the qualities they stand for (row 1).
@@ -275,13 +329,15 @@ impl Cave {
         let config = Self::config_of(f)?;
         let CaveConfig { nc, nb } = config;
         let l = Loader { f, dev: device };
+        let conditioning = QfConditioning::load(&l, nc)?;
+        let conditioned = conditioning.is_some();
         let down = |i: usize, k: usize| -> Result<(Vec<ResBlock>, Conv)> {
             let p = format!("m_down{}", i + 1);
             Ok((l.blocks(&p, 0, nb, nc[i], false)?, l.conv(&format!("{p}.{nb}"), nc[i], nc[i + 1], k, k)?))
         };
         let up = |i: usize, k: usize| -> Result<(Up, Vec<ResBlock>)> {
             let p = format!("m_up{}", i + 1);
-            let blocks = (1..=nb).map(|j| l.resblock_shifted(&format!("{p}.{j}"), nc[i], 1.0)).collect::<Result<_>>()?;
+            let blocks = (1..=nb).map(|j| l.resblock_shifted(&format!("{p}.{j}"), nc[i], 1.0, conditioned)).collect::<Result<_>>()?;
             Ok((l.up(&format!("{p}.0"), nc[i + 1], nc[i], k)?, blocks))
         };
         Ok(Self {
@@ -299,6 +355,7 @@ impl Cave {
                 l.linear(&format!("qf_pred.{}", nb + 6), nc[3], 1)?,
             ],
             qf_calibration: QfCalibration::load(f)?,
+            conditioning,
             device: device.clone(),
         })
     }
@@ -441,7 +498,13 @@ impl Cave {
 
     /// Full forward: the reconstructed image `[B,3,H,W]` (unclamped) and q.
     pub fn reconstruct(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.reconstruct_tiled(x, 0, &Cancel::new())
+        self.reconstruct_tiled(x, 0, &Cancel::new(), None)
+    }
+
+    /// Whether the model has quality conditioning ([`QfConditioning`]), so
+    /// that the `quality` of [`Cave::reconstruct_tiled`] steers it.
+    pub fn conditioned(&self) -> bool {
+        self.conditioning.is_some()
     }
 
     /// [`Cave::reconstruct`] in tiles of at most `tile` pixels a side (0 =
@@ -451,22 +514,41 @@ impl Cave {
     /// (up to float summation order) while memory is bounded by one tile's
     /// activations plus the frame buffers. q comes from the QF head on the
     /// stitched encoder output, as [`Cave::embed_tiled`] does.
-    pub fn reconstruct_tiled(&self, x: &Tensor, tile: usize, cancel: &Cancel) -> Result<(Tensor, Tensor)> {
+    ///
+    /// A conditioned model restores as if the JPEG quality were `quality`
+    /// (0..100), or its own calibrated estimate [`Cave::qf`] when None; the
+    /// estimate of a tiled frame comes from an encoder-only pass
+    /// ([`Cave::embed_tiled`]) first, as every tile needs it. Unconditioned
+    /// models ignore `quality`.
+    pub fn reconstruct_tiled(&self, x: &Tensor, tile: usize, cancel: &Cancel, quality: Option<f32>) -> Result<(Tensor, Tensor)> {
         let (_, _, h, w) = x.dims4()?;
         let xp = Self::pad_to(x, 32)?;
         let (_, _, hp, wp) = xp.dims4()?;
+        let given = match quality {
+            Some(qf) => self.modulated(qf)?,
+            None => None,
+        };
         let (y, body) = if tile == 0 || (hp <= tile && wp <= tile) {
             let f = self.encode(&xp)?;
             let body = f.body.clone();
-            (self.decode(f)?, body)
+            let m = match (&given, self.conditioned()) {
+                (None, true) => self.modulated(self.qf(Self::first(&self.q_of(&body)?)?))?,
+                _ => None,
+            };
+            (self.decode(f, given.as_ref().or(m.as_ref()))?, body)
         } else {
+            let m = match (&given, self.conditioned()) {
+                (None, true) => self.modulated(self.qf(Self::first(&self.embed_tiled(&xp, tile)?.1)?))?,
+                _ => None,
+            };
+            let m = given.as_ref().or(m.as_ref());
             let plan = Plan::exact(hp, wp, tile, self.reconstruct_margin(), 32, 1, "CaVE")?;
             let mut cores = Vec::with_capacity(plan.len());
             let y = plan.run(&xp, 1, cancel, |spans, xs| {
                 let (r, c) = spans[0];
                 let f = self.encode(&xs[0])?;
                 cores.push(f.body.narrow(2, r.skip / 32, r.take / 32)?.narrow(3, c.skip / 32, c.take / 32)?);
-                Ok(vec![self.decode(f)?])
+                Ok(vec![self.decode(f, m)?])
             })?;
             // tiles ran row by row: stitch the encoder outputs the same way
             let rows = cores.chunks(plan.cols.len()).map(|r| Tensor::cat(r, 3)).collect::<candle_core::Result<Vec<_>>>()?;
@@ -476,11 +558,46 @@ impl Cave {
         Ok((y.narrow(2, 0, h)?.narrow(3, 0, w)?, q))
     }
 
-    /// The decoder half on encoder features: the reconstructed (padded) image.
-    fn decode(&self, f: Features) -> Result<Tensor> {
+    /// The first value of a q tensor `[B,1]` (frames restore one at a time).
+    fn first(q: &Tensor) -> Result<f32> {
+        Ok(q.flatten_all()?.get(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+    }
+
+    /// The decoder's QFAttention conv2s modulated for quality `qf`; None for
+    /// an unconditioned model.
+    fn modulated(&self, qf: f32) -> Result<Option<Modulated>> {
+        let Some(c) = &self.conditioning else { return Ok(None) };
+        let m = c.modulation(qf, &self.device)?;
+        let cpu = self.device.is_cpu();
+        let level = |i: usize| -> Result<Vec<Conv>> {
+            let (g, beta) = &m[i];
+            let ch = g.dim(0)?;
+            self.up[i]
+                .1
+                .iter()
+                .map(|blk| {
+                    let (w, b) = blk.raw2.as_ref().expect("conditioned models keep conv2's weights");
+                    let w = w.broadcast_mul(&g.reshape((ch, 1, 1, 1))?)?;
+                    let b = ((b * g)? + beta)?;
+                    Ok(Conv::new(Conv2d::new(w, Some(b), Conv2dConfig { padding: 1, ..Default::default() }), false, cpu)?)
+                })
+                .collect()
+        };
+        Ok(Some(Modulated([level(0)?, level(1)?, level(2)?])))
+    }
+
+    /// The decoder half on encoder features: the reconstructed (padded)
+    /// image; `m` replaces the QFAttention conv2s (quality conditioning).
+    fn decode(&self, f: Features, m: Option<&Modulated>) -> Result<Tensor> {
         let mut y = run_blocks(&self.body_decoder, &f.body)?;
         for (i, (conv, blocks)) in self.up.iter().enumerate().rev() {
-            y = run_blocks(blocks, &conv.forward(&(y + &f.skips[i + 1])?)?)?;
+            y = conv.forward(&(y + &f.skips[i + 1])?)?;
+            for (j, b) in blocks.iter().enumerate() {
+                y = match m {
+                    Some(m) => m.0[i][j].forward(&b.conv1.forward(&y, None)?, Some(&y))?,
+                    None => b.forward(&y)?,
+                };
+            }
         }
         Ok(self.tail.forward(&(y + &f.skips[0])?, None)?)
     }
@@ -610,6 +727,70 @@ mod tests {
         assert!(err.contains("192 px margins"), "{err}");
     }
 
+    /// Conditioning tensors of hidden width 6: random, or zero heads.
+    fn add_conditioning(t: &mut std::collections::HashMap<String, Tensor>, nc: [usize; 4], zero_heads: bool) {
+        let dev = Device::Cpu;
+        let rand = |shape: &[usize]| Tensor::randn(0f32, 1., shape, &dev).unwrap();
+        t.insert("qf_embed.0.weight".into(), rand(&[6, 1]));
+        t.insert("qf_embed.0.bias".into(), rand(&[6]));
+        t.insert("qf_embed.2.weight".into(), rand(&[6, 6]));
+        t.insert("qf_embed.2.bias".into(), rand(&[6]));
+        for lvl in 1..=3 {
+            for kind in ["gamma", "beta"] {
+                let (w, b) = if zero_heads {
+                    (Tensor::zeros((nc[lvl - 1], 6), DType::F32, &dev).unwrap(), Tensor::zeros(nc[lvl - 1], DType::F32, &dev).unwrap())
+                } else {
+                    (rand(&[nc[lvl - 1], 6]), rand(&[nc[lvl - 1]]))
+                };
+                t.insert(format!("to_{kind}_{lvl}.0.weight"), w);
+                t.insert(format!("to_{kind}_{lvl}.0.bias"), b);
+            }
+        }
+    }
+
+    #[test]
+    fn conditioning_steers_the_decoder_and_tiles_alike() {
+        let cfg = CaveConfig { nc: [4, 8, 8, 16], nb: 1 };
+        let path = std::path::Path::new("m.safetensors");
+        let base = synthetic_tensors(cfg, false).unwrap();
+        let plain = Cave::load(&TensorFile::from_tensors(path, base.clone()), &Device::Cpu).unwrap();
+        let x = Tensor::rand(0f32, 1., (1, 3, 450, 700), &Device::Cpu).unwrap();
+        let (y_plain, _) = plain.reconstruct(&x).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        // zero heads: gamma = beta = 1 at every quality, the unconditioned model
+        let mut t = base.clone();
+        add_conditioning(&mut t, cfg.nc, true);
+        let zero = Cave::load(&TensorFile::from_tensors(path, t), &Device::Cpu).unwrap();
+        assert!(zero.conditioned() && !plain.conditioned());
+        for quality in [None, Some(5.0), Some(90.0)] {
+            let (y, _) = zero.reconstruct_tiled(&x, 0, &Cancel::new(), quality).unwrap();
+            assert!(diff(&y, &y_plain) < 1e-5, "{quality:?}");
+        }
+        // random heads: the quality changes the output; tiles equal the whole
+        // frame, also when the tiles need the whole frame's estimate first
+        let mut t = base.clone();
+        add_conditioning(&mut t, cfg.nc, false);
+        let cond = Cave::load(&TensorFile::from_tensors(path, t.clone()), &Device::Cpu).unwrap();
+        let tile = 2 * cond.reconstruct_margin() + 64;
+        let scale = y_plain.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        let (a, q) = cond.reconstruct_tiled(&x, 0, &Cancel::new(), Some(10.0)).unwrap();
+        let (b, _) = cond.reconstruct_tiled(&x, 0, &Cancel::new(), Some(80.0)).unwrap();
+        assert!(diff(&a, &b) > 1e-3 * scale);
+        let (own, _) = cond.reconstruct(&x).unwrap();
+        let est = cond.qf(q.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]);
+        let (named, _) = cond.reconstruct_tiled(&x, 0, &Cancel::new(), Some(est)).unwrap();
+        assert_eq!(diff(&own, &named), 0.0, "None is the estimate path");
+        for quality in [None, Some(10.0)] {
+            let whole = if quality.is_some() { &a } else { &own };
+            let (tiled, _) = cond.reconstruct_tiled(&x, tile, &Cancel::new(), quality).unwrap();
+            assert!(diff(&tiled, whole) <= 1e-5 * scale, "{quality:?}: {}", diff(&tiled, whole));
+        }
+        // a conditioned file missing a head names the file and the key
+        t.remove("to_beta_2.0.bias");
+        let err = Cave::load(&TensorFile::from_tensors(path, t), &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("m.safetensors") && err.contains("to_beta_2.0.bias"), "{err}");
+    }
+
     #[test]
     fn tiled_reconstruction_equals_the_whole_frame() {
         let cfg = CaveConfig { nc: [4, 8, 8, 16], nb: 1 };
@@ -623,7 +804,7 @@ mod tests {
         let (whole, q_whole) = cave.reconstruct(&x).unwrap();
         let scale = whole.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
         for tile in [2 * margin + 64, 2 * margin + 192] {
-            let (tiled, q) = cave.reconstruct_tiled(&x, tile, &Cancel::new()).unwrap();
+            let (tiled, q) = cave.reconstruct_tiled(&x, tile, &Cancel::new(), None).unwrap();
             assert_eq!(tiled.dims(), whole.dims());
             let diff = (&tiled - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff <= 1e-5 * scale, "tile {tile}: max |diff| {diff} (scale {scale})");
@@ -633,10 +814,10 @@ mod tests {
         // with margins one scale-32 block short, the seams show: the margin is not slack
         let plan = Plan::exact(480, 704, 2 * margin, margin - 64, 32, 1, "t").unwrap();
         let xp = Cave::pad_to(&x, 32).unwrap();
-        let short = plan.run(&xp, 1, &Cancel::new(), |_, xs| Ok(vec![cave.decode(cave.encode(&xs[0])?)?])).unwrap();
+        let short = plan.run(&xp, 1, &Cancel::new(), |_, xs| Ok(vec![cave.decode(cave.encode(&xs[0])?, None)?])).unwrap();
         let diff = (short.narrow(2, 0, 450).unwrap().narrow(3, 0, 700).unwrap() - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff > 1e-4 * scale, "{diff}");
-        let err = cave.reconstruct_tiled(&x, 300, &Cancel::new()).unwrap_err().to_string();
+        let err = cave.reconstruct_tiled(&x, 300, &Cancel::new(), None).unwrap_err().to_string();
         assert!(err.contains("CaVE tile 300 px"), "{err}");
     }
 }

@@ -202,6 +202,10 @@ pub struct RestoreOptions {
     /// (reconstruction needs at least `2 * Cave::reconstruct_margin() + 32`:
     /// 800 px for the compact model). 0 = never tile.
     pub cave_tile: usize,
+    /// `Mode::Cave` with a quality-conditioned model: restore as if the JPEG
+    /// quality were this (0..100; lower smooths more). None: the model's own
+    /// estimate. Unconditioned models (official `cave.pth`) ignore it.
+    pub quality: Option<f32>,
     /// Geometric self-ensemble: restore under the 8 flips and transposes and
     /// average (8x the time; for stills). Off by default.
     pub self_ensemble: bool,
@@ -211,7 +215,7 @@ pub struct RestoreOptions {
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_encoder_tile: 1024, vae_decoder_tile: 224, cave_tile: 2048, self_ensemble: false, cancel: Cancel::default() }
+        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_encoder_tile: 1024, vae_decoder_tile: 224, cave_tile: 2048, quality: None, self_ensemble: false, cancel: Cancel::default() }
     }
 }
 

@@ -367,7 +367,7 @@ impl Engine {
     fn restore_frame(&self, x: &Tensor, opts: &RestoreOptions, p: &mut Probe) -> Result<(Tensor, f32)> {
         Ok(match &self.diffusion {
             None => {
-                let (y, q) = self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel)?;
+                let (y, q) = self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel, opts.quality)?;
                 p.keep("cave_reconstruction", &y);
                 p.keep("qf_pred", &q);
                 Self::check_finite(&y, "CaVE reconstruction", Precision::F32)?;
@@ -376,7 +376,7 @@ impl Engine {
             }
             Some(d) => {
                 if p.tracing() {
-                    p.keep("cave_reconstruction", &self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel)?.0);
+                    p.keep("cave_reconstruction", &self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel, opts.quality)?.0);
                 }
                 self.diffuse(d, x, opts, p)?
             }
