@@ -11,7 +11,11 @@
 //!   depth-to-space).
 //!
 //! Narrow 3x3 layers (at most [`DIRECT_MAX_CHANNELS`] channels in and out)
-//! skip im2col on CPUs with AVX-512: [`direct`] convolves in registers.
+//! skip im2col on CPUs with AVX-512: [`direct`] convolves in registers. Wide
+//! 3x3 stride-1 layers (at least [`WINOGRAD_MIN_CHANNELS`] in and out) run
+//! [`winograd`] F(4x4, 3x3) or F(2x2, 3x3) by frame size: 2.25 or 4
+//! multiplies per output and channel pair instead of 9. `CODIFF_CONV=gemm`
+//! keeps every layer on im2col + GEMM.
 //!
 //! Layout NCHW f32 on the CPU; other devices use candle's ops. Each is
 //! unit-tested against candle's reference op.
@@ -20,6 +24,25 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 pub mod direct;
+pub mod winograd;
+
+/// Narrowest 3x3 stride-1 layer (input and output channels) that runs
+/// [`winograd`] rather than im2col + GEMM (where the direct kernel does not
+/// take it first), on frames of [`winograd::tile_for`]'s sizes. At 64
+/// channels its transforms cost as much as they save (`bench_kernels`:
+/// F(4,3) 9.4 ms vs GEMM 6.4 ms at 90x160, 107-130 vs 127-143 ms at 512x512).
+pub const WINOGRAD_MIN_CHANNELS: usize = 128;
+/// A layer keeps its transformed Winograd weights after the first call when
+/// they take at most this many bytes (up to ~300 channels in and out for
+/// F(4,3)); wider layers (SD's 512- and 1280-channel ones, whose transforms
+/// would add gigabytes) transform theirs on every call.
+pub const WINOGRAD_KEEP_BYTES: usize = 16 << 20;
+
+/// Whether the Winograd path is on: `CODIFF_CONV` not set to `gemm`.
+fn winograd_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("CODIFF_CONV").is_ok_and(|v| v.eq_ignore_ascii_case("gemm")))
+}
 
 /// Widest 3x3 stride-1 layer (input and output channels) that runs the
 /// direct kernel; wider ones stay on im2col + GEMM, which there amortises its
@@ -122,6 +145,11 @@ pub struct ConvOp {
     direct: Option<Arc<direct::Direct>>,
     /// run the direct kernel at every frame width (see [`ConvOp::direct`])
     always_direct: bool,
+    /// the Winograd path applies: `Some(None)` picks the tile by frame size
+    /// ([`winograd::tile_for`]), `Some(Some(m))` forces F(m x m, 3 x 3)
+    winograd: Option<Option<usize>>,
+    /// transformed weights kept for F(2,3) and F(4,3) (see [`WINOGRAD_KEEP_BYTES`])
+    winograd_kept: [Arc<std::sync::OnceLock<Arc<winograd::Winograd>>>; 2],
 }
 
 impl ConvOp {
@@ -141,12 +169,29 @@ impl ConvOp {
             None => vec![0.0; cout],
         };
         let weight = w.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.contiguous()?;
-        let op = Self { weight, bias, cin, cout, k: kh, stride, pad, relu, direct: None, always_direct: false };
+        let op = Self { weight, bias, cin, cout, k: kh, stride, pad, relu, direct: None, always_direct: false, winograd: None, winograd_kept: Default::default() };
+        let op = if cin.min(cout) >= WINOGRAD_MIN_CHANNELS && winograd_enabled() { op.with_winograd(None) } else { op };
         if cin <= DIRECT_MAX_CHANNELS && cout <= DIRECT_MAX_CHANNELS {
             op.with_direct(false)
         } else {
             Ok(op)
         }
+    }
+
+    /// Attach the Winograd path where it applies (3x3, stride 1, padding 1),
+    /// whatever the channels: F(m x m, 3 x 3) with `tile` m = 2 or 4 on every
+    /// frame (benchmarks and tests), or by frame size when None.
+    pub fn with_winograd(mut self, tile: Option<usize>) -> Self {
+        if self.k == 3 && self.stride == 1 && self.pad == [1; 4] {
+            assert!(matches!(tile, None | Some(2) | Some(4)), "Winograd F(m,3) has m = 2 or 4");
+            self.winograd = Some(tile);
+        }
+        self
+    }
+
+    /// Whether this layer has the Winograd path.
+    pub fn is_winograd(&self) -> bool {
+        self.winograd.is_some()
     }
 
     /// The same convolution on the direct kernel where it applies (3x3,
@@ -172,6 +217,7 @@ impl ConvOp {
     pub fn gemm_only(mut self) -> Self {
         self.direct = None;
         self.always_direct = false;
+        self.winograd = None;
         self
     }
 
@@ -291,6 +337,16 @@ impl ConvOp {
             _ => candle_core::bail!("conv: weights must be f32 on the CPU"),
         };
         let (cin, cout) = (self.cin, self.cout);
+        let keep = |m: usize| (m + 2) * (m + 2) * cout * cin * 4 <= WINOGRAD_KEEP_BYTES;
+        if let Some(m) = self.winograd.and_then(|t| t.or_else(|| winograd::tile_for(h, w, keep(4)))) {
+            let make = || Arc::new(winograd::Winograd::new(&weight[..cout * cin * 9], cout, cin, m));
+            let wg = if keep(m) {
+                self.winograd_kept[m / 4].get_or_init(make).clone()
+            } else {
+                make()
+            };
+            return Ok(wg.run(x, b, h, w, &self.bias, self.relu, residual));
+        }
         let (oh, ow) = self.out_hw(h, w)?;
         let ohw = oh * ow;
         let kk = cin * self.k * self.k;
@@ -802,6 +858,40 @@ mod tests {
         let wide = Tensor::randn(0f32, 1., (128, 128, 3, 3), &dev).unwrap();
         assert!(!ConvOp::from_tensors(&wide, None, false).unwrap().is_direct());
         assert_eq!(ConvOp::from_tensors(&wide, None, false).unwrap().direct().unwrap().is_direct(), direct::available());
+    }
+
+    #[test]
+    fn winograd_matches_candle() {
+        // F(2,3) and F(4,3); frames not a multiple of the tile, narrower and
+        // shorter than one tile, one pixel; batch 2; bias, ReLU, residual
+        let dev = Device::Cpu;
+        for (cin, cout, h, w) in [(32, 32, 17, 9), (40, 33, 5, 70), (64, 48, 1, 1), (32, 64, 9, 3), (33, 32, 23, 31), (128, 128, 48, 40)] {
+            let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
+            let r = Tensor::randn(0f32, 1., (2, cout, h, w), &dev).unwrap();
+            let reference = x.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            let relu_res = (reference.relu().unwrap() + &r).unwrap();
+            // outputs have a standard deviation of sqrt(9 cin)
+            let scale = (9.0 * cin as f32).sqrt();
+            for m in [2, 4] {
+                let plain = ConvOp::from_tensors(&wt, Some(&b), false).unwrap().gemm_only().with_winograd(Some(m));
+                assert!(plain.is_winograd());
+                let err = max_err(&x.apply_op1_no_bwd(&plain).unwrap(), &reference) / scale;
+                let relu = ConvOp::from_tensors(&wt, Some(&b), true).unwrap().gemm_only().with_winograd(Some(m));
+                let err_res = max_err(&x.apply_op2_no_bwd(&r, &relu).unwrap(), &relu_res) / scale;
+                eprintln!("F({m},3) {cin}->{cout} {h}x{w}: relative error {err:.1e}, with ReLU + residual {err_res:.1e}");
+                // measured: F(2,3) ~2e-6, F(4,3) ~1.5e-5 (its transforms' constants
+                // up to 8 cost precision); im2col + GEMM ~1e-6
+                let tol = if m == 2 { 1e-5 } else { 6e-5 };
+                assert!(err < tol && err_res < tol, "F({m},3) {cin}->{cout} {h}x{w}: {err} / {err_res}");
+            }
+        }
+        // wide layers take it by default, narrow ones do not
+        let wide = Tensor::randn(0f32, 1., (128, 256, 3, 3), &dev).unwrap();
+        assert_eq!(ConvOp::from_tensors(&wide, None, false).unwrap().is_winograd(), winograd_enabled());
+        let narrow = Tensor::randn(0f32, 1., (64, 256, 3, 3), &dev).unwrap();
+        assert!(!ConvOp::from_tensors(&narrow, None, false).unwrap().is_winograd());
     }
 
     #[test]
