@@ -24,7 +24,7 @@ use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Li
 use super::error::{EngineError, Result};
 use super::tiling::Plan;
 use super::Cancel;
-use super::kernels::{ConvOp, PatchConv, PatchConvTranspose};
+use super::kernels::{AddInto, ConvInto, ConvOp, PatchConv, PatchConvTranspose};
 use super::weights::TensorFile;
 
 const BN_EPS: f64 = 1e-4;
@@ -75,6 +75,29 @@ impl Conv {
             None => Ok(y),
         }
     }
+
+    /// [`Conv::forward`] into `dst`'s buffer, which the caller owns alone (no
+    /// other tensor shares its storage): `act(conv(x))`, plus `dst` itself
+    /// when `residual`. A fresh tensor where the fast kernel does not apply.
+    fn forward_into(&self, x: &Tensor, dst: Tensor, residual: bool) -> candle_core::Result<Tensor> {
+        match &self.fast3 {
+            Some(op) if dst.is_contiguous() => {
+                dst.inplace_op2(&x.contiguous()?, &ConvInto { op, accumulate: residual })?;
+                Ok(dst)
+            }
+            _ => self.forward(x, residual.then_some(&dst)),
+        }
+    }
+}
+
+/// `a + b`, into `a`'s buffer when the caller owns it alone (CPU).
+fn add_into(a: Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if a.device().is_cpu() && a.dtype() == DType::F32 && a.is_contiguous() {
+        a.inplace_op2(&b.contiguous()?, &AddInto)?;
+        Ok(a)
+    } else {
+        a + b
+    }
 }
 
 struct Up {
@@ -99,17 +122,27 @@ struct ResBlock {
     raw2: Option<(Tensor, Tensor)>,
 }
 
-impl ResBlock {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(x, None)?;
-        self.conv2.forward(&h, Some(x))
-    }
+fn run_blocks(blocks: &[ResBlock], x: &Tensor) -> candle_core::Result<Tensor> {
+    run_blocks_owned(blocks, x.clone(), false, None)
 }
 
-fn run_blocks(blocks: &[ResBlock], x: &Tensor) -> candle_core::Result<Tensor> {
-    let mut x = x.clone();
-    for b in blocks {
-        x = b.forward(&x)?;
+/// ResBlocks in a row, reusing buffers: after the first block (or from the
+/// start when `owned`: no other tensor shares `x`'s storage) each block adds
+/// its residual branch into its input's buffer, and every block's inner
+/// activation reuses the previous one's. `conv2s` replaces the blocks' conv2
+/// (quality conditioning).
+fn run_blocks_owned(blocks: &[ResBlock], x: Tensor, mut owned: bool, conv2s: Option<&[Conv]>) -> candle_core::Result<Tensor> {
+    let mut x = x;
+    let mut inner: Option<Tensor> = None;
+    for (j, b) in blocks.iter().enumerate() {
+        let h = match inner.take() {
+            Some(t) => b.conv1.forward_into(&x, t, false)?,
+            None => b.conv1.forward(&x, None)?,
+        };
+        let conv2 = conv2s.map_or(&b.conv2, |c| &c[j]);
+        x = if owned { conv2.forward_into(&h, x, true)? } else { conv2.forward(&h, Some(&x))? };
+        owned = true;
+        inner = Some(h);
     }
     Ok(x)
 }
@@ -589,17 +622,14 @@ impl Cave {
     /// The decoder half on encoder features: the reconstructed (padded)
     /// image; `m` replaces the QFAttention conv2s (quality conditioning).
     fn decode(&self, f: Features, m: Option<&Modulated>) -> Result<Tensor> {
+        // every y below is this function's own (fresh from a layer), so the
+        // skip additions and the blocks' residual adds reuse its buffer
         let mut y = run_blocks(&self.body_decoder, &f.body)?;
         for (i, (conv, blocks)) in self.up.iter().enumerate().rev() {
-            y = conv.forward(&(y + &f.skips[i + 1])?)?;
-            for (j, b) in blocks.iter().enumerate() {
-                y = match m {
-                    Some(m) => m.0[i][j].forward(&b.conv1.forward(&y, None)?, Some(&y))?,
-                    None => b.forward(&y)?,
-                };
-            }
+            y = conv.forward(&add_into(y, &f.skips[i + 1])?)?;
+            y = run_blocks_owned(blocks, y, true, m.map(|m| &m.0[i][..]))?;
         }
-        Ok(self.tail.forward(&(y + &f.skips[0])?, None)?)
+        Ok(self.tail.forward(&add_into(y, &f.skips[0])?, None)?)
     }
 }
 

@@ -19,7 +19,7 @@
 //!
 //! Layout NCHW f32 on the CPU; other devices use candle's ops. Each is
 //! unit-tested against candle's reference op.
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -229,14 +229,26 @@ impl ConvOp {
 
     /// The direct kernel over row chunks of every image, in parallel.
     fn run_direct(&self, d: &direct::Direct, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> Vec<f32> {
+        let mut out = activation(b * self.cout * h * w);
+        // SAFETY: out and residual hold b * cout * h * w values
+        unsafe { self.run_direct_into(d, x, b, h, w, residual.map(|r| r.as_ptr()), out.as_mut_ptr()) };
+        out
+    }
+
+    /// The direct kernel writing into `out`; `residual` may be `out` itself
+    /// (each output is read as residual right before it is written).
+    ///
+    /// # Safety
+    /// `out` and `residual` hold `b * cout * h * w` values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_direct_into(&self, d: &direct::Direct, x: &[f32], b: usize, h: usize, w: usize, residual: Option<*const f32>, out: *mut f32) {
         let (cin, cout) = (self.cin, self.cout);
-        let mut out = activation(b * cout * h * w);
         let threads = rayon::current_num_threads().max(1);
         // a few chunks per thread for balance, each at least a few rows
         let rows = h.div_ceil(4 * threads).max(4).min(h);
         let chunks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..h).step_by(rows).map(move |r0| (bi, r0))).collect();
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let res_ptr = residual.map(|r| SendPtr(r.as_ptr() as *mut f32));
+        let out_ptr = SendPtr(out);
+        let res_ptr = residual.map(|r| SendPtr(r as *mut f32));
         chunks.par_iter().for_each(|&(bi, r0)| {
             let (out_ptr, res_ptr) = (out_ptr, res_ptr);
             let plane_out = bi * cout * h * w;
@@ -256,7 +268,12 @@ impl ConvOp {
                 )
             }
         });
-        out
+    }
+
+    /// Whether [`ConvOp::run`] takes the direct kernel on a frame `w` wide.
+    fn direct_for(&self, w: usize) -> Option<&direct::Direct> {
+        let d = self.direct.as_deref()?;
+        (self.always_direct || self.cin.max(self.cout) <= DIRECT_NARROW || w <= DIRECT_MAX_WIDE_WIDTH).then_some(d)
     }
 
     fn out_hw(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
@@ -326,10 +343,8 @@ impl ConvOp {
 
     /// y = act(conv(x) + b) (+ residual), x `[B, cin, H, W]`.
     fn run(&self, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
-        if let Some(d) = &self.direct {
-            if self.always_direct || self.cin.max(self.cout) <= DIRECT_NARROW || w <= DIRECT_MAX_WIDE_WIDTH {
-                return Ok(self.run_direct(d, x, b, h, w, residual));
-            }
+        if let Some(d) = self.direct_for(w) {
+            return Ok(self.run_direct(d, x, b, h, w, residual));
         }
         let (storage, layout) = self.weight.storage_and_layout();
         let weight = match &*storage {
@@ -424,6 +439,72 @@ impl CustomOp2 for ConvOp {
             candle_core::bail!("conv residual shape {:?}, output {:?}", l2.shape(), shape);
         }
         Ok((CpuStorage::F32(self.run(x, b, h, w, Some(r))?), shape))
+    }
+}
+
+/// A [`ConvOp`] writing into an existing tensor (`dst.inplace_op2(&x, ..)`),
+/// so that chains of same-shaped layers (ResBlocks) reuse their buffers
+/// instead of faulting in fresh ones: `dst = act(conv(x) + b)`, or with
+/// `accumulate`, `dst = act(conv(x) + b) + dst` (the residual add in place).
+/// `dst` must not share storage with `x`, nor with any tensor still needed.
+/// The direct kernel writes in place; other paths compute and copy.
+pub struct ConvInto<'a> {
+    pub op: &'a ConvOp,
+    pub accumulate: bool,
+}
+
+impl InplaceOp2 for ConvInto<'_> {
+    fn name(&self) -> &'static str {
+        "codiff-conv-into"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let x = contiguous(s2, l2, "conv")?;
+        let (b, h, w, shape) = self.op.out_shape(l2)?;
+        if l1.shape() != &shape {
+            candle_core::bail!("conv into a {:?} tensor, output {:?}", l1.shape(), shape);
+        }
+        let dst = match (s1, l1.contiguous_offsets()) {
+            (CpuStorage::F32(d), Some((a, e))) => &mut d[a..e],
+            _ => candle_core::bail!("conv into: contiguous f32 destination expected"),
+        };
+        if std::ptr::eq(dst.as_ptr(), x.as_ptr()) {
+            candle_core::bail!("conv into: the destination is the input");
+        }
+        if let Some(d) = self.op.direct_for(w) {
+            let out = dst.as_mut_ptr();
+            // SAFETY: dst holds b * cout * h * w values (shape checked); the
+            // kernel reads each residual value right before writing it
+            unsafe { self.op.run_direct_into(d, x, b, h, w, self.accumulate.then_some(out as *const f32), out) };
+        } else {
+            let y = self.op.run(x, b, h, w, self.accumulate.then_some(&*dst))?;
+            dst.copy_from_slice(&y);
+        }
+        Ok(())
+    }
+}
+
+/// `dst += src` in place (same shape, contiguous f32): the decoder's skip
+/// additions without a fresh buffer.
+pub struct AddInto;
+
+impl InplaceOp2 for AddInto {
+    fn name(&self) -> &'static str {
+        "codiff-add-into"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let src = contiguous(s2, l2, "add")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("add into a {:?} tensor from {:?}", l1.shape(), l2.shape());
+        }
+        let dst = match (s1, l1.contiguous_offsets()) {
+            (CpuStorage::F32(d), Some((a, e))) => &mut d[a..e],
+            _ => candle_core::bail!("add into: contiguous f32 destination expected"),
+        };
+        let chunk = (dst.len() / (4 * rayon::current_num_threads().max(1))).max(1 << 14);
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+        Ok(())
     }
 }
 
