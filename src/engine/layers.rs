@@ -125,6 +125,18 @@ impl GroupNorm {
         Ok(Self { candle: nn::GroupNorm::new(gamma.clone(), beta.clone(), channels, groups, eps)?, gamma, beta, fast, groups, eps })
     }
 
+    /// [`GroupNorm::forward`] in `x`'s own buffer where the fast path runs;
+    /// `x` must not share its storage with any tensor still needed.
+    pub fn forward_owned(&self, x: Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        match &self.fast {
+            Some((gamma, beta)) if x.is_contiguous() => {
+                x.inplace_op1(&GroupNormOp { groups: self.groups, eps: self.eps, gamma: gamma.clone(), beta: beta.clone(), silu })?;
+                Ok(x)
+            }
+            _ => self.forward(&x, silu),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         match &self.fast {
             Some((gamma, beta)) => {
@@ -220,7 +232,7 @@ impl CustomOp1 for ChannelAffineOp {
         let mut out = super::kernels::activation(x.len());
         out.par_chunks_mut(hw.max(1)).zip(x.par_chunks(hw.max(1))).enumerate().for_each(|(bc, (o, xi))| {
             let (a, b) = (self.a[bc % c], self.b[bc % c]);
-            affine(o, xi, a, b, self.silu);
+            affine(o, Some(xi), a, b, self.silu);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -372,7 +384,8 @@ impl ResnetBlock {
         if let (Some(t), Some(p)) = (temb_silu, &self.time_emb_proj) {
             h = h.broadcast_add(&p.forward(t)?.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
         }
-        let h = self.norm2.forward(&h, true)?;
+        // h is conv1's fresh output (or the fresh sum with the time embedding)
+        let h = self.norm2.forward_owned(h, true)?;
         if self.output_scale == 1.0 {
             self.conv2.forward_add(&h, Some(&short))
         } else {

@@ -19,7 +19,7 @@
 //!
 //! Layout NCHW f32 on the CPU; other devices use candle's ops. Each is
 //! unit-tested against candle's reference op.
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp1, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -99,13 +99,67 @@ pub(crate) fn activation(n: usize) -> Vec<f32> {
 /// mean rounded to f32, so the variance is corrected by the rounding's square
 /// (E[(x - m')^2] = var + (m - m')^2). Shared by the group norm and the
 /// VAE tiler's pooled statistics.
-pub(crate) fn mean_var(xi: &[f32]) -> (f64, f64) {
-    let n = xi.len().max(1) as f64;
-    let mean = xi.chunks(1024).map(|c| c.iter().sum::<f32>() as f64).sum::<f64>() / n;
-    let m32 = mean as f32;
-    let var = xi.chunks(1024).map(|c| c.iter().map(|&v| (v - m32) * (v - m32)).sum::<f32>() as f64).sum::<f64>() / n;
-    let d = mean - m32 as f64;
-    (mean, (var - d * d).max(0.0))
+/// Defines `fn $name` that runs its body compiled for AVX2 + FMA on CPUs that
+/// have them, else as is: the crate targets baseline x86-64 (so that one
+/// build runs anywhere), whose SSE2 code runs these loops four lanes wide.
+/// The body must only call `#[inline(always)]` functions to benefit.
+macro_rules! avx2_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                if avx2_available() {
+                    // SAFETY: the CPU has AVX2 and FMA (checked at run time)
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+/// Whether this CPU has AVX2 and FMA (checked once).
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `Σ f(x)` over `c` in 16 independent lanes (so that the compiler
+/// vectorises the reduction; a plain `sum` is one sequential chain).
+#[inline(always)]
+fn lane_sum(c: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut it = c.chunks_exact(16);
+    for ch in &mut it {
+        for (a, &x) in acc.iter_mut().zip(ch) {
+            *a += f(x);
+        }
+    }
+    acc.iter().sum::<f32>() + it.remainder().iter().map(|&x| f(x)).sum::<f32>()
+}
+
+avx2_fn! {
+    /// Mean and variance of `xi` (f32 sums over 1024-value chunks, added in
+    /// f64), the variance about the f32-rounded mean and corrected for it.
+    pub(crate) fn mean_var(xi: &[f32]) -> (f64, f64) {
+        let n = xi.len().max(1) as f64;
+        let mean = xi.chunks(1024).map(|c| lane_sum(c, |v| v) as f64).sum::<f64>() / n;
+        let m32 = mean as f32;
+        let var = xi.chunks(1024).map(|c| lane_sum(c, |v| (v - m32) * (v - m32)) as f64).sum::<f64>() / n;
+        let d = mean - m32 as f64;
+        (mean, (var - d * d).max(0.0))
+    }
 }
 
 /// Run `f(first_row, rows)` over `m` rows split into one block per thread.
@@ -643,7 +697,8 @@ impl CustomOp1 for PatchConvTranspose {
 /// x in [-87, 88], saturating outside.
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
+    // max/min rather than clamp: branch-free, so loops over it vectorise
+    let x = x.max(-87.0).min(88.0);
     // round(x / ln 2) without a libm call: the 1.5 * 2^23 trick
     let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
@@ -652,16 +707,24 @@ pub fn fast_exp(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// `out = x * a + b`, then SiLU when `silu`.
-#[inline]
-pub(super) fn affine(out: &mut [f32], x: &[f32], a: f32, b: f32, silu: bool) {
-    if silu {
-        out.iter_mut().zip(x).for_each(|(y, &v)| {
+avx2_fn! {
+    /// `out = x * a + b`, then SiLU when `silu`; `x` None: `out` itself.
+    pub(super) fn affine(out: &mut [f32], x: Option<&[f32]>, a: f32, b: f32, silu: bool) {
+        #[inline(always)]
+        fn f(v: f32, a: f32, b: f32, silu: bool) -> f32 {
             let t = v * a + b;
-            *y = t / (1.0 + fast_exp(-t));
-        });
-    } else {
-        out.iter_mut().zip(x).for_each(|(y, &v)| *y = v * a + b);
+            if silu {
+                t / (1.0 + fast_exp(-t))
+            } else {
+                t
+            }
+        }
+        match (x, silu) {
+            (Some(x), true) => out.iter_mut().zip(x).for_each(|(y, &v)| *y = f(v, a, b, true)),
+            (Some(x), false) => out.iter_mut().zip(x).for_each(|(y, &v)| *y = f(v, a, b, false)),
+            (None, true) => out.iter_mut().for_each(|y| *y = f(*y, a, b, true)),
+            (None, false) => out.iter_mut().for_each(|y| *y = f(*y, a, b, false)),
+        }
     }
 }
 
@@ -683,26 +746,58 @@ impl CustomOp1 for GroupNormOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous(s, l, "group norm")?;
+        let (cpg, hw) = self.dims(l)?;
+        let mut out = activation(x.len());
+        out.par_chunks_mut(cpg * hw).zip(x.par_chunks(cpg * hw)).enumerate().for_each(|(bg, (o, xi))| {
+            self.group(bg, mean_var(xi), o, Some(xi), hw);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// The same normalisation in place (`x.inplace_op1(&op)`), for a tensor
+/// whose buffer the caller owns alone.
+impl InplaceOp1 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "codiff-group-norm-in-place"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let (cpg, hw) = self.dims(l)?;
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(d), Some((a, e))) => &mut d[a..e],
+            _ => candle_core::bail!("group norm in place: contiguous f32 input expected"),
+        };
+        x.par_chunks_mut(cpg * hw).enumerate().for_each(|(bg, xi)| {
+            let st = mean_var(xi);
+            self.group(bg, st, xi, None, hw);
+        });
+        Ok(())
+    }
+}
+
+impl GroupNormOp {
+    /// (channels per group, values per channel) of an input of layout `l`.
+    fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize)> {
         let dims = l.shape().dims();
         if dims.len() < 2 || dims[1] != self.gamma.len() || dims[1] % self.groups != 0 {
             candle_core::bail!("group norm: shape {dims:?} for {} channels in {} groups", self.gamma.len(), self.groups);
         }
-        let c = dims[1];
-        let hw: usize = dims[2..].iter().product();
-        let cpg = c / self.groups;
-        let mut out = activation(x.len());
-        out.par_chunks_mut(cpg * hw).zip(x.par_chunks(cpg * hw)).enumerate().for_each(|(bg, (o, xi))| {
-            let g = bg % self.groups;
-            let (mean, var) = mean_var(xi);
-            let inv = 1.0 / (var + self.eps).sqrt();
-            for (j, (oc, xc)) in o.chunks_mut(hw).zip(xi.chunks(hw)).enumerate() {
-                let ch = g * cpg + j;
-                let a = (self.gamma[ch] as f64 * inv) as f32;
-                let b = (self.beta[ch] as f64 - mean * self.gamma[ch] as f64 * inv) as f32;
-                affine(oc, xc, a, b, self.silu);
-            }
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        Ok((dims[1] / self.groups, dims[2..].iter().product()))
+    }
+
+    /// Normalise group `bg` (batch-major) with statistics `(mean, var)` into
+    /// `o`, from `x` (None: `o` in place).
+    fn group(&self, bg: usize, (mean, var): (f64, f64), o: &mut [f32], x: Option<&[f32]>, hw: usize) {
+        let cpg = o.len() / hw.max(1);
+        let g = bg % self.groups;
+        let inv = 1.0 / (var + self.eps).sqrt();
+        for (j, oc) in o.chunks_mut(hw).enumerate() {
+            let ch = g * cpg + j;
+            let a = (self.gamma[ch] as f64 * inv) as f32;
+            let b = (self.beta[ch] as f64 - mean * self.gamma[ch] as f64 * inv) as f32;
+            affine(oc, x.map(|x| &x[j * hw..(j + 1) * hw]), a, b, self.silu);
+        }
     }
 }
 
@@ -720,29 +815,25 @@ pub struct AttentionOp {
 const ATTN_ROWS: usize = 128;
 const ATTN_KEYS: usize = 512;
 
-fn row_max(row: &[f32]) -> f32 {
-    let mut mx = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
-    for ch in &mut chunks {
-        for (m, &x) in mx.iter_mut().zip(ch) {
-            *m = m.max(x);
+avx2_fn! {
+    fn row_max(row: &[f32]) -> f32 {
+        let mut mx = [f32::NEG_INFINITY; 16];
+        let mut chunks = row.chunks_exact(16);
+        for ch in &mut chunks {
+            for (m, &x) in mx.iter_mut().zip(ch) {
+                *m = m.max(x);
+            }
         }
+        chunks.remainder().iter().chain(&mx).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
     }
-    chunks.remainder().iter().chain(&mx).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
-/// `row[i] = exp(scale * row[i] - shift)` in place; returns the sum. Eight
-/// independent lanes so that the compiler vectorises the reduction.
-fn exp_shifted(row: &mut [f32], scale: f32, shift: f32) -> f32 {
-    row.iter_mut().for_each(|x| *x = fast_exp(*x * scale - shift));
-    let mut acc = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
-    for ch in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(ch) {
-            *a += x;
-        }
+avx2_fn! {
+    /// `row[i] = exp(scale * row[i] - shift)` in place; returns the sum.
+    fn exp_shifted(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+        row.iter_mut().for_each(|x| *x = fast_exp(*x * scale - shift));
+        lane_sum(row, |x| x)
     }
-    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 impl candle_core::CustomOp3 for AttentionOp {
@@ -1063,7 +1154,41 @@ mod tests {
                 beta: std::sync::Arc::new(beta.to_vec1().unwrap()),
                 silu,
             };
-            assert!(max_err(&x.apply_op1_no_bwd(&op).unwrap(), &reference) < 1e-4);
+            let y = x.apply_op1_no_bwd(&op).unwrap();
+            assert!(max_err(&y, &reference) < 1e-4);
+            // in place: the same numbers in x's own buffer
+            let owned = x.copy().unwrap();
+            owned.inplace_op1(&op).unwrap();
+            assert_eq!(max_err(&owned, &y), 0.0);
+        }
+    }
+
+    #[test]
+    fn in_place_conv_and_add_match() {
+        // ConvInto (direct and GEMM paths, with and without the residual) and
+        // AddInto give the numbers of the ops that allocate
+        let dev = Device::Cpu;
+        for (c, direct) in [(8, true), (8, false), (40, false)] {
+            let x = Tensor::randn(0f32, 1., (1, c, 11, 23), &dev).unwrap();
+            let r = Tensor::randn(0f32, 1., (1, c, 11, 23), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (c, c, 3, 3), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., c, &dev).unwrap();
+            let op = ConvOp::from_tensors(&wt, Some(&b), false).unwrap();
+            let op = if direct { op.direct().unwrap() } else { op.gemm_only() };
+            let plain = x.apply_op1_no_bwd(&op).unwrap();
+            let with_res = x.apply_op2_no_bwd(&r, &op).unwrap();
+            let dst = r.copy().unwrap();
+            dst.inplace_op2(&x, &ConvInto { op: &op, accumulate: false }).unwrap();
+            assert_eq!(max_err(&dst, &plain), 0.0, "{c} direct {direct}");
+            let dst = r.copy().unwrap();
+            dst.inplace_op2(&x, &ConvInto { op: &op, accumulate: true }).unwrap();
+            assert_eq!(max_err(&dst, &with_res), 0.0, "{c} direct {direct} residual");
+            let sum = x.copy().unwrap();
+            sum.inplace_op2(&r, &AddInto).unwrap();
+            assert_eq!(max_err(&sum, &(&x + &r).unwrap()), 0.0);
+            // a wrong-shaped destination is refused
+            let small = Tensor::zeros((1, c, 5, 5), candle_core::DType::F32, &dev).unwrap();
+            assert!(small.inplace_op2(&x, &ConvInto { op: &op, accumulate: false }).is_err());
         }
     }
 
