@@ -30,14 +30,17 @@ Quality conditioning (codiff's compact models only; ``cond > 0``), after FBCNN:
 the JPEG quality QF (the true one in training; at inference the model's own
 calibrated estimate, or the user's value) enters as c = 1 - QF/100 and
 
-  qf_embed          Linear(1, cond), ReLU, Linear(cond, cond), ReLU  (keys .0, .2)
+  qf_embed          Linear(1, cond), ReLU, Linear(cond, cond)  (keys .0, .2)
   to_gamma_L.0, to_beta_L.0   Linear(cond, nc[L-1]) for the up stages L = 3, 2, 1
 
 give per-channel gamma = 1 + tanh(to_gamma_L(e)) and beta = 1 + tanh(to_beta_L(e))
 for every QFAttention block of m_upL. FBCNN uses sigmoid / tanh; the 1 + tanh
 form makes zero-initialised heads reproduce the unconditioned model exactly
-(gamma = beta = 1), so a conditioned model starts from a trained one. Official
-``cave.pth`` files have none of these keys.
+(gamma = beta = 1), so a conditioned model starts from a trained one; for the
+same reason the embedding ends without a ReLU (a dead output unit would get no
+gradient through zero heads), and its first layer starts as hinges
+ReLU(c - k) with knots k spread over [0, 1], so that every quality has live
+units. Official ``cave.pth`` files have none of these keys.
 
 With nb == 1 the official ``sequential()`` helper collapses one-element
 containers, so ``m_body_encoder.0.res.0.weight`` becomes
@@ -123,7 +126,7 @@ class CaVE(nn.Module):
         )
         if self.cond > 0:
             hid = self.cond
-            self.qf_embed = nn.Sequential(nn.Linear(1, hid), nn.ReLU(), nn.Linear(hid, hid), nn.ReLU())
+            self.qf_embed = nn.Sequential(nn.Linear(1, hid), nn.ReLU(), nn.Linear(hid, hid))
             # to_{gamma,beta}_L for up stage L = 3, 2, 1 (widths nc[2], nc[1], nc[0]),
             # zero-initialised: gamma = beta = 1, the unconditioned model
             for lvl in (3, 2, 1):
@@ -132,6 +135,7 @@ class CaVE(nn.Module):
                     nn.init.zeros_(lin.weight)
                     nn.init.zeros_(lin.bias)
                     setattr(self, "to_%s_%d" % (kind, lvl), nn.Sequential(lin))
+            self.reset_conditioning()
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -150,6 +154,22 @@ class CaVE(nn.Module):
         x3 = self.m_down2(x2)
         x4 = self.m_down3(x3)
         return x1, x2, x3, x4, self.m_body_encoder(x4)
+
+    @torch.no_grad()
+    def reset_conditioning(self):
+        """Hinge first layer (knots over [0, 1]), default second layer, zero heads."""
+        hid = self.cond
+        first = self.qf_embed[0]
+        first.weight.fill_(1.0)
+        first.bias.copy_(-torch.linspace(0.0, 1.0, hid + 1)[:hid])
+        for lvl in (3, 2, 1):
+            for kind in ("gamma", "beta"):
+                lin = getattr(self, "to_%s_%d" % (kind, lvl))[0]
+                lin.weight.zero_()
+                lin.bias.zero_()
+
+    def cond_parameters(self):
+        return [p for n, p in self.named_parameters() if n.startswith(COND_PREFIXES)]
 
     def modulation(self, qf):
         """qf: [B] qualities 0..100 -> {L: (gamma, beta)}, each [B, nc[L-1], 1, 1]."""

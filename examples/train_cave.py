@@ -64,6 +64,9 @@ def parse_args(argv=None):
                     help="quality conditioning: hidden width of the QF embedding (0: none)")
     ap.add_argument("--cond-jitter", type=float, default=3.0,
                     help="with --cond: the conditioning quality is the true one +- up to this")
+    ap.add_argument("--cond-lr-mult", type=float, default=10.0,
+                    help="with --cond: the conditioning's learning rate is --lr times this "
+                         "(it starts from zero heads, the rest from a trained model)")
     ap.add_argument("--batch", type=int, default=16, help="crops per step")
     ap.add_argument("--crop-min", type=int, default=96, help="smallest crop side (multiple of 8)")
     ap.add_argument("--crop-max", type=int, default=128, help="largest crop side (multiple of 8)")
@@ -425,7 +428,11 @@ def train(args):
     device = torch.device(args.device)
     model, nc = build_model(args)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    cond = set(id(p) for p in (model.cond_parameters() if args.cond else []))
+    groups = [{"params": [p for p in model.parameters() if id(p) not in cond], "lr_mult": 1.0}]
+    if cond:
+        groups.append({"params": [p for p in model.parameters() if id(p) in cond], "lr_mult": args.cond_lr_mult})
+    opt = torch.optim.Adam(groups, lr=args.lr, betas=(0.9, 0.999))
     step = 0
     if os.path.exists(ckpt_path):
         st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -476,7 +483,7 @@ def train(args):
         clean, lq, qf = (t.to(device, non_blocking=True) for t in (clean, lq, qf))
         acc["data"] += time.time() - td
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
+            g["lr"] = lr_at(step, args) * g.get("lr_mult", 1.0)
         cond_qf = None
         if args.cond:
             jit = (torch.rand(qf.shape, device=device) * 2 - 1) * args.cond_jitter

@@ -241,7 +241,7 @@ pub struct Cave {
 }
 
 /// FBCNN-style quality conditioning of codiff's own models: c = 1 - QF/100
-/// through `qf_embed` (Linear(1,H), ReLU, Linear(H,H), ReLU) to per-channel
+/// through `qf_embed` (Linear(1,H), ReLU, Linear(H,H)) to per-channel
 /// gamma = 1 + tanh(to_gamma_L(e)) and beta = 1 + tanh(to_beta_L(e)) for the
 /// QFAttention blocks of up stage L (`x + gamma * res(x) + beta`). Zero heads
 /// give gamma = beta = 1, the unconditioned model (how training starts).
@@ -271,7 +271,7 @@ impl QfConditioning {
     /// (gamma, beta), each `[C_L]`, for up stages L = 1, 2, 3 at quality `qf`.
     fn modulation(&self, qf: f32, dev: &Device) -> Result<[(Tensor, Tensor); 3]> {
         let c = Tensor::new(&[[1.0 - qf.clamp(0.0, 100.0) / 100.0]], dev)?;
-        let e = self.embed[1].forward(&self.embed[0].forward(&c)?.relu()?)?.relu()?;
+        let e = self.embed[1].forward(&self.embed[0].forward(&c)?.relu()?)?;
         let one = |lin: &Linear| -> Result<Tensor> { Ok((lin.forward(&e)?.tanh()? + 1.0)?.squeeze(0)?) };
         let [a, b, c] = &self.heads;
         Ok([(one(&a.0)?, one(&a.1)?), (one(&b.0)?, one(&b.1)?), (one(&c.0)?, one(&c.1)?)])
