@@ -982,6 +982,19 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
+    /// Input, weight, bias and residual of a random 3x3 layer on a batch of 2,
+    /// with candle's conv2d + bias, and ReLU of that plus the residual.
+    fn conv_case(cin: usize, cout: usize, h: usize, w: usize) -> [Tensor; 6] {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
+        let r = Tensor::randn(0f32, 1., (2, cout, h, w), &dev).unwrap();
+        let reference = x.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+        let relu_res = (reference.relu().unwrap() + &r).unwrap();
+        [x, wt, b, r, reference, relu_res]
+    }
+
     #[test]
     fn conv3x3_matches_candle() {
         let dev = Device::Cpu;
@@ -1007,12 +1020,7 @@ mod tests {
         // frames, batch 2; the GEMM path on the same layers
         let dev = Device::Cpu;
         for (cin, cout, h, w) in [(3, 3, 5, 1), (8, 8, 1, 16), (8, 8, 4, 48), (8, 8, 3, 49), (16, 16, 7, 31), (64, 64, 5, 17), (3, 17, 6, 33), (13, 40, 2, 65)] {
-            let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev).unwrap();
-            let wt = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap();
-            let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
-            let r = Tensor::randn(0f32, 1., (2, cout, h, w), &dev).unwrap();
-            let reference = x.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
-            let relu_res = (reference.relu().unwrap() + &r).unwrap();
+            let [x, wt, b, r, reference, relu_res] = conv_case(cin, cout, h, w);
             for relu in [false, true] {
                 let op = ConvOp::from_tensors(&wt, Some(&b), relu).unwrap().direct().unwrap();
                 assert_eq!(op.is_direct(), direct::available(), "{cin}->{cout} should take the direct path on AVX-512");
@@ -1038,12 +1046,7 @@ mod tests {
         // shorter than one tile, one pixel; batch 2; bias, ReLU, residual
         let dev = Device::Cpu;
         for (cin, cout, h, w) in [(32, 32, 17, 9), (40, 33, 5, 70), (64, 48, 1, 1), (32, 64, 9, 3), (33, 32, 23, 31), (128, 128, 48, 40)] {
-            let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev).unwrap();
-            let wt = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap();
-            let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
-            let r = Tensor::randn(0f32, 1., (2, cout, h, w), &dev).unwrap();
-            let reference = x.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
-            let relu_res = (reference.relu().unwrap() + &r).unwrap();
+            let [x, wt, b, r, reference, relu_res] = conv_case(cin, cout, h, w);
             // outputs have a standard deviation of sqrt(9 cin)
             let scale = (9.0 * cin as f32).sqrt();
             for m in [2, 4] {

@@ -76,6 +76,18 @@ pub fn tile_for(h: usize, w: usize, kept: bool) -> Option<usize> {
     }
 }
 
+/// `dst = Σ_k coeffs[k] src(k)` over equally long rows, skipping zero
+/// coefficients (the transforms' matrices are sparse).
+#[inline]
+fn combine<'a>(dst: &mut [f32], coeffs: &[f32], src: impl Fn(usize) -> &'a [f32]) {
+    dst.fill(0.0);
+    for (k, &c) in coeffs.iter().enumerate() {
+        if c != 0.0 {
+            dst.iter_mut().zip(src(k)).for_each(|(d, s)| *d += c * s);
+        }
+    }
+}
+
 /// A 3x3 layer's transformed weights and the output tile size.
 #[derive(Debug)]
 pub struct Winograd {
@@ -230,29 +242,14 @@ impl Winograd {
                     }
                     // hz[i][bb][t] = Σ_k Bᵀ[bb][k] gat[k][t]
                     for bb in 0..al {
-                        let dst = &mut hz[(i * al + bb) * tc..][..tc];
-                        dst.fill(0.0);
-                        for k in 0..al {
-                            let c = bt[bb * al + k];
-                            if c != 0.0 {
-                                let g = &gat[k * tc..(k + 1) * tc];
-                                dst.iter_mut().zip(g).for_each(|(d, g)| *d += c * g);
-                            }
-                        }
+                        combine(&mut hz[(i * al + bb) * tc..][..tc], &bt[bb * al..][..al], |k| &gat[k * tc..][..tc]);
                     }
                 }
                 // V[a al + bb][ci][t0 + t] = Σ_i Bᵀ[a][i] hz[i][bb][t]
                 for a in 0..al {
                     for bb in 0..al {
                         let dst = &mut s.v[((a * al + bb) * cin + ci) * nt + t0..][..tc];
-                        dst.fill(0.0);
-                        for i in 0..al {
-                            let c = bt[a * al + i];
-                            if c != 0.0 {
-                                let src = &hz[(i * al + bb) * tc..][..tc];
-                                dst.iter_mut().zip(src).for_each(|(d, s)| *d += c * s);
-                            }
-                        }
+                        combine(dst, &bt[a * al..][..al], |i| &hz[(i * al + bb) * tc..][..tc]);
                     }
                 }
             }
@@ -292,15 +289,8 @@ impl Winograd {
                 // sh[a][c][t] = Σ_bb Aᵀ[c][bb] M[a al + bb][co][t]
                 for a in 0..al {
                     for c in 0..m {
-                        let dst = &mut sh[(a * m + c) * tc..][..tc];
-                        dst.fill(0.0);
-                        for bb in 0..al {
-                            let k = at[c * al + bb];
-                            if k != 0.0 {
-                                let src = &s.mm[((a * al + bb) * cout + co) * nt + t0..][..tc];
-                                dst.iter_mut().zip(src).for_each(|(d, s)| *d += k * s);
-                            }
-                        }
+                        let mm = &s.mm;
+                        combine(&mut sh[(a * m + c) * tc..][..tc], &at[c * al..][..al], |bb| &mm[((a * al + bb) * cout + co) * nt + t0..][..tc]);
                     }
                 }
                 for r in 0..m {
