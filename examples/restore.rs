@@ -70,7 +70,7 @@ struct Args {
     #[arg(long)]
     self_ensemble: bool,
     /// Restore as if the JPEG quality were this (1-100; lower smooths more), for
-    /// quality-conditioned models such as the default; unset: the model's estimate
+    /// quality-conditioned models (train_cave.py --cond); unset: the model's estimate
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     qf: Option<u32>,
 }

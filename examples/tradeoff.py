@@ -11,7 +11,9 @@ original with the Rust metrics command:
 
 - codiff: the default model and each --model LABEL=PATH (the still command
   target/release/examples/restore, its own timing: restore only, all cores);
-  --self-ensemble adds the default model's 8-transform ensemble;
+  --self-ensemble adds the default model's 8-transform ensemble; --steer 5,20,40
+  adds the default model told another quality (restore --qf N: a
+  quality-conditioned model smooths more for a lower N);
 - FFmpeg spp (quality 6, hard; qp swept), fspp (qp swept), pp7 (medium; qp swept)
   and deblock (weak and strong, 8 px blocks): the best qp by PSNR-Y is kept, and
   the seconds are the filter run minus a run without it (one thread, no PNG I/O).
@@ -51,10 +53,17 @@ def main():
     ap.add_argument('--model', action='append', default=[], metavar='LABEL=PATH',
                     help='another compact model to place on the plot (repeatable)')
     ap.add_argument('--self-ensemble', action='store_true', help="also the default model's x8 ensemble")
+    ap.add_argument('--steer', default='', help='also the default model with restore --qf N for these N (e.g. 5,20,40)')
     ap.add_argument('--out', default=os.path.join(ev.ROOT, 'target', 'tradeoff'))
     ap.add_argument('--plot', default='', help='write the plot to this PNG')
     ap.add_argument('--limit', type=int, default=0, help='first N photos only (quick check)')
+    ap.add_argument('--replot', default='', metavar='JSON', help='only draw --plot from an earlier tradeoff.json')
     a = ap.parse_args()
+    if a.replot:
+        with open(a.replot) as f:
+            r = json.load(f)
+        plot(r['rows'], r['qf'], len(r['photos']), a.plot)
+        return 0
 
     ev.ensure_eval_dir(a.eval_dir)
     ev.ensure_binaries(False)
@@ -90,13 +99,15 @@ def main():
     models = [('codiff (default)', None, ())]
     if a.self_ensemble:
         models.append(('codiff x8', None, ('--self-ensemble',)))
+    for q in ev.parse_list(a.steer):
+        models.append(('codiff qf=%d' % q, None, ('--qf', str(q))))
     for spec in a.model:
         label, _, path = spec.partition('=')
         if not path:
             sys.exit('--model wants LABEL=PATH, got %r' % spec)
         models.append(('codiff ' + label, os.path.abspath(path), ()))
     for label, weights, extra in models:
-        d = os.path.join(out, label.replace(' ', '_').replace('(', '').replace(')', ''))
+        d = os.path.join(out, label.replace(' ', '_').replace('(', '').replace(')', '').replace('=', ''))
         os.makedirs(d)
         secs = sum(ev.run_restore(weights, os.path.join(jpg, s), os.path.join(d, s), extra)[0] for s in stems)
         add(label, 'codiff', d, secs, {'weights': weights or 'default'})
@@ -145,14 +156,18 @@ def plot(rows, qf, n, path):
     except ImportError:
         sys.exit('--plot needs matplotlib (pip install matplotlib)')
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for r in rows:
+    near = []
+    for r in sorted(rows, key=lambda r: r['s_per_mp']):
         codiff = r['kind'] == 'codiff'
         # a log axis has no 0: filters faster than the timer resolves sit at 1 ms/MP
         x = max(r['s_per_mp'], 1e-3)
+        # labels of points close to an earlier one go below it
+        below = any(abs(x / px - 1) < 0.3 and abs(r['gain_psnr_y'] - py) < 0.05 for px, py in near)
+        near.append((x, r['gain_psnr_y']))
         ax.scatter(x, r['gain_psnr_y'], s=40, marker='o' if codiff else 's',
                    color='tab:red' if codiff else 'tab:blue', zorder=3)
         ax.annotate(r['method'], (x, r['gain_psnr_y']), textcoords='offset points',
-                    xytext=(6, 4), fontsize=8)
+                    xytext=(6, -12 if below else 4), fontsize=8)
     ax.set_xscale('log')
     ax.set_xlabel('seconds per megapixel (2-core CPU, log scale)')
     ax.set_ylabel('PSNR-Y gain over the JPEG (dB)')

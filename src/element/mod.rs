@@ -16,12 +16,13 @@
 //! error naming the file. Elements with the same model properties share one loaded
 //! model ([`cache`]).
 //!
-//! `qf` (0 = CaVE's estimate, default) steers a quality-conditioned model (the
-//! default compact one when it carries `qf_embed.*`): frames are restored as if
-//! their JPEG quality were `qf`, so a lower value smooths more and a higher one
-//! keeps more detail; with 0 each frame is restored for its own estimate.
-//! Official `cave.pth` files and `mode=diffusion` have no conditioning: there
-//! `qf` only replaces the reported number.
+//! `qf` (0 = CaVE's estimate, default) steers a quality-conditioned compact
+//! model (one that carries `qf_embed.*`, trained with `train_cave.py --cond`):
+//! frames are restored as if their JPEG quality were `qf`, so a lower value
+//! smooths more and a higher one keeps more detail; with 0 each frame is
+//! restored for its own estimate. The shipped default model, official
+//! `cave.pth` files and `mode=diffusion` have no conditioning: there `qf` only
+//! replaces the reported number.
 //!
 //! For every processed frame the element
 //! - posts an element message `codiff-qf` with fields `qf` (f64, CaVE's JPEG

@@ -404,9 +404,9 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
                 .build(),
             glib::ParamSpecUInt::builder("qf")
                 .nick("Quality factor")
-                .blurb("JPEG quality (1-100) to restore for and report instead of CaVE's estimate: \
-                        a quality-conditioned model (the default one) smooths more at lower values; \
-                        0 = CaVE's estimate")
+                .blurb("JPEG quality (1-100) to restore for and report instead of CaVE's estimate \
+                        (a quality-conditioned model smooths more at lower values; others only \
+                        report it); 0 = CaVE's estimate")
                 .maximum(100)
                 .default_value(DEFAULT_QF)
                 .mutable_playing()
