@@ -628,6 +628,16 @@ mod tests {
     }
 
     #[test]
+    fn the_qf_property_is_the_restoration_quality() {
+        // 0 (default): each frame is restored for CaVE's own estimate
+        let mut s = Settings::default();
+        assert_eq!(s.restore_options(None).0.quality, None);
+        // N: restore as if the JPEG quality were N (conditioned models)
+        s.qf = 35;
+        assert_eq!(s.restore_options(None).0.quality, Some(35.0));
+    }
+
+    #[test]
     fn settings_resolve_the_mode_and_check_files() {
         let dir = std::env::temp_dir().join(format!("codiff-settings-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
