@@ -557,24 +557,23 @@ impl Cave {
         let (_, _, h, w) = x.dims4()?;
         let xp = Self::pad_to(x, 32)?;
         let (_, _, hp, wp) = xp.dims4()?;
-        let given = match quality {
-            Some(qf) => self.modulated(qf)?,
-            None => None,
+        // the decoder's modulation: for the given quality, else (conditioned
+        // models only) for the estimate from q, which `q` computes when asked
+        let modulation = |q: &dyn Fn() -> Result<Tensor>| -> Result<Option<Modulated>> {
+            match quality {
+                Some(qf) => self.modulated(qf),
+                None if self.conditioned() => self.modulated(self.qf(Self::q_value(&q()?)?)),
+                None => Ok(None),
+            }
         };
-        let (y, body) = if tile == 0 || (hp <= tile && wp <= tile) {
+        let (y, q) = if tile == 0 || (hp <= tile && wp <= tile) {
             let f = self.encode(&xp)?;
-            let body = f.body.clone();
-            let m = match (&given, self.conditioned()) {
-                (None, true) => self.modulated(self.qf(Self::first(&self.q_of(&body)?)?))?,
-                _ => None,
-            };
-            (self.decode(f, given.as_ref().or(m.as_ref()))?, body)
+            let q = self.q_of(&f.body)?;
+            let m = modulation(&|| Ok(q.clone()))?;
+            (self.decode(f, m.as_ref())?, q)
         } else {
-            let m = match (&given, self.conditioned()) {
-                (None, true) => self.modulated(self.qf(Self::first(&self.embed_tiled(&xp, tile)?.1)?))?,
-                _ => None,
-            };
-            let m = given.as_ref().or(m.as_ref());
+            let m = modulation(&|| Ok(self.embed_tiled(&xp, tile)?.1))?;
+            let m = m.as_ref();
             let plan = Plan::exact(hp, wp, tile, self.reconstruct_margin(), 32, 1, "CaVE")?;
             let mut cores = Vec::with_capacity(plan.len());
             let y = plan.run(&xp, 1, cancel, |spans, xs| {
@@ -585,14 +584,13 @@ impl Cave {
             })?;
             // tiles ran row by row: stitch the encoder outputs the same way
             let rows = cores.chunks(plan.cols.len()).map(|r| Tensor::cat(r, 3)).collect::<candle_core::Result<Vec<_>>>()?;
-            (y, Tensor::cat(&rows, 2)?)
+            (y, self.q_of(&Tensor::cat(&rows, 2)?)?)
         };
-        let q = self.q_of(&body)?;
         Ok((y.narrow(2, 0, h)?.narrow(3, 0, w)?, q))
     }
 
     /// The first value of a q tensor `[B,1]` (frames restore one at a time).
-    fn first(q: &Tensor) -> Result<f32> {
+    pub fn q_value(q: &Tensor) -> Result<f32> {
         Ok(q.flatten_all()?.get(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?)
     }
 

@@ -128,20 +128,24 @@ impl GroupNorm {
     /// [`GroupNorm::forward`] in `x`'s own buffer where the fast path runs;
     /// `x` must not share its storage with any tensor still needed.
     pub fn forward_owned(&self, x: Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        match &self.fast {
-            Some((gamma, beta)) if x.is_contiguous() => {
-                x.inplace_op1(&GroupNormOp { groups: self.groups, eps: self.eps, gamma: gamma.clone(), beta: beta.clone(), silu })?;
+        match self.fast_op(silu) {
+            Some(op) if x.is_contiguous() => {
+                x.inplace_op1(&op)?;
                 Ok(x)
             }
             _ => self.forward(&x, silu),
         }
     }
 
+    /// The CPU kernel of this norm, where the fast path runs.
+    fn fast_op(&self, silu: bool) -> Option<GroupNormOp> {
+        let (gamma, beta) = self.fast.as_ref()?;
+        Some(GroupNormOp { groups: self.groups, eps: self.eps, gamma: gamma.clone(), beta: beta.clone(), silu })
+    }
+
     pub fn forward(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        match &self.fast {
-            Some((gamma, beta)) => {
-                x.contiguous()?.apply_op1_no_bwd(&GroupNormOp { groups: self.groups, eps: self.eps, gamma: gamma.clone(), beta: beta.clone(), silu })
-            }
+        match self.fast_op(silu) {
+            Some(op) => x.contiguous()?.apply_op1_no_bwd(&op),
             None => {
                 let y = self.candle.forward(x)?;
                 if silu {

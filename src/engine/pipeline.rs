@@ -372,7 +372,7 @@ impl Engine {
                 p.keep("qf_pred", &q);
                 Self::check_finite(&y, "CaVE reconstruction", Precision::F32)?;
                 p.lap("cave")?;
-                (y, q.flatten_all()?.to_vec1::<f32>()?[0])
+                (y, Cave::q_value(&q)?)
             }
             Some(d) => {
                 if p.tracing() {
@@ -445,7 +445,7 @@ impl Engine {
         // 6. colour fix against the input
         let y = finish(&dec, x, opts.color_fix)?;
         p.lap("color_fix")?;
-        let q = q.flatten_all()?.to_vec1::<f32>()?[0];
+        let q = Cave::q_value(&q)?;
         Ok((y, q))
     }
 
@@ -453,7 +453,7 @@ impl Engine {
     pub fn estimate_qf(&self, img: &RgbImage) -> Result<f32> {
         let x = self.to_tensor(img)?;
         let (_, q) = self.cave.embed_tiled(&x, RestoreOptions::default().cave_tile)?;
-        Ok(self.cave.qf(q.flatten_all()?.to_vec1::<f32>()?[0]))
+        Ok(self.cave.qf(Cave::q_value(&q)?))
     }
 
     /// The diffusion stages one by one (parity tests feed each stage the

@@ -56,12 +56,11 @@ pub struct Direct {
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        let forced_off = std::env::var("CODIFF_CONV").is_ok_and(|v| v.eq_ignore_ascii_case("gemm"));
         #[cfg(target_arch = "x86_64")]
         let cpu = std::arch::is_x86_feature_detected!("avx512f");
         #[cfg(not(target_arch = "x86_64"))]
         let cpu = false;
-        cpu && !forced_off
+        cpu && !super::gemm_forced()
     })
 }
 

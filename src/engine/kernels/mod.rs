@@ -38,10 +38,16 @@ pub const WINOGRAD_MIN_CHANNELS: usize = 128;
 /// would add gigabytes) transform theirs on every call.
 pub const WINOGRAD_KEEP_BYTES: usize = 16 << 20;
 
-/// Whether the Winograd path is on: `CODIFF_CONV` not set to `gemm`.
+/// Whether `CODIFF_CONV=gemm` keeps every layer on im2col + GEMM (turning
+/// the direct and the Winograd path off, for comparisons); read once.
+pub(crate) fn gemm_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("CODIFF_CONV").is_ok_and(|v| v.eq_ignore_ascii_case("gemm")))
+}
+
+/// Whether the Winograd path is on.
 fn winograd_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("CODIFF_CONV").is_ok_and(|v| v.eq_ignore_ascii_case("gemm")))
+    !gemm_forced()
 }
 
 /// Widest 3x3 stride-1 layer (input and output channels) that runs the
@@ -94,11 +100,6 @@ pub(crate) fn activation(n: usize) -> Vec<f32> {
     v
 }
 
-/// Mean and (biased) variance of one group, in two passes: f32 sums within
-/// 1024-element chunks, f64 across them. The deviations are taken from the
-/// mean rounded to f32, so the variance is corrected by the rounding's square
-/// (E[(x - m')^2] = var + (m - m')^2). Shared by the group norm and the
-/// VAE tiler's pooled statistics.
 /// Defines `fn $name` that runs its body compiled for AVX2 + FMA on CPUs that
 /// have them, else as is: the crate targets baseline x86-64 (so that one
 /// build runs anywhere), whose SSE2 code runs these loops four lanes wide.
@@ -150,8 +151,11 @@ fn lane_sum(c: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 avx2_fn! {
-    /// Mean and variance of `xi` (f32 sums over 1024-value chunks, added in
-    /// f64), the variance about the f32-rounded mean and corrected for it.
+    /// Mean and (biased) variance of one group, in two passes: f32 sums within
+    /// 1024-element chunks, f64 across them. The deviations are taken from the
+    /// mean rounded to f32, so the variance is corrected by the rounding's square
+    /// (E[(x - m')^2] = var + (m - m')^2). Shared by the group norm and the
+    /// VAE tiler's pooled statistics.
     pub(crate) fn mean_var(xi: &[f32]) -> (f64, f64) {
         let n = xi.len().max(1) as f64;
         let mean = xi.chunks(1024).map(|c| lane_sum(c, |v| v) as f64).sum::<f64>() / n;
@@ -177,6 +181,14 @@ pub(super) fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candl
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{what}: contiguous input expected"),
+    }
+}
+
+/// The mutable twin of [`contiguous`], for in-place ops' destinations.
+pub(super) fn contiguous_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
+        _ => candle_core::bail!("{what}: contiguous f32 destination expected"),
     }
 }
 
@@ -518,10 +530,7 @@ impl InplaceOp2 for ConvInto<'_> {
         if l1.shape() != &shape {
             candle_core::bail!("conv into a {:?} tensor, output {:?}", l1.shape(), shape);
         }
-        let dst = match (s1, l1.contiguous_offsets()) {
-            (CpuStorage::F32(d), Some((a, e))) => &mut d[a..e],
-            _ => candle_core::bail!("conv into: contiguous f32 destination expected"),
-        };
+        let dst = contiguous_mut(s1, l1, "conv into")?;
         if std::ptr::eq(dst.as_ptr(), x.as_ptr()) {
             candle_core::bail!("conv into: the destination is the input");
         }
@@ -552,10 +561,7 @@ impl InplaceOp2 for AddInto {
         if l1.shape() != l2.shape() {
             candle_core::bail!("add into a {:?} tensor from {:?}", l1.shape(), l2.shape());
         }
-        let dst = match (s1, l1.contiguous_offsets()) {
-            (CpuStorage::F32(d), Some((a, e))) => &mut d[a..e],
-            _ => candle_core::bail!("add into: contiguous f32 destination expected"),
-        };
+        let dst = contiguous_mut(s1, l1, "add into")?;
         let chunk = (dst.len() / (4 * rayon::current_num_threads().max(1))).max(1 << 14);
         dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
         Ok(())
@@ -764,10 +770,7 @@ impl InplaceOp1 for GroupNormOp {
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
         let (cpg, hw) = self.dims(l)?;
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(d), Some((a, e))) => &mut d[a..e],
-            _ => candle_core::bail!("group norm in place: contiguous f32 input expected"),
-        };
+        let x = contiguous_mut(s, l, "group norm in place")?;
         x.par_chunks_mut(cpg * hw).enumerate().for_each(|(bg, xi)| {
             let st = mean_var(xi);
             self.group(bg, st, xi, None, hw);

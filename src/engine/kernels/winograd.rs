@@ -148,11 +148,6 @@ impl Winograd {
         Self { m, alpha, bt, at, u, cin, cout }
     }
 
-    /// Output tile side.
-    pub fn m(&self) -> usize {
-        self.m
-    }
-
     /// Tile rows per band: the transformed input and output of a band within
     /// [`BAND_BYTES`], at most the frame's, fewer when that leaves threads idle.
     fn band_rows(&self, b: usize, h: usize, w: usize) -> usize {
@@ -170,6 +165,7 @@ impl Winograd {
 
     /// y = act(conv(x) + bias) (+ residual), x `[b, cin, h, w]`, in bands of
     /// tile rows on the rayon pool.
+    #[allow(clippy::too_many_arguments)]
     pub fn run(&self, x: &[f32], b: usize, h: usize, w: usize, bias: &[f32], relu: bool, residual: Option<&[f32]>) -> Vec<f32> {
         let (cin, cout) = (self.cin, self.cout);
         let mut out = activation(b * cout * h * w);
