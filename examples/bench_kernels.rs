@@ -18,6 +18,9 @@ struct Args {
     /// also time candle's own conv2d
     #[arg(long)]
     candle: bool,
+    /// only the layers whose name contains this text
+    #[arg(long, default_value = "")]
+    only: String,
 }
 
 fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
@@ -39,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("threads={} avx512 direct kernel available: {}", rayon::current_num_threads(), direct::available());
     println!("| layer | cin->cout | HxW | direct ms | GEMM ms | F(2,3) ms | F(4,3) ms | candle ms | best GFLOP/s (direct-equivalent) |");
     println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
-    let layers: [(&str, usize, usize, usize, usize); 13] = [
+    let layers: [(&str, usize, usize, usize, usize); 16] = [
         ("compact head", 3, 8, 720, 1280),
         ("compact level 0", 8, 8, 720, 1280),
         ("compact tail", 8, 3, 720, 1280),
@@ -51,10 +54,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("SD VAE 256 ch", 256, 256, 128, 128),
         ("SD VAE 512 ch", 512, 512, 64, 64),
         ("SD UNet 320 ch", 320, 320, 64, 64),
+        ("SD UNet 640 ch", 640, 640, 32, 32),
+        ("SD UNet 1920->640", 1920, 640, 32, 32),
         ("SD UNet 1280 ch", 1280, 1280, 16, 16),
+        ("SD UNet 2560->1280", 2560, 1280, 16, 16),
         ("SD UNet 1280 ch", 1280, 1280, 8, 8),
     ];
-    for (name, cin, cout, h, w) in layers {
+    for (name, cin, cout, h, w) in layers.into_iter().filter(|l| l.0.contains(&args.only)) {
         let x = Tensor::randn(0f32, 1., (1, cin, h, w), &dev)?;
         let wt = (Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev)? * 0.1)?;
         let b = Tensor::zeros(cout, candle_core::DType::F32, &dev)?;

@@ -23,8 +23,6 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp1, InplaceOp2, Layo
 use rayon::prelude::*;
 use std::sync::Arc;
 
-pub mod direct;
-pub mod winograd;
 
 /// Narrowest 3x3 stride-1 layer (input and output channels) that runs
 /// [`winograd`] rather than im2col + GEMM (where the direct kernel does not
@@ -34,8 +32,9 @@ pub mod winograd;
 pub const WINOGRAD_MIN_CHANNELS: usize = 128;
 /// A layer keeps its transformed Winograd weights after the first call when
 /// they take at most this many bytes (up to ~300 channels in and out for
-/// F(4,3)); wider layers (SD's 512- and 1280-channel ones, whose transforms
-/// would add gigabytes) transform theirs on every call.
+/// F(4,3)); wider layers (SD's 512- to 2560-channel ones, whose transforms
+/// would add gigabytes) transform theirs on every call, block by block where
+/// the frame is small ([`winograd::run_streamed`]).
 pub const WINOGRAD_KEEP_BYTES: usize = 16 << 20;
 
 /// Whether `CODIFF_CONV=gemm` keeps every layer on im2col + GEMM (turning
@@ -135,6 +134,10 @@ fn avx2_available() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
+
+// after avx2_fn!, which they use
+pub mod direct;
+pub mod winograd;
 
 /// `Σ f(x)` over `c` in 16 independent lanes (so that the compiler
 /// vectorises the reduction; a plain `sum` is one sequential chain).
@@ -420,6 +423,9 @@ impl ConvOp {
         let (cin, cout) = (self.cin, self.cout);
         let keep = |m: usize| (m + 2) * (m + 2) * cout * cin * 4 <= WINOGRAD_KEEP_BYTES;
         if let Some(m) = self.winograd.and_then(|t| t.or_else(|| winograd::tile_for(h, w, keep(4)))) {
+            if !keep(m) && winograd::streams(cin, h, w, m) {
+                return Ok(winograd::run_streamed(&weight[..cout * cin * 9], cout, cin, m, x, b, h, w, &self.bias, self.relu, residual));
+            }
             let make = || Arc::new(winograd::Winograd::new(&weight[..cout * cin * 9], cout, cin, m));
             let wg = if keep(m) {
                 self.winograd_kept[m / 4].get_or_init(make).clone()
@@ -1048,7 +1054,7 @@ mod tests {
         // F(2,3) and F(4,3); frames not a multiple of the tile, narrower and
         // shorter than one tile, one pixel; batch 2; bias, ReLU, residual
         let dev = Device::Cpu;
-        for (cin, cout, h, w) in [(32, 32, 17, 9), (40, 33, 5, 70), (64, 48, 1, 1), (32, 64, 9, 3), (33, 32, 23, 31), (128, 128, 48, 40)] {
+        for (cin, cout, h, w) in [(32, 32, 17, 9), (40, 33, 5, 70), (64, 48, 1, 1), (32, 64, 9, 3), (33, 32, 23, 31), (128, 128, 48, 40), (24, 150, 7, 10)] {
             let [x, wt, b, r, reference, relu_res] = conv_case(cin, cout, h, w);
             // outputs have a standard deviation of sqrt(9 cin)
             let scale = (9.0 * cin as f32).sqrt();
@@ -1063,6 +1069,14 @@ mod tests {
                 // up to 8 cost precision); im2col + GEMM ~1e-6
                 let tol = if m == 2 { 1e-5 } else { 6e-5 };
                 assert!(err < tol && err_res < tol, "F({m},3) {cin}->{cout} {h}x{w}: {err} / {err_res}");
+                // the path of layers too wide to keep their transform: blocks of
+                // output channels, weights transformed on the fly
+                let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (xs, ws, bs, rs) = (v(&x), v(&wt), v(&b), v(&r));
+                let streamed = winograd::run_streamed(&ws, cout, cin, m, &xs, 2, h, w, &bs, true, Some(&rs));
+                let streamed = Tensor::from_vec(streamed, (2, cout, h, w), &dev).unwrap();
+                let err_streamed = max_err(&streamed, &relu_res) / scale;
+                assert!(err_streamed < tol, "streamed F({m},3) {cin}->{cout} {h}x{w}: {err_streamed}");
             }
         }
         // wide layers take it by default, narrow ones do not

@@ -12,21 +12,28 @@
 //! hold both to candle's conv2d).
 //!
 //! The transformed kernel U holds (m+2)²/9 times the weights (4x for
-//! F(4,3)), too much to keep for SD's UNet and VAE, so each call transforms
-//! the layer's weights afresh (about 1 % of the layer's time) and drops them.
+//! F(4,3)). Layers up to ~300 channels keep theirs ([`Winograd`]); wider
+//! ones (SD's 512- to 2560-channel layers, whose U would add gigabytes)
+//! transform their weights on every call: on frames whose transformed input
+//! fits [`streams`]' budget (the UNet's 640- to 2560-channel layers at
+//! 512x512, the VAE's 512-channel ones at 64x64), [`run_streamed`]
+//! transforms them block by block of output channels, in cache, so that no
+//! whole U is ever written;
+//! on larger frames [`Winograd::new`] makes U afresh for the call.
 //!
 //! Which tile, by frame size ([`tile_for`]; `cargo run --release --example
 //! bench_kernels`, 2 threads): F(4,3) from 32x32 px (1.3-2x faster than
 //! im2col + GEMM on SD's VAE and UNet layers at 512x512), F(2,3) from 12x12,
-//! else none; layers too wide to keep their transform (1280 channels at
-//! 16x16: F(2,3) 27 ms with the transform kept, 89 ms transforming on each
-//! call, GEMM 44 ms) take F(4,3) only from 64x64.
+//! else none, for layers that keep U; layers that do not take F(4,3) from
+//! 16x16 (streamed, medians of 9: 640 channels at 32x32 18-22 ms vs GEMM 39-42 ms,
+//! 1920->640 59-73 vs 139-143, 1280 at 16x16 27 vs 42, 2560->1280 61-63 vs
+//! 97-108; at 8x8 none beats GEMM's 14 ms).
 //!
 //! Layout: NCHW f32, zero padding 1, bias, ReLU and residual fused into the
 //! output transform, as [`super::ConvOp`]'s other paths.
 use rayon::prelude::*;
 
-use super::{activation, gemm_strided, SendPtr};
+use super::{activation, avx2_available, gemm_strided, SendPtr};
 
 /// Bᵀ, G and Aᵀ of F(2,3) (interpolation points 0, 1, -1).
 const F2_BT: [f32; 16] = [1., 0., -1., 0., 0., 1., 1., 0., 0., -1., 1., 0., 0., 1., 0., -1.];
@@ -65,13 +72,13 @@ const BAND_BYTES: usize = 8 << 20;
 
 /// The output tile side m to use on an `h x w` frame, if any (see the module
 /// notes for the measurements behind it); `kept`: the layer keeps its
-/// transformed weights, else each call pays for the transform, which only a
-/// large frame repays.
+/// transformed weights, else each call pays for the transform, which a
+/// frame under 16x16 does not repay.
 pub fn tile_for(h: usize, w: usize, kept: bool) -> Option<usize> {
     match (h * w, kept) {
         (n, true) if n >= 32 * 32 => Some(4),
         (n, true) if n >= 12 * 12 => Some(2),
-        (n, false) if n >= 64 * 64 => Some(4),
+        (n, false) if n >= 16 * 16 => Some(4),
         _ => None,
     }
 }
@@ -88,136 +95,54 @@ fn combine<'a>(dst: &mut [f32], coeffs: &[f32], src: impl Fn(usize) -> &'a [f32]
     }
 }
 
-/// A 3x3 layer's transformed weights and the output tile size.
-#[derive(Debug)]
-pub struct Winograd {
+/// F(m x m, 3 x 3)'s matrices.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
     /// output tile side m (2 or 4); the input tile is alpha = m + 2
     m: usize,
     alpha: usize,
     bt: &'static [f32],
+    g: &'static [f32],
     at: &'static [f32],
-    /// `U[ξ][co][ci]`, ξ = row * alpha + column of the transformed kernel
-    u: Vec<f32>,
-    cin: usize,
-    cout: usize,
 }
 
-/// Per-thread scratch of one band.
-#[derive(Default)]
-pub struct Scratch {
-    v: Vec<f32>,
-    mm: Vec<f32>,
-    tmp: Vec<f32>,
-}
-
-impl Winograd {
-    /// Transform `weight` `[cout, cin, 3, 3]` (row-major f32) for F(m x m, 3 x 3),
-    /// m = 2 or 4.
-    pub fn new(weight: &[f32], cout: usize, cin: usize, m: usize) -> Self {
-        let (bt, g, at): (&'static [f32], &[f32], &'static [f32]) = match m {
+impl Tile {
+    fn new(m: usize) -> Self {
+        let (bt, g, at): (&'static [f32], &'static [f32], &'static [f32]) = match m {
             2 => (&F2_BT, &F2_G, &F2_AT),
             4 => (&F4_BT, &F4_G, &F4_AT),
             _ => panic!("Winograd F({m},3) is not implemented (2 or 4)"),
         };
-        let alpha = m + 2;
-        let plane = cout * cin;
-        let mut u = activation(alpha * alpha * plane);
-        let u_ptr = SendPtr(u.as_mut_ptr());
-        // U_ξ[co][ci] = (G g Gᵀ)[a][b], ξ = a alpha + b; one output channel per task
-        (0..cout).into_par_iter().for_each(|co| {
-            let u_ptr = u_ptr;
-            let mut gg = [0f32; 18];
-            for ci in 0..cin {
-                let k = &weight[(co * cin + ci) * 9..][..9];
-                // (G g)[a][j] = Σ_i G[a][i] g[i][j]
-                for a in 0..alpha {
-                    for j in 0..3 {
-                        gg[a * 3 + j] = g[a * 3] * k[j] + g[a * 3 + 1] * k[3 + j] + g[a * 3 + 2] * k[6 + j];
-                    }
-                }
-                for a in 0..alpha {
-                    let r = &gg[a * 3..a * 3 + 3];
-                    for b in 0..alpha {
-                        let v = r[0] * g[b * 3] + r[1] * g[b * 3 + 1] + r[2] * g[b * 3 + 2];
-                        // SAFETY: task co alone writes U_ξ[co][..]
-                        unsafe { *u_ptr.0.add((a * alpha + b) * plane + co * cin + ci) = v };
-                    }
-                }
-            }
-        });
-        Self { m, alpha, bt, at, u, cin, cout }
+        Self { m, alpha: m + 2, bt, g, at }
     }
 
-    /// Tile rows per band: the transformed input and output of a band within
-    /// [`BAND_BYTES`], at most the frame's, fewer when that leaves threads idle.
-    fn band_rows(&self, b: usize, h: usize, w: usize) -> usize {
-        let a2 = self.alpha * self.alpha;
-        let tile_rows = h.div_ceil(self.m);
-        let tiles_per_row = w.div_ceil(self.m);
-        let per_row = a2 * (self.cin + self.cout) * tiles_per_row * 4;
-        let mut rows = (BAND_BYTES / per_row.max(1)).clamp(1, tile_rows);
-        let threads = rayon::current_num_threads().max(1);
-        while rows > 1 && b * tile_rows.div_ceil(rows) < 2 * threads {
-            rows = rows.div_ceil(2);
-        }
-        rows
-    }
-
-    /// y = act(conv(x) + bias) (+ residual), x `[b, cin, h, w]`, in bands of
-    /// tile rows on the rayon pool.
-    #[allow(clippy::too_many_arguments)]
-    pub fn run(&self, x: &[f32], b: usize, h: usize, w: usize, bias: &[f32], relu: bool, residual: Option<&[f32]>) -> Vec<f32> {
-        let (cin, cout) = (self.cin, self.cout);
-        let mut out = activation(b * cout * h * w);
-        let rows = self.band_rows(b, h, w);
-        let tile_rows = h.div_ceil(self.m);
-        let bands: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..tile_rows).step_by(rows).map(move |r0| (bi, r0))).collect();
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        bands.par_iter().for_each_init(Scratch::default, |s, &(bi, r0)| {
-            let out_ptr = out_ptr;
-            let r1 = (r0 + rows).min(tile_rows);
-            let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
-            let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
-            // SAFETY: bands write disjoint output rows of image bi
-            unsafe { self.band(xb, h, w, r0, r1, bias, relu, res, out_ptr.0.add(bi * cout * h * w), s) }
-        });
-        out
-    }
-
-    /// One band: tile rows `r0..r1` of one image.
+    /// Row `a` of `G g Gᵀ` for every input channel of one output channel:
+    /// `U_{a alpha + b}[ci]` written to `dst + b * stride + ci`, from `wt`
+    /// `[tap][ci]` (tap = 3 i + j).
     ///
     /// # Safety
-    /// `out` holds `cout * h * w` values; no other thread writes rows
-    /// `r0 * m .. r1 * m` of it.
+    /// `dst + b * stride .. + cin` are valid and unaliased for b < alpha.
+    unsafe fn kernel_row(&self, wt: &[f32], cin: usize, a: usize, dst: *mut f32, stride: usize) {
+        kernel_row(wt, cin, &self.g[a * 3..a * 3 + 3], self.g, self.alpha, dst, stride)
+    }
+    /// `V[ξ][ci][t0 + t] = (Bᵀ d B)` of the input tiles of tile rows
+    /// `r0..r1` (t0 = (tr - r0) tc) for the input channels `cis` of the image
+    /// `x` `[cin, h, w]`; V holds `nt` tiles per channel and `cin` channels
+    /// per ξ.
+    ///
+    /// # Safety
+    /// V's rows of channels `cis` are valid and written by no one else.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn band(
-        &self,
-        x: &[f32],
-        h: usize,
-        w: usize,
-        r0: usize,
-        r1: usize,
-        bias: &[f32],
-        relu: bool,
-        residual: Option<&[f32]>,
-        out: *mut f32,
-        s: &mut Scratch,
-    ) {
-        let (m, al, cin, cout) = (self.m, self.alpha, self.cin, self.cout);
+    unsafe fn input(&self, x: &[f32], h: usize, w: usize, cis: std::ops::Range<usize>, cin: usize, r0: usize, r1: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
+        let (m, al) = (self.m, self.alpha);
         let tc = w.div_ceil(m);
-        let nt = (r1 - r0) * tc;
-        let a2 = al * al;
-        s.v.resize(a2 * cin * nt, 0.0);
-        s.mm.resize(a2 * cout * nt, 0.0);
         // padded input row, alpha gathered columns, alpha x alpha horizontal sums
         let prow_len = (tc - 1) * m + al;
-        s.tmp.resize(prow_len + al * tc + al * al * tc, 0.0);
-        let (prow, rest) = s.tmp.split_at_mut(prow_len);
+        tmp.resize(prow_len + al * tc + al * al * tc, 0.0);
+        let (prow, rest) = tmp.split_at_mut(prow_len);
         let (gat, hz) = rest.split_at_mut(al * tc);
         let bt = self.bt;
-
-        // 1. V[ξ][ci][t] = (Bᵀ d B) of every input tile
-        for ci in 0..cin {
+        for ci in cis {
             let plane = &x[ci * h * w..(ci + 1) * h * w];
             for tr in r0..r1 {
                 let t0 = (tr - r0) * tc;
@@ -244,61 +169,62 @@ impl Winograd {
                 // V[a al + bb][ci][t0 + t] = Σ_i Bᵀ[a][i] hz[i][bb][t]
                 for a in 0..al {
                     for bb in 0..al {
-                        let dst = &mut s.v[((a * al + bb) * cin + ci) * nt + t0..][..tc];
+                        let dst = std::slice::from_raw_parts_mut(v.add(((a * al + bb) * cin + ci) * nt + t0), tc);
                         combine(dst, &bt[a * al..][..al], |i| &hz[(i * al + bb) * tc..][..tc]);
                     }
                 }
             }
         }
+    }
 
-        // 2. M_ξ = U_ξ V_ξ: [cout x cin] x [cin x nt]
-        for xi in 0..a2 {
-            gemm_strided(
-                cout,
-                nt,
-                cin,
-                false,
-                s.mm.as_mut_ptr().add(xi * cout * nt),
-                nt,
-                1,
-                self.u.as_ptr().add(xi * cout * cin),
-                cin,
-                1,
-                s.v.as_ptr().add(xi * cin * nt),
-                nt,
-                1,
-            );
-        }
-
-        // 3. Y = Aᵀ M A per tile, bias / ReLU / residual, written row by row
-        let at = self.at;
-        // reuse the scratch: sh[a][c][t] (alpha x m x tc), then one output row
+    /// `Y = Aᵀ M A` of tile rows `r0..r1` for the output channels
+    /// `co0 .. co0 + rows`, whose products `M[ξ][co - co0][t]` (nt tiles
+    /// each) are in `mm`; bias, ReLU and residual fused, written into the
+    /// image `out` `[cout, h, w]` row by row.
+    ///
+    /// # Safety
+    /// `out` holds the image; no other thread writes those channels' rows
+    /// `r0 * m .. r1 * m`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn output(
+        &self,
+        mm: &[f32],
+        rows: usize,
+        co0: usize,
+        nt: usize,
+        (r0, r1): (usize, usize),
+        (h, w): (usize, usize),
+        (bias, relu, residual): (&[f32], bool, Option<&[f32]>),
+        out: *mut f32,
+        tmp: &mut Vec<f32>,
+    ) {
+        let (m, al, at) = (self.m, self.alpha, self.at);
+        let tc = w.div_ceil(m);
+        // sh[a][c][t] (alpha x m x tc), then one output row
         let sh_len = al * m * tc;
-        if s.tmp.len() < sh_len + m * tc {
-            s.tmp.resize(sh_len + m * tc, 0.0);
-        }
-        let (sh, orow) = s.tmp.split_at_mut(sh_len);
-        for co in 0..cout {
+        tmp.resize(sh_len + m * tc, 0.0);
+        let (sh, orow) = tmp.split_at_mut(sh_len);
+        for r in 0..rows {
+            let co = co0 + r;
             let bias = bias[co];
             for tr in r0..r1 {
                 let t0 = (tr - r0) * tc;
-                // sh[a][c][t] = Σ_bb Aᵀ[c][bb] M[a al + bb][co][t]
+                // sh[a][c][t] = Σ_bb Aᵀ[c][bb] M[a al + bb][r][t]
                 for a in 0..al {
                     for c in 0..m {
-                        let mm = &s.mm;
-                        combine(&mut sh[(a * m + c) * tc..][..tc], &at[c * al..][..al], |bb| &mm[((a * al + bb) * cout + co) * nt + t0..][..tc]);
+                        combine(&mut sh[(a * m + c) * tc..][..tc], &at[c * al..][..al], |bb| &mm[((a * al + bb) * rows + r) * nt + t0..][..tc]);
                     }
                 }
-                for r in 0..m {
-                    let oy = tr * m + r;
+                for rr in 0..m {
+                    let oy = tr * m + rr;
                     if oy >= h {
                         break;
                     }
-                    // orow[t m + c] = Σ_a Aᵀ[r][a] sh[a][c][t]
+                    // orow[t m + c] = Σ_a Aᵀ[rr][a] sh[a][c][t]
                     let orow = &mut orow[..tc * m];
                     orow.fill(0.0);
                     for a in 0..al {
-                        let k = at[r * al + a];
+                        let k = at[rr * al + a];
                         if k != 0.0 {
                             for c in 0..m {
                                 let src = &sh[(a * m + c) * tc..][..tc];
@@ -320,4 +246,237 @@ impl Winograd {
             }
         }
     }
+}
+
+/// Input channels `c0 .. c0 + n` (n <= 16) of [`kernel_row`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn kernel_chunk(wt: &[f32], cin: usize, ga: [f32; 3], g: &[f32], alpha: usize, dst: *mut f32, stride: usize, c0: usize, n: usize) {
+    let mut gg = [[0f32; 16]; 3];
+    for (j, ggj) in gg.iter_mut().enumerate() {
+        for (i, &c) in ga.iter().enumerate() {
+            let src = &wt[(3 * i + j) * cin + c0..][..n];
+            for (v, s) in ggj.iter_mut().zip(src) {
+                *v += c * s;
+            }
+        }
+    }
+    for b in 0..alpha {
+        let gb = [g[b * 3], g[b * 3 + 1], g[b * 3 + 2]];
+        // SAFETY: the caller's contract (see Tile::kernel_row)
+        let d = unsafe { std::slice::from_raw_parts_mut(dst.add(b * stride + c0), n) };
+        for (l, v) in d.iter_mut().enumerate() {
+            *v = gb[0] * gg[0][l] + gb[1] * gg[1][l] + gb[2] * gg[2][l];
+        }
+    }
+}
+
+avx2_fn! {
+    /// [`Tile::kernel_row`] in one pass over the input channels, 16 at a
+    /// time: `(G g)[a][j] = Σ_i ga[i] g[i][j]`, then `U[a][b] = Σ_j
+    /// (G g)[a][j] G[b][j]` for b < alpha, in registers.
+    fn kernel_row(wt: &[f32], cin: usize, ga: &[f32], g: &[f32], alpha: usize, dst: *mut f32, stride: usize) {
+        let ga = [ga[0], ga[1], ga[2]];
+        let full = cin / 16 * 16;
+        for c0 in (0..full).step_by(16) {
+            kernel_chunk(wt, cin, ga, g, alpha, dst, stride, c0, 16);
+        }
+        if full < cin {
+            kernel_chunk(wt, cin, ga, g, alpha, dst, stride, full, cin - full);
+        }
+    }
+}
+
+/// `wt[tap][ci]` (tap = 3 i + j) of one output channel's `[cin][3][3]` weights.
+fn transpose_kernel(weight_co: &[f32], cin: usize, wt: &mut [f32]) {
+    for (ci, k) in weight_co[..cin * 9].chunks_exact(9).enumerate() {
+        for (tap, &v) in k.iter().enumerate() {
+            wt[tap * cin + ci] = v;
+        }
+    }
+}
+
+/// A 3x3 layer's transformed weights and the output tile size.
+#[derive(Debug)]
+pub struct Winograd {
+    tile: Tile,
+    /// `U[ξ][co][ci]`, ξ = row * alpha + column of the transformed kernel
+    u: Vec<f32>,
+    cin: usize,
+    cout: usize,
+}
+
+/// Per-thread scratch of one band.
+#[derive(Default)]
+pub struct Scratch {
+    v: Vec<f32>,
+    mm: Vec<f32>,
+    tmp: Vec<f32>,
+}
+
+impl Winograd {
+    /// Transform `weight` `[cout, cin, 3, 3]` (row-major f32) for F(m x m, 3 x 3),
+    /// m = 2 or 4.
+    pub fn new(weight: &[f32], cout: usize, cin: usize, m: usize) -> Self {
+        let tile = Tile::new(m);
+        let alpha = tile.alpha;
+        let plane = cout * cin;
+        let mut u = activation(alpha * alpha * plane);
+        let u_ptr = SendPtr(u.as_mut_ptr());
+        // U_ξ[co][..] = (G g Gᵀ)[a][b], ξ = a alpha + b; one output channel per task
+        (0..cout).into_par_iter().for_each_init(
+            || vec![0f32; 9 * cin],
+            |wt, co| {
+                let u_ptr = u_ptr;
+                transpose_kernel(&weight[co * cin * 9..], cin, wt);
+                for a in 0..alpha {
+                    // SAFETY: task co alone writes U_ξ[co][..]
+                    unsafe { tile.kernel_row(wt, cin, a, u_ptr.0.add(a * alpha * plane + co * cin), plane) };
+                }
+            },
+        );
+        Self { tile, u, cin, cout }
+    }
+
+    /// Tile rows per band: the transformed input and output of a band within
+    /// [`BAND_BYTES`], at most the frame's, fewer when that leaves threads idle.
+    fn band_rows(&self, b: usize, h: usize, w: usize) -> usize {
+        let (m, al) = (self.tile.m, self.tile.alpha);
+        let tile_rows = h.div_ceil(m);
+        let tiles_per_row = w.div_ceil(m);
+        let per_row = al * al * (self.cin + self.cout) * tiles_per_row * 4;
+        let mut rows = (BAND_BYTES / per_row.max(1)).clamp(1, tile_rows);
+        let threads = rayon::current_num_threads().max(1);
+        while rows > 1 && b * tile_rows.div_ceil(rows) < 2 * threads {
+            rows = rows.div_ceil(2);
+        }
+        rows
+    }
+
+    /// y = act(conv(x) + bias) (+ residual), x `[b, cin, h, w]`, in bands of
+    /// tile rows on the rayon pool.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(&self, x: &[f32], b: usize, h: usize, w: usize, bias: &[f32], relu: bool, residual: Option<&[f32]>) -> Vec<f32> {
+        let (cin, cout) = (self.cin, self.cout);
+        let mut out = activation(b * cout * h * w);
+        let rows = self.band_rows(b, h, w);
+        let tile_rows = h.div_ceil(self.tile.m);
+        let bands: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..tile_rows).step_by(rows).map(move |r0| (bi, r0))).collect();
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        bands.par_iter().for_each_init(Scratch::default, |s, &(bi, r0)| {
+            let out_ptr = out_ptr;
+            let r1 = (r0 + rows).min(tile_rows);
+            let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
+            let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
+            // SAFETY: bands write disjoint output rows of image bi
+            unsafe { self.band(xb, h, w, r0, r1, (bias, relu, res), out_ptr.0.add(bi * cout * h * w), s) }
+        });
+        out
+    }
+
+    /// One band: tile rows `r0..r1` of one image.
+    ///
+    /// # Safety
+    /// `out` holds `cout * h * w` values; no other thread writes rows
+    /// `r0 * m .. r1 * m` of it.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn band(&self, x: &[f32], h: usize, w: usize, r0: usize, r1: usize, epilogue: (&[f32], bool, Option<&[f32]>), out: *mut f32, s: &mut Scratch) {
+        let (cin, cout) = (self.cin, self.cout);
+        let a2 = self.tile.alpha * self.tile.alpha;
+        let nt = (r1 - r0) * w.div_ceil(self.tile.m);
+        s.v.resize(a2 * cin * nt, 0.0);
+        s.mm.resize(a2 * cout * nt, 0.0);
+        // 1. V[ξ][ci][t] = (Bᵀ d B) of every input tile
+        self.tile.input(x, h, w, 0..cin, cin, r0, r1, s.v.as_mut_ptr(), nt, &mut s.tmp);
+        // 2. M_ξ = U_ξ V_ξ: [cout x cin] x [cin x nt]
+        for xi in 0..a2 {
+            gemm_strided(cout, nt, cin, false, s.mm.as_mut_ptr().add(xi * cout * nt), nt, 1, self.u.as_ptr().add(xi * cout * cin), cin, 1, s.v.as_ptr().add(xi * cin * nt), nt, 1);
+        }
+        // 3. Y = Aᵀ M A per tile, bias / ReLU / residual, written row by row
+        self.tile.output(&s.mm, cout, 0, nt, (r0, r1), (h, w), epilogue, out, &mut s.tmp);
+    }
+}
+
+/// Output channels per task of [`run_streamed`].
+const STREAM_BLOCK: usize = 64;
+/// Largest transformed input (bytes, one image) that [`run_streamed`] takes;
+/// [`streams`] says whether a frame fits.
+const STREAM_V_BYTES: usize = 24 << 20;
+
+/// Whether [`run_streamed`] takes a `cin`-channel `h x w` frame for F(m,3).
+pub fn streams(cin: usize, h: usize, w: usize, m: usize) -> bool {
+    (m + 2) * (m + 2) * cin * h.div_ceil(m) * w.div_ceil(m) * 4 <= STREAM_V_BYTES
+}
+
+/// Per-thread scratch of one block of output channels.
+#[derive(Default)]
+struct BlockScratch {
+    wt: Vec<f32>,
+    u: Vec<f32>,
+    mm: Vec<f32>,
+    tmp: Vec<f32>,
+}
+
+/// F(m x m, 3 x 3) of a layer that does not keep its transformed weights,
+/// on a frame small enough that all its input tiles are transformed at once
+/// ([`streams`]): each task takes a block of output channels, transforms
+/// their weights one row of U at a time (alpha of the alpha² products, a few
+/// hundred kB that stay in cache), multiplies them with the shared input
+/// tiles and writes its channels' outputs. No transformed kernel is ever
+/// whole in memory, which is what made per-call transforms too slow for
+/// SD's 640- and 1280-channel layers at 8x8 to 32x32 px.
+#[allow(clippy::too_many_arguments)]
+pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32], b: usize, h: usize, w: usize, bias: &[f32], relu: bool, residual: Option<&[f32]>) -> Vec<f32> {
+    let tile = Tile::new(m);
+    let al = tile.alpha;
+    let a2 = al * al;
+    let tile_rows = h.div_ceil(m);
+    let nt = tile_rows * w.div_ceil(m);
+    let mut out = activation(b * cout * h * w);
+    let mut v = vec![0f32; a2 * cin * nt];
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = cin.div_ceil(4 * threads).max(1);
+    for bi in 0..b {
+        let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
+        // 1. every input tile, channels in parallel
+        let v_ptr = SendPtr(v.as_mut_ptr());
+        (0..cin.div_ceil(chunk)).into_par_iter().for_each_init(Vec::new, |tmp, k| {
+            let v_ptr = v_ptr;
+            let cis = k * chunk..((k + 1) * chunk).min(cin);
+            // SAFETY: chunks write disjoint channel rows of V
+            unsafe { tile.input(xb, h, w, cis, cin, 0, tile_rows, v_ptr.0, nt, tmp) }
+        });
+        // 2. blocks of output channels in parallel
+        let v = &v;
+        let out_ptr = SendPtr(unsafe { out.as_mut_ptr().add(bi * cout * h * w) });
+        let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
+        (0..cout.div_ceil(STREAM_BLOCK)).into_par_iter().for_each_init(BlockScratch::default, |s, blk| {
+            let out_ptr = out_ptr;
+            let co0 = blk * STREAM_BLOCK;
+            let rows = STREAM_BLOCK.min(cout - co0);
+            s.wt.resize(rows * 9 * cin, 0.0);
+            s.u.resize(al * rows * cin, 0.0);
+            s.mm.resize(a2 * rows * nt, 0.0);
+            for r in 0..rows {
+                transpose_kernel(&weight[(co0 + r) * cin * 9..], cin, &mut s.wt[r * 9 * cin..][..9 * cin]);
+            }
+            for a in 0..al {
+                // U[bb][r][ci] of ξ = a alpha + bb, then its alpha products
+                for r in 0..rows {
+                    // SAFETY: row r of each of the alpha planes of s.u
+                    unsafe { tile.kernel_row(&s.wt[r * 9 * cin..][..9 * cin], cin, a, s.u.as_mut_ptr().add(r * cin), rows * cin) };
+                }
+                for bb in 0..al {
+                    let xi = a * al + bb;
+                    // SAFETY: the three matrices lie within s.mm, s.u and v
+                    unsafe {
+                        gemm_strided(rows, nt, cin, false, s.mm.as_mut_ptr().add(xi * rows * nt), nt, 1, s.u.as_ptr().add(bb * rows * cin), cin, 1, v.as_ptr().add(xi * cin * nt), nt, 1)
+                    };
+                }
+            }
+            // SAFETY: this block alone writes channels co0..co0 + rows
+            unsafe { tile.output(&s.mm, rows, co0, nt, (0, tile_rows), (h, w), (bias, relu, res), out_ptr.0, &mut s.tmp) };
+        });
+    }
+    out
 }
