@@ -83,18 +83,6 @@ pub fn tile_for(h: usize, w: usize, kept: bool) -> Option<usize> {
     }
 }
 
-/// `dst = Σ_k coeffs[k] src(k)` over equally long rows, skipping zero
-/// coefficients (the transforms' matrices are sparse).
-#[inline]
-fn combine<'a>(dst: &mut [f32], coeffs: &[f32], src: impl Fn(usize) -> &'a [f32]) {
-    dst.fill(0.0);
-    for (k, &c) in coeffs.iter().enumerate() {
-        if c != 0.0 {
-            dst.iter_mut().zip(src(k)).for_each(|(d, s)| *d += c * s);
-        }
-    }
-}
-
 /// F(m x m, 3 x 3)'s matrices.
 #[derive(Debug, Clone, Copy)]
 struct Tile {
@@ -134,15 +122,116 @@ impl Tile {
     /// V's rows of channels `cis` are valid and written by no one else.
     #[allow(clippy::too_many_arguments)]
     unsafe fn input(&self, x: &[f32], h: usize, w: usize, cis: std::ops::Range<usize>, cin: usize, r0: usize, r1: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
-        let (m, al) = (self.m, self.alpha);
+        input_tiles(*self, x, (h, w), (cis.start, cis.end), cin, (r0, r1), v, nt, tmp)
+    }
+
+    /// `Y = Aᵀ M A` of tile rows `r0..r1` for the output channels
+    /// `co0 .. co0 + rows`, whose products `M[ξ][co - co0][t]` (nt tiles
+    /// each) are in `mm`; bias, ReLU and residual fused, written into the
+    /// image `out` `[cout, h, w]` row by row.
+    ///
+    /// # Safety
+    /// `out` holds the image; no other thread writes those channels' rows
+    /// `r0 * m .. r1 * m`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn output(
+        &self,
+        mm: &[f32],
+        rows: usize,
+        co0: usize,
+        nt: usize,
+        tile_rows: (usize, usize),
+        hw: (usize, usize),
+        epilogue: (&[f32], bool, Option<&[f32]>),
+        out: *mut f32,
+        tmp: &mut Vec<f32>,
+    ) {
+        output_tiles(*self, mm, (rows, co0, nt), tile_rows, hw, epilogue, out, tmp)
+    }
+}
+
+/// `dst_r[t] = Σ_k c[r n + k] src_k[t]` for r < `rows`, t < `len`, with
+/// `src_k = src + k src_stride` (k < n) and `dst_r = dst + r dst_stride`:
+/// one pass over 8 columns at a time with the n source vectors and the
+/// `rows` sums in registers (R and N are compile-time, so the loops unroll),
+/// zero coefficients skipped (the same sums, in the same order, as one pass
+/// per coefficient).
+///
+/// # Safety
+/// The rows are valid for `len` values; destination rows overlap no source.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn apply_fixed<const R: usize, const N: usize>(c: &[f32], len: usize, src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+    const L: usize = 8;
+    let c: &[f32; 36] = &{
+        let mut a = [0f32; 36];
+        a[..R * N].copy_from_slice(&c[..R * N]);
+        a
+    };
+    let mut t = 0;
+    while t < len {
+        let wd = (len - t).min(L);
+        let mut s = [[0f32; L]; N];
+        for (k, sk) in s.iter_mut().enumerate() {
+            let p = src.add(k * src_stride + t);
+            if wd == L {
+                // a fixed-size copy is a vector move; a variable one a memmove call
+                *sk = std::ptr::read_unaligned(p as *const [f32; L]);
+            } else {
+                sk[..wd].copy_from_slice(std::slice::from_raw_parts(p, wd));
+            }
+        }
+        for r in 0..R {
+            let mut acc = [0f32; L];
+            for (k, sk) in s.iter().enumerate() {
+                let ck = c[r * N + k];
+                if ck != 0.0 {
+                    for (a, v) in acc.iter_mut().zip(sk) {
+                        *a += ck * v;
+                    }
+                }
+            }
+            let p = dst.add(r * dst_stride + t);
+            if wd == L {
+                std::ptr::write_unaligned(p as *mut [f32; L], acc);
+            } else {
+                std::slice::from_raw_parts_mut(p, wd).copy_from_slice(&acc[..wd]);
+            }
+        }
+        t += L;
+    }
+}
+
+/// [`apply_fixed`] for the transforms' shapes: `rows` x `n` = alpha x alpha
+/// (Bᵀ) or m x alpha (Aᵀ), for m = 2 and 4.
+///
+/// # Safety
+/// As [`apply_fixed`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn apply(c: &[f32], rows: usize, n: usize, len: usize, src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+    match (rows, n) {
+        (6, 6) => apply_fixed::<6, 6>(c, len, src, src_stride, dst, dst_stride),
+        (4, 6) => apply_fixed::<4, 6>(c, len, src, src_stride, dst, dst_stride),
+        (4, 4) => apply_fixed::<4, 4>(c, len, src, src_stride, dst, dst_stride),
+        (2, 4) => apply_fixed::<2, 4>(c, len, src, src_stride, dst, dst_stride),
+        _ => unreachable!("Winograd transforms are 6x6, 4x6, 4x4 or 2x4"),
+    }
+}
+
+avx2_fn! {
+    /// [`Tile::input`]'s body (a free function for [`avx2_fn`]).
+    #[allow(clippy::too_many_arguments)]
+    fn input_tiles(tile: Tile, x: &[f32], hw: (usize, usize), cis: (usize, usize), cin: usize, tile_rows: (usize, usize), v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
+        let ((h, w), (r0, r1)) = (hw, tile_rows);
+        let (m, al, bt) = (tile.m, tile.alpha, tile.bt);
         let tc = w.div_ceil(m);
         // padded input row, alpha gathered columns, alpha x alpha horizontal sums
         let prow_len = (tc - 1) * m + al;
         tmp.resize(prow_len + al * tc + al * al * tc, 0.0);
         let (prow, rest) = tmp.split_at_mut(prow_len);
         let (gat, hz) = rest.split_at_mut(al * tc);
-        let bt = self.bt;
-        for ci in cis {
+        for ci in cis.0..cis.1 {
             let plane = &x[ci * h * w..(ci + 1) * h * w];
             for tr in r0..r1 {
                 let t0 = (tr - r0) * tc;
@@ -162,57 +251,56 @@ impl Tile {
                         }
                     }
                     // hz[i][bb][t] = Σ_k Bᵀ[bb][k] gat[k][t]
-                    for bb in 0..al {
-                        combine(&mut hz[(i * al + bb) * tc..][..tc], &bt[bb * al..][..al], |k| &gat[k * tc..][..tc]);
-                    }
+                    // SAFETY: gat and hz are disjoint scratch rows of tc values
+                    unsafe { apply(bt, al, al, tc, gat.as_ptr(), tc, hz.as_mut_ptr().add(i * al * tc), tc) };
                 }
                 // V[a al + bb][ci][t0 + t] = Σ_i Bᵀ[a][i] hz[i][bb][t]
-                for a in 0..al {
-                    for bb in 0..al {
-                        let dst = std::slice::from_raw_parts_mut(v.add(((a * al + bb) * cin + ci) * nt + t0), tc);
-                        combine(dst, &bt[a * al..][..al], |i| &hz[(i * al + bb) * tc..][..tc]);
-                    }
+                for bb in 0..al {
+                    // SAFETY: the caller's contract (Tile::input)
+                    unsafe { apply(bt, al, al, tc, hz.as_ptr().add(bb * tc), al * tc, v.add((bb * cin + ci) * nt + t0), al * cin * nt) };
                 }
             }
         }
     }
+}
 
-    /// `Y = Aᵀ M A` of tile rows `r0..r1` for the output channels
-    /// `co0 .. co0 + rows`, whose products `M[ξ][co - co0][t]` (nt tiles
-    /// each) are in `mm`; bias, ReLU and residual fused, written into the
-    /// image `out` `[cout, h, w]` row by row.
-    ///
-    /// # Safety
-    /// `out` holds the image; no other thread writes those channels' rows
-    /// `r0 * m .. r1 * m`.
+avx2_fn! {
+    /// [`Tile::output`]'s body (a free function for [`avx2_fn`]).
     #[allow(clippy::too_many_arguments)]
-    unsafe fn output(
-        &self,
+    fn output_tiles(
+        tile: Tile,
         mm: &[f32],
-        rows: usize,
-        co0: usize,
-        nt: usize,
-        (r0, r1): (usize, usize),
-        (h, w): (usize, usize),
-        (bias, relu, residual): (&[f32], bool, Option<&[f32]>),
+        block: (usize, usize, usize),
+        tile_rows: (usize, usize),
+        hw: (usize, usize),
+        epilogue: (&[f32], bool, Option<&[f32]>),
         out: *mut f32,
         tmp: &mut Vec<f32>,
     ) {
-        let (m, al, at) = (self.m, self.alpha, self.at);
+        let ((rows, co0, nt), (r0, r1), (h, w), (bias, relu, residual)) = (block, tile_rows, hw, epilogue);
+        let (m, al, at) = (tile.m, tile.alpha, tile.at);
         let tc = w.div_ceil(m);
-        // sh[a][c][t] (alpha x m x tc), then one output row
+        assert!(mm.len() >= al * al * rows * nt);
+        // sh[a][c][t] (alpha x m x tc), y[rr][c][t] (m x m x tc), one output row
         let sh_len = al * m * tc;
-        tmp.resize(sh_len + m * tc, 0.0);
-        let (sh, orow) = tmp.split_at_mut(sh_len);
+        tmp.resize(sh_len + m * m * tc + m * tc, 0.0);
+        let (sh, rest) = tmp.split_at_mut(sh_len);
+        let (yt, orow) = rest.split_at_mut(m * m * tc);
         for r in 0..rows {
             let co = co0 + r;
             let bias = bias[co];
             for tr in r0..r1 {
                 let t0 = (tr - r0) * tc;
-                // sh[a][c][t] = Σ_bb Aᵀ[c][bb] M[a al + bb][r][t]
-                for a in 0..al {
+                // SAFETY: mm holds alpha² x rows x nt values (asserted); sh and yt
+                // are disjoint scratch
+                unsafe {
+                    // sh[a][c][t] = Σ_bb Aᵀ[c][bb] M[a al + bb][r][t]
+                    for a in 0..al {
+                        apply(at, m, al, tc, mm.as_ptr().add((a * al * rows + r) * nt + t0), rows * nt, sh.as_mut_ptr().add(a * m * tc), tc);
+                    }
+                    // y[rr][c][t] = Σ_a Aᵀ[rr][a] sh[a][c][t]
                     for c in 0..m {
-                        combine(&mut sh[(a * m + c) * tc..][..tc], &at[c * al..][..al], |bb| &mm[((a * al + bb) * rows + r) * nt + t0..][..tc]);
+                        apply(at, m, al, tc, sh.as_ptr().add(c * tc), m * tc, yt.as_mut_ptr().add(c * tc), m * tc);
                     }
                 }
                 for rr in 0..m {
@@ -220,21 +308,15 @@ impl Tile {
                     if oy >= h {
                         break;
                     }
-                    // orow[t m + c] = Σ_a Aᵀ[rr][a] sh[a][c][t]
+                    // orow[t m + c] = y[rr][c][t]
                     let orow = &mut orow[..tc * m];
-                    orow.fill(0.0);
-                    for a in 0..al {
-                        let k = at[rr * al + a];
-                        if k != 0.0 {
-                            for c in 0..m {
-                                let src = &sh[(a * m + c) * tc..][..tc];
-                                for (t, v) in src.iter().enumerate() {
-                                    orow[t * m + c] += k * v;
-                                }
-                            }
+                    for c in 0..m {
+                        for (t, &v) in yt[(rr * m + c) * tc..][..tc].iter().enumerate() {
+                            orow[t * m + c] = v;
                         }
                     }
-                    let dst = std::slice::from_raw_parts_mut(out.add((co * h + oy) * w), w);
+                    // SAFETY: the caller's contract (Tile::output)
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.add((co * h + oy) * w), w) };
                     let y = &orow[..w];
                     match (relu, residual.map(|r| &r[(co * h + oy) * w..][..w])) {
                         (false, None) => dst.iter_mut().zip(y).for_each(|(d, y)| *d = y + bias),
