@@ -24,7 +24,7 @@ use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Li
 use super::error::{EngineError, Result};
 use super::tiling::Plan;
 use super::Cancel;
-use super::kernels::{AddInto, ConvInto, ConvOp, PatchConv, PatchConvTranspose};
+use super::kernels::{AddInto, ConvInto, ConvOp, PatchConv, PatchConvTranspose, PatchConvTransposeInto};
 use super::weights::TensorFile;
 
 const BN_EPS: f64 = 1e-4;
@@ -112,6 +112,22 @@ impl Up {
             None => self.candle.forward(x),
         }
     }
+
+    /// [`Up::forward`] into `dst`'s buffer where it fits (the caller owns
+    /// `dst` alone), else a fresh tensor.
+    fn forward_into(&self, x: &Tensor, dst: Option<Tensor>) -> candle_core::Result<Tensor> {
+        match (&self.fast, dst) {
+            (Some(op), Some(dst)) if dst.is_contiguous() => {
+                let (b, _, h, w) = x.dims4()?;
+                if dst.dims() == [b, op.cout, h * op.k, w * op.k] {
+                    dst.inplace_op2(&x.contiguous()?, &PatchConvTransposeInto(op))?;
+                    return Ok(dst);
+                }
+                self.forward(x)
+            }
+            _ => self.forward(x),
+        }
+    }
 }
 
 struct ResBlock {
@@ -123,17 +139,25 @@ struct ResBlock {
 }
 
 fn run_blocks(blocks: &[ResBlock], x: &Tensor) -> candle_core::Result<Tensor> {
-    run_blocks_owned(blocks, x.clone(), false, None)
+    Ok(run_blocks_owned(blocks, x.clone(), false, None, None)?.0)
 }
 
 /// ResBlocks in a row, reusing buffers: after the first block (or from the
 /// start when `owned`: no other tensor shares `x`'s storage) each block adds
 /// its residual branch into its input's buffer, and every block's inner
-/// activation reuses the previous one's. `conv2s` replaces the blocks' conv2
-/// (quality conditioning).
-fn run_blocks_owned(blocks: &[ResBlock], x: Tensor, mut owned: bool, conv2s: Option<&[Conv]>) -> candle_core::Result<Tensor> {
+/// activation reuses the previous one's, the first one `inner` when given
+/// (a dead activation of `x`'s shape, owned alone). `conv2s` replaces the
+/// blocks' conv2 (quality conditioning). Returns the output and the inner
+/// activation's buffer, for the caller to reuse.
+fn run_blocks_owned(
+    blocks: &[ResBlock],
+    x: Tensor,
+    mut owned: bool,
+    conv2s: Option<&[Conv]>,
+    inner: Option<Tensor>,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     let mut x = x;
-    let mut inner: Option<Tensor> = None;
+    let mut inner = inner.filter(|t| t.dims() == x.dims());
     for (j, b) in blocks.iter().enumerate() {
         let h = match inner.take() {
             Some(t) => b.conv1.forward_into(&x, t, false)?,
@@ -144,7 +168,7 @@ fn run_blocks_owned(blocks: &[ResBlock], x: Tensor, mut owned: bool, conv2s: Opt
         owned = true;
         inner = Some(h);
     }
-    Ok(x)
+    Ok((x, inner))
 }
 
 /// Loads layers out of a [`TensorFile`], checking each shape.
@@ -338,6 +362,17 @@ impl QfCalibration {
 pub struct Features {
     pub skips: [Tensor; 4],
     pub body: Tensor,
+    /// per level, the encoder's dead activations of that level's shape (its
+    /// blocks' output and inner buffer), which the decoder's upsampling and
+    /// blocks of that level write into instead of fresh buffers
+    spare: Vec<(Tensor, Option<Tensor>)>,
+}
+
+/// What [`Cave::run_encoder`] keeps for the decoder.
+#[derive(Default)]
+struct Kept {
+    skips: Vec<Tensor>,
+    spare: Vec<(Tensor, Option<Tensor>)>,
 }
 
 impl Cave {
@@ -419,10 +454,10 @@ impl Cave {
 
     /// Encoder on an already padded `[B,3,H,W]` input in [0,1].
     pub fn encode(&self, x: &Tensor) -> Result<Features> {
-        let mut skips = Vec::with_capacity(4);
-        let body = self.run_encoder(x, Some(&mut skips))?;
-        let skips: [Tensor; 4] = skips.try_into().expect("four levels");
-        Ok(Features { skips, body })
+        let mut kept = Kept::default();
+        let body = self.run_encoder(x, Some(&mut kept))?;
+        let skips: [Tensor; 4] = kept.skips.try_into().expect("four levels");
+        Ok(Features { skips, body, spare: kept.spare })
     }
 
     /// The encoder's output alone (no skips kept alive): `[B, nc3, H/32, W/32]`.
@@ -431,17 +466,24 @@ impl Cave {
     }
 
     /// `m_head`, `m_down1..3`, `m_body_encoder`; each level's input (the skip
-    /// the decoder adds back) goes to `skips` when given.
-    fn run_encoder(&self, x: &Tensor, mut skips: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
+    /// the decoder adds back) and its dead activations go to `kept` when
+    /// given.
+    fn run_encoder(&self, x: &Tensor, mut kept: Option<&mut Kept>) -> Result<Tensor> {
         let mut h = self.head.forward(&x.to_dtype(DType::F32)?, None)?;
         for (blocks, conv) in &self.down {
-            if let Some(s) = skips.as_deref_mut() {
-                s.push(h.clone());
+            let (y, inner) = run_blocks_owned(blocks, h.clone(), false, None, None)?;
+            let next = conv.forward(&y, None)?;
+            if let Some(k) = kept.as_deref_mut() {
+                k.skips.push(h);
+                // without blocks y is h itself, the skip: not spare
+                if !blocks.is_empty() {
+                    k.spare.push((y, inner));
+                }
             }
-            h = conv.forward(&run_blocks(blocks, &h)?, None)?;
+            h = next;
         }
-        if let Some(s) = skips {
-            s.push(h.clone());
+        if let Some(k) = kept {
+            k.skips.push(h.clone());
         }
         Ok(run_blocks(&self.body_encoder, &h)?)
     }
@@ -620,14 +662,20 @@ impl Cave {
     /// The decoder half on encoder features: the reconstructed (padded)
     /// image; `m` replaces the QFAttention conv2s (quality conditioning).
     fn decode(&self, f: Features, m: Option<&Modulated>) -> Result<Tensor> {
-        // every y below is this function's own (fresh from a layer), so the
-        // skip additions and the blocks' residual adds reuse its buffer
-        let mut y = run_blocks(&self.body_decoder, &f.body)?;
+        // every y below is this function's own (fresh from a layer, or an
+        // encoder buffer no one else holds), so the skip additions and the
+        // blocks' residual adds reuse its buffer
+        let Features { skips, body, mut spare } = f;
+        let mut y = run_blocks(&self.body_decoder, &body)?;
         for (i, (conv, blocks)) in self.up.iter().enumerate().rev() {
-            y = conv.forward(&add_into(y, &f.skips[i + 1])?)?;
-            y = run_blocks_owned(blocks, y, true, m.map(|m| &m.0[i][..]))?;
+            let (out, inner) = match spare.pop() {
+                Some((o, inner)) if spare.len() == i => (Some(o), inner),
+                _ => (None, None),
+            };
+            y = conv.forward_into(&add_into(y, &skips[i + 1])?, out)?;
+            y = run_blocks_owned(blocks, y, true, m.map(|m| &m.0[i][..]), inner)?.0;
         }
-        Ok(self.tail.forward(&add_into(y, &f.skips[0])?, None)?)
+        Ok(self.tail.forward(&add_into(y, &skips[0])?, None)?)
     }
 }
 
