@@ -17,6 +17,8 @@
 //! YUV frames within rounding (plus the usual chroma smoothing of sub-sampling).
 //! Alpha, padding and any byte outside the three components are never written.
 
+use rayon::prelude::*;
+
 /// Where one colour component of a frame lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Component {
@@ -267,8 +269,16 @@ fn index(c: &Component, stride: usize, x: usize, y: usize) -> usize {
 
 #[inline]
 fn to_u8(v: f32) -> u8 {
-    // `as` saturates and maps NaN to 0.
-    v.round().clamp(0.0, 255.0) as u8
+    // round half away from zero, clamped, NaN to 0 (as `v.round().clamp(0.0,
+    // 255.0) as u8`) without libm's `roundf` call, which baseline x86-64 has no
+    // instruction for: on [0, 255] the fraction v - trunc(v) is exact
+    let v = v.clamp(0.0, 255.0);
+    let t = v as u8; // truncates; NaN -> 0
+    if v - t as f32 >= 0.5 {
+        t + 1
+    } else {
+        t
+    }
 }
 
 /// Sample positions and weights for bilinear upsampling: output sample `i` of a
@@ -343,35 +353,33 @@ pub fn read_rgb_sited(
         let (cw, ch) = c.size(width, height);
         let tx = upsample_taps(width, c.sub_x, cw, siting.cosited_x);
         let ty = upsample_taps(height, c.sub_y, ch, siting.cosited_y);
-        let mut v = Vec::with_capacity(width * height);
-        for &(y0, y1, fy) in &ty {
-            for &(x0, x1, fx) in &tx {
+        // rows in parallel (the engine's threads are idle while the frame converts)
+        let mut v = vec![0f32; width * height];
+        v.par_chunks_mut(width).zip(ty.par_iter()).for_each(|(row, &(y0, y1, fy))| {
+            for (o, &(x0, x1, fx)) in row.iter_mut().zip(&tx) {
                 let s = |x, y| p.data[index(c, p.stride, x, y)] as f32;
                 let top = s(x0, y0) + fx * (s(x1, y0) - s(x0, y0));
                 let bottom = s(x0, y1) + fx * (s(x1, y1) - s(x0, y1));
-                v.push(top + fy * (bottom - top));
+                *o = top + fy * (bottom - top);
             }
-        }
+        });
         full[ci] = v;
     }
 
-    match layout.model {
-        ColorModel::Rgb => {
-            for (i, px) in out.chunks_exact_mut(3).enumerate() {
-                for (k, comp) in full.iter().enumerate() {
-                    px[k] = to_u8(comp[i]);
-                }
+    let model = layout.model;
+    out.par_chunks_mut(width * 3).enumerate().for_each(|(y, row)| {
+        let rows = [&full[0][y * width..][..width], &full[1][y * width..][..width], &full[2][y * width..][..width]];
+        for (i, px) in row.chunks_exact_mut(3).enumerate() {
+            let v = [rows[0][i], rows[1][i], rows[2][i]];
+            let rgb = match model {
+                ColorModel::Rgb => v,
+                ColorModel::Yuv(m) => m.to_rgb(v[0], v[1], v[2]),
+            };
+            for k in 0..3 {
+                px[k] = to_u8(rgb[k]);
             }
         }
-        ColorModel::Yuv(m) => {
-            for (i, px) in out.chunks_exact_mut(3).enumerate() {
-                let rgb = m.to_rgb(full[0][i], full[1][i], full[2][i]);
-                for k in 0..3 {
-                    px[k] = to_u8(rgb[k]);
-                }
-            }
-        }
-    }
+    });
     Ok(out)
 }
 
@@ -403,18 +411,25 @@ pub fn write_rgb_sited(
     }
 
     // The restored image's components at full resolution.
+    // rows in parallel, as in read_rgb_sited
     let n = width * height;
     let mut full = [vec![0f32; n], vec![0f32; n], vec![0f32; n]];
-    for (i, px) in restored.chunks_exact(3).enumerate() {
-        let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
-        let v = match layout.model {
-            ColorModel::Rgb => [r, g, b],
-            ColorModel::Yuv(m) => m.from_rgb(r, g, b),
-        };
-        for k in 0..3 {
-            full[k][i] = v[k];
-        }
-    }
+    let model = layout.model;
+    let [f0, f1, f2] = &mut full;
+    f0.par_chunks_mut(width)
+        .zip(f1.par_chunks_mut(width))
+        .zip(f2.par_chunks_mut(width))
+        .zip(restored.par_chunks(width * 3))
+        .for_each(|(((r0, r1), r2), src)| {
+            for (i, px) in src.chunks_exact(3).enumerate() {
+                let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
+                let v = match model {
+                    ColorModel::Rgb => [r, g, b],
+                    ColorModel::Yuv(m) => m.from_rgb(r, g, b),
+                };
+                (r0[i], r1[i], r2[i]) = (v[0], v[1], v[2]);
+            }
+        });
 
     for (ci, c) in layout.comps.iter().enumerate() {
         let p = &mut planes[c.plane];
@@ -422,16 +437,29 @@ pub fn write_rgb_sited(
         let v = &full[ci];
         let tx = downsample_taps(width, c.sub_x, cw, siting.cosited_x);
         let ty = downsample_taps(height, c.sub_y, ch, siting.cosited_y);
-        for (cy, ys) in ty.iter().enumerate() {
+        if cw == 0 || ch == 0 {
+            continue;
+        }
+        // one row of the component, from the start of its row in the plane
+        let write_row = |prow: &mut [u8], ys: &Vec<(usize, f32)>| {
             for (cx, xs) in tx.iter().enumerate() {
                 let mut converted = 0f32;
                 for &(y, wy) in ys {
                     let row = &v[y * width..(y + 1) * width];
                     converted += wy * xs.iter().map(|&(x, wx)| wx * row[x]).sum::<f32>();
                 }
-                let idx = index(c, p.stride, cx, cy);
-                let old = p.data[idx] as f32;
-                p.data[idx] = to_u8(old + strength * (converted - old));
+                let idx = index(c, 0, cx, 0);
+                let old = prow[idx] as f32;
+                prow[idx] = to_u8(old + strength * (converted - old));
+            }
+        };
+        if p.stride >= c.offset + (cw - 1) * c.pixel_stride + 1 {
+            // each row within its stride: rows in parallel
+            p.data.par_chunks_mut(p.stride).zip(ty.par_iter()).for_each(|(prow, ys)| write_row(prow, ys));
+        } else {
+            // rows that overlap (a stride shorter than a row): in order
+            for (cy, ys) in ty.iter().enumerate() {
+                write_row(&mut p.data[cy * p.stride..], ys);
             }
         }
     }
@@ -654,6 +682,20 @@ mod tests {
             }
         }
         mask
+    }
+
+    #[test]
+    fn to_u8_rounds_as_libm_round_then_clamps() {
+        let mut vals = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.5, -0.0, 0.5, 1.5, 2.5, 254.5, 255.49, 255.5, 1e9, -1e9];
+        vals.extend((-2000..300_000).map(|i| i as f32 * 0.001 - 1.0));
+        // every tie and its two neighbours
+        vals.extend((0..=255).flat_map(|i| {
+            let h = i as f32 + 0.5;
+            [h, f32::from_bits(h.to_bits() - 1), f32::from_bits(h.to_bits() + 1)]
+        }));
+        for v in vals {
+            assert_eq!(to_u8(v), v.round().clamp(0.0, 255.0) as u8, "{v}");
+        }
     }
 
     #[test]
