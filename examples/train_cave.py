@@ -7,6 +7,7 @@ Pillow's libjpeg at a random quality in [--qf-min, --qf-max] with 4:2:0 chroma
 subsampling, and the loss is
 
     L1(reconstruction, clean) + --qf-weight * L1(q, (100 - QF) / 100)
+        [+ --edge-weight * L1 of the error's steps across the 8x8 block edges]
 
 With --cond N the model is quality-conditioned (see cave_model.py): its decoder
 is told the crop's true quality, jittered by up to +-(--cond-jitter) so that it
@@ -73,6 +74,9 @@ def parse_args(argv=None):
     ap.add_argument("--qf-min", type=int, default=8, help="lowest JPEG quality")
     ap.add_argument("--qf-max", type=int, default=95, help="highest JPEG quality")
     ap.add_argument("--qf-weight", type=float, default=1e-3, help="weight of the QF L1 loss")
+    ap.add_argument("--edge-weight", type=float, default=0.0,
+                    help="weight of the block-edge loss: L1 of the error's steps across the 8x8 JPEG grid "
+                         "(what PSNR-B's blocking term measures)")
     ap.add_argument("--lr", type=float, default=2e-4, help="peak Adam learning rate")
     ap.add_argument("--lr-final-ratio", type=float, default=0.05, help="final lr = lr * this")
     ap.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
@@ -252,6 +256,20 @@ def build_model(args):
     return model, nc
 
 
+def block_edge_loss(rec, clean):
+    """Mean |step of (rec - clean)| across the 8x8 grid's block edges, both axes.
+
+    Crops are compressed from their top-left corner, so the JPEG grid starts at
+    (0, 0): the steps are between columns 8k - 1 and 8k (and rows likewise). A
+    restoration that leaves a blocking step the clean image does not have pays
+    for it here, on top of the plain L1.
+    """
+    d = rec - clean
+    gx = d[..., :, 8::8] - d[..., :, 7:-1:8]
+    gy = d[..., 8::8, :] - d[..., 7:-1:8, :]
+    return gx.abs().mean() + gy.abs().mean()
+
+
 def lr_at(step, args):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -407,7 +425,7 @@ def export(args):
         "cond": str(model.cond),
         "train": json.dumps({k: run_args.get(k) for k in
                              ("lr", "batch", "crop_min", "crop_max", "qf_min", "qf_max", "qf_weight", "steps",
-                              "cond", "cond_jitter")}),
+                              "cond", "cond_jitter", "edge_weight")}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
     save_file(sd, args.export, metadata=meta)
@@ -493,6 +511,8 @@ def train(args):
         l1 = F.l1_loss(rec, clean)
         lqf = F.l1_loss(q, target_q)
         loss = l1 + args.qf_weight * lqf
+        if args.edge_weight:
+            loss = loss + args.edge_weight * block_edge_loss(rec, clean)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
