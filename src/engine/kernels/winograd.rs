@@ -113,6 +113,7 @@ impl Tile {
     unsafe fn kernel_row(&self, wt: &[f32], cin: usize, a: usize, dst: *mut f32, stride: usize) {
         kernel_row(wt, cin, &self.g[a * 3..a * 3 + 3], self.g, self.alpha, dst, stride)
     }
+
     /// `V[ξ][ci][t0 + t] = (Bᵀ d B)` of the input tiles of tile rows
     /// `r0..r1` (t0 = (tr - r0) tc) for the input channels `cis` of the image
     /// `x` `[cin, h, w]`; V holds `nt` tiles per channel and `cin` channels
@@ -218,6 +219,11 @@ unsafe fn apply(c: &[f32], rows: usize, n: usize, len: usize, src: *const f32, s
         _ => unreachable!("Winograd transforms are 6x6, 4x6, 4x4 or 2x4"),
     }
 }
+
+// This module's avx2_fn! functions (input_tiles, output_tiles, kernel_row)
+// write through raw pointers: `avx2_fn!` makes safe functions only, so they
+// stay private here and are called only from the unsafe `Tile` methods that
+// state their contracts.
 
 avx2_fn! {
     /// [`Tile::input`]'s body (a free function for [`avx2_fn`]).
