@@ -4,7 +4,7 @@
 //! 512x512 (every path forced on every layer; `ConvOp` picks by channels and
 //! width), so the choice is a measured one.
 //!
-//! `cargo run --release --no-default-features --example bench_kernels [-- --runs N]`
+//! `cargo run --release --no-default-features --example bench_kernels [-- --runs N] [--only UNet]`
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use gstcodiff::engine::kernels::{direct, ConvOp};
