@@ -434,12 +434,12 @@ pub fn write_rgb_sited(
     for (ci, c) in layout.comps.iter().enumerate() {
         let p = &mut planes[c.plane];
         let (cw, ch) = c.size(width, height);
-        let v = &full[ci];
-        let tx = downsample_taps(width, c.sub_x, cw, siting.cosited_x);
-        let ty = downsample_taps(height, c.sub_y, ch, siting.cosited_y);
         if cw == 0 || ch == 0 {
             continue;
         }
+        let v = &full[ci];
+        let tx = downsample_taps(width, c.sub_x, cw, siting.cosited_x);
+        let ty = downsample_taps(height, c.sub_y, ch, siting.cosited_y);
         // one row of the component, from the start of its row in the plane
         let write_row = |prow: &mut [u8], ys: &Vec<(usize, f32)>| {
             for (cx, xs) in tx.iter().enumerate() {
@@ -453,7 +453,7 @@ pub fn write_rgb_sited(
                 prow[idx] = to_u8(old + strength * (converted - old));
             }
         };
-        if p.stride >= c.offset + (cw - 1) * c.pixel_stride + 1 {
+        if p.stride > c.offset + (cw - 1) * c.pixel_stride {
             // each row within its stride: rows in parallel
             p.data.par_chunks_mut(p.stride).zip(ty.par_iter()).for_each(|(prow, ys)| write_row(prow, ys));
         } else {

@@ -116,17 +116,14 @@ impl Up {
     /// [`Up::forward`] into `dst`'s buffer where it fits (the caller owns
     /// `dst` alone), else a fresh tensor.
     fn forward_into(&self, x: &Tensor, dst: Option<Tensor>) -> candle_core::Result<Tensor> {
-        match (&self.fast, dst) {
-            (Some(op), Some(dst)) if dst.is_contiguous() => {
-                let (b, _, h, w) = x.dims4()?;
-                if dst.dims() == [b, op.cout, h * op.k, w * op.k] {
-                    dst.inplace_op2(&x.contiguous()?, &PatchConvTransposeInto(op))?;
-                    return Ok(dst);
-                }
-                self.forward(x)
+        if let (Some(op), Some(dst)) = (&self.fast, dst) {
+            let (b, _, h, w) = x.dims4()?;
+            if dst.is_contiguous() && dst.dims() == [b, op.cout, h * op.k, w * op.k] {
+                dst.inplace_op2(&x.contiguous()?, &PatchConvTransposeInto(op))?;
+                return Ok(dst);
             }
-            _ => self.forward(x),
         }
+        self.forward(x)
     }
 }
 

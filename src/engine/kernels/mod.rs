@@ -23,7 +23,6 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp1, InplaceOp2, Layo
 use rayon::prelude::*;
 use std::sync::Arc;
 
-
 /// Narrowest 3x3 stride-1 layer (input and output channels) that runs
 /// [`winograd`] rather than im2col + GEMM (where the direct kernel does not
 /// take it first), on frames of [`winograd::tile_for`]'s sizes. At 64
@@ -655,9 +654,7 @@ impl PatchConvTranspose {
         let (cin, cout, k, _) = w.dims4()?;
         Ok(Self { weight: w.flatten_all()?.to_vec1()?, bias: b.to_vec1()?, cin, cout, k })
     }
-}
 
-impl PatchConvTranspose {
     /// `out` `[b, cout, h k, w k]` from `x` `[b, cin, h, w]`: bands of input
     /// rows in parallel, each one GEMM into a band-sized scratch
     /// `[(co, ky, kx), (y, x)]` scattered into its k output rows per input
