@@ -13,7 +13,8 @@ the repository; when that folder is missing, examples/get_images.py is run to
 create it) and every quality in --qfs:
 
   1. JPEG: compress with Pillow's libjpeg at that quality, 4:2:0 chroma
-     (subsampling=2, as the training script does), decode with Pillow, save PNG.
+     (subsampling=2, as the training script does; --chroma 422 or 444 for the
+     other layouts), decode with Pillow, save PNG.
      All methods start from these decoded pixels.
   2. codiff: restore each decoded PNG with the Rust still command
      target/release/examples/restore --mode cave [--weights F] (built with cargo
@@ -126,9 +127,18 @@ def weights_info(path):
         return {}
 
 
+# --chroma: Pillow's subsampling argument for each JPEG chroma layout
+CHROMA = {'420': 2, '422': 1, '444': 0}
+chroma = '420'
+
+
+def chroma_label():
+    return '4:%s:%s' % (chroma[1], chroma[2])
+
+
 def jpeg_decode(img, qf):
     buf = io.BytesIO()
-    img.save(buf, format='JPEG', quality=qf, subsampling=2)
+    img.save(buf, format='JPEG', quality=qf, subsampling=CHROMA[chroma])
     buf.seek(0)
     return Image.open(buf).convert('RGB'), buf.getbuffer().nbytes
 
@@ -284,9 +294,13 @@ def main():
     ap.add_argument('--no-spp', action='store_true')
     ap.add_argument('--self-ensemble', action='store_true',
                     help='also restore with --self-ensemble (8 flips/transposes averaged): row "codiff x8"')
+    ap.add_argument('--chroma', choices=sorted(CHROMA), default='420',
+                    help='JPEG chroma subsampling: 420 (default, as in training), 422 (most MJPEG cameras), 444')
     ap.add_argument('--limit', type=int, default=0, help='use only the first N photos (quick check)')
     ap.add_argument('--build', action='store_true', help='run cargo build even when the binaries exist')
     a = ap.parse_args()
+    global chroma
+    chroma = a.chroma
 
     t_start = time.time()
     ensure_eval_dir(a.eval_dir)
@@ -372,12 +386,12 @@ def main():
 
     config = {'eval_dir': os.path.abspath(a.eval_dir), 'images': [n for n, _ in photos], 'megapixels': mp,
               'weights': wpath, 'weights_metadata': winfo, 'qfs': qfs,
-              'jpeg': 'Pillow %s libjpeg, 4:2:0 (subsampling=2)' % Image.__version__,
+              'jpeg': 'Pillow %s libjpeg, %s (subsampling=%d)' % (Image.__version__, chroma_label(), CHROMA[chroma]),
               'spp': 'spp=quality=6:mode=hard:qp=Q on full-range YUV 4:4:4', 'spp_qp': spp_table,
               'seconds': None}
     md = ['# codiff evaluation', '',
-          'Model `%s` (training step %s); %d photos (%.2f MP) from `%s`; JPEG by Pillow/libjpeg 4:2:0.' % (
-              wpath, winfo.get('step', '?'), len(photos), mp, config['eval_dir']),
+          'Model `%s` (training step %s); %d photos (%.2f MP) from `%s`; JPEG by Pillow/libjpeg %s.' % (
+              wpath, winfo.get('step', '?'), len(photos), mp, config['eval_dir'], chroma_label()),
           'Metrics: means over photos; Y = MATLAB-rounded BT.601 luma; RGB PSNR-B with BEF on Y (FBCNN).',
           's/MP: wall-clock seconds per megapixel (codiff: all cores, without model load; '
           'spp: one thread, without PNG I/O). QF MAE: |CaVE estimate - QF|.', '',

@@ -3,10 +3,12 @@
 The model is the FBCNN-style CaVE of CODiff (see examples/cave_model.py) with a
 small width; its state_dict keys are the official ones. Training follows the
 CaVE recipe of the paper: clean crops are JPEG-compressed on the fly with
-Pillow's libjpeg at a random quality in [--qf-min, --qf-max] with 4:2:0 chroma
-subsampling, and the loss is
+Pillow's libjpeg at a random quality in [--qf-min, --qf-max] (--qf-low-frac of
+them in [--qf-min, --qf-low-max]) with 4:2:0 chroma subsampling (--chroma for a
+mix of layouts), and the loss is
 
     L1(reconstruction, clean) + --qf-weight * L1(q, (100 - QF) / 100)
+        [L1 -> each crop's RMSE with --pixel-loss rmse]
         [+ --edge-weight * L1 of the error's steps across the 8x8 block edges]
 
 With --cond N the model is quality-conditioned (see cave_model.py): its decoder
@@ -73,7 +75,17 @@ def parse_args(argv=None):
     ap.add_argument("--crop-max", type=int, default=128, help="largest crop side (multiple of 8)")
     ap.add_argument("--qf-min", type=int, default=8, help="lowest JPEG quality")
     ap.add_argument("--qf-max", type=int, default=95, help="highest JPEG quality")
+    ap.add_argument("--qf-low-frac", type=float, default=0.0,
+                    help="fraction of crops whose quality is drawn from [--qf-min, --qf-low-max] instead of "
+                         "the whole range (more of the heavy compression where the model is weakest)")
+    ap.add_argument("--chroma", default="420",
+                    help="JPEG chroma layouts, a comma list of 420, 422, 444 drawn uniformly per crop "
+                         "(repeat one to weigh it: 420,420,422,444)")
+    ap.add_argument("--qf-low-max", type=int, default=25, help="top of the --qf-low-frac range")
     ap.add_argument("--qf-weight", type=float, default=1e-3, help="weight of the QF L1 loss")
+    ap.add_argument("--pixel-loss", choices=("l1", "rmse"), default="l1",
+                    help="reconstruction loss: L1 (the paper's) or each crop's RMSE (MSE's gradient, "
+                         "what PSNR scores, on L1's scale)")
     ap.add_argument("--edge-weight", type=float, default=0.0,
                     help="weight of the block-edge loss: L1 of the error's steps across the 8x8 JPEG grid "
                          "(what PSNR-B's blocking term measures)")
@@ -121,9 +133,13 @@ def load_images(folder):
     return paths, imgs
 
 
-def jpeg_roundtrip(rgb_u8, quality):
+# chroma layouts by name -> Pillow's subsampling argument
+CHROMA = {"420": 2, "422": 1, "444": 0}
+
+
+def jpeg_roundtrip(rgb_u8, quality, subsampling=2):
     buf = io.BytesIO()
-    Image.fromarray(rgb_u8).save(buf, format="JPEG", quality=int(quality), subsampling=2)
+    Image.fromarray(rgb_u8).save(buf, format="JPEG", quality=int(quality), subsampling=subsampling)
     buf.seek(0)
     return np.asarray(Image.open(buf).convert("RGB"), dtype=np.uint8)
 
@@ -141,6 +157,9 @@ class CropSampler:
         self.p = w / w.sum()
         self.args = args
         self.rng = rng
+        self.chroma = args.chroma.split(",")
+        if not all(c in CHROMA for c in self.chroma):
+            raise SystemExit("--chroma: a comma list of 420, 422, 444")
 
     def batch(self, n):
         a, rng = self.args, self.rng
@@ -156,9 +175,10 @@ class CropSampler:
                 c = c[:, ::-1]
             c = np.rot90(c, int(rng.integers(0, 4)))
             c = np.ascontiguousarray(c)
-            q = int(rng.integers(a.qf_min, a.qf_max + 1))
+            top = a.qf_low_max if rng.random() < a.qf_low_frac else a.qf_max
+            q = int(rng.integers(a.qf_min, top + 1))
             clean.append(c)
-            lq.append(jpeg_roundtrip(c, q))
+            lq.append(jpeg_roundtrip(c, q, CHROMA[self.chroma[int(rng.integers(len(self.chroma)))]]))
             qfs.append(q)
         to_t = lambda arr: torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).float().div_(255.0)
         return to_t(clean), to_t(lq), torch.tensor(qfs, dtype=torch.float32)
@@ -424,8 +444,8 @@ def export(args):
         "step": str(state.get("step", 0)),
         "cond": str(model.cond),
         "train": json.dumps({k: run_args.get(k) for k in
-                             ("lr", "batch", "crop_min", "crop_max", "qf_min", "qf_max", "qf_weight", "steps",
-                              "cond", "cond_jitter", "edge_weight")}),
+                             ("lr", "batch", "crop_min", "crop_max", "qf_min", "qf_max", "qf_low_frac", "qf_low_max", "chroma",
+                              "qf_weight", "steps", "cond", "cond_jitter", "edge_weight", "pixel_loss")}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
     save_file(sd, args.export, metadata=meta)
@@ -510,7 +530,13 @@ def train(args):
         target_q = (100.0 - qf[:, None]) / 100.0
         l1 = F.l1_loss(rec, clean)
         lqf = F.l1_loss(q, target_q)
-        loss = l1 + args.qf_weight * lqf
+        if args.pixel_loss == "rmse":
+            # each crop's root mean squared error: the MSE's gradient (what PSNR scores),
+            # on the scale of L1 so that the other weights keep their meaning
+            pix = (rec - clean).pow(2).mean(dim=(1, 2, 3)).add(1e-8).sqrt().mean()
+        else:
+            pix = l1
+        loss = pix + args.qf_weight * lqf
         if args.edge_weight:
             loss = loss + args.edge_weight * block_edge_loss(rec, clean)
         opt.zero_grad(set_to_none=True)
