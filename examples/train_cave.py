@@ -8,6 +8,7 @@ them in [--qf-min, --qf-low-max]) with 4:2:0 chroma subsampling (--chroma for a
 mix of layouts), and the loss is
 
     L1(reconstruction, clean) + --qf-weight * L1(q, (100 - QF) / 100)
+        [+ --ssim-weight * (1 - SSIM of the luma)]
         [L1 -> each crop's RMSE with --pixel-loss rmse]
         [+ --edge-weight * L1 of the error's steps across the 8x8 block edges]
 
@@ -86,6 +87,8 @@ def parse_args(argv=None):
     ap.add_argument("--pixel-loss", choices=("l1", "rmse"), default="l1",
                     help="reconstruction loss: L1 (the paper's) or each crop's RMSE (MSE's gradient, "
                          "what PSNR scores, on L1's scale)")
+    ap.add_argument("--ssim-weight", type=float, default=0.0,
+                    help="weight of 1 - SSIM of the luma (the evaluation's SSIM-Y)")
     ap.add_argument("--edge-weight", type=float, default=0.0,
                     help="weight of the block-edge loss: L1 of the error's steps across the 8x8 JPEG grid "
                          "(what PSNR-B's blocking term measures)")
@@ -290,6 +293,28 @@ def block_edge_loss(rec, clean):
     return gx.abs().mean() + gy.abs().mean()
 
 
+_SSIM_WIN = {}
+
+
+def ssim_y(rec, clean):
+    """Mean SSIM of each crop's luma (BT.601 weights, Gaussian window 11, sigma 1.5,
+    the constants of Wang et al. for a [0, 1] range), as the evaluation's SSIM-Y."""
+    w = torch.tensor([0.299, 0.587, 0.114], device=rec.device).view(1, 3, 1, 1)
+    x, y = (rec * w).sum(1, keepdim=True), (clean * w).sum(1, keepdim=True)
+    key = (rec.device, rec.dtype)
+    if key not in _SSIM_WIN:
+        g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
+        g = (g / g.sum()).to(device=rec.device, dtype=rec.dtype)
+        _SSIM_WIN[key] = (g.view(1, 1, 1, 11), g.view(1, 1, 11, 1))
+    gh, gv = _SSIM_WIN[key]
+    blur = lambda t: F.conv2d(F.conv2d(t, gh), gv)
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.mean()
+
+
 def lr_at(step, args):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -445,7 +470,8 @@ def export(args):
         "cond": str(model.cond),
         "train": json.dumps({k: run_args.get(k) for k in
                              ("lr", "batch", "crop_min", "crop_max", "qf_min", "qf_max", "qf_low_frac", "qf_low_max", "chroma",
-                              "qf_weight", "steps", "cond", "cond_jitter", "edge_weight", "pixel_loss")}),
+                              "qf_weight", "steps", "cond", "cond_jitter", "edge_weight", "pixel_loss",
+                              "ssim_weight")}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
     save_file(sd, args.export, metadata=meta)
@@ -539,6 +565,8 @@ def train(args):
         loss = pix + args.qf_weight * lqf
         if args.edge_weight:
             loss = loss + args.edge_weight * block_edge_loss(rec, clean)
+        if args.ssim_weight:
+            loss = loss + args.ssim_weight * (1.0 - ssim_y(rec, clean))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
