@@ -156,24 +156,35 @@ def plot(rows, qf, n, path):
     except ImportError:
         sys.exit('--plot needs matplotlib (pip install matplotlib)')
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    near = []
-    for r in sorted(rows, key=lambda r: r['s_per_mp']):
+    # a log axis has no 0: filters faster than the timer resolves sit at 1 ms/MP
+    pts = [(max(r['s_per_mp'], 1e-3), r['gain_psnr_y'], r) for r in rows]
+    for x, y, r in pts:
         codiff = r['kind'] == 'codiff'
-        # a log axis has no 0: filters faster than the timer resolves sit at 1 ms/MP
-        x = max(r['s_per_mp'], 1e-3)
-        # labels of points close to an earlier one go below it
-        below = any(abs(x / px - 1) < 0.3 and abs(r['gain_psnr_y'] - py) < 0.05 for px, py in near)
-        near.append((x, r['gain_psnr_y']))
-        ax.scatter(x, r['gain_psnr_y'], s=40, marker='o' if codiff else 's',
+        ax.scatter(x, y, s=40, marker='o' if codiff else 's',
                    color='tab:red' if codiff else 'tab:blue', zorder=3)
-        ax.annotate(r['method'], (x, r['gain_psnr_y']), textcoords='offset points',
-                    xytext=(6, -12 if below else 4), fontsize=8)
     ax.set_xscale('log')
+    ax.margins(x=0.25, y=0.15)
+    fig.canvas.draw()
+    # codiff's labels go left of their points, the filters' right; a label that
+    # would overlap one already placed on its side moves down a line at a time
+    placed = []
+    for x, y, r in sorted(pts, key=lambda p: -p[1]):
+        left = r['kind'] == 'codiff'
+        px, py = ax.transData.transform((x, y))
+        dy = 4
+        while any(side == left and abs(px - qx) < 140 and abs(py + dy - qy) < 12
+                  for side, qx, qy in placed):
+            dy -= 12
+        placed.append((left, px, py + dy))
+        # a moved label gets a thin leader to its point
+        ax.annotate(r['method'], (x, y), textcoords='offset pixels', fontsize=8,
+                    xytext=(-14 if left else 14, dy) if dy < 4 else (-7 if left else 7, dy),
+                    ha='right' if left else 'left', va='center' if dy < 4 else 'baseline',
+                    arrowprops=dict(arrowstyle='-', lw=0.5, color='0.5') if dy < 4 else None)
     ax.set_xlabel('seconds per megapixel (2-core CPU, log scale)')
     ax.set_ylabel('PSNR-Y gain over the JPEG (dB)')
     ax.set_title('JPEG QF %d, %d held-out photos: quality vs speed' % (qf, n), fontsize=10)
     ax.grid(True, which='both', alpha=0.3)
-    ax.margins(x=0.25, y=0.15)
     fig.tight_layout()
     fig.savefig(path)
     ev.log('wrote', path)
