@@ -129,3 +129,66 @@ fn self_ensemble_is_equivariant_and_changes_the_output() {
     engine.restore(&mut odd, &ens).unwrap();
     assert_eq!(odd.data.len(), 37 * 29 * 3);
 }
+
+/// The shipped default model is quality-conditioned, so the element's `qf`
+/// (and the still command's `--qf`) steers it: told a lower JPEG quality it
+/// deblocks harder. On the README's astronaut at QF 10 (its top-left 256x192,
+/// on the JPEG grid), the restored luma's blockiness (mean squared step across
+/// the 8x8 block edges minus that inside the blocks, PSNR-B's measure) falls
+/// strictly as the quality it is told falls and stays below the JPEG's, and no
+/// quality (its own estimate) is the same as naming the estimate.
+#[test]
+fn shipped_model_deblocks_harder_for_a_lower_quality() {
+    let weights = gstcodiff::engine::default_weights_path();
+    let spec = ModelSpec { mode: Mode::Cave, weights, ..ModelSpec::compact_default() };
+    let engine = Engine::load(&spec, &mut |_| {}).unwrap();
+    assert!(engine.cave().conditioned(), "the default model must be steerable by quality");
+    let jpeg = image::open(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/astronaut-q10.jpg"))
+        .unwrap()
+        .to_rgb8();
+    let (w, h) = (256, 192);
+    let mut data = Vec::with_capacity(w * h * 3);
+    for y in 0..h as u32 {
+        for x in 0..w as u32 {
+            data.extend_from_slice(&jpeg.get_pixel(x, y).0);
+        }
+    }
+    let img = RgbImage { width: w, height: h, data };
+    let blockiness = |im: &RgbImage| {
+        let luma = |x: usize, y: usize| {
+            let p = &im.data[(y * w + x) * 3..][..3];
+            0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64
+        };
+        // (sum, count) of squared steps across block edges and inside blocks
+        let (mut edge, mut inner) = ((0.0, 0usize), (0.0, 0usize));
+        for y in 0..h {
+            for x in 0..w {
+                for (dx, dy) in [(1, 0), (0, 1)] {
+                    if x + dx >= w || y + dy >= h {
+                        continue;
+                    }
+                    let d = (luma(x + dx, y + dy) - luma(x, y)).powi(2);
+                    let at_edge = if dx == 1 { (x + 1) % 8 == 0 } else { (y + 1) % 8 == 0 };
+                    let acc = if at_edge { &mut edge } else { &mut inner };
+                    acc.0 += d;
+                    acc.1 += 1;
+                }
+            }
+        }
+        edge.0 / edge.1 as f64 - inner.0 / inner.1 as f64
+    };
+    let restored = |quality| {
+        let mut out = img.clone();
+        let qf = engine.restore(&mut out, &RestoreOptions { quality, ..Default::default() }).unwrap();
+        (out, qf)
+    };
+    let (own, estimate) = restored(None);
+    assert!((estimate - 10.0).abs() <= 3.0, "estimate {estimate} for a QF 10 JPEG");
+    assert_eq!(restored(Some(estimate)).0.data, own.data);
+    let told = [3.0, 5.0, 10.0, 20.0, 40.0, 80.0];
+    let b: Vec<f64> = told.iter().map(|&q| blockiness(&restored(Some(q)).0)).collect();
+    let input = blockiness(&img);
+    eprintln!("blockiness: JPEG {input:.3}, told QF {told:?}: {b:.3?}");
+    assert!(b.windows(2).all(|p| p[0] < p[1]), "{b:?}");
+    assert!(b[told.len() - 1] < input, "{b:?} vs the JPEG {input}");
+}
