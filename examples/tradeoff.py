@@ -176,11 +176,13 @@ def plot(rows, qf, n, path):
                   for side, qx, qy in placed):
             dy -= 12
         placed.append((left, px, py + dy))
-        # a moved label gets a thin leader to its point
+        # a moved label stands further out, with a thin leader to its point
+        moved = dy < 4
+        gap = 14 if moved else 7
         ax.annotate(r['method'], (x, y), textcoords='offset pixels', fontsize=8,
-                    xytext=(-14 if left else 14, dy) if dy < 4 else (-7 if left else 7, dy),
-                    ha='right' if left else 'left', va='center' if dy < 4 else 'baseline',
-                    arrowprops=dict(arrowstyle='-', lw=0.5, color='0.5') if dy < 4 else None)
+                    xytext=(-gap if left else gap, dy), ha='right' if left else 'left',
+                    va='center' if moved else 'baseline',
+                    arrowprops=dict(arrowstyle='-', lw=0.5, color='0.5') if moved else None)
     ax.set_xlabel('seconds per megapixel (2-core CPU, log scale)')
     ax.set_ylabel('PSNR-Y gain over the JPEG (dB)')
     ax.set_title('JPEG QF %d, %d held-out photos: quality vs speed' % (qf, n), fontsize=10)

@@ -49,6 +49,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cave_model import (COND_PREFIXES, CaVE, build_from_state_dict, export_state_dict,  # noqa: E402
                         infer_config, load_state_dict_file)
+from evaluate import CHROMA  # noqa: E402  (chroma layout name -> Pillow's subsampling)
 
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Photos of examples/get_images.py: $CODIFF_DATA, else data/ in the repository.
@@ -134,10 +135,6 @@ def load_images(folder):
         im = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
         imgs.append(np.ascontiguousarray(im))
     return paths, imgs
-
-
-# chroma layouts by name -> Pillow's subsampling argument
-CHROMA = {"420": 2, "422": 1, "444": 0}
 
 
 def jpeg_roundtrip(rgb_u8, quality, subsampling=2):

@@ -212,9 +212,13 @@ pub fn ssim_plane(a: &[f64], b: &[f64], w: usize, h: usize) -> Result<f64, Strin
     Ok(sum / mu1.len() as f64)
 }
 
-/// Blocking effect factor of one `h x w` plane (Yim & Bovik 2011, block 8).
-pub fn bef(x: &[f64], w: usize, h: usize) -> f64 {
-    const B: usize = 8;
+const B: usize = 8;
+
+/// The mean squared step between neighbours across the 8x8 block edges minus
+/// that inside the blocks (D_B - D_Bc of Yim & Bovik 2011) of one `h x w` plane:
+/// positive where the grid shows, negative where the edges are smoother than
+/// the interiors. [`bef`] is its positive part, scaled.
+pub fn block_step_excess(x: &[f64], w: usize, h: usize) -> f64 {
     let (mut d_b, mut d_bc) = (0.0f64, 0.0f64);
     for y in 0..h {
         for i in 0..w.saturating_sub(1) {
@@ -242,13 +246,17 @@ pub fn bef(x: &[f64], w: usize, h: usize) -> f64 {
     let n_hbc = hf * (wf - 1.0) - n_hb;
     let n_vb = wf * (hf / bf - 1.0);
     let n_vbc = wf * (hf - 1.0) - n_vb;
-    d_b /= n_hb + n_vb;
-    d_bc /= n_hbc + n_vbc;
-    if d_b <= d_bc {
+    d_b / (n_hb + n_vb) - d_bc / (n_hbc + n_vbc)
+}
+
+/// Blocking effect factor of one `h x w` plane (Yim & Bovik 2011, block 8).
+pub fn bef(x: &[f64], w: usize, h: usize) -> f64 {
+    let excess = block_step_excess(x, w, h);
+    if excess <= 0.0 {
         return 0.0;
     }
-    let eta = bf.log2() / (w.min(h) as f64).log2();
-    eta * (d_b - d_bc)
+    let eta = (B as f64).log2() / (w.min(h) as f64).log2();
+    eta * excess
 }
 
 /// Metrics of one pair, named as in `metrics.py`'s JSON.
