@@ -5,13 +5,17 @@
 //! cargo run --release --example estimate_qf -- [--weights F] [--device cpu] [--list FILE] [IMAGES...]
 //! ```
 //!
-//! Prints `{"file": ..., "width": W, "height": H, "qf": Q, "seconds": S}` per
-//! image (`--list` names one image per line). With no `--weights` it uses the
+//! Prints `{"file": ..., "width": W, "height": H, "qf": Q, "seconds": S,
+//! "evidence": E, "tables_qf": T, "agreement": A, "ac_measured": M, "ac_quantised": N}`
+//! per image: `qf` is CaVE's estimate, the rest the guard's reading of the
+//! luma's quantisation steps (`engine::quant`; `tables_qf` is null when no
+//! IJG table explains them) (`--list` names one image per line). With no `--weights` it uses the
 //! default compact model (`$CODIFF_WEIGHTS` or `weights/codiff-cave-compact.safetensors`).
 use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
+use gstcodiff::engine::guard::Analysis;
 use gstcodiff::engine::{DeviceSpec, Engine, ModelSpec, RgbImage};
 
 #[derive(Parser, Debug)]
@@ -51,10 +55,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let img = RgbImage::new(w as usize, h as usize, decoded.into_raw())?;
         let t = Instant::now();
         let qf = engine.estimate_qf(&img)?;
+        let seconds = t.elapsed().as_secs_f64();
+        let a = Analysis::of(&img);
+        let (measured, quantised) = a.steps[0].ac_counts();
+        let fit = a.fit.as_ref();
         println!(
-            "{{\"file\": {}, \"width\": {w}, \"height\": {h}, \"qf\": {qf}, \"seconds\": {:.4}}}",
+            "{{\"file\": {}, \"width\": {w}, \"height\": {h}, \"qf\": {qf}, \"seconds\": {seconds:.4}, \"evidence\": \"{:?}\", \"tables_qf\": {}, \"agreement\": {}, \"ac_measured\": {measured}, \"ac_quantised\": {quantised}, \"steps\": {:?}}}",
             serde_json::to_string(&f.to_string_lossy())?,
-            t.elapsed().as_secs_f64()
+            a.evidence(),
+            a.quality().map_or("null".to_string(), |q| q.to_string()),
+            fit.map_or("null".to_string(), |f| format!("{:.2}", f.agreement)),
+            a.steps[0].step.map(|s| s.map_or(0, |q| q as i32)),
         );
     }
     Ok(())

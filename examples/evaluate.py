@@ -79,7 +79,7 @@ SPP_SWEEP = {5: [16, 20, 24, 28, 32], 10: [12, 14, 16, 18, 20], 20: [8, 9, 10, 1
 TO_YUV = 'scale=out_range=full:flags=accurate_rnd+full_chroma_int,format=yuv444p'
 TO_RGB = 'scale=flags=accurate_rnd+full_chroma_int,format=rgb24'
 KEYS = ['psnr_y', 'ssim_y', 'psnrb_y', 'psnr_rgb', 'ssim_rgb', 'psnrb_rgb']
-RESTORE_RE = re.compile(r'restored in ([0-9.]+) s .*estimated JPEG quality (-?[0-9.]+)')
+RESTORE_RE = re.compile(r'(?:restored|left unchanged [^)]*\)) in ([0-9.]+) s .*estimated JPEG quality (-?[0-9.]+)')
 
 
 def log(*a):

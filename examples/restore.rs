@@ -73,6 +73,10 @@ struct Args {
     /// quality-conditioned models (train_cave.py --cond); unset: the model's estimate
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     qf: Option<u32>,
+    /// Restore every image as the bare model does: no check that it was decoded
+    /// from a JPEG, no clamp to its quantisation intervals
+    #[arg(long)]
+    no_guard: bool,
 }
 
 fn main() -> anyhow_free::Result {
@@ -108,6 +112,7 @@ fn run(args: Args) -> anyhow_free::Result {
         },
         self_ensemble: args.self_ensemble,
         quality: args.qf.map(|q| q as f32),
+        guard: !args.no_guard,
         ..args.tiles.options()
     };
     let t0 = Instant::now();
@@ -119,15 +124,22 @@ fn run(args: Args) -> anyhow_free::Result {
     let mut img = RgbImage::new(w as usize, h as usize, decoded.into_raw())?;
     let mut trace = Trace::new();
     let t1 = Instant::now();
-    let qf = engine.restore_traced(&mut img, &opts, args.dump.as_ref().map(|_| &mut trace))?;
+    let (qf, source, restored) = match &args.dump {
+        Some(_) => (engine.restore_traced(&mut img, &opts, Some(&mut trace))?, "model", true),
+        None => {
+            let r = engine.restore_report(&mut img, &opts)?;
+            (r.qf, r.qf_source.name(), r.restored)
+        }
+    };
     let secs = t1.elapsed().as_secs_f64();
     let out = image::RgbImage::from_raw(w, h, img.data).ok_or("output buffer size")?;
     out.save(&args.output)?;
     eprintln!(
-        "codiff: {}x{} {:?} restored in {:.2} s ({:.2} s/MP), estimated JPEG quality {:.1} -> {}",
+        "codiff: {}x{} {:?} {} in {:.2} s ({:.2} s/MP), estimated JPEG quality {:.1} ({source}) -> {}",
         w,
         h,
         mode,
+        if restored { "restored" } else { "left unchanged (no JPEG quantisation seen)" },
         secs,
         secs / (w as f64 * h as f64 / 1e6),
         qf,

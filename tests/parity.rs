@@ -25,6 +25,11 @@ const FLOAT_TOL: f32 = 1e-4;
 const TINY_A: &str = "codiff-tiny-a";
 const TINY_C: &str = "codiff-tiny-c";
 
+/// The official pipeline has no guard (`engine::guard`): parity runs the bare model.
+fn bare() -> RestoreOptions {
+    RestoreOptions { guard: false, ..RestoreOptions::default() }
+}
+
 fn fixture(name: &str) -> PathBuf {
     // cargo sets CARGO_MANIFEST_DIR at run time too; a prebuilt binary run from
     // another checkout (build-aux/gpu-check.sh) sets it to that checkout.
@@ -158,7 +163,7 @@ fn end_to_end(name: &str, opts: &RestoreOptions) {
 
 #[test]
 fn every_intermediate_matches_the_official_pipeline() {
-    end_to_end(TINY_A, &RestoreOptions::default());
+    end_to_end(TINY_A, &bare());
 }
 
 /// tiny-c's official run tiles the latent (16/6: 6 UNet calls, Gaussian
@@ -166,7 +171,7 @@ fn every_intermediate_matches_the_official_pipeline() {
 /// leave this small image whole, as officially).
 #[test]
 fn latent_tiled_run_matches_the_official_pipeline() {
-    let opts = RestoreOptions { latent_tile: 16, latent_overlap: 6, ..RestoreOptions::default() };
+    let opts = RestoreOptions { latent_tile: 16, latent_overlap: 6, ..bare() };
     assert_eq!((opts.vae_encoder_tile, opts.vae_decoder_tile), (1024, 224));
     end_to_end(TINY_C, &opts);
 }
@@ -213,7 +218,7 @@ fn vae_tiling_matches_the_official_vaehook() {
         assert!(far > 100.0 * tol, "{name}: the untiled result is only {far} away");
     }
     // and through the pipeline: the restore's latent with encoder tiles of 96 px
-    let opts = RestoreOptions { latent_tile: 16, latent_overlap: 6, vae_encoder_tile: 96, vae_decoder_tile: 4, ..RestoreOptions::default() };
+    let opts = RestoreOptions { latent_tile: 16, latent_overlap: 6, vae_encoder_tile: 96, vae_decoder_tile: 4, ..bare() };
     let trace = run(&engine, &r, &opts, ColorFix::Adain);
     let err = max_abs(get(&trace, "lq_latent"), &r["vae_tiled_lq_latent"]);
     assert!(err <= FLOAT_TOL * range(&r["vae_tiled_lq_latent"]), "pipeline lq_latent with VAE tiles: {err}");
@@ -232,7 +237,7 @@ fn qf_estimate_follows_the_reference_formula() {
 fn cave_mode_output_is_the_clamped_reconstruction() {
     let engine = Engine::load(&ModelSpec { mode: Mode::Cave, ..spec(TINY_A) }, &mut |_| {}).unwrap();
     let r = reference(TINY_A, engine.device());
-    let trace = run(&engine, &r, &RestoreOptions::default(), ColorFix::None);
+    let trace = run(&engine, &r, &bare(), ColorFix::None);
     assert!(max_abs(get(&trace, "cave_reconstruction"), &r["cave_reconstruction"]) <= FLOAT_TOL);
     let expect = ((r["cave_reconstruction"].clamp(0f32, 1f32).unwrap() * 255.0).unwrap().round().unwrap())
         .squeeze(0).unwrap().permute((1, 2, 0)).unwrap();
@@ -331,7 +336,7 @@ fn half_stages(p: Precision) {
 fn half_end_to_end(p: Precision) {
     let engine = load_in(TINY_A, p);
     let r = reference(TINY_A, engine.device());
-    let trace = run(&engine, &r, &RestoreOptions::default(), ColorFix::Adain);
+    let trace = run(&engine, &r, &bare(), ColorFix::Adain);
     let enc = stage_rel_tol(p, "lq_latent");
     let unet = enc + stage_rel_tol(p, "unet_eps");
     let x0 = enc + X0_GAIN * stage_rel_tol(p, "unet_eps");
@@ -347,7 +352,7 @@ fn half_end_to_end(p: Precision) {
     let dec_codes = max_abs(get(&trace, "decoded"), &r["decoded"]) * 127.5;
     let tol = 1.0 + (adain_gain(&r) * (1.0 + dec_codes)).ceil();
     for (fix, out) in [(ColorFix::Adain, "output_adain"), (ColorFix::Wavelet, "output_wavelet")] {
-        let trace = if fix == ColorFix::Adain { trace.clone() } else { run(&engine, &r, &RestoreOptions::default(), fix) };
+        let trace = if fix == ColorFix::Adain { trace.clone() } else { run(&engine, &r, &bare(), fix) };
         let err = max_abs(get(&trace, out), &r[out]);
         report.push(format!("{p:?} {out}: {err} code values (tolerance {tol})"));
         assert!(err <= tol, "{out} differs by {err} code values\n{}", report.join("\n"));
@@ -408,9 +413,9 @@ fn f16_overflow_is_reported_as_non_finite_naming_the_stage() {
     let f16 = Engine::load(&spec_at(Precision::F16), &mut |_| {}).unwrap();
     let mut img = input(&r);
     let before = img.data.clone();
-    let res = f16.restore(&mut img, &RestoreOptions::default());
+    let res = f16.restore(&mut img, &bare());
     let f32_engine = Engine::load(&spec_at(Precision::F32), &mut |_| {}).unwrap();
-    let f32_res = f32_engine.restore(&mut input(&r), &RestoreOptions::default());
+    let f32_res = f32_engine.restore(&mut input(&r), &bare());
     let _ = std::fs::remove_dir_all(&dir);
     match res {
         Err(e @ EngineError::NonFinite { stage: "VAE encoder", .. }) => {

@@ -9,12 +9,14 @@
 pub mod cave;
 pub mod color_fix;
 pub mod error;
+pub mod guard;
 pub mod kernels;
 pub mod layers;
 pub mod lora;
 pub mod one_step;
 pub(crate) mod pickle;
 pub mod pipeline;
+pub mod quant;
 pub mod temporal;
 pub mod tiling;
 pub mod unet;
@@ -209,14 +211,58 @@ pub struct RestoreOptions {
     /// Geometric self-ensemble: restore under the 8 flips and transposes and
     /// average (8x the time; for stills). Off by default.
     pub self_ensemble: bool,
+    /// Do no harm ([`guard`]): restore only frames whose pixels show they were
+    /// decoded from a JPEG (others are left exactly as they are), tell a
+    /// quality-conditioned model the quality read from the frame's
+    /// quantisation steps, and keep the result within the JPEG's quantisation
+    /// intervals. On by default; off reproduces the bare model (parity with
+    /// the official code).
+    pub guard: bool,
     /// Checked between stages and tiles; raise it to stop this restore.
     pub cancel: Cancel,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_encoder_tile: 1024, vae_decoder_tile: 224, cave_tile: 2048, quality: None, self_ensemble: false, cancel: Cancel::default() }
+        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_encoder_tile: 1024, vae_decoder_tile: 224, cave_tile: 2048, quality: None, self_ensemble: false, guard: true, cancel: Cancel::default() }
     }
+}
+
+/// Where a frame's quality figure comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QfSource {
+    /// Read from the frame's quantisation steps (an IJG table explains them):
+    /// a measurement.
+    Tables,
+    /// The frame shows detail but no quantisation lattice: never JPEG-compressed
+    /// (or at quality ~97 and above, or scaled since); reported as 100.
+    Unquantised,
+    /// CaVE's estimate: the frame is too flat to measure, its tables are not
+    /// IJG's, or the guard is off. A guess on content unlike photos.
+    Model,
+}
+
+impl QfSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tables => "tables",
+            Self::Unquantised => "unquantised",
+            Self::Model => "model",
+        }
+    }
+}
+
+/// What one restore did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Restoration {
+    /// The JPEG quality of the input (0..100).
+    pub qf: f32,
+    pub qf_source: QfSource,
+    /// False when the guard left the frame exactly as it was (not a decoded
+    /// JPEG, or too flat to tell).
+    pub restored: bool,
+    /// 8x8 blocks the guard pulled back into the JPEG's intervals.
+    pub guarded_blocks: usize,
 }
 
 /// A packed 8-bit RGB image, row-major `height x width x 3`, no padding.

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::cave::Cave;
+use super::cave::{Cave, Steer};
 use super::lora::{LoraSet, MergedBackend};
 use super::one_step::{x0_step, Schedule, TIMESTEP};
 use super::unet::{UNet, UNetConfig};
@@ -329,26 +329,72 @@ impl Engine {
 
     /// Restore `img` in place; returns the QF estimate (0..100).
     pub fn restore(&self, img: &mut RgbImage, opts: &RestoreOptions) -> Result<f32> {
-        self.restore_traced(img, opts, None)
+        Ok(self.run(img, opts, None)?.0.qf)
+    }
+
+    /// As [`Engine::restore`], saying what was done and where the quality came from.
+    pub fn restore_report(&self, img: &mut RgbImage, opts: &RestoreOptions) -> Result<Restoration> {
+        Ok(self.run(img, opts, None)?.0)
     }
 
     /// As [`Engine::restore`], pushing every intermediate into `trace` if given.
     pub fn restore_traced(&self, img: &mut RgbImage, opts: &RestoreOptions, trace: Option<&mut Trace>) -> Result<f32> {
-        Ok(self.run(img, opts, trace)?.0)
+        Ok(self.run(img, opts, trace)?.0.qf)
     }
 
     /// As [`Engine::restore`], also returning the seconds spent per stage.
     pub fn restore_timed(&self, img: &mut RgbImage, opts: &RestoreOptions) -> Result<(f32, StageTimes)> {
-        self.run(img, opts, None)
+        let (r, times) = self.run(img, opts, None)?;
+        Ok((r.qf, times))
     }
 
-    fn run(&self, img: &mut RgbImage, opts: &RestoreOptions, trace: Option<&mut Trace>) -> Result<(f32, StageTimes)> {
+    fn run(&self, img: &mut RgbImage, opts: &RestoreOptions, trace: Option<&mut Trace>) -> Result<(Restoration, StageTimes)> {
         let mut p = Probe::new(trace, &self.device, &opts.cancel);
         opts.cancel.check()?;
         let x = self.to_tensor(img)?;
         p.keep("lq_raw", &x);
-        let (y, q) = if opts.self_ensemble { self.ensemble(&x, opts, &mut p)? } else { self.restore_frame(&x, opts, &mut p)? };
+        // do no harm: restore only what was decoded from a JPEG
+        let analysis = if opts.guard { Some(super::guard::Analysis::of(img)) } else { None };
+        if let Some(a) = &analysis {
+            p.lap("guard")?;
+            let unchanged = |qf, qf_source| Restoration { qf, qf_source, restored: false, guarded_blocks: 0 };
+            match a.evidence() {
+                super::quant::Evidence::Quantised => {}
+                super::quant::Evidence::Unquantised => return Ok((unchanged(100.0, QfSource::Unquantised), p.times)),
+                super::quant::Evidence::Unknown => {
+                    let (_, q) = self.cave.embed_tiled(&x, opts.cave_tile)?;
+                    return Ok((unchanged(self.cave.qf(Cave::q_value(&q)?), QfSource::Model), p.times));
+                }
+            }
+        }
+        let measured = analysis.as_ref().and_then(|a| a.quality());
+        let steer = match (opts.quality, measured) {
+            (Some(q), _) => Steer::Told(q),
+            (None, Some(m)) => Steer::Measured(m),
+            (None, None) => Steer::Own,
+        };
+        // the share of the model's change the guard keeps; none: leave the frame
+        let alpha = match &analysis {
+            Some(a) => {
+                let guide = match a.fit {
+                    Some(_) => a.guide_quality(0.0),
+                    None => {
+                        let (_, q) = self.cave.embed_tiled(&x, opts.cave_tile)?;
+                        self.cave.qf(Cave::q_value(&q)?)
+                    }
+                };
+                let alpha = a.profile().strength(guide);
+                if alpha <= 0.0 {
+                    let (qf, qf_source) = measured.map_or((guide, QfSource::Model), |q| (q, QfSource::Tables));
+                    return Ok((Restoration { qf, qf_source, restored: false, guarded_blocks: 0 }, p.times));
+                }
+                alpha
+            }
+            None => 1.0,
+        };
+        let (y, q) = if opts.self_ensemble { self.ensemble(&x, opts, steer, &mut p)? } else { self.restore_frame(&x, opts, steer, &mut p)? };
         Self::write_back(img, &y)?;
+        let guarded_blocks = analysis.as_ref().map_or(0, |a| a.apply(img, alpha));
         p.lap("output")?;
         if let Some(tr) = p.trace.as_deref_mut() {
             let name = match (self.mode, opts.color_fix) {
@@ -359,14 +405,18 @@ impl Engine {
             };
             tr.push((name.to_string(), Tensor::from_slice(&img.data, (img.height, img.width, 3), &Device::Cpu)?));
         }
-        Ok((self.cave.qf(q), p.times))
+        let (qf, qf_source) = match measured {
+            Some(q) => (q, QfSource::Tables),
+            None => (self.cave.qf(q), QfSource::Model),
+        };
+        Ok((Restoration { qf, qf_source, restored: true, guarded_blocks }, p.times))
     }
 
     /// The restored frame `[1,3,H,W]` in [0,1] and CaVE's raw q for `x`.
-    fn restore_frame(&self, x: &Tensor, opts: &RestoreOptions, p: &mut Probe) -> Result<(Tensor, f32)> {
+    fn restore_frame(&self, x: &Tensor, opts: &RestoreOptions, steer: Steer, p: &mut Probe) -> Result<(Tensor, f32)> {
         Ok(match &self.diffusion {
             None => {
-                let (y, q) = self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel, opts.quality)?;
+                let (y, q) = self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel, steer)?;
                 p.keep("cave_reconstruction", &y);
                 p.keep("qf_pred", &q);
                 Self::check_finite(&y, "CaVE reconstruction", Precision::F32)?;
@@ -375,7 +425,7 @@ impl Engine {
             }
             Some(d) => {
                 if p.tracing() {
-                    p.keep("cave_reconstruction", &self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel, opts.quality)?.0);
+                    p.keep("cave_reconstruction", &self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel, steer)?.0);
                 }
                 self.diffuse(d, x, opts, p)?
             }
@@ -387,13 +437,13 @@ impl Engine {
     /// replicate-padded to a multiple of 16 px, so JPEG's 8x8 blocks and 4:2:0
     /// macroblocks stay on their grid under every transform. Members are not
     /// traced; their stage times add up.
-    fn ensemble(&self, x: &Tensor, opts: &RestoreOptions, p: &mut Probe) -> Result<(Tensor, f32)> {
+    fn ensemble(&self, x: &Tensor, opts: &RestoreOptions, steer: Steer, p: &mut Probe) -> Result<(Tensor, f32)> {
         let (_, _, h, w) = x.dims4()?;
         let xp = Cave::pad_to(x, 16)?;
         let (mut sum, mut q_sum) = (None::<Tensor>, 0f32);
         for t in 0..8u8 {
             let mut member = Probe::new(None, &p.device, &p.cancel);
-            let (y, q) = self.restore_frame(&dihedral(&xp, t, false)?, opts, &mut member)?;
+            let (y, q) = self.restore_frame(&dihedral(&xp, t, false)?, opts, steer, &mut member)?;
             let y = dihedral(&y, t, true)?;
             sum = Some(match sum {
                 None => y,
@@ -446,6 +496,20 @@ impl Engine {
         p.lap("color_fix")?;
         let q = Cave::q_value(&q)?;
         Ok((y, q))
+    }
+
+    /// The JPEG quality of `img` and where it comes from: the quantisation
+    /// steps when an IJG table explains them, 100 for a frame with detail and
+    /// no quantisation, else CaVE's estimate.
+    pub fn estimate_quality(&self, img: &RgbImage) -> Result<(f32, QfSource)> {
+        let a = super::guard::Analysis::of(img);
+        if let Some(q) = a.quality() {
+            return Ok((q, QfSource::Tables));
+        }
+        if a.evidence() == super::quant::Evidence::Unquantised {
+            return Ok((100.0, QfSource::Unquantised));
+        }
+        Ok((self.estimate_qf(img)?, QfSource::Model))
     }
 
     /// CaVE's JPEG quality estimate (0..100) for `img`.
