@@ -1078,6 +1078,8 @@ fn a_state_change_to_null_cancels_the_frame_in_progress() {
     props.push(("latent-tile", "32".to_string()));
     props.push(("latent-overlap", "16".to_string()));
     props.push(("warm-up", "false".to_string()));
+    // a test pattern is no JPEG: without the guard the model runs on it
+    props.push(("guard", "false".to_string()));
     let (pipeline, codiff, sink) = test_pipeline(
         &props,
         "video/x-raw,format=I420,width=1536,height=1536,framerate=30/1",

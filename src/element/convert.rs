@@ -398,6 +398,40 @@ pub fn write_rgb_sited(
     restored: &[u8],
     strength: f32,
 ) -> Result<(), ConvertError> {
+    write_impl(layout, siting, planes, width, height, None, restored, strength)
+}
+
+/// Write only the change the engine made: each sample becomes `original +
+/// strength * (converted(restored) - converted(input))`, `input` being the RGB
+/// image [`read_rgb_sited`] read from these planes. Where the restoration left
+/// a pixel as it was read, the frame keeps its own sample bit for bit (the
+/// RGB round trip and its chroma filtering cost nothing there).
+#[allow(clippy::too_many_arguments)]
+pub fn write_rgb_change(
+    layout: &Layout,
+    siting: ChromaSiting,
+    planes: &mut [PlaneMut<'_>],
+    width: usize,
+    height: usize,
+    input: &[u8],
+    restored: &[u8],
+    strength: f32,
+) -> Result<(), ConvertError> {
+    check_rgb(input.len(), width, height)?;
+    write_impl(layout, siting, planes, width, height, Some(input), restored, strength)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_impl(
+    layout: &Layout,
+    siting: ChromaSiting,
+    planes: &mut [PlaneMut<'_>],
+    width: usize,
+    height: usize,
+    input: Option<&[u8]>,
+    restored: &[u8],
+    strength: f32,
+) -> Result<(), ConvertError> {
     let sizes: Vec<_> = planes.iter().map(|p| (p.data.len(), p.stride)).collect();
     check(layout, &sizes, width, height)?;
     check_rgb(restored.len(), width, height)?;
@@ -416,17 +450,30 @@ pub fn write_rgb_sited(
     let mut full = [vec![0f32; n], vec![0f32; n], vec![0f32; n]];
     let model = layout.model;
     let [f0, f1, f2] = &mut full;
+    let convert = |px: &[u8]| {
+        let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
+        match model {
+            ColorModel::Rgb => [r, g, b],
+            ColorModel::Yuv(m) => m.from_rgb(r, g, b),
+        }
+    };
     f0.par_chunks_mut(width)
         .zip(f1.par_chunks_mut(width))
         .zip(f2.par_chunks_mut(width))
         .zip(restored.par_chunks(width * 3))
-        .for_each(|(((r0, r1), r2), src)| {
+        .enumerate()
+        .for_each(|(y, (((r0, r1), r2), src))| {
             for (i, px) in src.chunks_exact(3).enumerate() {
-                let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
-                let v = match model {
-                    ColorModel::Rgb => [r, g, b],
-                    ColorModel::Yuv(m) => m.from_rgb(r, g, b),
-                };
+                let mut v = convert(px);
+                if let Some(input) = input {
+                    let a = &input[3 * (y * width + i)..][..3];
+                    if a == px {
+                        v = [0.0; 3];
+                    } else {
+                        let u = convert(a);
+                        v = [v[0] - u[0], v[1] - u[1], v[2] - u[2]];
+                    }
+                }
                 (r0[i], r1[i], r2[i]) = (v[0], v[1], v[2]);
             }
         });
@@ -450,7 +497,8 @@ pub fn write_rgb_sited(
                 }
                 let idx = index(c, 0, cx, 0);
                 let old = prow[idx] as f32;
-                prow[idx] = to_u8(old + strength * (converted - old));
+                let change = if input.is_some() { converted } else { converted - old };
+                prow[idx] = to_u8(old + strength * change);
             }
         };
         if p.stride > c.offset + (cw - 1) * c.pixel_stride {
@@ -712,6 +760,36 @@ mod tests {
                     assert_eq!(rgb.len(), w * h * 3);
                     write(&layout, &mut planes, w, h, &rgb, 1.0);
                     assert_eq!(planes, before, "{name} {w}x{h} pad {pad}");
+                }
+            }
+        }
+    }
+
+    /// Writing only the change: every format, noisy content (sub-sampled
+    /// chroma that the RGB round trip would smooth), an unchanged picture
+    /// leaves the frame bit for bit; a change of one pixel's colour reaches
+    /// only the samples whose filters cover that pixel.
+    #[test]
+    fn writing_the_change_keeps_untouched_samples_bit_exact() {
+        for (name, layout) in all_layouts() {
+            for (w, h) in [(1, 1), (2, 2), (17, 9), (64, 33)] {
+                let mut planes = alloc(&layout, w, h, 3, 11 + w as u32);
+                let before = planes.clone();
+                let rgb = read(&layout, &planes, w, h);
+                let mut p: Vec<_> = planes.iter_mut().map(|(d, s)| PlaneMut { data: d, stride: *s }).collect();
+                write_rgb_change(&layout, ChromaSiting::JPEG, &mut p, w, h, &rgb, &rgb, 1.0).unwrap();
+                assert_eq!(planes, before, "{name} {w}x{h}: unchanged picture");
+                // one pixel made white: the far corner's samples stay as they were
+                let mut changed = rgb.clone();
+                changed[..3].copy_from_slice(&[255, 255, 255]);
+                let mut p: Vec<_> = planes.iter_mut().map(|(d, s)| PlaneMut { data: d, stride: *s }).collect();
+                write_rgb_change(&layout, ChromaSiting::JPEG, &mut p, w, h, &rgb, &changed, 1.0).unwrap();
+                if w >= 17 {
+                    let back = read(&layout, &planes, w, h);
+                    let last = 3 * (w * h - 1);
+                    let old = read(&layout, &before, w, h);
+                    assert_eq!(back[last..], old[last..], "{name} {w}x{h}: far corner");
+                    assert_ne!(planes, before, "{name} {w}x{h}: the change was written");
                 }
             }
         }

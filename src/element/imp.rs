@@ -28,7 +28,7 @@ use super::convert::{
 use super::loading::{guarded, mode_name, Failure, Model};
 use super::settings::{self, CodiffOnError, Settings};
 use crate::engine::temporal::TemporalFilter;
-use crate::engine::{Cancel, Engine, EngineError, RgbImage};
+use crate::engine::{Cancel, Engine, EngineError, QfSource, Restoration, RgbImage};
 
 pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -214,7 +214,8 @@ impl Codiff {
         }
     }
 
-    /// Read `frame`, restore it and write it back; returns the QF estimate.
+    /// Read `frame`, restore it and write it back; returns what was done (a
+    /// frame the guard leaves alone is not written at all: bit-exact).
     fn restore_frame(
         &self,
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
@@ -222,7 +223,7 @@ impl Codiff {
         engine: &Arc<Engine>,
         layout: &Layout,
         siting: ChromaSiting,
-    ) -> Result<f32, FrameError> {
+    ) -> Result<Restoration, FrameError> {
         let (width, height) = (frame.width() as usize, frame.height() as usize);
         // Refuse oversized frames before anything is allocated for them.
         let pixels = width as u64 * height as u64;
@@ -258,8 +259,9 @@ impl Codiff {
         let mut image =
             RgbImage::new(width, height, input).map_err(|err| FrameError::failed("frame", err))?;
         let smoothing = settings.temporal_smoothing.clamp(0.0, 1.0) as f32;
-        // The input, for the temporal filter's motion test.
-        let original = (strength > 0.0 && smoothing > 0.0).then(|| image.clone());
+        // The frame as read: the temporal filter's motion test, and the
+        // reference the restored image's change is measured against.
+        let original = (strength > 0.0).then(|| image.clone());
         let pool = self.thread_pool();
         let estimate = if strength > 0.0 {
             let (mut opts, adjusted) = settings.restore_options(Some(engine.min_cave_tile()));
@@ -268,16 +270,28 @@ impl Codiff {
             }
             opts.cancel = self.cancel.clone();
             in_pool(pool.as_deref(), || {
-                guarded(|| engine.restore(&mut image, &opts))
+                guarded(|| engine.restore_report(&mut image, &opts))
             })
-        } else if settings.qf == 0 {
-            in_pool(pool.as_deref(), || guarded(|| engine.estimate_qf(&image)))
         } else {
-            Ok(settings.qf as f32)
+            let estimate = || -> Result<(f32, QfSource), EngineError> {
+                if settings.qf > 0 {
+                    Ok((settings.qf as f32, QfSource::Model))
+                } else if settings.guard {
+                    engine.estimate_quality(&image)
+                } else {
+                    Ok((engine.estimate_qf(&image)?, QfSource::Model))
+                }
+            };
+            in_pool(pool.as_deref(), || guarded(estimate)).map(|(qf, qf_source)| Restoration {
+                qf,
+                qf_source,
+                restored: false,
+                guarded_blocks: 0,
+            })
         }
         .map_err(|err| FrameError::engine("restoring the frame failed", err))?;
 
-        if strength > 0.0 {
+        if estimate.restored {
             if (image.width, image.height) != (width, height) {
                 return Err(FrameError::failed(
                     "restoring the frame failed",
@@ -287,7 +301,7 @@ impl Codiff {
                     ),
                 ));
             }
-            match &original {
+            match original.as_ref().filter(|_| smoothing > 0.0) {
                 Some(original) => {
                     if let Some(state) = self.state.lock().unwrap().as_mut() {
                         state
@@ -304,18 +318,20 @@ impl Codiff {
                 .zip(&strides)
                 .map(|(data, &stride)| PlaneMut { data, stride })
                 .collect();
-            convert::write_rgb_sited(
+            let read = original.as_ref().expect("kept when restoring");
+            convert::write_rgb_change(
                 layout,
                 siting,
                 &mut planes,
                 width,
                 height,
+                &read.data,
                 &image.data,
                 strength,
             )
             .map_err(|err| FrameError::failed("writing the frame", err))?;
         }
-        if strength <= 0.0 {
+        if !estimate.restored {
             self.reset_temporal();
         }
         Ok(estimate)
@@ -735,7 +751,7 @@ impl VideoFilterImpl for Codiff {
         let qf = if settings.qf > 0 {
             settings.qf as f64
         } else {
-            estimate as f64
+            estimate.qf as f64
         };
         let pts = frame.buffer().pts();
         gst::trace!(
@@ -749,6 +765,8 @@ impl VideoFilterImpl for Codiff {
             let s = gst::Structure::builder("codiff-qf")
                 .field("qf", qf)
                 .field("estimated", settings.qf == 0)
+                .field("qf-source", estimate.qf_source.name())
+                .field("restored", estimate.restored)
                 .field("pts", pts.map_or(u64::MAX, gst::ClockTime::nseconds))
                 .field("processing-time", elapsed.nseconds())
                 .field("mode", mode_name(engine.mode()))

@@ -126,6 +126,7 @@ pub(super) const DEFAULT_WARM_UP: bool = true;
 /// Weight of the previous output on still content (examples/flicker.rs, README
 /// "Flicker"): at 0.5 a still scene at QF 15 no longer flickers more than its input.
 pub(super) const DEFAULT_TEMPORAL_SMOOTHING: f64 = 0.5;
+pub(super) const DEFAULT_GUARD: bool = true;
 /// Smallest latent tile used (latent px; 256 image px): smaller tiles cost more
 /// UNet calls than they save memory.
 pub(super) const MIN_LATENT_TILE: u32 = 32;
@@ -159,6 +160,7 @@ pub(super) struct Settings {
     pub(super) n_threads: u32,
     pub(super) warm_up: bool,
     pub(super) temporal_smoothing: f64,
+    pub(super) guard: bool,
 }
 
 impl Default for Settings {
@@ -186,6 +188,7 @@ impl Default for Settings {
             n_threads: DEFAULT_N_THREADS,
             warm_up: DEFAULT_WARM_UP,
             temporal_smoothing: DEFAULT_TEMPORAL_SMOOTHING,
+            guard: DEFAULT_GUARD,
         }
     }
 }
@@ -300,6 +303,7 @@ impl Settings {
             vae_decoder_tile: self.vae_decoder_tile as usize,
             cave_tile,
             quality: (self.qf > 0).then_some(self.qf as f32),
+            guard: self.guard,
             ..Default::default()
         };
         (options, warnings)
@@ -467,6 +471,17 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
                 .default_value(DEFAULT_TEMPORAL_SMOOTHING)
                 .mutable_playing()
                 .build(),
+            glib::ParamSpecBoolean::builder("guard")
+                .nick("Guard")
+                .blurb("Do no harm: restore only frames whose pixels show JPEG quantisation on the \
+                        8x8 grid (never-compressed, scaled and flat frames pass unchanged, bit for \
+                        bit), keep less of the model's change the higher the JPEG quality (none \
+                        from quality 85), and clamp the result into the JPEG's quantisation \
+                        intervals. The quality is read from the quantisation steps. false = the \
+                        bare model on every frame")
+                .default_value(DEFAULT_GUARD)
+                .mutable_playing()
+                .build(),
         ]
     });
     PROPERTIES.as_ref()
@@ -526,6 +541,7 @@ impl Settings {
             "temporal-smoothing" => {
                 self.temporal_smoothing = value.get().expect("type checked upstream")
             }
+            "guard" => self.guard = value.get().expect("type checked upstream"),
             other => unimplemented!("property {other}"),
         }
         if matches!(pspec.name(), "latent-tile" | "latent-overlap") {
@@ -577,6 +593,7 @@ impl Settings {
             "n-threads" => self.n_threads.to_value(),
             "warm-up" => self.warm_up.to_value(),
             "temporal-smoothing" => self.temporal_smoothing.to_value(),
+            "guard" => self.guard.to_value(),
             other => unimplemented!("property {other}"),
         }
     }
