@@ -190,11 +190,18 @@ impl Analysis {
         self.steps[0].evidence()
     }
 
-    /// The IJG quality of the luma table, when the frame is a decoded JPEG
-    /// and an IJG table explains its steps.
+    /// The JPEG quality of a decoded JPEG, read from its luma steps: the IJG
+    /// quality when an IJG table explains them, else the IJG quality of
+    /// equivalent step sizes ([`quant::equivalent_quality`]: FFmpeg's MJPEG
+    /// at `-q:v 20` reads as 14). None for frames that are not decoded JPEGs.
     pub fn quality(&self) -> Option<f32> {
-        let fit = self.fit.as_ref()?;
-        (self.evidence() == Evidence::Quantised && fit.agreement >= quant::FIT_AGREEMENT).then_some(fit.quality)
+        if self.evidence() != Evidence::Quantised {
+            return None;
+        }
+        match &self.fit {
+            Some(fit) if fit.agreement >= quant::FIT_AGREEMENT => Some(fit.quality),
+            _ => quant::equivalent_quality(&self.steps[0], &LUMA_TABLE),
+        }
     }
 
     /// The IJG chroma table of plane `c` (1: Cb, 2: Cr) when that plane was
@@ -205,18 +212,13 @@ impl Analysis {
     /// at QF 5 (4:2:0) projecting such chroma on a spurious table cost
     /// 0.23 dB RGB PSNR.
     fn chroma_fit(&self, c: usize) -> Option<IjgFit> {
-        let luma = self.quality()?;
+        let luma = self.fit.as_ref().filter(|f| f.agreement >= quant::FIT_AGREEMENT)?.quality;
         if self.steps[c].evidence() != Evidence::Quantised {
             return None;
         }
         quant::fit_ijg(&self.steps[c], &CHROMA_TABLE).filter(|f| f.agreement >= quant::FIT_AGREEMENT && (f.quality - luma).abs() <= 2.0)
     }
 
-    /// The quality the guard goes by: the IJG fit's (its nearest table even
-    /// when the fit is loose), else `model_qf`.
-    pub fn guide_quality(&self, model_qf: f32) -> f32 {
-        self.fit.as_ref().map_or(model_qf, |f| f.quality)
-    }
 
     /// Keep `alpha` of the model's change to the frame (`output` is the
     /// restored frame) and clamp the result into the input's quantisation

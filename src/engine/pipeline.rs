@@ -376,8 +376,8 @@ impl Engine {
         // the share of the model's change the guard keeps; none: leave the frame
         let alpha = match &analysis {
             Some(a) => {
-                let guide = match a.fit {
-                    Some(_) => a.guide_quality(0.0),
+                let guide = match measured {
+                    Some(q) => q,
                     None => {
                         let (_, q) = self.cave.embed_tiled(&x, opts.cave_tile)?;
                         self.cave.qf(Cave::q_value(&q)?)
@@ -385,8 +385,8 @@ impl Engine {
                 };
                 let alpha = a.profile().strength(guide);
                 if alpha <= 0.0 {
-                    let (qf, qf_source) = measured.map_or((guide, QfSource::Model), |q| (q, QfSource::Tables));
-                    return Ok((Restoration { qf, qf_source, restored: false, guarded_blocks: 0 }, p.times));
+                    let qf_source = if measured.is_some() { QfSource::Tables } else { QfSource::Model };
+                    return Ok((Restoration { qf: guide, qf_source, restored: false, guarded_blocks: 0 }, p.times));
                 }
                 alpha
             }

@@ -331,6 +331,25 @@ pub fn fit_ijg(steps: &Steps, base: &[u16; 64]) -> Option<IjgFit> {
     Some(IjgFit { quality: quality as f32, agreement: best as f32 / measured as f32, measured, table: ijg_table(base, quality) })
 }
 
+/// The IJG quality whose scaling matches the measured AC steps best in
+/// ratio: the median of `step / base` over the frequencies measured with a
+/// step of at least [`MIN_STEP`], turned back into a quality by inverting
+/// libjpeg's scaling. For tables that are not IJG's (FFmpeg's MJPEG
+/// encoder, cameras) this is the quality an IJG encoder would need for steps
+/// of the same size; None when no AC step was measured.
+pub fn equivalent_quality(steps: &Steps, base: &[u16; 64]) -> Option<f32> {
+    let mut ratios: Vec<f32> =
+        (1..64).filter_map(|k| steps.step[k].filter(|&q| q >= MIN_STEP).map(|q| q as f32 / base[k] as f32)).collect();
+    if ratios.is_empty() {
+        return None;
+    }
+    ratios.sort_unstable_by(f32::total_cmp);
+    let percent = 100.0 * ratios[ratios.len() / 2];
+    // scale = 5000 / q below 50, 200 - 2 q from 50
+    let q = if percent > 100.0 { 5000.0 / percent } else { (200.0 - percent) / 2.0 };
+    Some(q.clamp(1.0, 100.0))
+}
+
 /// A fit explains the steps when it agrees on at least this share of them.
 pub const FIT_AGREEMENT: f32 = 0.75;
 
