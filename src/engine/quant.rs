@@ -498,6 +498,19 @@ mod tests {
         }
     }
 
+    /// A table that is no IJG table (IJG's quality 14, every step moved by 3
+    /// up or down) reads as the IJG quality of steps of the same size.
+    #[test]
+    fn other_tables_read_as_the_equivalent_ijg_quality() {
+        let ijg = ijg_table(&LUMA_TABLE, 14);
+        let table: [u16; 64] = std::array::from_fn(|k| if k % 2 == 0 { ijg[k] + 3 } else { ijg[k] - 3 });
+        let steps = estimate_steps(&jpeg(&texture(320, 240, 5), &table), &|_, _| false);
+        assert_eq!(steps.evidence(), Evidence::Quantised);
+        assert!(fit_ijg(&steps, &LUMA_TABLE).unwrap().agreement < FIT_AGREEMENT);
+        let q = equivalent_quality(&steps, &LUMA_TABLE).unwrap();
+        assert!((q - 14.0).abs() <= 1.5, "read as {q}");
+    }
+
     #[test]
     fn never_compressed_and_flat_planes_are_not_taken_for_jpeg() {
         assert_eq!(estimate_steps(&texture(256, 192, 3), &|_, _| false).evidence(), Evidence::Unquantised);
