@@ -562,9 +562,14 @@ fn qf_message_meta_and_latency() {
     let mode = s.get::<String>("mode").unwrap();
     assert!(mode == "cave" || mode == "diffusion", "{mode}");
 
+    // the test frame is no JPEG: where the figure came from says so
+    let source = s.get::<String>("qf-source").unwrap();
+    assert!(["model", "unquantised"].contains(&source.as_str()), "{source}");
+    assert!(!s.get::<bool>("restored").unwrap());
     let meta =
         gst::meta::CustomMeta::from_buffer(&out, QF_META).expect("CodiffQfMeta on the buffer");
     assert_eq!(meta.structure().get::<f64>("qf").unwrap(), qf);
+    assert_eq!(meta.structure().get::<String>("qf-source").unwrap(), source);
 
     // Latency: upstream's plus the processing time measured so far.
     h.set_upstream_latency(gst::ClockTime::from_mseconds(5));
@@ -581,6 +586,7 @@ fn qf_message_meta_and_latency() {
     let s = &qf_messages(&bus)[0];
     assert_eq!(s.get::<f64>("qf").unwrap(), 75.0);
     assert!(!s.get::<bool>("estimated").unwrap());
+    assert_eq!(s.get::<String>("qf-source").unwrap(), "property");
     let meta = gst::meta::CustomMeta::from_buffer(&out, QF_META).unwrap();
     assert_eq!(meta.structure().get::<f64>("qf").unwrap(), 75.0);
 

@@ -102,7 +102,7 @@ pub struct Codiff {
     state: Mutex<Option<State>>,
     stats: Mutex<Stats>,
     /// QF of the frame just processed, for `transform_ip` to attach as meta.
-    pending_qf: Mutex<Option<f64>>,
+    pending_qf: Mutex<Option<(f64, &'static str)>>,
     /// Model properties set in PAUSED or PLAYING, applied at the next READY.
     pending: Mutex<Option<Settings>>,
     /// Stops the frame in the engine (see the module doc).
@@ -430,13 +430,17 @@ impl Codiff {
         }
     }
 
-    fn attach_qf_meta(&self, buf: &mut gst::BufferRef, qf: f64) {
+    fn attach_qf_meta(&self, buf: &mut gst::BufferRef, (qf, source): (f64, &'static str)) {
         if let Ok(mut meta) = gst::meta::CustomMeta::from_mut_buffer(buf, QF_META_NAME) {
             meta.mut_structure().set("qf", qf);
+            meta.mut_structure().set("qf-source", source);
             return;
         }
         match gst::meta::CustomMeta::add(buf, QF_META_NAME) {
-            Ok(mut meta) => meta.mut_structure().set("qf", qf),
+            Ok(mut meta) => {
+                meta.mut_structure().set("qf", qf);
+                meta.mut_structure().set("qf-source", source);
+            }
             Err(err) => gst::warning!(CAT, imp = self, "cannot attach {QF_META_NAME}: {err}"),
         }
     }
@@ -748,10 +752,10 @@ impl VideoFilterImpl for Codiff {
 
         let elapsed = gst::ClockTime::from_nseconds(started.elapsed().as_nanos() as u64);
         self.record_processing_time(elapsed);
-        let qf = if settings.qf > 0 {
-            settings.qf as f64
+        let (qf, qf_source) = if settings.qf > 0 {
+            (settings.qf as f64, "property")
         } else {
-            estimate.qf as f64
+            (estimate.qf as f64, estimate.qf_source.name())
         };
         let pts = frame.buffer().pts();
         gst::trace!(
@@ -765,7 +769,7 @@ impl VideoFilterImpl for Codiff {
             let s = gst::Structure::builder("codiff-qf")
                 .field("qf", qf)
                 .field("estimated", settings.qf == 0)
-                .field("qf-source", estimate.qf_source.name())
+                .field("qf-source", qf_source)
                 .field("restored", estimate.restored)
                 .field("pts", pts.map_or(u64::MAX, gst::ClockTime::nseconds))
                 .field("processing-time", elapsed.nseconds())
@@ -773,7 +777,7 @@ impl VideoFilterImpl for Codiff {
                 .build();
             let _ = obj.post_message(gst::message::Element::builder(s).src(&*obj).build());
         }
-        *self.pending_qf.lock().unwrap() = Some(qf);
+        *self.pending_qf.lock().unwrap() = Some((qf, qf_source));
         Ok(gst::FlowSuccess::Ok)
     }
 }
