@@ -20,27 +20,37 @@ use super::RgbImage;
 
 /// JFIF's full-range BT.601: R, G, B -> Y, Cb, Cr (offset 128), unrounded.
 fn to_ycc(img: &RgbImage) -> [Plane; 3] {
-    let n = img.width * img.height;
+    use rayon::prelude::*;
+    let (w, n) = (img.width, img.width * img.height);
     let mut planes = [vec![0f32; n], vec![0f32; n], vec![0f32; n]];
     let [y, cb, cr] = &mut planes;
-    for (i, px) in img.data.chunks_exact(3).enumerate() {
-        let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
-        y[i] = 0.299 * r + 0.587 * g + 0.114 * b;
-        cb[i] = -0.168_735_9 * r - 0.331_264_1 * g + 0.5 * b + 128.0;
-        cr[i] = 0.5 * r - 0.418_687_6 * g - 0.081_312_4 * b + 128.0;
-    }
+    y.par_chunks_mut(w.max(1)).zip(cb.par_chunks_mut(w.max(1))).zip(cr.par_chunks_mut(w.max(1))).zip(img.data.par_chunks(3 * w.max(1))).for_each(
+        |(((y, cb), cr), row)| {
+            for (i, px) in row.chunks_exact(3).enumerate() {
+                let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
+                y[i] = 0.299 * r + 0.587 * g + 0.114 * b;
+                cb[i] = -0.168_735_9 * r - 0.331_264_1 * g + 0.5 * b + 128.0;
+                cr[i] = 0.5 * r - 0.418_687_6 * g - 0.081_312_4 * b + 128.0;
+            }
+        },
+    );
     planes.map(|data| Plane { width: img.width, height: img.height, data })
 }
 
 /// The inverse of [`to_ycc`], rounded to codes.
 fn write_rgb(planes: &[Plane; 3], img: &mut RgbImage) {
+    use rayon::prelude::*;
+    let w = img.width.max(1);
     let code = |v: f32| (v.clamp(0.0, 255.0) + 0.5) as u8;
-    for (i, px) in img.data.chunks_exact_mut(3).enumerate() {
-        let (y, cb, cr) = (planes[0].data[i], planes[1].data[i] - 128.0, planes[2].data[i] - 128.0);
-        px[0] = code(y + 1.402 * cr);
-        px[1] = code(y - 0.344_136_3 * cb - 0.714_136_3 * cr);
-        px[2] = code(y + 1.772 * cb);
-    }
+    img.data.par_chunks_mut(3 * w).enumerate().for_each(|(row, out)| {
+        for (x, px) in out.chunks_exact_mut(3).enumerate() {
+            let i = row * w + x;
+            let (y, cb, cr) = (planes[0].data[i], planes[1].data[i] - 128.0, planes[2].data[i] - 128.0);
+            px[0] = code(y + 1.402 * cr);
+            px[1] = code(y - 0.344_136_3 * cb - 0.714_136_3 * cr);
+            px[2] = code(y + 1.772 * cb);
+        }
+    });
 }
 
 /// How the guard treats one kind of frame.
@@ -148,7 +158,8 @@ fn limit_to_activity(input: &Plane, output: &mut Plane) -> usize {
 /// guard projects onto.
 #[derive(Clone, Debug)]
 pub struct Analysis {
-    /// Steps measured on Y, Cb, Cr.
+    /// Steps measured on Y, Cb, Cr (chroma only for frames whose luma has
+    /// an IJG table; otherwise nothing measured there).
     pub steps: [Steps; 3],
     /// The luma steps matched against the IJG tables.
     pub fit: Option<IjgFit>,
@@ -168,8 +179,18 @@ impl Analysis {
                 img.data[3 * ((by * quant::B + y) * w + bx * quant::B)..][..3 * quant::B].iter().any(|&v| v == 0 || v == 255)
             })
         };
-        let steps = [0, 1, 2].map(|c| quant::estimate_steps(&planes[c], &clipped));
-        let fit = quant::fit_ijg(&steps[0], &LUMA_TABLE);
+        let luma = quant::estimate_steps(&planes[0], &clipped);
+        let fit = quant::fit_ijg(&luma, &LUMA_TABLE);
+        // chroma steps only matter for 4:4:4 JPEGs of IJG encoders (see
+        // `chroma_fit`): measured only when the luma has an IJG table
+        let chroma = |c: usize| match &fit {
+            Some(f) if f.agreement >= quant::FIT_AGREEMENT && luma.evidence() == Evidence::Quantised => {
+                quant::estimate_steps(&planes[c], &clipped)
+            }
+            _ => Steps { step: [None; 64] },
+        };
+        let steps = [chroma(1), chroma(2)];
+        let steps = [luma, steps[0].clone(), steps[1].clone()];
         let (nbx, nby) = planes[0].blocks();
         let n = (nbx * nby).max(1);
         let clipped_share = (0..nbx * nby).filter(|&i| clipped(i % nbx, i / nbx)).count() as f32 / n as f32;
