@@ -26,7 +26,7 @@ use super::convert::{
     self, ChromaSiting, ColorModel, Component, Layout, Plane, PlaneMut, YuvMatrix,
 };
 use super::loading::{guarded, mode_name, Failure, Model};
-use super::settings::{self, CodiffOnError, Settings};
+use super::settings::{self, CodiffLateFrames, CodiffOnError, Settings};
 use crate::engine::temporal::TemporalFilter;
 use crate::engine::{Cancel, Engine, EngineError, QfSource, Restoration, RgbImage};
 
@@ -48,6 +48,9 @@ struct State {
     /// `temporal-smoothing`'s history: reset on FLUSH_STOP, DISCONT, new caps,
     /// a frame not restored, and `stop`.
     temporal: TemporalFilter,
+    /// The last restored frame's input and output (RGB), which `late-frames=carry`
+    /// carries onto late frames; reset with `temporal`.
+    last_restored: Option<(RgbImage, RgbImage)>,
 }
 
 /// Measured processing time, for the latency query.
@@ -59,11 +62,26 @@ struct Stats {
     reported: gst::ClockTime,
     /// Pixels of the largest frame size timed by the caps-time warm-up.
     warmed_pixels: u64,
+    /// Live frames not restored because they would have been late.
+    late: u64,
+    /// Running mean of the processing time of restoring frames: what a live
+    /// frame is expected to take.
+    typical: gst::ClockTime,
 }
 
 /// The warm-up restore runs on at most this many pixels (640x480); its time is
 /// scaled by the pixel ratio for larger frames.
 const WARM_UP_PIXELS: usize = 640 * 480;
+
+/// A live frame that cannot be restored in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lateness {
+    /// Restoring it would finish after it is due.
+    WouldBe,
+    /// It is due already: it leaves at once, whatever the policy (a
+    /// carried correction too would make the next frames later still).
+    Already,
+}
 
 /// Why a frame was not restored.
 enum FrameError {
@@ -102,7 +120,7 @@ pub struct Codiff {
     state: Mutex<Option<State>>,
     stats: Mutex<Stats>,
     /// QF of the frame just processed, for `transform_ip` to attach as meta.
-    pending_qf: Mutex<Option<(f64, &'static str)>>,
+    pending_qf: Mutex<Option<(f64, &'static str, bool)>>,
     /// Model properties set in PAUSED or PLAYING, applied at the next READY.
     pending: Mutex<Option<Settings>>,
     /// Stops the frame in the engine (see the module doc).
@@ -111,6 +129,8 @@ pub struct Codiff {
     pub(super) pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
     /// Whether the last frame failed under on-error=passthrough (one warning per run).
     failing: Mutex<bool>,
+    /// The pipeline latency from the LATENCY event (live pipelines only).
+    latency: Mutex<Option<gst::ClockTime>>,
 }
 
 /// Where the three colour components of `info`'s format live, or `None` for formats
@@ -180,7 +200,81 @@ impl Codiff {
     fn reset_temporal(&self) {
         if let Some(state) = self.state.lock().unwrap().as_mut() {
             state.temporal.reset();
+            state.last_restored = None;
         }
+    }
+
+    /// Whether `buf`, started now, would be restored after it is due: the
+    /// element is PLAYING in a live pipeline (a LATENCY event came upstream
+    /// from the sink) and now + the longest processing time measured (what
+    /// the latency query adds) is past the buffer's running time + the
+    /// pipeline latency. Never for non-live pipelines (files restore every frame).
+    fn would_be_late(&self, buf: &gst::BufferRef) -> Option<Lateness> {
+        let latency = (*self.latency.lock().unwrap())?;
+        let obj = self.obj();
+        if obj.current_state() != gst::State::Playing {
+            return None;
+        }
+        let (clock, base, pts) = (obj.clock()?, obj.base_time()?, buf.pts()?);
+        let segment = obj.segment();
+        let rt = segment.downcast_ref::<gst::ClockTime>()?.to_running_time(pts)?;
+        let now = clock.time().saturating_sub(base);
+        let expected = {
+            let stats = self.stats.lock().unwrap();
+            if stats.typical.is_zero() { stats.max } else { stats.typical }
+        };
+        let due = rt + latency;
+        gst::trace!(CAT, imp = self, "now {now} + expected {expected} vs due {due}");
+        if now >= due {
+            Some(Lateness::Already)
+        } else if now + expected > due {
+            Some(Lateness::WouldBe)
+        } else {
+            None
+        }
+    }
+
+    /// `late-frames=carry`: the last restoration's correction onto `frame`
+    /// where the picture has not moved (nothing when there is none yet).
+    fn carry_frame(
+        &self,
+        frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
+        layout: &Layout,
+        siting: ChromaSiting,
+    ) -> Result<(), String> {
+        let (width, height) = (frame.width() as usize, frame.height() as usize);
+        let n_planes = frame.n_planes() as usize;
+        let strides: Vec<usize> = frame.plane_stride()[..n_planes]
+            .iter()
+            .map(|&s| usize::try_from(s).map_err(|_| "negative stride".to_string()))
+            .collect::<Result<_, _>>()?;
+        let input = {
+            let mut planes = Vec::with_capacity(n_planes);
+            for (p, &stride) in strides.iter().enumerate() {
+                let data = frame.plane_data(p as u32).map_err(|e| e.to_string())?;
+                planes.push(Plane { data, stride });
+            }
+            convert::read_rgb_sited(layout, siting, &planes, width, height).map_err(|e| e.to_string())?
+        };
+        let input = RgbImage::new(width, height, input).map_err(|e| e.to_string())?;
+        let mut out = input.clone();
+        {
+            let state = self.state.lock().unwrap();
+            let Some((prev_in, prev_out)) = state.as_ref().and_then(|s| s.last_restored.as_ref()) else {
+                return Ok(());
+            };
+            if !crate::engine::temporal::carry(prev_in, prev_out, &input, &mut out) {
+                return Ok(());
+            }
+        }
+        let mut planes: Vec<PlaneMut> = frame
+            .planes_data_mut()
+            .into_iter()
+            .zip(&strides)
+            .map(|(data, &stride)| PlaneMut { data, stride })
+            .collect();
+        convert::write_rgb_change(layout, siting, &mut planes, width, height, &input.data, &out.data, 1.0)
+            .map_err(|e| e.to_string())
     }
 
     /// A frame that was not restored: under on-error=fail post an error and stop
@@ -330,6 +424,9 @@ impl Codiff {
                 strength,
             )
             .map_err(|err| FrameError::failed("writing the frame", err))?;
+            if let (Some(state), Some(read)) = (self.state.lock().unwrap().as_mut(), original) {
+                state.last_restored = Some((read, image));
+            }
         }
         if !estimate.restored {
             self.reset_temporal();
@@ -412,6 +509,11 @@ impl Codiff {
         let announce = {
             let mut stats = self.stats.lock().unwrap();
             stats.max = stats.max.max(elapsed);
+            // the typical time of a restoring frame (frames the guard leaves
+            // alone take milliseconds and say nothing about the next restore)
+            if elapsed * 4 > stats.max {
+                stats.typical = if stats.typical.is_zero() { elapsed } else { (stats.typical * 7 + elapsed * 3) / 10 };
+            }
             if stats.max > stats.reported + stats.reported / 4 {
                 stats.reported = stats.max;
                 true
@@ -430,17 +532,18 @@ impl Codiff {
         }
     }
 
-    fn attach_qf_meta(&self, buf: &mut gst::BufferRef, (qf, source): (f64, &'static str)) {
+    fn attach_qf_meta(&self, buf: &mut gst::BufferRef, (qf, source, restored): (f64, &'static str, bool)) {
+        let fill = |s: &mut gst::StructureRef| {
+            s.set("qf", qf);
+            s.set("qf-source", source);
+            s.set("restored", restored);
+        };
         if let Ok(mut meta) = gst::meta::CustomMeta::from_mut_buffer(buf, QF_META_NAME) {
-            meta.mut_structure().set("qf", qf);
-            meta.mut_structure().set("qf-source", source);
+            fill(meta.mut_structure());
             return;
         }
         match gst::meta::CustomMeta::add(buf, QF_META_NAME) {
-            Ok(mut meta) => {
-                meta.mut_structure().set("qf", qf);
-                meta.mut_structure().set("qf-source", source);
-            }
+            Ok(mut meta) => fill(meta.mut_structure()),
             Err(err) => gst::warning!(CAT, imp = self, "cannot attach {QF_META_NAME}: {err}"),
         }
     }
@@ -623,6 +726,7 @@ impl BaseTransformImpl for Codiff {
         self.state.lock().unwrap().take();
         self.pending_qf.lock().unwrap().take();
         *self.stats.lock().unwrap() = Stats::default();
+        self.latency.lock().unwrap().take();
         Ok(())
     }
 
@@ -632,10 +736,13 @@ impl BaseTransformImpl for Codiff {
                 let mut upstream = gst::query::Latency::new();
                 if self.obj().sink_pad().peer_query(&mut upstream) {
                     let (live, min, max) = upstream.result();
+                    // the longest processing time measured, and a quarter more:
+                    // the slack a live frame needs for the time upstream spent
+                    // on it (encoders and decoders report no latency)
                     let ours = {
                         let mut stats = self.stats.lock().unwrap();
                         stats.reported = stats.max;
-                        stats.max
+                        stats.max + stats.max / 4
                     };
                     gst::debug!(
                         CAT,
@@ -650,6 +757,14 @@ impl BaseTransformImpl for Codiff {
             }
         }
         BaseTransformImplExt::parent_query(self, direction, query)
+    }
+
+    fn src_event(&self, event: gst::Event) -> bool {
+        // sent upstream by the sink of a live pipeline: when frames are due
+        if let gst::EventView::Latency(l) = event.view() {
+            *self.latency.lock().unwrap() = Some(l.latency());
+        }
+        self.parent_src_event(event)
     }
 
     fn sink_event(&self, event: gst::Event) -> bool {
@@ -706,6 +821,7 @@ impl VideoFilterImpl for Codiff {
             layout,
             siting,
             temporal: TemporalFilter::default(),
+            last_restored: None,
         });
         self.warm_up(in_info);
         self.parent_set_info(incaps, in_info, outcaps, out_info)
@@ -731,6 +847,26 @@ impl VideoFilterImpl for Codiff {
         }) else {
             return Err(gst::FlowError::NotNegotiated);
         };
+        if let Some(lateness) = self.would_be_late(frame.buffer()) {
+            gst::debug!(
+                CAT,
+                imp = self,
+                "frame {} {lateness:?} late: {:?}",
+                frame.buffer().pts().display(),
+                settings.late_frames
+            );
+            self.stats.lock().unwrap().late += 1;
+            return match (settings.late_frames, lateness) {
+                (CodiffLateFrames::Drop, _) => Ok(gst_base::BASE_TRANSFORM_FLOW_DROPPED),
+                (CodiffLateFrames::Passthrough, _) | (_, Lateness::Already) => Ok(gst::FlowSuccess::Ok),
+                (CodiffLateFrames::Carry, Lateness::WouldBe) => {
+                    if let Err(err) = self.carry_frame(frame, &layout, siting) {
+                        gst::info!(CAT, imp = self, "late frame passed through: {err}");
+                    }
+                    Ok(gst::FlowSuccess::Ok)
+                }
+            };
+        }
         let started = Instant::now();
         let estimate = match self.restore_frame(frame, &settings, &engine, &layout, siting) {
             Ok(estimate) => estimate,
@@ -777,7 +913,7 @@ impl VideoFilterImpl for Codiff {
                 .build();
             let _ = obj.post_message(gst::message::Element::builder(s).src(&*obj).build());
         }
-        *self.pending_qf.lock().unwrap() = Some((qf, qf_source));
+        *self.pending_qf.lock().unwrap() = Some((qf, qf_source, estimate.restored));
         Ok(gst::FlowSuccess::Ok)
     }
 }

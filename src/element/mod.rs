@@ -16,21 +16,33 @@
 //! error naming the file. Elements with the same model properties share one loaded
 //! model ([`cache`]).
 //!
-//! `qf` (0 = CaVE's estimate, default) steers a quality-conditioned compact
-//! model (one that carries `qf_embed.*`, trained with `train_cave.py --cond`):
-//! frames are restored as if their JPEG quality were `qf`, so a lower value
-//! smooths more and a higher one keeps more detail; with 0 each frame is
-//! restored for its own estimate. The shipped default model, official
-//! `cave.pth` files and `mode=diffusion` have no conditioning: there `qf` only
-//! replaces the reported number.
+//! `guard` (default on, [`crate::engine::guard`]): only frames whose pixels show
+//! JPEG quantisation are restored (never-compressed, scaled, black and flat
+//! frames are not written at all: bit-exact), their quality is read from the
+//! quantisation steps, less of the model's change is kept the higher it is,
+//! and the result is clamped into the JPEG's quantisation intervals. Only the
+//! restoration's change is written back into the frame's format.
+//!
+//! `qf` (0 = the quality read from the frame, default) steers a
+//! quality-conditioned compact model (one that carries `qf_embed.*`, as the
+//! shipped default does): frames are restored as if their JPEG quality were
+//! `qf`, so a lower value smooths more and a higher one keeps more detail.
+//! Official `cave.pth` files and `mode=diffusion` have no conditioning: there
+//! `qf` only replaces the reported number.
+//!
+//! Live pipelines (`late-frames`): a frame that would be restored after it is
+//! due (running time + pipeline latency) is not started; its fate is `carry`
+//! (the last restoration's correction where the picture has not moved),
+//! `passthrough` or `drop`, and later frames never wait behind it.
 //!
 //! For every processed frame the element
-//! - posts an element message `codiff-qf` with fields `qf` (f64, CaVE's JPEG
-//!   quality estimate 0..100, or the `qf` property when set), `estimated` (bool),
-//!   `pts` (u64 ns, `u64::MAX` when the buffer has none), `processing-time` (u64 ns)
-//!   and `mode` (`"cave"` or `"diffusion"`);
+//! - posts an element message `codiff-qf` with fields `qf` (f64, the JPEG
+//!   quality 0..100, or the `qf` property when set), `estimated` (bool),
+//!   `qf-source` (`tables`, `unquantised`, `model` or `property`), `restored`
+//!   (bool), `pts` (u64 ns, `u64::MAX` when the buffer has none),
+//!   `processing-time` (u64 ns) and `mode` (`"cave"` or `"diffusion"`);
 //! - attaches a `GstCustomMeta` named `CodiffQfMeta` ([`QF_META_NAME`]) whose
-//!   structure holds `qf` (f64). Read it with
+//!   structure holds `qf` (f64), `qf-source` (string) and `restored` (bool). Read it with
 //!   `gst::meta::CustomMeta::from_buffer(buffer, "CodiffQfMeta")` (Rust) or
 //!   `gst_buffer_get_custom_meta (buffer, "CodiffQfMeta")` (C).
 //!
@@ -75,7 +87,7 @@ pub mod cache;
 pub mod convert;
 
 pub use imp::QF_META_NAME;
-pub use settings::{CodiffColorFix, CodiffMode, CodiffOnError, CodiffPrecision};
+pub use settings::{CodiffColorFix, CodiffLateFrames, CodiffMode, CodiffOnError, CodiffPrecision};
 
 glib::wrapper! {
     pub struct Codiff(ObjectSubclass<imp::Codiff>)
@@ -91,6 +103,7 @@ pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     CodiffPrecision::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     CodiffColorFix::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     CodiffOnError::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
+    CodiffLateFrames::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     gst::Element::register(
         Some(plugin),
         "codiff",

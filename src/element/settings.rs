@@ -99,6 +99,24 @@ pub enum CodiffOnError {
     Passthrough = 1,
 }
 
+/// What happens to a frame of a live stream that cannot be restored before it
+/// is due (its running time plus the pipeline latency).
+#[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstCodiffLateFrames")]
+pub enum CodiffLateFrames {
+    #[default]
+    #[enum_value(
+        name = "Apply the last restoration's correction where the picture has not moved",
+        nick = "carry"
+    )]
+    Carry = 0,
+    #[enum_value(name = "Push the frame unrestored", nick = "passthrough")]
+    Passthrough = 1,
+    #[enum_value(name = "Drop the frame", nick = "drop")]
+    Drop = 2,
+}
+
 pub(super) const DEFAULT_MODE: CodiffMode = CodiffMode::Auto;
 pub(super) const DEFAULT_DEVICE: &str = "cpu";
 pub(super) const DEFAULT_PRECISION: CodiffPrecision = CodiffPrecision::Auto;
@@ -127,6 +145,7 @@ pub(super) const DEFAULT_WARM_UP: bool = true;
 /// "Flicker"): at 0.5 a still scene at QF 15 no longer flickers more than its input.
 pub(super) const DEFAULT_TEMPORAL_SMOOTHING: f64 = 0.5;
 pub(super) const DEFAULT_GUARD: bool = true;
+pub(super) const DEFAULT_LATE_FRAMES: CodiffLateFrames = CodiffLateFrames::Carry;
 /// Smallest latent tile used (latent px; 256 image px): smaller tiles cost more
 /// UNet calls than they save memory.
 pub(super) const MIN_LATENT_TILE: u32 = 32;
@@ -161,6 +180,7 @@ pub(super) struct Settings {
     pub(super) warm_up: bool,
     pub(super) temporal_smoothing: f64,
     pub(super) guard: bool,
+    pub(super) late_frames: CodiffLateFrames,
 }
 
 impl Default for Settings {
@@ -189,6 +209,7 @@ impl Default for Settings {
             warm_up: DEFAULT_WARM_UP,
             temporal_smoothing: DEFAULT_TEMPORAL_SMOOTHING,
             guard: DEFAULT_GUARD,
+            late_frames: DEFAULT_LATE_FRAMES,
         }
     }
 }
@@ -482,6 +503,17 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
                 .default_value(DEFAULT_GUARD)
                 .mutable_playing()
                 .build(),
+            glib::ParamSpecEnum::builder_with_default("late-frames", DEFAULT_LATE_FRAMES)
+                .nick("Late frames")
+                .blurb("Live streams: a frame that cannot be restored before it is due (its \
+                        running time plus the pipeline latency, by the last frame's processing \
+                        time) is not started: carry = the last restoration's correction applied \
+                        where the picture has not moved (no flicker between restored and \
+                        unrestored frames), passthrough = pushed unrestored, drop = dropped. \
+                        Later frames never wait behind it, so the stream stays on time with any \
+                        sink, with or without a queue. Non-live pipelines (files) restore every frame")
+                .mutable_playing()
+                .build(),
         ]
     });
     PROPERTIES.as_ref()
@@ -542,6 +574,7 @@ impl Settings {
                 self.temporal_smoothing = value.get().expect("type checked upstream")
             }
             "guard" => self.guard = value.get().expect("type checked upstream"),
+            "late-frames" => self.late_frames = value.get().expect("type checked upstream"),
             other => unimplemented!("property {other}"),
         }
         if matches!(pspec.name(), "latent-tile" | "latent-overlap") {
@@ -594,6 +627,7 @@ impl Settings {
             "warm-up" => self.warm_up.to_value(),
             "temporal-smoothing" => self.temporal_smoothing.to_value(),
             "guard" => self.guard.to_value(),
+            "late-frames" => self.late_frames.to_value(),
             other => unimplemented!("property {other}"),
         }
     }

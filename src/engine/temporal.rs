@@ -131,6 +131,34 @@ impl TemporalFilter {
     }
 }
 
+/// Carry a restoration forward onto a frame that was not restored (a live
+/// frame that would have been late): `out = input + w * (prev_out - prev_in)`
+/// per pixel, where `(prev_in, prev_out)` are the last restored frame's input
+/// and output and `w = max(0, 1 - m / threshold)` with `m` the 5x5 mean input
+/// change since `prev_in` ([`DEFAULT_MOTION_THRESHOLD`] as in
+/// [`TemporalFilter`]). Where the picture has not moved the frame gets the
+/// same correction as the last restored one, so restored and unrestored
+/// frames do not alternate visibly; where it moved it is left as it is.
+/// Returns false (and leaves `out` as `input`) when the sizes differ.
+pub fn carry(prev_in: &RgbImage, prev_out: &RgbImage, input: &RgbImage, out: &mut RgbImage) -> bool {
+    let (w, h) = (input.width, input.height);
+    let n = w * h * 3;
+    if [prev_in, prev_out, &*out].iter().any(|i| (i.width, i.height) != (w, h) || i.data.len() != n) || input.data.len() != n {
+        return false;
+    }
+    let motion = motion_map(&prev_in.data, &input.data, w, h);
+    let t = DEFAULT_MOTION_THRESHOLD;
+    for (i, &m) in motion.iter().enumerate() {
+        let a = (1.0 - m / t).max(0.0);
+        for k in 0..3 {
+            let j = i * 3 + k;
+            let d = a * (prev_out.data[j] as f32 - prev_in.data[j] as f32);
+            out.data[j] = (input.data[j] as f32 + d).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    true
+}
+
 /// Per pixel: the mean over a (2 RADIUS + 1)^2 window (clipped at the borders)
 /// and the three channels of |a - b|.
 fn motion_map(a: &[u8], b: &[u8], w: usize, h: usize) -> Vec<f32> {
@@ -303,5 +331,32 @@ mod tests {
         assert!(err.contains("24x16") && err.contains("8x8"), "{err}");
         filter.reset();
         assert!(!filter.has_history());
+    }
+
+    #[test]
+    fn carry_moves_the_correction_onto_still_pixels_only() {
+        let mut rng = Rng(9);
+        let (w, h) = (32, 16);
+        let prev_in = frame(w, h, 0, &mut rng, 0);
+        let mut prev_out = prev_in.clone();
+        for v in prev_out.data.iter_mut() {
+            *v = v.saturating_add(5);
+        }
+        // the left half still, the right half changed completely
+        let mut input = prev_in.clone();
+        for y in 0..h {
+            for x in w / 2..w {
+                for k in 0..3 {
+                    input.data[(y * w + x) * 3 + k] = 255 - prev_in.data[(y * w + x) * 3 + k];
+                }
+            }
+        }
+        let mut out = input.clone();
+        assert!(carry(&prev_in, &prev_out, &input, &mut out));
+        let px = |im: &RgbImage, x: usize, y: usize| im.data[(y * w + x) * 3];
+        assert_eq!(px(&out, 2, 8), px(&input, 2, 8) + 5, "still: corrected as before");
+        assert_eq!(px(&out, w - 3, 8), px(&input, w - 3, 8), "moved: left as it is");
+        let small = RgbImage::new(4, 4, vec![0; 48]).unwrap();
+        assert!(!carry(&small, &prev_out, &input, &mut out));
     }
 }

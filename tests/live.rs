@@ -1,0 +1,35 @@
+//! Live video stays on time (`late-frames`): a live 1280x720 30 fps source
+//! through `codiff` with no queue into a synchronising sink does not fall
+//! behind and does not grow in memory; through the live recipe (`queue
+//! leaky=downstream max-size-buffers=1 ! codiff ! queue`) frames are restored
+//! and the sink shows them. Bounded runs (6 s of stream each), not timings.
+#![cfg(feature = "gst")]
+
+#[path = "../examples/common/live.rs"]
+mod live;
+
+mod common;
+use common::{init, weights_or_skip};
+
+const SECONDS: u32 = 6;
+
+#[test]
+fn live_streams_stay_on_time_and_restored_frames_are_shown() {
+    if !weights_or_skip() {
+        return;
+    }
+    init();
+    let r = live::run_live(1280, 720, 30, SECONDS, "codiff", false);
+    eprintln!("{r:?}");
+    assert_eq!(r.shown, (SECONDS * 30) as u64, "every frame reaches the sink (qos off)");
+    assert!(r.last_lag <= 1.5 && r.max_lag <= 1.5, "behind the clock by {:.2} s (max {:.2} s)", r.last_lag, r.max_lag);
+    assert!(r.rss_end_mb <= r.rss_start_mb + 40.0, "memory grew {:.0} -> {:.0} MB", r.rss_start_mb, r.rss_end_mb);
+
+    // the live recipe (one test, so the two runs do not share the CPU)
+    let r = live::run_live(1280, 720, 30, SECONDS, "queue leaky=downstream max-size-buffers=1 ! codiff ! queue", true);
+    eprintln!("{r:?}");
+    // at least two restorations (a debug build takes ~2.3 s a 720p frame)
+    assert!(r.restored >= 2, "{r:?}");
+    assert!(r.restored_shown * 10 >= r.restored * 9, "{} of {} restored frames shown", r.restored_shown, r.restored);
+    assert!(r.max_lag <= 1.5, "behind the clock by {:.2} s", r.max_lag);
+}
