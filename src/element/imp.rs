@@ -113,6 +113,50 @@ fn in_pool<T: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> T + Se
     }
 }
 
+/// The frame's plane strides and its picture as packed RGB.
+fn read_frame(
+    frame: &gst_video::VideoFrameRef<&mut gst::BufferRef>,
+    layout: &Layout,
+    siting: ChromaSiting,
+) -> Result<(Vec<usize>, Vec<u8>), FrameError> {
+    let n_planes = frame.n_planes() as usize;
+    let strides = frame.plane_stride()[..n_planes]
+        .iter()
+        .map(|&s| usize::try_from(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| FrameError::failed("frame", "negative plane strides are not supported"))?;
+    let mut planes = Vec::with_capacity(n_planes);
+    for (p, &stride) in strides.iter().enumerate() {
+        let data = frame.plane_data(p as u32).map_err(|err| FrameError::failed("frame", err))?;
+        planes.push(Plane { data, stride });
+    }
+    let rgb = convert::read_rgb_sited(layout, siting, &planes, frame.width() as usize, frame.height() as usize)
+        .map_err(|err| FrameError::failed("reading the frame", err))?;
+    Ok((strides, rgb))
+}
+
+/// Write the change from `input` to `output` (packed RGB, as [`read_frame`]
+/// gave) into the frame's planes (see [`convert::write_rgb_change`]).
+fn write_frame_change(
+    frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
+    strides: &[usize],
+    layout: &Layout,
+    siting: ChromaSiting,
+    input: &[u8],
+    output: &[u8],
+    strength: f32,
+) -> Result<(), FrameError> {
+    let (width, height) = (frame.width() as usize, frame.height() as usize);
+    let mut planes: Vec<PlaneMut> = frame
+        .planes_data_mut()
+        .into_iter()
+        .zip(strides)
+        .map(|(data, &stride)| PlaneMut { data, stride })
+        .collect();
+    convert::write_rgb_change(layout, siting, &mut planes, width, height, input, output, strength)
+        .map_err(|err| FrameError::failed("writing the frame", err))
+}
+
 #[derive(Default)]
 pub struct Codiff {
     pub(super) settings: Mutex<Settings>,
@@ -241,22 +285,10 @@ impl Codiff {
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
         layout: &Layout,
         siting: ChromaSiting,
-    ) -> Result<(), String> {
+    ) -> Result<(), FrameError> {
         let (width, height) = (frame.width() as usize, frame.height() as usize);
-        let n_planes = frame.n_planes() as usize;
-        let strides: Vec<usize> = frame.plane_stride()[..n_planes]
-            .iter()
-            .map(|&s| usize::try_from(s).map_err(|_| "negative stride".to_string()))
-            .collect::<Result<_, _>>()?;
-        let input = {
-            let mut planes = Vec::with_capacity(n_planes);
-            for (p, &stride) in strides.iter().enumerate() {
-                let data = frame.plane_data(p as u32).map_err(|e| e.to_string())?;
-                planes.push(Plane { data, stride });
-            }
-            convert::read_rgb_sited(layout, siting, &planes, width, height).map_err(|e| e.to_string())?
-        };
-        let input = RgbImage::new(width, height, input).map_err(|e| e.to_string())?;
+        let (strides, input) = read_frame(frame, layout, siting)?;
+        let input = RgbImage::new(width, height, input).map_err(|e| FrameError::failed("frame", e))?;
         let mut out = input.clone();
         {
             let state = self.state.lock().unwrap();
@@ -267,14 +299,7 @@ impl Codiff {
                 return Ok(());
             }
         }
-        let mut planes: Vec<PlaneMut> = frame
-            .planes_data_mut()
-            .into_iter()
-            .zip(&strides)
-            .map(|(data, &stride)| PlaneMut { data, stride })
-            .collect();
-        convert::write_rgb_change(layout, siting, &mut planes, width, height, &input.data, &out.data, 1.0)
-            .map_err(|e| e.to_string())
+        write_frame_change(frame, &strides, layout, siting, &input.data, &out.data, 1.0)
     }
 
     /// A frame that was not restored: under on-error=fail post an error and stop
@@ -330,24 +355,7 @@ impl Codiff {
                 ),
             ));
         }
-        let n_planes = frame.n_planes() as usize;
-        let strides = frame.plane_stride()[..n_planes]
-            .iter()
-            .map(|&s| usize::try_from(s))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| FrameError::failed("frame", "negative plane strides are not supported"))?;
-
-        let input = {
-            let mut planes = Vec::with_capacity(n_planes);
-            for (p, &stride) in strides.iter().enumerate() {
-                let data = frame
-                    .plane_data(p as u32)
-                    .map_err(|err| FrameError::failed("frame", err))?;
-                planes.push(Plane { data, stride });
-            }
-            convert::read_rgb_sited(layout, siting, &planes, width, height)
-                .map_err(|err| FrameError::failed("reading the frame", err))?
-        };
+        let (strides, input) = read_frame(frame, layout, siting)?;
 
         let strength = settings.strength.clamp(0.0, 1.0) as f32;
         let mut image =
@@ -406,24 +414,8 @@ impl Codiff {
                 }
                 None => self.reset_temporal(),
             }
-            let mut planes: Vec<PlaneMut> = frame
-                .planes_data_mut()
-                .into_iter()
-                .zip(&strides)
-                .map(|(data, &stride)| PlaneMut { data, stride })
-                .collect();
             let read = original.as_ref().expect("kept when restoring");
-            convert::write_rgb_change(
-                layout,
-                siting,
-                &mut planes,
-                width,
-                height,
-                &read.data,
-                &image.data,
-                strength,
-            )
-            .map_err(|err| FrameError::failed("writing the frame", err))?;
+            write_frame_change(frame, &strides, layout, siting, &read.data, &image.data, strength)?;
             if let (Some(state), Some(read)) = (self.state.lock().unwrap().as_mut(), original) {
                 state.last_restored = Some((read, image));
             }
@@ -860,8 +852,8 @@ impl VideoFilterImpl for Codiff {
                 (CodiffLateFrames::Drop, _) => Ok(gst_base::BASE_TRANSFORM_FLOW_DROPPED),
                 (CodiffLateFrames::Passthrough, _) | (_, Lateness::Already) => Ok(gst::FlowSuccess::Ok),
                 (CodiffLateFrames::Carry, Lateness::WouldBe) => {
-                    if let Err(err) = self.carry_frame(frame, &layout, siting) {
-                        gst::info!(CAT, imp = self, "late frame passed through: {err}");
+                    if let Err(FrameError::Failed(what, cause)) = self.carry_frame(frame, &layout, siting) {
+                        gst::info!(CAT, imp = self, "late frame passed through: {what}: {cause}");
                     }
                     Ok(gst::FlowSuccess::Ok)
                 }

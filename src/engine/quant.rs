@@ -32,31 +32,27 @@ fn basis() -> &'static [[f32; B]; B] {
     })
 }
 
-/// `out = C x C^T` (forward) or `C^T x C` (inverse) on a row-major block.
-fn transform(x: &[f32; 64], inverse: bool) -> [f32; 64] {
-    let c = basis();
-    let m = |a: usize, b: usize| if inverse { c[b][a] } else { c[a][b] };
-    let mut t = [0f32; 64];
-    for y in 0..B {
-        for u in 0..B {
-            let mut s = 0f32;
-            for n in 0..B {
-                s += m(u, n) * x[y * B + n];
-            }
-            t[y * B + u] = s;
-        }
-    }
+/// `a b` for row-major 8x8 matrices, `a` given entry by entry.
+fn mul(a: impl Fn(usize, usize) -> f32, b: &[f32; 64]) -> [f32; 64] {
     let mut out = [0f32; 64];
-    for v in 0..B {
-        for u in 0..B {
-            let mut s = 0f32;
-            for n in 0..B {
-                s += m(v, n) * t[n * B + u];
-            }
-            out[v * B + u] = s;
+    for i in 0..B {
+        for j in 0..B {
+            out[i * B + j] = (0..B).map(|k| a(i, k) * b[k * B + j]).sum();
         }
     }
     out
+}
+
+fn transposed(x: &[f32; 64]) -> [f32; 64] {
+    std::array::from_fn(|k| x[(k % B) * B + k / B])
+}
+
+/// `M x M^T` with `M = C` (forward) or `C^T` (inverse), as
+/// `M (M x^T)^T`, on a row-major block.
+fn transform(x: &[f32; 64], inverse: bool) -> [f32; 64] {
+    let c = basis();
+    let m = |i: usize, k: usize| if inverse { c[k][i] } else { c[i][k] };
+    mul(m, &transposed(&mul(m, &transposed(x))))
 }
 
 /// Forward DCT of a block of level-shifted samples, row-major (`v * 8 + u`).
