@@ -384,13 +384,14 @@ fn missing_weights_fail_the_state_change_naming_the_file() {
 
 #[test]
 fn bad_model_settings_fail_with_a_clear_message() {
+    // the reason is in the ERROR message itself (many applications show no
+    // debug string), not only in the debug string
+    let message = |err: &str| err.split(" | ").next().unwrap().to_string();
     let err = failing_pipeline(&[("mode", "diffusion".to_string())]);
-    assert!(
-        err.contains("sd-model") && err.contains("codiff-checkpoint"),
-        "{err}"
-    );
+    let m = message(&err);
+    assert!(m.contains("sd-model") && m.contains("codiff-checkpoint"), "{err}");
     let err = failing_pipeline(&[("device", "gpu7".to_string())]);
-    assert!(err.contains("gpu7"), "{err}");
+    assert!(message(&err).contains("gpu7"), "{err}");
     let missing = "/nonexistent/codiff-test/codiff.pkl";
     let err = failing_pipeline(&[
         ("sd-model", "/nonexistent/codiff-test/sd".to_string()),
@@ -401,6 +402,54 @@ fn bad_model_settings_fail_with_a_clear_message() {
         ),
     ]);
     assert!(err.contains("/nonexistent/codiff-test/"), "{err}");
+}
+
+/// A string value holding `bytes` as set from C (any bytes, not only UTF-8).
+fn raw_string_value(bytes: &[u8]) -> gst::glib::Value {
+    use gst::glib::translate::ToGlibPtrMut;
+    let c = std::ffi::CString::new(bytes).unwrap();
+    let mut value = gst::glib::Value::from_type(gst::glib::Type::STRING);
+    // SAFETY: a G_TYPE_STRING value; g_value_set_string copies the bytes.
+    unsafe { gst::glib::gobject_ffi::g_value_set_string(value.to_glib_none_mut().0, c.as_ptr()) };
+    value
+}
+
+/// Setting a path or the device to bytes that are not UTF-8 (as a C or
+/// Python application may: Linux file names are bytes) neither panics nor
+/// aborts the host: paths are kept as given and the load names the file.
+#[test]
+fn non_utf8_strings_do_not_take_the_host_down() {
+    init();
+    let bytes = b"/nonexistent/codiff-\xff\xfe/model.safetensors";
+    for name in ["weights", "sd-model", "codiff-checkpoint", "cave-checkpoint", "device"] {
+        let element = make(&[]);
+        element.set_property_from_value(name, &raw_string_value(bytes));
+        let _ = element.property_value(name);
+    }
+    let element = make(&[]);
+    element.set_property_from_value("weights", &raw_string_value(bytes));
+    let bus = gst::Bus::new();
+    element.set_bus(Some(&bus));
+    assert!(element.set_state(gst::State::Ready).is_err());
+    let (msg, _) = first_error(&bus, Duration::from_secs(5)).expect("an error");
+    assert!(msg.contains("/nonexistent/codiff-"), "{msg}");
+    element.set_state(gst::State::Null).unwrap();
+}
+
+/// A FIFO in place of a model file is refused at once (opening it would block
+/// the state change until a writer came).
+#[test]
+fn a_fifo_for_a_model_file_is_refused_at_once() {
+    let dir = std::env::temp_dir().join(format!("codiff-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("weights.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let started = std::time::Instant::now();
+    let err = failing_pipeline(&[("weights", fifo.display().to_string())]);
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(err.contains("FIFO"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

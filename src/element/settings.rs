@@ -3,6 +3,7 @@
 use gst::glib;
 use gst::prelude::*;
 
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
@@ -229,7 +230,8 @@ impl Settings {
         let device: DeviceSpec = self.device.parse().map_err(|err| {
             gst::error_msg!(
                 gst::ResourceError::Settings,
-                ["Invalid device property: {err}"]
+                ("Invalid device property: {err}"),
+                ["set device to cpu, cuda or cuda:N"]
             )
         })?;
 
@@ -247,7 +249,8 @@ impl Settings {
                 _ => {
                     return Err(gst::error_msg!(
                         gst::ResourceError::Settings,
-                        ["mode=diffusion needs both sd-model and codiff-checkpoint"]
+                        ("mode=diffusion needs both sd-model and codiff-checkpoint"),
+                        ["set sd-model to the SD-2.1-base folder and codiff-checkpoint to codiff.pkl, or use mode=cave"]
                     ))
                 }
             }
@@ -519,16 +522,27 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
     PROPERTIES.as_ref()
 }
 
+/// The bytes of a string `value` as set, or None for NULL. C and Python
+/// applications may set any bytes (Linux file names need not be UTF-8);
+/// `Value::get::<String>` would fail on them, and a panic in a property
+/// setter aborts the host.
+fn string_bytes(value: &glib::Value) -> Option<Vec<u8>> {
+    use glib::translate::ToGlibPtr;
+    // SAFETY: the property system checked that `value` holds a string
+    // (G_TYPE_STRING) before calling the setter; g_value_get_string returns
+    // the value's own NUL-terminated buffer or NULL, valid while `value` is
+    // borrowed, and it is copied before returning.
+    unsafe {
+        let ptr = glib::gobject_ffi::g_value_get_string(value.to_glib_none().0);
+        (!ptr.is_null()).then(|| std::ffi::CStr::from_ptr(ptr).to_bytes().to_vec())
+    }
+}
+
 impl Settings {
     /// Set the property `pspec` to `value`; returns warnings for the log.
     pub(super) fn set(&mut self, value: &glib::Value, pspec: &glib::ParamSpec) -> Vec<String> {
         let mut warnings = Vec::new();
-        let path = |v: &glib::Value| {
-            v.get::<Option<String>>()
-                .expect("type checked upstream")
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-        };
+        let path = |v: &glib::Value| string_bytes(v).filter(|s| !s.is_empty()).map(|b| PathBuf::from(std::ffi::OsString::from_vec(b)));
         match pspec.name() {
             "mode" => self.mode = value.get().expect("type checked upstream"),
             "weights" => {
@@ -539,9 +553,8 @@ impl Settings {
             "codiff-checkpoint" => self.codiff_checkpoint = path(value),
             "cave-checkpoint" => self.cave_checkpoint = path(value),
             "device" => {
-                let device = value
-                    .get::<Option<String>>()
-                    .expect("type checked upstream")
+                let device = string_bytes(value)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_else(|| DEFAULT_DEVICE.to_string());
                 if let Err(err) = device.parse::<DeviceSpec>() {
                     // Kept as is: loading fails with this message.

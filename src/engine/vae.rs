@@ -55,7 +55,7 @@ pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
         std::io::ErrorKind::NotFound => EngineError::NotFound { path: path.to_path_buf() },
         _ => EngineError::Io { path: path.to_path_buf(), source },
     };
-    let f = std::fs::File::open(path).map_err(io)?;
+    let f = super::weights::open_regular(path)?;
     let mut text = String::new();
     std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_CONFIG_BYTES + 1), &mut text).map_err(io)?;
     if text.len() as u64 > MAX_CONFIG_BYTES {

@@ -52,8 +52,39 @@ fn io_error(path: &Path, source: std::io::Error) -> EngineError {
     }
 }
 
+/// Open `path` for reading, refusing anything but a regular file before it
+/// is opened: opening a FIFO blocks until a writer comes (a state change
+/// would hang), and a device or a directory is no model file.
+pub(crate) fn open_regular(path: &Path) -> Result<std::fs::File> {
+    let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
+    if !meta.is_file() {
+        let kind = {
+            use std::os::unix::fs::FileTypeExt;
+            let t = meta.file_type();
+            if t.is_dir() {
+                "a directory"
+            } else if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_socket() {
+                "a socket"
+            } else if t.is_block_device() || t.is_char_device() {
+                "a device"
+            } else {
+                "not a regular file"
+            }
+        };
+        return Err(EngineError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{kind}, not a regular file")),
+        });
+    }
+    std::fs::File::open(path).map_err(|e| io_error(path, e))
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| io_error(path, e))
+    let mut bytes = Vec::new();
+    open_regular(path)?.read_to_end(&mut bytes).map_err(|e| io_error(path, e))?;
+    Ok(bytes)
 }
 
 impl TensorFile {
@@ -61,7 +92,7 @@ impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut head = [0u8; 8];
         let n = {
-            let mut f = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
+            let mut f = open_regular(path)?;
             let mut n = 0;
             while n < 8 {
                 match f.read(&mut head[n..]) {
@@ -157,7 +188,7 @@ impl TensorFile {
     fn from_safetensors_file(path: &Path) -> Result<Self> {
         use std::io::{Seek, SeekFrom};
         let io = |e| io_error(path, e);
-        let mut f = std::fs::File::open(path).map_err(io)?;
+        let mut f = open_regular(path)?;
         let len = f.metadata().map_err(io)?.len();
         let mut n8 = [0u8; 8];
         if len < 8 {
