@@ -452,6 +452,33 @@ fn a_fifo_for_a_model_file_is_refused_at_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Under an address-space cap (`ulimit -v`, as containers set), a frame too
+/// large for the memory left is refused with a bus error and gst-launch exits
+/// 1, where the allocation used to abort the host (SIGABRT).
+#[test]
+fn a_frame_too_large_for_the_memory_left_is_an_error_not_an_abort() {
+    let _props = model_or_skip!();
+    // the plugin this test binary was built with: target/<profile>/libgstcodiff.so
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
+    if !dir.join("libgstcodiff.so").exists() {
+        eprintln!("SKIPPED: no {} (cargo build --lib first)", dir.join("libgstcodiff.so").display());
+        return;
+    }
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(
+            "ulimit -v 1500000; exec gst-launch-1.0 videotestsrc num-buffers=1 ! \
+             video/x-raw,width=8000,height=8000 ! codiff max-frame-pixels=0 ! fakesink",
+        )
+        .env("GST_PLUGIN_PATH", &dir)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("not enough memory") && text.contains("8000x8000"), "{text}");
+}
+
 #[test]
 fn every_format_round_trips_size_and_stays_valid() {
     let props = model_or_skip!();

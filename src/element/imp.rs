@@ -355,6 +355,12 @@ impl Codiff {
                 ),
             ));
         }
+        // ... and frames the process has not the memory for (the element's own
+        // copies of the frame: packed RGB three times)
+        let (opts, _) = settings.restore_options(Some(engine.min_cave_tile()));
+        engine
+            .check_memory(width, height, &opts, 9 * pixels)
+            .map_err(|err| FrameError::failed("frame too large for the memory left", err))?;
         let (strides, input) = read_frame(frame, layout, siting)?;
 
         let strength = settings.strength.clamp(0.0, 1.0) as f32;

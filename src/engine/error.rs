@@ -33,6 +33,12 @@ pub enum EngineError {
     InvalidInput(String),
     #[error("non-finite values in {stage} output (precision {precision}){}", non_finite_hint(.precision))]
     NonFinite { stage: &'static str, precision: String },
+    #[error(
+        "not enough memory: a {width}x{height} frame needs about {needed_mb} MB, {available_mb} MB are left to this \
+         process (address-space limit, cgroup limit or free memory); use smaller frames, a smaller cave-tile, or give \
+         the process more memory"
+    )]
+    NotEnoughMemory { width: usize, height: usize, needed_mb: u64, available_mb: u64 },
     #[error("cancelled")]
     Cancelled,
     #[error("device: {0}")]

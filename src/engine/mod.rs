@@ -13,6 +13,7 @@ pub mod guard;
 pub mod kernels;
 pub mod layers;
 pub mod lora;
+pub mod memory;
 pub mod one_step;
 pub(crate) mod pickle;
 pub mod pipeline;

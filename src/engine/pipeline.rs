@@ -348,9 +348,27 @@ impl Engine {
         Ok((r.qf, times))
     }
 
+    /// `Err(NotEnoughMemory)` when a `width` x `height` frame would need more
+    /// memory ([`super::memory::frame_bytes`], plus `host_bytes` the caller
+    /// holds for it) than the process has left: refused before anything is
+    /// allocated, where a failed allocation would abort the host.
+    pub fn check_memory(&self, width: usize, height: usize, opts: &RestoreOptions, host_bytes: u64) -> Result<()> {
+        let needed = super::memory::frame_bytes(width, height, opts.cave_tile, self.diffusion.is_some()) + host_bytes;
+        match super::memory::available_bytes() {
+            Some(available) if needed > available => Err(EngineError::NotEnoughMemory {
+                width,
+                height,
+                needed_mb: needed >> 20,
+                available_mb: available >> 20,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn run(&self, img: &mut RgbImage, opts: &RestoreOptions, trace: Option<&mut Trace>) -> Result<(Restoration, StageTimes)> {
         let mut p = Probe::new(trace, &self.device, &opts.cancel);
         opts.cancel.check()?;
+        self.check_memory(img.width, img.height, opts, 0)?;
         let x = self.to_tensor(img)?;
         p.keep("lq_raw", &x);
         // do no harm: restore only what was decoded from a JPEG
