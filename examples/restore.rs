@@ -77,10 +77,17 @@ struct Args {
     /// from a JPEG, no clamp to its quantisation intervals
     #[arg(long)]
     no_guard: bool,
+    /// Refuse images with more pixels than this (0 = no limit), read from the
+    /// header before anything is decoded; the element's max-frame-pixels default
+    #[arg(long, default_value_t = 4096 * 4096)]
+    max_pixels: u64,
 }
 
-fn main() -> anyhow_free::Result {
-    run(Args::parse())
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("codiff: error: {e}");
+        std::process::exit(1);
+    }
 }
 
 /// A tiny error type so the example needs no extra crates.
@@ -89,6 +96,26 @@ mod anyhow_free {
 }
 
 fn run(args: Args) -> anyhow_free::Result {
+    // everything about the files is checked before the model loads
+    let ext = args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    if !matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg")) {
+        return Err(format!("{}: the output must end in .png, .jpg or .jpeg", args.output.display()).into());
+    }
+    let reader = || -> Result<_, String> {
+        image::ImageReader::open(&args.input)
+            .and_then(|r| r.with_guessed_format())
+            .map_err(|e| format!("{}: cannot read: {e}", args.input.display()))
+    };
+    let (w, h) = reader()?.into_dimensions().map_err(|e| format!("{}: not a PNG or JPEG image: {e}", args.input.display()))?;
+    if args.max_pixels > 0 && w as u64 * h as u64 > args.max_pixels {
+        return Err(format!(
+            "{}: {w}x{h} is {} pixels, more than --max-pixels={} (raise it to restore larger images)",
+            args.input.display(),
+            w as u64 * h as u64,
+            args.max_pixels
+        )
+        .into());
+    }
     let mode = match args.mode {
         ModeArg::Cave => Mode::Cave,
         ModeArg::Diffusion => Mode::Diffusion,
@@ -119,7 +146,7 @@ fn run(args: Args) -> anyhow_free::Result {
     let engine = Engine::load(&spec, &mut |s| eprintln!("codiff: {s}"))?;
     eprintln!("codiff: loaded in {:.2} s", t0.elapsed().as_secs_f64());
 
-    let decoded = image::ImageReader::open(&args.input)?.with_guessed_format()?.decode()?.to_rgb8();
+    let decoded = reader()?.decode().map_err(|e| format!("{}: cannot decode: {e}", args.input.display()))?.to_rgb8();
     let (w, h) = decoded.dimensions();
     let mut img = RgbImage::new(w as usize, h as usize, decoded.into_raw())?;
     let mut trace = Trace::new();
@@ -133,7 +160,7 @@ fn run(args: Args) -> anyhow_free::Result {
     };
     let secs = t1.elapsed().as_secs_f64();
     let out = image::RgbImage::from_raw(w, h, img.data).ok_or("output buffer size")?;
-    out.save(&args.output)?;
+    out.save(&args.output).map_err(|e| format!("{}: cannot write: {e}", args.output.display()))?;
     eprintln!(
         "codiff: {}x{} {:?} {} in {:.2} s ({:.2} s/MP), estimated JPEG quality {:.1} ({source}) -> {}",
         w,

@@ -392,3 +392,42 @@ fn absurd_config_sizes_are_refused_before_allocating() {
         let _ = std::fs::remove_dir_all(d.parent().unwrap());
     }
 }
+
+/// The still command (`examples/restore.rs`, built by `cargo build --examples`)
+/// as a user meets it: a 8.5 KB JPEG whose header claims 8000x8000 is refused
+/// at once from its header (it used to run for a minute and take 2.4 GB); a
+/// bad output name and a missing input are plain one-line errors naming the
+/// file, found before the model loads.
+#[test]
+fn the_still_command_refuses_bad_requests_before_loading() {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(|d| d.parent()).unwrap().join("examples/restore");
+    if !bin.exists() {
+        eprintln!("SKIPPED: no {} (cargo build --examples first)", bin.display());
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("codiff-still-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let jpeg = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/astronaut-q10.jpg");
+    let mut bytes = std::fs::read(&jpeg).unwrap();
+    let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).expect("baseline SOF0");
+    bytes[sof + 5..sof + 9].copy_from_slice(&[0x1F, 0x40, 0x1F, 0x40]); // 8000 x 8000
+    let huge = dir.join("huge.jpg");
+    std::fs::write(&huge, &bytes).unwrap();
+    let run = |args: &[&Path]| {
+        let t = std::time::Instant::now();
+        let out = std::process::Command::new(&bin).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned(), t.elapsed())
+    };
+    let (code, err, took) = run(&[&huge, &dir.join("out.png")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("8000x8000") && err.contains("--max-pixels"), "{err}");
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    let (code, err, _) = run(&[&jpeg, &dir.join("out.bmp")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("out.bmp") && !err.contains("loading CaVE"), "{err}");
+    let (code, err, _) = run(&[&dir.join("missing.jpg"), &dir.join("out.png")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("missing.jpg") && !err.contains("Os {"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -182,9 +182,9 @@ impl Engine {
     fn load_diffusion(spec: &ModelSpec, cave: &Cave, dev: &Device, progress: &mut dyn FnMut(&str)) -> Result<Diffusion> {
         let need =
             |o: &Option<std::path::PathBuf>, what: &str| o.clone().ok_or_else(|| EngineError::InvalidInput(format!("diffusion mode needs {what}")));
-        let sd = need(&spec.sd_dir, "the SD-2.1-base folder (sd-model)")?;
-        let ckpt = need(&spec.codiff, "codiff.pkl (codiff-checkpoint)")?;
-        need(&spec.cave, "the official cave.pth (cave-checkpoint)")?;
+        let sd = need(&spec.sd_dir, "the SD-2.1-base folder (element property sd-model, restore --sd-dir)")?;
+        let ckpt = need(&spec.codiff, "codiff.pkl (element property codiff-checkpoint, restore --codiff)")?;
+        need(&spec.cave, "the official cave.pth (element property cave-checkpoint, restore --cave)")?;
         let dtype = dtype_of(spec.precision, dev)?;
         progress(&format!("loading LoRA and proj from {}", ckpt.display()));
         let pkl = TensorFile::open(&ckpt)?;
