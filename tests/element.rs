@@ -1444,3 +1444,35 @@ fn a_frame_the_engine_refuses_fails_or_passes_through() {
     element.set_state(gst::State::Null).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Settings that something else overrides are said on the bus, once each:
+/// mode=auto with only one of the diffusion files, weights beside
+/// cave-checkpoint, more threads than cores.
+#[test]
+fn silent_fallbacks_are_warned_about() {
+    if !default_weights_path().exists() {
+        return;
+    }
+    let (element, bus) = ready_element(&[("sd-model", "/nonexistent/sd".to_string())]);
+    let w = warnings(&bus);
+    assert_eq!(w.iter().filter(|w| w.contains("codiff-checkpoint is not")).count(), 1, "{w:?}");
+    element.set_state(gst::State::Null).unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc num-buffers=1 ! video/x-raw,width=64,height=48 ! codiff n-threads={} ! fakesink",
+        cores + 7
+    ))
+    .unwrap();
+    let bus = pipeline.bus().unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let mut w = Vec::new();
+    while let Some(msg) = bus.timed_pop(gst::ClockTime::from_seconds(60)) {
+        match msg.view() {
+            gst::MessageView::Warning(warn) => w.push(warn.error().to_string()),
+            gst::MessageView::Eos(_) | gst::MessageView::Error(_) => break,
+            _ => {}
+        }
+    }
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(w.iter().any(|w| w.contains("cores")), "{w:?}");
+}

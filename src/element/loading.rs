@@ -60,11 +60,17 @@ impl Codiff {
     /// Load (or take from the cache) the model the properties name, unless the one
     /// held already matches them.
     pub(super) fn ensure_model(&self) -> Result<(), gst::ErrorMessage> {
-        let spec = self.settings.lock().unwrap().model_spec()?;
+        let (spec, fallbacks) = {
+            let settings = self.settings.lock().unwrap();
+            (settings.model_spec()?, settings.fallbacks())
+        };
         if let Some(model) = self.model.lock().unwrap().as_ref() {
             if model.spec == spec {
                 return Ok(());
             }
+        }
+        for warning in fallbacks {
+            gst::element_imp_warning!(self, gst::ResourceError::Settings, ("{warning}"));
         }
         // Drop a model loaded for other settings before loading the new one.
         self.model.lock().unwrap().take();
@@ -139,6 +145,17 @@ impl Codiff {
     /// Build the element's own thread pool when `n-threads` asks for one.
     pub(super) fn ensure_pool(&self) -> Result<(), gst::ErrorMessage> {
         let n = self.settings.lock().unwrap().n_threads;
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as u32;
+        let n = if n > cores {
+            gst::element_imp_warning!(
+                self,
+                gst::ResourceError::Settings,
+                ("n-threads={n} is more than the {cores} cores of this machine (threads beyond them only wait on each other): using {cores}")
+            );
+            cores
+        } else {
+            n
+        };
         let mut pool = self.pool.lock().unwrap();
         if n == 0 {
             *pool = None;

@@ -280,6 +280,34 @@ impl Settings {
         })
     }
 
+    /// Settings that something else overrides without a word otherwise: one
+    /// warning each, posted when the model loads.
+    pub(super) fn fallbacks(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.mode == CodiffMode::Auto {
+            match (&self.sd_model, &self.codiff_checkpoint) {
+                (Some(_), None) => w.push(
+                    "mode=auto: sd-model is set but codiff-checkpoint is not, so the compact CaVE model runs; \
+                     set codiff-checkpoint (and cave-checkpoint) for the diffusion model"
+                        .to_string(),
+                ),
+                (None, Some(_)) => w.push(
+                    "mode=auto: codiff-checkpoint is set but sd-model is not, so the compact CaVE model runs; \
+                     set sd-model for the diffusion model"
+                        .to_string(),
+                ),
+                _ => {}
+            }
+        }
+        if self.cave_checkpoint.is_some() && self.weights != Path::new(DEFAULT_WEIGHTS.as_str()) {
+            w.push(format!(
+                "weights={} is not used: cave-checkpoint is set and takes its place",
+                self.weights.display()
+            ));
+        }
+        w
+    }
+
     /// The options a frame runs with: the tile properties as set, except that
     /// a latent tile under [`MIN_LATENT_TILE`] is raised to it, the latent
     /// overlap is capped at half the tile (a stride of 1 means thousands of UNet
