@@ -320,6 +320,10 @@ fn deeply_nested_pickles_never_overflow_the_stack() {
     let f = legacy_file(&nested_lists(200_000), &[]);
     std::fs::write(d.join("lists.pth"), &f).unwrap();
     assert_eq!(TensorFile::open(&d.join("lists.pth")).unwrap().len(), 0);
+    // loaded as a model, it says it holds no tensors (not "missing tensor")
+    let spec = ModelSpec { mode: Mode::Cave, weights: d.join("lists.pth"), ..ModelSpec::compact_default() };
+    let msg = Engine::load(&spec, &mut |_| {}).err().expect("no model in it").to_string();
+    assert!(msg.contains("lists.pth") && msg.contains("holds no tensors"), "{msg}");
     std::fs::write(d.join("lists.pkl"), zip_file(&nested_lists(200_000), &[])).unwrap();
     assert_eq!(TensorFile::open(&d.join("lists.pkl")).unwrap().len(), 0);
     // 200,000 nested dicts: refused by depth, naming the key path

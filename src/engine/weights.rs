@@ -145,11 +145,19 @@ impl TensorFile {
         self.metadata.get(key).map(String::as_str)
     }
 
-    /// The tensor `key`, or a `MissingTensor` error naming the file.
+    /// The tensor `key`, or a `MissingTensor` error naming the file (a
+    /// `Format` error when the file holds no tensor at all: it is no model
+    /// file, whatever else it holds).
     pub fn get(&self, key: &str) -> Result<&Tensor> {
-        self.tensors.get(key).ok_or_else(|| EngineError::MissingTensor {
-            path: self.path.clone(),
-            key: key.to_string(),
+        self.tensors.get(key).ok_or_else(|| {
+            if self.tensors.is_empty() {
+                EngineError::Format {
+                    path: self.path.clone(),
+                    reason: format!("holds no tensors at all (looked for `{key}`): not a model's state dict"),
+                }
+            } else {
+                EngineError::MissingTensor { path: self.path.clone(), key: key.to_string() }
+            }
         })
     }
 
