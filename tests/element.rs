@@ -1476,3 +1476,91 @@ fn silent_fallbacks_are_warned_about() {
     pipeline.set_state(gst::State::Null).unwrap();
     assert!(w.iter().any(|w| w.contains("cores")), "{w:?}");
 }
+
+/// Property values as a C or Python application may set them, at random:
+/// every property of the element, strings of random bytes (not UTF-8, empty,
+/// NULL), numbers at and between the ends of their ranges, every enum value;
+/// then every property is read back, and some elements run a frame. Nothing
+/// may panic or abort; a setting that cannot work is an error on the bus.
+/// (Values outside a property's range never reach the element: GLib refuses
+/// them.)
+#[test]
+fn random_property_values_never_take_the_host_down() {
+    use gst::glib::translate::{ToGlibPtr, ToGlibPtrMut};
+    use gst::glib::{ParamSpecDouble, ParamSpecEnum, ParamSpecUInt, ParamSpecUInt64};
+    init();
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let mut runs = 0;
+    for case in 0..200 {
+        let element = make(&[]);
+        for pspec in element.list_properties() {
+            if !pspec.flags().contains(gst::glib::ParamFlags::WRITABLE) || ["name", "parent"].contains(&pspec.name()) {
+                continue;
+            }
+            let r = next();
+            let pick = |lo: f64, hi: f64| match r % 4 {
+                0 => lo,
+                1 => hi,
+                _ => lo + (hi - lo) * ((r >> 8) % 1000) as f64 / 1000.0,
+            };
+            let value = if let Some(p) = pspec.downcast_ref::<ParamSpecUInt>() {
+                (pick(p.minimum() as f64, p.maximum() as f64) as u32).to_value()
+            } else if let Some(p) = pspec.downcast_ref::<ParamSpecUInt64>() {
+                (pick(p.minimum() as f64, (p.maximum() as f64).min(1e12)) as u64).to_value()
+            } else if let Some(p) = pspec.downcast_ref::<ParamSpecDouble>() {
+                pick(p.minimum(), p.maximum()).to_value()
+            } else if let Some(p) = pspec.downcast_ref::<ParamSpecEnum>() {
+                let values = p.enum_class().values().to_vec();
+                let v = &values[(r % values.len() as u64) as usize];
+                let mut value = gst::glib::Value::from_type(pspec.value_type());
+                // SAFETY: an enum value of the property's own enum type.
+                unsafe { gst::glib::gobject_ffi::g_value_set_enum(value.to_glib_none_mut().0, v.value()) };
+                value
+            } else if pspec.value_type() == gst::glib::Type::BOOL {
+                (r % 2 == 0).to_value()
+            } else if pspec.value_type() == gst::glib::Type::STRING {
+                if r % 7 == 0 {
+                    None::<String>.to_value()
+                } else {
+                    let bytes: Vec<u8> = (0..(r % 40) as usize).map(|_| (next() % 255 + 1) as u8).collect();
+                    raw_string_value(&bytes)
+                }
+            } else {
+                continue;
+            };
+            // SAFETY: the value has the property's type; g_object_set_property
+            // is what a C application calls.
+            unsafe {
+                gst::glib::gobject_ffi::g_object_set_property(
+                    element.as_ptr() as *mut _,
+                    pspec.name().to_glib_none().0,
+                    value.to_glib_none().0,
+                );
+            }
+        }
+        for pspec in element.list_properties() {
+            if pspec.flags().contains(gst::glib::ParamFlags::READABLE) {
+                let _ = element.property_value(pspec.name());
+            }
+        }
+        if case % 20 == 0 && default_weights_path().exists() {
+            let pipeline = gst::Pipeline::new();
+            let src = gst::ElementFactory::make("videotestsrc").property("num-buffers", 1).build().unwrap();
+            let sink = gst::ElementFactory::make("fakesink").build().unwrap();
+            pipeline.add_many([&src, &element, &sink]).unwrap();
+            gst::Element::link_many([&src, &element, &sink]).unwrap();
+            let bus = pipeline.bus().unwrap();
+            let _ = pipeline.set_state(gst::State::Playing);
+            let _ = bus.timed_pop_filtered(gst::ClockTime::from_seconds(60), &[gst::MessageType::Eos, gst::MessageType::Error]);
+            pipeline.set_state(gst::State::Null).unwrap();
+            runs += 1;
+        }
+    }
+    assert!(runs > 0 || !default_weights_path().exists());
+}
