@@ -23,7 +23,8 @@ pub struct LiveRun {
     pub max_lag: f64,
     /// The pipeline latency (s).
     pub latency: f64,
-    /// Resident memory (MB) after the first second and at the end.
+    /// Resident memory (MB) halfway through (after the first restorations
+    /// have taken their working memory) and at the end.
     pub rss_start_mb: f64,
     pub rss_end_mb: f64,
 }
@@ -80,7 +81,7 @@ pub fn run_live(width: u32, height: u32, fps: u32, seconds: u32, middle: &str, q
     let started = std::time::Instant::now();
     let limit = Duration::from_secs(seconds as u64 + 60);
     loop {
-        if run.lock().unwrap().rss_start_mb == 0.0 && started.elapsed() > Duration::from_secs(1) {
+        if run.lock().unwrap().rss_start_mb == 0.0 && started.elapsed() > Duration::from_secs_f64(seconds as f64 / 2.0) {
             run.lock().unwrap().rss_start_mb = rss_mb();
         }
         let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {

@@ -175,6 +175,19 @@ pub struct Codiff {
     failing: Mutex<bool>,
     /// The pipeline latency from the LATENCY event (live pipelines only).
     latency: Mutex<Option<gst::ClockTime>>,
+    /// Live frames restored in the background (`late-frames=carry`).
+    background: Mutex<Background>,
+}
+
+/// The background restoration of live frames: while late frames leave on
+/// time with the last correction carried onto them, the newest of them is
+/// restored on a low-priority thread pool, one at a time, and its result
+/// becomes the correction carried from then on.
+#[derive(Default)]
+struct Background {
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 /// Where the three colour components of `info`'s format live, or `None` for formats
@@ -285,10 +298,13 @@ impl Codiff {
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
         layout: &Layout,
         siting: ChromaSiting,
+        settings: &Settings,
+        engine: &Arc<Engine>,
     ) -> Result<(), FrameError> {
         let (width, height) = (frame.width() as usize, frame.height() as usize);
         let (strides, input) = read_frame(frame, layout, siting)?;
         let input = RgbImage::new(width, height, input).map_err(|e| FrameError::failed("frame", e))?;
+        self.restore_in_background(&input, settings, engine);
         let mut out = input.clone();
         {
             let state = self.state.lock().unwrap();
@@ -300,6 +316,61 @@ impl Codiff {
             }
         }
         write_frame_change(frame, &strides, layout, siting, &input.data, &out.data, 1.0)
+    }
+
+    /// Start restoring `input` on the background pool unless a restoration
+    /// is already running there (see [`Background`]).
+    fn restore_in_background(&self, input: &RgbImage, settings: &Settings, engine: &Arc<Engine>) {
+        use std::sync::atomic::Ordering;
+        let mut bg = self.background.lock().unwrap();
+        if bg.busy.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(done) = bg.handle.take() {
+            let _ = done.join();
+        }
+        let pool = match &bg.pool {
+            Some(pool) => pool.clone(),
+            None => {
+                let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+                let built = rayon::ThreadPoolBuilder::new()
+                    .num_threads(cores)
+                    .thread_name(|i| format!("codiff-bg-{i}"))
+                    // below the streaming threads, so the frames that leave
+                    // now are never slowed down by the one restored for later
+                    // SAFETY: setpriority on the calling thread (Linux: per thread).
+                    .start_handler(|_| unsafe {
+                        libc::setpriority(libc::PRIO_PROCESS as _, 0, 10);
+                    })
+                    .build();
+                match built {
+                    Ok(pool) => bg.pool.insert(Arc::new(pool)).clone(),
+                    Err(err) => {
+                        gst::warning!(CAT, imp = self, "no background pool: {err}");
+                        return;
+                    }
+                }
+            }
+        };
+        let (mut opts, _) = settings.restore_options(Some(engine.min_cave_tile()));
+        opts.cancel = self.cancel.clone();
+        let (engine, input, busy, weak) = (engine.clone(), input.clone(), bg.busy.clone(), self.obj().downgrade());
+        busy.store(true, Ordering::SeqCst);
+        bg.handle = Some(std::thread::spawn(move || {
+            let mut out = input.clone();
+            let result = pool.install(|| guarded(|| engine.restore_report(&mut out, &opts)));
+            if let (Ok(r), Some(obj)) = (result, weak.upgrade()) {
+                gst::debug!(CAT, obj = obj, "background restoration done (restored: {})", r.restored);
+                if r.restored {
+                    if let Some(state) = obj.imp().state.lock().unwrap().as_mut() {
+                        if state.last_restored.as_ref().is_none_or(|(i, _)| (i.width, i.height) == (input.width, input.height)) {
+                            state.last_restored = Some((input, out));
+                        }
+                    }
+                }
+            }
+            busy.store(false, Ordering::SeqCst);
+        }));
     }
 
     /// A frame that was not restored: under on-error=fail post an error and stop
@@ -721,6 +792,10 @@ impl BaseTransformImpl for Codiff {
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
         self.cancel.cancel();
+        let running = self.background.lock().unwrap().handle.take();
+        if let Some(running) = running {
+            let _ = running.join();
+        }
         self.state.lock().unwrap().take();
         self.pending_qf.lock().unwrap().take();
         *self.stats.lock().unwrap() = Stats::default();
@@ -858,7 +933,7 @@ impl VideoFilterImpl for Codiff {
                 (CodiffLateFrames::Drop, _) => Ok(gst_base::BASE_TRANSFORM_FLOW_DROPPED),
                 (CodiffLateFrames::Passthrough, _) | (_, Lateness::Already) => Ok(gst::FlowSuccess::Ok),
                 (CodiffLateFrames::Carry, Lateness::WouldBe) => {
-                    if let Err(FrameError::Failed(what, cause)) = self.carry_frame(frame, &layout, siting) {
+                    if let Err(FrameError::Failed(what, cause)) = self.carry_frame(frame, &layout, siting, &settings, &engine) {
                         gst::info!(CAT, imp = self, "late frame passed through: {what}: {cause}");
                     }
                     Ok(gst::FlowSuccess::Ok)

@@ -537,12 +537,14 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
             glib::ParamSpecEnum::builder_with_default("late-frames", DEFAULT_LATE_FRAMES)
                 .nick("Late frames")
                 .blurb("Live streams: a frame that cannot be restored before it is due (its \
-                        running time plus the pipeline latency, by the last frame's processing \
-                        time) is not started: carry = the last restoration's correction applied \
-                        where the picture has not moved (no flicker between restored and \
-                        unrestored frames), passthrough = pushed unrestored, drop = dropped. \
-                        Later frames never wait behind it, so the stream stays on time with any \
-                        sink, with or without a queue. Non-live pipelines (files) restore every frame")
+                        running time plus the pipeline latency, by the recent frames' processing \
+                        time) is not restored in the stream: carry = it leaves at once with the \
+                        last restoration's correction applied where the picture has not moved, \
+                        while the newest such frame is restored on a low-priority background \
+                        thread to give the next correction; passthrough = pushed unrestored; \
+                        drop = dropped. Later frames never wait behind it, so the stream stays on \
+                        time with any sink, with or without a queue. Non-live pipelines (files) \
+                        restore every frame")
                 .mutable_playing()
                 .build(),
         ]
