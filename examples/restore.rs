@@ -13,8 +13,9 @@
 //! complete). `--shard I/N` (0 <= I < N) takes every N-th file of the sorted
 //! list starting at the I-th, so N jobs of a scheduler (a Slurm job array, a
 //! Kubernetes indexed Job) cover every file exactly once. `--list` prints the
-//! planned input and output of each file and stops. A progress bar is drawn
-//! when standard error is a terminal; one line per file is printed always.
+//! planned input and output of each file and stops. A progress bar (files,
+//! and the tiles of a frame restored in tiles) is drawn when standard error
+//! is a terminal; one line per file is printed always.
 //!
 //! With no model flags it uses the compact default model in `weights/`
 //! (`--mode cave`); give `--sd-dir`, `--codiff` and `--cave` for the official
@@ -279,6 +280,19 @@ fn run(args: Args) -> anyhow_free::Result {
     eprintln!("codiff: loaded in {:.2} s", t0.elapsed().as_secs_f64());
 
     let bar = !single && std::io::stderr().is_terminal();
+    // tiles of long frames (a 4K diffusion restore runs for many minutes):
+    // shown on a terminal only
+    let opts = if std::io::stderr().is_terminal() {
+        RestoreOptions {
+            cancel: opts.cancel.clone().with_progress(|done, total| {
+                eprint!("\r  tile {done}/{total}\x1b[K");
+                let _ = std::io::stderr().flush();
+            }),
+            ..opts
+        }
+    } else {
+        opts
+    };
     let mut failed = 0usize;
     for (k, (input, output)) in todo.iter().enumerate() {
         if bar {
@@ -312,7 +326,7 @@ fn run(args: Args) -> anyhow_free::Result {
             let partial = output.with_extension(format!("partial.{ext}"));
             out.save(&partial).map_err(|e| format!("{}: cannot write: {e}", output.display()))?;
             std::fs::rename(&partial, output).map_err(|e| format!("{}: cannot write: {e}", output.display()))?;
-            if bar {
+            if std::io::stderr().is_terminal() {
                 eprint!("\r\x1b[K");
             }
             eprintln!(

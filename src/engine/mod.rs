@@ -33,14 +33,37 @@ use std::sync::Arc;
 
 /// A flag the host raises to stop a restore early. The engine checks it
 /// between stages and between tiles and then returns
-/// [`EngineError::Cancelled`], so a flush or a state change never waits for a
-/// whole large frame. Clones share the flag.
-#[derive(Clone, Debug, Default)]
-pub struct Cancel(Arc<AtomicBool>);
+/// [`EngineError::Cancelled`], so a flush or a state change never waits for
+/// a whole large frame. Clones share the flag. It also carries the host's
+/// optional progress observer ([`Cancel::with_progress`]), told after each
+/// group of tiles, so a long frame (a 4K diffusion restore runs for many
+/// minutes on a CPU) shows how far it got.
+#[derive(Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>, Option<Arc<ProgressFn>>);
+
+/// `(done, total)` tiles of the tiling pass under way.
+pub type ProgressFn = dyn Fn(usize, usize) + Send + Sync;
+
+impl std::fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Cancel").field(&self.is_cancelled()).field(&self.1.is_some()).finish()
+    }
+}
 
 impl Cancel {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// This token with `f` told the progress of every tiled pass.
+    pub fn with_progress(mut self, f: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
+        self.1 = Some(Arc::new(f));
+        self
+    }
+    /// Tell the observer, if any, that `done` of `total` tiles are done.
+    pub fn progress(&self, done: usize, total: usize) {
+        if let Some(f) = &self.1 {
+            f(done, total);
+        }
     }
     /// Ask every restore that holds a clone of this token to stop.
     pub fn cancel(&self) {

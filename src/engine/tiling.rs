@@ -239,8 +239,13 @@ impl Plan {
         let tiles: Vec<(Span, Span)> = self.rows.iter().flat_map(|&r| self.cols.iter().map(move |&c| (r, c))).collect();
         let (oh, ow) = self.out_size();
         let mut canvas: Option<Canvas> = None;
+        let mut done = 0;
         for chunk in tiles.chunks(group.max(1)) {
             cancel.check()?;
+            if tiles.len() > 1 {
+                cancel.progress(done, tiles.len());
+            }
+            done += chunk.len();
             let inputs = chunk.iter().map(|(r, c)| x.narrow(2, r.start, r.len)?.narrow(3, c.start, c.len)).collect::<candle_core::Result<Vec<_>>>()?;
             let outs = f(chunk, inputs)?;
             if outs.len() != chunk.len() {
@@ -253,6 +258,9 @@ impl Plan {
                 };
                 cv.add(&out, r, c)?;
             }
+        }
+        if tiles.len() > 1 {
+            cancel.progress(done, tiles.len());
         }
         let canvas = canvas.ok_or_else(|| EngineError::InvalidInput("tiler: no tiles".into()))?;
         canvas.finish(x.device())
@@ -376,6 +384,21 @@ mod tests {
         let z = Tensor::randn(0f32, 1., (1, 4, 50, 70), &Device::Cpu).unwrap();
         let out = gaussian_tiled(&z, 24, 8, &Cancel::new(), |t| Ok(t.clone())).unwrap();
         assert!(max_diff(&out, &z) < 1e-5);
+    }
+
+    #[test]
+    fn the_progress_observer_sees_every_tile() {
+        let z = Tensor::randn(0f32, 1., (1, 4, 50, 70), &Device::Cpu).unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let cancel = Cancel::new().with_progress(move |done, total| log.lock().unwrap().push((done, total)));
+        gaussian_tiled(&z, 24, 8, &cancel, |t| Ok(t.clone())).unwrap();
+        let seen = seen.lock().unwrap();
+        let total = seen[0].1;
+        assert!(total > 1, "{seen:?}");
+        assert_eq!(seen.first(), Some(&(0, total)));
+        assert_eq!(seen.last(), Some(&(total, total)));
+        assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "{seen:?}");
     }
 
     #[test]
