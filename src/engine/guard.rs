@@ -128,7 +128,6 @@ fn limit_to_activity(input: &Plane, output: &mut Plane) -> usize {
             range[ty * tw + tx] = hi - lo;
         }
     }
-    let share = ACTIVITY_SHARE;
     let mut changed = 0;
     for ty in 0..th {
         for tx in 0..tw {
@@ -138,7 +137,7 @@ fn limit_to_activity(input: &Plane, output: &mut Plane) -> usize {
                     r = r.max(range[ny * tw + nx]);
                 }
             }
-            let lim = share * r;
+            let lim = ACTIVITY_SHARE * r;
             let mut moved = false;
             for y in ty * t..((ty + 1) * t).min(h) {
                 for x in tx * t..((tx + 1) * t).min(w) {
@@ -183,14 +182,15 @@ impl Analysis {
         let fit = quant::fit_ijg(&luma, &LUMA_TABLE);
         // chroma steps only matter for 4:4:4 JPEGs of IJG encoders (see
         // `chroma_fit`): measured only when the luma has an IJG table
-        let chroma = |c: usize| match &fit {
-            Some(f) if f.agreement >= quant::FIT_AGREEMENT && luma.evidence() == Evidence::Quantised => {
+        let measure_chroma = luma.evidence() == Evidence::Quantised && fit.as_ref().is_some_and(|f| f.agreement >= quant::FIT_AGREEMENT);
+        let chroma = |c: usize| {
+            if measure_chroma {
                 quant::estimate_steps(&planes[c], &clipped)
+            } else {
+                Steps { step: [None; 64] }
             }
-            _ => Steps { step: [None; 64] },
         };
-        let steps = [chroma(1), chroma(2)];
-        let steps = [luma, steps[0].clone(), steps[1].clone()];
+        let steps = [luma, chroma(1), chroma(2)];
         let (nbx, nby) = planes[0].blocks();
         let n = (nbx * nby).max(1);
         let clipped_share = (0..nbx * nby).filter(|&i| clipped(i % nbx, i / nbx)).count() as f32 / n as f32;
@@ -239,7 +239,6 @@ impl Analysis {
         }
         quant::fit_ijg(&self.steps[c], &CHROMA_TABLE).filter(|f| f.agreement >= quant::FIT_AGREEMENT && (f.quality - luma).abs() <= 2.0)
     }
-
 
     /// Keep `alpha` of the model's change to the frame (`output` is the
     /// restored frame) and clamp the result into the input's quantisation

@@ -255,14 +255,15 @@ impl Default for RestoreOptions {
 /// Where a frame's quality figure comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum QfSource {
-    /// Read from the frame's quantisation steps (an IJG table explains them):
+    /// Read from the frame's quantisation steps (the IJG quality whose table
+    /// they are, or of steps of the same size for other encoders' tables):
     /// a measurement.
     Tables,
     /// The frame shows detail but no quantisation lattice: never JPEG-compressed
     /// (or at quality ~97 and above, or scaled since); reported as 100.
     Unquantised,
-    /// CaVE's estimate: the frame is too flat to measure, its tables are not
-    /// IJG's, or the guard is off. A guess on content unlike photos.
+    /// CaVE's estimate: the frame is too flat to measure, or the guard is
+    /// off. A guess on content unlike photos.
     Model,
 }
 

@@ -369,20 +369,19 @@ impl Engine {
         let mut p = Probe::new(trace, &self.device, &opts.cancel);
         opts.cancel.check()?;
         self.check_memory(img.width, img.height, opts, 0)?;
-        let x = self.to_tensor(img)?;
-        p.keep("lq_raw", &x);
         // do no harm: restore only what was decoded from a JPEG
         let analysis = if opts.guard { Some(super::guard::Analysis::of(img)) } else { None };
+        let unchanged = |qf, qf_source| Restoration { qf, qf_source, restored: false, guarded_blocks: 0 };
+        if analysis.as_ref().is_some_and(|a| a.evidence() == super::quant::Evidence::Unquantised) {
+            p.lap("guard")?;
+            return Ok((unchanged(100.0, QfSource::Unquantised), p.times));
+        }
+        let x = self.to_tensor(img)?;
+        p.keep("lq_raw", &x);
         if let Some(a) = &analysis {
             p.lap("guard")?;
-            let unchanged = |qf, qf_source| Restoration { qf, qf_source, restored: false, guarded_blocks: 0 };
-            match a.evidence() {
-                super::quant::Evidence::Quantised => {}
-                super::quant::Evidence::Unquantised => return Ok((unchanged(100.0, QfSource::Unquantised), p.times)),
-                super::quant::Evidence::Unknown => {
-                    let (_, q) = self.cave.embed_tiled(&x, opts.cave_tile)?;
-                    return Ok((unchanged(self.cave.qf(Cave::q_value(&q)?), QfSource::Model), p.times));
-                }
+            if a.evidence() == super::quant::Evidence::Unknown {
+                return Ok((unchanged(self.cave_qf(&x, opts.cave_tile)?, QfSource::Model), p.times));
             }
         }
         let measured = analysis.as_ref().and_then(|a| a.quality());
@@ -396,15 +395,12 @@ impl Engine {
             Some(a) => {
                 let guide = match measured {
                     Some(q) => q,
-                    None => {
-                        let (_, q) = self.cave.embed_tiled(&x, opts.cave_tile)?;
-                        self.cave.qf(Cave::q_value(&q)?)
-                    }
+                    None => self.cave_qf(&x, opts.cave_tile)?,
                 };
                 let alpha = a.profile().strength(guide);
                 if alpha <= 0.0 {
                     let qf_source = if measured.is_some() { QfSource::Tables } else { QfSource::Model };
-                    return Ok((Restoration { qf: guide, qf_source, restored: false, guarded_blocks: 0 }, p.times));
+                    return Ok((unchanged(guide, qf_source), p.times));
                 }
                 alpha
             }
@@ -516,9 +512,9 @@ impl Engine {
         Ok((y, q))
     }
 
-    /// The JPEG quality of `img` and where it comes from: the quantisation
-    /// steps when an IJG table explains them, 100 for a frame with detail and
-    /// no quantisation, else CaVE's estimate.
+    /// The JPEG quality of `img` and where it comes from: read from the
+    /// quantisation steps of a decoded JPEG ([`super::guard::Analysis::quality`]),
+    /// 100 for a frame with detail and no quantisation, else CaVE's estimate.
     pub fn estimate_quality(&self, img: &RgbImage) -> Result<(f32, QfSource)> {
         let a = super::guard::Analysis::of(img);
         if let Some(q) = a.quality() {
@@ -532,8 +528,13 @@ impl Engine {
 
     /// CaVE's JPEG quality estimate (0..100) for `img`.
     pub fn estimate_qf(&self, img: &RgbImage) -> Result<f32> {
-        let x = self.to_tensor(img)?;
-        let (_, q) = self.cave.embed_tiled(&x, RestoreOptions::default().cave_tile)?;
+        self.cave_qf(&self.to_tensor(img)?, RestoreOptions::default().cave_tile)
+    }
+
+    /// CaVE's JPEG quality estimate (0..100) for the frame tensor `x`
+    /// (encoder only, in CaVE tiles of at most `tile`).
+    fn cave_qf(&self, x: &Tensor, tile: usize) -> Result<f32> {
+        let (_, q) = self.cave.embed_tiled(x, tile)?;
         Ok(self.cave.qf(Cave::q_value(&q)?))
     }
 

@@ -80,22 +80,21 @@ impl Plane {
         (self.width / B, self.height / B)
     }
 
-    /// Whether block `(bx, by)` holds a sample at 0 or 255 (clamped by a decoder).
-    pub fn clipped(&self, bx: usize, by: usize) -> bool {
-        (0..B).any(|y| self.data[(by * B + y) * self.width + bx * B..][..B].iter().any(|&v| v <= 0.0 || v >= 255.0))
-    }
-
     /// Block `(bx, by)`, level-shifted by 128.
     fn block(&self, bx: usize, by: usize) -> [f32; 64] {
-        let mut b = [0f32; 64];
-        for (y, row) in b.chunks_exact_mut(B).enumerate() {
-            let src = &self.data[(by * B + y) * self.width + bx * B..][..B];
-            for (d, s) in row.iter_mut().zip(src) {
-                *d = s - 128.0;
-            }
-        }
-        b
+        block_of_rows(&self.data[by * B * self.width..], self.width, bx)
     }
+}
+
+/// Block `bx` of the 8 rows (of `w` samples) that start `rows`, level-shifted by 128.
+fn block_of_rows(rows: &[f32], w: usize, bx: usize) -> [f32; 64] {
+    let mut b = [0f32; 64];
+    for (y, row) in b.chunks_exact_mut(B).enumerate() {
+        for (d, s) in row.iter_mut().zip(&rows[y * w + bx * B..][..B]) {
+            *d = s - 128.0;
+        }
+    }
+    b
 }
 
 /// How far (in coefficient units) a decoded coefficient may sit from a
@@ -391,13 +390,7 @@ pub fn project(input: &Plane, output: &mut Plane, steps: &[f32; 64], nonzero_hal
             let mut changed = 0;
             for bx in 0..nbx {
                 let cin = fdct(&input.block(bx, by));
-                let mut blk = [0f32; 64];
-                for (y, row) in blk.chunks_exact_mut(B).enumerate() {
-                    for (d, s) in row.iter_mut().zip(&rows[y * w + bx * B..][..B]) {
-                        *d = s - 128.0;
-                    }
-                }
-                let mut c = fdct(&blk);
+                let mut c = fdct(&block_of_rows(rows, w, bx));
                 let mut moved = false;
                 for k in 0..64 {
                     let q = steps[k];
