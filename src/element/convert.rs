@@ -15,6 +15,9 @@
 //! as a JPEG encoder averages; a triangle centred on the luma sample for co-sited
 //! ones), and blends it with the original samples by `strength`. RGB frames round-trip bit-exactly;
 //! YUV frames within rounding (plus the usual chroma smoothing of sub-sampling).
+//! The element writes with [`write_rgb_change`], the same filtering applied to
+//! the restoration's change only, so samples the engine did not change stay as
+//! they were, bit for bit.
 //! Alpha, padding and any byte outside the three components are never written.
 
 use rayon::prelude::*;

@@ -62,8 +62,6 @@ struct Stats {
     reported: gst::ClockTime,
     /// Pixels of the largest frame size timed by the caps-time warm-up.
     warmed_pixels: u64,
-    /// Live frames not restored because they would have been late.
-    late: u64,
     /// Running mean of the processing time of restoring frames: what a live
     /// frame is expected to take.
     typical: gst::ClockTime,
@@ -263,9 +261,9 @@ impl Codiff {
 
     /// Whether `buf`, started now, would be restored after it is due: the
     /// element is PLAYING in a live pipeline (a LATENCY event came upstream
-    /// from the sink) and now + the longest processing time measured (what
-    /// the latency query adds) is past the buffer's running time + the
-    /// pipeline latency. Never for non-live pipelines (files restore every frame).
+    /// from the sink) and now + the typical processing time of a restoring
+    /// frame (the longest measured until there is one) is past the buffer's
+    /// running time + the pipeline latency. Never for non-live pipelines (files restore every frame).
     fn would_be_late(&self, buf: &gst::BufferRef) -> Option<Lateness> {
         let latency = (*self.latency.lock().unwrap())?;
         let obj = self.obj();
@@ -361,11 +359,11 @@ impl Codiff {
             let result = pool.install(|| guarded(|| engine.restore_report(&mut out, &opts)));
             if let (Ok(r), Some(obj)) = (result, weak.upgrade()) {
                 gst::debug!(CAT, obj = obj, "background restoration done (restored: {})", r.restored);
+                // the newest restoration is the correction to carry (`carry`
+                // refuses one of another size)
                 if r.restored {
                     if let Some(state) = obj.imp().state.lock().unwrap().as_mut() {
-                        if state.last_restored.as_ref().is_none_or(|(i, _)| (i.width, i.height) == (input.width, input.height)) {
-                            state.last_restored = Some((input, out));
-                        }
+                        state.last_restored = Some((input, out));
                     }
                 }
             }
@@ -428,7 +426,7 @@ impl Codiff {
         }
         // ... and frames the process has not the memory for (the element's own
         // copies of the frame: packed RGB three times)
-        let (opts, _) = settings.restore_options(Some(engine.min_cave_tile()));
+        let (mut opts, adjusted) = settings.restore_options(Some(engine.min_cave_tile()));
         engine
             .check_memory(width, height, &opts, 9 * pixels)
             .map_err(|err| FrameError::failed("frame too large for the memory left", err))?;
@@ -443,7 +441,6 @@ impl Codiff {
         let original = (strength > 0.0).then(|| image.clone());
         let pool = self.thread_pool();
         let estimate = if strength > 0.0 {
-            let (mut opts, adjusted) = settings.restore_options(Some(engine.min_cave_tile()));
             for a in adjusted {
                 gst::debug!(CAT, imp = self, "{a}");
             }
@@ -928,7 +925,6 @@ impl VideoFilterImpl for Codiff {
                 frame.buffer().pts().display(),
                 settings.late_frames
             );
-            self.stats.lock().unwrap().late += 1;
             return match (settings.late_frames, lateness) {
                 (CodiffLateFrames::Drop, _) => Ok(gst_base::BASE_TRANSFORM_FLOW_DROPPED),
                 (CodiffLateFrames::Passthrough, _) | (_, Lateness::Already) => Ok(gst::FlowSuccess::Ok),

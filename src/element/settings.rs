@@ -528,7 +528,8 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
                 .blurb("Do no harm: restore only frames whose pixels show JPEG quantisation on the \
                         8x8 grid (never-compressed, scaled and flat frames pass unchanged, bit for \
                         bit), keep less of the model's change the higher the JPEG quality (none \
-                        from quality 85), and clamp the result into the JPEG's quantisation \
+                        from quality 80; from 45 on test patterns and other full-swing synthetic \
+                        content), and clamp the result into the JPEG's quantisation \
                         intervals. The quality is read from the quantisation steps. false = the \
                         bare model on every frame")
                 .default_value(DEFAULT_GUARD)
