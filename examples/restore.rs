@@ -207,16 +207,14 @@ fn plan(args: &Args) -> Result<Vec<(PathBuf, PathBuf)>, String> {
 }
 
 /// Checks one input before anything is decoded: readable, an image, within
-/// --max-pixels (from the header).
-fn check_input(input: &Path, max_pixels: u64) -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>, String> {
-    let reader = image::ImageReader::open(input)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| format!("{}: cannot read: {e}", input.display()))?;
-    let (w, h) = image::ImageReader::open(input)
+/// --max-pixels (from the header); returns its decoder, the header read.
+fn check_input(input: &Path, max_pixels: u64) -> Result<impl image::ImageDecoder, String> {
+    let decoder = image::ImageReader::open(input)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| format!("{}: cannot read: {e}", input.display()))?
-        .into_dimensions()
+        .into_decoder()
         .map_err(|e| format!("{}: not a PNG or JPEG image: {e}", input.display()))?;
+    let (w, h) = image::ImageDecoder::dimensions(&decoder);
     if max_pixels > 0 && w as u64 * h as u64 > max_pixels {
         return Err(format!(
             "{}: {w}x{h} is {} pixels, more than --max-pixels={max_pixels} (raise it to restore larger images)",
@@ -224,7 +222,7 @@ fn check_input(input: &Path, max_pixels: u64) -> Result<image::ImageReader<std::
             w as u64 * h as u64
         ));
     }
-    Ok(reader)
+    Ok(decoder)
 }
 
 fn run(args: Args) -> anyhow_free::Result {
@@ -301,8 +299,7 @@ fn run(args: Args) -> anyhow_free::Result {
             let _ = std::io::stderr().flush();
         }
         let one = || -> Result<(), Box<dyn std::error::Error>> {
-            let decoded = check_input(input, args.max_pixels)?
-                .decode()
+            let decoded = image::DynamicImage::from_decoder(check_input(input, args.max_pixels)?)
                 .map_err(|e| format!("{}: cannot decode: {e}", input.display()))?
                 .to_rgb8();
             let (w, h) = decoded.dimensions();
