@@ -171,8 +171,12 @@ pub struct Codiff {
     pub(super) pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
     /// Whether the last frame failed under on-error=passthrough (one warning per run).
     failing: Mutex<bool>,
-    /// The pipeline latency from the LATENCY event (live pipelines only).
+    /// The pipeline latency from the LATENCY event.
     latency: Mutex<Option<gst::ClockTime>>,
+    /// Whether the last latency query found a live upstream. A bin sends the
+    /// LATENCY event to non-live pipelines too (latency 0), and there frames
+    /// are never due: a file is restored frame by frame however slow.
+    upstream_live: std::sync::atomic::AtomicBool,
     /// Live frames restored in the background (`late-frames=carry`).
     background: Mutex<Background>,
 }
@@ -265,6 +269,9 @@ impl Codiff {
     /// frame (the longest measured until there is one) is past the buffer's
     /// running time + the pipeline latency. Never for non-live pipelines (files restore every frame).
     fn would_be_late(&self, buf: &gst::BufferRef) -> Option<Lateness> {
+        if !self.upstream_live.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
         let latency = (*self.latency.lock().unwrap())?;
         let obj = self.obj();
         if obj.current_state() != gst::State::Playing {
@@ -797,6 +804,7 @@ impl BaseTransformImpl for Codiff {
         self.pending_qf.lock().unwrap().take();
         *self.stats.lock().unwrap() = Stats::default();
         self.latency.lock().unwrap().take();
+        self.upstream_live.store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -806,6 +814,7 @@ impl BaseTransformImpl for Codiff {
                 let mut upstream = gst::query::Latency::new();
                 if self.obj().sink_pad().peer_query(&mut upstream) {
                     let (live, min, max) = upstream.result();
+                    self.upstream_live.store(live, std::sync::atomic::Ordering::SeqCst);
                     // the longest processing time measured, and a quarter more:
                     // the slack a live frame needs for the time upstream spent
                     // on it (encoders and decoders report no latency)
