@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release --example flicker -- [--frames 30] [--qf 15] [--noise 2] [--pan 0] \
-//!     [--smoothing 0,default]
+//!     [--smoothing 0,default] [--live-fps 30]
 //! ```
 //!
 //! A scene (a crop of `examples/data/astronaut.png`) is held still (or panned by
@@ -59,6 +59,12 @@ struct Args {
     /// Scene (PNG or JPEG, at least as large as the frames plus the pan)
     #[arg(long)]
     scene: Option<PathBuf>,
+    /// Push the frames as a live camera at this rate (real time, synchronised
+    /// sinks, no queue before codiff): frames codiff cannot restore in time
+    /// are carried (`late-frames`); measures the live policy. Run one
+    /// --smoothing value at a time (the branches share the CPU)
+    #[arg(long)]
+    live_fps: Option<u32>,
     /// Extra codiff properties, e.g. "device=cuda:0"
     #[arg(long, default_value = "")]
     codiff: String,
@@ -93,14 +99,25 @@ fn run(args: &Args) -> Result<(), String> {
         labels.push(if s == "default" { format!("{value} (default)") } else { format!("{value}") });
         branches.push(format!("temporal-smoothing={value} {}", args.codiff));
     }
-    let cfg = Config { frames: args.frames, qf: args.qf, noise: args.noise, pan: args.pan, width, height };
+    let cfg = Config {
+        frames: args.frames,
+        qf: args.qf,
+        noise: args.noise,
+        pan: args.pan,
+        width,
+        height,
+        live_fps: args.live_fps,
+    };
     let report = flicker::run(&cfg, &scene, &branches).map_err(|e| format!("{}: {e}", scene_path.display()))?;
 
     let (w, h, pan) = (width, height, args.pan);
     let (in_mad, _) = consecutive_mad(&report.input, w, h, pan);
     println!(
-        "flicker: {} frames {w}x{h}, JPEG quality {}, noise sigma {}, pan {pan} px/frame",
-        args.frames, args.qf, args.noise
+        "flicker: {} frames {w}x{h}, JPEG quality {}, noise sigma {}, pan {pan} px/frame{}",
+        args.frames,
+        args.qf,
+        args.noise,
+        args.live_fps.map_or(String::new(), |f| format!(", live at {f} fps"))
     );
     println!("consecutive-frame mean abs difference (code values, mean / worst pair), RGB PSNR vs the noiseless scene:");
     let row = |name: &str, frames: &[Vec<u8>], rel: bool| {
@@ -123,6 +140,13 @@ fn run(args: &Args) -> Result<(), String> {
         "QF estimate over {} frames: mean {qf_mean:.2}, std {qf_std:.2}, min {qf_min:.1}, max {qf_max:.1}",
         qfs.len()
     );
+    if args.live_fps.is_some() {
+        println!(
+            "live: {} of {} frames restored by the first codiff, the others carried (late-frames)",
+            qfs.len(),
+            args.frames
+        );
+    }
     let ms = &report.ms;
     println!("codiff time per frame: {:.0} ms (mean, first codiff)", ms.iter().sum::<f64>() / ms.len().max(1) as f64);
     Ok(())

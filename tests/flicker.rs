@@ -50,6 +50,7 @@ fn the_default_element_does_not_flicker_more_than_its_input() {
         pan: 0,
         width: w,
         height: h,
+        live_fps: None,
     };
     let r = flicker::run(&still, &scene, &branches).unwrap();
     let input = consecutive_mad(&r.input, w, h, 0).0;

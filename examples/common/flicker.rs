@@ -23,6 +23,10 @@ pub struct Config {
     pub pan: usize,
     pub width: usize,
     pub height: usize,
+    /// Push the frames as a live source at this rate (real time, sinks
+    /// synchronised), so that codiff meets frames it cannot restore in time
+    /// (`late-frames`); `None`: as fast as codiff takes them.
+    pub live_fps: Option<u32>,
 }
 
 /// The sequences of one run, each frame packed RGB of `width x height`.
@@ -35,7 +39,8 @@ pub struct Report {
     pub input: Vec<Vec<u8>>,
     /// Per branch: its codiff properties and its output.
     pub outputs: Vec<(String, Vec<Vec<u8>>)>,
-    /// QF estimates (`codiff-qf` messages) and processing times (ms) of the
+    /// QF estimates (`codiff-qf` messages: one per frame that went through the
+    /// restorer, not for frames carried live) and processing times (ms) of the
     /// first branch.
     pub qfs: Vec<f64>,
     pub ms: Vec<f64>,
@@ -120,15 +125,21 @@ pub fn run(cfg: &Config, scene: &image::RgbImage, branches: &[String]) -> Result
     }
     let unbounded = "queue max-size-time=0 max-size-buffers=0 max-size-bytes=0";
     let rgb = "videoconvert ! video/x-raw,format=RGB";
+    let (fps, live, sync) = match cfg.live_fps {
+        Some(fps) => (fps.max(1), "is-live=true do-timestamp=true", true),
+        None => (10, "", false),
+    };
     let mut launch = format!(
-        "appsrc name=src format=time caps=video/x-raw,format=RGB,width={w},height={h},framerate=10/1 ! \
+        "appsrc name=src format=time {live} caps=video/x-raw,format=RGB,width={w},height={h},framerate={fps}/1 ! \
          videoconvert ! video/x-raw,format=I420 ! jpegenc quality={q} ! jpegdec ! tee name=t \
-         t. ! {unbounded} ! {rgb} ! appsink name=input sync=false",
+         t. ! {unbounded} ! {rgb} ! appsink name=input sync={sync}",
         q = cfg.qf.clamp(1, 100)
     );
     for (i, props) in branches.iter().enumerate() {
+        // live: no queue before codiff, so that it meets each frame when it is due
+        let before = if cfg.live_fps.is_some() { "queue max-size-buffers=1 max-size-bytes=0 max-size-time=0" } else { unbounded };
         launch.push_str(&format!(
-            " t. ! {unbounded} ! codiff name=codiff{i} {props} ! {rgb} ! appsink name=out{i} sync=false"
+            " t. ! {before} ! codiff name=codiff{i} {props} ! {rgb} ! appsink name=out{i} sync={sync}"
         ));
     }
     let pipeline = gst::parse::launch(&launch)
@@ -143,6 +154,7 @@ pub fn run(cfg: &Config, scene: &image::RgbImage, branches: &[String]) -> Result
         .map_err(|e| format!("{e}"))?;
     let result = (|| {
         let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+        let started = std::time::Instant::now();
         let (mut truth, mut noisy) = (Vec::new(), Vec::new());
         for t in 0..cfg.frames {
             let x0 = t * cfg.pan;
@@ -159,10 +171,14 @@ pub fn run(cfg: &Config, scene: &image::RgbImage, branches: &[String]) -> Result
                 }
             }
             let mut buffer = gst::Buffer::from_slice(frame.clone());
-            {
+            if cfg.live_fps.is_none() {
                 let b = buffer.get_mut().unwrap();
                 b.set_pts(gst::ClockTime::from_mseconds(100 * t as u64));
                 b.set_duration(gst::ClockTime::from_mseconds(100));
+            } else {
+                // real time: frame t leaves the camera t / fps after the first
+                let due = started + std::time::Duration::from_secs_f64(t as f64 / fps as f64);
+                std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
             }
             let flow = src.emit_by_name::<gst::FlowReturn>("push-buffer", &[&buffer]);
             if flow != gst::FlowReturn::Ok {

@@ -103,9 +103,18 @@ impl ServerOptions {
     }
 
     /// The media's whole launch line (the factory's description).
+    /// A live source (the test source, a custom `source` such as a camera)
+    /// gets the live recipe: a leaky queue of one frame before codiff, so
+    /// that it always takes the newest frame, and a queue after it; a file
+    /// is restored frame by frame (a leaky queue would drop its frames).
     pub fn launch(&self) -> Result<String, String> {
+        let (before, after) = if self.input.is_none() || self.source.is_some() {
+            ("queue leaky=downstream max-size-buffers=1 ! ", " ! queue")
+        } else {
+            ("", "")
+        };
         Ok(format!(
-            "( {} ! videoconvert ! codiff name=codiff {} ! videoconvert ! jpegenc quality={} ! \
+            "( {} ! videoconvert ! {before}codiff name=codiff {}{after} ! videoconvert ! jpegenc quality={} ! \
              rtpjpegpay name=pay0 pt=26 )",
             self.source_launch()?,
             self.codiff_properties,

@@ -45,12 +45,10 @@ pub const QF_META_NAME: &str = "CodiffQfMeta";
 struct State {
     layout: Layout,
     siting: ChromaSiting,
-    /// `temporal-smoothing`'s history: reset on FLUSH_STOP, DISCONT, new caps,
-    /// a frame not restored, and `stop`.
+    /// The previous output, which `temporal-smoothing` smooths toward and
+    /// `late-frames=carry` carries: reset on FLUSH_STOP, DISCONT, new caps, a
+    /// frame not restored, and `stop`.
     temporal: TemporalFilter,
-    /// The last restored frame's input and output (RGB), which `late-frames=carry`
-    /// carries onto late frames; reset with `temporal`.
-    last_restored: Option<(RgbImage, RgbImage)>,
 }
 
 /// Measured processing time, for the latency query.
@@ -259,7 +257,6 @@ impl Codiff {
     fn reset_temporal(&self) {
         if let Some(state) = self.state.lock().unwrap().as_mut() {
             state.temporal.reset();
-            state.last_restored = None;
         }
     }
 
@@ -296,8 +293,9 @@ impl Codiff {
         }
     }
 
-    /// `late-frames=carry`: the last restoration's correction onto `frame`
-    /// where the picture has not moved (nothing when there is none yet).
+    /// `late-frames=carry`: the previous output moved along the picture's
+    /// motion onto `frame` where the picture did not otherwise change
+    /// ([`TemporalFilter::carry`]; nothing when there is no previous frame).
     fn carry_frame(
         &self,
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
@@ -311,14 +309,9 @@ impl Codiff {
         let input = RgbImage::new(width, height, input).map_err(|e| FrameError::failed("frame", e))?;
         self.restore_in_background(&input, settings, engine);
         let mut out = input.clone();
-        {
-            let state = self.state.lock().unwrap();
-            let Some((prev_in, prev_out)) = state.as_ref().and_then(|s| s.last_restored.as_ref()) else {
-                return Ok(());
-            };
-            if !crate::engine::temporal::carry(prev_in, prev_out, &input, &mut out) {
-                return Ok(());
-            }
+        let carried = self.state.lock().unwrap().as_mut().is_some_and(|s| s.temporal.carry(&input, &mut out));
+        if !carried {
+            return Ok(());
         }
         write_frame_change(frame, &strides, layout, siting, &input.data, &out.data, 1.0)
     }
@@ -359,6 +352,7 @@ impl Codiff {
         };
         let (mut opts, _) = settings.restore_options(Some(engine.min_cave_tile()));
         opts.cancel = self.cancel.clone();
+        let smoothing = settings.temporal_smoothing.clamp(0.0, 1.0) as f32;
         let (engine, input, busy, weak) = (engine.clone(), input.clone(), bg.busy.clone(), self.obj().downgrade());
         busy.store(true, Ordering::SeqCst);
         bg.handle = Some(std::thread::spawn(move || {
@@ -366,11 +360,14 @@ impl Codiff {
             let result = pool.install(|| guarded(|| engine.restore_report(&mut out, &opts)));
             if let (Ok(r), Some(obj)) = (result, weak.upgrade()) {
                 gst::debug!(CAT, obj = obj, "background restoration done (restored: {})", r.restored);
-                // the newest restoration is the correction to carry (`carry`
-                // refuses one of another size)
+                // the newest restoration is what late frames carry (`carry`
+                // refuses one of another size), smoothed toward the frames
+                // before so that the carried picture does not jump
                 if r.restored {
                     if let Some(state) = obj.imp().state.lock().unwrap().as_mut() {
-                        state.last_restored = Some((input, out));
+                        if smoothing == 0.0 || state.temporal.apply(smoothing, &input, &mut out).is_err() {
+                            state.temporal.adopt(&input, &out);
+                        }
                     }
                 }
             }
@@ -484,22 +481,20 @@ impl Codiff {
                     ),
                 ));
             }
-            match original.as_ref().filter(|_| smoothing > 0.0) {
-                Some(original) => {
-                    if let Some(state) = self.state.lock().unwrap().as_mut() {
-                        state
-                            .temporal
-                            .apply(smoothing, original, &mut image)
-                            .map_err(|err| FrameError::failed("temporal smoothing", err))?;
-                    }
-                }
-                None => self.reset_temporal(),
-            }
             let read = original.as_ref().expect("kept when restoring");
-            write_frame_change(frame, &strides, layout, siting, &read.data, &image.data, strength)?;
-            if let (Some(state), Some(read)) = (self.state.lock().unwrap().as_mut(), original) {
-                state.last_restored = Some((read, image));
+            if let Some(state) = self.state.lock().unwrap().as_mut() {
+                // the output becomes the previous frame of the next one
+                // (smoothed or carried from it)
+                if smoothing > 0.0 {
+                    state
+                        .temporal
+                        .apply(smoothing, read, &mut image)
+                        .map_err(|err| FrameError::failed("temporal smoothing", err))?;
+                } else {
+                    state.temporal.adopt(read, &image);
+                }
             }
+            write_frame_change(frame, &strides, layout, siting, &read.data, &image.data, strength)?;
         }
         if !estimate.restored {
             self.reset_temporal();
@@ -696,7 +691,8 @@ impl ElementImpl for Codiff {
                 "Removes JPEG compression artifacts from raw video frames in place with \
                  CODiff (compression-aware one-step diffusion) or its CaVE network. Example: \
                  gst-launch-1.0 filesrc location=in.jpg ! jpegdec ! codiff ! videoconvert ! \
-                 pngenc ! filesink location=out.png",
+                 pngenc ! filesink location=out.png. Live sources: ... ! queue \
+                 leaky=downstream max-size-buffers=1 ! codiff ! queue ! ... (see late-frames)",
                 "codiff developers",
             )
         });
@@ -900,7 +896,6 @@ impl VideoFilterImpl for Codiff {
             layout,
             siting,
             temporal: TemporalFilter::default(),
-            last_restored: None,
         });
         self.warm_up(in_info);
         self.parent_set_info(incaps, in_info, outcaps, out_info)

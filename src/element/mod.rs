@@ -30,10 +30,11 @@
 //! Official `cave.pth` files and `mode=diffusion` have no conditioning: there
 //! `qf` only replaces the reported number.
 //!
-//! Live pipelines (`late-frames`): a frame that would be restored after it is
-//! due (running time + pipeline latency) is not started; its fate is `carry`
-//! (the last restoration's correction where the picture has not moved),
-//! `passthrough` or `drop`, and later frames never wait behind it.
+//! Live pipelines (`late-frames`; only when the latency query finds a live
+//! source): a frame that would be restored after it is due (running time +
+//! pipeline latency) is not started; its fate is `carry` (the previous output
+//! moved along the picture's motion where nothing else changed), `passthrough`
+//! or `drop`, and later frames never wait behind it.
 //!
 //! For every processed frame the element
 //! - posts an element message `codiff-qf` with fields `qf` (f64, the JPEG

@@ -144,7 +144,7 @@ pub(super) const MAX_N_THREADS: u32 = 1024;
 pub(super) const DEFAULT_WARM_UP: bool = true;
 /// Weight of the previous output on still content (examples/flicker.rs, README
 /// "Flicker"): at 0.5 a still scene at QF 15 no longer flickers more than its input.
-pub(super) const DEFAULT_TEMPORAL_SMOOTHING: f64 = 0.5;
+pub(super) const DEFAULT_TEMPORAL_SMOOTHING: f64 = 0.75;
 pub(super) const DEFAULT_GUARD: bool = true;
 pub(super) const DEFAULT_LATE_FRAMES: CodiffLateFrames = CodiffLateFrames::Carry;
 /// Smallest latent tile used (latent px; 256 image px): smaller tiles cost more
@@ -514,10 +514,13 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
                 .build(),
             glib::ParamSpecDouble::builder("temporal-smoothing")
                 .nick("Temporal smoothing")
-                .blurb("Against flicker on still content: weight (0..1) of the previous restored \
-                        frame where the input did not change beyond JPEG noise (a 5x5 mean change \
-                        under 6 code values); moving content is kept as restored. 0 = off. The \
-                        history is dropped on flushes, discontinuities and caps changes")
+                .blurb("Against flicker: weight (0..1) of the previous output, moved along the \
+                        picture's block motion, where the motion-compensated input did not change \
+                        beyond what compression noise explains (a 5x5 mean signed change under 12 \
+                        code values); elsewhere (a new object, a cut, a wrong match) the frame is \
+                        kept as restored, and no pixel moves more than 12 code values. 0 = off \
+                        (frame-independent output). The history is dropped on flushes, \
+                        discontinuities and caps changes")
                 .minimum(0.0)
                 .maximum(1.0)
                 .default_value(DEFAULT_TEMPORAL_SMOOTHING)
@@ -537,15 +540,18 @@ pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
                 .build(),
             glib::ParamSpecEnum::builder_with_default("late-frames", DEFAULT_LATE_FRAMES)
                 .nick("Late frames")
-                .blurb("Live streams: a frame that cannot be restored before it is due (its \
-                        running time plus the pipeline latency, by the recent frames' processing \
-                        time) is not restored in the stream: carry = it leaves at once with the \
-                        last restoration's correction applied where the picture has not moved, \
-                        while the newest such frame is restored on a low-priority background \
-                        thread to give the next correction; passthrough = pushed unrestored; \
-                        drop = dropped. Later frames never wait behind it, so the stream stays on \
-                        time with any sink, with or without a queue. Non-live pipelines (files) \
-                        restore every frame")
+                .blurb("Live streams (the latency query finds a live source): a frame that \
+                        cannot be restored before it is due (its running time plus the pipeline \
+                        latency, by the recent frames' processing time) is not restored in the \
+                        stream: carry = it leaves at once showing the previous output moved along \
+                        the picture's motion where nothing else changed, while the newest such \
+                        frame is restored on a low-priority background thread and taken up by the \
+                        frames after it; passthrough = pushed unrestored; drop = dropped. Later \
+                        frames never wait behind it, so the stream stays on time with any sink. \
+                        The LATENCY query adds the longest processing time plus a quarter. With \
+                        sinks that send QoS, or to restore more frames in the stream, use the live \
+                        recipe: queue leaky=downstream max-size-buffers=1 ! codiff ! queue. \
+                        Non-live pipelines (files) restore every frame")
                 .mutable_playing()
                 .build(),
         ]

@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod layers;
 pub mod lora;
 pub mod memory;
+pub mod motion;
 pub mod one_step;
 pub(crate) mod pickle;
 pub mod pipeline;
