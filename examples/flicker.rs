@@ -128,7 +128,8 @@ fn run(args: &Args) -> Result<(), String> {
     row("clean + noise", &report.noisy, false);
     row("JPEG input", &report.input, false);
     for (label, (_, frames)) in labels.iter().zip(&report.outputs) {
-        row(&format!("codiff, temporal-smoothing {label}"), frames, true);
+        let name = if label == "0" { "codiff frame by frame (smoothing 0)".to_string() } else { format!("codiff, temporal-smoothing {label}") };
+        row(&name, frames, true);
     }
     let qfs = &report.qfs;
     let n = qfs.len().max(1) as f64;
