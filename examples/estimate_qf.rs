@@ -54,7 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (w, h) = decoded.dimensions();
         let img = RgbImage::new(w as usize, h as usize, decoded.into_raw())?;
         let t = Instant::now();
-        let qf = engine.estimate_qf(&img)?;
+        let qf = engine.estimate_qf(&img, &Default::default())?;
         let seconds = t.elapsed().as_secs_f64();
         let a = Analysis::of(&img);
         let (measured, quantised) = a.steps[0].ac_counts();

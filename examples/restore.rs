@@ -276,6 +276,11 @@ fn run(args: Args) -> anyhow_free::Result {
     let t0 = Instant::now();
     let engine = Engine::load(&spec, &mut |s| eprintln!("codiff: {s}"))?;
     eprintln!("codiff: loaded in {:.2} s", t0.elapsed().as_secs_f64());
+    // the engine's tile clamps, as the element applies them
+    let (opts, adjusted) = opts.clamped(Some(engine.min_cave_tile()));
+    for a in adjusted {
+        eprintln!("codiff: {a}");
+    }
 
     let bar = !single && std::io::stderr().is_terminal();
     // tiles of long frames (a 4K diffusion restore runs for many minutes):

@@ -229,7 +229,7 @@ fn qf_estimate_follows_the_reference_formula() {
     let engine = Engine::load(&ModelSpec { mode: Mode::Cave, ..spec(TINY_A) }, &mut |_| {}).unwrap();
     let r = reference(TINY_A, engine.device());
     let q = r["qf_pred"].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
-    let qf = engine.estimate_qf(&input(&r)).unwrap();
+    let qf = engine.estimate_qf(&input(&r), &Default::default()).unwrap();
     assert!((qf - 100.0 * (1.0 - q)).abs() < 1e-3, "{qf} vs {}", 100.0 * (1.0 - q));
 }
 

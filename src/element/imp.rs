@@ -453,13 +453,14 @@ impl Codiff {
                 guarded(|| engine.restore_report(&mut image, &opts))
             })
         } else {
+            opts.cancel = self.cancel.clone();
             let estimate = || -> Result<(f32, QfSource), EngineError> {
                 if settings.qf > 0 {
                     Ok((settings.qf as f32, QfSource::Model))
                 } else if settings.guard {
-                    engine.estimate_quality(&image)
+                    engine.estimate_quality(&image, &opts)
                 } else {
-                    Ok((engine.estimate_qf(&image)?, QfSource::Model))
+                    Ok((engine.estimate_qf(&image, &opts)?, QfSource::Model))
                 }
             };
             in_pool(pool.as_deref(), || guarded(estimate)).map(|(qf, qf_source)| Restoration {

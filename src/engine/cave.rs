@@ -19,12 +19,13 @@
 //! `cave.pth` (nc [64,128,256,512], nb 4) and our compact model load alike.
 //! BatchNorm (eval mode, eps 1e-4) is folded into the convolution before it.
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear};
+use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, Linear};
 
 use super::error::{EngineError, Result};
 use super::tiling::Plan;
 use super::Cancel;
-use super::kernels::{AddInto, ConvInto, ConvOp, PatchConv, PatchConvTranspose, PatchConvTransposeInto};
+use super::kernels::{AddInto, PatchConvTranspose, PatchConvTransposeInto};
+use super::layers::Conv;
 use super::weights::TensorFile;
 
 const BN_EPS: f64 = 1e-4;
@@ -34,60 +35,6 @@ const BN_EPS: f64 = 1e-4;
 pub struct CaveConfig {
     pub nc: [usize; 4],
     pub nb: usize,
-}
-
-/// A convolution with the fast CPU kernel beside candle's op (other devices).
-struct Conv {
-    candle: Conv2d,
-    relu: bool,
-    fast3: Option<ConvOp>,
-    fast_patch: Option<PatchConv>,
-}
-
-impl Conv {
-    fn new(candle: Conv2d, relu: bool, cpu: bool) -> candle_core::Result<Self> {
-        let w = candle.weight();
-        let k = w.dim(3)?;
-        let (fast3, fast_patch) = match (cpu, k, candle.config().stride) {
-            (true, 3, 1) => (Some(ConvOp::from_tensors(w, candle.bias(), relu)?), None),
-            (true, k, s) if k == s => (None, Some(PatchConv::from_tensors(w, candle.bias().expect("bias"))?)),
-            _ => (None, None),
-        };
-        Ok(Self { candle, relu, fast3, fast_patch })
-    }
-
-    /// act(conv(x)) (+ residual)
-    fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        if let Some(op) = &self.fast3 {
-            let x = x.contiguous()?;
-            return match residual {
-                Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, op),
-                None => x.apply_op1_no_bwd(op),
-            };
-        }
-        let y = match &self.fast_patch {
-            Some(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
-            None => self.candle.forward(x)?,
-        };
-        let y = if self.relu { y.relu()? } else { y };
-        match residual {
-            Some(r) => y + r,
-            None => Ok(y),
-        }
-    }
-
-    /// [`Conv::forward`] into `dst`'s buffer, which the caller owns alone (no
-    /// other tensor shares its storage): `act(conv(x))`, plus `dst` itself
-    /// when `residual`. A fresh tensor where the fast kernel does not apply.
-    fn forward_into(&self, x: &Tensor, dst: Tensor, residual: bool) -> candle_core::Result<Tensor> {
-        match &self.fast3 {
-            Some(op) if dst.is_contiguous() => {
-                dst.inplace_op2(&x.contiguous()?, &ConvInto { op, accumulate: residual })?;
-                Ok(dst)
-            }
-            _ => self.forward(x, residual.then_some(&dst)),
-        }
-    }
 }
 
 /// `a + b`, into `a`'s buffer when the caller owns it alone (CPU).
@@ -158,10 +105,10 @@ fn run_blocks_owned(
     for (j, b) in blocks.iter().enumerate() {
         let h = match inner.take() {
             Some(t) => b.conv1.forward_into(&x, t, false)?,
-            None => b.conv1.forward(&x, None)?,
+            None => b.conv1.forward_add(&x, None)?,
         };
         let conv2 = conv2s.map_or(&b.conv2, |c| &c[j]);
-        x = if owned { conv2.forward_into(&h, x, true)? } else { conv2.forward(&h, Some(&x))? };
+        x = if owned { conv2.forward_into(&h, x, true)? } else { conv2.forward_add(&h, Some(&x))? };
         owned = true;
         inner = Some(h);
     }
@@ -175,23 +122,24 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
+    /// The tensor `key` of `shape`, in f32 on the model's device.
     fn t(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
-        Ok(self.f.get_shaped(key, shape)?.to_device(self.dev)?)
+        Ok(self.f.get_shaped(key, shape)?.to_dtype(DType::F32)?.to_device(self.dev)?)
     }
 
     fn conv(&self, p: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv> {
-        Ok(Conv::new(self.conv_raw(p, cin, cout, k, stride)?, false, self.dev.is_cpu())?)
+        let (w, b) = self.conv_raw(p, cin, cout, k)?;
+        let pad = if k == 3 { 1 } else { 0 };
+        Ok(Conv::from_tensors(w, Some(b), stride, [pad; 4], false)?)
     }
 
-    fn conv_raw(&self, p: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
-        let w = self.t(&format!("{p}.weight"), &[cout, cin, k, k])?;
-        let b = self.t(&format!("{p}.bias"), &[cout])?;
-        let cfg = Conv2dConfig { padding: if k == 3 { 1 } else { 0 }, stride, ..Default::default() };
-        Ok(Conv2d::new(w, Some(b), cfg))
+    /// Weight and bias of the convolution `p`.
+    fn conv_raw(&self, p: &str, cin: usize, cout: usize, k: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.t(&format!("{p}.weight"), &[cout, cin, k, k])?, self.t(&format!("{p}.bias"), &[cout])?))
     }
 
-    /// conv -> BatchNorm folded into one conv.
-    fn conv_bn(&self, conv: &str, bn: &str, c: usize) -> Result<Conv2d> {
+    /// conv -> BatchNorm folded into one conv: weight and bias.
+    fn conv_bn(&self, conv: &str, bn: &str, c: usize) -> Result<(Tensor, Tensor)> {
         let w = self.t(&format!("{conv}.weight"), &[c, c, 3, 3])?;
         let b = self.t(&format!("{conv}.bias"), &[c])?;
         let g = self.t(&format!("{bn}.weight"), &[c])?;
@@ -201,7 +149,7 @@ impl Loader<'_> {
         let scale = (g / (var + BN_EPS)?.sqrt()?)?;
         let w = w.broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
         let b = ((b - mean)? * &scale)?.add(&beta)?;
-        Ok(Conv2d::new(w, Some(b), Conv2dConfig { padding: 1, ..Default::default() }))
+        Ok((w, b))
     }
 
     fn resblock(&self, p: &str, c: usize) -> Result<ResBlock> {
@@ -212,17 +160,15 @@ impl Loader<'_> {
     /// reference runs with gamma = beta = 1 (beta is folded into the bias).
     /// `keep_raw` keeps conv2's own weight and bias for [`QfConditioning`].
     fn resblock_shifted(&self, p: &str, c: usize, beta: f64, keep_raw: bool) -> Result<ResBlock> {
-        let conv2 = self.conv_raw(&format!("{p}.res.3"), c, c, 3, 1)?;
-        let raw2 = keep_raw.then(|| (conv2.weight().clone(), conv2.bias().expect("bias").clone()));
-        let conv2 = if beta != 0.0 {
-            let b = (conv2.bias().expect("bias") + beta)?;
-            Conv2d::new(conv2.weight().clone(), Some(b), *conv2.config())
-        } else {
-            conv2
-        };
-        let cpu = self.dev.is_cpu();
-        let conv1 = self.conv_bn(&format!("{p}.res.0"), &format!("{p}.res.1"), c)?;
-        Ok(ResBlock { conv1: Conv::new(conv1, true, cpu)?, conv2: Conv::new(conv2, false, cpu)?, raw2 })
+        let (w2, b2) = self.conv_raw(&format!("{p}.res.3"), c, c, 3)?;
+        let raw2 = keep_raw.then(|| (w2.clone(), b2.clone()));
+        let b2 = if beta != 0.0 { (b2 + beta)? } else { b2 };
+        let (w1, b1) = self.conv_bn(&format!("{p}.res.0"), &format!("{p}.res.1"), c)?;
+        Ok(ResBlock {
+            conv1: Conv::from_tensors(w1, Some(b1), 1, [1; 4], true)?,
+            conv2: Conv::from_tensors(w2, Some(b2), 1, [1; 4], false)?,
+            raw2,
+        })
     }
 
     /// `nb` ResBlocks at `p.{offset}..`; PyTorch names a lone module without the
@@ -493,10 +439,10 @@ impl Cave {
     /// the decoder adds back) and its dead activations go to `kept` when
     /// given.
     fn run_encoder(&self, x: &Tensor, mut kept: Option<&mut Kept>) -> Result<Tensor> {
-        let mut h = self.head.forward(&x.to_dtype(DType::F32)?, None)?;
+        let mut h = self.head.forward_add(&x.to_dtype(DType::F32)?, None)?;
         for (blocks, conv) in &self.down {
             let (y, inner) = run_blocks_owned(blocks, h.clone(), false, None, None)?;
-            let next = conv.forward(&y, None)?;
+            let next = conv.forward_add(&y, None)?;
             if let Some(k) = kept.as_deref_mut() {
                 k.skips.push(h);
                 // without blocks y is h itself, the skip: not spare
@@ -553,7 +499,7 @@ impl Cave {
     /// Visual embedding `[B, floor(Hp/32)*floor(Wp/32), nc3]` (input padded to 8)
     /// and q `[B,1]`, encoding the whole frame at once.
     pub fn embed(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.embed_tiled(x, 0)
+        self.embed_tiled(x, 0, &Cancel::new())
     }
 
     /// [`Cave::embed`] with the encoder run in tiles of at most `tile` pixels a
@@ -562,8 +508,8 @@ impl Cave {
     /// each inner side; each contributes only the tokens its margins make exact
     /// ([`Plan::exact`]), so the stitched embedding and q equal the whole-frame
     /// ones (up to float summation order). Frames that fit in one tile are
-    /// encoded whole.
-    pub fn embed_tiled(&self, x: &Tensor, tile: usize) -> Result<(Tensor, Tensor)> {
+    /// encoded whole. `cancel` is checked between tiles.
+    pub fn embed_tiled(&self, x: &Tensor, tile: usize, cancel: &Cancel) -> Result<(Tensor, Tensor)> {
         // frames under 32 px get one token from a replicate-padded 32 px square
         let xp = Self::pad_to_min(x, 8, 32)?;
         let (_, _, h, w) = xp.dims4()?;
@@ -571,7 +517,7 @@ impl Cave {
             self.encode_body(&xp)?
         } else {
             let plan = Plan::exact(h, w, tile, self.tile_margin(), 32, 32, "CaVE")?;
-            plan.run(&xp, 1, &Cancel::new(), |_, xs| xs.iter().map(|t| self.encode_body(t)).collect())?
+            plan.run(&xp, 1, cancel, |_, xs| xs.iter().map(|t| self.encode_body(t)).collect())?
         };
         let q = self.q_of(&body)?;
         let (b, c, _, _) = body.dims4()?;
@@ -643,7 +589,7 @@ impl Cave {
             let m = modulation(&|| Ok(q.clone()))?;
             (self.decode(f, m.as_ref())?, q)
         } else {
-            let m = modulation(&|| Ok(self.embed_tiled(&xp, tile)?.1))?;
+            let m = modulation(&|| Ok(self.embed_tiled(&xp, tile, cancel)?.1))?;
             let m = m.as_ref();
             let plan = Plan::exact(hp, wp, tile, self.reconstruct_margin(), 32, 1, "CaVE")?;
             let mut cores = Vec::with_capacity(plan.len());
@@ -670,7 +616,6 @@ impl Cave {
     fn modulated(&self, qf: f32) -> Result<Option<Modulated>> {
         let Some(c) = &self.conditioning else { return Ok(None) };
         let m = c.modulation(qf, &self.device)?;
-        let cpu = self.device.is_cpu();
         let level = |i: usize| -> Result<Vec<Conv>> {
             let (g, beta) = &m[i];
             let ch = g.dim(0)?;
@@ -681,7 +626,7 @@ impl Cave {
                     let (w, b) = blk.raw2.as_ref().expect("conditioned models keep conv2's weights");
                     let w = w.broadcast_mul(&g.reshape((ch, 1, 1, 1))?)?;
                     let b = ((b * g)? + beta)?;
-                    Ok(Conv::new(Conv2d::new(w, Some(b), Conv2dConfig { padding: 1, ..Default::default() }), false, cpu)?)
+                    Ok(Conv::from_tensors(w, Some(b), 1, [1; 4], false)?)
                 })
                 .collect()
         };
@@ -704,7 +649,7 @@ impl Cave {
             y = conv.forward_into(&add_into(y, &skips[i + 1])?, out)?;
             y = run_blocks_owned(blocks, y, true, m.map(|m| &m.0[i][..]), inner)?.0;
         }
-        Ok(self.tail.forward(&add_into(y, &skips[0])?, None)?)
+        Ok(self.tail.forward_add(&add_into(y, &skips[0])?, None)?)
     }
 }
 
@@ -819,7 +764,7 @@ mod tests {
         let x = Tensor::rand(0f32, 1., (1, 3, 520, 700), &Device::Cpu).unwrap();
         let (whole, q_whole) = cave.embed(&x).unwrap();
         for tile in [512, 600] {
-            let (tiled, q) = cave.embed_tiled(&x, tile).unwrap();
+            let (tiled, q) = cave.embed_tiled(&x, tile, &Cancel::new()).unwrap();
             assert_eq!(tiled.dims(), whole.dims());
             let diff = (&tiled - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             let scale = whole.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -828,7 +773,7 @@ mod tests {
             assert!(dq < 1e-6, "tile {tile}: q differs by {dq}");
         }
         // a margin-sized tile cannot keep any token
-        let err = cave.embed_tiled(&x, 400).unwrap_err().to_string();
+        let err = cave.embed_tiled(&x, 400, &Cancel::new()).unwrap_err().to_string();
         assert!(err.contains("192 px margins"), "{err}");
     }
 

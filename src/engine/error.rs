@@ -59,6 +59,15 @@ fn non_finite_hint(precision: &str) -> &'static str {
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
+/// `s` cut to at most `max_chars` characters (on a character boundary), for
+/// quoting names read from untrusted files in errors.
+pub(crate) fn clip(s: &str, max_chars: usize) -> &str {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,17 +12,30 @@ use candle_nn::{self as nn, Init, VarBuilder};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::kernels::{affine, contiguous, AttentionOp, ConvOp, GroupNormOp};
+use super::kernels::{affine, contiguous, AttentionOp, ConvInto, ConvOp, GroupNormOp, PatchConv};
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
     dev.is_cpu() && dtype == DType::F32
 }
 
-/// A 2-D convolution with square kernel, any stride and zero padding per
-/// side (top, left, bottom, right).
-pub enum Conv {
-    /// CPU f32: banded im2col + GEMM.
+/// The one 2-D convolution of the engine (CaVE, VAE, UNet): square kernel,
+/// any stride, zero padding per side (top, left, bottom, right), optional
+/// bias and ReLU, and a residual add fused where the kernel has one. The
+/// back-end is chosen once, at construction, from the weight's device and
+/// dtype and the shape ([`ConvKind`]).
+pub struct Conv {
+    kind: ConvKind,
+    /// ReLU after the bias (inside the kernel for [`ConvKind::Fast`]).
+    relu: bool,
+}
+
+/// How a [`Conv`] runs.
+enum ConvKind {
+    /// CPU f32: banded im2col + GEMM, Winograd or the direct kernel.
     Fast(ConvOp),
+    /// CPU f32, kernel = stride, no padding (CaVE's strided downsampling):
+    /// non-overlapping patches, one GEMM.
+    Patch(PatchConv),
     /// 1x1, stride 1 on other devices: a matmul.
     Pointwise { w: Tensor, b: Option<Tensor> },
     /// Everything else: candle's conv2d.
@@ -30,17 +43,28 @@ pub enum Conv {
 }
 
 impl Conv {
+    /// Weight `weight` `[cout, cin, k, k]` (and `bias` when `bias`) from `vb`.
     pub fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, pad: [usize; 4], bias: bool) -> candle_core::Result<Self> {
         let bound = 1. / ((cin * k * k) as f64).sqrt();
         let w = vb.get_with_hints((cout, cin, k, k), "weight", Init::Uniform { lo: -bound, up: bound })?;
         let b = if bias { Some(vb.get_with_hints(cout, "bias", Init::Uniform { lo: -bound, up: bound })?) } else { None };
-        Ok(if fast_path(vb.device(), vb.dtype()) {
-            Conv::Fast(ConvOp::new(&w, b.as_ref(), stride, pad, false)?)
+        Self::from_tensors(w, b, stride, pad, false)
+    }
+
+    /// A convolution of `w` `[cout, cin, k, k]` and `b` `[cout]`.
+    pub fn from_tensors(w: Tensor, b: Option<Tensor>, stride: usize, pad: [usize; 4], relu: bool) -> candle_core::Result<Self> {
+        let (cout, cin, k, _) = w.dims4()?;
+        let kind = if fast_path(w.device(), w.dtype()) {
+            match &b {
+                Some(bias) if k == stride && k > 1 && pad == [0; 4] => ConvKind::Patch(PatchConv::from_tensors(&w, bias)?),
+                _ => ConvKind::Fast(ConvOp::new(&w, b.as_ref(), stride, pad, relu)?),
+            }
         } else if k == 1 && stride == 1 && pad == [0; 4] {
-            Conv::Pointwise { w: w.reshape((cout, cin))?, b }
+            ConvKind::Pointwise { w: w.reshape((cout, cin))?, b }
         } else {
-            Conv::Candle { w, b, stride, pad }
-        })
+            ConvKind::Candle { w, b, stride, pad }
+        };
+        Ok(Self { kind, relu })
     }
 
     /// 3x3, stride 1, padding 1.
@@ -53,18 +77,19 @@ impl Conv {
         Self::new(vb, cin, cout, 1, 1, [0; 4], true)
     }
 
-    /// `conv(x) + residual`, the add fused into the kernel where there is one.
+    /// `act(conv(x)) + residual`, the add fused into the kernel where there is one.
     pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        if let Conv::Fast(op) = self {
+        if let ConvKind::Fast(op) = &self.kind {
             let x = x.contiguous()?;
             return match residual {
                 Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, op),
                 None => x.apply_op1_no_bwd(op),
             };
         }
-        let y = match self {
-            Conv::Fast(_) => unreachable!(),
-            Conv::Pointwise { w, b } => {
+        let y = match &self.kind {
+            ConvKind::Fast(_) => unreachable!(),
+            ConvKind::Patch(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
+            ConvKind::Pointwise { w, b } => {
                 let (n, c, h, wd) = x.dims4()?;
                 let y = w.broadcast_matmul(&x.reshape((n, c, h * wd))?)?.reshape((n, w.dim(0)?, h, wd))?;
                 match b {
@@ -72,7 +97,7 @@ impl Conv {
                     None => y,
                 }
             }
-            Conv::Candle { w, b, stride, pad } => {
+            ConvKind::Candle { w, b, stride, pad } => {
                 let [t, l, bo, r] = *pad;
                 // WORKAROUND (candle 0.11.1): its CPU conv2d calls the GEMM
                 // kernel directly (cpu_backend/conv2d.rs), which has no bf16, so
@@ -93,9 +118,23 @@ impl Conv {
                 }
             }
         };
+        let y = if self.relu { y.relu()? } else { y };
         match residual {
             Some(r) => y + r,
             None => Ok(y),
+        }
+    }
+
+    /// [`Conv::forward_add`] into `dst`'s buffer, which the caller owns alone
+    /// (no other tensor shares its storage): `act(conv(x))`, plus `dst` itself
+    /// when `residual`. A fresh tensor where the fast kernel does not apply.
+    pub fn forward_into(&self, x: &Tensor, dst: Tensor, residual: bool) -> candle_core::Result<Tensor> {
+        match &self.kind {
+            ConvKind::Fast(op) if dst.is_contiguous() => {
+                dst.inplace_op2(&x.contiguous()?, &ConvInto { op, accumulate: residual })?;
+                Ok(dst)
+            }
+            _ => self.forward_add(x, residual.then_some(&dst)),
         }
     }
 }

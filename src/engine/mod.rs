@@ -6,8 +6,10 @@
 //! weights), [`color_fix`] (AdaIN / wavelet), [`weights`] (safetensors, zip and
 //! legacy pickle loading) and [`error`]; [`temporal`] smooths restored video
 //! frames over time.
+pub(crate) mod bytes;
 pub mod cave;
 pub mod color_fix;
+pub mod config;
 pub mod error;
 pub mod guard;
 pub mod kernels;
@@ -16,6 +18,7 @@ pub mod lora;
 pub mod memory;
 pub mod motion;
 pub mod one_step;
+pub mod options;
 pub(crate) mod pickle;
 pub mod pipeline;
 pub mod quant;
@@ -26,73 +29,10 @@ pub mod vae;
 pub mod weights;
 
 pub use error::{EngineError, Result};
+pub use options::{Cancel, ProgressFn, RestoreOptions, MIN_LATENT_TILE};
 pub use pipeline::Engine;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
-/// A flag the host raises to stop a restore early. The engine checks it
-/// between stages and between tiles and then returns
-/// [`EngineError::Cancelled`], so a flush or a state change never waits for
-/// a whole large frame. Clones share the flag. It also carries the host's
-/// optional progress observer ([`Cancel::with_progress`]), told after each
-/// group of tiles, so a long frame (a 4K diffusion restore runs for many
-/// minutes on a CPU) shows how far it got.
-#[derive(Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>, Option<Arc<ProgressFn>>);
-
-/// `(done, total)` tiles of the tiling pass under way.
-pub type ProgressFn = dyn Fn(usize, usize) + Send + Sync;
-
-impl std::fmt::Debug for Cancel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Cancel").field(&self.is_cancelled()).field(&self.1.is_some()).finish()
-    }
-}
-
-impl Cancel {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// This token with `f` told the progress of every tiled pass.
-    pub fn with_progress(mut self, f: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
-        self.1 = Some(Arc::new(f));
-        self
-    }
-    /// Tell the observer, if any, that `done` of `total` tiles are done.
-    pub fn progress(&self, done: usize, total: usize) {
-        if let Some(f) = &self.1 {
-            f(done, total);
-        }
-    }
-    /// Ask every restore that holds a clone of this token to stop.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    /// Lower the flag again (before the next frame).
-    pub fn reset(&self) {
-        self.0.store(false, Ordering::SeqCst);
-    }
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-    /// `Err(Cancelled)` once the flag is raised: call between stages and tiles.
-    pub fn check(&self) -> Result<()> {
-        if self.is_cancelled() {
-            Err(EngineError::Cancelled)
-        } else {
-            Ok(())
-        }
-    }
-}
-
-/// Tokens compare equal when they share one flag.
-impl PartialEq for Cancel {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
 
 /// What the engine runs on each frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -207,49 +147,6 @@ impl ModelSpec {
             device: DeviceSpec::Cpu,
             precision: Precision::Auto,
         }
-    }
-}
-
-/// Per-call settings that need no reload.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RestoreOptions {
-    pub color_fix: ColorFix,
-    /// Latent tile side (latent pixels, 1/8 of image pixels); 0 = never tile.
-    pub latent_tile: usize,
-    pub latent_overlap: usize,
-    /// VAE encoder tile side in image pixels (the official
-    /// `vae_encoder_tiled_size`, default 1024). 0 = never tile.
-    pub vae_encoder_tile: usize,
-    /// VAE decoder tile side in latent pixels (the official
-    /// `vae_decoder_tiled_size`, default 224). 0 = never tile.
-    pub vae_decoder_tile: usize,
-    /// Largest CaVE tile side in image pixels (diffusion mode's embedding, the
-    /// QF estimate and `Mode::Cave`'s reconstruction): larger frames run in
-    /// tiles whose margins make the stitched result equal the whole-frame one
-    /// (reconstruction needs at least `2 * Cave::reconstruct_margin() + 32`:
-    /// 800 px for the compact model). 0 = never tile.
-    pub cave_tile: usize,
-    /// `Mode::Cave` with a quality-conditioned model: restore as if the JPEG
-    /// quality were this (0..100; lower smooths more). None: the model's own
-    /// estimate. Unconditioned models (official `cave.pth`) ignore it.
-    pub quality: Option<f32>,
-    /// Geometric self-ensemble: restore under the 8 flips and transposes and
-    /// average (8x the time; for stills). Off by default.
-    pub self_ensemble: bool,
-    /// Do no harm ([`guard`]): restore only frames whose pixels show they were
-    /// decoded from a JPEG (others are left exactly as they are), tell a
-    /// quality-conditioned model the quality read from the frame's
-    /// quantisation steps, and keep the result within the JPEG's quantisation
-    /// intervals. On by default; off reproduces the bare model (parity with
-    /// the official code).
-    pub guard: bool,
-    /// Checked between stages and tiles; raise it to stop this restore.
-    pub cancel: Cancel,
-}
-
-impl Default for RestoreOptions {
-    fn default() -> Self {
-        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_encoder_tile: 1024, vae_decoder_tile: 224, cave_tile: 2048, quality: None, self_ensemble: false, guard: true, cancel: Cancel::default() }
     }
 }
 

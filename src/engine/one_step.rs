@@ -5,7 +5,7 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::error::{EngineError, Result};
-use super::vae::read_json;
+use super::config::{json_usize, read_json};
 
 /// The fixed timestep of CODiff's one-step restorer.
 pub const TIMESTEP: usize = 499;
@@ -62,7 +62,7 @@ impl Schedule {
         }
         let bad = |reason: String| Err(EngineError::Config { path: path.to_path_buf(), reason });
         // the schedule is computed for every step: bounded, as no weights stand behind it
-        let steps = super::vae::json_usize(&v, "num_train_timesteps", Some(1000), path)?;
+        let steps = json_usize(&v, "num_train_timesteps", Some(1000), path)?;
         if !(TIMESTEP < steps && steps <= MAX_TRAIN_TIMESTEPS) {
             return bad(format!("`num_train_timesteps` is {steps}: CODiff needs t = {TIMESTEP}, at most {MAX_TRAIN_TIMESTEPS} are accepted"));
         }

@@ -12,7 +12,8 @@
 use std::collections::HashMap;
 
 use super::error::Result;
-use super::weights::Bytes;
+use super::bytes::Bytes;
+use super::error::clip;
 
 /// Index of an object in [`Pickle::nodes`].
 pub(crate) type Id = usize;
@@ -50,7 +51,7 @@ impl Node {
             Node::Str(s) if s.len() <= 64 => format!("string {s:?}"),
             Node::Str(s) => format!("string of {} bytes", s.len()),
             Node::Bytes(n) => format!("bytes of length {n}"),
-            Node::Global { module, name } => format!("global {}.{}", trim(module), trim(name)),
+            Node::Global { module, name } => format!("global {}.{}", clip(module, 64), clip(name, 64)),
             Node::Tuple(v) => format!("tuple of {}", v.len()),
             Node::List(v) => format!("list of {}", v.len()),
             Node::Dict(v) => format!("dict of {}", v.len()),
@@ -58,13 +59,6 @@ impl Node {
             Node::Build { .. } => "build".into(),
             Node::PersId(_) => "persistent id".into(),
         }
-    }
-}
-
-fn trim(s: &str) -> &str {
-    match s.char_indices().nth(64) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 

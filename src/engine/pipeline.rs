@@ -381,7 +381,7 @@ impl Engine {
         if let Some(a) = &analysis {
             p.lap("guard")?;
             if a.evidence() == super::quant::Evidence::Unknown {
-                return Ok((unchanged(self.cave_qf(&x, opts.cave_tile)?, QfSource::Model), p.times));
+                return Ok((unchanged(self.cave_qf(&x, opts)?, QfSource::Model), p.times));
             }
         }
         let measured = analysis.as_ref().and_then(|a| a.quality());
@@ -395,7 +395,7 @@ impl Engine {
             Some(a) => {
                 let guide = match measured {
                     Some(q) => q,
-                    None => self.cave_qf(&x, opts.cave_tile)?,
+                    None => self.cave_qf(&x, opts)?,
                 };
                 let alpha = a.profile().strength(guide);
                 if alpha <= 0.0 {
@@ -474,7 +474,7 @@ impl Engine {
     fn diffuse(&self, d: &Diffusion, x: &Tensor, opts: &RestoreOptions, p: &mut Probe) -> Result<(Tensor, f32)> {
         let (_, _, h, w) = x.dims4()?;
         // 1. CaVE tokens -> proj, rounded to f16 as the official code does
-        let (tokens, q) = self.cave.embed_tiled(x, opts.cave_tile)?;
+        let (tokens, q) = self.cave.embed_tiled(x, opts.cave_tile, &opts.cancel)?;
         p.keep("cave_embedding", &tokens);
         p.keep("qf_pred", &q);
         let c = d.proj.forward(&tokens)?;
@@ -514,8 +514,9 @@ impl Engine {
 
     /// The JPEG quality of `img` and where it comes from: read from the
     /// quantisation steps of a decoded JPEG ([`super::guard::Analysis::quality`]),
-    /// 100 for a frame with detail and no quantisation, else CaVE's estimate.
-    pub fn estimate_quality(&self, img: &RgbImage) -> Result<(f32, QfSource)> {
+    /// 100 for a frame with detail and no quantisation, else CaVE's estimate
+    /// (in `opts.cave_tile` tiles, cancellable).
+    pub fn estimate_quality(&self, img: &RgbImage, opts: &RestoreOptions) -> Result<(f32, QfSource)> {
         let a = super::guard::Analysis::of(img);
         if let Some(q) = a.quality() {
             return Ok((q, QfSource::Tables));
@@ -523,18 +524,19 @@ impl Engine {
         if a.evidence() == super::quant::Evidence::Unquantised {
             return Ok((100.0, QfSource::Unquantised));
         }
-        Ok((self.estimate_qf(img)?, QfSource::Model))
+        Ok((self.estimate_qf(img, opts)?, QfSource::Model))
     }
 
-    /// CaVE's JPEG quality estimate (0..100) for `img`.
-    pub fn estimate_qf(&self, img: &RgbImage) -> Result<f32> {
-        self.cave_qf(&self.to_tensor(img)?, RestoreOptions::default().cave_tile)
+    /// CaVE's JPEG quality estimate (0..100) for `img` (in `opts.cave_tile`
+    /// tiles, cancellable).
+    pub fn estimate_qf(&self, img: &RgbImage, opts: &RestoreOptions) -> Result<f32> {
+        self.cave_qf(&self.to_tensor(img)?, opts)
     }
 
     /// CaVE's JPEG quality estimate (0..100) for the frame tensor `x`
-    /// (encoder only, in CaVE tiles of at most `tile`).
-    fn cave_qf(&self, x: &Tensor, tile: usize) -> Result<f32> {
-        let (_, q) = self.cave.embed_tiled(x, tile)?;
+    /// (encoder only).
+    fn cave_qf(&self, x: &Tensor, opts: &RestoreOptions) -> Result<f32> {
+        let (_, q) = self.cave.embed_tiled(x, opts.cave_tile, &opts.cancel)?;
         Ok(self.cave.qf(Cave::q_value(&q)?))
     }
 

@@ -9,7 +9,7 @@ use candle_nn as nn;
 
 use super::error::{EngineError, Result};
 use super::layers::{Conv, GroupNorm, ResnetBlock, SpatialTransformer, Upsample};
-use super::vae::{check_levels, check_size, json_usize, json_usizes, read_json, MAX_LAYERS};
+use super::config::{check_levels, check_size, json_usize, json_usizes, read_json, MAX_LAYERS};
 
 /// One resolution level of the UNet.
 #[derive(Clone, Copy, Debug, PartialEq)]

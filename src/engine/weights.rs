@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{EngineError, Result};
+use super::bytes::Bytes;
+use super::error::clip;
 use super::pickle::{self, Id, Node, Pickle};
 
 /// All tensors of one file (or of one sub-dictionary of a pickle), by key.
@@ -35,6 +37,9 @@ pub struct TensorFile {
     /// String metadata (safetensors `__metadata__`).
     metadata: HashMap<String, String>,
 }
+
+/// Longest tensor key quoted in an error (characters).
+const KEY_CHARS: usize = 200;
 
 fn format_err(path: &Path, reason: impl Into<String>) -> EngineError {
     EngineError::Format { path: path.to_path_buf(), reason: reason.into() }
@@ -427,89 +432,6 @@ fn truncated_or_format(path: &Path, msg: &str) -> EngineError {
     }
 }
 
-// ---------------------------------------------------------------- checked reads
-
-/// The one checked reader under every file format: a cursor over bytes that
-/// are actually there. Every length taken from a file goes through
-/// [`Bytes::take`], which compares it with what remains (in `u64`, so no
-/// length can overflow) before anything is sliced or allocated; errors are
-/// `Truncated` and name the file, the part and what was being read.
-pub(crate) struct Bytes<'a> {
-    path: PathBuf,
-    part: Option<String>,
-    data: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Bytes<'a> {
-    pub(crate) fn new(path: &Path, data: &'a [u8]) -> Self {
-        Self { path: path.to_path_buf(), part: None, data, pos: 0 }
-    }
-
-    /// Name the part of the file these bytes are (a zip entry) in errors.
-    pub(crate) fn part(mut self, name: &str) -> Self {
-        self.part = Some(name.to_string());
-        self
-    }
-
-    pub(crate) fn pos(&self) -> usize {
-        self.pos
-    }
-
-    fn prefix(&self) -> String {
-        self.part.as_ref().map(|p| format!("{p}: ")).unwrap_or_default()
-    }
-
-    /// A `Truncated` error for this file.
-    pub(crate) fn truncated(&self, reason: impl Into<String>) -> EngineError {
-        truncated(&self.path, format!("{}{}", self.prefix(), reason.into()))
-    }
-
-    /// A `Format` error for this file.
-    pub(crate) fn format(&self, reason: impl Into<String>) -> EngineError {
-        format_err(&self.path, format!("{}{}", self.prefix(), reason.into()))
-    }
-
-    pub(crate) fn seek(&mut self, pos: u64) -> Result<()> {
-        if pos > self.data.len() as u64 {
-            return Err(self.truncated(format!("offset {pos} past the end ({} bytes)", self.data.len())));
-        }
-        self.pos = pos as usize;
-        Ok(())
-    }
-
-    /// The next `n` bytes, if that many remain.
-    pub(crate) fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
-        let left = (self.data.len() - self.pos) as u64;
-        if n > left {
-            return Err(self.truncated(format!("{what}: needs {n} bytes at offset {}, {left} left", self.pos)));
-        }
-        let s = &self.data[self.pos..self.pos + n as usize];
-        self.pos += n as usize;
-        Ok(s)
-    }
-
-    pub(crate) fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
-        Ok(self.take(N as u64, what)?.try_into().expect("N bytes"))
-    }
-
-    pub(crate) fn u8(&mut self, what: &str) -> Result<u8> {
-        Ok(self.take(1, what)?[0])
-    }
-
-    /// Bytes up to the next newline (consumed, not returned).
-    pub(crate) fn line(&mut self, what: &str) -> Result<&'a [u8]> {
-        let rest = &self.data[self.pos..];
-        match rest.iter().position(|&b| b == b'\n') {
-            Some(i) => {
-                self.pos += i + 1;
-                Ok(&rest[..i])
-            }
-            None => Err(self.truncated(format!("{what}: no end of line after offset {}", self.pos))),
-        }
-    }
-}
-
 /// Elements of `shape`, `None` when the product of its nonzero sizes
 /// overflows: an empty tensor `[0, 2^40, 2^40]` still has strides to compute.
 pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
@@ -630,7 +552,7 @@ fn flatten(path: &Path, pk: &Pickle) -> Result<Vec<(String, Flat)>> {
 
 fn walk(path: &Path, pk: &Pickle, id: Id, prefix: &str, depth: usize, budget: &mut usize, out: &mut Vec<(String, Flat)>) -> Result<()> {
     if depth > MAX_NESTING {
-        return Err(format_err(path, format!("dictionaries nested deeper than {MAX_NESTING} levels at `{}`", trim_key(prefix))));
+        return Err(format_err(path, format!("dictionaries nested deeper than {MAX_NESTING} levels at `{}`", clip(prefix, KEY_CHARS))));
     }
     if *budget == 0 {
         return Err(format_err(path, "pickle: objects reached more often than the file holds objects (shared dictionaries)"));
@@ -642,7 +564,7 @@ fn walk(path: &Path, pk: &Pickle, id: Id, prefix: &str, depth: usize, budget: &m
                 let Some(k) = pk.str(k) else { continue };
                 let key = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
                 if key.len() > MAX_KEY {
-                    return Err(format_err(path, format!("key longer than {MAX_KEY} bytes: `{}`", trim_key(&key))));
+                    return Err(format_err(path, format!("key longer than {MAX_KEY} bytes: `{}`", clip(&key, KEY_CHARS))));
                 }
                 walk(path, pk, v, &key, depth + 1, budget, out)?;
             }
@@ -660,15 +582,8 @@ fn walk(path: &Path, pk: &Pickle, id: Id, prefix: &str, depth: usize, budget: &m
     Ok(())
 }
 
-fn trim_key(k: &str) -> &str {
-    match k.char_indices().nth(200) {
-        Some((i, _)) => &k[..i],
-        None => k,
-    }
-}
-
 fn tensor_rebuild(path: &Path, pk: &Pickle, key: &str, id: Id) -> Result<Option<Rebuild>> {
-    let bad = |what: &str| format_err(path, format!("tensor `{}`: {what}", trim_key(key)));
+    let bad = |what: &str| format_err(path, format!("tensor `{}`: {what}", clip(key, KEY_CHARS)));
     let (mut callable, mut args) = match pk.node(id) {
         Node::Reduce { callable, args } => (*callable, *args),
         _ => return Ok(None),
@@ -736,7 +651,7 @@ fn tensor_rebuild(path: &Path, pk: &Pickle, key: &str, id: Id) -> Result<Option<
         "BFloat16Storage" => DType::BF16,
         "LongStorage" => DType::I64,
         "ByteStorage" => DType::U8,
-        other => return Err(bad(&format!("unsupported storage {}", trim_key(other)))),
+        other => return Err(bad(&format!("unsupported storage {}", clip(other, KEY_CHARS)))),
     };
     Ok(Some(Rebuild { storage_key, dtype, offset, shape, stride }))
 }
@@ -781,7 +696,7 @@ fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: u64) -> Resul
             }
             continue;
         }
-        let bad = |what: &str| format_err(path, format!("tensor `{}`: {what}", trim_key(&name)));
+        let bad = |what: &str| format_err(path, format!("tensor `{}`: {what}", clip(&name, KEY_CHARS)));
         let dtype = match v.get("dtype").and_then(|d| d.as_str()) {
             Some("F32") => DType::F32,
             Some("F16") => DType::F16,
@@ -790,7 +705,7 @@ fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: u64) -> Resul
             Some("I64") => DType::I64,
             Some("U8") => DType::U8,
             Some("U32") => DType::U32,
-            other => return Err(bad(&format!("unsupported dtype {:?}", other.map(trim_key)))),
+            other => return Err(bad(&format!("unsupported dtype {:?}", other.map(|k| clip(k, KEY_CHARS))))),
         };
         let list = |field: &str| -> Result<Vec<u64>> {
             let items = v.get(field).and_then(|s| s.as_array()).ok_or_else(|| bad(&format!("no {field}")))?;
@@ -807,7 +722,7 @@ fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: u64) -> Resul
         if offs[1] > data_len {
             return Err(truncated(
                 path,
-                format!("tensor `{}` {shape:?} ends at byte {} of the data, file holds {data_len}", trim_key(&name), offs[1]),
+                format!("tensor `{}` {shape:?} ends at byte {} of the data, file holds {data_len}", clip(&name, KEY_CHARS), offs[1]),
             ));
         }
         let want = checked_numel(&shape).and_then(|n| n.checked_mul(dtype.size_in_bytes()));
@@ -821,7 +736,7 @@ fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: u64) -> Resul
     out.sort_by_key(|e| (e.3, e.4));
     for w in out.windows(2) {
         if w[1].3 < w[0].4 {
-            return Err(format_err(path, format!("tensors `{}` and `{}` overlap in the data", trim_key(&w[0].0), trim_key(&w[1].0))));
+            return Err(format_err(path, format!("tensors `{}` and `{}` overlap in the data", clip(&w[0].0, KEY_CHARS), clip(&w[1].0, KEY_CHARS))));
         }
     }
     Ok((out, meta))
