@@ -101,7 +101,7 @@ fn main() {
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(200));
             let el = start.elapsed().as_secs();
-            if el > 0 && el % 30 == 0 {
+            if el > 0 && el.is_multiple_of(30) {
                 eprintln!("fuzz: {} s, about {} cases", el, next.load(Ordering::Relaxed));
                 std::thread::sleep(Duration::from_secs(1));
             }

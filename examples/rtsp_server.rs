@@ -89,7 +89,7 @@ fn main() {
         rtsp::MediaEvent::Qf(s) => {
             let n = frames.fetch_add(1, Ordering::Relaxed);
             // One line per second of 10 fps video is enough.
-            if n % 10 == 0 {
+            if n.is_multiple_of(10) {
                 let qf = s.get::<f64>("qf").unwrap_or(f64::NAN);
                 let ms = s.get::<u64>("processing-time").unwrap_or(0) as f64 / 1e6;
                 eprintln!("frame {n}: codiff-qf {qf:.1}, {ms:.0} ms");

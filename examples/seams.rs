@@ -76,7 +76,7 @@ fn gradients(img: &RgbImage, cols: &[usize], rows: &[usize]) -> [f64; 3] {
     let px = |x: usize, y: usize, c: usize| img.data[(y * w + x) * 3 + c] as f64;
     let mut sum = [0f64; 3];
     let mut n = [0usize; 3];
-    let class = |p: usize, borders: &[usize]| if borders.contains(&p) { 0 } else if p % 8 == 0 { 1 } else { 2 };
+    let class = |p: usize, borders: &[usize]| if borders.contains(&p) { 0 } else if p.is_multiple_of(8) { 1 } else { 2 };
     for y in 0..h {
         for x in 1..w {
             let k = class(x, cols);

@@ -98,7 +98,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             c.0 += 1;
             let frame = c.0;
             let t0 = *c.1.get_or_insert_with(Instant::now);
-            if frame == 1 || frame % every == 0 {
+            if frame == 1 || frame.is_multiple_of(every) {
                 samples
                     .lock()
                     .unwrap()

@@ -48,7 +48,10 @@ fn run(description: &str) -> Result<(), String> {
 
 /// Demux and decode an AVI: every frame's (pts, duration) as the demuxer gives
 /// them, and the decoded RGB pixels.
-fn read_avi(path: &Path) -> Result<Vec<(Option<gst::ClockTime>, Option<gst::ClockTime>, Vec<u8>)>, String> {
+/// One frame of an AVI: pts, duration, bytes.
+type AviFrame = (Option<gst::ClockTime>, Option<gst::ClockTime>, Vec<u8>);
+
+fn read_avi(path: &Path) -> Result<Vec<AviFrame>, String> {
     let pipeline = gst::parse::launch(&format!(
         "filesrc location=\"{}\" ! avidemux ! identity name=timing ! jpegdec ! videoconvert ! \
          video/x-raw,format=RGB ! appsink name=sink sync=false",

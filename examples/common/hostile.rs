@@ -475,14 +475,14 @@ pub fn mutate(rng: &mut Rng, input: &[u8], others: &[Seed], json: bool) -> Vec<u
             7 => {
                 // nesting bomb: many container openers in one place
                 let at = position(rng, len);
-                let op = *rng.pick(&[b'(', b']', b'}', b'[', b'{']);
+                let op = *rng.pick(b"(]}[{");
                 let n = *rng.pick(&[64usize, 1000, 100_000]);
                 b.splice(at..at, std::iter::repeat_n(op, n));
             }
             8 if len > 0 => {
                 // memo references: BINGET/BINPUT of random slots
                 let at = position(rng, len);
-                let op = *rng.pick(&[b'h', b'q', b'j', b'r']);
+                let op = *rng.pick(b"hqjr");
                 let mut ins = vec![op, rng.below(256) as u8];
                 if op == b'j' || op == b'r' {
                     ins.extend([0, 0, 0]);

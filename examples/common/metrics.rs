@@ -320,10 +320,13 @@ pub fn measure(reference: &Image, test: &Image, border: usize, round_y: bool) ->
     Ok(Metrics { width: w, height: h, psnr_y, ssim_y, psnrb_y, bef_y, psnr_rgb, ssim_rgb, psnrb_rgb })
 }
 
+/// Matched `(name, reference, test)` files and the names only one folder has.
+pub type Pairs = (Vec<(String, PathBuf, PathBuf)>, Vec<String>);
+
 /// Pairs of (name, reference path, test path) for two folders, matched by file
 /// name, then by stem (`ref/x.png` pairs with `test/x.jpg`), sorted by name;
 /// plus the reference names with no match.
-pub fn pairs(ref_dir: &Path, test_dir: &Path) -> std::io::Result<(Vec<(String, PathBuf, PathBuf)>, Vec<String>)> {
+pub fn pairs(ref_dir: &Path, test_dir: &Path) -> std::io::Result<Pairs> {
     fn listing(d: &Path) -> std::io::Result<Vec<String>> {
         let mut v = vec![];
         for e in std::fs::read_dir(d)? {

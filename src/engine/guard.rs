@@ -258,10 +258,10 @@ impl Analysis {
         }
         let half = self.profile().nonzero_half_width;
         let mut moved = quant::project(&self.planes[0], &mut out[0], &quant::full_table(&self.steps[0], self.fit.as_ref()), half);
-        for c in 1..3 {
+        for (c, plane) in out.iter_mut().enumerate().skip(1) {
             match self.chroma_fit(c) {
-                Some(fit) => moved += quant::project(&self.planes[c], &mut out[c], &quant::full_table(&self.steps[c], Some(&fit)), half),
-                None => moved += limit_to_activity(&self.planes[c], &mut out[c]),
+                Some(fit) => moved += quant::project(&self.planes[c], plane, &quant::full_table(&self.steps[c], Some(&fit)), half),
+                None => moved += limit_to_activity(&self.planes[c], plane),
             }
         }
         if moved > 0 || alpha < 1.0 {

@@ -145,12 +145,15 @@ impl Module for Conv {
     }
 }
 
+/// Gamma and beta of a norm as plain vectors, for the fast CPU kernel.
+type Affine = (Arc<Vec<f32>>, Arc<Vec<f32>>);
+
 /// Group norm with an optional fused SiLU.
 pub struct GroupNorm {
     candle: nn::GroupNorm,
     gamma: Tensor,
     beta: Tensor,
-    fast: Option<(Arc<Vec<f32>>, Arc<Vec<f32>>)>,
+    fast: Option<Affine>,
     groups: usize,
     eps: f64,
 }

@@ -56,7 +56,7 @@ fn address_space_left() -> Option<u64> {
         return None;
     }
     let used = status_kb(&std::fs::read_to_string("/proc/self/status").ok()?, "VmSize:")? * 1024;
-    Some((lim.rlim_cur as u64).saturating_sub(used))
+    Some(lim.rlim_cur.saturating_sub(used))
 }
 
 /// The cgroup (v2) memory limit minus its current use.

@@ -212,7 +212,7 @@ impl Machine {
     }
 
     fn setitems(&mut self, dict: Id, kv: Vec<Id>) -> StepResult<()> {
-        if kv.len() % 2 != 0 {
+        if !kv.len().is_multiple_of(2) {
             return bad("odd number of items for a dict");
         }
         let kind = self.nodes[dict].kind();
@@ -479,8 +479,8 @@ mod tests {
     fn deep_nesting_is_flat() {
         // 200,000 nested lists: built and dropped without recursion
         let mut p = vec![0x80, 2];
-        p.extend(std::iter::repeat(b']').take(200_000));
-        p.extend(std::iter::repeat(b'a').take(199_999));
+        p.extend(std::iter::repeat_n(b']', 200_000));
+        p.extend(std::iter::repeat_n(b'a', 199_999));
         p.push(b'.');
         let pk = run(&p).unwrap();
         assert_eq!(pk.nodes.len(), 200_000);
@@ -488,7 +488,7 @@ mod tests {
 
     #[test]
     fn stack_underflow_and_bad_marks_are_errors() {
-        for p in [&[0x80, 2, b'a', b'.'][..], &[b'(', b'0', b'.'], &[b'u', b'.'], &[b'.'], &[0xff]] {
+        for p in [&[0x80, 2, b'a', b'.'][..], b"(0.", b"u.", b".", &[0xff]] {
             let e = run(p).unwrap_err().to_string();
             assert!(e.contains("t.pkl") && e.contains("pickle"), "{e}");
         }

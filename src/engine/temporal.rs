@@ -348,9 +348,9 @@ mod tests {
         for y in 0..h {
             for x in 0..w {
                 let sx = x + dx;
-                let base = if (sx / 8 + y / 8) % 2 == 0 { 60 } else { 190 };
+                let base = if (sx / 8 + y / 8).is_multiple_of(2) { 60 } else { 190 };
                 for k in 0..3 {
-                    let v = base + (k as i32) * 10 + rng.next(amp);
+                    let v = base + k * 10 + rng.next(amp);
                     data.push(v.clamp(0, 255) as u8);
                 }
             }
@@ -429,7 +429,7 @@ mod tests {
                 let (u, v) = ((x + sx) as f32, (y + sy) as f32);
                 let base = 120.0 + 50.0 * (u * 0.23).sin() * (v * 0.17).cos() + 30.0 * ((u + v) * 0.05).sin();
                 for k in 0..3 {
-                    data.push((base as i32 + 8 * k as i32 + rng.next(amp)).clamp(0, 255) as u8);
+                    data.push((base as i32 + 8 * k + rng.next(amp)).clamp(0, 255) as u8);
                 }
             }
         }
