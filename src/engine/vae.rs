@@ -85,10 +85,6 @@ impl MidBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.res1.forward(&self.attn.forward(&self.res0.forward(x, None)?)?, None)
-    }
-
     fn forward_tiles(&self, t: &mut Tiles) -> Result<()> {
         t.resnet(&self.res0)?;
         t.attention(&self.attn)?;
@@ -156,27 +152,17 @@ impl VaeEncoder {
         })
     }
 
-    /// Posterior mean and log-variance (clamped to [-30, 20]) of `x` in [-1,1].
-    pub fn posterior(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let mut h = self.conv_in.forward(x)?;
-        for b in &self.down_blocks {
-            for r in &b.resnets {
-                h = r.forward(&h, None)?;
-            }
-            if let Some(d) = &b.down {
-                h = d.forward(&h)?;
-            }
-        }
-        let h = self.mid_block.forward(&h)?;
-        let h = self.conv_norm_out.forward(&h, true)?;
-        let moments = self.quant_conv.forward(&self.conv_out.forward(&h)?)?;
+    /// Posterior mean and log-variance (clamped to [-30, 20]) of `x` in [-1,1]
+    /// (the whole frame as one tile of [`VaeEncoder::moments_tiles`]).
+    pub fn posterior(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let moments = self.moments_tiles(vec![x.clone()], &Cancel::new())?.remove(0);
         let mean = moments.narrow(1, 0, self.latent_channels)?;
         let logvar = moments.narrow(1, self.latent_channels, self.latent_channels)?.clamp(-30f32, 20f32)?;
         Ok((mean, logvar))
     }
 
     /// Posterior mean (unscaled latent).
-    pub fn encode_mean(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn encode_mean(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.posterior(x)?.0)
     }
 }
@@ -211,20 +197,10 @@ impl VaeDecoder {
         })
     }
 
-    /// Image in about [-1,1] from an unscaled latent.
-    pub fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv_in.forward(&self.post_quant_conv.forward(z)?)?;
-        let mut h = self.mid_block.forward(&h)?;
-        for b in &self.up_blocks {
-            for r in &b.resnets {
-                h = r.forward(&h, None)?;
-            }
-            if let Some(u) = &b.up {
-                h = u.forward(&h, None)?;
-            }
-        }
-        let h = self.conv_norm_out.forward(&h, true)?;
-        self.conv_out.forward(&h)
+    /// Image in about [-1,1] from an unscaled latent (the whole latent as one
+    /// tile of [`VaeDecoder::decode_tiles`]).
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        Ok(self.decode_tiles(vec![z.clone()], &Cancel::new())?.remove(0))
     }
 }
 
@@ -239,6 +215,8 @@ pub const DECODER_PAD: usize = 11;
 /// ([`GroupStats::pool`]). A tile's activation is replaced in place as it
 /// advances, so the state held is one activation per tile (two inside a
 /// resnet: its hidden state and its residual) plus one tile's temporaries.
+/// This is the VAE's only walk: an untiled frame is one tile, whose blocks
+/// run whole (their own statistics, the fused kernels).
 struct Tiles<'a> {
     xs: Vec<Tensor>,
     cancel: &'a Cancel,
@@ -260,11 +238,17 @@ impl Tiles<'_> {
     }
 
     fn norm(&mut self, norm: &GroupNorm, silu: bool) -> Result<()> {
+        if self.xs.len() == 1 {
+            return self.map(|x| norm.forward(x, silu));
+        }
         let st = Self::pooled(norm, &self.xs)?;
         self.map(|x| norm.forward_with(x, &st, silu))
     }
 
     fn resnet(&mut self, r: &ResnetBlock) -> Result<()> {
+        if self.xs.len() == 1 {
+            return self.map(|x| r.forward(x, None));
+        }
         let st1 = Self::pooled(r.norm1(), &self.xs)?;
         let mut hs = Vec::with_capacity(self.xs.len());
         for x in self.xs.iter_mut() {
@@ -283,6 +267,9 @@ impl Tiles<'_> {
     }
 
     fn attention(&mut self, a: &VaeAttention) -> Result<()> {
+        if self.xs.len() == 1 {
+            return self.map(|x| a.forward(x));
+        }
         let st = Self::pooled(a.norm(), &self.xs)?;
         self.map(|x| a.forward_with(x, &st))
     }
@@ -322,7 +309,7 @@ impl VaeEncoder {
         let m = self.downscale();
         let tile = if tile == 0 { 0 } else { (tile / m * m).max(m) };
         match Plan::vaehook(h, w, tile, ENCODER_PAD, Scale::Down(m)) {
-            None => Ok(self.encode_mean(x)?),
+            None => self.encode_mean(x),
             Some(plan) => {
                 let moments = plan.run(x, usize::MAX, cancel, |_, xs| self.moments_tiles(xs, cancel))?;
                 Ok(moments.narrow(1, 0, self.latent_channels)?)
@@ -359,7 +346,7 @@ impl VaeDecoder {
     pub fn decode_tiled(&self, z: &Tensor, tile: usize, cancel: &Cancel) -> Result<Tensor> {
         let (_, _, h, w) = z.dims4()?;
         match Plan::vaehook(h, w, tile, DECODER_PAD, Scale::Up(self.upscale())) {
-            None => Ok(self.decode(z)?),
+            None => self.decode(z),
             Some(plan) => plan.run(z, usize::MAX, cancel, |_, zs| self.decode_tiles(zs, cancel)),
         }
     }
@@ -378,10 +365,12 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
-    /// One tile covering the frame is the untiled network: the pooled path
-    /// (statistics, affine, SiLU, block order) is the plain forward.
+    /// The pooled path (statistics, affine, SiLU, block order) is the plain
+    /// forward: two identical tiles pool to each tile's own statistics, so
+    /// each comes out as the whole frame does (which runs as one tile, its
+    /// blocks whole).
     #[test]
-    fn one_pooled_tile_is_the_plain_forward() {
+    fn pooled_tiles_compute_the_plain_forward() {
         let vm = candle_nn::VarMap::new();
         let vb = nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         let enc = VaeEncoder::new(&tiny(), vb.clone()).unwrap();
@@ -389,12 +378,14 @@ mod tests {
         let x = Tensor::randn(0f32, 1., (1, 3, 48, 40), &Device::Cpu).unwrap();
         let cancel = Cancel::new();
         let whole = enc.posterior(&x).unwrap().0;
-        let m = enc.moments_tiles(vec![x.clone()], &cancel).unwrap().remove(0);
-        assert!(max_diff(&m.narrow(1, 0, 4).unwrap(), &whole) < 1e-4);
+        for m in enc.moments_tiles(vec![x.clone(), x.clone()], &cancel).unwrap() {
+            assert!(max_diff(&m.narrow(1, 0, 4).unwrap(), &whole) < 1e-4);
+        }
         let z = Tensor::randn(0f32, 1., (1, 4, 6, 5), &Device::Cpu).unwrap();
         let whole = dec.decode(&z).unwrap();
-        let d = dec.decode_tiles(vec![z.clone()], &cancel).unwrap().remove(0);
-        assert!(max_diff(&d, &whole) < 1e-4);
+        for d in dec.decode_tiles(vec![z.clone(), z.clone()], &cancel).unwrap() {
+            assert!(max_diff(&d, &whole) < 1e-4);
+        }
         // tiled (forced small tiles) lands near the whole-frame result but not on it
         let x = Tensor::randn(0f32, 1., (1, 3, 160, 200), &Device::Cpu).unwrap();
         let tiled = enc.encode_mean_tiled(&x, 64, &cancel).unwrap();
