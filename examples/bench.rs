@@ -14,8 +14,7 @@ use gstcodiff::engine::unet::UNetConfig;
 use gstcodiff::engine::vae::VaeConfig;
 use gstcodiff::engine::{default_weights_path, DeviceSpec, Engine, Mode, ModelSpec, Precision, RgbImage};
 
-#[path = "common/tiles.rs"]
-mod tiles;
+use codiff_testkit::tiles;
 
 #[derive(Parser, Debug)]
 struct Args {

@@ -25,16 +25,13 @@
 //!
 //! One codiff runs per `--smoothing` value (`temporal-smoothing`; `default` = the
 //! property's default), all on the same input frames. The measurement itself is
-//! `examples/common/flicker.rs`, shared with `tests/flicker.rs`.
+//! `testkit/src/flicker.rs`, shared with `tests/flicker.rs`.
 use std::path::PathBuf;
 
 use clap::Parser;
 use gst::prelude::*;
 
-#[path = "common/flicker.rs"]
-mod flicker;
-#[path = "common/metrics.rs"]
-mod metrics;
+use codiff_testkit::flicker;
 
 use flicker::{consecutive_mad, psnr, Config};
 

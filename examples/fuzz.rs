@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-#[path = "common/hostile.rs"]
-mod hostile;
+use codiff_testkit::hostile;
 
 #[global_allocator]
 static ALLOC: hostile::Counting = hostile::Counting;

@@ -11,8 +11,7 @@
 //! leaky=downstream max-size-buffers=1 ! codiff ! queue` (the live recipe).
 use clap::Parser;
 
-#[path = "common/live.rs"]
-mod live;
+use codiff_testkit::live;
 
 #[derive(Parser, Debug)]
 struct Args {

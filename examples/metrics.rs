@@ -1,5 +1,5 @@
 //! PSNR, SSIM and PSNR-B on Y and RGB (the conventions of the reference
-//! `metrics.py`, see `examples/common/metrics.rs`) for two images or two folders:
+//! `metrics.py`, see `testkit/src/metrics.rs`) for two images or two folders:
 //!
 //! ```text
 //! cargo run --release --example metrics -- REF TEST            # two files
@@ -16,8 +16,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use rayon::prelude::*;
 
-#[path = "common/metrics.rs"]
-mod metrics;
+use codiff_testkit::metrics;
 
 use metrics::{json_num, Metrics, KEYS};
 

@@ -30,8 +30,7 @@ use gstcodiff::engine::{
     default_weights_path, ColorFix, DeviceSpec, Engine, Mode, ModelSpec, Precision, RestoreOptions, RgbImage,
 };
 
-#[path = "common/tiles.rs"]
-mod tiles;
+use codiff_testkit::tiles;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ModeArg {

@@ -11,14 +11,13 @@
 //! (`frame-%05d.jpg`). Every frame goes through `codiff`; the restored frames go
 //! out as JPEG over RTP (quality 90, `--wire-quality`). The media is shared: all
 //! clients see one pipeline and one loaded model. The server logic lives in
-//! `examples/common/rtsp.rs` (also used by `tests/rtsp.rs`).
+//! `testkit/src/rtsp.rs` (also used by `tests/rtsp.rs`).
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use clap::Parser;
 
-#[path = "common/rtsp.rs"]
-mod rtsp;
+use codiff_testkit::rtsp;
 
 #[derive(Parser, Debug)]
 #[command(about = "Serve codiff-restored video over RTSP (JPEG over RTP)")]

@@ -8,8 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use gstcodiff::engine::{Engine, Mode, ModelSpec, RestoreOptions, RgbImage};
 use image::GenericImageView;
 
-#[path = "../examples/common/metrics.rs"]
-mod metrics;
+use codiff_testkit::metrics;
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/compact")
@@ -141,7 +140,7 @@ fn self_ensemble_is_equivariant_and_changes_the_output() {
 /// deblocks harder. On the README's astronaut at QF 10 (its top-left 256x192,
 /// on the JPEG grid), the restored luma's blockiness (mean squared step across
 /// the 8x8 block edges minus that inside the blocks, PSNR-B's measure before
-/// its clamp at 0: `block_step_excess` of examples/common/metrics.rs) falls
+/// its clamp at 0: `block_step_excess` of testkit/src/metrics.rs) falls
 /// strictly as the quality it is told falls and stays below the JPEG's (with
 /// the guard on, as users run it: the quantisation intervals bound what any
 /// told quality can do, and must not undo the steering), and, for the bare

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use gst::prelude::*;
 use gstcodiff::engine::{Engine, ModelSpec, QfSource, RestoreOptions, RgbImage};
 
-mod common;
-use common::{init, psnr, weights_or_skip};
+use codiff_testkit::setup::{init, psnr, weights_or_skip};
 
 fn work_dir(name: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("do-no-harm-{name}-{}", std::process::id()));

@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use gstcodiff::engine::default_weights_path;
 
-mod common;
-use common::init;
+use codiff_testkit::setup::init;
 
 const QF_META: &str = "CodiffQfMeta";
 

@@ -6,8 +6,7 @@ use candle_core::{Device, Tensor};
 use gstcodiff::engine::weights::TensorFile;
 use gstcodiff::engine::{Engine, EngineError, Mode, ModelSpec};
 
-#[path = "../examples/common/hostile.rs"]
-mod hostile;
+use codiff_testkit::hostile;
 
 use hostile::{legacy_file, memo_bomb, nested_dicts, nested_lists, state_dict_pickle, zip_file, Pk, TensorRef};
 

@@ -3,18 +3,15 @@
 //! `temporal-smoothing` changes no more from frame to frame than its JPEG input,
 //! less than without smoothing, and is no further from the noiseless scene; on a
 //! panning scene the smoothing costs no PSNR. The measurement is
-//! `examples/common/flicker.rs` (also `examples/flicker.rs`).
+//! `testkit/src/flicker.rs` (also `examples/flicker.rs`).
 //!
 //! Needs the default weights (`$CODIFF_WEIGHTS` or
 //! `weights/codiff-cave-compact.safetensors`); without them it prints why and
 //! returns, or fails under `CODIFF_REQUIRE_MODEL=1`.
 #![cfg(feature = "gst")]
 
-mod common;
-#[path = "../examples/common/flicker.rs"]
-mod flicker;
-#[path = "../examples/common/metrics.rs"]
-mod metrics;
+use codiff_testkit::setup as common;
+use codiff_testkit::flicker;
 
 use common::weights_or_skip;
 use flicker::{consecutive_mad, psnr, Config};

@@ -5,8 +5,7 @@
 //! The same cases, longer: `cargo run --release --example fuzz -- --minutes N`.
 use std::sync::atomic::Ordering;
 
-#[path = "../examples/common/hostile.rs"]
-mod hostile;
+use codiff_testkit::hostile;
 
 #[global_allocator]
 static ALLOC: hostile::Counting = hostile::Counting;

@@ -5,11 +5,9 @@
 //! and the sink shows them. Bounded runs (10 s and 6 s of stream), not timings.
 #![cfg(feature = "gst")]
 
-#[path = "../examples/common/live.rs"]
-mod live;
+use codiff_testkit::live;
 
-mod common;
-use common::{init, weights_or_skip};
+use codiff_testkit::setup::{init, weights_or_skip};
 
 const SECONDS: u32 = 6;
 

@@ -1,10 +1,9 @@
-//! The Rust metrics (examples/common/metrics.rs) agree with the reference
+//! The Rust metrics (testkit/src/metrics.rs) agree with the reference
 //! `metrics.py`: tests/fixtures/metrics.json holds its values for small image
 //! pairs (made by tests/fixtures/make_metrics_fixture.py).
 use std::path::Path;
 
-#[path = "../examples/common/metrics.rs"]
-mod metrics;
+use codiff_testkit::metrics;
 
 const DB_TOL: f64 = 1e-3;
 const SSIM_TOL: f64 = 1e-5;

@@ -1,5 +1,5 @@
 //! The RTSP server of `examples/rtsp_server.rs` (its logic in
-//! `examples/common/rtsp.rs`) on 127.0.0.1 and a free port: two `rtspsrc`
+//! `testkit/src/rtsp.rs`) on 127.0.0.1 and a free port: two `rtspsrc`
 //! clients at once receive restored frames that are closer to the clean picture
 //! than the JPEG the server was fed, and the server's bus carries `codiff-qf`.
 //! Bounded: every wait has a timeout, and the test stops the server itself.
@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 
-mod common;
-#[path = "../examples/common/rtsp.rs"]
-mod rtsp;
+use codiff_testkit::setup as common;
+use codiff_testkit::rtsp;
 
 use common::{init, packed_rgb, psnr, weights_or_skip};
 

@@ -2,7 +2,7 @@
 //! client (FFmpeg from Debian), which counts the frames it decodes:
 //!
 //! * RTSP: a live MJPEG camera (an RTSP server of its own) read by `rtspsrc`,
-//!   restored and served again over RTSP (`examples/common/rtsp.rs`);
+//!   restored and served again over RTSP (`testkit/src/rtsp.rs`);
 //! * RTMP: published with `flvmux ! rtmp2sink` to nginx-rtmp, which the test
 //!   starts from its own configuration (Debian's `nginx` and
 //!   `libnginx-mod-rtmp`);
@@ -23,9 +23,8 @@ use std::time::{Duration, Instant};
 use gst::prelude::*;
 use gst_rtsp_server::prelude::*;
 
-mod common;
-#[path = "../examples/common/rtsp.rs"]
-mod rtsp;
+use codiff_testkit::setup as common;
+use codiff_testkit::rtsp;
 
 use common::{init, weights_or_skip};
 

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use gst::prelude::*;
 
-mod common;
-use common::{init, packed_rgb, psnr, weights_or_skip};
+use codiff_testkit::setup::{init, packed_rgb, psnr, weights_or_skip};
 
 const FRAMES: usize = 4;
 const WIDTH: u32 = 192;

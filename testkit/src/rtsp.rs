@@ -1,7 +1,7 @@
 //! An RTSP server whose one shared media runs `codiff`: the reusable part of
-//! `examples/rtsp_server.rs`, also used by `tests/rtsp.rs` (`#[path]`/`mod`).
+//! `examples/rtsp_server.rs`, also used by `tests/rtsp.rs` and `tests/streaming.rs`.
 //!
-//! The media is `SOURCE ! videoconvert ! codiff ! videoconvert ! jpegenc !
+//! The media is `SOURCE ! videoconvert ! [live recipe around] codiff ! videoconvert ! jpegenc !
 //! rtpjpegpay`: JPEG over RTP on the wire (RFC 2435, payload type 26), which every
 //! RTSP client and the stock Debian plugins handle. SOURCE is a live test source
 //! compressed to MJPEG at a low quality (a cheap IP camera), a file or JPEG
@@ -11,8 +11,6 @@
 //! The server runs on its own GLib main context and thread; [`Server::stop`] closes
 //! the clients and stops it. Every `codiff-qf` element message and every error on
 //! the media's bus is handed to a callback.
-#![allow(dead_code)]
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;

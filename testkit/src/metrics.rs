@@ -23,11 +23,8 @@
 //! JPEG files are decoded by the `image` crate, not libjpeg, so for exact
 //! agreement with the Python script compare PNGs.
 //!
-//! This file is shared by several targets (`#[path]`/`mod`): the `metrics` and
-//! `evaluate`-side examples and `tests/metrics.rs`. It needs only the `image`
-//! crate (for [`load`]).
-#![allow(dead_code)]
-
+//! Used by the `metrics` and `flicker` examples and by `tests/metrics.rs`,
+//! `tests/compact.rs` and `tests/flicker.rs`.
 use std::path::{Path, PathBuf};
 
 /// Image extensions considered in folders (as `metrics.py`).

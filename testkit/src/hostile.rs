@@ -8,8 +8,6 @@
 //! that records the largest single allocation and refuses any above a bound,
 //! so a size taken unchecked from a file fails loudly instead of exhausting
 //! the machine.
-#![allow(dead_code)]
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -366,7 +364,8 @@ pub const MODEL_FILES: [&str; 7] = [
 ];
 
 pub fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/codiff-tiny-a")
+    // the repository root: this crate sits in testkit/
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/codiff-tiny-a")
 }
 
 /// The fixture's parsed files, plus small crafted checkpoints of each format

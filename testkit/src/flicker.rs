@@ -1,6 +1,4 @@
-//! The flicker measurement shared by `examples/flicker.rs` and `tests/flicker.rs`
-//! (`#[path]`/`mod`; the including crate declares `mod metrics` from
-//! `examples/common/metrics.rs` at its root).
+//! The flicker measurement shared by `examples/flicker.rs` and `tests/flicker.rs`.
 //!
 //! A scene is held still or panned by `pan` pixels per frame; every frame gets
 //! fresh Gaussian sensor noise and goes through
@@ -8,8 +6,6 @@
 //! per branch (each with its own properties), the way an MJPEG camera feed is
 //! restored. The report holds every sequence as packed RGB, so that the caller
 //! can compare the input with each branch's output on the same frames.
-#![allow(dead_code)]
-
 use gst::prelude::*;
 
 /// What to run.

@@ -1,7 +1,4 @@
-//! Setup shared by the integration tests that run the element on real media
-//! (`mod common;` in each).
-#![allow(dead_code)]
-
+//! Setup shared by the integration tests that run the element on real media.
 use std::sync::Once;
 
 /// GStreamer initialised and the test's own build of the plugin registered in
