@@ -641,7 +641,7 @@ impl ObjectImpl for Codiff {
             // The model in use stays; property() reports it until the next READY.
             let mut pending = self.pending.lock().unwrap();
             let pending = pending.get_or_insert_with(|| self.settings.lock().unwrap().clone());
-            for warning in pending.set(value, pspec) {
+            for warning in pending.set(value, pspec, None) {
                 gst::warning!(CAT, imp = self, "{warning}");
             }
             gst::element_imp_warning!(
@@ -657,14 +657,11 @@ impl ObjectImpl for Codiff {
             return;
         }
         let min_cave_tile = self.min_cave_tile();
-        let warnings = {
-            let mut settings = self.settings.lock().unwrap();
-            let mut warnings = settings.set(value, pspec);
-            if pspec.name() == "cave-tile" {
-                warnings.extend(settings.restore_options(min_cave_tile).1);
-            }
-            warnings
-        };
+        let warnings = self
+            .settings
+            .lock()
+            .unwrap()
+            .set(value, pspec, min_cave_tile);
         for warning in warnings {
             gst::warning!(CAT, imp = self, "{warning}");
         }

@@ -82,6 +82,7 @@ use gst::prelude::*;
 
 mod imp;
 mod loading;
+mod property;
 mod settings;
 
 pub mod cache;
