@@ -1,7 +1,8 @@
 //! The `codiff` element: GStreamer glue around [`crate::engine::Engine`].
 //!
 //! Settings (property values) and the per-stream state live in separate mutexes,
-//! copied or cloned at the top of each call and never held while the engine runs.
+//! copied or cloned at the top of each call and never held while the engine runs
+//! (the locks and their order: [`Codiff`]).
 //! The model is loaded at NULL->READY (again at READY->PAUSED if a model property
 //! changed in READY), shared through [`super::cache`], and released at READY->NULL.
 //! Model properties (`mutable_ready`) set in PAUSED or PLAYING are kept pending,
@@ -25,8 +26,8 @@ use std::time::Instant;
 use super::convert::{
     self, ChromaSiting, ColorModel, Component, Layout, Plane, PlaneMut, YuvMatrix,
 };
-use super::loading::{guarded, mode_name, Failure, Model};
-use super::settings::{self, CodiffLateFrames, CodiffOnError, Settings};
+use super::loading::{guarded, mode_name, Failure, Loaded};
+use super::settings::{self, CodiffLateFrames, CodiffOnError, Properties, Settings};
 use crate::engine::temporal::TemporalFilter;
 use crate::engine::{Cancel, Engine, EngineError, QfSource, Restoration, RgbImage};
 
@@ -153,30 +154,62 @@ fn write_frame_change(
         .map_err(|err| FrameError::failed("writing the frame", err))
 }
 
+/// The element.
+///
+/// # Locks
+///
+/// Each mutex guards one part of the element's state. It is held only to
+/// read, copy or update that part: never while the model runs, nor while a
+/// message is posted (a bus sync handler may call back into the element:
+/// `property()` takes `properties`).
+///
+/// No code path holds two of these mutexes at once. Where one ever must, it
+/// takes them in this order (a mutex only after those above it), never the
+/// other way round:
+///
+/// 1. `properties`: the property values and the model properties set while
+///    running ([`Properties`]). Taken by the property accessors, at the top of
+///    each frame (a copy), by loading and by the state changes.
+/// 2. `loaded`: the model and the element's own thread pool ([`Loaded`]):
+///    filled at NULL->READY and in `start`, emptied at READY->NULL; a frame
+///    takes its engine and pool from it and releases it.
+/// 3. `background`: the background restoration of `late-frames=carry`
+///    ([`Background`]): held while the previous restoration's thread, done,
+///    is joined and the next one started; `stop` takes the handle and joins
+///    the thread after releasing it.
+/// 4. `state`: the per-stream state ([`State`]), with the temporal filter's
+///    history: held while the temporal filter runs, by the streaming thread
+///    and by the background restoration's thread.
+/// 5. `stats`: the processing-time statistics ([`Stats`]).
+/// 6. `latency`: the pipeline latency from the LATENCY event.
+/// 7. `failing`: the on-error=passthrough run of failing frames.
+/// 8. `pending_qf`: hands the frame's QF from `transform_frame_ip` to
+///    `transform_ip`, on the streaming thread.
+///
+/// Outside these: `cancel`, `upstream_live` and [`Background`]'s `busy` are
+/// atomics. GStreamer's own locks (the object lock behind the element's
+/// state, clock and segment) and the model cache's mutexes ([`super::cache`])
+/// are taken with none of the mutexes above held; only debug logging, which
+/// reads the element's name, may run while one of them is held.
 #[derive(Default)]
 pub struct Codiff {
-    pub(super) settings: Mutex<Settings>,
-    pub(super) model: Mutex<Option<Model>>,
+    pub(super) properties: Mutex<Properties>,
+    pub(super) loaded: Mutex<Loaded>,
+    background: Mutex<Background>,
     state: Mutex<Option<State>>,
     stats: Mutex<Stats>,
-    /// QF of the frame just processed, for `transform_ip` to attach as meta.
-    pending_qf: Mutex<Option<(f64, &'static str, bool)>>,
-    /// Model properties set in PAUSED or PLAYING, applied at the next READY.
-    pending: Mutex<Option<Settings>>,
-    /// Stops the frame in the engine (see the module doc).
-    cancel: Cancel,
-    /// The element's own thread pool (`n-threads` > 0) and its size.
-    pub(super) pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
-    /// Whether the last frame failed under on-error=passthrough (one warning per run).
-    failing: Mutex<bool>,
     /// The pipeline latency from the LATENCY event.
     latency: Mutex<Option<gst::ClockTime>>,
+    /// Whether the last frame failed under on-error=passthrough (one warning per run).
+    failing: Mutex<bool>,
+    /// QF of the frame just processed, for `transform_ip` to attach as meta.
+    pending_qf: Mutex<Option<(f64, &'static str, bool)>>,
+    /// Stops the frame in the engine (see the module doc).
+    cancel: Cancel,
     /// Whether the last latency query found a live upstream. A bin sends the
     /// LATENCY event to non-live pipelines too (latency 0), and there frames
     /// are never due: a file is restored frame by frame however slow.
     upstream_live: std::sync::atomic::AtomicBool,
-    /// Live frames restored in the background (`late-frames=carry`).
-    background: Mutex<Background>,
 }
 
 /// The background restoration of live frames: while late frames leave on
@@ -237,20 +270,17 @@ fn chroma_siting(info: &gst_video::VideoInfo) -> ChromaSiting {
 impl Codiff {
     /// The smallest CaVE tile the loaded model accepts.
     fn min_cave_tile(&self) -> Option<usize> {
-        self.model
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|m| m.engine.min_cave_tile())
+        self.loaded.lock().unwrap().min_cave_tile()
     }
 
     /// The loaded model's engine, if a model is loaded.
     fn engine(&self) -> Option<Arc<Engine>> {
-        self.model.lock().unwrap().as_ref().map(|m| m.engine.clone())
+        self.loaded.lock().unwrap().engine()
     }
 
+    /// The element's own thread pool, if `n-threads` asked for one.
     fn thread_pool(&self) -> Option<Arc<rayon::ThreadPool>> {
-        self.pool.lock().unwrap().as_ref().map(|(_, p)| p.clone())
+        self.loaded.lock().unwrap().thread_pool()
     }
 
     /// Forget `temporal-smoothing`'s previous frame.
@@ -507,7 +537,7 @@ impl Codiff {
     /// query is right before the first frame. Runs once per size larger than any
     /// timed before; failures are left to the frames to report.
     fn warm_up(&self, info: &gst_video::VideoInfo) {
-        let settings = self.settings.lock().unwrap().clone();
+        let settings = self.properties.lock().unwrap().current.clone();
         if !settings.warm_up || !settings.enabled || settings.strength <= 0.0 {
             return;
         }
@@ -639,9 +669,8 @@ impl ObjectImpl for Codiff {
         let state = self.obj().current_state();
         if pspec.flags().contains(gst::PARAM_FLAG_MUTABLE_READY) && state > gst::State::Ready {
             // The model in use stays; property() reports it until the next READY.
-            let mut pending = self.pending.lock().unwrap();
-            let pending = pending.get_or_insert_with(|| self.settings.lock().unwrap().clone());
-            for warning in pending.set(value, pspec, None) {
+            let warnings = self.properties.lock().unwrap().set_pending(value, pspec);
+            for warning in warnings {
                 gst::warning!(CAT, imp = self, "{warning}");
             }
             gst::element_imp_warning!(
@@ -658,9 +687,10 @@ impl ObjectImpl for Codiff {
         }
         let min_cave_tile = self.min_cave_tile();
         let warnings = self
-            .settings
+            .properties
             .lock()
             .unwrap()
+            .current
             .set(value, pspec, min_cave_tile);
         for warning in warnings {
             gst::warning!(CAT, imp = self, "{warning}");
@@ -673,7 +703,7 @@ impl ObjectImpl for Codiff {
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
-        self.settings.lock().unwrap().get(pspec)
+        self.properties.lock().unwrap().current.get(pspec)
     }
 }
 
@@ -749,19 +779,21 @@ impl ElementImpl for Codiff {
         let ret = self.parent_change_state(transition)?;
         match transition {
             gst::StateChange::PausedToReady => {
-                if let Some(pending) = self.pending.lock().unwrap().take() {
+                let mut properties = self.properties.lock().unwrap();
+                if let Some(pending) = properties.pending.take() {
                     gst::info!(
                         CAT,
                         imp = self,
                         "applying the model properties set while running"
                     );
-                    self.settings.lock().unwrap().take_model_fields(&pending);
+                    properties.current.take_model_fields(&pending);
                 }
             }
             gst::StateChange::ReadyToNull => {
                 // The cache frees the model with its last user.
-                self.model.lock().unwrap().take();
-                self.pool.lock().unwrap().take();
+                let mut loaded = self.loaded.lock().unwrap();
+                loaded.model.take();
+                loaded.pool.take();
             }
             _ => (),
         }
@@ -782,7 +814,7 @@ impl BaseTransformImpl for Codiff {
         self.cancel.reset();
         *self.failing.lock().unwrap() = false;
         *self.stats.lock().unwrap() = Stats::default();
-        let enabled = self.settings.lock().unwrap().enabled;
+        let enabled = self.properties.lock().unwrap().current.enabled;
         self.obj().set_passthrough(!enabled);
         Ok(())
     }
@@ -905,7 +937,7 @@ impl VideoFilterImpl for Codiff {
         if self.cancel.is_cancelled() {
             return Err(gst::FlowError::Flushing);
         }
-        let settings = self.settings.lock().unwrap().clone();
+        let settings = self.properties.lock().unwrap().current.clone();
         let Some(engine) = self.engine() else {
             return Err(self.fail("no model", "the element was not started"));
         };

@@ -17,6 +17,32 @@ pub(super) struct Model {
     pub(super) engine: Arc<Engine>,
 }
 
+/// What runs the frames, set up before data flows (NULL->READY, `start`) and
+/// released at READY->NULL: the model and the thread pool it runs in.
+#[derive(Default)]
+pub(super) struct Loaded {
+    pub(super) model: Option<Model>,
+    /// The element's own thread pool (`n-threads` > 0) and its size.
+    pub(super) pool: Option<(u32, Arc<rayon::ThreadPool>)>,
+}
+
+impl Loaded {
+    /// The loaded model's engine, if a model is loaded.
+    pub(super) fn engine(&self) -> Option<Arc<Engine>> {
+        self.model.as_ref().map(|m| m.engine.clone())
+    }
+
+    /// The smallest CaVE tile the loaded model accepts.
+    pub(super) fn min_cave_tile(&self) -> Option<usize> {
+        self.model.as_ref().map(|m| m.engine.min_cave_tile())
+    }
+
+    /// The element's own thread pool, if `n-threads` asked for one.
+    pub(super) fn thread_pool(&self) -> Option<Arc<rayon::ThreadPool>> {
+        self.pool.as_ref().map(|(_, p)| p.clone())
+    }
+}
+
 /// Why a call into the engine failed.
 #[derive(Debug)]
 pub(super) enum Failure {
@@ -61,10 +87,10 @@ impl Codiff {
     /// held already matches them.
     pub(super) fn ensure_model(&self) -> Result<(), gst::ErrorMessage> {
         let (spec, fallbacks) = {
-            let settings = self.settings.lock().unwrap();
-            (settings.model_spec()?, settings.fallbacks())
+            let properties = self.properties.lock().unwrap();
+            (properties.current.model_spec()?, properties.current.fallbacks())
         };
-        if let Some(model) = self.model.lock().unwrap().as_ref() {
+        if let Some(model) = self.loaded.lock().unwrap().model.as_ref() {
             if model.spec == spec {
                 return Ok(());
             }
@@ -73,7 +99,7 @@ impl Codiff {
             gst::element_imp_warning!(self, gst::ResourceError::Settings, ("{warning}"));
         }
         // Drop a model loaded for other settings before loading the new one.
-        self.model.lock().unwrap().take();
+        self.loaded.lock().unwrap().model.take();
 
         let obj = self.obj();
         // Each step is posted twice: as a `codiff-progress` element message (field
@@ -131,20 +157,21 @@ impl Codiff {
         // Tile properties this model cannot use as set (adjusted at each frame).
         let min_cave_tile = engine.min_cave_tile();
         let (_, adjusted) = self
-            .settings
+            .properties
             .lock()
             .unwrap()
+            .current
             .restore_options(Some(min_cave_tile));
         for warning in adjusted {
             gst::warning!(CAT, imp = self, "{warning}");
         }
-        *self.model.lock().unwrap() = Some(Model { spec, engine });
+        self.loaded.lock().unwrap().model = Some(Model { spec, engine });
         Ok(())
     }
 
     /// Build the element's own thread pool when `n-threads` asks for one.
     pub(super) fn ensure_pool(&self) -> Result<(), gst::ErrorMessage> {
-        let n = self.settings.lock().unwrap().n_threads;
+        let n = self.properties.lock().unwrap().current.n_threads;
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as u32;
         let n = if n > cores {
             gst::element_imp_warning!(
@@ -156,7 +183,8 @@ impl Codiff {
         } else {
             n
         };
-        let mut pool = self.pool.lock().unwrap();
+        let mut loaded = self.loaded.lock().unwrap();
+        let pool = &mut loaded.pool;
         if n == 0 {
             *pool = None;
         } else if pool.as_ref().is_none_or(|(size, _)| *size != n) {

@@ -357,6 +357,29 @@ settings! {
     }
 }
 
+/// What the element's `properties` mutex guards: the property values in use
+/// and the model properties set while running.
+#[derive(Debug, Default)]
+pub(super) struct Properties {
+    /// What `property()` reads and the element runs with.
+    pub(super) current: Settings,
+    /// Model properties (`mutable_ready`) set in PAUSED or PLAYING: a copy of
+    /// `current` with them changed, applied at the next READY
+    /// ([`Settings::take_model_fields`]).
+    pub(super) pending: Option<Settings>,
+}
+
+impl Properties {
+    /// Keep the model property `pspec` set to `value` while running pending;
+    /// returns warnings for the log.
+    pub(super) fn set_pending(&mut self, value: &glib::Value, pspec: &glib::ParamSpec) -> Vec<String> {
+        let current = &self.current;
+        self.pending
+            .get_or_insert_with(|| current.clone())
+            .set(value, pspec, None)
+    }
+}
+
 impl Settings {
     /// The files and device to load, checked: the mode resolved, the device parsed,
     /// and every file the engine will open present.
