@@ -23,21 +23,14 @@ use gst_video::subclass::prelude::*;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
+use super::category::CAT;
 use super::convert::{
     self, ChromaSiting, ColorModel, Component, Layout, Plane, PlaneMut, YuvMatrix,
 };
-use super::loading::{guarded, mode_name, Failure, Loaded};
+use super::loading::{self, guarded, mode_name, Failure, Loaded};
 use super::settings::{self, CodiffLateFrames, CodiffOnError, Properties, Settings};
 use crate::engine::temporal::TemporalFilter;
 use crate::engine::{Cancel, Engine, EngineError, QfSource, Restoration, RgbImage};
-
-pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
-    gst::DebugCategory::new(
-        "codiff",
-        gst::DebugColorFlags::empty(),
-        Some("CODiff JPEG artifact removal"),
-    )
-});
 
 /// Name of the custom meta carrying the quality estimate of a processed buffer.
 pub const QF_META_NAME: &str = "CodiffQfMeta";
@@ -193,8 +186,8 @@ fn write_frame_change(
 /// reads the element's name, may run while one of them is held.
 #[derive(Default)]
 pub struct Codiff {
-    pub(super) properties: Mutex<Properties>,
-    pub(super) loaded: Mutex<Loaded>,
+    properties: Mutex<Properties>,
+    loaded: Mutex<Loaded>,
     background: Mutex<Background>,
     state: Mutex<Option<State>>,
     stats: Mutex<Stats>,
@@ -281,6 +274,16 @@ impl Codiff {
     /// The element's own thread pool, if `n-threads` asked for one.
     fn thread_pool(&self) -> Option<Arc<rayon::ThreadPool>> {
         self.loaded.lock().unwrap().thread_pool()
+    }
+
+    /// Load the model (see [`loading::ensure_model`]).
+    fn ensure_model(&self) -> Result<(), gst::ErrorMessage> {
+        loading::ensure_model(self.obj().upcast_ref(), &self.properties, &self.loaded)
+    }
+
+    /// Build the thread pool (see [`loading::ensure_pool`]).
+    fn ensure_pool(&self) -> Result<(), gst::ErrorMessage> {
+        loading::ensure_pool(self.obj().upcast_ref(), &self.properties, &self.loaded)
     }
 
     /// Forget `temporal-smoothing`'s previous frame.

@@ -80,6 +80,7 @@
 use gst::glib;
 use gst::prelude::*;
 
+mod category;
 mod imp;
 mod loading;
 mod property;
