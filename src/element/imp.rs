@@ -30,7 +30,9 @@ use super::convert::{
 use super::loading::{self, guarded, mode_name, Failure, Loaded};
 use super::settings::{self, CodiffLateFrames, CodiffOnError, Properties, Settings};
 use crate::engine::temporal::TemporalFilter;
-use crate::engine::{Cancel, Engine, EngineError, QfSource, Restoration, RgbImage};
+use crate::engine::{
+    Cancel, Engine, EngineError, QfSource, Restoration, RestoreOptions, RgbImage,
+};
 
 /// Name of the custom meta carrying the quality estimate of a processed buffer.
 pub const QF_META_NAME: &str = "CodiffQfMeta";
@@ -101,6 +103,35 @@ fn in_pool<T: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> T + Se
         Some(pool) => pool.install(f),
         None => f(),
     }
+}
+
+/// The size limits, checked before anything is allocated for the frame:
+/// refuse a `width`x`height` frame above `max-frame-pixels`, and one the
+/// process has not the memory for. Returns the options the frame runs with
+/// and the warnings about tile properties adjusted in them.
+fn check_frame_size(
+    settings: &Settings,
+    engine: &Engine,
+    width: usize,
+    height: usize,
+) -> Result<(RestoreOptions, Vec<String>), FrameError> {
+    let pixels = width as u64 * height as u64;
+    if settings.max_frame_pixels > 0 && pixels > settings.max_frame_pixels {
+        return Err(FrameError::failed(
+            "frame too large",
+            format!(
+                "{width}x{height} is {pixels} pixels, more than max-frame-pixels={}",
+                settings.max_frame_pixels
+            ),
+        ));
+    }
+    // ... and frames the process has not the memory for (the element's own
+    // copies of the frame: packed RGB three times)
+    let (opts, adjusted) = settings.restore_options(Some(engine.min_cave_tile()));
+    engine
+        .check_memory(width, height, &opts, 9 * pixels)
+        .map_err(|err| FrameError::failed("frame too large for the memory left", err))?;
+    Ok((opts, adjusted))
 }
 
 /// The frame's plane strides and its picture as packed RGB.
@@ -450,23 +481,7 @@ impl Codiff {
         siting: ChromaSiting,
     ) -> Result<Restoration, FrameError> {
         let (width, height) = (frame.width() as usize, frame.height() as usize);
-        // Refuse oversized frames before anything is allocated for them.
-        let pixels = width as u64 * height as u64;
-        if settings.max_frame_pixels > 0 && pixels > settings.max_frame_pixels {
-            return Err(FrameError::failed(
-                "frame too large",
-                format!(
-                    "{width}x{height} is {pixels} pixels, more than max-frame-pixels={}",
-                    settings.max_frame_pixels
-                ),
-            ));
-        }
-        // ... and frames the process has not the memory for (the element's own
-        // copies of the frame: packed RGB three times)
-        let (mut opts, adjusted) = settings.restore_options(Some(engine.min_cave_tile()));
-        engine
-            .check_memory(width, height, &opts, 9 * pixels)
-            .map_err(|err| FrameError::failed("frame too large for the memory left", err))?;
+        let (opts, adjusted) = check_frame_size(settings, engine, width, height)?;
         let (strides, input) = read_frame(frame, layout, siting)?;
 
         let strength = settings.strength.clamp(0.0, 1.0) as f32;
@@ -476,33 +491,7 @@ impl Codiff {
         // The frame as read: the temporal filter's motion test, and the
         // reference the restored image's change is measured against.
         let original = (strength > 0.0).then(|| image.clone());
-        let pool = self.thread_pool();
-        let estimate = if strength > 0.0 {
-            for a in adjusted {
-                gst::debug!(CAT, imp = self, "{a}");
-            }
-            opts.cancel = self.cancel.clone();
-            in_pool(pool.as_deref(), || {
-                guarded(|| engine.restore_report(&mut image, &opts))
-            })
-        } else {
-            let estimate = || -> Result<(f32, QfSource), EngineError> {
-                if settings.qf > 0 {
-                    Ok((settings.qf as f32, QfSource::Model))
-                } else if settings.guard {
-                    engine.estimate_quality(&image)
-                } else {
-                    Ok((engine.estimate_qf(&image)?, QfSource::Model))
-                }
-            };
-            in_pool(pool.as_deref(), || guarded(estimate)).map(|(qf, qf_source)| Restoration {
-                qf,
-                qf_source,
-                restored: false,
-                guarded_blocks: 0,
-            })
-        }
-        .map_err(|err| FrameError::engine("restoring the frame failed", err))?;
+        let estimate = self.run_engine(&mut image, settings, engine, opts, adjusted, strength)?;
 
         if estimate.restored {
             if (image.width, image.height) != (width, height) {
@@ -515,24 +504,77 @@ impl Codiff {
                 ));
             }
             let read = original.as_ref().expect("kept when restoring");
-            if let Some(state) = self.state.lock().unwrap().as_mut() {
-                // the output becomes the previous frame of the next one
-                // (smoothed or carried from it)
-                if smoothing > 0.0 {
-                    state
-                        .temporal
-                        .apply(smoothing, read, &mut image)
-                        .map_err(|err| FrameError::failed("temporal smoothing", err))?;
-                } else {
-                    state.temporal.adopt(read, &image);
-                }
-            }
+            self.smooth_temporally(read, &mut image, smoothing)?;
             write_frame_change(frame, &strides, layout, siting, &read.data, &image.data, strength)?;
-        }
-        if !estimate.restored {
+        } else {
             self.reset_temporal();
         }
         Ok(estimate)
+    }
+
+    /// Run the engine on `image` in the element's thread pool (`n-threads`),
+    /// a panic turned into an error: restore it in place when `strength` > 0
+    /// (with `opts`, logging the tile `adjusted` ones), else only read its
+    /// quality.
+    fn run_engine(
+        &self,
+        image: &mut RgbImage,
+        settings: &Settings,
+        engine: &Arc<Engine>,
+        mut opts: RestoreOptions,
+        adjusted: Vec<String>,
+        strength: f32,
+    ) -> Result<Restoration, FrameError> {
+        let pool = self.thread_pool();
+        if strength > 0.0 {
+            for a in adjusted {
+                gst::debug!(CAT, imp = self, "{a}");
+            }
+            opts.cancel = self.cancel.clone();
+            in_pool(pool.as_deref(), || {
+                guarded(|| engine.restore_report(image, &opts))
+            })
+        } else {
+            let estimate = || -> Result<(f32, QfSource), EngineError> {
+                if settings.qf > 0 {
+                    Ok((settings.qf as f32, QfSource::Model))
+                } else if settings.guard {
+                    engine.estimate_quality(image)
+                } else {
+                    Ok((engine.estimate_qf(image)?, QfSource::Model))
+                }
+            };
+            in_pool(pool.as_deref(), || guarded(estimate)).map(|(qf, qf_source)| Restoration {
+                qf,
+                qf_source,
+                restored: false,
+                guarded_blocks: 0,
+            })
+        }
+        .map_err(|err| FrameError::engine("restoring the frame failed", err))
+    }
+
+    /// The temporal filter on a restored frame: `image` (restored from
+    /// `read`) is smoothed toward the previous output when `smoothing` is
+    /// above 0, and becomes the previous frame of the next one (smoothed or
+    /// carried from it).
+    fn smooth_temporally(
+        &self,
+        read: &RgbImage,
+        image: &mut RgbImage,
+        smoothing: f32,
+    ) -> Result<(), FrameError> {
+        if let Some(state) = self.state.lock().unwrap().as_mut() {
+            if smoothing > 0.0 {
+                state
+                    .temporal
+                    .apply(smoothing, read, image)
+                    .map_err(|err| FrameError::failed("temporal smoothing", err))?;
+            } else {
+                state.temporal.adopt(read, image);
+            }
+        }
+        Ok(())
     }
 
     /// Time one restore of a test pattern of the negotiated size (at most
