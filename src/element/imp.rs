@@ -1,7 +1,8 @@
 //! The `codiff` element: GStreamer glue around [`crate::engine::Engine`].
 //!
 //! Settings (property values) and the per-stream state live in separate mutexes,
-//! copied or cloned at the top of each call and never held while the engine runs.
+//! copied or cloned at the top of each call and never held while the engine runs
+//! (the locks and their order: [`Codiff`]).
 //! The model is loaded at NULL->READY (again at READY->PAUSED if a model property
 //! changed in READY), shared through [`super::cache`], and released at READY->NULL.
 //! Model properties (`mutable_ready`) set in PAUSED or PLAYING are kept pending,
@@ -22,21 +23,16 @@ use gst_video::subclass::prelude::*;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
+use super::category::CAT;
 use super::convert::{
     self, ChromaSiting, ColorModel, Component, Layout, Plane, PlaneMut, YuvMatrix,
 };
-use super::loading::{guarded, mode_name, Failure, Model};
-use super::settings::{self, CodiffLateFrames, CodiffOnError, Settings};
+use super::loading::{self, guarded, mode_name, Failure, Loaded};
+use super::settings::{self, CodiffLateFrames, CodiffOnError, Properties, Settings};
 use crate::engine::temporal::TemporalFilter;
-use crate::engine::{Cancel, Engine, EngineError, QfSource, Restoration, RgbImage};
-
-pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
-    gst::DebugCategory::new(
-        "codiff",
-        gst::DebugColorFlags::empty(),
-        Some("CODiff JPEG artifact removal"),
-    )
-});
+use crate::engine::{
+    Cancel, Engine, EngineError, QfSource, Restoration, RestoreOptions, RgbImage,
+};
 
 /// Name of the custom meta carrying the quality estimate of a processed buffer.
 pub const QF_META_NAME: &str = "CodiffQfMeta";
@@ -109,6 +105,35 @@ fn in_pool<T: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> T + Se
     }
 }
 
+/// The size limits, checked before anything is allocated for the frame:
+/// refuse a `width`x`height` frame above `max-frame-pixels`, and one the
+/// process has not the memory for. Returns the options the frame runs with
+/// and the warnings about tile properties adjusted in them.
+fn check_frame_size(
+    settings: &Settings,
+    engine: &Engine,
+    width: usize,
+    height: usize,
+) -> Result<(RestoreOptions, Vec<String>), FrameError> {
+    let pixels = width as u64 * height as u64;
+    if settings.max_frame_pixels > 0 && pixels > settings.max_frame_pixels {
+        return Err(FrameError::failed(
+            "frame too large",
+            format!(
+                "{width}x{height} is {pixels} pixels, more than max-frame-pixels={}",
+                settings.max_frame_pixels
+            ),
+        ));
+    }
+    // ... and frames the process has not the memory for (the element's own
+    // copies of the frame: packed RGB three times)
+    let (opts, adjusted) = settings.restore_options(Some(engine.min_cave_tile()));
+    engine
+        .check_memory(width, height, &opts, 9 * pixels)
+        .map_err(|err| FrameError::failed("frame too large for the memory left", err))?;
+    Ok((opts, adjusted))
+}
+
 /// The frame's plane strides and its picture as packed RGB.
 fn read_frame(
     frame: &gst_video::VideoFrameRef<&mut gst::BufferRef>,
@@ -153,30 +178,62 @@ fn write_frame_change(
         .map_err(|err| FrameError::failed("writing the frame", err))
 }
 
+/// The element.
+///
+/// # Locks
+///
+/// Each mutex guards one part of the element's state. It is held only to
+/// read, copy or update that part: never while the model runs, nor while a
+/// message is posted (a bus sync handler may call back into the element:
+/// `property()` takes `properties`).
+///
+/// No code path holds two of these mutexes at once. Where one ever must, it
+/// takes them in this order (a mutex only after those above it), never the
+/// other way round:
+///
+/// 1. `properties`: the property values and the model properties set while
+///    running ([`Properties`]). Taken by the property accessors, at the top of
+///    each frame (a copy), by loading and by the state changes.
+/// 2. `loaded`: the model and the element's own thread pool ([`Loaded`]):
+///    filled at NULL->READY and in `start`, emptied at READY->NULL; a frame
+///    takes its engine and pool from it and releases it.
+/// 3. `background`: the background restoration of `late-frames=carry`
+///    ([`Background`]): held while the previous restoration's thread, done,
+///    is joined and the next one started; `stop` takes the handle and joins
+///    the thread after releasing it.
+/// 4. `state`: the per-stream state ([`State`]), with the temporal filter's
+///    history: held while the temporal filter runs, by the streaming thread
+///    and by the background restoration's thread.
+/// 5. `stats`: the processing-time statistics ([`Stats`]).
+/// 6. `latency`: the pipeline latency from the LATENCY event.
+/// 7. `failing`: the on-error=passthrough run of failing frames.
+/// 8. `pending_qf`: hands the frame's QF from `transform_frame_ip` to
+///    `transform_ip`, on the streaming thread.
+///
+/// Outside these: `cancel`, `upstream_live` and [`Background`]'s `busy` are
+/// atomics. GStreamer's own locks (the object lock behind the element's
+/// state, clock and segment) and the model cache's mutexes ([`super::cache`])
+/// are taken with none of the mutexes above held; only debug logging, which
+/// reads the element's name, may run while one of them is held.
 #[derive(Default)]
 pub struct Codiff {
-    pub(super) settings: Mutex<Settings>,
-    pub(super) model: Mutex<Option<Model>>,
+    properties: Mutex<Properties>,
+    loaded: Mutex<Loaded>,
+    background: Mutex<Background>,
     state: Mutex<Option<State>>,
     stats: Mutex<Stats>,
-    /// QF of the frame just processed, for `transform_ip` to attach as meta.
-    pending_qf: Mutex<Option<(f64, &'static str, bool)>>,
-    /// Model properties set in PAUSED or PLAYING, applied at the next READY.
-    pending: Mutex<Option<Settings>>,
-    /// Stops the frame in the engine (see the module doc).
-    cancel: Cancel,
-    /// The element's own thread pool (`n-threads` > 0) and its size.
-    pub(super) pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
-    /// Whether the last frame failed under on-error=passthrough (one warning per run).
-    failing: Mutex<bool>,
     /// The pipeline latency from the LATENCY event.
     latency: Mutex<Option<gst::ClockTime>>,
+    /// Whether the last frame failed under on-error=passthrough (one warning per run).
+    failing: Mutex<bool>,
+    /// QF of the frame just processed, for `transform_ip` to attach as meta.
+    pending_qf: Mutex<Option<(f64, &'static str, bool)>>,
+    /// Stops the frame in the engine (see the module doc).
+    cancel: Cancel,
     /// Whether the last latency query found a live upstream. A bin sends the
     /// LATENCY event to non-live pipelines too (latency 0), and there frames
     /// are never due: a file is restored frame by frame however slow.
     upstream_live: std::sync::atomic::AtomicBool,
-    /// Live frames restored in the background (`late-frames=carry`).
-    background: Mutex<Background>,
 }
 
 /// The background restoration of live frames: while late frames leave on
@@ -237,20 +294,27 @@ fn chroma_siting(info: &gst_video::VideoInfo) -> ChromaSiting {
 impl Codiff {
     /// The smallest CaVE tile the loaded model accepts.
     fn min_cave_tile(&self) -> Option<usize> {
-        self.model
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|m| m.engine.min_cave_tile())
+        self.loaded.lock().unwrap().min_cave_tile()
     }
 
     /// The loaded model's engine, if a model is loaded.
     fn engine(&self) -> Option<Arc<Engine>> {
-        self.model.lock().unwrap().as_ref().map(|m| m.engine.clone())
+        self.loaded.lock().unwrap().engine()
     }
 
+    /// The element's own thread pool, if `n-threads` asked for one.
     fn thread_pool(&self) -> Option<Arc<rayon::ThreadPool>> {
-        self.pool.lock().unwrap().as_ref().map(|(_, p)| p.clone())
+        self.loaded.lock().unwrap().thread_pool()
+    }
+
+    /// Load the model (see [`loading::ensure_model`]).
+    fn ensure_model(&self) -> Result<(), gst::ErrorMessage> {
+        loading::ensure_model(self.obj().upcast_ref(), &self.properties, &self.loaded)
+    }
+
+    /// Build the thread pool (see [`loading::ensure_pool`]).
+    fn ensure_pool(&self) -> Result<(), gst::ErrorMessage> {
+        loading::ensure_pool(self.obj().upcast_ref(), &self.properties, &self.loaded)
     }
 
     /// Forget `temporal-smoothing`'s previous frame.
@@ -417,23 +481,7 @@ impl Codiff {
         siting: ChromaSiting,
     ) -> Result<Restoration, FrameError> {
         let (width, height) = (frame.width() as usize, frame.height() as usize);
-        // Refuse oversized frames before anything is allocated for them.
-        let pixels = width as u64 * height as u64;
-        if settings.max_frame_pixels > 0 && pixels > settings.max_frame_pixels {
-            return Err(FrameError::failed(
-                "frame too large",
-                format!(
-                    "{width}x{height} is {pixels} pixels, more than max-frame-pixels={}",
-                    settings.max_frame_pixels
-                ),
-            ));
-        }
-        // ... and frames the process has not the memory for (the element's own
-        // copies of the frame: packed RGB three times)
-        let (mut opts, adjusted) = settings.restore_options(Some(engine.min_cave_tile()));
-        engine
-            .check_memory(width, height, &opts, 9 * pixels)
-            .map_err(|err| FrameError::failed("frame too large for the memory left", err))?;
+        let (opts, adjusted) = check_frame_size(settings, engine, width, height)?;
         let (strides, input) = read_frame(frame, layout, siting)?;
 
         let strength = settings.strength.clamp(0.0, 1.0) as f32;
@@ -443,34 +491,7 @@ impl Codiff {
         // The frame as read: the temporal filter's motion test, and the
         // reference the restored image's change is measured against.
         let original = (strength > 0.0).then(|| image.clone());
-        let pool = self.thread_pool();
-        let estimate = if strength > 0.0 {
-            for a in adjusted {
-                gst::debug!(CAT, imp = self, "{a}");
-            }
-            opts.cancel = self.cancel.clone();
-            in_pool(pool.as_deref(), || {
-                guarded(|| engine.restore_report(&mut image, &opts))
-            })
-        } else {
-            opts.cancel = self.cancel.clone();
-            let estimate = || -> Result<(f32, QfSource), EngineError> {
-                if settings.qf > 0 {
-                    Ok((settings.qf as f32, QfSource::Model))
-                } else if settings.guard {
-                    engine.estimate_quality(&image, &opts)
-                } else {
-                    Ok((engine.estimate_qf(&image, &opts)?, QfSource::Model))
-                }
-            };
-            in_pool(pool.as_deref(), || guarded(estimate)).map(|(qf, qf_source)| Restoration {
-                qf,
-                qf_source,
-                restored: false,
-                guarded_blocks: 0,
-            })
-        }
-        .map_err(|err| FrameError::engine("restoring the frame failed", err))?;
+        let estimate = self.run_engine(&mut image, settings, engine, opts, adjusted, strength)?;
 
         if estimate.restored {
             if (image.width, image.height) != (width, height) {
@@ -483,24 +504,78 @@ impl Codiff {
                 ));
             }
             let read = original.as_ref().expect("kept when restoring");
-            if let Some(state) = self.state.lock().unwrap().as_mut() {
-                // the output becomes the previous frame of the next one
-                // (smoothed or carried from it)
-                if smoothing > 0.0 {
-                    state
-                        .temporal
-                        .apply(smoothing, read, &mut image)
-                        .map_err(|err| FrameError::failed("temporal smoothing", err))?;
-                } else {
-                    state.temporal.adopt(read, &image);
-                }
-            }
+            self.smooth_temporally(read, &mut image, smoothing)?;
             write_frame_change(frame, &strides, layout, siting, &read.data, &image.data, strength)?;
-        }
-        if !estimate.restored {
+        } else {
             self.reset_temporal();
         }
         Ok(estimate)
+    }
+
+    /// Run the engine on `image` in the element's thread pool (`n-threads`),
+    /// a panic turned into an error: restore it in place when `strength` > 0
+    /// (with `opts`, logging the tile `adjusted` ones), else only read its
+    /// quality.
+    fn run_engine(
+        &self,
+        image: &mut RgbImage,
+        settings: &Settings,
+        engine: &Arc<Engine>,
+        mut opts: RestoreOptions,
+        adjusted: Vec<String>,
+        strength: f32,
+    ) -> Result<Restoration, FrameError> {
+        let pool = self.thread_pool();
+        if strength > 0.0 {
+            for a in adjusted {
+                gst::debug!(CAT, imp = self, "{a}");
+            }
+            opts.cancel = self.cancel.clone();
+            in_pool(pool.as_deref(), || {
+                guarded(|| engine.restore_report(image, &opts))
+            })
+        } else {
+            opts.cancel = self.cancel.clone();
+            let estimate = || -> Result<(f32, QfSource), EngineError> {
+                if settings.qf > 0 {
+                    Ok((settings.qf as f32, QfSource::Model))
+                } else if settings.guard {
+                    engine.estimate_quality(image, &opts)
+                } else {
+                    Ok((engine.estimate_qf(image, &opts)?, QfSource::Model))
+                }
+            };
+            in_pool(pool.as_deref(), || guarded(estimate)).map(|(qf, qf_source)| Restoration {
+                qf,
+                qf_source,
+                restored: false,
+                guarded_blocks: 0,
+            })
+        }
+        .map_err(|err| FrameError::engine("restoring the frame failed", err))
+    }
+
+    /// The temporal filter on a restored frame: `image` (restored from
+    /// `read`) is smoothed toward the previous output when `smoothing` is
+    /// above 0, and becomes the previous frame of the next one (smoothed or
+    /// carried from it).
+    fn smooth_temporally(
+        &self,
+        read: &RgbImage,
+        image: &mut RgbImage,
+        smoothing: f32,
+    ) -> Result<(), FrameError> {
+        if let Some(state) = self.state.lock().unwrap().as_mut() {
+            if smoothing > 0.0 {
+                state
+                    .temporal
+                    .apply(smoothing, read, image)
+                    .map_err(|err| FrameError::failed("temporal smoothing", err))?;
+            } else {
+                state.temporal.adopt(read, image);
+            }
+        }
+        Ok(())
     }
 
     /// Time one restore of a test pattern of the negotiated size (at most
@@ -508,7 +583,7 @@ impl Codiff {
     /// query is right before the first frame. Runs once per size larger than any
     /// timed before; failures are left to the frames to report.
     fn warm_up(&self, info: &gst_video::VideoInfo) {
-        let settings = self.settings.lock().unwrap().clone();
+        let settings = self.properties.lock().unwrap().current.clone();
         if !settings.warm_up || !settings.enabled || settings.strength <= 0.0 {
             return;
         }
@@ -640,9 +715,8 @@ impl ObjectImpl for Codiff {
         let state = self.obj().current_state();
         if pspec.flags().contains(gst::PARAM_FLAG_MUTABLE_READY) && state > gst::State::Ready {
             // The model in use stays; property() reports it until the next READY.
-            let mut pending = self.pending.lock().unwrap();
-            let pending = pending.get_or_insert_with(|| self.settings.lock().unwrap().clone());
-            for warning in pending.set(value, pspec) {
+            let warnings = self.properties.lock().unwrap().set_pending(value, pspec);
+            for warning in warnings {
                 gst::warning!(CAT, imp = self, "{warning}");
             }
             gst::element_imp_warning!(
@@ -658,14 +732,12 @@ impl ObjectImpl for Codiff {
             return;
         }
         let min_cave_tile = self.min_cave_tile();
-        let warnings = {
-            let mut settings = self.settings.lock().unwrap();
-            let mut warnings = settings.set(value, pspec);
-            if pspec.name() == "cave-tile" {
-                warnings.extend(settings.restore_options(min_cave_tile).1);
-            }
-            warnings
-        };
+        let warnings = self
+            .properties
+            .lock()
+            .unwrap()
+            .current
+            .set(value, pspec, min_cave_tile);
         for warning in warnings {
             gst::warning!(CAT, imp = self, "{warning}");
         }
@@ -677,7 +749,7 @@ impl ObjectImpl for Codiff {
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
-        self.settings.lock().unwrap().get(pspec)
+        self.properties.lock().unwrap().current.get(pspec)
     }
 }
 
@@ -753,19 +825,21 @@ impl ElementImpl for Codiff {
         let ret = self.parent_change_state(transition)?;
         match transition {
             gst::StateChange::PausedToReady => {
-                if let Some(pending) = self.pending.lock().unwrap().take() {
+                let mut properties = self.properties.lock().unwrap();
+                if let Some(pending) = properties.pending.take() {
                     gst::info!(
                         CAT,
                         imp = self,
                         "applying the model properties set while running"
                     );
-                    self.settings.lock().unwrap().take_model_fields(&pending);
+                    properties.current.take_model_fields(&pending);
                 }
             }
             gst::StateChange::ReadyToNull => {
                 // The cache frees the model with its last user.
-                self.model.lock().unwrap().take();
-                self.pool.lock().unwrap().take();
+                let mut loaded = self.loaded.lock().unwrap();
+                loaded.model.take();
+                loaded.pool.take();
             }
             _ => (),
         }
@@ -786,7 +860,7 @@ impl BaseTransformImpl for Codiff {
         self.cancel.reset();
         *self.failing.lock().unwrap() = false;
         *self.stats.lock().unwrap() = Stats::default();
-        let enabled = self.settings.lock().unwrap().enabled;
+        let enabled = self.properties.lock().unwrap().current.enabled;
         self.obj().set_passthrough(!enabled);
         Ok(())
     }
@@ -909,7 +983,7 @@ impl VideoFilterImpl for Codiff {
         if self.cancel.is_cancelled() {
             return Err(gst::FlowError::Flushing);
         }
-        let settings = self.settings.lock().unwrap().clone();
+        let settings = self.properties.lock().unwrap().current.clone();
         let Some(engine) = self.engine() else {
             return Err(self.fail("no model", "the element was not started"));
         };

@@ -80,8 +80,10 @@
 use gst::glib;
 use gst::prelude::*;
 
+mod category;
 mod imp;
 mod loading;
+mod property;
 mod settings;
 
 pub mod cache;

@@ -1,12 +1,13 @@
-//! Property values of the `codiff` element: the enums, the defaults, [`Settings`],
-//! the property specs and how a property is set and read.
+//! Property values of the `codiff` element: the enums, the property table
+//! (name, nick, blurb, range, default, flags, checks of every property, in one
+//! list), [`Settings`] and what the element derives from them.
 use gst::glib;
 use gst::prelude::*;
 
-use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
+use super::property::{settings, Bool, Double, Enum, File, OptionalFile, Text, UInt, UInt64};
 use crate::engine::{
     default_weights_path, ColorFix, DeviceSpec, Mode, ModelSpec, Precision, RestoreOptions,
 };
@@ -118,100 +119,261 @@ pub enum CodiffLateFrames {
     Drop = 2,
 }
 
-pub(super) const DEFAULT_MODE: CodiffMode = CodiffMode::Auto;
-pub(super) const DEFAULT_DEVICE: &str = "cpu";
-pub(super) const DEFAULT_PRECISION: CodiffPrecision = CodiffPrecision::Auto;
-pub(super) const DEFAULT_COLOR_FIX: CodiffColorFix = CodiffColorFix::Adain;
-pub(super) const DEFAULT_LATENT_TILE: u32 = 96;
-pub(super) const MAX_LATENT_TILE: u32 = 4096;
-pub(super) const DEFAULT_LATENT_OVERLAP: u32 = 32;
-pub(super) const MAX_LATENT_OVERLAP: u32 = 2048;
-pub(super) const DEFAULT_VAE_ENCODER_TILE: u32 = 1024;
-pub(super) const DEFAULT_VAE_DECODER_TILE: u32 = 224;
-pub(super) const DEFAULT_CAVE_TILE: u32 = 2048;
+/// Largest pixel tile side (`vae-encoder-tile`, `cave-tile`; `vae-decoder-tile`
+/// is in latent pixels: an eighth of it).
 pub(super) const MAX_PIXEL_TILE: u32 = 32768;
-pub(super) const DEFAULT_STRENGTH: f64 = 1.0;
-pub(super) const DEFAULT_QF: u32 = 0;
-pub(super) const DEFAULT_ENABLED: bool = true;
-pub(super) const DEFAULT_ON_ERROR: CodiffOnError = CodiffOnError::Fail;
-/// 4096x4096: DCI 4K and 3840x2160 pass; an 8000x8000 frame (what a 2 KB JPEG can
-/// claim) is refused. CaVE mode takes about 200 bytes per pixel (3.4 GB here),
-/// diffusion mode at 3840x2160 7.6 GB peak (most of it the model).
-pub(super) const DEFAULT_MAX_FRAME_PIXELS: u64 = 4096 * 4096;
-pub(super) const DEFAULT_POST_MESSAGES: bool = true;
-pub(super) const DEFAULT_N_THREADS: u32 = 0;
-pub(super) const MAX_N_THREADS: u32 = 1024;
-pub(super) const DEFAULT_WARM_UP: bool = true;
-/// Weight of the previous output on still content (examples/flicker.rs, README
-/// "Flicker"): at 0.5 a still scene at QF 15 no longer flickers more than its input.
-pub(super) const DEFAULT_TEMPORAL_SMOOTHING: f64 = 0.75;
-pub(super) const DEFAULT_GUARD: bool = true;
-pub(super) const DEFAULT_LATE_FRAMES: CodiffLateFrames = CodiffLateFrames::Carry;
-/// Smallest latent tile used (latent px; 256 image px): smaller tiles cost more
-/// UNet calls than they save memory.
-pub(super) const MIN_LATENT_TILE: u32 = 32;
 /// The default `weights` is [`default_weights_path()`] (`$CODIFF_WEIGHTS` or the
 /// source tree's `weights/codiff-cave-compact.safetensors`).
 pub(super) static DEFAULT_WEIGHTS: LazyLock<String> =
     LazyLock::new(|| default_weights_path().to_string_lossy().into_owned());
 
-/// Property values.
-#[derive(Debug, Clone)]
-pub(super) struct Settings {
-    pub(super) mode: CodiffMode,
-    pub(super) weights: PathBuf,
-    pub(super) sd_model: Option<PathBuf>,
-    pub(super) codiff_checkpoint: Option<PathBuf>,
-    pub(super) cave_checkpoint: Option<PathBuf>,
-    pub(super) device: String,
-    pub(super) precision: CodiffPrecision,
-    pub(super) color_fix: CodiffColorFix,
-    pub(super) latent_tile: u32,
-    pub(super) latent_overlap: u32,
-    pub(super) vae_encoder_tile: u32,
-    pub(super) vae_decoder_tile: u32,
-    pub(super) cave_tile: u32,
-    pub(super) strength: f64,
-    pub(super) qf: u32,
-    pub(super) enabled: bool,
-    pub(super) on_error: CodiffOnError,
-    pub(super) max_frame_pixels: u64,
-    pub(super) post_messages: bool,
-    pub(super) n_threads: u32,
-    pub(super) warm_up: bool,
-    pub(super) temporal_smoothing: f64,
-    pub(super) guard: bool,
-    pub(super) late_frames: CodiffLateFrames,
+// The element's properties, in the order of their specs. `mutable_ready`
+// marks a model property: loaded at NULL->READY, kept pending when set in
+// PAUSED or PLAYING (see [`Properties`]). See `property.rs` for the kinds and
+// what the macro makes of this list.
+settings! {
+    mode: CodiffMode {
+        name: "mode",
+        nick: "Mode",
+        blurb: "Restoration network: auto picks diffusion when sd-model and codiff-checkpoint are set, else CaVE",
+        kind: Enum(CodiffMode::Auto),
+        flags: mutable_ready,
+    }
+    weights: PathBuf {
+        name: "weights",
+        nick: "Weights",
+        blurb: "Compact CaVE model (safetensors); default $CODIFF_WEIGHTS or the shipped weights/codiff-cave-compact.safetensors",
+        kind: File(DEFAULT_WEIGHTS.as_str()),
+        flags: mutable_ready,
+    }
+    sd_model: Option<PathBuf> {
+        name: "sd-model",
+        nick: "SD model",
+        blurb: "Stable Diffusion 2.1-base folder in diffusers layout (unet/, vae/, scheduler/), for mode=diffusion",
+        kind: OptionalFile,
+        flags: mutable_ready,
+    }
+    codiff_checkpoint: Option<PathBuf> {
+        name: "codiff-checkpoint",
+        nick: "CODiff checkpoint",
+        blurb: "Official codiff.pkl (LoRA and projection), for mode=diffusion",
+        kind: OptionalFile,
+        flags: mutable_ready,
+    }
+    cave_checkpoint: Option<PathBuf> {
+        name: "cave-checkpoint",
+        nick: "CaVE checkpoint",
+        blurb: "Official cave.pth (or a safetensors CaVE); replaces the CaVE of the weights file",
+        kind: OptionalFile,
+        flags: mutable_ready,
+    }
+    device: String {
+        name: "device",
+        nick: "Device",
+        blurb: "Where the model runs: cpu, cuda or cuda:N",
+        kind: Text("cpu"),
+        flags: mutable_ready,
+        check: Settings::device_warning,
+    }
+    precision: CodiffPrecision {
+        name: "precision",
+        nick: "Precision",
+        blurb: "Floating-point precision of the UNet and VAE",
+        kind: Enum(CodiffPrecision::Auto),
+        flags: mutable_ready,
+    }
+    color_fix: CodiffColorFix {
+        name: "color-fix",
+        nick: "Colour fix",
+        blurb: "Colour correction of the restored frame against the input",
+        kind: Enum(CodiffColorFix::Adain),
+        flags: mutable_playing,
+    }
+    latent_tile: u32 {
+        name: "latent-tile",
+        nick: "Latent tile",
+        blurb: "Side of the latent tiles in latent pixels (1/8 of image pixels), 0 = never tile; \
+                values under 32 run as 32 (with a warning)",
+        kind: UInt { max: 4096, default: 96 },
+        flags: mutable_playing,
+        check: Settings::latent_tile_warnings,
+    }
+    latent_overlap: u32 {
+        name: "latent-overlap",
+        nick: "Latent overlap",
+        blurb: "Overlap of neighbouring latent tiles in latent pixels; more than half of latent-tile \
+                runs as half (with a warning)",
+        kind: UInt { max: 2048, default: 32 },
+        flags: mutable_playing,
+        check: Settings::latent_tile_warnings,
+    }
+    vae_encoder_tile: u32 {
+        name: "vae-encoder-tile",
+        nick: "VAE encoder tile",
+        blurb: "VAE encoder tile side in image pixels (diffusion mode; the official \
+                vae_encoder_tiled_size): frames larger than this are encoded in tiles, 0 = never tile",
+        kind: UInt { max: MAX_PIXEL_TILE, default: 1024 },
+        flags: mutable_playing,
+    }
+    vae_decoder_tile: u32 {
+        name: "vae-decoder-tile",
+        nick: "VAE decoder tile",
+        blurb: "VAE decoder tile side in latent pixels (1 latent px = 8 image px; diffusion mode; \
+                the official vae_decoder_tiled_size): larger latents are decoded in tiles, 0 = never tile",
+        kind: UInt { max: MAX_PIXEL_TILE / 8, default: 224 },
+        flags: mutable_playing,
+    }
+    cave_tile: u32 {
+        name: "cave-tile",
+        nick: "CaVE tile",
+        blurb: "Largest side of the CaVE tiles in image pixels for larger frames: the embedding \
+                (diffusion) and the reconstruction (cave mode), stitched exactly; 0 = never tile; \
+                values under what the loaded model's margins need (736 for the official CaVE's \
+                embedding, 800 for the default model's reconstruction) run as that minimum (with a warning)",
+        kind: UInt { max: MAX_PIXEL_TILE, default: 2048 },
+        flags: mutable_playing,
+        check: Settings::cave_tile_warnings,
+    }
+    strength: f64 {
+        name: "strength",
+        nick: "Strength",
+        blurb: "Blend between the input (0) and the restored frame (1)",
+        kind: Double { min: 0.0, max: 1.0, default: 1.0 },
+        flags: mutable_playing,
+    }
+    qf: u32 {
+        name: "qf",
+        nick: "Quality factor",
+        blurb: "JPEG quality (1-100) to restore for and report instead of CaVE's estimate \
+                (a quality-conditioned model smooths more at lower values; others only \
+                report it); 0 = CaVE's estimate",
+        kind: UInt { max: 100, default: 0 },
+        flags: mutable_playing,
+    }
+    enabled: bool {
+        name: "enabled",
+        nick: "Enabled",
+        blurb: "Restore frames; when false, buffers pass through untouched",
+        kind: Bool(true),
+        flags: mutable_playing,
+    }
+    on_error: CodiffOnError {
+        name: "on-error",
+        nick: "On error",
+        blurb: "A frame that cannot be restored (engine error, above max-frame-pixels): fail \
+                stops the stream with an error, passthrough posts a warning and pushes the \
+                frame unchanged",
+        kind: Enum(CodiffOnError::Fail),
+        flags: mutable_playing,
+    }
+    /// Default 4096x4096: DCI 4K and 3840x2160 pass; an 8000x8000 frame (what a
+    /// 2 KB JPEG can claim) is refused. CaVE mode takes about 200 bytes per
+    /// pixel (3.4 GB here), diffusion mode at 3840x2160 7.6 GB peak (most of it
+    /// the model).
+    max_frame_pixels: u64 {
+        name: "max-frame-pixels",
+        nick: "Maximum frame pixels",
+        blurb: "Frames with more pixels (width x height) are refused before anything is \
+                allocated for them (see on-error); the default 16777216 = 4096x4096 takes \
+                3840x2160; 0 = no limit",
+        kind: UInt64(4096 * 4096),
+        flags: mutable_playing,
+    }
+    post_messages: bool {
+        name: "post-messages",
+        nick: "Post messages",
+        blurb: "Post a codiff-qf element message for every frame (the CodiffQfMeta is \
+                attached either way)",
+        kind: Bool(true),
+        flags: mutable_playing,
+    }
+    n_threads: u32 {
+        name: "n-threads",
+        nick: "Threads",
+        blurb: "CPU threads of this element's own thread pool for the engine's kernels, \
+                matrix products and convolutions; 0 = rayon's global pool (all cores). \
+                Element-wise tensor ops use candle's process-wide pool (CANDLE_NUM_THREADS)",
+        kind: UInt { max: 1024, default: 0 },
+        flags: mutable_ready,
+    }
+    warm_up: bool {
+        name: "warm-up",
+        nick: "Warm-up",
+        blurb: "At caps time, time one restore of a test pattern of the negotiated size (at \
+                most 640x480 pixels, the time scaled up for larger frames) so the \
+                LATENCY query is right before the first frame",
+        kind: Bool(true),
+        flags: mutable_playing,
+    }
+    /// Default 0.75, the weight of the previous output on still content
+    /// (examples/flicker.rs, README "Flicker"): at 0.5 a still scene at QF 15
+    /// no longer flickers more than its input.
+    temporal_smoothing: f64 {
+        name: "temporal-smoothing",
+        nick: "Temporal smoothing",
+        blurb: "Against flicker: weight (0..1) of the previous output, moved along the \
+                picture's block motion, where the motion-compensated input did not change \
+                beyond what compression noise explains (a 5x5 mean signed change under 12 \
+                code values); elsewhere (a new object, a cut, a wrong match) the frame is \
+                kept as restored, and no pixel moves more than 12 code values. 0 = off \
+                (frame-independent output). The history is dropped on flushes, \
+                discontinuities and caps changes",
+        kind: Double { min: 0.0, max: 1.0, default: 0.75 },
+        flags: mutable_playing,
+    }
+    guard: bool {
+        name: "guard",
+        nick: "Guard",
+        blurb: "Do no harm: restore only frames whose pixels show JPEG quantisation on the \
+                8x8 grid (never-compressed, scaled and flat frames pass unchanged, bit for \
+                bit), keep less of the model's change the higher the JPEG quality (none \
+                from quality 80; from 45 on test patterns and other full-swing synthetic \
+                content), and clamp the result into the JPEG's quantisation \
+                intervals. The quality is read from the quantisation steps. false = the \
+                bare model on every frame",
+        kind: Bool(true),
+        flags: mutable_playing,
+    }
+    late_frames: CodiffLateFrames {
+        name: "late-frames",
+        nick: "Late frames",
+        blurb: "Live streams (the latency query finds a live source): a frame that \
+                cannot be restored before it is due (its running time plus the pipeline \
+                latency, by the recent frames' processing time) is not restored in the \
+                stream: carry = it leaves at once showing the previous output moved along \
+                the picture's motion where nothing else changed, while the newest such \
+                frame is restored on a low-priority background thread and taken up by the \
+                frames after it; passthrough = pushed unrestored; drop = dropped. Later \
+                frames never wait behind it, so the stream stays on time with any sink. \
+                The LATENCY query adds the longest processing time plus a quarter. With \
+                sinks that send QoS, or to restore more frames in the stream, use the live \
+                recipe: queue leaky=downstream max-size-buffers=1 ! codiff ! queue. \
+                Non-live pipelines (files) restore every frame",
+        kind: Enum(CodiffLateFrames::Carry),
+        flags: mutable_playing,
+    }
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            mode: DEFAULT_MODE,
-            weights: PathBuf::from(DEFAULT_WEIGHTS.as_str()),
-            sd_model: None,
-            codiff_checkpoint: None,
-            cave_checkpoint: None,
-            device: DEFAULT_DEVICE.to_string(),
-            precision: DEFAULT_PRECISION,
-            color_fix: DEFAULT_COLOR_FIX,
-            latent_tile: DEFAULT_LATENT_TILE,
-            latent_overlap: DEFAULT_LATENT_OVERLAP,
-            vae_encoder_tile: DEFAULT_VAE_ENCODER_TILE,
-            vae_decoder_tile: DEFAULT_VAE_DECODER_TILE,
-            cave_tile: DEFAULT_CAVE_TILE,
-            strength: DEFAULT_STRENGTH,
-            qf: DEFAULT_QF,
-            enabled: DEFAULT_ENABLED,
-            on_error: DEFAULT_ON_ERROR,
-            max_frame_pixels: DEFAULT_MAX_FRAME_PIXELS,
-            post_messages: DEFAULT_POST_MESSAGES,
-            n_threads: DEFAULT_N_THREADS,
-            warm_up: DEFAULT_WARM_UP,
-            temporal_smoothing: DEFAULT_TEMPORAL_SMOOTHING,
-            guard: DEFAULT_GUARD,
-            late_frames: DEFAULT_LATE_FRAMES,
-        }
+/// What the element's `properties` mutex guards: the property values in use
+/// and the model properties set while running.
+#[derive(Debug, Default)]
+pub(super) struct Properties {
+    /// What `property()` reads and the element runs with.
+    pub(super) current: Settings,
+    /// Model properties (`mutable_ready`) set in PAUSED or PLAYING: a copy of
+    /// `current` with them changed, applied at the next READY
+    /// ([`Settings::take_model_fields`]).
+    pub(super) pending: Option<Settings>,
+}
+
+impl Properties {
+    /// Keep the model property `pspec` set to `value` while running pending;
+    /// returns warnings for the log.
+    pub(super) fn set_pending(&mut self, value: &glib::Value, pspec: &glib::ParamSpec) -> Vec<String> {
+        let current = &self.current;
+        self.pending
+            .get_or_insert_with(|| current.clone())
+            .set(value, pspec, None)
     }
 }
 
@@ -308,8 +470,9 @@ impl Settings {
         w
     }
 
-    /// The options a frame runs with: the tile properties as set, except that
-    /// a latent tile under [`MIN_LATENT_TILE`] is raised to it, the latent
+    /// The options a frame runs with: the tile properties as set, clamped by
+    /// [`RestoreOptions::clamped`]: a latent tile under
+    /// [`crate::engine::MIN_LATENT_TILE`] is raised to it, the latent
     /// overlap is capped at half the tile (a stride of 1 means thousands of UNet
     /// calls per frame), and a CaVE tile under `min_cave_tile` (the loaded
     /// model's [`crate::engine::Engine::min_cave_tile`]) is raised to it. Also
@@ -318,368 +481,43 @@ impl Settings {
         &self,
         min_cave_tile: Option<usize>,
     ) -> (RestoreOptions, Vec<String>) {
-        let mut warnings = Vec::new();
-        let mut latent_tile = self.latent_tile;
-        if latent_tile > 0 && latent_tile < MIN_LATENT_TILE {
-            warnings.push(format!(
-                "latent-tile {latent_tile} is below {MIN_LATENT_TILE} latent px (thousands of \
-                 small UNet calls): using {MIN_LATENT_TILE}"
-            ));
-            latent_tile = MIN_LATENT_TILE;
-        }
-        let mut latent_overlap = self.latent_overlap;
-        if latent_tile > 0 && latent_overlap > latent_tile / 2 {
-            warnings.push(format!(
-                "latent-overlap {latent_overlap} is more than half of latent-tile {latent_tile} \
-                 (tiles would advance by {} latent px): using {}",
-                latent_tile.saturating_sub(latent_overlap).max(1),
-                latent_tile / 2
-            ));
-            latent_overlap = latent_tile / 2;
-        }
-        let mut cave_tile = self.cave_tile as usize;
-        if let Some(min) = min_cave_tile {
-            if cave_tile > 0 && cave_tile < min {
-                warnings.push(format!(
-                    "cave-tile {cave_tile} is below the {min} px the loaded CaVE needs for its \
-                     tile margins: using {min}"
-                ));
-                cave_tile = min;
-            }
-        }
-        let options = RestoreOptions {
+        RestoreOptions {
             color_fix: self.color_fix.into(),
-            latent_tile: latent_tile as usize,
-            latent_overlap: latent_overlap as usize,
+            latent_tile: self.latent_tile as usize,
+            latent_overlap: self.latent_overlap as usize,
             vae_encoder_tile: self.vae_encoder_tile as usize,
             vae_decoder_tile: self.vae_decoder_tile as usize,
-            cave_tile,
+            cave_tile: self.cave_tile as usize,
             quality: (self.qf > 0).then_some(self.qf as f32),
             guard: self.guard,
             ..Default::default()
-        };
-        (options, warnings)
+        }
+        // the engine's clamps (the still command applies the same)
+        .clamped(min_cave_tile)
     }
 }
 
-/// The element's property specs.
-pub(super) fn param_specs() -> &'static [glib::ParamSpec] {
-    static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
-        vec![
-            glib::ParamSpecEnum::builder_with_default("mode", DEFAULT_MODE)
-                .nick("Mode")
-                .blurb("Restoration network: auto picks diffusion when sd-model and codiff-checkpoint are set, else CaVE")
-                .mutable_ready()
-                .build(),
-            glib::ParamSpecString::builder("weights")
-                .nick("Weights")
-                .blurb("Compact CaVE model (safetensors); default $CODIFF_WEIGHTS or the shipped weights/codiff-cave-compact.safetensors")
-                .default_value(Some(DEFAULT_WEIGHTS.as_str()))
-                .mutable_ready()
-                .build(),
-            glib::ParamSpecString::builder("sd-model")
-                .nick("SD model")
-                .blurb("Stable Diffusion 2.1-base folder in diffusers layout (unet/, vae/, scheduler/), for mode=diffusion")
-                .mutable_ready()
-                .build(),
-            glib::ParamSpecString::builder("codiff-checkpoint")
-                .nick("CODiff checkpoint")
-                .blurb("Official codiff.pkl (LoRA and projection), for mode=diffusion")
-                .mutable_ready()
-                .build(),
-            glib::ParamSpecString::builder("cave-checkpoint")
-                .nick("CaVE checkpoint")
-                .blurb("Official cave.pth (or a safetensors CaVE); replaces the CaVE of the weights file")
-                .mutable_ready()
-                .build(),
-            glib::ParamSpecString::builder("device")
-                .nick("Device")
-                .blurb("Where the model runs: cpu, cuda or cuda:N")
-                .default_value(Some(DEFAULT_DEVICE))
-                .mutable_ready()
-                .build(),
-            glib::ParamSpecEnum::builder_with_default("precision", DEFAULT_PRECISION)
-                .nick("Precision")
-                .blurb("Floating-point precision of the UNet and VAE")
-                .mutable_ready()
-                .build(),
-            glib::ParamSpecEnum::builder_with_default("color-fix", DEFAULT_COLOR_FIX)
-                .nick("Colour fix")
-                .blurb("Colour correction of the restored frame against the input")
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecUInt::builder("latent-tile")
-                .nick("Latent tile")
-                .blurb("Side of the latent tiles in latent pixels (1/8 of image pixels), 0 = never tile; \
-                        values under 32 run as 32 (with a warning)")
-                .maximum(MAX_LATENT_TILE)
-                .default_value(DEFAULT_LATENT_TILE)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecUInt::builder("latent-overlap")
-                .nick("Latent overlap")
-                .blurb("Overlap of neighbouring latent tiles in latent pixels; more than half of latent-tile \
-                        runs as half (with a warning)")
-                .maximum(MAX_LATENT_OVERLAP)
-                .default_value(DEFAULT_LATENT_OVERLAP)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecUInt::builder("vae-encoder-tile")
-                .nick("VAE encoder tile")
-                .blurb("VAE encoder tile side in image pixels (diffusion mode; the official \
-                        vae_encoder_tiled_size): frames larger than this are encoded in tiles, 0 = never tile")
-                .maximum(MAX_PIXEL_TILE)
-                .default_value(DEFAULT_VAE_ENCODER_TILE)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecUInt::builder("vae-decoder-tile")
-                .nick("VAE decoder tile")
-                .blurb("VAE decoder tile side in latent pixels (1 latent px = 8 image px; diffusion mode; \
-                        the official vae_decoder_tiled_size): larger latents are decoded in tiles, 0 = never tile")
-                .maximum(MAX_PIXEL_TILE / 8)
-                .default_value(DEFAULT_VAE_DECODER_TILE)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecUInt::builder("cave-tile")
-                .nick("CaVE tile")
-                .blurb("Largest side of the CaVE tiles in image pixels for larger frames: the embedding \
-                        (diffusion) and the reconstruction (cave mode), stitched exactly; 0 = never tile; \
-                        values under what the loaded model's margins need (736 for the official CaVE's \
-                        embedding, 800 for the default model's reconstruction) run as that minimum (with a warning)")
-                .maximum(MAX_PIXEL_TILE)
-                .default_value(DEFAULT_CAVE_TILE)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecDouble::builder("strength")
-                .nick("Strength")
-                .blurb("Blend between the input (0) and the restored frame (1)")
-                .minimum(0.0)
-                .maximum(1.0)
-                .default_value(DEFAULT_STRENGTH)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecUInt::builder("qf")
-                .nick("Quality factor")
-                .blurb("JPEG quality (1-100) to restore for and report instead of CaVE's estimate \
-                        (a quality-conditioned model smooths more at lower values; others only \
-                        report it); 0 = CaVE's estimate")
-                .maximum(100)
-                .default_value(DEFAULT_QF)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecBoolean::builder("enabled")
-                .nick("Enabled")
-                .blurb("Restore frames; when false, buffers pass through untouched")
-                .default_value(DEFAULT_ENABLED)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecEnum::builder_with_default("on-error", DEFAULT_ON_ERROR)
-                .nick("On error")
-                .blurb("A frame that cannot be restored (engine error, above max-frame-pixels): fail \
-                        stops the stream with an error, passthrough posts a warning and pushes the \
-                        frame unchanged")
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecUInt64::builder("max-frame-pixels")
-                .nick("Maximum frame pixels")
-                .blurb("Frames with more pixels (width x height) are refused before anything is \
-                        allocated for them (see on-error); the default 16777216 = 4096x4096 takes \
-                        3840x2160; 0 = no limit")
-                .default_value(DEFAULT_MAX_FRAME_PIXELS)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecBoolean::builder("post-messages")
-                .nick("Post messages")
-                .blurb("Post a codiff-qf element message for every frame (the CodiffQfMeta is \
-                        attached either way)")
-                .default_value(DEFAULT_POST_MESSAGES)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecUInt::builder("n-threads")
-                .nick("Threads")
-                .blurb("CPU threads of this element's own thread pool for the engine's kernels, \
-                        matrix products and convolutions; 0 = rayon's global pool (all cores). \
-                        Element-wise tensor ops use candle's process-wide pool (CANDLE_NUM_THREADS)")
-                .maximum(MAX_N_THREADS)
-                .default_value(DEFAULT_N_THREADS)
-                .mutable_ready()
-                .build(),
-            glib::ParamSpecBoolean::builder("warm-up")
-                .nick("Warm-up")
-                .blurb("At caps time, time one restore of a test pattern of the negotiated size (at \
-                        most 640x480 pixels, the time scaled up for larger frames) so the \
-                        LATENCY query is right before the first frame")
-                .default_value(DEFAULT_WARM_UP)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecDouble::builder("temporal-smoothing")
-                .nick("Temporal smoothing")
-                .blurb("Against flicker: weight (0..1) of the previous output, moved along the \
-                        picture's block motion, where the motion-compensated input did not change \
-                        beyond what compression noise explains (a 5x5 mean signed change under 12 \
-                        code values); elsewhere (a new object, a cut, a wrong match) the frame is \
-                        kept as restored, and no pixel moves more than 12 code values. 0 = off \
-                        (frame-independent output). The history is dropped on flushes, \
-                        discontinuities and caps changes")
-                .minimum(0.0)
-                .maximum(1.0)
-                .default_value(DEFAULT_TEMPORAL_SMOOTHING)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecBoolean::builder("guard")
-                .nick("Guard")
-                .blurb("Do no harm: restore only frames whose pixels show JPEG quantisation on the \
-                        8x8 grid (never-compressed, scaled and flat frames pass unchanged, bit for \
-                        bit), keep less of the model's change the higher the JPEG quality (none \
-                        from quality 80; from 45 on test patterns and other full-swing synthetic \
-                        content), and clamp the result into the JPEG's quantisation \
-                        intervals. The quality is read from the quantisation steps. false = the \
-                        bare model on every frame")
-                .default_value(DEFAULT_GUARD)
-                .mutable_playing()
-                .build(),
-            glib::ParamSpecEnum::builder_with_default("late-frames", DEFAULT_LATE_FRAMES)
-                .nick("Late frames")
-                .blurb("Live streams (the latency query finds a live source): a frame that \
-                        cannot be restored before it is due (its running time plus the pipeline \
-                        latency, by the recent frames' processing time) is not restored in the \
-                        stream: carry = it leaves at once showing the previous output moved along \
-                        the picture's motion where nothing else changed, while the newest such \
-                        frame is restored on a low-priority background thread and taken up by the \
-                        frames after it; passthrough = pushed unrestored; drop = dropped. Later \
-                        frames never wait behind it, so the stream stays on time with any sink. \
-                        The LATENCY query adds the longest processing time plus a quarter. With \
-                        sinks that send QoS, or to restore more frames in the stream, use the live \
-                        recipe: queue leaky=downstream max-size-buffers=1 ! codiff ! queue. \
-                        Non-live pipelines (files) restore every frame")
-                .mutable_playing()
-                .build(),
-        ]
-    });
-    PROPERTIES.as_ref()
-}
-
-/// The bytes of a string `value` as set, or None for NULL. C and Python
-/// applications may set any bytes (Linux file names need not be UTF-8);
-/// `Value::get::<String>` would fail on them, and a panic in a property
-/// setter aborts the host.
-fn string_bytes(value: &glib::Value) -> Option<Vec<u8>> {
-    use glib::translate::ToGlibPtr;
-    // SAFETY: the property system checked that `value` holds a string
-    // (G_TYPE_STRING) before calling the setter; g_value_get_string returns
-    // the value's own NUL-terminated buffer or NULL, valid while `value` is
-    // borrowed, and it is copied before returning.
-    unsafe {
-        let ptr = glib::gobject_ffi::g_value_get_string(value.to_glib_none().0);
-        (!ptr.is_null()).then(|| std::ffi::CStr::from_ptr(ptr).to_bytes().to_vec())
-    }
-}
-
+/// The `check`s of the property table: warnings about the value just set.
 impl Settings {
-    /// Set the property `pspec` to `value`; returns warnings for the log.
-    pub(super) fn set(&mut self, value: &glib::Value, pspec: &glib::ParamSpec) -> Vec<String> {
-        let mut warnings = Vec::new();
-        let path = |v: &glib::Value| string_bytes(v).filter(|s| !s.is_empty()).map(|b| PathBuf::from(std::ffi::OsString::from_vec(b)));
-        match pspec.name() {
-            "mode" => self.mode = value.get().expect("type checked upstream"),
-            "weights" => {
-                self.weights =
-                    path(value).unwrap_or_else(|| PathBuf::from(DEFAULT_WEIGHTS.as_str()))
-            }
-            "sd-model" => self.sd_model = path(value),
-            "codiff-checkpoint" => self.codiff_checkpoint = path(value),
-            "cave-checkpoint" => self.cave_checkpoint = path(value),
-            "device" => {
-                let device = string_bytes(value)
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_else(|| DEFAULT_DEVICE.to_string());
-                if let Err(err) = device.parse::<DeviceSpec>() {
-                    // Kept as is: loading fails with this message.
-                    warnings.push(err.to_string());
-                }
-                self.device = device;
-            }
-            "precision" => self.precision = value.get().expect("type checked upstream"),
-            "color-fix" => self.color_fix = value.get().expect("type checked upstream"),
-            "latent-tile" => self.latent_tile = value.get().expect("type checked upstream"),
-            "latent-overlap" => self.latent_overlap = value.get().expect("type checked upstream"),
-            "vae-encoder-tile" => {
-                self.vae_encoder_tile = value.get().expect("type checked upstream")
-            }
-            "vae-decoder-tile" => {
-                self.vae_decoder_tile = value.get().expect("type checked upstream")
-            }
-            "cave-tile" => self.cave_tile = value.get().expect("type checked upstream"),
-            "strength" => self.strength = value.get().expect("type checked upstream"),
-            "qf" => self.qf = value.get().expect("type checked upstream"),
-            "enabled" => self.enabled = value.get().expect("type checked upstream"),
-            "on-error" => self.on_error = value.get().expect("type checked upstream"),
-            "max-frame-pixels" => {
-                self.max_frame_pixels = value.get().expect("type checked upstream")
-            }
-            "post-messages" => self.post_messages = value.get().expect("type checked upstream"),
-            "n-threads" => self.n_threads = value.get().expect("type checked upstream"),
-            "warm-up" => self.warm_up = value.get().expect("type checked upstream"),
-            "temporal-smoothing" => {
-                self.temporal_smoothing = value.get().expect("type checked upstream")
-            }
-            "guard" => self.guard = value.get().expect("type checked upstream"),
-            "late-frames" => self.late_frames = value.get().expect("type checked upstream"),
-            other => unimplemented!("property {other}"),
+    /// `device`: a device that does not parse is kept as set (loading fails
+    /// with the same message).
+    fn device_warning(&self, _min_cave_tile: Option<usize>) -> Vec<String> {
+        match self.device.parse::<DeviceSpec>() {
+            Ok(_) => Vec::new(),
+            Err(err) => vec![err.to_string()],
         }
-        if matches!(pspec.name(), "latent-tile" | "latent-overlap") {
-            warnings.extend(self.restore_options(None).1);
-        }
-        warnings
     }
 
-    /// Copy the `mutable_ready` values (model files, device, precision,
-    /// threads) of `other`, the pending values set while running.
-    pub(super) fn take_model_fields(&mut self, other: &Settings) {
-        self.mode = other.mode;
-        self.weights = other.weights.clone();
-        self.sd_model = other.sd_model.clone();
-        self.codiff_checkpoint = other.codiff_checkpoint.clone();
-        self.cave_checkpoint = other.cave_checkpoint.clone();
-        self.device = other.device.clone();
-        self.precision = other.precision;
-        self.n_threads = other.n_threads;
+    /// `latent-tile`, `latent-overlap`: adjusted against each other (see
+    /// [`Settings::restore_options`]).
+    fn latent_tile_warnings(&self, _min_cave_tile: Option<usize>) -> Vec<String> {
+        self.restore_options(None).1
     }
 
-    /// The value of property `pspec`.
-    pub(super) fn get(&self, pspec: &glib::ParamSpec) -> glib::Value {
-        let path = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map(|p| p.to_string_lossy().into_owned())
-                .to_value()
-        };
-        match pspec.name() {
-            "mode" => self.mode.to_value(),
-            "weights" => self.weights.to_string_lossy().to_value(),
-            "sd-model" => path(&self.sd_model),
-            "codiff-checkpoint" => path(&self.codiff_checkpoint),
-            "cave-checkpoint" => path(&self.cave_checkpoint),
-            "device" => self.device.to_value(),
-            "precision" => self.precision.to_value(),
-            "color-fix" => self.color_fix.to_value(),
-            "latent-tile" => self.latent_tile.to_value(),
-            "latent-overlap" => self.latent_overlap.to_value(),
-            "vae-encoder-tile" => self.vae_encoder_tile.to_value(),
-            "vae-decoder-tile" => self.vae_decoder_tile.to_value(),
-            "cave-tile" => self.cave_tile.to_value(),
-            "strength" => self.strength.to_value(),
-            "qf" => self.qf.to_value(),
-            "enabled" => self.enabled.to_value(),
-            "on-error" => self.on_error.to_value(),
-            "max-frame-pixels" => self.max_frame_pixels.to_value(),
-            "post-messages" => self.post_messages.to_value(),
-            "n-threads" => self.n_threads.to_value(),
-            "warm-up" => self.warm_up.to_value(),
-            "temporal-smoothing" => self.temporal_smoothing.to_value(),
-            "guard" => self.guard.to_value(),
-            "late-frames" => self.late_frames.to_value(),
-            other => unimplemented!("property {other}"),
-        }
+    /// `cave-tile`: raised to what the loaded model needs (see
+    /// [`Settings::restore_options`]).
+    fn cave_tile_warnings(&self, min_cave_tile: Option<usize>) -> Vec<String> {
+        self.restore_options(min_cave_tile).1
     }
 }
 
