@@ -34,6 +34,12 @@ use crate::engine::{
     Cancel, Engine, EngineError, QfSource, Restoration, RestoreOptions, RgbImage,
 };
 
+mod frame;
+mod live;
+
+use frame::{check_frame_size, chroma_siting, in_pool, layout_for, read_frame, write_frame_change, FrameError};
+use live::{Background, Lateness, Stats};
+
 /// Name of the custom meta carrying the quality estimate of a processed buffer.
 pub const QF_META_NAME: &str = "CodiffQfMeta";
 
@@ -45,137 +51,6 @@ struct State {
     /// `late-frames=carry` carries: reset on FLUSH_STOP, DISCONT, new caps, a
     /// frame not restored, and `stop`.
     temporal: TemporalFilter,
-}
-
-/// Measured processing time, for the latency query.
-#[derive(Default)]
-struct Stats {
-    /// Longest processing time of one frame since `start`.
-    max: gst::ClockTime,
-    /// Latency last reported (query answer or latency message).
-    reported: gst::ClockTime,
-    /// Pixels of the largest frame size timed by the caps-time warm-up.
-    warmed_pixels: u64,
-    /// Running mean of the processing time of restoring frames: what a live
-    /// frame is expected to take.
-    typical: gst::ClockTime,
-}
-
-/// The warm-up restore runs on at most this many pixels (640x480); its time is
-/// scaled by the pixel ratio for larger frames.
-const WARM_UP_PIXELS: usize = 640 * 480;
-
-/// A live frame that cannot be restored in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lateness {
-    /// Restoring it would finish after it is due.
-    WouldBe,
-    /// It is due already: it leaves at once, whatever the policy (a
-    /// carried correction too would make the next frames later still).
-    Already,
-}
-
-/// Why a frame was not restored.
-enum FrameError {
-    /// The cancel token was raised (flush, state change): not an error.
-    Cancelled,
-    /// What failed, and why.
-    Failed(&'static str, String),
-}
-
-impl FrameError {
-    fn failed(what: &'static str, cause: impl std::fmt::Display) -> Self {
-        Self::Failed(what, cause.to_string())
-    }
-
-    fn engine(what: &'static str, err: Failure) -> Self {
-        match err {
-            Failure::Engine(EngineError::Cancelled) => Self::Cancelled,
-            err => Self::failed(what, err),
-        }
-    }
-}
-
-/// Run `f` inside `pool` when the element has its own (`n-threads`), else on
-/// rayon's global pool.
-fn in_pool<T: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> T + Send) -> T {
-    match pool {
-        Some(pool) => pool.install(f),
-        None => f(),
-    }
-}
-
-/// The size limits, checked before anything is allocated for the frame:
-/// refuse a `width`x`height` frame above `max-frame-pixels`, and one the
-/// process has not the memory for. Returns the options the frame runs with
-/// and the warnings about tile properties adjusted in them.
-fn check_frame_size(
-    settings: &Settings,
-    engine: &Engine,
-    width: usize,
-    height: usize,
-) -> Result<(RestoreOptions, Vec<String>), FrameError> {
-    let pixels = width as u64 * height as u64;
-    if settings.max_frame_pixels > 0 && pixels > settings.max_frame_pixels {
-        return Err(FrameError::failed(
-            "frame too large",
-            format!(
-                "{width}x{height} is {pixels} pixels, more than max-frame-pixels={}",
-                settings.max_frame_pixels
-            ),
-        ));
-    }
-    // ... and frames the process has not the memory for (the element's own
-    // copies of the frame: packed RGB three times)
-    let (opts, adjusted) = settings.restore_options(Some(engine.min_cave_tile()));
-    engine
-        .check_memory(width, height, &opts, 9 * pixels)
-        .map_err(|err| FrameError::failed("frame too large for the memory left", err))?;
-    Ok((opts, adjusted))
-}
-
-/// The frame's plane strides and its picture as packed RGB.
-fn read_frame(
-    frame: &gst_video::VideoFrameRef<&mut gst::BufferRef>,
-    layout: &Layout,
-    siting: ChromaSiting,
-) -> Result<(Vec<usize>, Vec<u8>), FrameError> {
-    let n_planes = frame.n_planes() as usize;
-    let strides = frame.plane_stride()[..n_planes]
-        .iter()
-        .map(|&s| usize::try_from(s))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| FrameError::failed("frame", "negative plane strides are not supported"))?;
-    let mut planes = Vec::with_capacity(n_planes);
-    for (p, &stride) in strides.iter().enumerate() {
-        let data = frame.plane_data(p as u32).map_err(|err| FrameError::failed("frame", err))?;
-        planes.push(Plane { data, stride });
-    }
-    let rgb = convert::read_rgb_sited(layout, siting, &planes, frame.width() as usize, frame.height() as usize)
-        .map_err(|err| FrameError::failed("reading the frame", err))?;
-    Ok((strides, rgb))
-}
-
-/// Write the change from `input` to `output` (packed RGB, as [`read_frame`]
-/// gave) into the frame's planes (see [`convert::write_rgb_change`]).
-fn write_frame_change(
-    frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
-    strides: &[usize],
-    layout: &Layout,
-    siting: ChromaSiting,
-    input: &[u8],
-    output: &[u8],
-    strength: f32,
-) -> Result<(), FrameError> {
-    let (width, height) = (frame.width() as usize, frame.height() as usize);
-    let mut planes: Vec<PlaneMut> = frame
-        .planes_data_mut()
-        .into_iter()
-        .zip(strides)
-        .map(|(data, &stride)| PlaneMut { data, stride })
-        .collect();
-    convert::write_rgb_change(layout, siting, &mut planes, width, height, input, output, strength)
-        .map_err(|err| FrameError::failed("writing the frame", err))
 }
 
 /// The element.
@@ -236,61 +111,6 @@ pub struct Codiff {
     upstream_live: std::sync::atomic::AtomicBool,
 }
 
-/// The background restoration of live frames: while late frames leave on
-/// time with the last correction carried onto them, the newest of them is
-/// restored on a low-priority thread pool, one at a time, and its result
-/// becomes the correction carried from then on.
-#[derive(Default)]
-struct Background {
-    busy: Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
-    pool: Option<Arc<rayon::ThreadPool>>,
-}
-
-/// Where the three colour components of `info`'s format live, or `None` for formats
-/// the element does not handle (not 8 bits, not RGB or YUV, fewer than 3 components).
-fn layout_for(info: &gst_video::VideoInfo) -> Option<Layout> {
-    let finfo = info.format_info();
-    if finfo.n_components() < 3 || finfo.depth().iter().take(3).any(|&d| d != 8) {
-        return None;
-    }
-    let model = if finfo.is_rgb() {
-        ColorModel::Rgb
-    } else if finfo.is_yuv() {
-        let colorimetry = info.colorimetry();
-        // JPEG is BT.601 full range; use it where the caps leave a choice open.
-        let (kr, kb) = colorimetry.matrix().kr_kb().unwrap_or((0.299, 0.114));
-        let full_range = colorimetry.range() != gst_video::VideoColorRange::Range16_235;
-        ColorModel::Yuv(YuvMatrix::new(kr, kb, full_range))
-    } else {
-        return None;
-    };
-    let comp = |c: usize| -> Option<Component> {
-        Some(Component {
-            plane: *finfo.plane().get(c)? as usize,
-            offset: *finfo.poffset().get(c)? as usize,
-            pixel_stride: usize::try_from(*finfo.pixel_stride().get(c)?)
-                .ok()
-                .filter(|&s| s > 0)?,
-            sub_x: *finfo.w_sub().get(c)?,
-            sub_y: *finfo.h_sub().get(c)?,
-        })
-    };
-    Some(Layout {
-        model,
-        comps: [comp(0)?, comp(1)?, comp(2)?],
-    })
-}
-
-/// Chroma sites of `info`'s caps (no `chroma-site` field = unknown = centred, as JPEG).
-fn chroma_siting(info: &gst_video::VideoInfo) -> ChromaSiting {
-    let site = info.chroma_site();
-    ChromaSiting {
-        cosited_x: site.contains(gst_video::VideoChromaSite::H_COSITED),
-        cosited_y: site.contains(gst_video::VideoChromaSite::V_COSITED),
-    }
-}
-
 impl Codiff {
     /// The smallest CaVE tile the loaded model accepts.
     fn min_cave_tile(&self) -> Option<usize> {
@@ -322,121 +142,6 @@ impl Codiff {
         if let Some(state) = self.state.lock().unwrap().as_mut() {
             state.temporal.reset();
         }
-    }
-
-    /// Whether `buf`, started now, would be restored after it is due: the
-    /// element is PLAYING in a live pipeline (a LATENCY event came upstream
-    /// from the sink) and now + the typical processing time of a restoring
-    /// frame (the longest measured until there is one) is past the buffer's
-    /// running time + the pipeline latency. Never for non-live pipelines (files restore every frame).
-    fn would_be_late(&self, buf: &gst::BufferRef) -> Option<Lateness> {
-        if !self.upstream_live.load(std::sync::atomic::Ordering::SeqCst) {
-            return None;
-        }
-        let latency = (*self.latency.lock().unwrap())?;
-        let obj = self.obj();
-        if obj.current_state() != gst::State::Playing {
-            return None;
-        }
-        let (clock, base, pts) = (obj.clock()?, obj.base_time()?, buf.pts()?);
-        let segment = obj.segment();
-        let rt = segment.downcast_ref::<gst::ClockTime>()?.to_running_time(pts)?;
-        let now = clock.time().saturating_sub(base);
-        let expected = {
-            let stats = self.stats.lock().unwrap();
-            if stats.typical.is_zero() { stats.max } else { stats.typical }
-        };
-        let due = rt + latency;
-        gst::trace!(CAT, imp = self, "now {now} + expected {expected} vs due {due}");
-        if now >= due {
-            Some(Lateness::Already)
-        } else if now + expected > due {
-            Some(Lateness::WouldBe)
-        } else {
-            None
-        }
-    }
-
-    /// `late-frames=carry`: the previous output moved along the picture's
-    /// motion onto `frame` where the picture did not otherwise change
-    /// ([`TemporalFilter::carry`]; nothing when there is no previous frame).
-    fn carry_frame(
-        &self,
-        frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
-        layout: &Layout,
-        siting: ChromaSiting,
-        settings: &Settings,
-        engine: &Arc<Engine>,
-    ) -> Result<(), FrameError> {
-        let (width, height) = (frame.width() as usize, frame.height() as usize);
-        let (strides, input) = read_frame(frame, layout, siting)?;
-        let input = RgbImage::new(width, height, input).map_err(|e| FrameError::failed("frame", e))?;
-        self.restore_in_background(&input, settings, engine);
-        let mut out = input.clone();
-        let carried = self.state.lock().unwrap().as_mut().is_some_and(|s| s.temporal.carry(&input, &mut out));
-        if !carried {
-            return Ok(());
-        }
-        write_frame_change(frame, &strides, layout, siting, &input.data, &out.data, 1.0)
-    }
-
-    /// Start restoring `input` on the background pool unless a restoration
-    /// is already running there (see [`Background`]).
-    fn restore_in_background(&self, input: &RgbImage, settings: &Settings, engine: &Arc<Engine>) {
-        use std::sync::atomic::Ordering;
-        let mut bg = self.background.lock().unwrap();
-        if bg.busy.load(Ordering::SeqCst) {
-            return;
-        }
-        if let Some(done) = bg.handle.take() {
-            let _ = done.join();
-        }
-        let pool = match &bg.pool {
-            Some(pool) => pool.clone(),
-            None => {
-                let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-                let built = rayon::ThreadPoolBuilder::new()
-                    .num_threads(cores)
-                    .thread_name(|i| format!("codiff-bg-{i}"))
-                    // below the streaming threads, so the frames that leave
-                    // now are never slowed down by the one restored for later
-                    // SAFETY: setpriority on the calling thread (Linux: per thread).
-                    .start_handler(|_| unsafe {
-                        libc::setpriority(libc::PRIO_PROCESS as _, 0, 10);
-                    })
-                    .build();
-                match built {
-                    Ok(pool) => bg.pool.insert(Arc::new(pool)).clone(),
-                    Err(err) => {
-                        gst::warning!(CAT, imp = self, "no background pool: {err}");
-                        return;
-                    }
-                }
-            }
-        };
-        let (mut opts, _) = settings.restore_options(Some(engine.min_cave_tile()));
-        opts.cancel = self.cancel.clone();
-        let smoothing = settings.temporal_smoothing.clamp(0.0, 1.0) as f32;
-        let (engine, input, busy, weak) = (engine.clone(), input.clone(), bg.busy.clone(), self.obj().downgrade());
-        busy.store(true, Ordering::SeqCst);
-        bg.handle = Some(std::thread::spawn(move || {
-            let mut out = input.clone();
-            let result = pool.install(|| guarded(|| engine.restore_report(&mut out, &opts)));
-            if let (Ok(r), Some(obj)) = (result, weak.upgrade()) {
-                gst::debug!(CAT, obj = obj, "background restoration done (restored: {})", r.restored);
-                // the newest restoration is what late frames carry (`carry`
-                // refuses one of another size), smoothed toward the frames
-                // before so that the carried picture does not jump
-                if r.restored {
-                    if let Some(state) = obj.imp().state.lock().unwrap().as_mut() {
-                        if smoothing == 0.0 || state.temporal.apply(smoothing, &input, &mut out).is_err() {
-                            state.temporal.adopt(&input, &out);
-                        }
-                    }
-                }
-            }
-            busy.store(false, Ordering::SeqCst);
-        }));
     }
 
     /// A frame that was not restored: under on-error=fail post an error and stop
@@ -578,64 +283,6 @@ impl Codiff {
         Ok(())
     }
 
-    /// Time one restore of a test pattern of the negotiated size (at most
-    /// [`WARM_UP_PIXELS`], the time scaled up by the pixel ratio) so the LATENCY
-    /// query is right before the first frame. Runs once per size larger than any
-    /// timed before; failures are left to the frames to report.
-    fn warm_up(&self, info: &gst_video::VideoInfo) {
-        let settings = self.properties.lock().unwrap().current.clone();
-        if !settings.warm_up || !settings.enabled || settings.strength <= 0.0 {
-            return;
-        }
-        let (w, h) = (info.width() as usize, info.height() as usize);
-        let pixels = w as u64 * h as u64;
-        if pixels == 0
-            || (settings.max_frame_pixels > 0 && pixels > settings.max_frame_pixels)
-            || pixels <= self.stats.lock().unwrap().warmed_pixels
-        {
-            return;
-        }
-        let Some(engine) = self.engine() else {
-            return;
-        };
-        let scale = (WARM_UP_PIXELS as f64 / pixels as f64).sqrt().min(1.0);
-        let ww = ((w as f64 * scale) as usize).clamp(1, w);
-        let wh = ((h as f64 * scale) as usize).clamp(1, h);
-        // 8x8 blocks of a gradient, like a coarse JPEG
-        let data = (0..ww * wh * 3)
-            .map(|i| {
-                let (x, y, c) = (i / 3 % ww, i / 3 / ww, i % 3);
-                ((x / 8 * 29 + y / 8 * 53 + c * 71) % 256) as u8
-            })
-            .collect();
-        let Ok(mut image) = RgbImage::new(ww, wh, data) else {
-            return;
-        };
-        let (mut opts, _) = settings.restore_options(Some(engine.min_cave_tile()));
-        opts.cancel = self.cancel.clone();
-        let pool = self.thread_pool();
-        let started = Instant::now();
-        let result = in_pool(pool.as_deref(), || {
-            guarded(|| engine.restore(&mut image, &opts))
-        });
-        match result {
-            Ok(_) => {
-                let ratio = pixels as f64 / (ww * wh) as f64;
-                let ns = started.elapsed().as_nanos() as f64 * ratio;
-                let estimate = gst::ClockTime::from_nseconds(ns as u64);
-                gst::info!(
-                    CAT,
-                    imp = self,
-                    "warm-up: {ww}x{wh} restored in {}, {estimate} estimated for {w}x{h}",
-                    started.elapsed().as_secs_f64()
-                );
-                self.stats.lock().unwrap().warmed_pixels = pixels;
-                self.record_processing_time(estimate);
-            }
-            Err(err) => gst::debug!(CAT, imp = self, "warm-up failed: {err}"),
-        }
-    }
-
     /// Post a stream error naming `cause`; the caller returns the flow error.
     fn fail(&self, what: &str, cause: impl std::fmt::Display) -> gst::FlowError {
         gst::element_imp_error!(
@@ -645,35 +292,6 @@ impl Codiff {
             ["the frame was not processed"]
         );
         gst::FlowError::Error
-    }
-
-    /// Update the processing-time statistics; announce a latency change when the
-    /// longest frame time outgrew the reported latency by a quarter.
-    fn record_processing_time(&self, elapsed: gst::ClockTime) {
-        let announce = {
-            let mut stats = self.stats.lock().unwrap();
-            stats.max = stats.max.max(elapsed);
-            // the typical time of a restoring frame (frames the guard leaves
-            // alone take milliseconds and say nothing about the next restore)
-            if elapsed * 4 > stats.max {
-                stats.typical = if stats.typical.is_zero() { elapsed } else { (stats.typical * 7 + elapsed * 3) / 10 };
-            }
-            if stats.max > stats.reported + stats.reported / 4 {
-                stats.reported = stats.max;
-                true
-            } else {
-                false
-            }
-        };
-        if announce {
-            gst::debug!(
-                CAT,
-                imp = self,
-                "processing time grew to {elapsed}, posting latency message"
-            );
-            let obj = self.obj();
-            let _ = obj.post_message(gst::message::Latency::builder().src(&*obj).build());
-        }
     }
 
     fn attach_qf_meta(&self, buf: &mut gst::BufferRef, (qf, source, restored): (f64, &'static str, bool)) {
@@ -1066,78 +684,3 @@ impl VideoFilterImpl for Codiff {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layouts_of_common_formats() {
-        gst::init().unwrap();
-        let layout = |caps: &str| {
-            let caps: gst::Caps = caps.parse().unwrap();
-            layout_for(&gst_video::VideoInfo::from_caps(&caps).unwrap())
-        };
-        let jpeg = layout("video/x-raw,format=I420,width=17,height=9,colorimetry=1:4:0:0").unwrap();
-        assert_eq!(
-            jpeg.model,
-            ColorModel::Yuv(YuvMatrix::new(0.299, 0.114, true))
-        );
-        assert_eq!(
-            (
-                jpeg.comps[1].plane,
-                jpeg.comps[1].sub_x,
-                jpeg.comps[1].sub_y
-            ),
-            (1, 1, 1)
-        );
-        let hd =
-            layout("video/x-raw,format=NV12,width=1920,height=1080,colorimetry=bt709").unwrap();
-        assert_eq!(
-            hd.model,
-            ColorModel::Yuv(YuvMatrix::new(0.2126, 0.0722, false))
-        );
-        assert_eq!(
-            hd.comps[2],
-            Component {
-                plane: 1,
-                offset: 1,
-                pixel_stride: 2,
-                sub_x: 1,
-                sub_y: 1
-            }
-        );
-        let bgrx = layout("video/x-raw,format=BGRx,width=1,height=1").unwrap();
-        assert_eq!(bgrx.model, ColorModel::Rgb);
-        assert_eq!(
-            bgrx.comps.map(|c| (c.offset, c.pixel_stride)),
-            [(2, 4), (1, 4), (0, 4)]
-        );
-        let argb = layout("video/x-raw,format=ARGB,width=3,height=2").unwrap();
-        assert_eq!(argb.comps.map(|c| c.offset), [1, 2, 3]);
-        let yuy2 = layout("video/x-raw,format=YUY2,width=4,height=2").unwrap();
-        assert_eq!(
-            yuy2.comps.map(|c| (c.offset, c.pixel_stride, c.sub_x)),
-            [(0, 2, 0), (1, 4, 1), (3, 4, 1)]
-        );
-        assert!(layout("video/x-raw,format=GRAY8,width=4,height=2").is_none());
-        assert!(layout("video/x-raw,format=I420_10LE,width=4,height=2").is_none());
-    }
-
-    #[test]
-    fn chroma_siting_of_the_caps() {
-        gst::init().unwrap();
-        // GStreamer 1.22 reads chroma-site only next to a colorimetry field (which
-        // decoders and videoconvert always set); without one it assumes centred.
-        let siting = |site: &str| {
-            let caps: gst::Caps =
-                format!("video/x-raw,format=I420,width=16,height=16,colorimetry=bt601{site}")
-                    .parse()
-                    .unwrap();
-            chroma_siting(&gst_video::VideoInfo::from_caps(&caps).unwrap())
-        };
-        assert_eq!(siting(",chroma-site=mpeg2"), ChromaSiting::MPEG2);
-        assert_eq!(siting(",chroma-site=jpeg"), ChromaSiting::JPEG);
-        assert_eq!(siting(",chroma-site=cosited"), ChromaSiting::COSITED);
-        assert_eq!(siting(""), ChromaSiting::JPEG, "no field: centred");
-    }
-}
