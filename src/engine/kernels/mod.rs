@@ -136,7 +136,10 @@ fn avx2_available() -> bool {
 
 // after avx2_fn!, which they use
 pub mod direct;
+mod gemm;
 pub mod winograd;
+
+use self::gemm::gemm_strided;
 
 /// `Σ f(x)` over `c` in 16 independent lanes (so that the compiler
 /// vectorises the reduction; a plain `sum` is one sequential chain).
@@ -973,51 +976,6 @@ impl candle_core::CustomOp3 for AttentionOp {
         );
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
     }
-}
-
-/// `dst[m x n] = lhs[m x k] * rhs[k x n]` (`+=` when `accumulate`), every
-/// operand with its own row and column strides; single-threaded (callers
-/// parallelise around it).
-///
-/// # Safety
-/// All pointers valid for the given extents and strides.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    dst: *mut f32,
-    dst_rs: usize,
-    dst_cs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        if accumulate { 1.0f32 } else { 0.0f32 },
-        1.0f32,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
 }
 
 #[cfg(test)]
