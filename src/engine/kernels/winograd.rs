@@ -568,3 +568,48 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{conv_case, max_err};
+    use super::super::{winograd_enabled, ConvOp};
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn winograd_matches_candle() {
+        // F(2,3) and F(4,3); frames not a multiple of the tile, narrower and
+        // shorter than one tile, one pixel; batch 2; bias, ReLU, residual
+        let dev = Device::Cpu;
+        for (cin, cout, h, w) in [(32, 32, 17, 9), (40, 33, 5, 70), (64, 48, 1, 1), (32, 64, 9, 3), (33, 32, 23, 31), (128, 128, 48, 40), (24, 150, 7, 10)] {
+            let [x, wt, b, r, reference, relu_res] = conv_case(cin, cout, h, w);
+            // outputs have a standard deviation of sqrt(9 cin)
+            let scale = (9.0 * cin as f32).sqrt();
+            for m in [2, 4] {
+                let plain = ConvOp::from_tensors(&wt, Some(&b), false).unwrap().gemm_only().with_winograd(Some(m));
+                assert!(plain.is_winograd());
+                let err = max_err(&x.apply_op1_no_bwd(&plain).unwrap(), &reference) / scale;
+                let relu = ConvOp::from_tensors(&wt, Some(&b), true).unwrap().gemm_only().with_winograd(Some(m));
+                let err_res = max_err(&x.apply_op2_no_bwd(&r, &relu).unwrap(), &relu_res) / scale;
+                eprintln!("F({m},3) {cin}->{cout} {h}x{w}: relative error {err:.1e}, with ReLU + residual {err_res:.1e}");
+                // measured: F(2,3) ~2e-6, F(4,3) ~1.5e-5 (its transforms' constants
+                // up to 8 cost precision); im2col + GEMM ~1e-6
+                let tol = if m == 2 { 1e-5 } else { 6e-5 };
+                assert!(err < tol && err_res < tol, "F({m},3) {cin}->{cout} {h}x{w}: {err} / {err_res}");
+                // the path of layers too wide to keep their transform: blocks of
+                // output channels, weights transformed on the fly
+                let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (xs, ws, bs, rs) = (v(&x), v(&wt), v(&b), v(&r));
+                let streamed = run_streamed(&ws, cout, cin, m, &xs, 2, h, w, &bs, true, Some(&rs));
+                let streamed = Tensor::from_vec(streamed, (2, cout, h, w), &dev).unwrap();
+                let err_streamed = max_err(&streamed, &relu_res) / scale;
+                assert!(err_streamed < tol, "streamed F({m},3) {cin}->{cout} {h}x{w}: {err_streamed}");
+            }
+        }
+        // wide layers take it by default, narrow ones do not
+        let wide = Tensor::randn(0f32, 1., (128, 256, 3, 3), &dev).unwrap();
+        assert_eq!(ConvOp::from_tensors(&wide, None, false).unwrap().is_winograd(), winograd_enabled());
+        let narrow = Tensor::randn(0f32, 1., (64, 256, 3, 3), &dev).unwrap();
+        assert!(!ConvOp::from_tensors(&narrow, None, false).unwrap().is_winograd());
+    }
+}
