@@ -88,6 +88,8 @@ impl candle_core::CustomOp3 for AttentionOp {
                 let rows = ATTN_ROWS.min(n - r0);
                 let head = bi * self.heads + h;
                 let (ktp, vp) = (kt[head * d * m..].as_ptr(), vh[head * m * d..].as_ptr());
+                // SAFETY: bi < b, r0 < n and h d < c, so the offset lies inside
+                // q's b * n * c values (shape read from its layout)
                 let qp = unsafe { q.as_ptr().add(bi * n * c + r0 * c + h * d) };
                 acc.clear();
                 acc.resize(rows * d, 0.0);
@@ -101,6 +103,9 @@ impl candle_core::CustomOp3 for AttentionOp {
                     let kb = ATTN_KEYS.min(m - j0);
                     scores.clear();
                     scores.resize(rows * kb, 0.0);
+                    // SAFETY: scores was resized to rows * kb; the Q block's
+                    // rows r0..r0 + rows (stride c) and K^T's columns
+                    // j0..j0 + kb of this head's [d x m] lie inside q and kt
                     unsafe {
                         // scores[rows x kb] = Q[rows x d] K^T[d x kb]
                         gemm_strided(rows, kb, d, false, scores.as_mut_ptr(), kb, 1, qp, c, 1, ktp.add(j0), m, 1);
@@ -115,6 +120,8 @@ impl candle_core::CustomOp3 for AttentionOp {
                             acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
                         }
                     }
+                    // SAFETY: acc holds rows * d values, scores rows * kb; V's
+                    // rows j0..j0 + kb of this head's [m x d] lie inside vh
                     unsafe {
                         // acc[rows x d] += P[rows x kb] V[kb x d]
                         gemm_strided(rows, d, kb, true, acc.as_mut_ptr(), d, 1, scores.as_ptr(), kb, 1, vp.add(j0 * d), d, 1);
@@ -122,6 +129,9 @@ impl candle_core::CustomOp3 for AttentionOp {
                 }
                 for r in 0..rows {
                     let inv = 1.0 / sum[r];
+                    // SAFETY: `out` holds b * n * c values and outlives this
+                    // blocking loop; task (bi, h, r0) alone writes columns
+                    // h d..(h + 1) d of rows r0..r0 + rows of image bi
                     let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(bi * n * c + (r0 + r) * c + h * d), d) };
                     dst.iter_mut().zip(&acc[r * d..(r + 1) * d]).for_each(|(o, a)| *o = a * inv);
                 }

@@ -113,7 +113,10 @@ impl ConvOp {
     /// The direct kernel over row chunks of every image, in parallel.
     fn run_direct(&self, d: &direct::Direct, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> Vec<f32> {
         let mut out = activation(b * self.cout * h * w);
-        // SAFETY: out and residual hold b * cout * h * w values
+        // SAFETY: `out` was just allocated with b * cout * h * w values; `x`
+        // (b * cin * h * w) and `residual` (b * cout * h * w) are sized by
+        // run's callers, which took b, h, w from x's layout and checked the
+        // residual's shape (run itself does not check their lengths)
         unsafe { self.run_direct_into(d, x, b, h, w, residual.map(|r| r.as_ptr()), out.as_mut_ptr()) };
         out
     }
@@ -122,7 +125,9 @@ impl ConvOp {
     /// (each output is read as residual right before it is written).
     ///
     /// # Safety
-    /// `out` and `residual` hold `b * cout * h * w` values.
+    /// `x` holds `b * cin * h * w` values, `out` and `residual` `b * cout * h
+    /// * w`; `d` is this layer's (so [`direct::available`] held when it was
+    /// made).
     #[allow(clippy::too_many_arguments)]
     unsafe fn run_direct_into(&self, d: &direct::Direct, x: &[f32], b: usize, h: usize, w: usize, residual: Option<*const f32>, out: *mut f32) {
         let (cin, cout) = (self.cin, self.cout);
@@ -135,8 +140,12 @@ impl ConvOp {
         chunks.par_iter().for_each(|&(bi, r0)| {
             let (out_ptr, res_ptr) = (out_ptr, res_ptr);
             let plane_out = bi * cout * h * w;
-            // SAFETY: direct::available() held at construction; every chunk
-            // writes its own rows; slices hold b * c * h * w values
+            // SAFETY: direct::available() held when `d` was made (with_direct);
+            // the caller's contract sizes x, out and residual, so image bi's
+            // planes lie inside them; chunk (bi, r0) alone writes rows
+            // r0..r0 + rows of image bi, and where residual is out it reads
+            // each of those values right before writing it; `out` outlives
+            // this blocking loop
             unsafe {
                 d.rows(
                     x.as_ptr().add(bi * cin * h * w),
@@ -265,6 +274,12 @@ impl ConvOp {
             col.resize(kk * n, 0.0);
             self.im2col(&x[bi * cin * h * w..(bi + 1) * cin * h * w], h, w, ow, r0, r1, col);
             let res = residual.map(|r| &r[bi * cout * ohw + r0 * ow..]);
+            // SAFETY: `out` holds b * cout * ohw values and outlives the loops;
+            // this call alone writes channels co0..co0 + m of rows r0..r1 of
+            // image bi (bands own their rows, par_row_blocks hands out disjoint
+            // channel ranges); `weight` holds cout * kk values from co0 * kk as
+            // long as the pub fields weight, cin, cout and k still describe the
+            // same [cout, cin, k, k] tensor; `col` holds kk * n values
             let gemm_rows = |co0: usize, m: usize| unsafe {
                 let out_ptr = out_ptr;
                 let dst = out_ptr.0.add(bi * cout * ohw + co0 * ohw + r0 * ow);
@@ -356,8 +371,12 @@ impl InplaceOp2 for ConvInto<'_> {
         }
         if let Some(d) = self.op.direct_for(w) {
             let out = dst.as_mut_ptr();
-            // SAFETY: dst holds b * cout * h * w values (shape checked); the
-            // kernel reads each residual value right before writing it
+            // SAFETY: dst holds b * cout * h * w values (shape checked) and x
+            // b * cin * h * w (out_shape read b, h, w from its layout and
+            // checked its channels); candle refuses a destination that shares
+            // storage with the input (no src_access_pattern), so the only
+            // alias is residual = out, whose values the kernel reads right
+            // before writing them; `d` came from direct_for
             unsafe { self.op.run_direct_into(d, x, b, h, w, self.accumulate.then_some(out as *const f32), out) };
         } else {
             let y = self.op.run(x, b, h, w, self.accumulate.then_some(&*dst))?;

@@ -65,7 +65,12 @@ pub const DIRECT_MAX_WIDE_WIDTH: usize = 256;
 /// Raw pointer that may cross threads: each band writes a disjoint region.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+// SAFETY: a SendPtr is only an address; it is dereferenced inside rayon
+// loops that block until every task is done, so the buffer it points into
+// (owned by the caller of the loop) outlives every use, and each task writes
+// a region of it that no other task reads or writes (stated at each use).
 unsafe impl Send for SendPtr {}
+// SAFETY: as for Send: shared references to it only copy the address.
 unsafe impl Sync for SendPtr {}
 
 /// Ask the kernel to back a large, not yet touched activation buffer with
@@ -113,7 +118,9 @@ macro_rules! avx2_fn {
                     imp($($arg),*)
                 }
                 if avx2_available() {
-                    // SAFETY: the CPU has AVX2 and FMA (checked at run time)
+                    // SAFETY: `avx2` enables only AVX2 and FMA, which
+                    // avx2_available() just found on this CPU
+                    // (is_x86_feature_detected!)
                     return unsafe { avx2($($arg),*) };
                 }
             }

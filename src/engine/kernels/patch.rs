@@ -58,6 +58,10 @@ impl CustomOp1 for PatchConv {
             let optr = SendPtr(ob.as_mut_ptr());
             par_row_blocks(self.cout, |co0, m| {
                 let optr = optr;
+                // SAFETY: `ob` holds cout * n values and outlives this blocking
+                // loop; par_row_blocks gives each call its own channels
+                // co0..co0 + m; `col` holds kk * n values and `weight` cout * kk
+                // (from_tensors; the pub fields must keep describing it)
                 unsafe {
                     gemm_strided(m, n, kk, false, optr.0.add(co0 * n), n, 1, self.weight.as_ptr().add(co0 * kk), kk, 1, col.as_ptr(), n, 1);
                 }
@@ -107,13 +111,19 @@ impl PatchConvTranspose {
             tmp.resize(m * n, 0.0);
             let xb = &x[bi * c * h * w..(bi + 1) * c * h * w];
             // SAFETY: lhs element (r, ci) at weight[ci * m + r] (row stride 1,
-            // column stride m); rhs rows y0..y1 of each channel (row stride h w)
+            // column stride m) within the c * m weights (from_tensors; the pub
+            // fields must keep describing them); rhs rows y0..y1 of each
+            // channel (row stride h w) within `xb`; `tmp` (this thread's) was
+            // resized to m * n
             unsafe { gemm_strided(m, n, c, false, tmp.as_mut_ptr(), n, 1, self.weight.as_ptr(), 1, m, xb.as_ptr().add(y0 * w), h * w, 1) };
             for co in 0..self.cout {
                 let bias = self.bias[co];
                 for ky in 0..k {
                     for y in y0..y1 {
-                        // SAFETY: band y0..y1 alone writes output rows y0 k .. y1 k
+                        // SAFETY: `out` holds b * cout * oh * ow values (allocated
+                        // or shape-checked by the caller) and outlives this
+                        // blocking loop; band (bi, y0) alone writes rows
+                        // y0 k .. y1 k of image bi's planes
                         let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(((bi * self.cout + co) * oh + y * k + ky) * ow), ow) };
                         for kx in 0..k {
                             let t = &tmp[((co * k + ky) * k + kx) * n + (y - y0) * w..][..w];

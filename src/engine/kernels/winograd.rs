@@ -257,12 +257,15 @@ avx2_fn! {
                         }
                     }
                     // hz[i][bb][t] = Σ_k Bᵀ[bb][k] gat[k][t]
-                    // SAFETY: gat and hz are disjoint scratch rows of tc values
+                    // SAFETY: gat (alpha rows of tc values) and hz (alpha² rows)
+                    // are disjoint parts of tmp, which was resized to hold them
                     unsafe { apply(bt, al, al, tc, gat.as_ptr(), tc, hz.as_mut_ptr().add(i * al * tc), tc) };
                 }
                 // V[a al + bb][ci][t0 + t] = Σ_i Bᵀ[a][i] hz[i][bb][t]
                 for bb in 0..al {
-                    // SAFETY: the caller's contract (Tile::input)
+                    // SAFETY: the caller's contract (Tile::input): V's rows of
+                    // channel ci are valid and written by this call alone;
+                    // hz's alpha rows from bb tc (stride alpha tc) lie inside it
                     unsafe { apply(bt, al, al, tc, hz.as_ptr().add(bb * tc), al * tc, v.add((bb * cin + ci) * nt + t0), al * cin * nt) };
                 }
             }
@@ -298,7 +301,7 @@ avx2_fn! {
             for tr in r0..r1 {
                 let t0 = (tr - r0) * tc;
                 // SAFETY: mm holds alpha² x rows x nt values (asserted); sh and yt
-                // are disjoint scratch
+                // are disjoint parts of tmp, resized to hold them
                 unsafe {
                     // sh[a][c][t] = Σ_bb Aᵀ[c][bb] M[a al + bb][r][t]
                     for a in 0..al {
@@ -321,7 +324,9 @@ avx2_fn! {
                             orow[t * m + c] = v;
                         }
                     }
-                    // SAFETY: the caller's contract (Tile::output)
+                    // SAFETY: the caller's contract (Tile::output): `out` holds
+                    // the image and no other thread writes channel co's rows
+                    // of tile rows r0..r1
                     let dst = unsafe { std::slice::from_raw_parts_mut(out.add((co * h + oy) * w), w) };
                     let y = &orow[..w];
                     match (relu, residual.map(|r| &r[(co * h + oy) * w..][..w])) {
@@ -351,7 +356,10 @@ fn kernel_chunk(wt: &[f32], cin: usize, ga: [f32; 3], g: &[f32], alpha: usize, d
     }
     for b in 0..alpha {
         let gb = [g[b * 3], g[b * 3 + 1], g[b * 3 + 2]];
-        // SAFETY: the caller's contract (see Tile::kernel_row)
+        // SAFETY: the caller's contract (see Tile::kernel_row): dst + b stride
+        // holds cin values for b < alpha, written by no one else; kernel_chunk
+        // and kernel_row are safe fns only because they are private to this
+        // module and reached only through the unsafe Tile::kernel_row
         let d = unsafe { std::slice::from_raw_parts_mut(dst.add(b * stride + c0), n) };
         for (l, v) in d.iter_mut().enumerate() {
             *v = gb[0] * gg[0][l] + gb[1] * gg[1][l] + gb[2] * gg[2][l];
@@ -418,7 +426,9 @@ impl Winograd {
                 let u_ptr = u_ptr;
                 transpose_kernel(&weight[co * cin * 9..], cin, wt);
                 for a in 0..alpha {
-                    // SAFETY: task co alone writes U_ξ[co][..]
+                    // SAFETY: u holds alpha² planes of cout * cin values and
+                    // outlives this blocking loop; task co alone writes
+                    // U_ξ[co][..] (cin values at co cin of each plane)
                     unsafe { tile.kernel_row(wt, cin, a, u_ptr.0.add(a * alpha * plane + co * cin), plane) };
                 }
             },
@@ -456,7 +466,8 @@ impl Winograd {
             let r1 = (r0 + rows).min(tile_rows);
             let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
             let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
-            // SAFETY: bands write disjoint output rows of image bi
+            // SAFETY: `out` holds b * cout * h * w values and outlives this
+            // blocking loop; bands write disjoint output rows of image bi
             unsafe { self.band(xb, h, w, r0, r1, (bias, relu, res), out_ptr.0.add(bi * cout * h * w), s) }
         });
         out
@@ -531,11 +542,13 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
         (0..cin.div_ceil(chunk)).into_par_iter().for_each_init(Vec::new, |tmp, k| {
             let v_ptr = v_ptr;
             let cis = k * chunk..((k + 1) * chunk).min(cin);
-            // SAFETY: chunks write disjoint channel rows of V
+            // SAFETY: v holds alpha² * cin * nt values and outlives this
+            // blocking loop; chunks write disjoint channel rows of V
             unsafe { tile.input(xb, h, w, cis, cin, 0, tile_rows, v_ptr.0, nt, tmp) }
         });
         // 2. blocks of output channels in parallel
         let v = &v;
+        // SAFETY: bi < b and out holds b * cout * h * w values
         let out_ptr = SendPtr(unsafe { out.as_mut_ptr().add(bi * cout * h * w) });
         let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
         (0..cout.div_ceil(STREAM_BLOCK)).into_par_iter().for_each_init(BlockScratch::default, |s, blk| {
@@ -551,7 +564,8 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
             for a in 0..al {
                 // U[bb][r][ci] of ξ = a alpha + bb, then its alpha products
                 for r in 0..rows {
-                    // SAFETY: row r of each of the alpha planes of s.u
+                    // SAFETY: s.u holds alpha planes of rows * cin values; row r
+                    // of each is written by this call alone (s is this thread's)
                     unsafe { tile.kernel_row(&s.wt[r * 9 * cin..][..9 * cin], cin, a, s.u.as_mut_ptr().add(r * cin), rows * cin) };
                 }
                 for bb in 0..al {
@@ -562,7 +576,8 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
                     };
                 }
             }
-            // SAFETY: this block alone writes channels co0..co0 + rows
+            // SAFETY: out_ptr is image bi of `out`, which outlives this
+            // blocking loop; this block alone writes channels co0..co0 + rows
             unsafe { tile.output(&s.mm, rows, co0, nt, (0, tile_rows), (h, w), (bias, relu, res), out_ptr.0, &mut s.tmp) };
         });
     }
