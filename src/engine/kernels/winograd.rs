@@ -94,6 +94,26 @@ struct Tile {
     at: &'static [f32],
 }
 
+/// Where a call works: tile rows `r0..r1` of an `h x w` image (output rows
+/// `r0 m .. r1 m`, cut at h).
+#[derive(Debug, Clone, Copy)]
+struct Band {
+    h: usize,
+    w: usize,
+    r0: usize,
+    r1: usize,
+}
+
+/// What the output transform fuses into each output: `bias[co]`, then ReLU
+/// when `relu`, then the residual image's value (`[cout, h, w]`, like the
+/// output).
+#[derive(Debug, Clone, Copy)]
+struct Epilogue<'a> {
+    bias: &'a [f32],
+    relu: bool,
+    residual: Option<&'a [f32]>,
+}
+
 impl Tile {
     fn new(m: usize) -> Self {
         let (bt, g, at): (&'static [f32], &'static [f32], &'static [f32]) = match m {
@@ -114,40 +134,29 @@ impl Tile {
         kernel_row(wt, cin, &self.g[a * 3..a * 3 + 3], self.g, self.alpha, dst, stride)
     }
 
-    /// `V[ξ][ci][t0 + t] = (Bᵀ d B)` of the input tiles of tile rows
-    /// `r0..r1` (t0 = (tr - r0) tc) for the input channels `cis` of the image
-    /// `x` `[cin, h, w]`; V holds `nt` tiles per channel and `cin` channels
-    /// per ξ.
+    /// `V[ξ][ci][t0 + t] = (Bᵀ d B)` of the input tiles of the band's tile
+    /// rows `r0..r1` (t0 = (tr - r0) tc) for the input channels `cis` of the
+    /// image `x` `[cin, h, w]`; V holds `nt` tiles per channel and `cin`
+    /// channels per ξ.
     ///
     /// # Safety
     /// V's rows of channels `cis` are valid and written by no one else.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn input(&self, x: &[f32], h: usize, w: usize, cis: std::ops::Range<usize>, cin: usize, r0: usize, r1: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
-        input_tiles(*self, x, (h, w), (cis.start, cis.end), cin, (r0, r1), v, nt, tmp)
+    unsafe fn input(&self, x: &[f32], band: &Band, cis: std::ops::Range<usize>, cin: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
+        input_tiles(self, x, band, cis, cin, v, nt, tmp)
     }
 
-    /// `Y = Aᵀ M A` of tile rows `r0..r1` for the output channels
+    /// `Y = Aᵀ M A` of the band's tile rows `r0..r1` for the output channels
     /// `co0 .. co0 + rows`, whose products `M[ξ][co - co0][t]` (nt tiles
-    /// each) are in `mm`; bias, ReLU and residual fused, written into the
-    /// image `out` `[cout, h, w]` row by row.
+    /// each) are in `mm`; the epilogue fused, written into the image `out`
+    /// `[cout, h, w]` row by row.
     ///
     /// # Safety
     /// `out` holds the image; no other thread writes those channels' rows
     /// `r0 * m .. r1 * m`.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn output(
-        &self,
-        mm: &[f32],
-        rows: usize,
-        co0: usize,
-        nt: usize,
-        tile_rows: (usize, usize),
-        hw: (usize, usize),
-        epilogue: (&[f32], bool, Option<&[f32]>),
-        out: *mut f32,
-        tmp: &mut Vec<f32>,
-    ) {
-        output_tiles(*self, mm, (rows, co0, nt), tile_rows, hw, epilogue, out, tmp)
+    unsafe fn output(&self, mm: &[f32], rows: usize, co0: usize, nt: usize, band: &Band, ep: &Epilogue<'_>, out: *mut f32, tmp: &mut Vec<f32>) {
+        output_tiles(self, mm, rows, co0, nt, band, ep, out, tmp)
     }
 }
 
@@ -228,8 +237,8 @@ unsafe fn apply(c: &[f32], rows: usize, n: usize, len: usize, src: *const f32, s
 avx2_fn! {
     /// [`Tile::input`]'s body (a free function for [`avx2_fn`]).
     #[allow(clippy::too_many_arguments)]
-    fn input_tiles(tile: Tile, x: &[f32], hw: (usize, usize), cis: (usize, usize), cin: usize, tile_rows: (usize, usize), v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
-        let ((h, w), (r0, r1)) = (hw, tile_rows);
+    fn input_tiles(tile: &Tile, x: &[f32], band: &Band, cis: std::ops::Range<usize>, cin: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
+        let Band { h, w, r0, r1 } = *band;
         let (m, al, bt) = (tile.m, tile.alpha, tile.bt);
         let tc = w.div_ceil(m);
         // padded input row, alpha gathered columns, alpha x alpha horizontal sums
@@ -237,7 +246,7 @@ avx2_fn! {
         tmp.resize(prow_len + al * tc + al * al * tc, 0.0);
         let (prow, rest) = tmp.split_at_mut(prow_len);
         let (gat, hz) = rest.split_at_mut(al * tc);
-        for ci in cis.0..cis.1 {
+        for ci in cis {
             let plane = &x[ci * h * w..(ci + 1) * h * w];
             for tr in r0..r1 {
                 let t0 = (tr - r0) * tc;
@@ -276,17 +285,8 @@ avx2_fn! {
 avx2_fn! {
     /// [`Tile::output`]'s body (a free function for [`avx2_fn`]).
     #[allow(clippy::too_many_arguments)]
-    fn output_tiles(
-        tile: Tile,
-        mm: &[f32],
-        block: (usize, usize, usize),
-        tile_rows: (usize, usize),
-        hw: (usize, usize),
-        epilogue: (&[f32], bool, Option<&[f32]>),
-        out: *mut f32,
-        tmp: &mut Vec<f32>,
-    ) {
-        let ((rows, co0, nt), (r0, r1), (h, w), (bias, relu, residual)) = (block, tile_rows, hw, epilogue);
+    fn output_tiles(tile: &Tile, mm: &[f32], rows: usize, co0: usize, nt: usize, band: &Band, ep: &Epilogue<'_>, out: *mut f32, tmp: &mut Vec<f32>) {
+        let (Band { h, w, r0, r1 }, Epilogue { bias, relu, residual }) = (*band, *ep);
         let (m, al, at) = (tile.m, tile.alpha, tile.at);
         let tc = w.div_ceil(m);
         assert!(mm.len() >= al * al * rows * nt);
@@ -466,9 +466,10 @@ impl Winograd {
             let r1 = (r0 + rows).min(tile_rows);
             let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
             let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
+            let ep = Epilogue { bias, relu, residual: res };
             // SAFETY: `out` holds b * cout * h * w values and outlives this
             // blocking loop; bands write disjoint output rows of image bi
-            unsafe { self.band(xb, h, w, r0, r1, (bias, relu, res), out_ptr.0.add(bi * cout * h * w), s) }
+            unsafe { self.band(xb, &Band { h, w, r0, r1 }, &ep, out_ptr.0.add(bi * cout * h * w), s) }
         });
         out
     }
@@ -478,21 +479,20 @@ impl Winograd {
     /// # Safety
     /// `out` holds `cout * h * w` values; no other thread writes rows
     /// `r0 * m .. r1 * m` of it.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn band(&self, x: &[f32], h: usize, w: usize, r0: usize, r1: usize, epilogue: (&[f32], bool, Option<&[f32]>), out: *mut f32, s: &mut Scratch) {
+    unsafe fn band(&self, x: &[f32], band: &Band, ep: &Epilogue<'_>, out: *mut f32, s: &mut Scratch) {
         let (cin, cout) = (self.cin, self.cout);
         let a2 = self.tile.alpha * self.tile.alpha;
-        let nt = (r1 - r0) * w.div_ceil(self.tile.m);
+        let nt = (band.r1 - band.r0) * band.w.div_ceil(self.tile.m);
         s.v.resize(a2 * cin * nt, 0.0);
         s.mm.resize(a2 * cout * nt, 0.0);
         // 1. V[ξ][ci][t] = (Bᵀ d B) of every input tile
-        self.tile.input(x, h, w, 0..cin, cin, r0, r1, s.v.as_mut_ptr(), nt, &mut s.tmp);
+        self.tile.input(x, band, 0..cin, cin, s.v.as_mut_ptr(), nt, &mut s.tmp);
         // 2. M_ξ = U_ξ V_ξ: [cout x cin] x [cin x nt]
         for xi in 0..a2 {
             gemm_strided(cout, nt, cin, false, s.mm.as_mut_ptr().add(xi * cout * nt), nt, 1, self.u.as_ptr().add(xi * cout * cin), cin, 1, s.v.as_ptr().add(xi * cin * nt), nt, 1);
         }
         // 3. Y = Aᵀ M A per tile, bias / ReLU / residual, written row by row
-        self.tile.output(&s.mm, cout, 0, nt, (r0, r1), (h, w), epilogue, out, &mut s.tmp);
+        self.tile.output(&s.mm, cout, 0, nt, band, ep, out, &mut s.tmp);
     }
 }
 
@@ -535,6 +535,8 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
     let mut v = vec![0f32; a2 * cin * nt];
     let threads = rayon::current_num_threads().max(1);
     let chunk = cin.div_ceil(4 * threads).max(1);
+    // every tile row of the image at once
+    let all = Band { h, w, r0: 0, r1: tile_rows };
     for bi in 0..b {
         let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
         // 1. every input tile, channels in parallel
@@ -544,13 +546,14 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
             let cis = k * chunk..((k + 1) * chunk).min(cin);
             // SAFETY: v holds alpha² * cin * nt values and outlives this
             // blocking loop; chunks write disjoint channel rows of V
-            unsafe { tile.input(xb, h, w, cis, cin, 0, tile_rows, v_ptr.0, nt, tmp) }
+            unsafe { tile.input(xb, &all, cis, cin, v_ptr.0, nt, tmp) }
         });
         // 2. blocks of output channels in parallel
         let v = &v;
         // SAFETY: bi < b and out holds b * cout * h * w values
         let out_ptr = SendPtr(unsafe { out.as_mut_ptr().add(bi * cout * h * w) });
         let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
+        let ep = Epilogue { bias, relu, residual: res };
         (0..cout.div_ceil(STREAM_BLOCK)).into_par_iter().for_each_init(BlockScratch::default, |s, blk| {
             let out_ptr = out_ptr;
             let co0 = blk * STREAM_BLOCK;
@@ -578,7 +581,7 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
             }
             // SAFETY: out_ptr is image bi of `out`, which outlives this
             // blocking loop; this block alone writes channels co0..co0 + rows
-            unsafe { tile.output(&s.mm, rows, co0, nt, (0, tile_rows), (h, w), (bias, relu, res), out_ptr.0, &mut s.tmp) };
+            unsafe { tile.output(&s.mm, rows, co0, nt, &all, &ep, out_ptr.0, &mut s.tmp) };
         });
     }
     out
