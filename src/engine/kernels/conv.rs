@@ -4,10 +4,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp2, Layout, Shape, T
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::{
-    activation, contiguous, contiguous_mut, direct, gemm_strided, par_row_blocks, winograd, winograd_enabled, SendPtr, DIRECT_MAX_CHANNELS, DIRECT_MAX_WIDE_WIDTH,
-    DIRECT_NARROW, WINOGRAD_KEEP_BYTES, WINOGRAD_MIN_CHANNELS,
-};
+use super::{activation, contiguous, contiguous_mut, direct, gemm_strided, par_row_blocks, winograd, winograd_enabled, SendPtr};
+use super::{DIRECT_MAX_CHANNELS, DIRECT_MAX_WIDE_WIDTH, DIRECT_NARROW, WINOGRAD_KEEP_BYTES, WINOGRAD_MIN_CHANNELS};
 
 /// k x k convolution (any stride, any zero padding per side) as banded
 /// im2col + GEMM, optional fused ReLU and residual add.
@@ -125,9 +123,9 @@ impl ConvOp {
     /// (each output is read as residual right before it is written).
     ///
     /// # Safety
-    /// `x` holds `b * cin * h * w` values, `out` and `residual` `b * cout * h
-    /// * w`; `d` is this layer's (so [`direct::available`] held when it was
-    /// made).
+    /// `x` holds `b * cin * h * w` values, `out` and `residual`
+    /// `b * cout * h * w`; `d` is this layer's (so [`direct::available`] held
+    /// when it was made).
     #[allow(clippy::too_many_arguments)]
     unsafe fn run_direct_into(&self, d: &direct::Direct, x: &[f32], b: usize, h: usize, w: usize, residual: Option<*const f32>, out: *mut f32) {
         let (cin, cout) = (self.cin, self.cout);

@@ -19,6 +19,13 @@
 //!
 //! Layout NCHW f32 on the CPU; other devices use candle's ops. Each is
 //! unit-tested against candle's reference op.
+//!
+//! This file holds the dispatch policy (which layer takes which path) and
+//! the helpers the kernels share; the ops live in `conv.rs` ([`ConvOp`],
+//! [`ConvInto`], [`AddInto`]), `patch.rs` ([`PatchConv`],
+//! [`PatchConvTranspose`], [`PatchConvTransposeInto`]), `norm.rs`
+//! ([`GroupNormOp`]), `attention.rs` ([`AttentionOp`]), `gemm.rs` (the strided
+//! GEMM they call), [`direct`] and [`winograd`].
 use candle_core::{CpuStorage, Layout};
 use rayon::prelude::*;
 
