@@ -105,6 +105,10 @@ impl Direct {
         {
             let a = avx512::Args { x, h, w, cin: self.cin, cout: self.cout, bias, relu, residual, out };
             let cb = self.tile.cb();
+            // SAFETY (of the calls below): the caller's contract: available()
+            // returned true, i.e. is_x86_feature_detected!("avx512f"), the one
+            // feature avx512::row is compiled for, and x, out and residual
+            // are sized as stated; packed holds blocks * cin * 9 * cb values
             for blk in 0..self.cout.div_ceil(cb) {
                 let wp = self.packed.as_ptr().add(blk * self.cin * 9 * cb);
                 for oy in oy0..oy1 {

@@ -94,6 +94,26 @@ struct Tile {
     at: &'static [f32],
 }
 
+/// Where a call works: tile rows `r0..r1` of an `h x w` image (output rows
+/// `r0 m .. r1 m`, cut at h).
+#[derive(Debug, Clone, Copy)]
+struct Band {
+    h: usize,
+    w: usize,
+    r0: usize,
+    r1: usize,
+}
+
+/// What the output transform fuses into each output: `bias[co]`, then ReLU
+/// when `relu`, then the residual image's value (`[cout, h, w]`, like the
+/// output).
+#[derive(Debug, Clone, Copy)]
+struct Epilogue<'a> {
+    bias: &'a [f32],
+    relu: bool,
+    residual: Option<&'a [f32]>,
+}
+
 impl Tile {
     fn new(m: usize) -> Self {
         let (bt, g, at): (&'static [f32], &'static [f32], &'static [f32]) = match m {
@@ -114,40 +134,29 @@ impl Tile {
         kernel_row(wt, cin, &self.g[a * 3..a * 3 + 3], self.g, self.alpha, dst, stride)
     }
 
-    /// `V[ξ][ci][t0 + t] = (Bᵀ d B)` of the input tiles of tile rows
-    /// `r0..r1` (t0 = (tr - r0) tc) for the input channels `cis` of the image
-    /// `x` `[cin, h, w]`; V holds `nt` tiles per channel and `cin` channels
-    /// per ξ.
+    /// `V[ξ][ci][t0 + t] = (Bᵀ d B)` of the input tiles of the band's tile
+    /// rows `r0..r1` (t0 = (tr - r0) tc) for the input channels `cis` of the
+    /// image `x` `[cin, h, w]`; V holds `nt` tiles per channel and `cin`
+    /// channels per ξ.
     ///
     /// # Safety
     /// V's rows of channels `cis` are valid and written by no one else.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn input(&self, x: &[f32], h: usize, w: usize, cis: std::ops::Range<usize>, cin: usize, r0: usize, r1: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
-        input_tiles(*self, x, (h, w), (cis.start, cis.end), cin, (r0, r1), v, nt, tmp)
+    unsafe fn input(&self, x: &[f32], band: &Band, cis: std::ops::Range<usize>, cin: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
+        input_tiles(self, x, band, cis, cin, v, nt, tmp)
     }
 
-    /// `Y = Aᵀ M A` of tile rows `r0..r1` for the output channels
+    /// `Y = Aᵀ M A` of the band's tile rows `r0..r1` for the output channels
     /// `co0 .. co0 + rows`, whose products `M[ξ][co - co0][t]` (nt tiles
-    /// each) are in `mm`; bias, ReLU and residual fused, written into the
-    /// image `out` `[cout, h, w]` row by row.
+    /// each) are in `mm`; the epilogue fused, written into the image `out`
+    /// `[cout, h, w]` row by row.
     ///
     /// # Safety
     /// `out` holds the image; no other thread writes those channels' rows
     /// `r0 * m .. r1 * m`.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn output(
-        &self,
-        mm: &[f32],
-        rows: usize,
-        co0: usize,
-        nt: usize,
-        tile_rows: (usize, usize),
-        hw: (usize, usize),
-        epilogue: (&[f32], bool, Option<&[f32]>),
-        out: *mut f32,
-        tmp: &mut Vec<f32>,
-    ) {
-        output_tiles(*self, mm, (rows, co0, nt), tile_rows, hw, epilogue, out, tmp)
+    unsafe fn output(&self, mm: &[f32], rows: usize, co0: usize, nt: usize, band: &Band, ep: &Epilogue<'_>, out: *mut f32, tmp: &mut Vec<f32>) {
+        output_tiles(self, mm, rows, co0, nt, band, ep, out, tmp)
     }
 }
 
@@ -228,8 +237,8 @@ unsafe fn apply(c: &[f32], rows: usize, n: usize, len: usize, src: *const f32, s
 avx2_fn! {
     /// [`Tile::input`]'s body (a free function for [`avx2_fn`]).
     #[allow(clippy::too_many_arguments)]
-    fn input_tiles(tile: Tile, x: &[f32], hw: (usize, usize), cis: (usize, usize), cin: usize, tile_rows: (usize, usize), v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
-        let ((h, w), (r0, r1)) = (hw, tile_rows);
+    fn input_tiles(tile: &Tile, x: &[f32], band: &Band, cis: std::ops::Range<usize>, cin: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
+        let Band { h, w, r0, r1 } = *band;
         let (m, al, bt) = (tile.m, tile.alpha, tile.bt);
         let tc = w.div_ceil(m);
         // padded input row, alpha gathered columns, alpha x alpha horizontal sums
@@ -237,7 +246,7 @@ avx2_fn! {
         tmp.resize(prow_len + al * tc + al * al * tc, 0.0);
         let (prow, rest) = tmp.split_at_mut(prow_len);
         let (gat, hz) = rest.split_at_mut(al * tc);
-        for ci in cis.0..cis.1 {
+        for ci in cis {
             let plane = &x[ci * h * w..(ci + 1) * h * w];
             for tr in r0..r1 {
                 let t0 = (tr - r0) * tc;
@@ -257,12 +266,15 @@ avx2_fn! {
                         }
                     }
                     // hz[i][bb][t] = Σ_k Bᵀ[bb][k] gat[k][t]
-                    // SAFETY: gat and hz are disjoint scratch rows of tc values
+                    // SAFETY: gat (alpha rows of tc values) and hz (alpha² rows)
+                    // are disjoint parts of tmp, which was resized to hold them
                     unsafe { apply(bt, al, al, tc, gat.as_ptr(), tc, hz.as_mut_ptr().add(i * al * tc), tc) };
                 }
                 // V[a al + bb][ci][t0 + t] = Σ_i Bᵀ[a][i] hz[i][bb][t]
                 for bb in 0..al {
-                    // SAFETY: the caller's contract (Tile::input)
+                    // SAFETY: the caller's contract (Tile::input): V's rows of
+                    // channel ci are valid and written by this call alone;
+                    // hz's alpha rows from bb tc (stride alpha tc) lie inside it
                     unsafe { apply(bt, al, al, tc, hz.as_ptr().add(bb * tc), al * tc, v.add((bb * cin + ci) * nt + t0), al * cin * nt) };
                 }
             }
@@ -273,17 +285,8 @@ avx2_fn! {
 avx2_fn! {
     /// [`Tile::output`]'s body (a free function for [`avx2_fn`]).
     #[allow(clippy::too_many_arguments)]
-    fn output_tiles(
-        tile: Tile,
-        mm: &[f32],
-        block: (usize, usize, usize),
-        tile_rows: (usize, usize),
-        hw: (usize, usize),
-        epilogue: (&[f32], bool, Option<&[f32]>),
-        out: *mut f32,
-        tmp: &mut Vec<f32>,
-    ) {
-        let ((rows, co0, nt), (r0, r1), (h, w), (bias, relu, residual)) = (block, tile_rows, hw, epilogue);
+    fn output_tiles(tile: &Tile, mm: &[f32], rows: usize, co0: usize, nt: usize, band: &Band, ep: &Epilogue<'_>, out: *mut f32, tmp: &mut Vec<f32>) {
+        let (Band { h, w, r0, r1 }, Epilogue { bias, relu, residual }) = (*band, *ep);
         let (m, al, at) = (tile.m, tile.alpha, tile.at);
         let tc = w.div_ceil(m);
         assert!(mm.len() >= al * al * rows * nt);
@@ -298,7 +301,7 @@ avx2_fn! {
             for tr in r0..r1 {
                 let t0 = (tr - r0) * tc;
                 // SAFETY: mm holds alpha² x rows x nt values (asserted); sh and yt
-                // are disjoint scratch
+                // are disjoint parts of tmp, resized to hold them
                 unsafe {
                     // sh[a][c][t] = Σ_bb Aᵀ[c][bb] M[a al + bb][r][t]
                     for a in 0..al {
@@ -321,7 +324,9 @@ avx2_fn! {
                             orow[t * m + c] = v;
                         }
                     }
-                    // SAFETY: the caller's contract (Tile::output)
+                    // SAFETY: the caller's contract (Tile::output): `out` holds
+                    // the image and no other thread writes channel co's rows
+                    // of tile rows r0..r1
                     let dst = unsafe { std::slice::from_raw_parts_mut(out.add((co * h + oy) * w), w) };
                     let y = &orow[..w];
                     match (relu, residual.map(|r| &r[(co * h + oy) * w..][..w])) {
@@ -351,7 +356,10 @@ fn kernel_chunk(wt: &[f32], cin: usize, ga: [f32; 3], g: &[f32], alpha: usize, d
     }
     for b in 0..alpha {
         let gb = [g[b * 3], g[b * 3 + 1], g[b * 3 + 2]];
-        // SAFETY: the caller's contract (see Tile::kernel_row)
+        // SAFETY: the caller's contract (see Tile::kernel_row): dst + b stride
+        // holds cin values for b < alpha, written by no one else; kernel_chunk
+        // and kernel_row are safe fns only because they are private to this
+        // module and reached only through the unsafe Tile::kernel_row
         let d = unsafe { std::slice::from_raw_parts_mut(dst.add(b * stride + c0), n) };
         for (l, v) in d.iter_mut().enumerate() {
             *v = gb[0] * gg[0][l] + gb[1] * gg[1][l] + gb[2] * gg[2][l];
@@ -418,7 +426,9 @@ impl Winograd {
                 let u_ptr = u_ptr;
                 transpose_kernel(&weight[co * cin * 9..], cin, wt);
                 for a in 0..alpha {
-                    // SAFETY: task co alone writes U_ξ[co][..]
+                    // SAFETY: u holds alpha² planes of cout * cin values and
+                    // outlives this blocking loop; task co alone writes
+                    // U_ξ[co][..] (cin values at co cin of each plane)
                     unsafe { tile.kernel_row(wt, cin, a, u_ptr.0.add(a * alpha * plane + co * cin), plane) };
                 }
             },
@@ -456,8 +466,10 @@ impl Winograd {
             let r1 = (r0 + rows).min(tile_rows);
             let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
             let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
-            // SAFETY: bands write disjoint output rows of image bi
-            unsafe { self.band(xb, h, w, r0, r1, (bias, relu, res), out_ptr.0.add(bi * cout * h * w), s) }
+            let ep = Epilogue { bias, relu, residual: res };
+            // SAFETY: `out` holds b * cout * h * w values and outlives this
+            // blocking loop; bands write disjoint output rows of image bi
+            unsafe { self.band(xb, &Band { h, w, r0, r1 }, &ep, out_ptr.0.add(bi * cout * h * w), s) }
         });
         out
     }
@@ -467,21 +479,20 @@ impl Winograd {
     /// # Safety
     /// `out` holds `cout * h * w` values; no other thread writes rows
     /// `r0 * m .. r1 * m` of it.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn band(&self, x: &[f32], h: usize, w: usize, r0: usize, r1: usize, epilogue: (&[f32], bool, Option<&[f32]>), out: *mut f32, s: &mut Scratch) {
+    unsafe fn band(&self, x: &[f32], band: &Band, ep: &Epilogue<'_>, out: *mut f32, s: &mut Scratch) {
         let (cin, cout) = (self.cin, self.cout);
         let a2 = self.tile.alpha * self.tile.alpha;
-        let nt = (r1 - r0) * w.div_ceil(self.tile.m);
+        let nt = (band.r1 - band.r0) * band.w.div_ceil(self.tile.m);
         s.v.resize(a2 * cin * nt, 0.0);
         s.mm.resize(a2 * cout * nt, 0.0);
         // 1. V[ξ][ci][t] = (Bᵀ d B) of every input tile
-        self.tile.input(x, h, w, 0..cin, cin, r0, r1, s.v.as_mut_ptr(), nt, &mut s.tmp);
+        self.tile.input(x, band, 0..cin, cin, s.v.as_mut_ptr(), nt, &mut s.tmp);
         // 2. M_ξ = U_ξ V_ξ: [cout x cin] x [cin x nt]
         for xi in 0..a2 {
             gemm_strided(cout, nt, cin, false, s.mm.as_mut_ptr().add(xi * cout * nt), nt, 1, self.u.as_ptr().add(xi * cout * cin), cin, 1, s.v.as_ptr().add(xi * cin * nt), nt, 1);
         }
         // 3. Y = Aᵀ M A per tile, bias / ReLU / residual, written row by row
-        self.tile.output(&s.mm, cout, 0, nt, (r0, r1), (h, w), epilogue, out, &mut s.tmp);
+        self.tile.output(&s.mm, cout, 0, nt, band, ep, out, &mut s.tmp);
     }
 }
 
@@ -524,6 +535,8 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
     let mut v = vec![0f32; a2 * cin * nt];
     let threads = rayon::current_num_threads().max(1);
     let chunk = cin.div_ceil(4 * threads).max(1);
+    // every tile row of the image at once
+    let all = Band { h, w, r0: 0, r1: tile_rows };
     for bi in 0..b {
         let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
         // 1. every input tile, channels in parallel
@@ -531,13 +544,16 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
         (0..cin.div_ceil(chunk)).into_par_iter().for_each_init(Vec::new, |tmp, k| {
             let v_ptr = v_ptr;
             let cis = k * chunk..((k + 1) * chunk).min(cin);
-            // SAFETY: chunks write disjoint channel rows of V
-            unsafe { tile.input(xb, h, w, cis, cin, 0, tile_rows, v_ptr.0, nt, tmp) }
+            // SAFETY: v holds alpha² * cin * nt values and outlives this
+            // blocking loop; chunks write disjoint channel rows of V
+            unsafe { tile.input(xb, &all, cis, cin, v_ptr.0, nt, tmp) }
         });
         // 2. blocks of output channels in parallel
         let v = &v;
+        // SAFETY: bi < b and out holds b * cout * h * w values
         let out_ptr = SendPtr(unsafe { out.as_mut_ptr().add(bi * cout * h * w) });
         let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
+        let ep = Epilogue { bias, relu, residual: res };
         (0..cout.div_ceil(STREAM_BLOCK)).into_par_iter().for_each_init(BlockScratch::default, |s, blk| {
             let out_ptr = out_ptr;
             let co0 = blk * STREAM_BLOCK;
@@ -551,7 +567,8 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
             for a in 0..al {
                 // U[bb][r][ci] of ξ = a alpha + bb, then its alpha products
                 for r in 0..rows {
-                    // SAFETY: row r of each of the alpha planes of s.u
+                    // SAFETY: s.u holds alpha planes of rows * cin values; row r
+                    // of each is written by this call alone (s is this thread's)
                     unsafe { tile.kernel_row(&s.wt[r * 9 * cin..][..9 * cin], cin, a, s.u.as_mut_ptr().add(r * cin), rows * cin) };
                 }
                 for bb in 0..al {
@@ -562,9 +579,55 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
                     };
                 }
             }
-            // SAFETY: this block alone writes channels co0..co0 + rows
-            unsafe { tile.output(&s.mm, rows, co0, nt, (0, tile_rows), (h, w), (bias, relu, res), out_ptr.0, &mut s.tmp) };
+            // SAFETY: out_ptr is image bi of `out`, which outlives this
+            // blocking loop; this block alone writes channels co0..co0 + rows
+            unsafe { tile.output(&s.mm, rows, co0, nt, &all, &ep, out_ptr.0, &mut s.tmp) };
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{conv_case, max_err};
+    use super::super::{winograd_enabled, ConvOp};
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn winograd_matches_candle() {
+        // F(2,3) and F(4,3); frames not a multiple of the tile, narrower and
+        // shorter than one tile, one pixel; batch 2; bias, ReLU, residual
+        let dev = Device::Cpu;
+        for (cin, cout, h, w) in [(32, 32, 17, 9), (40, 33, 5, 70), (64, 48, 1, 1), (32, 64, 9, 3), (33, 32, 23, 31), (128, 128, 48, 40), (24, 150, 7, 10)] {
+            let [x, wt, b, r, reference, relu_res] = conv_case(cin, cout, h, w);
+            // outputs have a standard deviation of sqrt(9 cin)
+            let scale = (9.0 * cin as f32).sqrt();
+            for m in [2, 4] {
+                let plain = ConvOp::from_tensors(&wt, Some(&b), false).unwrap().gemm_only().with_winograd(Some(m));
+                assert!(plain.is_winograd());
+                let err = max_err(&x.apply_op1_no_bwd(&plain).unwrap(), &reference) / scale;
+                let relu = ConvOp::from_tensors(&wt, Some(&b), true).unwrap().gemm_only().with_winograd(Some(m));
+                let err_res = max_err(&x.apply_op2_no_bwd(&r, &relu).unwrap(), &relu_res) / scale;
+                eprintln!("F({m},3) {cin}->{cout} {h}x{w}: relative error {err:.1e}, with ReLU + residual {err_res:.1e}");
+                // measured: F(2,3) ~2e-6, F(4,3) ~1.5e-5 (its transforms' constants
+                // up to 8 cost precision); im2col + GEMM ~1e-6
+                let tol = if m == 2 { 1e-5 } else { 6e-5 };
+                assert!(err < tol && err_res < tol, "F({m},3) {cin}->{cout} {h}x{w}: {err} / {err_res}");
+                // the path of layers too wide to keep their transform: blocks of
+                // output channels, weights transformed on the fly
+                let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (xs, ws, bs, rs) = (v(&x), v(&wt), v(&b), v(&r));
+                let streamed = run_streamed(&ws, cout, cin, m, &xs, 2, h, w, &bs, true, Some(&rs));
+                let streamed = Tensor::from_vec(streamed, (2, cout, h, w), &dev).unwrap();
+                let err_streamed = max_err(&streamed, &relu_res) / scale;
+                assert!(err_streamed < tol, "streamed F({m},3) {cin}->{cout} {h}x{w}: {err_streamed}");
+            }
+        }
+        // wide layers take it by default, narrow ones do not
+        let wide = Tensor::randn(0f32, 1., (128, 256, 3, 3), &dev).unwrap();
+        assert_eq!(ConvOp::from_tensors(&wide, None, false).unwrap().is_winograd(), winograd_enabled());
+        let narrow = Tensor::randn(0f32, 1., (64, 256, 3, 3), &dev).unwrap();
+        assert!(!ConvOp::from_tensors(&narrow, None, false).unwrap().is_winograd());
+    }
 }

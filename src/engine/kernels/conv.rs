@@ -1,0 +1,517 @@
+//! [`ConvOp`]: k x k convolution, dispatched to the direct kernel, Winograd or
+//! banded im2col + GEMM; [`ConvInto`] and [`AddInto`], its in-place forms.
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+use super::{activation, contiguous, contiguous_mut, direct, gemm_strided, par_row_blocks, winograd, winograd_enabled, SendPtr};
+use super::{DIRECT_MAX_CHANNELS, DIRECT_MAX_WIDE_WIDTH, DIRECT_NARROW, WINOGRAD_KEEP_BYTES, WINOGRAD_MIN_CHANNELS};
+
+/// k x k convolution (any stride, any zero padding per side) as banded
+/// im2col + GEMM, optional fused ReLU and residual add.
+#[derive(Clone, Debug)]
+pub struct ConvOp {
+    /// `[cout, cin, k, k]`, contiguous f32 on the CPU; shares the loaded
+    /// tensor's memory (no copy of the model's weights)
+    pub weight: Tensor,
+    pub bias: Vec<f32>,
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    /// zero padding: top, left, bottom, right
+    pub pad: [usize; 4],
+    pub relu: bool,
+    /// the direct kernel's repacked weights, where it applies
+    direct: Option<Arc<direct::Direct>>,
+    /// run the direct kernel at every frame width (see [`ConvOp::direct`])
+    always_direct: bool,
+    /// the Winograd path applies: `Some(None)` picks the tile by frame size
+    /// ([`winograd::tile_for`]), `Some(Some(m))` forces F(m x m, 3 x 3)
+    winograd: Option<Option<usize>>,
+    /// transformed weights kept for F(2,3) and F(4,3) (see [`WINOGRAD_KEEP_BYTES`])
+    winograd_kept: [Arc<std::sync::OnceLock<Arc<winograd::Winograd>>>; 2],
+}
+
+impl ConvOp {
+    /// A square kernel from `w` `[cout, cin, k, k]`, stride 1, "same" padding k/2.
+    pub fn from_tensors(w: &Tensor, b: Option<&Tensor>, relu: bool) -> candle_core::Result<Self> {
+        let k = w.dim(3)?;
+        Self::new(w, b, 1, [k / 2; 4], relu)
+    }
+
+    pub fn new(w: &Tensor, b: Option<&Tensor>, stride: usize, pad: [usize; 4], relu: bool) -> candle_core::Result<Self> {
+        let (cout, cin, kh, kw) = w.dims4()?;
+        if kh != kw || stride == 0 {
+            candle_core::bail!("ConvOp needs a square kernel and a stride >= 1, got {kh}x{kw} stride {stride}");
+        }
+        let bias = match b {
+            Some(b) => b.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+            None => vec![0.0; cout],
+        };
+        let weight = w.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.contiguous()?;
+        let op = Self { weight, bias, cin, cout, k: kh, stride, pad, relu, direct: None, always_direct: false, winograd: None, winograd_kept: Default::default() };
+        let op = if cin.min(cout) >= WINOGRAD_MIN_CHANNELS && winograd_enabled() { op.with_winograd(None) } else { op };
+        if cin <= DIRECT_MAX_CHANNELS && cout <= DIRECT_MAX_CHANNELS {
+            op.with_direct(false)
+        } else {
+            Ok(op)
+        }
+    }
+
+    /// Attach the Winograd path where it applies (3x3, stride 1, padding 1),
+    /// whatever the channels: F(m x m, 3 x 3) with `tile` m = 2 or 4 on every
+    /// frame (benchmarks and tests), or by frame size when None.
+    pub fn with_winograd(mut self, tile: Option<usize>) -> Self {
+        if self.k == 3 && self.stride == 1 && self.pad == [1; 4] {
+            assert!(matches!(tile, None | Some(2) | Some(4)), "Winograd F(m,3) has m = 2 or 4");
+            self.winograd = Some(tile);
+        }
+        self
+    }
+
+    /// Whether this layer has the Winograd path.
+    pub fn is_winograd(&self) -> bool {
+        self.winograd.is_some()
+    }
+
+    /// The same convolution on the direct kernel where it applies (3x3,
+    /// stride 1, padding 1, an AVX-512 CPU), whatever its channels and the
+    /// frame's width (benchmarks and tests).
+    pub fn direct(self) -> candle_core::Result<Self> {
+        self.with_direct(true)
+    }
+
+    /// Attach the direct kernel where it applies; `always`: on every frame
+    /// width, not only where [`DIRECT_MAX_CHANNELS`]' rule picks it.
+    fn with_direct(mut self, always: bool) -> candle_core::Result<Self> {
+        if self.k == 3 && self.stride == 1 && self.pad == [1; 4] && direct::available() {
+            let w = self.weight.flatten_all()?.to_vec1::<f32>()?;
+            self.direct = Some(Arc::new(direct::Direct::new(&w, self.cout, self.cin)));
+            self.always_direct = always;
+        }
+        Ok(self)
+    }
+
+    /// The same convolution on im2col + GEMM only (benchmarks and tests
+    /// compare the two paths).
+    pub fn gemm_only(mut self) -> Self {
+        self.direct = None;
+        self.always_direct = false;
+        self.winograd = None;
+        self
+    }
+
+    /// Whether this layer has the direct kernel (narrow layers use it on any
+    /// frame, 17-64 channel layers on frames up to [`DIRECT_MAX_WIDE_WIDTH`]).
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// The direct kernel over row chunks of every image, in parallel.
+    fn run_direct(&self, d: &direct::Direct, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> Vec<f32> {
+        let mut out = activation(b * self.cout * h * w);
+        // SAFETY: `out` was just allocated with b * cout * h * w values; `x`
+        // (b * cin * h * w) and `residual` (b * cout * h * w) are sized by
+        // run's callers, which took b, h, w from x's layout and checked the
+        // residual's shape (run itself does not check their lengths)
+        unsafe { self.run_direct_into(d, x, b, h, w, residual.map(|r| r.as_ptr()), out.as_mut_ptr()) };
+        out
+    }
+
+    /// The direct kernel writing into `out`; `residual` may be `out` itself
+    /// (each output is read as residual right before it is written).
+    ///
+    /// # Safety
+    /// `x` holds `b * cin * h * w` values, `out` and `residual`
+    /// `b * cout * h * w`; `d` is this layer's (so [`direct::available`] held
+    /// when it was made).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_direct_into(&self, d: &direct::Direct, x: &[f32], b: usize, h: usize, w: usize, residual: Option<*const f32>, out: *mut f32) {
+        let (cin, cout) = (self.cin, self.cout);
+        let threads = rayon::current_num_threads().max(1);
+        // a few chunks per thread for balance, each at least a few rows
+        let rows = h.div_ceil(4 * threads).max(4).min(h);
+        let chunks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..h).step_by(rows).map(move |r0| (bi, r0))).collect();
+        let out_ptr = SendPtr(out);
+        let res_ptr = residual.map(|r| SendPtr(r as *mut f32));
+        chunks.par_iter().for_each(|&(bi, r0)| {
+            let (out_ptr, res_ptr) = (out_ptr, res_ptr);
+            let plane_out = bi * cout * h * w;
+            // SAFETY: direct::available() held when `d` was made (with_direct);
+            // the caller's contract sizes x, out and residual, so image bi's
+            // planes lie inside them; chunk (bi, r0) alone writes rows
+            // r0..r0 + rows of image bi, and where residual is out it reads
+            // each of those values right before writing it; `out` outlives
+            // this blocking loop
+            unsafe {
+                d.rows(
+                    x.as_ptr().add(bi * cin * h * w),
+                    h,
+                    w,
+                    r0,
+                    (r0 + rows).min(h),
+                    &self.bias,
+                    self.relu,
+                    res_ptr.map(|r| r.0.add(plane_out) as *const f32),
+                    out_ptr.0.add(plane_out),
+                )
+            }
+        });
+    }
+
+    /// Whether [`ConvOp::run`] takes the direct kernel on a frame `w` wide.
+    fn direct_for(&self, w: usize) -> Option<&direct::Direct> {
+        let d = self.direct.as_deref()?;
+        (self.always_direct || self.cin.max(self.cout) <= DIRECT_NARROW || w <= DIRECT_MAX_WIDE_WIDTH).then_some(d)
+    }
+
+    fn out_hw(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
+        let (k, s, [pt, pl, pb, pr]) = (self.k, self.stride, self.pad);
+        if h + pt + pb < k || w + pl + pr < k {
+            candle_core::bail!("conv: {h}x{w} input is smaller than the {k}x{k} kernel");
+        }
+        Ok(((h + pt + pb - k) / s + 1, (w + pl + pr - k) / s + 1))
+    }
+
+    /// Fill `col[(ci,ky,kx), (r - r0, ox)]` for output rows `r0..r1`.
+    fn im2col(&self, xb: &[f32], h: usize, w: usize, ow: usize, r0: usize, r1: usize, col: &mut [f32]) {
+        let (k, s) = (self.k, self.stride);
+        let (pt, pl) = (self.pad[0] as isize, self.pad[1] as isize);
+        let n = (r1 - r0) * ow;
+        let hw = h * w;
+        for ci in 0..self.cin {
+            let plane = &xb[ci * hw..(ci + 1) * hw];
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = &mut col[((ci * k + ky) * k + kx) * n..][..n];
+                    // output columns whose source column lies inside the image
+                    let off = kx as isize - pl;
+                    let lo = if off >= 0 { 0 } else { ((-off) as usize).div_ceil(s) };
+                    let hi = if (w as isize - 1 - off) < 0 { 0 } else { (((w as isize - 1 - off) as usize) / s + 1).min(ow) };
+                    for r in r0..r1 {
+                        let dst = &mut row[(r - r0) * ow..(r - r0 + 1) * ow];
+                        let sy = (r * s) as isize + ky as isize - pt;
+                        if sy < 0 || sy >= h as isize || lo >= hi {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[sy as usize * w..(sy as usize + 1) * w];
+                        dst[..lo].fill(0.0);
+                        dst[hi..].fill(0.0);
+                        let first = (lo * s) as isize + off;
+                        if s == 1 {
+                            dst[lo..hi].copy_from_slice(&src[first as usize..first as usize + (hi - lo)]);
+                        } else {
+                            for (i, d) in dst[lo..hi].iter_mut().enumerate() {
+                                *d = src[first as usize + i * s];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bias, activation and residual on `n` outputs of channel rows `co0..co0+m`.
+    ///
+    /// # Safety
+    /// `dst` points at channel `co0`'s first output of the band; rows `hw` apart.
+    unsafe fn epilogue(&self, dst: *mut f32, co0: usize, m: usize, n: usize, hw: usize, residual: Option<&[f32]>) {
+        for co in co0..co0 + m {
+            let d = std::slice::from_raw_parts_mut(dst.add((co - co0) * hw), n);
+            let bias = self.bias[co];
+            let res = residual.map(|r| &r[co * hw..][..n]);
+            match (self.relu, res) {
+                (true, None) => d.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
+                (false, None) => d.iter_mut().for_each(|v| *v += bias),
+                (true, Some(r)) => d.iter_mut().zip(r).for_each(|(v, r)| *v = (*v + bias).max(0.0) + r),
+                (false, Some(r)) => d.iter_mut().zip(r).for_each(|(v, r)| *v += bias + r),
+            }
+        }
+    }
+
+    /// y = act(conv(x) + b) (+ residual), x `[B, cin, H, W]`.
+    fn run(&self, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+        if let Some(d) = self.direct_for(w) {
+            return Ok(self.run_direct(d, x, b, h, w, residual));
+        }
+        let (storage, layout) = self.weight.storage_and_layout();
+        let weight = match &*storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[layout.start_offset()..],
+            _ => candle_core::bail!("conv: weights must be f32 on the CPU"),
+        };
+        let (cin, cout) = (self.cin, self.cout);
+        let keep = |m: usize| (m + 2) * (m + 2) * cout * cin * 4 <= WINOGRAD_KEEP_BYTES;
+        if let Some(m) = self.winograd.and_then(|t| t.or_else(|| winograd::tile_for(h, w, keep(4)))) {
+            if !keep(m) && winograd::streams(cin, h, w, m) {
+                return Ok(winograd::run_streamed(&weight[..cout * cin * 9], cout, cin, m, x, b, h, w, &self.bias, self.relu, residual));
+            }
+            let make = || Arc::new(winograd::Winograd::new(&weight[..cout * cin * 9], cout, cin, m));
+            let wg = if keep(m) {
+                self.winograd_kept[m / 4].get_or_init(make).clone()
+            } else {
+                make()
+            };
+            return Ok(wg.run(x, b, h, w, &self.bias, self.relu, residual));
+        }
+        let (oh, ow) = self.out_hw(h, w)?;
+        let ohw = oh * ow;
+        let kk = cin * self.k * self.k;
+        let mut out = activation(b * cout * ohw);
+        // rows per band: keep the column buffer around 2 MB
+        let rows = ((1usize << 19) / (kk * ow).max(1)).clamp(1, oh);
+        let bands: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..oh).step_by(rows).map(move |r0| (bi, r0))).collect();
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let threads = rayon::current_num_threads().max(1);
+        let band = |bi: usize, r0: usize, col: &mut Vec<f32>, split_rows: bool| {
+            let out_ptr = out_ptr;
+            let r1 = (r0 + rows).min(oh);
+            let n = (r1 - r0) * ow;
+            col.clear();
+            col.resize(kk * n, 0.0);
+            self.im2col(&x[bi * cin * h * w..(bi + 1) * cin * h * w], h, w, ow, r0, r1, col);
+            let res = residual.map(|r| &r[bi * cout * ohw + r0 * ow..]);
+            // SAFETY: `out` holds b * cout * ohw values and outlives the loops;
+            // this call alone writes channels co0..co0 + m of rows r0..r1 of
+            // image bi (bands own their rows, par_row_blocks hands out disjoint
+            // channel ranges); `weight` holds cout * kk values from co0 * kk as
+            // long as the pub fields weight, cin, cout and k still describe the
+            // same [cout, cin, k, k] tensor; `col` holds kk * n values
+            let gemm_rows = |co0: usize, m: usize| unsafe {
+                let out_ptr = out_ptr;
+                let dst = out_ptr.0.add(bi * cout * ohw + co0 * ohw + r0 * ow);
+                gemm_strided(m, n, kk, false, dst, ohw, 1, weight.as_ptr().add(co0 * kk), kk, 1, col.as_ptr(), n, 1);
+                self.epilogue(dst, co0, m, n, ohw, res.map(|r| &r[..]));
+            };
+            if split_rows {
+                par_row_blocks(cout, gemm_rows);
+            } else {
+                gemm_rows(0, cout);
+            }
+        };
+        if bands.len() >= threads {
+            bands.par_iter().for_each_init(Vec::new, |col, &(bi, r0)| band(bi, r0, col, false));
+        } else {
+            // too few bands to occupy the threads: split each GEMM by output channel
+            let mut col = Vec::new();
+            for &(bi, r0) in &bands {
+                band(bi, r0, &mut col, true);
+            }
+        }
+        Ok(out)
+    }
+
+    fn out_shape(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        if c != self.cin {
+            candle_core::bail!("conv: {c} input channels, weight expects {}", self.cin);
+        }
+        let (oh, ow) = self.out_hw(h, w)?;
+        Ok((b, h, w, Shape::from((b, self.cout, oh, ow))))
+    }
+}
+
+impl CustomOp1 for ConvOp {
+    fn name(&self) -> &'static str {
+        "codiff-conv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, "conv")?;
+        let (b, h, w, shape) = self.out_shape(l)?;
+        Ok((CpuStorage::F32(self.run(x, b, h, w, None)?), shape))
+    }
+}
+
+/// The same convolution plus a residual input: `y = act(conv(x) + b) + r`.
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "codiff-conv-residual"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s1, l1, "conv")?;
+        let r = contiguous(s2, l2, "conv residual")?;
+        let (b, h, w, shape) = self.out_shape(l1)?;
+        if l2.shape() != &shape {
+            candle_core::bail!("conv residual shape {:?}, output {:?}", l2.shape(), shape);
+        }
+        Ok((CpuStorage::F32(self.run(x, b, h, w, Some(r))?), shape))
+    }
+}
+
+/// A [`ConvOp`] writing into an existing tensor (`dst.inplace_op2(&x, ..)`),
+/// so that chains of same-shaped layers (ResBlocks) reuse their buffers
+/// instead of faulting in fresh ones: `dst = act(conv(x) + b)`, or with
+/// `accumulate`, `dst = act(conv(x) + b) + dst` (the residual add in place).
+/// `dst` must not share storage with `x`, nor with any tensor still needed.
+/// The direct kernel writes in place; other paths compute and copy.
+pub struct ConvInto<'a> {
+    pub op: &'a ConvOp,
+    pub accumulate: bool,
+}
+
+impl InplaceOp2 for ConvInto<'_> {
+    fn name(&self) -> &'static str {
+        "codiff-conv-into"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let x = contiguous(s2, l2, "conv")?;
+        let (b, h, w, shape) = self.op.out_shape(l2)?;
+        if l1.shape() != &shape {
+            candle_core::bail!("conv into a {:?} tensor, output {:?}", l1.shape(), shape);
+        }
+        let dst = contiguous_mut(s1, l1, "conv into")?;
+        if std::ptr::eq(dst.as_ptr(), x.as_ptr()) {
+            candle_core::bail!("conv into: the destination is the input");
+        }
+        if let Some(d) = self.op.direct_for(w) {
+            let out = dst.as_mut_ptr();
+            // SAFETY: dst holds b * cout * h * w values (shape checked) and x
+            // b * cin * h * w (out_shape read b, h, w from its layout and
+            // checked its channels); candle refuses a destination that shares
+            // storage with the input (no src_access_pattern), so the only
+            // alias is residual = out, whose values the kernel reads right
+            // before writing them; `d` came from direct_for
+            unsafe { self.op.run_direct_into(d, x, b, h, w, self.accumulate.then_some(out as *const f32), out) };
+        } else {
+            let y = self.op.run(x, b, h, w, self.accumulate.then_some(&*dst))?;
+            dst.copy_from_slice(&y);
+        }
+        Ok(())
+    }
+}
+
+/// `dst += src` in place (same shape, contiguous f32): the decoder's skip
+/// additions without a fresh buffer.
+pub struct AddInto;
+
+impl InplaceOp2 for AddInto {
+    fn name(&self) -> &'static str {
+        "codiff-add-into"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let src = contiguous(s2, l2, "add")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("add into a {:?} tensor from {:?}", l1.shape(), l2.shape());
+        }
+        let dst = contiguous_mut(s1, l1, "add into")?;
+        let chunk = (dst.len() / (4 * rayon::current_num_threads().max(1))).max(1 << 14);
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use super::super::tests::{max_err, conv_case};
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn conv3x3_matches_candle() {
+        let dev = Device::Cpu;
+        for (cin, cout, h, w) in [(3, 8, 17, 9), (16, 16, 33, 47), (5, 3, 1, 1), (8, 4, 2, 70)] {
+            let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
+            let r = Tensor::randn(0f32, 1., (2, cout, h, w), &dev).unwrap();
+            let reference = x.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            let op = ConvOp::from_tensors(&wt, Some(&b), false).unwrap();
+            assert!(max_err(&x.apply_op1(op.clone()).unwrap(), &reference) < 1e-4);
+            let with_res = x.apply_op2(&r, op).unwrap();
+            assert!(max_err(&with_res, &(&reference + &r).unwrap()) < 1e-4);
+            let relu = ConvOp::from_tensors(&wt, Some(&b), true).unwrap();
+            assert!(max_err(&x.apply_op1(relu).unwrap(), &reference.relu().unwrap()) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn direct_and_gemm_paths_match_candle() {
+        // every direct tile shape (4/8/16 output channels per block, a partial
+        // last block), widths around the 16-lane strips, one-row and one-column
+        // frames, batch 2; the GEMM path on the same layers
+        let dev = Device::Cpu;
+        for (cin, cout, h, w) in [(3, 3, 5, 1), (8, 8, 1, 16), (8, 8, 4, 48), (8, 8, 3, 49), (16, 16, 7, 31), (64, 64, 5, 17), (3, 17, 6, 33), (13, 40, 2, 65)] {
+            let [x, wt, b, r, reference, relu_res] = conv_case(cin, cout, h, w);
+            for relu in [false, true] {
+                let op = ConvOp::from_tensors(&wt, Some(&b), relu).unwrap().direct().unwrap();
+                assert_eq!(op.is_direct(), direct::available(), "{cin}->{cout} should take the direct path on AVX-512");
+                for op in [op.clone(), op.gemm_only()] {
+                    let want = if relu { reference.relu().unwrap() } else { reference.clone() };
+                    let tol = 1e-4 * (cin as f32).sqrt() * 3.0;
+                    assert!(max_err(&x.apply_op1_no_bwd(&op).unwrap(), &want) < tol, "{cin}->{cout} {h}x{w} relu {relu}");
+                    if relu {
+                        assert!(max_err(&x.apply_op2_no_bwd(&r, &op).unwrap(), &relu_res) < tol, "{cin}->{cout} {h}x{w} residual");
+                    }
+                }
+            }
+        }
+        // wide layers stay on GEMM unless asked
+        let wide = Tensor::randn(0f32, 1., (128, 128, 3, 3), &dev).unwrap();
+        assert!(!ConvOp::from_tensors(&wide, None, false).unwrap().is_direct());
+        assert_eq!(ConvOp::from_tensors(&wide, None, false).unwrap().direct().unwrap().is_direct(), direct::available());
+    }
+
+    #[test]
+    fn conv_strided_and_padded_matches_candle() {
+        let dev = Device::Cpu;
+        // stride 2 with symmetric padding (UNet downsampler), stride 2 with the
+        // VAE encoder's (0,1,0,1) padding, 1x1, and a 5x5
+        for (k, s, pad, h, w) in [(3, 2, [1, 1, 1, 1], 16, 12), (3, 2, [0, 0, 1, 1], 15, 10), (1, 1, [0; 4], 7, 9), (5, 1, [2; 4], 9, 11)] {
+            let x = Tensor::randn(0f32, 1., (2, 6, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (5, 6, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., 5, &dev).unwrap();
+            let padded = x.pad_with_zeros(2, pad[0], pad[2]).unwrap().pad_with_zeros(3, pad[1], pad[3]).unwrap();
+            let reference = padded.conv2d(&wt, 0, s, 1, 1).unwrap().broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap()).unwrap();
+            let op = ConvOp::new(&wt, Some(&b), s, pad, false).unwrap();
+            let ours = x.apply_op1_no_bwd(&op).unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            assert!(max_err(&ours, &reference) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn conv_splits_channels_when_bands_are_few() {
+        // one output row: a single band, so the GEMM is split by output channel
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (1, 32, 1, 5), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1., (67, 32, 3, 3), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1., (1, 67, 1, 5), &dev).unwrap();
+        let reference = (x.conv2d(&wt, 1, 1, 1, 1).unwrap() + &r).unwrap();
+        let ours = x.apply_op2_no_bwd(&r, &ConvOp::from_tensors(&wt, None, false).unwrap()).unwrap();
+        assert!(max_err(&ours, &reference) < 1e-4);
+    }
+
+    #[test]
+    fn in_place_conv_and_add_match() {
+        // ConvInto (direct and GEMM paths, with and without the residual) and
+        // AddInto give the numbers of the ops that allocate
+        let dev = Device::Cpu;
+        for (c, direct) in [(8, true), (8, false), (40, false)] {
+            let x = Tensor::randn(0f32, 1., (1, c, 11, 23), &dev).unwrap();
+            let r = Tensor::randn(0f32, 1., (1, c, 11, 23), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (c, c, 3, 3), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., c, &dev).unwrap();
+            let op = ConvOp::from_tensors(&wt, Some(&b), false).unwrap();
+            let op = if direct { op.direct().unwrap() } else { op.gemm_only() };
+            let plain = x.apply_op1_no_bwd(&op).unwrap();
+            let with_res = x.apply_op2_no_bwd(&r, &op).unwrap();
+            let dst = r.copy().unwrap();
+            dst.inplace_op2(&x, &ConvInto { op: &op, accumulate: false }).unwrap();
+            assert_eq!(max_err(&dst, &plain), 0.0, "{c} direct {direct}");
+            let dst = r.copy().unwrap();
+            dst.inplace_op2(&x, &ConvInto { op: &op, accumulate: true }).unwrap();
+            assert_eq!(max_err(&dst, &with_res), 0.0, "{c} direct {direct} residual");
+            let sum = x.copy().unwrap();
+            sum.inplace_op2(&r, &AddInto).unwrap();
+            assert_eq!(max_err(&sum, &(&x + &r).unwrap()), 0.0);
+            // a wrong-shaped destination is refused
+            let small = Tensor::zeros((1, c, 5, 5), candle_core::DType::F32, &dev).unwrap();
+            assert!(small.inplace_op2(&x, &ConvInto { op: &op, accumulate: false }).is_err());
+        }
+    }
+}

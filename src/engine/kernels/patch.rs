@@ -1,0 +1,226 @@
+//! Stride-k k x k convolutions: [`PatchConv`] (space-to-depth + GEMM) and
+//! [`PatchConvTranspose`] (GEMM + depth-to-space), FBCNN's down- and upsampling.
+use candle_core::{CpuStorage, CustomOp1, InplaceOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{activation, contiguous, contiguous_mut, gemm_strided, par_row_blocks, SendPtr};
+
+/// k x k convolution with stride k, no padding (FBCNN's strided downsampling).
+#[derive(Clone, Debug)]
+pub struct PatchConv {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+}
+
+impl PatchConv {
+    pub fn from_tensors(w: &Tensor, b: &Tensor) -> candle_core::Result<Self> {
+        let (cout, cin, k, k2) = w.dims4()?;
+        if k != k2 {
+            candle_core::bail!("PatchConv needs a square kernel");
+        }
+        Ok(Self { weight: w.flatten_all()?.to_vec1()?, bias: b.to_vec1()?, cin, cout, k })
+    }
+}
+
+impl CustomOp1 for PatchConv {
+    fn name(&self) -> &'static str {
+        "codiff-patch-conv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, "patch conv")?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        if c != self.cin {
+            candle_core::bail!("patch conv: {c} input channels, weight expects {}", self.cin);
+        }
+        let k = self.k;
+        let (oh, ow) = (h / k, w / k);
+        let n = oh * ow;
+        let kk = c * k * k;
+        let mut out = activation(b * self.cout * n);
+        for bi in 0..b {
+            let xb = &x[bi * c * h * w..];
+            // space-to-depth: col[(ci,ky,kx), (oy,ox)]
+            let mut col = vec![0f32; kk * n];
+            col.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
+                let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
+                for oy in 0..oh {
+                    let src = &xb[ci * h * w + (oy * k + ky) * w..];
+                    for ox in 0..ow {
+                        dst[oy * ow + ox] = src[ox * k + kx];
+                    }
+                }
+            });
+            let ob = &mut out[bi * self.cout * n..(bi + 1) * self.cout * n];
+            let optr = SendPtr(ob.as_mut_ptr());
+            par_row_blocks(self.cout, |co0, m| {
+                let optr = optr;
+                // SAFETY: `ob` holds cout * n values and outlives this blocking
+                // loop; par_row_blocks gives each call its own channels
+                // co0..co0 + m; `col` holds kk * n values and `weight` cout * kk
+                // (from_tensors; the pub fields must keep describing it)
+                unsafe {
+                    gemm_strided(m, n, kk, false, optr.0.add(co0 * n), n, 1, self.weight.as_ptr().add(co0 * kk), kk, 1, col.as_ptr(), n, 1);
+                }
+            });
+            for (co, d) in ob.chunks_mut(n).enumerate() {
+                d.iter_mut().for_each(|v| *v += self.bias[co]);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, self.cout, oh, ow))))
+    }
+}
+
+/// k x k transposed convolution with stride k (FBCNN's upsampling).
+#[derive(Clone, Debug)]
+pub struct PatchConvTranspose {
+    /// `[cin, cout, k, k]` as PyTorch stores it
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+}
+
+impl PatchConvTranspose {
+    pub fn from_tensors(w: &Tensor, b: &Tensor) -> candle_core::Result<Self> {
+        let (cin, cout, k, _) = w.dims4()?;
+        Ok(Self { weight: w.flatten_all()?.to_vec1()?, bias: b.to_vec1()?, cin, cout, k })
+    }
+
+    /// `out` `[b, cout, h k, w k]` from `x` `[b, cin, h, w]`: bands of input
+    /// rows in parallel, each one GEMM into a band-sized scratch
+    /// `[(co, ky, kx), (y, x)]` scattered into its k output rows per input
+    /// row (no frame-sized intermediate).
+    fn run_into(&self, x: &[f32], b: usize, h: usize, w: usize, out: &mut [f32]) {
+        let (c, k) = (self.cin, self.k);
+        let m = self.cout * k * k;
+        let (oh, ow) = (h * k, w * k);
+        // input rows per band: the scratch within ~1 MB, and enough bands for the threads
+        let threads = rayon::current_num_threads().max(1);
+        let rows = ((1usize << 18) / (m * w).max(1)).clamp(1, h.div_ceil(2 * threads).max(1));
+        let bands: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..h).step_by(rows).map(move |y0| (bi, y0))).collect();
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        bands.par_iter().for_each_init(Vec::new, |tmp: &mut Vec<f32>, &(bi, y0)| {
+            let out_ptr = out_ptr;
+            let y1 = (y0 + rows).min(h);
+            let n = (y1 - y0) * w;
+            tmp.resize(m * n, 0.0);
+            let xb = &x[bi * c * h * w..(bi + 1) * c * h * w];
+            // SAFETY: lhs element (r, ci) at weight[ci * m + r] (row stride 1,
+            // column stride m) within the c * m weights (from_tensors; the pub
+            // fields must keep describing them); rhs rows y0..y1 of each
+            // channel (row stride h w) within `xb`; `tmp` (this thread's) was
+            // resized to m * n
+            unsafe { gemm_strided(m, n, c, false, tmp.as_mut_ptr(), n, 1, self.weight.as_ptr(), 1, m, xb.as_ptr().add(y0 * w), h * w, 1) };
+            for co in 0..self.cout {
+                let bias = self.bias[co];
+                for ky in 0..k {
+                    for y in y0..y1 {
+                        // SAFETY: `out` holds b * cout * oh * ow values (allocated
+                        // or shape-checked by the caller) and outlives this
+                        // blocking loop; band (bi, y0) alone writes rows
+                        // y0 k .. y1 k of image bi's planes
+                        let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(((bi * self.cout + co) * oh + y * k + ky) * ow), ow) };
+                        for kx in 0..k {
+                            let t = &tmp[((co * k + ky) * k + kx) * n + (y - y0) * w..][..w];
+                            for (xx, v) in t.iter().enumerate() {
+                                row[xx * k + kx] = v + bias;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn check(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        if c != self.cin {
+            candle_core::bail!("patch conv transpose: {c} input channels, weight expects {}", self.cin);
+        }
+        Ok((b, h, w))
+    }
+}
+
+impl CustomOp1 for PatchConvTranspose {
+    fn name(&self) -> &'static str {
+        "codiff-patch-conv-transpose"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, "patch conv transpose")?;
+        let (b, h, w) = self.check(l)?;
+        let mut out = activation(b * self.cout * h * self.k * w * self.k);
+        self.run_into(x, b, h, w, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((b, self.cout, h * self.k, w * self.k))))
+    }
+}
+
+/// [`PatchConvTranspose`] into an existing buffer (of the output's shape,
+/// owned by the caller alone): the CaVE decoder's upsampling writes into the
+/// encoder's dead activation of that level instead of a fresh one.
+pub struct PatchConvTransposeInto<'a>(pub &'a PatchConvTranspose);
+
+impl InplaceOp2 for PatchConvTransposeInto<'_> {
+    fn name(&self) -> &'static str {
+        "codiff-patch-conv-transpose-into"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let op = self.0;
+        let x = contiguous(s2, l2, "patch conv transpose")?;
+        let (b, h, w) = op.check(l2)?;
+        let shape = Shape::from((b, op.cout, h * op.k, w * op.k));
+        if l1.shape() != &shape {
+            candle_core::bail!("patch conv transpose into a {:?} tensor, output {:?}", l1.shape(), shape);
+        }
+        let dst = contiguous_mut(s1, l1, "patch conv transpose into")?;
+        op.run_into(x, b, h, w, dst);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use super::super::tests::{max_err};
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn patch_conv_matches_candle() {
+        let dev = Device::Cpu;
+        for (k, h, w) in [(2, 8, 6), (4, 16, 12), (4, 9, 13)] {
+            let x = Tensor::randn(0f32, 1., (2, 5, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (7, 5, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., 7, &dev).unwrap();
+            let reference = x.conv2d(&wt, 0, k, 1, 1).unwrap().broadcast_add(&b.reshape((1, 7, 1, 1)).unwrap()).unwrap();
+            let ours = x.apply_op1(PatchConv::from_tensors(&wt, &b).unwrap()).unwrap();
+            assert!(max_err(&ours, &reference) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn patch_conv_transpose_matches_candle() {
+        let dev = Device::Cpu;
+        // one band per input row and several rows per band
+        for (k, h, w) in [(2, 3, 5), (4, 2, 3), (2, 37, 29)] {
+            let x = Tensor::randn(0f32, 1., (2, 6, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (6, 4, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1., 4, &dev).unwrap();
+            let reference = x.conv_transpose2d(&wt, 0, 0, k, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap();
+            let op = PatchConvTranspose::from_tensors(&wt, &b).unwrap();
+            let ours = x.apply_op1(op.clone()).unwrap();
+            assert!(max_err(&ours, &reference) < 1e-4);
+            // into a buffer of the output's shape, whatever it held
+            let dst = Tensor::full(7f32, (2, 4, h * k, w * k), &dev).unwrap();
+            dst.inplace_op2(&x, &PatchConvTransposeInto(&op)).unwrap();
+            assert!(max_err(&dst, &reference) < 1e-4);
+            let wrong = Tensor::zeros((2, 4, h * k, w * k + 1), candle_core::DType::F32, &dev).unwrap();
+            assert!(wrong.inplace_op2(&x, &PatchConvTransposeInto(&op)).is_err());
+        }
+    }
+}
