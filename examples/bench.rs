@@ -89,14 +89,17 @@ fn test_card(w: usize, h: usize) -> RgbImage {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let Some(size) = args.child.clone() else {
-        println!("model={} device={} precision={} threads={}", args.model, args.device, args.precision,
-            std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| format!("{}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))));
+        println!(
+            "model={} device={} precision={} threads={}",
+            args.model,
+            args.device,
+            args.precision,
+            std::env::var("RAYON_NUM_THREADS")
+                .unwrap_or_else(|_| format!("{}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)))
+        );
         for size in args.sizes.split(',') {
             let exe = std::env::current_exe()?;
-            let status = Command::new(exe)
-                .args(std::env::args().skip(1))
-                .args(["--child", size])
-                .status()?;
+            let status = Command::new(exe).args(std::env::args().skip(1)).args(["--child", size]).status()?;
             if !status.success() {
                 println!("{size}: failed ({status})");
             }
@@ -116,11 +119,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             precision,
             false,
         )?,
-        "compact" => Engine::load(&ModelSpec { device, precision, mode: Mode::Cave, weights: default_weights_path(), ..ModelSpec::compact_default() }, &mut |_| {})?,
+        "compact" => Engine::load(
+            &ModelSpec {
+                device,
+                precision,
+                mode: Mode::Cave,
+                weights: default_weights_path(),
+                ..ModelSpec::compact_default()
+            },
+            &mut |_| {},
+        )?,
         m if m.starts_with("official:") => {
             // official:DIR — DIR holds unet/ vae/ scheduler/ codiff.pkl and cave.pth or cave.safetensors
             let dir = std::path::PathBuf::from(&m[9..]);
-            let cave = ["cave.pth", "cave.safetensors"].iter().map(|f| dir.join(f)).find(|p| p.exists()).ok_or("no cave.pth")?;
+            let cave = ["cave.pth", "cave.safetensors"]
+                .iter()
+                .map(|f| dir.join(f))
+                .find(|p| p.exists())
+                .ok_or("no cave.pth")?;
             let spec = ModelSpec {
                 mode: Mode::Diffusion,
                 weights: cave.clone(),

@@ -70,14 +70,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let f4 = gemm.clone().with_winograd(Some(4));
         let op = op.direct()?;
         let flop = 2.0 * (cin * 9 * cout * h * w) as f64;
-        let direct_ms = if op.is_direct() { Some(median_ms(args.runs, || drop(x.apply_op1_no_bwd(&op).unwrap()))) } else { None };
+        let direct_ms =
+            if op.is_direct() { Some(median_ms(args.runs, || drop(x.apply_op1_no_bwd(&op).unwrap()))) } else { None };
         let gemm_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&gemm).unwrap()));
         let f2_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&f2).unwrap()));
         let f4_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&f4).unwrap()));
-        let candle_ms = if args.candle { Some(median_ms(args.runs, || drop(x.conv2d(&wt, 1, 1, 1, 1).unwrap()))) } else { None };
+        let candle_ms =
+            if args.candle { Some(median_ms(args.runs, || drop(x.conv2d(&wt, 1, 1, 1, 1).unwrap()))) } else { None };
         let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
         let rate = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}", flop / v / 1e6));
-        let best = [direct_ms, Some(gemm_ms), Some(f2_ms), Some(f4_ms)].into_iter().flatten().fold(f64::INFINITY, f64::min);
+        let best =
+            [direct_ms, Some(gemm_ms), Some(f2_ms), Some(f4_ms)].into_iter().flatten().fold(f64::INFINITY, f64::min);
         println!(
             "| {name} | {cin}->{cout} | {h}x{w} | {} | {gemm_ms:.2} | {f2_ms:.2} | {f4_ms:.2} | {} | {} |",
             show(direct_ms),

@@ -85,14 +85,13 @@ fn run(args: &Args) -> Result<(), String> {
 
     gst::init().map_err(|e| e.to_string())?;
     gstcodiff::plugin_register_static().map_err(|e| e.to_string())?;
-    let default = gst::ElementFactory::make("codiff")
-        .build()
-        .map_err(|e| e.to_string())?
-        .property::<f64>("temporal-smoothing");
+    let default =
+        gst::ElementFactory::make("codiff").build().map_err(|e| e.to_string())?.property::<f64>("temporal-smoothing");
     let mut labels = Vec::new();
     let mut branches = Vec::new();
     for s in &args.smoothing {
-        let value = if s == "default" { default } else { s.parse::<f64>().map_err(|e| format!("--smoothing {s}: {e}"))? };
+        let value =
+            if s == "default" { default } else { s.parse::<f64>().map_err(|e| format!("--smoothing {s}: {e}"))? };
         labels.push(if s == "default" { format!("{value} (default)") } else { format!("{value}") });
         branches.push(format!("temporal-smoothing={value} {}", args.codiff));
     }
@@ -116,16 +115,23 @@ fn run(args: &Args) -> Result<(), String> {
         args.noise,
         args.live_fps.map_or(String::new(), |f| format!(", live at {f} fps"))
     );
-    println!("consecutive-frame mean abs difference (code values, mean / worst pair), RGB PSNR vs the noiseless scene:");
+    println!(
+        "consecutive-frame mean abs difference (code values, mean / worst pair), RGB PSNR vs the noiseless scene:"
+    );
     let row = |name: &str, frames: &[Vec<u8>], rel: bool| {
         let (mad, max) = consecutive_mad(frames, w, h, pan);
-        let vs = if rel { format!("  ({:+.1} % vs input)", 100.0 * (mad / in_mad.max(1e-9) - 1.0)) } else { String::new() };
+        let vs =
+            if rel { format!("  ({:+.1} % vs input)", 100.0 * (mad / in_mad.max(1e-9) - 1.0)) } else { String::new() };
         println!("  {name:<42} {mad:6.3} / {max:6.3}   {:6.2} dB{vs}", psnr(frames, &report.truth));
     };
     row("clean + noise", &report.noisy, false);
     row("JPEG input", &report.input, false);
     for (label, (_, frames)) in labels.iter().zip(&report.outputs) {
-        let name = if label == "0" { "codiff frame by frame (smoothing 0)".to_string() } else { format!("codiff, temporal-smoothing {label}") };
+        let name = if label == "0" {
+            "codiff frame by frame (smoothing 0)".to_string()
+        } else {
+            format!("codiff, temporal-smoothing {label}")
+        };
         row(&name, frames, true);
     }
     let qfs = &report.qfs;

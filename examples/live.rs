@@ -34,9 +34,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (w, h): (u32, u32) = (w.parse()?, h.parse()?);
     println!("{w}x{h} at {} fps for {} s, snow at JPEG quality 20", a.fps, a.seconds);
     let leaky = "queue leaky=downstream max-size-buffers=1 ! codiff ! queue";
-    for (middle, qos) in
-        [("codiff", false), ("codiff", true), ("codiff ! queue", false), ("codiff ! queue", true), (leaky, false), (leaky, true)]
-    {
+    for (middle, qos) in [
+        ("codiff", false),
+        ("codiff", true),
+        ("codiff ! queue", false),
+        ("codiff ! queue", true),
+        (leaky, false),
+        (leaky, true),
+    ] {
         let middle = middle.replacen("codiff", &format!("codiff {}", a.props), 1);
         let r = live::run_live(w, h, a.fps, a.seconds, &middle, qos);
         println!(

@@ -197,7 +197,8 @@ fn plan(args: &Args) -> Result<Vec<(PathBuf, PathBuf)>, String> {
     }
     found.sort();
     found.dedup_by(|a, b| a.0 == b.0);
-    let mut jobs: Vec<_> = found.into_iter().map(|(input, rel)| (input, out_dir.join(rel).with_extension(ext))).collect();
+    let mut jobs: Vec<_> =
+        found.into_iter().map(|(input, rel)| (input, out_dir.join(rel).with_extension(ext))).collect();
     if let Some(s) = &args.shard {
         let (i, n) = parse_shard(s)?;
         jobs = jobs.into_iter().enumerate().filter(|(k, _)| k % n == i).map(|(_, j)| j).collect();
@@ -346,7 +347,8 @@ fn run(args: Args) -> anyhow_free::Result {
                 let tensors: std::collections::HashMap<String, candle_core::Tensor> = std::mem::take(&mut trace)
                     .into_iter()
                     .map(|(n, t)| {
-                        let t = if t.dtype() == candle_core::DType::U8 { t } else { t.to_dtype(candle_core::DType::F32)? };
+                        let t =
+                            if t.dtype() == candle_core::DType::U8 { t } else { t.to_dtype(candle_core::DType::F32)? };
                         Ok((n, t))
                     })
                     .collect::<candle_core::Result<_>>()?;

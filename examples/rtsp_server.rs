@@ -56,10 +56,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let Some((width, height)) = args
-        .size
-        .split_once('x')
-        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+    let Some((width, height)) = args.size.split_once('x').and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
     else {
         eprintln!("rtsp_server: --size {}: expected WIDTHxHEIGHT", args.size);
         std::process::exit(2);
@@ -79,7 +76,10 @@ fn main() {
         codiff_properties: args.codiff,
     };
     // This binary's own build of the plugin, so that no GST_PLUGIN_PATH is needed.
-    if let Err(e) = gst::init().map_err(|e| e.to_string()).and_then(|_| gstcodiff::plugin_register_static().map_err(|e| e.to_string())) {
+    if let Err(e) = gst::init()
+        .map_err(|e| e.to_string())
+        .and_then(|_| gstcodiff::plugin_register_static().map_err(|e| e.to_string()))
+    {
         eprintln!("rtsp_server: cannot register the codiff plugin: {e}");
         std::process::exit(1);
     }

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use clap::Parser;
 use gstcodiff::engine::tiling::{Plan, Scale};
 use gstcodiff::engine::vae::{DECODER_PAD, ENCODER_PAD};
-use gstcodiff::engine::{default_weights_path, DeviceSpec, Engine, Mode, ModelSpec, Precision, RestoreOptions, RgbImage};
+use gstcodiff::engine::{
+    default_weights_path, DeviceSpec, Engine, Mode, ModelSpec, Precision, RestoreOptions, RgbImage,
+};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -76,7 +78,15 @@ fn gradients(img: &RgbImage, cols: &[usize], rows: &[usize]) -> [f64; 3] {
     let px = |x: usize, y: usize, c: usize| img.data[(y * w + x) * 3 + c] as f64;
     let mut sum = [0f64; 3];
     let mut n = [0usize; 3];
-    let class = |p: usize, borders: &[usize]| if borders.contains(&p) { 0 } else if p.is_multiple_of(8) { 1 } else { 2 };
+    let class = |p: usize, borders: &[usize]| {
+        if borders.contains(&p) {
+            0
+        } else if p.is_multiple_of(8) {
+            1
+        } else {
+            2
+        }
+    };
     for y in 0..h {
         for x in 1..w {
             let k = class(x, cols);
@@ -131,7 +141,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             vae_decoder_tile: args.vae_decoder_tile,
             ..Default::default()
         };
-        (e, t, RestoreOptions { cave_tile: 0, latent_tile: 0, vae_encoder_tile: 0, vae_decoder_tile: 0, ..Default::default() })
+        (
+            e,
+            t,
+            RestoreOptions {
+                cave_tile: 0,
+                latent_tile: 0,
+                vae_encoder_tile: 0,
+                vae_decoder_tile: 0,
+                ..Default::default()
+            },
+        )
     } else {
         return Err(format!("unknown model {}", args.model).into());
     };
@@ -167,9 +187,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let maxdiff = a.data.iter().zip(&b.data).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap_or(0);
-    let meandiff = a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.data.len() as f64;
+    let meandiff =
+        a.data.iter().zip(&b.data).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.data.len() as f64;
     println!("image {} -> {w}x{h}, JPEG quality {}, model {}", args.image.display(), args.quality, args.model);
-    println!("tiled: {:?}; tile borders at x {cols:?}, y {rows:?}", (tiled.cave_tile, tiled.latent_tile, tiled.latent_overlap, tiled.vae_encoder_tile, tiled.vae_decoder_tile));
+    println!(
+        "tiled: {:?}; tile borders at x {cols:?}, y {rows:?}",
+        (tiled.cave_tile, tiled.latent_tile, tiled.latent_overlap, tiled.vae_encoder_tile, tiled.vae_decoder_tile)
+    );
     println!("time: tiled {ta:.1} s, untiled {tb:.1} s");
     println!("tiled vs untiled: max |diff| {maxdiff} code values, mean |diff| {meandiff:.4}");
     for (name, img) in [("tiled", &a), ("untiled", &b), ("input", &input)] {

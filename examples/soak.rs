@@ -41,23 +41,16 @@ struct Args {
 /// Resident set size of this process in bytes.
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
     pages * 4096
 }
 
 /// Least-squares slope of `y` over `x`.
 fn slope(points: &[(f64, f64)]) -> f64 {
     let n = points.len() as f64;
-    let (mx, my) = points
-        .iter()
-        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x / n, b + y / n));
-    let (sxy, sxx) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| {
-        (a + (x - mx) * (y - my), b + (x - mx) * (x - mx))
-    });
+    let (mx, my) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x / n, b + y / n));
+    let (sxy, sxx) =
+        points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + (x - mx) * (y - my), b + (x - mx) * (x - mx)));
     if sxx > 0.0 {
         sxy / sxx
     } else {
@@ -80,9 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let codiff = pipeline.by_name("codiff").ok_or("no codiff")?;
     codiff.set_property("post-messages", false);
     for p in &args.properties {
-        let (name, value) = p
-            .split_once('=')
-            .ok_or_else(|| format!("`{p}`: expected PROPERTY=VALUE"))?;
+        let (name, value) = p.split_once('=').ok_or_else(|| format!("`{p}`: expected PROPERTY=VALUE"))?;
         codiff.set_property_from_str(name, value);
     }
 
@@ -99,10 +90,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let frame = c.0;
             let t0 = *c.1.get_or_insert_with(Instant::now);
             if frame == 1 || frame.is_multiple_of(every) {
-                samples
-                    .lock()
-                    .unwrap()
-                    .push((frame, t0.elapsed().as_secs_f64(), rss_bytes()));
+                samples.lock().unwrap().push((frame, t0.elapsed().as_secs_f64(), rss_bytes()));
             }
             None
         });
@@ -112,10 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pipeline.set_state(gst::State::Playing)?;
     let bus = pipeline.bus().ok_or("no bus")?;
     let msg = bus
-        .timed_pop_filtered(
-            gst::ClockTime::NONE,
-            &[gst::MessageType::Eos, gst::MessageType::Error],
-        )
+        .timed_pop_filtered(gst::ClockTime::NONE, &[gst::MessageType::Eos, gst::MessageType::Error])
         .ok_or("no EOS")?;
     pipeline.set_state(gst::State::Null)?;
     if let gst::MessageView::Error(err) = msg.view() {

@@ -37,7 +37,9 @@ fn compact_model_matches_pytorch() {
     let x = &r["lq_raw"];
     let (tokens, q) = engine.cave().embed(x).unwrap();
     let (rec, q2) = engine.cave().reconstruct(x).unwrap();
-    for (name, ours) in [("cave_embedding", tokens), ("qf_pred", q), ("cave_reconstruction", rec), ("cave_reconstruction_qf", q2)] {
+    for (name, ours) in
+        [("cave_embedding", tokens), ("qf_pred", q), ("cave_reconstruction", rec), ("cave_reconstruction_qf", q2)]
+    {
         let err = max_abs(&ours, &r[name]);
         eprintln!("{name}: {err:.2e}");
         assert!(err <= 1e-4, "{name}: max abs error {err}");
@@ -57,7 +59,11 @@ fn conditioned_model_matches_pytorch() {
     assert!(cave.conditioned());
     let x = &r["lq_raw"];
     let cancel = gstcodiff::engine::Cancel::new();
-    for (name, quality) in [("cave_reconstruction", None), ("cave_reconstruction_q20", Some(20.0)), ("cave_reconstruction_q70", Some(70.0))] {
+    for (name, quality) in [
+        ("cave_reconstruction", None),
+        ("cave_reconstruction_q20", Some(20.0)),
+        ("cave_reconstruction_q70", Some(70.0)),
+    ] {
         let (rec, q) = cave.reconstruct_tiled(x, 0, &cancel, quality).unwrap();
         let err = max_abs(&rec, &r[name]);
         eprintln!("{name}: {err:.2e}");
@@ -183,7 +189,8 @@ fn shipped_model_deblocks_harder_for_a_lower_quality() {
     // the whole 512x384 picture)
     let change = |q: f32| {
         let out = restored(Some(q)).0;
-        out.data.iter().zip(&img.data).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>() / img.data.len() as f64
+        out.data.iter().zip(&img.data).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>()
+            / img.data.len() as f64
     };
     let (hard, soft) = (change(5.0), change(50.0));
     eprintln!("mean squared change: told QF 5 {hard:.2}, told QF 50 {soft:.2}");

@@ -93,7 +93,8 @@ fn a_black_frame_stays_black() {
     assert!(!r.restored && black.data.iter().all(|&v| v == 0), "{r:?}");
 
     let dir = work_dir("black");
-    let source = "videotestsrc pattern=black num-buffers=1 ! video/x-raw,width=320,height=240 ! jpegenc quality=15 ! jpegdec";
+    let source =
+        "videotestsrc pattern=black num-buffers=1 ! video/x-raw,width=320,height=240 ! jpegenc quality=15 ! jpegdec";
     let decoded = rgb_of(&dir, "jpeg", source, "identity");
     let restored = rgb_of(&dir, "codiff", source, "codiff");
     assert_eq!(restored, decoded, "codiff changed a black frame");
@@ -112,7 +113,8 @@ fn test_patterns_are_not_made_worse() {
     let dir = work_dir("patterns");
     for pattern in ["smpte", "zone-plate kx2=32 ky2=32", "ball"] {
         let name = pattern.split(' ').next().unwrap();
-        let src = format!("videotestsrc pattern={pattern} num-buffers=1 ! video/x-raw,width=320,height=240,format=I420");
+        let src =
+            format!("videotestsrc pattern={pattern} num-buffers=1 ! video/x-raw,width=320,height=240,format=I420");
         let clean = rgb_of(&dir, &format!("{name}-clean"), &src, "identity");
         let untouched = rgb_of(&dir, &format!("{name}-codiff-clean"), &src, "codiff");
         assert_eq!(untouched, clean, "{pattern}: a never-compressed frame was changed");

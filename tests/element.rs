@@ -75,9 +75,7 @@ macro_rules! model_or_skip {
 
 fn make(props: &[(&str, String)]) -> gst::Element {
     init();
-    let element = gst::ElementFactory::make("codiff")
-        .build()
-        .expect("codiff element");
+    let element = gst::ElementFactory::make("codiff").build().expect("codiff element");
     for (name, value) in props {
         element.set_property_from_str(name, value);
     }
@@ -100,9 +98,7 @@ fn first_error(bus: &gst::Bus, timeout: Duration) -> Option<(String, String)> {
                 format!(
                     "{} (from {})",
                     err.error(),
-                    msg.src()
-                        .map(|s| s.path_string().to_string())
-                        .unwrap_or_default()
+                    msg.src().map(|s| s.path_string().to_string()).unwrap_or_default()
                 ),
                 err.debug().map(|d| d.to_string()).unwrap_or_default(),
             ));
@@ -159,9 +155,7 @@ fn padded_frame(info: &gst_video::VideoInfo, pad: usize) -> gst::Buffer {
     let mut heights = Vec::new();
     let mut size = 0;
     for p in 0..n_planes {
-        let comp = (0..finfo.n_components() as usize)
-            .find(|&c| finfo.plane()[c] as usize == p)
-            .unwrap();
+        let comp = (0..finfo.n_components() as usize).find(|&c| finfo.plane()[c] as usize == p).unwrap();
         let h = finfo.scale_height(comp as u8, info.height()) as usize;
         let stride = info.stride()[p] as usize + pad;
         offsets.push(size);
@@ -173,11 +167,8 @@ fn padded_frame(info: &gst_video::VideoInfo, pad: usize) -> gst::Buffer {
     for p in 0..n_planes {
         let row_bytes = info.stride()[p] as usize; // includes the format's own alignment
         let visible = {
-            let comp = (0..finfo.n_components() as usize)
-                .find(|&c| finfo.plane()[c] as usize == p)
-                .unwrap();
-            finfo.scale_width(comp as u8, info.width()) as usize
-                * finfo.pixel_stride()[comp] as usize
+            let comp = (0..finfo.n_components() as usize).find(|&c| finfo.plane()[c] as usize == p).unwrap();
+            finfo.scale_width(comp as u8, info.width()) as usize * finfo.pixel_stride()[comp] as usize
         };
         for y in 0..heights[p] {
             let row = &mut data[offsets[p] + y * strides[p] as usize..][..row_bytes];
@@ -213,30 +204,20 @@ fn untouched_bytes(info: &gst_video::VideoInfo, buf: &gst::BufferRef) -> Vec<u8>
     let finfo = info.format_info();
     let mut out = Vec::new();
     for p in 0..info.n_planes() as usize {
-        let comp = (0..finfo.n_components() as usize)
-            .find(|&c| finfo.plane()[c] as usize == p)
-            .unwrap();
+        let comp = (0..finfo.n_components() as usize).find(|&c| finfo.plane()[c] as usize == p).unwrap();
         let h = finfo.scale_height(comp as u8, info.height()) as usize;
         let stride = meta.stride()[p] as usize;
         let visible = match info.format() {
             // packed 4:2:2: an odd width still fills its last macropixel's chroma
-            gst_video::VideoFormat::Yuy2 | gst_video::VideoFormat::Uyvy => {
-                (info.width() as usize).div_ceil(2) * 4
-            }
-            _ => {
-                finfo.scale_width(comp as u8, info.width()) as usize
-                    * finfo.pixel_stride()[comp] as usize
-            }
+            gst_video::VideoFormat::Yuy2 | gst_video::VideoFormat::Uyvy => (info.width() as usize).div_ceil(2) * 4,
+            _ => finfo.scale_width(comp as u8, info.width()) as usize * finfo.pixel_stride()[comp] as usize,
         };
         for y in 0..h {
             let row = &map[meta.offset()[p] + y * stride..][..stride];
             // Row padding: the format's own alignment plus `pad` extra bytes.
             out.extend_from_slice(&row[visible..]);
             if finfo.n_components() == 4 && finfo.plane()[3] as usize == p {
-                let (a, ps) = (
-                    finfo.poffset()[3] as usize,
-                    finfo.pixel_stride()[3] as usize,
-                );
+                let (a, ps) = (finfo.poffset()[3] as usize, finfo.pixel_stride()[3] as usize);
                 out.extend((0..info.width() as usize).map(|x| row[x * ps + a]));
             }
             if finfo.is_rgb() && finfo.n_components() == 3 && finfo.pixel_stride()[0] == 4 {
@@ -259,19 +240,10 @@ fn run_frame(element: &gst::Element, info: &gst_video::VideoInfo, pad: usize) ->
     h.push(input.clone()).expect("push");
     let out = h.pull().expect("output buffer");
     assert_eq!(out.size(), input.size(), "{:?} size", info.format());
-    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(out.as_ref(), info)
-        .expect("output maps as a frame");
-    assert_eq!(
-        (frame.width(), frame.height()),
-        (info.width(), info.height())
-    );
+    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(out.as_ref(), info).expect("output maps as a frame");
+    assert_eq!((frame.width(), frame.height()), (info.width(), info.height()));
     drop(frame);
-    assert_eq!(
-        untouched_bytes(info, &out),
-        before,
-        "{:?}: padding/alpha changed",
-        info.format()
-    );
+    assert_eq!(untouched_bytes(info, &out), before, "{:?}: padding/alpha changed", info.format());
     out
 }
 
@@ -279,31 +251,19 @@ fn run_frame(element: &gst::Element, info: &gst_video::VideoInfo, pad: usize) ->
 fn plugin_and_meta_are_registered() {
     init();
     let factory = gst::ElementFactory::find("codiff").expect("codiff factory");
-    assert_eq!(
-        factory.metadata(gst::ELEMENT_METADATA_KLASS),
-        Some("Filter/Effect/Video")
-    );
-    assert!(factory
-        .metadata(gst::ELEMENT_METADATA_DESCRIPTION)
-        .unwrap()
-        .contains("gst-launch-1.0"));
+    assert_eq!(factory.metadata(gst::ELEMENT_METADATA_KLASS), Some("Filter/Effect/Video"));
+    assert!(factory.metadata(gst::ELEMENT_METADATA_DESCRIPTION).unwrap().contains("gst-launch-1.0"));
     assert!(gst::meta::CustomMeta::is_registered(QF_META));
 }
 
 #[test]
 fn property_defaults_and_ranges() {
     let e = make(&[]);
-    assert_eq!(
-        e.property::<Option<String>>("weights").map(PathBuf::from),
-        Some(default_weights_path())
-    );
+    assert_eq!(e.property::<Option<String>>("weights").map(PathBuf::from), Some(default_weights_path()));
     assert_eq!(e.property::<Option<String>>("sd-model"), None);
     assert_eq!(e.property::<Option<String>>("codiff-checkpoint"), None);
     assert_eq!(e.property::<Option<String>>("cave-checkpoint"), None);
-    assert_eq!(
-        e.property::<Option<String>>("device").as_deref(),
-        Some("cpu")
-    );
+    assert_eq!(e.property::<Option<String>>("device").as_deref(), Some("cpu"));
     assert_eq!(e.property::<u32>("latent-tile"), 96);
     assert_eq!(e.property::<u32>("latent-overlap"), 32);
     assert_eq!(e.property::<u32>("vae-encoder-tile"), 1024);
@@ -329,23 +289,12 @@ fn property_defaults_and_ranges() {
     );
     // Empty or NULL weights go back to the default.
     e.set_property("weights", None::<String>);
-    assert_eq!(
-        e.property::<Option<String>>("weights").map(PathBuf::from),
-        Some(default_weights_path())
-    );
+    assert_eq!(e.property::<Option<String>>("weights").map(PathBuf::from), Some(default_weights_path()));
     let pspec = e.find_property("strength").unwrap();
     let pspec = pspec.downcast_ref::<gst::glib::ParamSpecDouble>().unwrap();
     assert_eq!((pspec.minimum(), pspec.maximum()), (0.0, 1.0));
-    assert!(e
-        .find_property("strength")
-        .unwrap()
-        .flags()
-        .contains(gst::PARAM_FLAG_MUTABLE_PLAYING));
-    assert!(e
-        .find_property("weights")
-        .unwrap()
-        .flags()
-        .contains(gst::PARAM_FLAG_MUTABLE_READY));
+    assert!(e.find_property("strength").unwrap().flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING));
+    assert!(e.find_property("weights").unwrap().flags().contains(gst::PARAM_FLAG_MUTABLE_READY));
 }
 
 fn glib_enum_nick(v: &gst::glib::Value) -> String {
@@ -358,10 +307,7 @@ fn glib_enum_nick(v: &gst::glib::Value) -> String {
 fn failing_pipeline(props: &[(&str, String)]) -> String {
     let codiff = make(props);
     let pipeline = gst::Pipeline::new();
-    let src = gst::ElementFactory::make("videotestsrc")
-        .property("num-buffers", 1)
-        .build()
-        .unwrap();
+    let src = gst::ElementFactory::make("videotestsrc").property("num-buffers", 1).build().unwrap();
     let sink = gst::ElementFactory::make("fakesink").build().unwrap();
     pipeline.add_many([&src, &codiff, &sink]).unwrap();
     gst::Element::link_many([&src, &codiff, &sink]).unwrap();
@@ -395,10 +341,7 @@ fn bad_model_settings_fail_with_a_clear_message() {
     let err = failing_pipeline(&[
         ("sd-model", "/nonexistent/codiff-test/sd".to_string()),
         ("codiff-checkpoint", missing.to_string()),
-        (
-            "cave-checkpoint",
-            "/nonexistent/codiff-test/cave.pth".to_string(),
-        ),
+        ("cave-checkpoint", "/nonexistent/codiff-test/cave.pth".to_string()),
     ]);
     assert!(err.contains("/nonexistent/codiff-test/"), "{err}");
 }
@@ -482,15 +425,10 @@ fn a_frame_too_large_for_the_memory_left_is_an_error_not_an_abort() {
 fn every_format_round_trips_size_and_stays_valid() {
     let props = model_or_skip!();
     use gst_video::VideoFormat::*;
-    for format in [
-        Rgb, Rgba, Bgrx, Bgra, I420, Nv12, Y42b, Y444, Bgr, Argb, Yuy2,
-    ] {
+    for format in [Rgb, Rgba, Bgrx, Bgra, I420, Nv12, Y42b, Y444, Bgr, Argb, Yuy2] {
         let (element, _bus) = ready_element(&props);
         let out = run_frame(&element, &info(format, 64, 48), 0);
-        assert!(
-            gst::meta::CustomMeta::from_buffer(&out, QF_META).is_ok(),
-            "{format:?}: meta"
-        );
+        assert!(gst::meta::CustomMeta::from_buffer(&out, QF_META).is_ok(), "{format:?}: meta");
         element.set_state(gst::State::Null).unwrap();
     }
 }
@@ -516,11 +454,7 @@ fn element_messages(bus: &gst::Bus, name: &str) -> Vec<gst::Structure> {
     drain(bus)
         .into_iter()
         .filter(|m| m.type_() == gst::MessageType::Element)
-        .filter_map(|m| {
-            m.structure()
-                .filter(|s| s.name() == name)
-                .map(|s| s.to_owned())
-        })
+        .filter_map(|m| m.structure().filter(|s| s.name() == name).map(|s| s.to_owned()))
         .collect()
 }
 
@@ -556,19 +490,9 @@ fn caps_change_mid_stream_keeps_the_model() {
     h.push(padded_frame(&c, 4)).unwrap();
     assert_eq!(h.pull().unwrap().size(), padded_frame(&c, 4).size());
     let messages = drain(&bus);
-    let names: Vec<_> = messages
-        .iter()
-        .filter_map(|m| m.structure().map(|s| s.name().to_string()))
-        .collect();
-    assert_eq!(
-        names.iter().filter(|n| *n == "codiff-qf").count(),
-        3,
-        "{names:?}"
-    );
-    assert!(
-        !names.iter().any(|n| n == "codiff-progress"),
-        "no reload on caps change: {names:?}"
-    );
+    let names: Vec<_> = messages.iter().filter_map(|m| m.structure().map(|s| s.name().to_string())).collect();
+    assert_eq!(names.iter().filter(|n| *n == "codiff-qf").count(), 3, "{names:?}");
+    assert!(!names.iter().any(|n| n == "codiff-progress"), "no reload on caps change: {names:?}");
 }
 
 #[test]
@@ -582,14 +506,8 @@ fn passthrough_when_disabled_and_live_toggle() {
     let input = padded_frame(&i, 0);
     h.push(input.clone()).unwrap();
     let out = h.pull().unwrap();
-    assert_eq!(
-        out.map_readable().unwrap().as_slice(),
-        input.map_readable().unwrap().as_slice()
-    );
-    assert!(
-        gst::meta::CustomMeta::from_buffer(&out, QF_META).is_err(),
-        "no meta in passthrough"
-    );
+    assert_eq!(out.map_readable().unwrap().as_slice(), input.map_readable().unwrap().as_slice());
+    assert!(gst::meta::CustomMeta::from_buffer(&out, QF_META).is_err(), "no meta in passthrough");
     assert!(qf_messages(&bus).is_empty(), "no qf message in passthrough");
     // Re-enable while playing.
     element.set_property("enabled", true);
@@ -602,8 +520,7 @@ fn passthrough_when_disabled_and_live_toggle() {
 fn eos_is_forwarded() {
     let props = model_or_skip!();
     let (element, _bus) = ready_element(&props);
-    let (mut h, _, _) =
-        harness_after_one_frame(&element, info(gst_video::VideoFormat::Rgba, 16, 16));
+    let (mut h, _, _) = harness_after_one_frame(&element, info(gst_video::VideoFormat::Rgba, 16, 16));
     assert!(h.push_event(gst::event::Eos::new()));
     let mut saw_eos = false;
     while let Ok(ev) = h.pull_event() {
@@ -619,8 +536,7 @@ fn eos_is_forwarded() {
 fn qf_message_meta_and_latency() {
     let props = model_or_skip!();
     let (element, bus) = ready_element(&props);
-    let (mut h, i, out) =
-        harness_after_one_frame(&element, info(gst_video::VideoFormat::I420, 64, 48));
+    let (mut h, i, out) = harness_after_one_frame(&element, info(gst_video::VideoFormat::I420, 64, 48));
 
     let msgs = qf_messages(&bus);
     assert_eq!(msgs.len(), 1, "{msgs:?}");
@@ -628,10 +544,7 @@ fn qf_message_meta_and_latency() {
     let qf = s.get::<f64>("qf").unwrap();
     assert!((0.0..=100.0).contains(&qf), "qf {qf}");
     assert!(s.get::<bool>("estimated").unwrap());
-    assert_eq!(
-        s.get::<u64>("pts").unwrap(),
-        gst::ClockTime::from_mseconds(40).nseconds()
-    );
+    assert_eq!(s.get::<u64>("pts").unwrap(), gst::ClockTime::from_mseconds(40).nseconds());
     let processing = s.get::<u64>("processing-time").unwrap();
     assert!(processing > 0);
     let mode = s.get::<String>("mode").unwrap();
@@ -641,18 +554,14 @@ fn qf_message_meta_and_latency() {
     let source = s.get::<String>("qf-source").unwrap();
     assert!(["model", "unquantised"].contains(&source.as_str()), "{source}");
     assert!(!s.get::<bool>("restored").unwrap());
-    let meta =
-        gst::meta::CustomMeta::from_buffer(&out, QF_META).expect("CodiffQfMeta on the buffer");
+    let meta = gst::meta::CustomMeta::from_buffer(&out, QF_META).expect("CodiffQfMeta on the buffer");
     assert_eq!(meta.structure().get::<f64>("qf").unwrap(), qf);
     assert_eq!(meta.structure().get::<String>("qf-source").unwrap(), source);
 
     // Latency: upstream's plus the processing time measured so far.
     h.set_upstream_latency(gst::ClockTime::from_mseconds(5));
     let latency = h.query_latency().expect("latency answered");
-    assert!(
-        latency.nseconds() >= gst::ClockTime::from_mseconds(5).nseconds() + processing,
-        "{latency}"
-    );
+    assert!(latency.nseconds() >= gst::ClockTime::from_mseconds(5).nseconds() + processing, "{latency}");
 
     // A known quality is reported as given.
     element.set_property("qf", 75u32);
@@ -670,10 +579,7 @@ fn qf_message_meta_and_latency() {
     let input = padded_frame(&i, 0);
     h.push(input.clone()).unwrap();
     let out = h.pull().unwrap();
-    assert_eq!(
-        out.map_readable().unwrap().as_slice(),
-        input.map_readable().unwrap().as_slice()
-    );
+    assert_eq!(out.map_readable().unwrap().as_slice(), input.map_readable().unwrap().as_slice());
 }
 
 #[test]
@@ -685,20 +591,14 @@ fn two_instances_share_one_model_freed_with_the_last() {
     let (second, bus2) = ready_element(&props);
     let steps1 = progress_steps(&bus1);
     let steps2 = progress_steps(&bus2);
-    assert!(
-        steps1.iter().any(|s| s.contains("model loaded")),
-        "{steps1:?}"
-    );
+    assert!(steps1.iter().any(|s| s.contains("model loaded")), "{steps1:?}");
     assert!(steps2.iter().any(|s| s.contains("reusing")), "{steps2:?}");
     first.set_state(gst::State::Null).unwrap();
     second.set_state(gst::State::Null).unwrap();
     // Both released: a third element loads afresh.
     let (third, bus3) = ready_element(&props);
     let steps3 = progress_steps(&bus3);
-    assert!(
-        steps3.iter().any(|s| s.contains("model loaded")),
-        "{steps3:?}"
-    );
+    assert!(steps3.iter().any(|s| s.contains("model loaded")), "{steps3:?}");
     third.set_state(gst::State::Null).unwrap();
 }
 
@@ -746,37 +646,22 @@ fn jpeg_to_png_pipeline_keeps_the_size() {
     assert_eq!(decode_through_codiff("name=codiff", &out), None);
     let input = image::open(demo_jpeg()).unwrap();
     let output = image::open(&out).unwrap();
-    assert_eq!(
-        (output.width(), output.height()),
-        (input.width(), input.height())
-    );
+    assert_eq!((output.width(), output.height()), (input.width(), input.height()));
     // the same pipeline in passthrough gives jpegdec's own pixels
     let plain = dir.join("plain.png");
     assert_eq!(decode_through_codiff("enabled=false", &plain), None);
     // with the shipped model, the restored frame is closer to the original
     if props.is_empty() {
-        let original = image::open(manifest_dir().join("examples/data/astronaut.png"))
-            .unwrap()
-            .to_rgb8();
+        let original = image::open(manifest_dir().join("examples/data/astronaut.png")).unwrap().to_rgb8();
         let psnr = |img: &image::RgbImage| {
-            let mse = img
-                .as_raw()
-                .iter()
-                .zip(original.as_raw())
-                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-                .sum::<f64>()
-                / original.as_raw().len() as f64;
+            let mse =
+                img.as_raw().iter().zip(original.as_raw()).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>()
+                    / original.as_raw().len() as f64;
             10.0 * (255.0f64 * 255.0 / mse).log10()
         };
-        let (jpeg_db, ours_db) = (
-            psnr(&image::open(&plain).unwrap().to_rgb8()),
-            psnr(&output.to_rgb8()),
-        );
+        let (jpeg_db, ours_db) = (psnr(&image::open(&plain).unwrap().to_rgb8()), psnr(&output.to_rgb8()));
         eprintln!("PSNR vs original: JPEG {jpeg_db:.2} dB, codiff {ours_db:.2} dB");
-        assert!(
-            ours_db > jpeg_db + 0.3,
-            "JPEG {jpeg_db:.2} dB, codiff {ours_db:.2} dB"
-        );
+        assert!(ours_db > jpeg_db + 0.3, "JPEG {jpeg_db:.2} dB, codiff {ours_db:.2} dB");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -836,11 +721,9 @@ fn warnings(bus: &gst::Bus) -> Vec<String> {
     drain(bus)
         .iter()
         .filter_map(|m| match m.view() {
-            gst::MessageView::Warning(w) => Some(format!(
-                "{} | {}",
-                w.error(),
-                w.debug().map(|d| d.to_string()).unwrap_or_default()
-            )),
+            gst::MessageView::Warning(w) => {
+                Some(format!("{} | {}", w.error(), w.debug().map(|d| d.to_string()).unwrap_or_default()))
+            }
             _ => None,
         })
         .collect()
@@ -851,44 +734,22 @@ fn new_property_defaults() {
     let e = make(&[]);
     assert_eq!(glib_enum_nick(&e.property_value("on-error")), "fail");
     assert_eq!(e.property::<u64>("max-frame-pixels"), 4096 * 4096);
-    assert!(
-        3840u64 * 2160 <= e.property::<u64>("max-frame-pixels"),
-        "4K UHD passes"
-    );
+    assert!(3840u64 * 2160 <= e.property::<u64>("max-frame-pixels"), "4K UHD passes");
     assert!(8000u64 * 8000 > e.property::<u64>("max-frame-pixels"));
     assert!(e.property::<bool>("post-messages"));
     assert_eq!(e.property::<u32>("n-threads"), 0);
     assert!(e.property::<bool>("warm-up"));
-    for name in [
-        "on-error",
-        "max-frame-pixels",
-        "post-messages",
-        "n-threads",
-        "warm-up",
-    ] {
-        let blurb = e
-            .find_property(name)
-            .unwrap()
-            .blurb()
-            .unwrap_or_default()
-            .to_string();
+    for name in ["on-error", "max-frame-pixels", "post-messages", "n-threads", "warm-up"] {
+        let blurb = e.find_property(name).unwrap().blurb().unwrap_or_default().to_string();
         assert!(blurb.len() > 20, "{name}: blurb `{blurb}`");
     }
-    assert!(e
-        .find_property("n-threads")
-        .unwrap()
-        .flags()
-        .contains(gst::PARAM_FLAG_MUTABLE_READY));
+    assert!(e.find_property("n-threads").unwrap().flags().contains(gst::PARAM_FLAG_MUTABLE_READY));
     // Interlaced video is refused in the pad templates.
     let template = e.pad_template("sink").unwrap().caps().clone();
     let interlaced: gst::Caps =
-        "video/x-raw,format=I420,width=64,height=48,interlace-mode=interleaved"
-            .parse()
-            .unwrap();
+        "video/x-raw,format=I420,width=64,height=48,interlace-mode=interleaved".parse().unwrap();
     assert!(!template.can_intersect(&interlaced), "{template}");
-    let progressive: gst::Caps = "video/x-raw,format=I420,width=64,height=48"
-        .parse()
-        .unwrap();
+    let progressive: gst::Caps = "video/x-raw,format=I420,width=64,height=48".parse().unwrap();
     assert!(template.can_intersect(&progressive));
 }
 
@@ -898,15 +759,10 @@ fn interlaced_caps_are_not_negotiated() {
     let (element, _bus) = ready_element(&props);
     let mut h = harness(&element);
     let caps: gst::Caps =
-        "video/x-raw,format=I420,width=64,height=48,framerate=30/1,interlace-mode=interleaved"
-            .parse()
-            .unwrap();
+        "video/x-raw,format=I420,width=64,height=48,framerate=30/1,interlace-mode=interleaved".parse().unwrap();
     h.set_src_caps(caps);
     let i = info(gst_video::VideoFormat::I420, 64, 48);
-    assert_eq!(
-        h.push(padded_frame(&i, 0)),
-        Err(gst::FlowError::NotNegotiated)
-    );
+    assert_eq!(h.push(padded_frame(&i, 0)), Err(gst::FlowError::NotNegotiated));
 }
 
 #[test]
@@ -920,10 +776,7 @@ fn oversized_frames_are_refused_or_passed_through() {
     h.set_src_caps(i.to_caps().unwrap());
     assert_eq!(h.push(padded_frame(&i, 0)), Err(gst::FlowError::Error));
     let (msg, _) = first_error(&bus, Duration::from_secs(1)).expect("an error on the bus");
-    assert!(
-        msg.contains("64x48") && msg.contains("max-frame-pixels=1000"),
-        "{msg}"
-    );
+    assert!(msg.contains("64x48") && msg.contains("max-frame-pixels=1000"), "{msg}");
     drop(h);
     element.set_state(gst::State::Null).unwrap();
 
@@ -937,18 +790,12 @@ fn oversized_frames_are_refused_or_passed_through() {
         let input = padded_frame(&i, 0);
         h.push(input.clone()).expect("passed through");
         let out = h.pull().unwrap();
-        assert_eq!(
-            out.map_readable().unwrap().as_slice(),
-            input.map_readable().unwrap().as_slice()
-        );
+        assert_eq!(out.map_readable().unwrap().as_slice(), input.map_readable().unwrap().as_slice());
         assert!(gst::meta::CustomMeta::from_buffer(&out, QF_META).is_err());
     }
     let w = warnings(&bus);
     assert_eq!(w.len(), 1, "one warning for a run of failing frames: {w:?}");
-    assert!(
-        w[0].contains("max-frame-pixels") && w[0].contains("passthrough"),
-        "{w:?}"
-    );
+    assert!(w[0].contains("max-frame-pixels") && w[0].contains("passthrough"), "{w:?}");
     assert!(qf_messages(&bus).is_empty());
     // Back under the cap: restored again, and a later failure warns again.
     element.set_property("max-frame-pixels", 0u64);
@@ -963,10 +810,7 @@ fn oversized_frames_are_refused_or_passed_through() {
 /// Rewrite the frame size in the SOF0 header of a baseline JPEG.
 fn with_claimed_size(jpeg: &[u8], width: u16, height: u16) -> Vec<u8> {
     let mut out = jpeg.to_vec();
-    let sof = out
-        .windows(2)
-        .position(|w| w == [0xFF, 0xC0])
-        .expect("a baseline JPEG");
+    let sof = out.windows(2).position(|w| w == [0xFF, 0xC0]).expect("a baseline JPEG");
     out[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
     out[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
     out
@@ -990,10 +834,7 @@ fn a_small_jpeg_claiming_8000x8000_is_refused_before_allocating() {
     // refuses it before converting it.
     let (err, src) = result.expect("an error");
     assert_eq!(src, "codiff", "{err}");
-    assert!(
-        err.contains("8000x8000") && err.contains("max-frame-pixels"),
-        "{err}"
-    );
+    assert!(err.contains("8000x8000") && err.contains("max-frame-pixels"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1002,8 +843,7 @@ fn post_messages_false_keeps_the_meta_only() {
     let props = model_or_skip!();
     let (element, bus) = ready_element(&props);
     element.set_property("post-messages", false);
-    let (mut h, i, out) =
-        harness_after_one_frame(&element, info(gst_video::VideoFormat::Rgb, 32, 24));
+    let (mut h, i, out) = harness_after_one_frame(&element, info(gst_video::VideoFormat::Rgb, 32, 24));
     assert!(gst::meta::CustomMeta::from_buffer(&out, QF_META).is_ok());
     assert!(qf_messages(&bus).is_empty());
     element.set_property("post-messages", true);
@@ -1030,8 +870,7 @@ fn n_threads_runs_the_engine_in_an_own_pool() {
     // at most the core count (more is clamped with a warning)
     let n = std::thread::available_parallelism().map_or(1, |c| c.get()).min(3);
     element.set_property("n-threads", n as u32);
-    let (_h, _, out) =
-        harness_after_one_frame(&element, info(gst_video::VideoFormat::I420, 64, 48));
+    let (_h, _, out) = harness_after_one_frame(&element, info(gst_video::VideoFormat::I420, 64, 48));
     assert!(gst::meta::CustomMeta::from_buffer(&out, QF_META).is_ok());
     let names = thread_names();
     for k in 0..n {
@@ -1064,34 +903,24 @@ fn latency_is_known_before_the_first_frame() {
 fn model_properties_set_while_playing_stay_pending_until_ready() {
     let props = model_or_skip!();
     let (element, bus) = ready_element(&props);
-    let (mut h, i, _) =
-        harness_after_one_frame(&element, info(gst_video::VideoFormat::Rgb, 32, 24));
+    let (mut h, i, _) = harness_after_one_frame(&element, info(gst_video::VideoFormat::Rgb, 32, 24));
     drain(&bus);
     assert_eq!(element.current_state(), gst::State::Playing);
     element.set_property("device", "cuda:7");
     element.set_property("n-threads", 2u32);
     // The running values are reported, with a warning.
-    assert_eq!(
-        element.property::<Option<String>>("device").as_deref(),
-        Some("cpu")
-    );
+    assert_eq!(element.property::<Option<String>>("device").as_deref(), Some("cpu"));
     assert_eq!(element.property::<u32>("n-threads"), 0);
     let w = warnings(&bus);
     assert_eq!(w.len(), 2, "{w:?}");
-    assert!(
-        w[0].contains("device") && w[0].contains("next READY"),
-        "{w:?}"
-    );
+    assert!(w[0].contains("device") && w[0].contains("next READY"), "{w:?}");
     // Frames still run on the loaded model.
     h.push(padded_frame(&i, 0)).unwrap();
     h.pull().unwrap();
     // The harness goes down through READY, where the pending values apply.
     drop(h);
     assert_eq!(element.current_state(), gst::State::Null);
-    assert_eq!(
-        element.property::<Option<String>>("device").as_deref(),
-        Some("cuda:7")
-    );
+    assert_eq!(element.property::<Option<String>>("device").as_deref(), Some("cuda:7"));
     assert_eq!(element.property::<u32>("n-threads"), 2);
 }
 
@@ -1103,14 +932,9 @@ fn test_pipeline(
 ) -> (gst::Pipeline, gst::Element, gst::Element) {
     let codiff = make(props);
     let pipeline = gst::Pipeline::new();
-    let src = gst::ElementFactory::make("videotestsrc")
-        .property("num-buffers", num_buffers)
-        .build()
-        .unwrap();
-    let filter = gst::ElementFactory::make("capsfilter")
-        .property("caps", caps.parse::<gst::Caps>().unwrap())
-        .build()
-        .unwrap();
+    let src = gst::ElementFactory::make("videotestsrc").property("num-buffers", num_buffers).build().unwrap();
+    let filter =
+        gst::ElementFactory::make("capsfilter").property("caps", caps.parse::<gst::Caps>().unwrap()).build().unwrap();
     let sink = gst::ElementFactory::make("fakesink")
         .property("signal-handoffs", true)
         .property("sync", false)
@@ -1134,11 +958,8 @@ fn count_outputs(sink: &gst::Element) -> Arc<AtomicUsize> {
 
 /// The next EOS or error message on `bus`; panics after `seconds`.
 fn eos_or_error(bus: &gst::Bus, seconds: u64) -> gst::Message {
-    bus.timed_pop_filtered(
-        gst::ClockTime::from_seconds(seconds),
-        &[gst::MessageType::Eos, gst::MessageType::Error],
-    )
-    .unwrap_or_else(|| panic!("no EOS or error within {seconds} s"))
+    bus.timed_pop_filtered(gst::ClockTime::from_seconds(seconds), &[gst::MessageType::Eos, gst::MessageType::Error])
+        .unwrap_or_else(|| panic!("no EOS or error within {seconds} s"))
 }
 
 /// Errors waiting on `bus`, as text.
@@ -1163,31 +984,20 @@ fn a_state_change_to_null_cancels_the_frame_in_progress() {
     props.push(("warm-up", "false".to_string()));
     // a test pattern is no JPEG: without the guard the model runs on it
     props.push(("guard", "false".to_string()));
-    let (pipeline, codiff, sink) = test_pipeline(
-        &props,
-        "video/x-raw,format=I420,width=1536,height=1536,framerate=30/1",
-        1,
-    );
+    let (pipeline, codiff, sink) =
+        test_pipeline(&props, "video/x-raw,format=I420,width=1536,height=1536,framerate=30/1", 1);
     let outputs = count_outputs(&sink);
     let (entered_tx, entered_rx) = std::sync::mpsc::channel();
-    codiff
-        .static_pad("sink")
-        .unwrap()
-        .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
-            let _ = entered_tx.send(());
-            gst::PadProbeReturn::Ok
-        });
+    codiff.static_pad("sink").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+        let _ = entered_tx.send(());
+        gst::PadProbeReturn::Ok
+    });
     let bus = pipeline.bus().unwrap();
     pipeline.set_state(gst::State::Playing).unwrap();
-    entered_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the frame reaches codiff");
+    entered_rx.recv_timeout(Duration::from_secs(60)).expect("the frame reaches codiff");
     std::thread::sleep(Duration::from_millis(200));
     let started = std::time::Instant::now();
-    assert_eq!(
-        pipeline.set_state(gst::State::Null),
-        Ok(gst::StateChangeSuccess::Success)
-    );
+    assert_eq!(pipeline.set_state(gst::State::Null), Ok(gst::StateChangeSuccess::Success));
     let stop = started.elapsed();
     // The frame was stopped, not finished: nothing reached the sink, no QF was
     // posted, and cancelling is not an error.
@@ -1196,20 +1006,14 @@ fn a_state_change_to_null_cancels_the_frame_in_progress() {
     assert!(errors(&bus).is_empty());
     // (Measured once: the state change returned after 2.4 s; the frame would have
     // taken 184 s at the test profile's opt-level.)
-    eprintln!(
-        "state change to NULL during the frame: {:.2} s",
-        stop.as_secs_f64()
-    );
+    eprintln!("state change to NULL during the frame: {:.2} s", stop.as_secs_f64());
 }
 
 // ---- stream torture ----
 
 const ALL_FORMATS: [gst_video::VideoFormat; 18] = {
     use gst_video::VideoFormat::*;
-    [
-        I420, Yv12, Nv12, Nv21, Y42b, Y444, Yuy2, Uyvy, Rgb, Bgr, Rgba, Bgra, Argb, Abgr, Rgbx,
-        Bgrx, Xrgb, Xbgr,
-    ]
+    [I420, Yv12, Nv12, Nv21, Y42b, Y444, Yuy2, Uyvy, Rgb, Bgr, Rgba, Bgra, Argb, Abgr, Rgbx, Bgrx, Xrgb, Xbgr]
 };
 
 #[test]
@@ -1225,8 +1029,7 @@ fn tiny_sizes_in_every_format_with_caps_changing_every_frame() {
             h.set_src_caps(i.to_caps().unwrap());
             let input = padded_frame(&i, (w as usize) % 3);
             let before = untouched_bytes(&i, &input);
-            h.push(input.clone())
-                .unwrap_or_else(|e| panic!("{format:?} {w}x{h_}: {e:?}"));
+            h.push(input.clone()).unwrap_or_else(|e| panic!("{format:?} {w}x{h_}: {e:?}"));
             let out = h.pull().unwrap();
             assert_eq!(out.size(), input.size(), "{format:?} {w}x{h_}");
             assert_eq!(untouched_bytes(&i, &out), before, "{format:?} {w}x{h_}");
@@ -1250,19 +1053,13 @@ fn very_wide_and_very_tall_frames() {
 #[test]
 fn flushing_seeks_during_processing() {
     let props = model_or_skip!();
-    let (pipeline, _codiff, _sink) =
-        test_pipeline(&props, "video/x-raw,format=I420,width=320,height=240", 200);
+    let (pipeline, _codiff, _sink) = test_pipeline(&props, "video/x-raw,format=I420,width=320,height=240", 200);
     let bus = pipeline.bus().unwrap();
     pipeline.set_state(gst::State::Playing).unwrap();
     pipeline.state(gst::ClockTime::from_seconds(30)).0.unwrap();
     for k in 0..20 {
         std::thread::sleep(Duration::from_millis(30));
-        pipeline
-            .seek_simple(
-                gst::SeekFlags::FLUSH,
-                gst::ClockTime::from_mseconds(33 * (k % 5)),
-            )
-            .expect("seek");
+        pipeline.seek_simple(gst::SeekFlags::FLUSH, gst::ClockTime::from_mseconds(33 * (k % 5))).expect("seek");
     }
     pipeline.set_state(gst::State::Null).unwrap();
     assert_eq!(errors(&bus), Vec::<String>::new());
@@ -1271,8 +1068,7 @@ fn flushing_seeks_during_processing() {
 #[test]
 fn properties_changed_while_playing() {
     let props = model_or_skip!();
-    let (pipeline, codiff, sink) =
-        test_pipeline(&props, "video/x-raw,format=I420,width=96,height=64", 60);
+    let (pipeline, codiff, sink) = test_pipeline(&props, "video/x-raw,format=I420,width=96,height=64", 60);
     let outputs = count_outputs(&sink);
     let bus = pipeline.bus().unwrap();
     pipeline.set_state(gst::State::Playing).unwrap();
@@ -1303,8 +1099,7 @@ fn properties_changed_while_playing() {
 #[test]
 fn null_playing_cycles_in_one_process() {
     let props = model_or_skip!();
-    let (pipeline, _codiff, sink) =
-        test_pipeline(&props, "video/x-raw,format=RGB,width=48,height=32", 2);
+    let (pipeline, _codiff, sink) = test_pipeline(&props, "video/x-raw,format=RGB,width=48,height=32", 2);
     let outputs = count_outputs(&sink);
     let bus = pipeline.bus().unwrap();
     for cycle in 0..30 {
@@ -1324,11 +1119,8 @@ fn two_pipelines_on_two_threads_share_one_model() {
         .map(|k| {
             let props = props.clone();
             std::thread::spawn(move || {
-                let (pipeline, _codiff, _sink) = test_pipeline(
-                    &props,
-                    &format!("video/x-raw,format=I420,width={},height=48", 64 + 16 * k),
-                    20,
-                );
+                let (pipeline, _codiff, _sink) =
+                    test_pipeline(&props, &format!("video/x-raw,format=I420,width={},height=48", 64 + 16 * k), 20);
                 let bus = pipeline.bus().unwrap();
                 // READY loads the model: one thread loads it, the other waits and
                 // reuses it (both reuse it when another test holds it).
@@ -1389,10 +1181,7 @@ fn nan_weights(dir: &Path) -> Option<PathBuf> {
         if name == "__metadata__" || name.contains("calibration") || t["dtype"] != "F32" {
             continue;
         }
-        let (a, b) = (
-            t["data_offsets"][0].as_u64()? as usize,
-            t["data_offsets"][1].as_u64()? as usize,
-        );
+        let (a, b) = (t["data_offsets"][0].as_u64()? as usize, t["data_offsets"][1].as_u64()? as usize);
         out[8 + n + a..8 + n + b].fill(0xFF);
     }
     let path = dir.join("nan.safetensors");
@@ -1410,10 +1199,7 @@ fn a_frame_the_engine_refuses_fails_or_passes_through() {
     let dir = std::env::temp_dir().join(format!("codiff-nan-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let weights = nan_weights(&dir).expect("a NaN copy of the weights");
-    let props = vec![
-        ("weights", weights.to_string_lossy().into_owned()),
-        ("warm-up", "false".to_string()),
-    ];
+    let props = vec![("weights", weights.to_string_lossy().into_owned()), ("warm-up", "false".to_string())];
     let (element, bus) = ready_element(&props);
     let i = info(gst_video::VideoFormat::I420, 64, 48);
     let mut h = harness(&element);
@@ -1431,15 +1217,9 @@ fn a_frame_the_engine_refuses_fails_or_passes_through() {
     let input = padded_frame(&i, 0);
     h.push(input.clone()).expect("passed through");
     let out = h.pull().unwrap();
-    assert_eq!(
-        out.map_readable().unwrap().as_slice(),
-        input.map_readable().unwrap().as_slice()
-    );
+    assert_eq!(out.map_readable().unwrap().as_slice(), input.map_readable().unwrap().as_slice());
     let w = warnings(&bus);
-    assert!(
-        w.len() == 1 && w[0].contains("restoring the frame failed"),
-        "{w:?}"
-    );
+    assert!(w.len() == 1 && w[0].contains("restoring the frame failed"), "{w:?}");
     assert!(first_error(&bus, Duration::ZERO).is_none());
     drop(h);
     element.set_state(gst::State::Null).unwrap();
@@ -1558,7 +1338,10 @@ fn random_property_values_never_take_the_host_down() {
             gst::Element::link_many([&src, &element, &sink]).unwrap();
             let bus = pipeline.bus().unwrap();
             let _ = pipeline.set_state(gst::State::Playing);
-            let _ = bus.timed_pop_filtered(gst::ClockTime::from_seconds(60), &[gst::MessageType::Eos, gst::MessageType::Error]);
+            let _ = bus.timed_pop_filtered(
+                gst::ClockTime::from_seconds(60),
+                &[gst::MessageType::Eos, gst::MessageType::Error],
+            );
             pipeline.set_state(gst::State::Null).unwrap();
             runs += 1;
         }

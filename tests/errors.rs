@@ -214,7 +214,8 @@ fn stride0_cave_pth_through_the_element_is_a_bus_error() {
     .unwrap();
     let started = pipeline.set_state(gst::State::Playing);
     let bus = pipeline.bus().unwrap();
-    let msg = bus.timed_pop_filtered(gst::ClockTime::from_seconds(120), &[gst::MessageType::Error, gst::MessageType::Eos]);
+    let msg =
+        bus.timed_pop_filtered(gst::ClockTime::from_seconds(120), &[gst::MessageType::Error, gst::MessageType::Eos]);
     pipeline.set_state(gst::State::Null).unwrap();
     assert!(started.is_err(), "the state change must fail");
     let msg = msg.expect("an error on the bus");
@@ -253,12 +254,17 @@ fn overlapping_views_cannot_multiply_a_storage() {
 fn views_reaching_past_their_storage_are_truncation_errors() {
     let d = hostile_dir("reach");
     // the last index is in range, the first dimension's is not
-    for (shape, stride, offset) in [(vec![3i64, 2], vec![4i64, 1], 0i64), (vec![2, 2], vec![1 << 62, 1], 0), (vec![1], vec![1], 9)] {
+    for (shape, stride, offset) in
+        [(vec![3i64, 2], vec![4i64, 1], 0i64), (vec![2, 2], vec![1 << 62, 1], 0), (vec![1], vec![1], 9)]
+    {
         let t = TensorRef { offset, ..TensorRef::strided("w", "0", &shape, &stride) };
         let obj = state_dict_pickle(&[t]).bytes();
         let e = open_err(&d.join("cave.pth"), &legacy_file(&obj, &[("0".into(), vec![0.0; 8])]));
         let msg = e.to_string();
-        assert!(matches!(e, EngineError::Truncated { .. }) && msg.contains("`w`") && msg.contains("8 elements"), "{msg}");
+        assert!(
+            matches!(e, EngineError::Truncated { .. }) && msg.contains("`w`") && msg.contains("8 elements"),
+            "{msg}"
+        );
     }
 }
 
@@ -286,7 +292,8 @@ fn overflowing_and_negative_sizes_are_refused() {
     let e = open_err(&d.join("b.pth"), &legacy_file(&state_dict_pickle(&[t]).bytes(), &[("0".into(), vec![0.0])]));
     assert!(e.to_string().contains("negative") && e.to_string().contains("`w`"), "{e}");
     // a legacy storage whose element count times its element size overflows
-    let mut f = legacy_file(&state_dict_pickle(&[TensorRef::contiguous("w", "0", &[1])]).bytes(), &[("0".into(), vec![0.0])]);
+    let mut f =
+        legacy_file(&state_dict_pickle(&[TensorRef::contiguous("w", "0", &[1])]).bytes(), &[("0".into(), vec![0.0])]);
     let at = f.len() - 12;
     f[at..at + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
     let e = open_err(&d.join("c.pth"), &f);

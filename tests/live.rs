@@ -62,10 +62,9 @@ fn a_pipeline_that_is_not_live_restores_every_frame() {
     let mut restored = 0;
     for msg in bus.iter_timed(gst::ClockTime::from_seconds(300)) {
         match msg.view() {
-            gst::MessageView::Element(e)
-                if e.structure().is_some_and(|s| s.name() == "codiff-qf") => {
-                    restored += 1;
-                }
+            gst::MessageView::Element(e) if e.structure().is_some_and(|s| s.name() == "codiff-qf") => {
+                restored += 1;
+            }
             gst::MessageView::Eos(_) => break,
             gst::MessageView::Error(e) => panic!("{} ({:?})", e.error(), e.debug()),
             _ => {}

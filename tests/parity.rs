@@ -18,7 +18,9 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use gstcodiff::engine::pipeline::{finish, Trace};
 use gstcodiff::engine::tiling::Plan;
-use gstcodiff::engine::{ColorFix, DeviceSpec, Engine, EngineError, Mode, ModelSpec, Precision, RestoreOptions, RgbImage};
+use gstcodiff::engine::{
+    ColorFix, DeviceSpec, Engine, EngineError, Mode, ModelSpec, Precision, RestoreOptions, RgbImage,
+};
 
 const FLOAT_TOL: f32 = 1e-4;
 
@@ -33,7 +35,8 @@ fn bare() -> RestoreOptions {
 fn fixture(name: &str) -> PathBuf {
     // cargo sets CARGO_MANIFEST_DIR at run time too; a prebuilt binary run from
     // another checkout (build-aux/gpu-check.sh) sets it to that checkout.
-    let root = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let root =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
     root.join("tests/fixtures").join(name)
 }
 
@@ -104,7 +107,9 @@ fn each_stage_matches_on_the_reference_inputs() {
         assert!(err <= FLOAT_TOL, "{name}: max abs error {err} > {FLOAT_TOL}");
     }
     // colour fixes on the reference's decoded image: at most one code value
-    for (fix, name) in [(ColorFix::Adain, "output_adain"), (ColorFix::Wavelet, "output_wavelet"), (ColorFix::None, "output_nofix")] {
+    for (fix, name) in
+        [(ColorFix::Adain, "output_adain"), (ColorFix::Wavelet, "output_wavelet"), (ColorFix::None, "output_nofix")]
+    {
         let y = finish(&r["decoded"], &r["lq_raw"], fix).unwrap();
         let u8img = (y * 255.0).unwrap().round().unwrap().squeeze(0).unwrap().permute((1, 2, 0)).unwrap();
         let err = max_abs(&u8img, &r[name]);
@@ -134,7 +139,17 @@ fn end_to_end(name: &str, opts: &RestoreOptions) {
     let r = reference(name, engine.device());
     let trace = run(&engine, &r, opts, ColorFix::Adain);
     let mut report = vec![];
-    for name in ["lq_raw", "cave_embedding", "qf_pred", "cave_reconstruction", "proj_embedding", "lq_latent", "unet_eps", "denoised_latent", "decoded"] {
+    for name in [
+        "lq_raw",
+        "cave_embedding",
+        "qf_pred",
+        "cave_reconstruction",
+        "proj_embedding",
+        "lq_latent",
+        "unet_eps",
+        "denoised_latent",
+        "decoded",
+    ] {
         let ours = get(&trace, name);
         // tiny-c's CaVE reconstruction is of another input, the top-left 160x224
         // crop (the official forward fails on the whole frame: manifest notes)
@@ -182,7 +197,8 @@ fn latent_tiles_sit_where_the_official_ones_do() {
     let r = reference(TINY_C, &Device::Cpu);
     let (_, _, h, w) = r["lq_latent"].dims4().unwrap();
     let plan = Plan::gaussian(h, w, 16, 6).expect("tiled");
-    let mut ours: Vec<(i64, i64)> = plan.rows.iter().flat_map(|r| plan.cols.iter().map(move |c| (r.start as i64, c.start as i64))).collect();
+    let mut ours: Vec<(i64, i64)> =
+        plan.rows.iter().flat_map(|r| plan.cols.iter().map(move |c| (r.start as i64, c.start as i64))).collect();
     let offs = r["latent_tile_offsets_yx"].to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
     let mut theirs: Vec<(i64, i64)> = offs.iter().map(|o| (o[0], o[1])).collect();
     ours.sort();
@@ -208,7 +224,11 @@ fn vae_tiling_matches_the_official_vaehook() {
     };
     for (name, tiled, untiled) in [
         ("vae_tiled_lq_latent", s.encode_tiled(&lq, 96).unwrap(), s.encode(&lq).unwrap()),
-        ("vae_tiled_decoded", s.decode_tiled(&r["denoised_latent"], 4).unwrap(), s.decode(&r["denoised_latent"]).unwrap()),
+        (
+            "vae_tiled_decoded",
+            s.decode_tiled(&r["denoised_latent"], 4).unwrap(),
+            s.decode(&r["denoised_latent"]).unwrap(),
+        ),
     ] {
         let tol = FLOAT_TOL * range(&r[name]);
         let err = max_abs(&tiled, &r[name]);
@@ -218,7 +238,8 @@ fn vae_tiling_matches_the_official_vaehook() {
         assert!(far > 100.0 * tol, "{name}: the untiled result is only {far} away");
     }
     // and through the pipeline: the restore's latent with encoder tiles of 96 px
-    let opts = RestoreOptions { latent_tile: 16, latent_overlap: 6, vae_encoder_tile: 96, vae_decoder_tile: 4, ..bare() };
+    let opts =
+        RestoreOptions { latent_tile: 16, latent_overlap: 6, vae_encoder_tile: 96, vae_decoder_tile: 4, ..bare() };
     let trace = run(&engine, &r, &opts, ColorFix::Adain);
     let err = max_abs(get(&trace, "lq_latent"), &r["vae_tiled_lq_latent"]);
     assert!(err <= FLOAT_TOL * range(&r["vae_tiled_lq_latent"]), "pipeline lq_latent with VAE tiles: {err}");
@@ -240,7 +261,10 @@ fn cave_mode_output_is_the_clamped_reconstruction() {
     let trace = run(&engine, &r, &bare(), ColorFix::None);
     assert!(max_abs(get(&trace, "cave_reconstruction"), &r["cave_reconstruction"]) <= FLOAT_TOL);
     let expect = ((r["cave_reconstruction"].clamp(0f32, 1f32).unwrap() * 255.0).unwrap().round().unwrap())
-        .squeeze(0).unwrap().permute((1, 2, 0)).unwrap();
+        .squeeze(0)
+        .unwrap()
+        .permute((1, 2, 0))
+        .unwrap();
     assert!(max_abs(get(&trace, "output_cave"), &expect) <= 1.0);
 }
 
@@ -281,7 +305,9 @@ fn depth(stage: &str) -> f32 {
         "lq_latent" => 1.0 + 8.0 * 7.0 + 3.0 + 2.0 * 7.0 + 8.0 + 4.0,
         // time embedding 3, conv_in, 4 down blocks x 2 (resnet + transformer in 3 of them), 3 downsamples,
         // mid (2 resnets + transformer), 4 up blocks x 3 (resnet + transformer in 3 of them), 3 upsamples, norm, SiLU, conv_out
-        "unet_eps" => 3.0 + 1.0 + 8.0 * 7.0 + 6.0 * 16.0 + 3.0 + 2.0 * 7.0 + 16.0 + 12.0 * 7.0 + 9.0 * 16.0 + 3.0 * 2.0 + 3.0,
+        "unet_eps" => {
+            3.0 + 1.0 + 8.0 * 7.0 + 6.0 * 16.0 + 3.0 + 2.0 * 7.0 + 16.0 + 12.0 * 7.0 + 9.0 * 16.0 + 3.0 * 2.0 + 3.0
+        }
         // post_quant_conv, conv_in, mid (2 resnets + attn), 4 blocks x 3 resnets, 3 upsamples (nearest + conv), norm, SiLU, conv_out
         "decoded" => 2.0 + 2.0 * 7.0 + 8.0 + 12.0 * 7.0 + 3.0 * 2.0 + 3.0,
         _ => unreachable!("no depth for {stage}"),
@@ -302,7 +328,17 @@ fn stage_rel_tol(p: Precision, stage: &str) -> f32 {
 }
 
 fn magnitude(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0)
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0)
 }
 
 fn load_in(name: &str, precision: Precision) -> Engine {
@@ -321,7 +357,11 @@ fn half_stages(p: Precision) {
         ("decoded", s.decode(&r["denoised_latent"]).unwrap()),
     ];
     for (name, ours) in checks {
-        assert_eq!(ours.dtype(), if p == Precision::F16 { DType::F16 } else { DType::BF16 }, "{name} ran in another dtype");
+        assert_eq!(
+            ours.dtype(),
+            if p == Precision::F16 { DType::F16 } else { DType::BF16 },
+            "{name} ran in another dtype"
+        );
         let err = max_abs(&ours, &r[name]);
         let tol = stage_rel_tol(p, name) * magnitude(&r[name]);
         eprintln!("{p:?} {name}: {err:.2e} (tolerance {tol:.1e})");

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 
-use codiff_testkit::setup as common;
 use codiff_testkit::rtsp;
+use codiff_testkit::setup as common;
 
 use common::{init, packed_rgb, psnr, weights_or_skip};
 
@@ -93,10 +93,7 @@ fn two_rtsp_clients_receive_restored_frames_and_the_bus_carries_qf() {
         port: 0,
         mount: "/codiff".into(),
         // A still picture as a live 5 fps camera that sends JPEG at quality 10.
-        source: Some(format!(
-            "{} ! imagefreeze is-live=true ! video/x-raw,framerate=5/1 ! {COMPRESS}",
-            clean_source()
-        )),
+        source: Some(format!("{} ! imagefreeze is-live=true ! video/x-raw,framerate=5/1 ! {COMPRESS}", clean_source())),
         // Near-lossless on the wire, so that what the clients see is codiff's output.
         wire_quality: 98,
         ..Default::default()

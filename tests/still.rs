@@ -18,7 +18,11 @@ fn restore_bin() -> Option<PathBuf> {
 
 fn run(bin: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use gst::prelude::*;
 use gst_rtsp_server::prelude::*;
 
-use codiff_testkit::setup as common;
 use codiff_testkit::rtsp;
+use codiff_testkit::setup as common;
 
 use common::{init, weights_or_skip};
 
@@ -88,7 +88,8 @@ struct Running(gst::Pipeline);
 
 impl Running {
     fn start(launch: &str) -> Running {
-        let pipeline = gst::parse::launch(launch).unwrap_or_else(|e| panic!("{launch}: {e}")).downcast::<gst::Pipeline>().unwrap();
+        let pipeline =
+            gst::parse::launch(launch).unwrap_or_else(|e| panic!("{launch}: {e}")).downcast::<gst::Pipeline>().unwrap();
         pipeline.set_state(gst::State::Playing).unwrap();
         Running(pipeline)
     }
@@ -107,7 +108,10 @@ impl Running {
     fn finish(self, limit: Duration) {
         self.0.send_event(gst::event::Eos::new());
         let bus = self.0.bus().unwrap();
-        let msg = bus.timed_pop_filtered(gst::ClockTime::from_nseconds(limit.as_nanos() as u64), &[gst::MessageType::Eos, gst::MessageType::Error]);
+        let msg = bus.timed_pop_filtered(
+            gst::ClockTime::from_nseconds(limit.as_nanos() as u64),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        );
         if let Some(gst::MessageView::Error(e)) = msg.as_ref().map(|m| m.view()) {
             panic!("{} ({:?})", e.error(), e.debug());
         }
@@ -161,7 +165,11 @@ impl Nginx {
         // listening?
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", rtmp_port)).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not listen on {rtmp_port}: {}", std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not listen on {rtmp_port}: {}",
+                std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Nginx { child, dir }
@@ -207,7 +215,10 @@ fn rtsp_camera_restored_and_served_over_rtsp_is_read_by_ffmpeg() {
     };
     let server = rtsp::Server::start(&options, |_| {}).expect("server starts");
     let launch = server.launch();
-    assert!(launch.contains("queue leaky=downstream max-size-buffers=1 ! codiff") && launch.contains(" ! queue !"), "{launch}");
+    assert!(
+        launch.contains("queue leaky=downstream max-size-buffers=1 ! codiff") && launch.contains(" ! queue !"),
+        "{launch}"
+    );
     let (frames, log) = ffmpeg_frames(&["-rtsp_transport", "tcp"], &server.url(), 4);
     server.stop();
     main_loop.quit();

@@ -114,9 +114,8 @@ fn mjpeg_avi_through_codiff_keeps_frames_and_timing_and_restores_each_frame() {
     }
     let dir = work_dir();
     // Clean frames: a slow pan across the README's astronaut photo.
-    let scene = image::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/astronaut.png"))
-        .unwrap()
-        .to_rgb8();
+    let scene =
+        image::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/astronaut.png")).unwrap().to_rgb8();
     let mut clean = Vec::new();
     for t in 0..FRAMES as u32 {
         let frame = image::imageops::crop_imm(&scene, 100 + t * PAN, 40, WIDTH, HEIGHT).to_image();

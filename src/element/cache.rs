@@ -26,21 +26,14 @@ pub struct Cache<K, V> {
 
 impl<K: Eq + Hash + Clone, V> Default for Cache<K, V> {
     fn default() -> Self {
-        Self {
-            slots: Mutex::new(HashMap::new()),
-            loads: AtomicUsize::new(0),
-        }
+        Self { slots: Mutex::new(HashMap::new()), loads: AtomicUsize::new(0) }
     }
 }
 
 impl<K: Eq + Hash + Clone, V> Cache<K, V> {
     /// The live value for `key`, or a new one from `load`. Returns the value and
     /// whether `load` ran. A failed load caches nothing.
-    pub fn get_or_load<E>(
-        &self,
-        key: &K,
-        load: impl FnOnce() -> Result<V, E>,
-    ) -> Result<(Arc<V>, bool), E> {
+    pub fn get_or_load<E>(&self, key: &K, load: impl FnOnce() -> Result<V, E>) -> Result<(Arc<V>, bool), E> {
         let slot = {
             let mut slots = lock(&self.slots);
             // Forget keys whose value is gone and that nobody is loading.
@@ -64,9 +57,7 @@ impl<K: Eq + Hash + Clone, V> Cache<K, V> {
 
     /// Whether a live value for `key` is cached.
     pub fn contains(&self, key: &K) -> bool {
-        lock(&self.slots)
-            .get(key)
-            .is_some_and(|s| lock(s).strong_count() > 0)
+        lock(&self.slots).get(key).is_some_and(|s| lock(s).strong_count() > 0)
     }
 }
 
@@ -74,10 +65,7 @@ static ENGINES: LazyLock<Cache<ModelSpec, Engine>> = LazyLock::new(Cache::defaul
 
 /// The shared engine for `spec`, loading it (with `progress` reports) if no element
 /// holds it. Returns whether this call loaded it.
-pub fn engine(
-    spec: &ModelSpec,
-    progress: &mut dyn FnMut(&str),
-) -> Result<(Arc<Engine>, bool), EngineError> {
+pub fn engine(spec: &ModelSpec, progress: &mut dyn FnMut(&str)) -> Result<(Arc<Engine>, bool), EngineError> {
     ENGINES.get_or_load(spec, || Engine::load(spec, progress))
 }
 
@@ -100,12 +88,8 @@ mod tests {
     #[test]
     fn same_key_shares_one_value_until_the_last_user_drops_it() {
         let cache: Cache<&str, String> = Cache::default();
-        let (a, loaded_a) = cache
-            .get_or_load(&"k", || Ok::<_, ()>("v".to_string()))
-            .unwrap();
-        let (b, loaded_b) = cache
-            .get_or_load(&"k", || Ok::<_, ()>("other".to_string()))
-            .unwrap();
+        let (a, loaded_a) = cache.get_or_load(&"k", || Ok::<_, ()>("v".to_string())).unwrap();
+        let (b, loaded_b) = cache.get_or_load(&"k", || Ok::<_, ()>("other".to_string())).unwrap();
         assert!(loaded_a && !loaded_b);
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(cache.load_count(), 1);
@@ -113,9 +97,7 @@ mod tests {
         assert!(cache.contains(&"k"));
         drop(b);
         assert!(!cache.contains(&"k"));
-        let (c, loaded_c) = cache
-            .get_or_load(&"k", || Ok::<_, ()>("again".to_string()))
-            .unwrap();
+        let (c, loaded_c) = cache.get_or_load(&"k", || Ok::<_, ()>("again".to_string())).unwrap();
         assert!(loaded_c);
         assert_eq!(*c, "again");
         assert_eq!(cache.load_count(), 2);
@@ -124,10 +106,7 @@ mod tests {
     #[test]
     fn different_keys_load_separately_and_errors_are_not_cached() {
         let cache: Cache<u32, u32> = Cache::default();
-        assert_eq!(
-            cache.get_or_load(&1, || Err::<u32, _>("boom")).unwrap_err(),
-            "boom"
-        );
+        assert_eq!(cache.get_or_load(&1, || Err::<u32, _>("boom")).unwrap_err(), "boom");
         let (one, _) = cache.get_or_load(&1, || Ok::<_, ()>(10)).unwrap();
         let (two, _) = cache.get_or_load(&2, || Ok::<_, ()>(20)).unwrap();
         assert_eq!((*one, *two), (10, 20));

@@ -2,9 +2,5 @@
 use std::sync::LazyLock;
 
 pub(super) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
-    gst::DebugCategory::new(
-        "codiff",
-        gst::DebugColorFlags::empty(),
-        Some("CODiff JPEG artifact removal"),
-    )
+    gst::DebugCategory::new("codiff", gst::DebugColorFlags::empty(), Some("CODiff JPEG artifact removal"))
 });

@@ -40,10 +40,7 @@ pub struct Component {
 impl Component {
     /// Width and height in samples of this component for a `width` x `height` frame.
     pub fn size(&self, width: usize, height: usize) -> (usize, usize) {
-        (
-            ceil_shift(width, self.sub_x),
-            ceil_shift(height, self.sub_y),
-        )
+        (ceil_shift(width, self.sub_x), ceil_shift(height, self.sub_y))
     }
 }
 
@@ -62,19 +59,11 @@ pub struct YuvMatrix {
 
 impl YuvMatrix {
     /// BT.601 full range, what JPEG (JFIF) uses.
-    pub const BT601_FULL: Self = Self {
-        kr: 0.299,
-        kb: 0.114,
-        full_range: true,
-    };
+    pub const BT601_FULL: Self = Self { kr: 0.299, kb: 0.114, full_range: true };
 
     /// Coefficients from the matrix's `kr`, `kb`.
     pub fn new(kr: f64, kb: f64, full_range: bool) -> Self {
-        Self {
-            kr: kr as f32,
-            kb: kb as f32,
-            full_range,
-        }
+        Self { kr: kr as f32, kb: kb as f32, full_range }
     }
 
     fn kg(&self) -> f32 {
@@ -89,11 +78,7 @@ impl YuvMatrix {
         if self.full_range {
             [y, cb + 128.0, cr + 128.0]
         } else {
-            [
-                16.0 + y * (219.0 / 255.0),
-                128.0 + cb * (224.0 / 255.0),
-                128.0 + cr * (224.0 / 255.0),
-            ]
+            [16.0 + y * (219.0 / 255.0), 128.0 + cb * (224.0 / 255.0), 128.0 + cr * (224.0 / 255.0)]
         }
     }
 
@@ -102,11 +87,7 @@ impl YuvMatrix {
         let (y, cb, cr) = if self.full_range {
             (y, cb - 128.0, cr - 128.0)
         } else {
-            (
-                (y - 16.0) * (255.0 / 219.0),
-                (cb - 128.0) * (255.0 / 224.0),
-                (cr - 128.0) * (255.0 / 224.0),
-            )
+            ((y - 16.0) * (255.0 / 219.0), (cb - 128.0) * (255.0 / 224.0), (cr - 128.0) * (255.0 / 224.0))
         };
         let r = y + 2.0 * (1.0 - self.kr) * cr;
         let b = y + 2.0 * (1.0 - self.kb) * cb;
@@ -137,20 +118,11 @@ pub struct ChromaSiting {
 
 impl ChromaSiting {
     /// Centred on both axes (JPEG).
-    pub const JPEG: Self = Self {
-        cosited_x: false,
-        cosited_y: false,
-    };
+    pub const JPEG: Self = Self { cosited_x: false, cosited_y: false };
     /// Co-sited horizontally, centred vertically (MPEG-2, H.264 "left").
-    pub const MPEG2: Self = Self {
-        cosited_x: true,
-        cosited_y: false,
-    };
+    pub const MPEG2: Self = Self { cosited_x: true, cosited_y: false };
     /// Co-sited on both axes (DV, H.265 "top-left").
-    pub const COSITED: Self = Self {
-        cosited_x: true,
-        cosited_y: true,
-    };
+    pub const COSITED: Self = Self { cosited_x: true, cosited_y: true };
 }
 
 /// How a frame stores its three colour components (alpha, padding and other bytes
@@ -181,49 +153,23 @@ pub struct PlaneMut<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
     #[error("component {comp} lives in plane {plane}, but the frame has {planes} planes")]
-    MissingPlane {
-        comp: usize,
-        plane: usize,
-        planes: usize,
-    },
+    MissingPlane { comp: usize, plane: usize, planes: usize },
     #[error(
         "plane {plane} holds {len} bytes with stride {stride}, component {comp} of a \
          {width}x{height} frame needs {needed}"
     )]
-    PlaneTooSmall {
-        plane: usize,
-        comp: usize,
-        len: usize,
-        stride: usize,
-        needed: usize,
-        width: usize,
-        height: usize,
-    },
+    PlaneTooSmall { plane: usize, comp: usize, len: usize, stride: usize, needed: usize, width: usize, height: usize },
     #[error("component {comp} has pixel stride 0")]
     ZeroPixelStride { comp: usize },
     #[error("RGB buffer holds {len} bytes, a {width}x{height} image needs {needed}")]
-    RgbSize {
-        len: usize,
-        width: usize,
-        height: usize,
-        needed: usize,
-    },
+    RgbSize { len: usize, width: usize, height: usize, needed: usize },
 }
 
 /// Check that every component of a `width` x `height` frame fits its plane.
-fn check(
-    layout: &Layout,
-    plane_sizes: &[(usize, usize)],
-    width: usize,
-    height: usize,
-) -> Result<(), ConvertError> {
+fn check(layout: &Layout, plane_sizes: &[(usize, usize)], width: usize, height: usize) -> Result<(), ConvertError> {
     for (ci, c) in layout.comps.iter().enumerate() {
         let Some(&(len, stride)) = plane_sizes.get(c.plane) else {
-            return Err(ConvertError::MissingPlane {
-                comp: ci,
-                plane: c.plane,
-                planes: plane_sizes.len(),
-            });
+            return Err(ConvertError::MissingPlane { comp: ci, plane: c.plane, planes: plane_sizes.len() });
         };
         if c.pixel_stride == 0 {
             return Err(ConvertError::ZeroPixelStride { comp: ci });
@@ -238,15 +184,7 @@ fn check(
             .and_then(|n| n.checked_add(c.offset + 1))
             .unwrap_or(usize::MAX);
         if needed > len {
-            return Err(ConvertError::PlaneTooSmall {
-                plane: c.plane,
-                comp: ci,
-                len,
-                stride,
-                needed,
-                width,
-                height,
-            });
+            return Err(ConvertError::PlaneTooSmall { plane: c.plane, comp: ci, len, stride, needed, width, height });
         }
     }
     Ok(())
@@ -255,12 +193,7 @@ fn check(
 fn check_rgb(len: usize, width: usize, height: usize) -> Result<(), ConvertError> {
     let needed = width * height * 3;
     if len != needed {
-        return Err(ConvertError::RgbSize {
-            len,
-            width,
-            height,
-            needed,
-        });
+        return Err(ConvertError::RgbSize { len, width, height, needed });
     }
     Ok(())
 }
@@ -294,11 +227,7 @@ fn upsample_taps(out_len: usize, shift: u32, n: usize, cosited: bool) -> Vec<(us
             if shift == 0 {
                 return (i, i, 0.0);
             }
-            let pos = if cosited {
-                i as f32 / f
-            } else {
-                ((i as f32 + 0.5) / f - 0.5).max(0.0)
-            };
+            let pos = if cosited { i as f32 / f } else { ((i as f32 + 0.5) / f - 0.5).max(0.0) };
             let i0 = (pos.floor() as usize).min(n - 1);
             let i1 = (i0 + 1).min(n - 1);
             (i0, i1, pos - i0 as f32)
@@ -438,11 +367,7 @@ fn write_impl(
     let sizes: Vec<_> = planes.iter().map(|p| (p.data.len(), p.stride)).collect();
     check(layout, &sizes, width, height)?;
     check_rgb(restored.len(), width, height)?;
-    let strength = if strength.is_finite() {
-        strength.clamp(0.0, 1.0)
-    } else {
-        1.0
-    };
+    let strength = if strength.is_finite() { strength.clamp(0.0, 1.0) } else { 1.0 };
     if width == 0 || height == 0 || strength == 0.0 {
         return Ok(());
     }
@@ -522,58 +447,22 @@ mod tests {
     use super::*;
 
     fn packed(bpp: usize, r: usize, g: usize, b: usize) -> Layout {
-        let c = |offset| Component {
-            plane: 0,
-            offset,
-            pixel_stride: bpp,
-            sub_x: 0,
-            sub_y: 0,
-        };
-        Layout {
-            model: ColorModel::Rgb,
-            comps: [c(r), c(g), c(b)],
-        }
+        let c = |offset| Component { plane: 0, offset, pixel_stride: bpp, sub_x: 0, sub_y: 0 };
+        Layout { model: ColorModel::Rgb, comps: [c(r), c(g), c(b)] }
     }
 
     fn planar(m: YuvMatrix, sub_x: u32, sub_y: u32) -> Layout {
-        let c = |plane, sub_x, sub_y| Component {
-            plane,
-            offset: 0,
-            pixel_stride: 1,
-            sub_x,
-            sub_y,
-        };
-        Layout {
-            model: ColorModel::Yuv(m),
-            comps: [c(0, 0, 0), c(1, sub_x, sub_y), c(2, sub_x, sub_y)],
-        }
+        let c = |plane, sub_x, sub_y| Component { plane, offset: 0, pixel_stride: 1, sub_x, sub_y };
+        Layout { model: ColorModel::Yuv(m), comps: [c(0, 0, 0), c(1, sub_x, sub_y), c(2, sub_x, sub_y)] }
     }
 
     fn nv12(m: YuvMatrix) -> Layout {
         Layout {
             model: ColorModel::Yuv(m),
             comps: [
-                Component {
-                    plane: 0,
-                    offset: 0,
-                    pixel_stride: 1,
-                    sub_x: 0,
-                    sub_y: 0,
-                },
-                Component {
-                    plane: 1,
-                    offset: 0,
-                    pixel_stride: 2,
-                    sub_x: 1,
-                    sub_y: 1,
-                },
-                Component {
-                    plane: 1,
-                    offset: 1,
-                    pixel_stride: 2,
-                    sub_x: 1,
-                    sub_y: 1,
-                },
+                Component { plane: 0, offset: 0, pixel_stride: 1, sub_x: 0, sub_y: 0 },
+                Component { plane: 1, offset: 0, pixel_stride: 2, sub_x: 1, sub_y: 1 },
+                Component { plane: 1, offset: 1, pixel_stride: 2, sub_x: 1, sub_y: 1 },
             ],
         }
     }
@@ -582,27 +471,9 @@ mod tests {
         Layout {
             model: ColorModel::Yuv(m),
             comps: [
-                Component {
-                    plane: 0,
-                    offset: 0,
-                    pixel_stride: 2,
-                    sub_x: 0,
-                    sub_y: 0,
-                },
-                Component {
-                    plane: 0,
-                    offset: 1,
-                    pixel_stride: 4,
-                    sub_x: 1,
-                    sub_y: 0,
-                },
-                Component {
-                    plane: 0,
-                    offset: 3,
-                    pixel_stride: 4,
-                    sub_x: 1,
-                    sub_y: 0,
-                },
+                Component { plane: 0, offset: 0, pixel_stride: 2, sub_x: 0, sub_y: 0 },
+                Component { plane: 0, offset: 1, pixel_stride: 4, sub_x: 1, sub_y: 0 },
+                Component { plane: 0, offset: 3, pixel_stride: 4, sub_x: 1, sub_y: 0 },
             ],
         }
     }
@@ -622,13 +493,7 @@ mod tests {
 
     /// Planes for `layout` at `width` x `height`, every row padded by `pad` bytes,
     /// filled with noise (so padding and unused bytes are recognisable).
-    fn alloc(
-        layout: &Layout,
-        width: usize,
-        height: usize,
-        pad: usize,
-        seed: u32,
-    ) -> Vec<(Vec<u8>, usize)> {
+    fn alloc(layout: &Layout, width: usize, height: usize, pad: usize, seed: u32) -> Vec<(Vec<u8>, usize)> {
         let n = layout.comps.iter().map(|c| c.plane).max().unwrap() + 1;
         (0..n)
             .map(|p| {
@@ -645,31 +510,12 @@ mod tests {
     }
 
     fn read(layout: &Layout, planes: &[(Vec<u8>, usize)], w: usize, h: usize) -> Vec<u8> {
-        let p: Vec<_> = planes
-            .iter()
-            .map(|(d, s)| Plane {
-                data: d,
-                stride: *s,
-            })
-            .collect();
+        let p: Vec<_> = planes.iter().map(|(d, s)| Plane { data: d, stride: *s }).collect();
         read_rgb_sited(layout, ChromaSiting::JPEG, &p, w, h).unwrap()
     }
 
-    fn write(
-        layout: &Layout,
-        planes: &mut [(Vec<u8>, usize)],
-        w: usize,
-        h: usize,
-        restored: &[u8],
-        s: f32,
-    ) {
-        let mut p: Vec<_> = planes
-            .iter_mut()
-            .map(|(d, s)| PlaneMut {
-                data: d,
-                stride: *s,
-            })
-            .collect();
+    fn write(layout: &Layout, planes: &mut [(Vec<u8>, usize)], w: usize, h: usize, restored: &[u8], s: f32) {
+        let mut p: Vec<_> = planes.iter_mut().map(|(d, s)| PlaneMut { data: d, stride: *s }).collect();
         write_rgb_sited(layout, ChromaSiting::JPEG, &mut p, w, h, restored, s).unwrap();
     }
 
@@ -686,10 +532,7 @@ mod tests {
             ("Y444", planar(m, 0, 0)),
             ("NV12", nv12(m)),
             ("YUY2", yuy2(m)),
-            (
-                "I420 BT.709 limited",
-                planar(YuvMatrix::new(0.2126, 0.0722, false), 1, 1),
-            ),
+            ("I420 BT.709 limited", planar(YuvMatrix::new(0.2126, 0.0722, false), 1, 1)),
         ]
     }
 
@@ -709,20 +552,11 @@ mod tests {
     }
 
     fn max_abs_diff(a: &[u8], b: &[u8]) -> i32 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (*x as i32 - *y as i32).abs())
-            .max()
-            .unwrap_or(0)
+        a.iter().zip(b).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap_or(0)
     }
 
     /// Which bytes of each plane hold one of the three components.
-    fn component_mask(
-        layout: &Layout,
-        planes: &[(Vec<u8>, usize)],
-        w: usize,
-        h: usize,
-    ) -> Vec<Vec<bool>> {
+    fn component_mask(layout: &Layout, planes: &[(Vec<u8>, usize)], w: usize, h: usize) -> Vec<Vec<bool>> {
         let mut mask: Vec<Vec<bool>> = planes.iter().map(|(d, _)| vec![false; d.len()]).collect();
         for c in &layout.comps {
             let (cw, ch) = c.size(w, h);
@@ -737,7 +571,21 @@ mod tests {
 
     #[test]
     fn to_u8_rounds_as_libm_round_then_clamps() {
-        let mut vals = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.5, -0.0, 0.5, 1.5, 2.5, 254.5, 255.49, 255.5, 1e9, -1e9];
+        let mut vals = vec![
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.5,
+            -0.0,
+            0.5,
+            1.5,
+            2.5,
+            254.5,
+            255.49,
+            255.5,
+            1e9,
+            -1e9,
+        ];
         vals.extend((-2000..300_000).map(|i| i as f32 * 0.001 - 1.0));
         // every tie and its two neighbours
         vals.extend((0..=255).flat_map(|i| {
@@ -751,10 +599,7 @@ mod tests {
 
     #[test]
     fn identity_restore_keeps_rgb_frames_bit_exact() {
-        for (name, layout) in all_layouts()
-            .into_iter()
-            .filter(|(_, l)| l.model == ColorModel::Rgb)
-        {
+        for (name, layout) in all_layouts().into_iter().filter(|(_, l)| l.model == ColorModel::Rgb) {
             for (w, h) in [(1, 1), (2, 2), (17, 9), (64, 3)] {
                 for pad in [0, 5] {
                     let mut planes = alloc(&layout, w, h, pad, 7 + w as u32);
@@ -803,10 +648,7 @@ mod tests {
         // YUV content as a decoder produces it (from an RGB picture): reading and
         // writing back unchanged moves luma by at most one step; chroma only by the
         // smoothing of sub-sampled blocks.
-        for (name, layout) in all_layouts()
-            .into_iter()
-            .filter(|(_, l)| l.model != ColorModel::Rgb)
-        {
+        for (name, layout) in all_layouts().into_iter().filter(|(_, l)| l.model != ColorModel::Rgb) {
             for (w, h) in [(1, 1), (2, 2), (17, 9), (64, 33)] {
                 let mut planes = alloc(&layout, w, h, 3, 5);
                 write(&layout, &mut planes, w, h, &smooth_rgb(w, h), 1.0);
@@ -819,8 +661,7 @@ mod tests {
                     for yy in 0..ch {
                         for xx in 0..cw {
                             let i = index(c, planes[c.plane].1, xx, yy);
-                            let d =
-                                (planes[c.plane].0[i] as i32 - before[c.plane].0[i] as i32).abs();
+                            let d = (planes[c.plane].0[i] as i32 - before[c.plane].0[i] as i32).abs();
                             if ci == 0 {
                                 luma = luma.max(d)
                             } else {
@@ -901,23 +742,11 @@ mod tests {
     fn known_bt601_values() {
         let m = YuvMatrix::BT601_FULL;
         let y = m.from_rgb(255.0, 0.0, 0.0);
-        assert!(
-            (y[0] - 76.245).abs() < 0.01
-                && (y[1] - 84.97).abs() < 0.05
-                && (y[2] - 255.5).abs() < 0.05,
-            "{y:?}"
-        );
+        assert!((y[0] - 76.245).abs() < 0.01 && (y[1] - 84.97).abs() < 0.05 && (y[2] - 255.5).abs() < 0.05, "{y:?}");
         // Limited range: 16 is black, 235 white, 128 neutral chroma.
         let l = YuvMatrix::new(0.299, 0.114, false);
         let layout = planar(l, 0, 0);
-        let px = |y| {
-            read(
-                &layout,
-                &[(vec![y], 1), (vec![128], 1), (vec![128], 1)],
-                1,
-                1,
-            )
-        };
+        let px = |y| read(&layout, &[(vec![y], 1), (vec![128], 1), (vec![128], 1)], 1, 1);
         assert_eq!(px(16), vec![0, 0, 0]);
         assert_eq!(px(235), vec![255, 255, 255]);
         assert_eq!(px(0), vec![0, 0, 0]);
@@ -930,23 +759,14 @@ mod tests {
         for (name, layout) in all_layouts() {
             for (w, h) in [(1, 1), (17, 9), (33, 20)] {
                 let mut planes = alloc(&layout, w, h, 3, 11);
-                let flat: Vec<u8> = [200u8, 120, 40]
-                    .iter()
-                    .copied()
-                    .cycle()
-                    .take(w * h * 3)
-                    .collect();
+                let flat: Vec<u8> = [200u8, 120, 40].iter().copied().cycle().take(w * h * 3).collect();
                 write(&layout, &mut planes, w, h, &flat, 1.0);
                 let err = max_abs_diff(&read(&layout, &planes, w, h), &flat);
                 assert!(err <= 2, "{name} {w}x{h} flat: max error {err}");
                 let smooth = smooth_rgb(w, h);
                 write(&layout, &mut planes, w, h, &smooth, 1.0);
                 let back = read(&layout, &planes, w, h);
-                let mean = back
-                    .iter()
-                    .zip(&smooth)
-                    .map(|(a, b)| (*a as f64 - *b as f64).abs())
-                    .sum::<f64>()
+                let mean = back.iter().zip(&smooth).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>()
                     / smooth.len() as f64;
                 assert!(mean < 1.5, "{name} {w}x{h} smooth: mean abs error {mean}");
             }
@@ -958,18 +778,9 @@ mod tests {
         let layout = planar(YuvMatrix::BT601_FULL, 1, 1);
         // 4x4 I420 with a chroma plane one byte short.
         let planes = [
-            Plane {
-                data: &[0; 16],
-                stride: 4,
-            },
-            Plane {
-                data: &[0; 4],
-                stride: 2,
-            },
-            Plane {
-                data: &[0; 3],
-                stride: 2,
-            },
+            Plane { data: &[0; 16], stride: 4 },
+            Plane { data: &[0; 4], stride: 2 },
+            Plane { data: &[0; 3], stride: 2 },
         ];
         assert!(matches!(
             read_rgb_sited(&layout, ChromaSiting::JPEG, &planes, 4, 4),
@@ -983,18 +794,9 @@ mod tests {
         let mut u = [0u8; 4];
         let mut v = [0u8; 4];
         let mut planes = [
-            PlaneMut {
-                data: &mut y,
-                stride: 4,
-            },
-            PlaneMut {
-                data: &mut u,
-                stride: 2,
-            },
-            PlaneMut {
-                data: &mut v,
-                stride: 2,
-            },
+            PlaneMut { data: &mut y, stride: 4 },
+            PlaneMut { data: &mut u, stride: 2 },
+            PlaneMut { data: &mut v, stride: 2 },
         ];
         let rgb = vec![0u8; 4 * 4 * 3];
         assert!(matches!(
@@ -1006,29 +808,14 @@ mod tests {
         assert!(read_rgb_sited(
             &layout,
             ChromaSiting::JPEG,
-            &[Plane {
-                data: &[0; 16],
-                stride: usize::MAX / 2
-            }; 3],
+            &[Plane { data: &[0; 16], stride: usize::MAX / 2 }; 3],
             4,
             4
         )
         .is_err());
         // 1x1 I420: one sample per plane.
-        let one = [
-            Plane {
-                data: &[81],
-                stride: 1,
-            },
-            Plane {
-                data: &[90],
-                stride: 1,
-            },
-            Plane {
-                data: &[240],
-                stride: 1,
-            },
-        ];
+        let one =
+            [Plane { data: &[81], stride: 1 }, Plane { data: &[90], stride: 1 }, Plane { data: &[240], stride: 1 }];
         assert_eq!(read_rgb_sited(&layout, ChromaSiting::JPEG, &one, 1, 1).unwrap().len(), 3);
         // Empty frames are fine.
         assert!(read_rgb_sited(&layout, ChromaSiting::JPEG, &one, 0, 0).unwrap().is_empty());
@@ -1044,18 +831,11 @@ mod tests {
         let cb = |x: f32| 60.0 + 8.0 * x;
         let cr = |x: f32| 190.0 - 8.0 * x;
         let truth: Vec<u8> = (0..h)
-            .flat_map(|_| {
-                (0..w).flat_map(move |x| {
-                    m.to_rgb(128.0, cb(x as f32), cr(x as f32))
-                        .map(to_u8)
-                })
-            })
+            .flat_map(|_| (0..w).flat_map(move |x| m.to_rgb(128.0, cb(x as f32), cr(x as f32)).map(to_u8)))
             .collect();
         let (cw, ch) = layout.comps[1].size(w, h);
         let plane = |f: &dyn Fn(f32) -> f32| -> Vec<u8> {
-            (0..ch)
-                .flat_map(|_| (0..cw).map(|j| to_u8(f((2 * j) as f32))).collect::<Vec<_>>())
-                .collect()
+            (0..ch).flat_map(|_| (0..cw).map(|j| to_u8(f((2 * j) as f32))).collect::<Vec<_>>()).collect()
         };
         let planes = vec![(vec![128u8; w * h], w), (plane(&cb), cw), (plane(&cr), cw)];
         (layout, planes, truth)

@@ -24,15 +24,11 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
 use super::category::CAT;
-use super::convert::{
-    self, ChromaSiting, ColorModel, Component, Layout, Plane, PlaneMut, YuvMatrix,
-};
+use super::convert::{self, ChromaSiting, ColorModel, Component, Layout, Plane, PlaneMut, YuvMatrix};
 use super::loading::{self, guarded, mode_name, Failure, Loaded};
 use super::settings::{self, CodiffLateFrames, CodiffOnError, Properties, Settings};
 use crate::engine::temporal::TemporalFilter;
-use crate::engine::{
-    Cancel, Engine, EngineError, QfSource, Restoration, RestoreOptions, RgbImage,
-};
+use crate::engine::{Cancel, Engine, EngineError, QfSource, Restoration, RestoreOptions, RgbImage};
 
 mod frame;
 mod live;
@@ -162,10 +158,8 @@ impl Codiff {
                         self,
                         gst::StreamError::Failed,
                         ("codiff: {what}: {cause}"),
-                        [
-                            "the frame was pushed unchanged (on-error=passthrough); following \
-                          failing frames are only logged until one is restored"
-                        ]
+                        ["the frame was pushed unchanged (on-error=passthrough); following \
+                          failing frames are only logged until one is restored"]
                     );
                 } else {
                     gst::info!(CAT, imp = self, "passing a frame through: {what}: {cause}");
@@ -190,8 +184,7 @@ impl Codiff {
         let (strides, input) = read_frame(frame, layout, siting)?;
 
         let strength = settings.strength.clamp(0.0, 1.0) as f32;
-        let mut image =
-            RgbImage::new(width, height, input).map_err(|err| FrameError::failed("frame", err))?;
+        let mut image = RgbImage::new(width, height, input).map_err(|err| FrameError::failed("frame", err))?;
         let smoothing = settings.temporal_smoothing.clamp(0.0, 1.0) as f32;
         // The frame as read: the temporal filter's motion test, and the
         // reference the restored image's change is measured against.
@@ -202,10 +195,7 @@ impl Codiff {
             if (image.width, image.height) != (width, height) {
                 return Err(FrameError::failed(
                     "restoring the frame failed",
-                    format!(
-                        "engine returned {}x{} for a {width}x{height} frame",
-                        image.width, image.height
-                    ),
+                    format!("engine returned {}x{} for a {width}x{height} frame", image.width, image.height),
                 ));
             }
             let read = original.as_ref().expect("kept when restoring");
@@ -236,9 +226,7 @@ impl Codiff {
                 gst::debug!(CAT, imp = self, "{a}");
             }
             opts.cancel = self.cancel.clone();
-            in_pool(pool.as_deref(), || {
-                guarded(|| engine.restore_report(image, &opts))
-            })
+            in_pool(pool.as_deref(), || guarded(|| engine.restore_report(image, &opts)))
         } else {
             opts.cancel = self.cancel.clone();
             let estimate = || -> Result<(f32, QfSource), EngineError> {
@@ -264,12 +252,7 @@ impl Codiff {
     /// `read`) is smoothed toward the previous output when `smoothing` is
     /// above 0, and becomes the previous frame of the next one (smoothed or
     /// carried from it).
-    fn smooth_temporally(
-        &self,
-        read: &RgbImage,
-        image: &mut RgbImage,
-        smoothing: f32,
-    ) -> Result<(), FrameError> {
+    fn smooth_temporally(&self, read: &RgbImage, image: &mut RgbImage, smoothing: f32) -> Result<(), FrameError> {
         if let Some(state) = self.state.lock().unwrap().as_mut() {
             if smoothing > 0.0 {
                 state
@@ -350,12 +333,7 @@ impl ObjectImpl for Codiff {
             return;
         }
         let min_cave_tile = self.min_cave_tile();
-        let warnings = self
-            .properties
-            .lock()
-            .unwrap()
-            .current
-            .set(value, pspec, min_cave_tile);
+        let warnings = self.properties.lock().unwrap().current.set(value, pspec, min_cave_tile);
         for warning in warnings {
             gst::warning!(CAT, imp = self, "{warning}");
         }
@@ -395,36 +373,23 @@ impl ElementImpl for Codiff {
             use gst_video::VideoFormat::*;
             let caps = gst_video::VideoCapsBuilder::new()
                 .format_list([
-                    I420, Yv12, Nv12, Nv21, Y42b, Y444, Yuy2, Uyvy, Rgb, Bgr, Rgba, Bgra, Argb,
-                    Abgr, Rgbx, Bgrx, Xrgb, Xbgr,
+                    I420, Yv12, Nv12, Nv21, Y42b, Y444, Yuy2, Uyvy, Rgb, Bgr, Rgba, Bgra, Argb, Abgr, Rgbx, Bgrx, Xrgb,
+                    Xbgr,
                 ])
                 // fields of interlaced frames would be restored as one picture
                 .field("interlace-mode", "progressive")
                 .build();
             vec![
-                gst::PadTemplate::new(
-                    "src",
-                    gst::PadDirection::Src,
-                    gst::PadPresence::Always,
-                    &caps,
-                )
-                .expect("valid src pad template"),
-                gst::PadTemplate::new(
-                    "sink",
-                    gst::PadDirection::Sink,
-                    gst::PadPresence::Always,
-                    &caps,
-                )
-                .expect("valid sink pad template"),
+                gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &caps)
+                    .expect("valid src pad template"),
+                gst::PadTemplate::new("sink", gst::PadDirection::Sink, gst::PadPresence::Always, &caps)
+                    .expect("valid sink pad template"),
             ]
         });
         PAD_TEMPLATES.as_ref()
     }
 
-    fn change_state(
-        &self,
-        transition: gst::StateChange,
-    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+    fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
         gst::debug!(CAT, imp = self, "changing state {transition:?}");
         if transition == gst::StateChange::NullToReady {
             // Load before any data flows; this can take seconds.
@@ -433,10 +398,7 @@ impl ElementImpl for Codiff {
                 return Err(gst::StateChangeError);
             }
         }
-        if matches!(
-            transition,
-            gst::StateChange::PausedToReady | gst::StateChange::ReadyToNull
-        ) {
+        if matches!(transition, gst::StateChange::PausedToReady | gst::StateChange::ReadyToNull) {
             // Deactivating the pads waits for the frame in progress: stop it.
             self.cancel.cancel();
         }
@@ -445,11 +407,7 @@ impl ElementImpl for Codiff {
             gst::StateChange::PausedToReady => {
                 let mut properties = self.properties.lock().unwrap();
                 if let Some(pending) = properties.pending.take() {
-                    gst::info!(
-                        CAT,
-                        imp = self,
-                        "applying the model properties set while running"
-                    );
+                    gst::info!(CAT, imp = self, "applying the model properties set while running");
                     properties.current.take_model_fields(&pending);
                 }
             }
@@ -466,8 +424,7 @@ impl ElementImpl for Codiff {
 }
 
 impl BaseTransformImpl for Codiff {
-    const MODE: gst_base::subclass::BaseTransformMode =
-        gst_base::subclass::BaseTransformMode::AlwaysInPlace;
+    const MODE: gst_base::subclass::BaseTransformMode = gst_base::subclass::BaseTransformMode::AlwaysInPlace;
     const PASSTHROUGH_ON_SAME_CAPS: bool = false;
     const TRANSFORM_IP_ON_PASSTHROUGH: bool = false;
 
@@ -576,20 +533,11 @@ impl VideoFilterImpl for Codiff {
                 in_info.interlace_mode()
             ));
         }
-        let layout = layout_for(in_info).ok_or_else(|| {
-            gst::loggable_error!(CAT, "unsupported format {:?}", in_info.format())
-        })?;
+        let layout = layout_for(in_info)
+            .ok_or_else(|| gst::loggable_error!(CAT, "unsupported format {:?}", in_info.format()))?;
         let siting = chroma_siting(in_info);
-        gst::debug!(
-            CAT,
-            imp = self,
-            "caps {incaps}: layout {layout:?}, chroma {siting:?}"
-        );
-        *self.state.lock().unwrap() = Some(State {
-            layout,
-            siting,
-            temporal: TemporalFilter::default(),
-        });
+        gst::debug!(CAT, imp = self, "caps {incaps}: layout {layout:?}, chroma {siting:?}");
+        *self.state.lock().unwrap() = Some(State { layout, siting, temporal: TemporalFilter::default() });
         self.warm_up(in_info);
         self.parent_set_info(incaps, in_info, outcaps, out_info)
     }
@@ -626,7 +574,9 @@ impl VideoFilterImpl for Codiff {
                 (CodiffLateFrames::Drop, _) => Ok(gst_base::BASE_TRANSFORM_FLOW_DROPPED),
                 (CodiffLateFrames::Passthrough, _) | (_, Lateness::Already) => Ok(gst::FlowSuccess::Ok),
                 (CodiffLateFrames::Carry, Lateness::WouldBe) => {
-                    if let Err(FrameError::Failed(what, cause)) = self.carry_frame(frame, &layout, siting, &settings, &engine) {
+                    if let Err(FrameError::Failed(what, cause)) =
+                        self.carry_frame(frame, &layout, siting, &settings, &engine)
+                    {
                         gst::info!(CAT, imp = self, "late frame passed through: {what}: {cause}");
                     }
                     Ok(gst::FlowSuccess::Ok)
@@ -644,9 +594,7 @@ impl VideoFilterImpl for Codiff {
                         gst::debug!(CAT, imp = self, "frame cancelled (flush or state change)");
                         Err(gst::FlowError::Flushing)
                     }
-                    FrameError::Failed(what, cause) => {
-                        self.frame_failed(settings.on_error, what, &cause)
-                    }
+                    FrameError::Failed(what, cause) => self.frame_failed(settings.on_error, what, &cause),
                 };
             }
         };
@@ -660,12 +608,7 @@ impl VideoFilterImpl for Codiff {
             (estimate.qf as f64, estimate.qf_source.name())
         };
         let pts = frame.buffer().pts();
-        gst::trace!(
-            CAT,
-            imp = self,
-            "frame {} qf {qf:.1} in {elapsed}",
-            pts.display()
-        );
+        gst::trace!(CAT, imp = self, "frame {} qf {qf:.1} in {elapsed}", pts.display());
         if settings.post_messages {
             let obj = self.obj();
             let s = gst::Structure::builder("codiff-qf")
@@ -683,4 +626,3 @@ impl VideoFilterImpl for Codiff {
         Ok(gst::FlowSuccess::Ok)
     }
 }
-

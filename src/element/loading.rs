@@ -110,20 +110,11 @@ pub(super) fn ensure_model(
     // `step`) and as a GstProgress message (code `load`).
     let post_step = |kind: gst::ProgressType, step: &str| {
         gst::info!(CAT, obj = element, "model: {step}");
-        let s = gst::Structure::builder("codiff-progress")
-            .field("step", step)
-            .build();
+        let s = gst::Structure::builder("codiff-progress").field("step", step).build();
         let _ = element.post_message(gst::message::Element::builder(s).src(element).build());
-        let _ = element.post_message(
-            gst::message::Progress::builder(kind, "load", step)
-                .src(element)
-                .build(),
-        );
+        let _ = element.post_message(gst::message::Progress::builder(kind, "load", step).src(element).build());
     };
-    post_step(
-        gst::ProgressType::Start,
-        &format!("loading {} model on {}", mode_name(spec.mode), spec.device),
-    );
+    post_step(gst::ProgressType::Start, &format!("loading {} model on {}", mode_name(spec.mode), spec.device));
     let started = Instant::now();
     let mut progress = |step: &str| post_step(gst::ProgressType::Continue, step);
     let result = guarded(|| cache::engine(&spec, &mut progress));
@@ -144,11 +135,7 @@ pub(super) fn ensure_model(
                     ("Cannot load the CODiff model: {text}"),
                     ["{spec:?}"]
                 ),
-                _ => gst::error_msg!(
-                    gst::LibraryError::Init,
-                    ("Cannot load the CODiff model: {text}"),
-                    ["{spec:?}"]
-                ),
+                _ => gst::error_msg!(gst::LibraryError::Init, ("Cannot load the CODiff model: {text}"), ["{spec:?}"]),
             });
         }
     };
@@ -160,11 +147,7 @@ pub(super) fn ensure_model(
     post_step(gst::ProgressType::Complete, &done);
     // Tile properties this model cannot use as set (adjusted at each frame).
     let min_cave_tile = engine.min_cave_tile();
-    let (_, adjusted) = properties
-        .lock()
-        .unwrap()
-        .current
-        .restore_options(Some(min_cave_tile));
+    let (_, adjusted) = properties.lock().unwrap().current.restore_options(Some(min_cave_tile));
     for warning in adjusted {
         gst::warning!(CAT, obj = element, "{warning}");
     }
@@ -200,10 +183,7 @@ pub(super) fn ensure_pool(
             .thread_name(|i| format!("codiff-{i}"))
             .build()
             .map_err(|err| {
-                gst::error_msg!(
-                    gst::ResourceError::Settings,
-                    ["Cannot start n-threads={n} threads: {err}"]
-                )
+                gst::error_msg!(gst::ResourceError::Settings, ["Cannot start n-threads={n} threads: {err}"])
             })?;
         gst::debug!(CAT, obj = element, "own thread pool of {n} threads");
         *pool = Some((n, Arc::new(built)));
@@ -218,20 +198,10 @@ mod tests {
     #[test]
     fn engine_panics_and_errors_become_failures() {
         let r: Result<(), _> = guarded(|| panic!("boom {}", 7));
-        assert!(
-            matches!(&r, Err(Failure::Panic(m)) if m == "boom 7"),
-            "{r:?}"
-        );
+        assert!(matches!(&r, Err(Failure::Panic(m)) if m == "boom 7"), "{r:?}");
         assert_eq!(r.unwrap_err().to_string(), "engine panicked: boom 7");
-        let r: Result<(), _> = guarded(|| {
-            Err(EngineError::NotFound {
-                path: "/x/w.safetensors".into(),
-            })
-        });
-        assert_eq!(
-            r.unwrap_err().to_string(),
-            "/x/w.safetensors: file not found"
-        );
+        let r: Result<(), _> = guarded(|| Err(EngineError::NotFound { path: "/x/w.safetensors".into() }));
+        assert_eq!(r.unwrap_err().to_string(), "/x/w.safetensors: file not found");
         assert_eq!(guarded(|| Ok(3)).unwrap(), 3);
     }
 }

@@ -107,10 +107,5 @@ pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     CodiffColorFix::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     CodiffOnError::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
     CodiffLateFrames::static_type().mark_as_plugin_api(gst::PluginAPIFlags::empty());
-    gst::Element::register(
-        Some(plugin),
-        "codiff",
-        gst::Rank::NONE,
-        Codiff::static_type(),
-    )
+    gst::Element::register(Some(plugin), "codiff", gst::Rank::NONE, Codiff::static_type())
 }

@@ -92,9 +92,7 @@ impl Kind for UInt {
         self.default
     }
     fn builder<'a>(&self, name: &'a str) -> Self::Builder<'a> {
-        glib::ParamSpecUInt::builder(name)
-            .maximum(self.max)
-            .default_value(self.default)
+        glib::ParamSpecUInt::builder(name).maximum(self.max).default_value(self.default)
     }
     fn value_to_field(&self, value: &glib::Value) -> u32 {
         value.get().expect("type checked upstream")
@@ -140,10 +138,7 @@ impl Kind for Double {
         self.default
     }
     fn builder<'a>(&self, name: &'a str) -> Self::Builder<'a> {
-        glib::ParamSpecDouble::builder(name)
-            .minimum(self.min)
-            .maximum(self.max)
-            .default_value(self.default)
+        glib::ParamSpecDouble::builder(name).minimum(self.min).maximum(self.max).default_value(self.default)
     }
     fn value_to_field(&self, value: &glib::Value) -> f64 {
         value.get().expect("type checked upstream")
@@ -193,10 +188,7 @@ impl Kind for OptionalFile {
         path(value)
     }
     fn field_to_value(&self, value: &Option<PathBuf>) -> glib::Value {
-        value
-            .as_ref()
-            .map(|p| p.to_string_lossy().into_owned())
-            .to_value()
+        value.as_ref().map(|p| p.to_string_lossy().into_owned()).to_value()
     }
 }
 
@@ -215,9 +207,7 @@ impl Kind for Text {
         glib::ParamSpecString::builder(name).default_value(Some(self.0))
     }
     fn value_to_field(&self, value: &glib::Value) -> String {
-        string_bytes(value)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_else(|| self.default_value())
+        string_bytes(value).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_else(|| self.default_value())
     }
     fn field_to_value(&self, value: &String) -> glib::Value {
         value.to_value()
@@ -226,9 +216,7 @@ impl Kind for Text {
 
 /// The file name a string `value` sets, or None for NULL and "".
 fn path(value: &glib::Value) -> Option<PathBuf> {
-    string_bytes(value)
-        .filter(|s| !s.is_empty())
-        .map(|b| PathBuf::from(std::ffi::OsString::from_vec(b)))
+    string_bytes(value).filter(|s| !s.is_empty()).map(|b| PathBuf::from(std::ffi::OsString::from_vec(b)))
 }
 
 /// The bytes of a string `value` as set, or None for NULL. C and Python

@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
 use super::property::{settings, Bool, Double, Enum, File, OptionalFile, Text, UInt, UInt64};
-use crate::engine::{
-    default_weights_path, ColorFix, DeviceSpec, Mode, ModelSpec, Precision, RestoreOptions,
-};
+use crate::engine::{default_weights_path, ColorFix, DeviceSpec, Mode, ModelSpec, Precision, RestoreOptions};
 
 /// Which network restores the frames.
 #[derive(Debug, Eq, PartialEq, Hash, Clone, Copy, Default, glib::Enum)]
@@ -18,20 +16,11 @@ use crate::engine::{
 #[enum_type(name = "GstCodiffMode")]
 pub enum CodiffMode {
     #[default]
-    #[enum_value(
-        name = "Diffusion when sd-model and codiff-checkpoint are set, else CaVE",
-        nick = "auto"
-    )]
+    #[enum_value(name = "Diffusion when sd-model and codiff-checkpoint are set, else CaVE", nick = "auto")]
     Auto = 0,
-    #[enum_value(
-        name = "CaVE reconstruction (compact weights or cave-checkpoint)",
-        nick = "cave"
-    )]
+    #[enum_value(name = "CaVE reconstruction (compact weights or cave-checkpoint)", nick = "cave")]
     Cave = 1,
-    #[enum_value(
-        name = "One-step diffusion (SD-2.1-base + CODiff LoRA)",
-        nick = "diffusion"
-    )]
+    #[enum_value(name = "One-step diffusion (SD-2.1-base + CODiff LoRA)", nick = "diffusion")]
     Diffusion = 2,
 }
 
@@ -94,10 +83,7 @@ pub enum CodiffOnError {
     #[default]
     #[enum_value(name = "Post an error and stop the stream", nick = "fail")]
     Fail = 0,
-    #[enum_value(
-        name = "Post a warning and push the frame unchanged",
-        nick = "passthrough"
-    )]
+    #[enum_value(name = "Post a warning and push the frame unchanged", nick = "passthrough")]
     Passthrough = 1,
 }
 
@@ -108,10 +94,7 @@ pub enum CodiffOnError {
 #[enum_type(name = "GstCodiffLateFrames")]
 pub enum CodiffLateFrames {
     #[default]
-    #[enum_value(
-        name = "Apply the last restoration's correction where the picture has not moved",
-        nick = "carry"
-    )]
+    #[enum_value(name = "Apply the last restoration's correction where the picture has not moved", nick = "carry")]
     Carry = 0,
     #[enum_value(name = "Push the frame unrestored", nick = "passthrough")]
     Passthrough = 1,
@@ -371,9 +354,7 @@ impl Properties {
     /// returns warnings for the log.
     pub(super) fn set_pending(&mut self, value: &glib::Value, pspec: &glib::ParamSpec) -> Vec<String> {
         let current = &self.current;
-        self.pending
-            .get_or_insert_with(|| current.clone())
-            .set(value, pspec, None)
+        self.pending.get_or_insert_with(|| current.clone()).set(value, pspec, None)
     }
 }
 
@@ -384,9 +365,7 @@ impl Settings {
         let mode = match self.mode {
             CodiffMode::Cave => Mode::Cave,
             CodiffMode::Diffusion => Mode::Diffusion,
-            CodiffMode::Auto if self.sd_model.is_some() && self.codiff_checkpoint.is_some() => {
-                Mode::Diffusion
-            }
+            CodiffMode::Auto if self.sd_model.is_some() && self.codiff_checkpoint.is_some() => Mode::Diffusion,
             CodiffMode::Auto => Mode::Cave,
         };
         let device: DeviceSpec = self.device.parse().map_err(|err| {
@@ -477,10 +456,7 @@ impl Settings {
     /// calls per frame), and a CaVE tile under `min_cave_tile` (the loaded
     /// model's [`crate::engine::Engine::min_cave_tile`]) is raised to it. Also
     /// returns one warning per adjusted value.
-    pub(super) fn restore_options(
-        &self,
-        min_cave_tile: Option<usize>,
-    ) -> (RestoreOptions, Vec<String>) {
+    pub(super) fn restore_options(&self, min_cave_tile: Option<usize>) -> (RestoreOptions, Vec<String>) {
         RestoreOptions {
             color_fix: self.color_fix.into(),
             latent_tile: self.latent_tile as usize,
@@ -530,20 +506,14 @@ mod tests {
         let mut s = Settings::default();
         let (o, w) = s.restore_options(Some(416));
         assert!(w.is_empty(), "{w:?}");
-        assert_eq!(
-            (o.latent_tile, o.latent_overlap, o.cave_tile),
-            (96, 32, 2048)
-        );
+        assert_eq!((o.latent_tile, o.latent_overlap, o.cave_tile), (96, 32, 2048));
         // stride 1 and a tiny tile: both raised
         s.latent_tile = 4;
         s.latent_overlap = 32;
         let (o, w) = s.restore_options(None);
         assert_eq!((o.latent_tile, o.latent_overlap), (32, 16));
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(
-            w[0].contains("latent-tile 4") && w[1].contains("latent-overlap 32"),
-            "{w:?}"
-        );
+        assert!(w[0].contains("latent-tile 4") && w[1].contains("latent-overlap 32"), "{w:?}");
         s.latent_tile = 64;
         s.latent_overlap = 64;
         let (o, w) = s.restore_options(None);
@@ -560,10 +530,7 @@ mod tests {
         assert_eq!(s.restore_options(None).0.cave_tile, 100);
         let (o, w) = s.restore_options(Some(416));
         assert_eq!(o.cave_tile, 416);
-        assert!(
-            w[0].contains("cave-tile 100") && w[0].contains("416"),
-            "{w:?}"
-        );
+        assert!(w[0].contains("cave-tile 100") && w[0].contains("416"), "{w:?}");
     }
 
     #[test]
@@ -585,29 +552,16 @@ mod tests {
             std::fs::write(&p, b"").unwrap();
             p
         };
-        let mut s = Settings {
-            weights: file("w.safetensors"),
-            ..Settings::default()
-        };
+        let mut s = Settings { weights: file("w.safetensors"), ..Settings::default() };
         assert_eq!(s.model_spec().unwrap().mode, Mode::Cave);
         s.sd_model = Some(dir.clone());
-        assert_eq!(
-            s.model_spec().unwrap().mode,
-            Mode::Cave,
-            "auto needs both files"
-        );
+        assert_eq!(s.model_spec().unwrap().mode, Mode::Cave, "auto needs both files");
         s.codiff_checkpoint = Some(file("codiff.pkl"));
         let spec = s.model_spec().unwrap();
-        assert_eq!(
-            (spec.mode, spec.sd_dir.as_deref()),
-            (Mode::Diffusion, Some(dir.as_path()))
-        );
+        assert_eq!((spec.mode, spec.sd_dir.as_deref()), (Mode::Diffusion, Some(dir.as_path())));
         s.mode = CodiffMode::Cave;
         let spec = s.model_spec().unwrap();
-        assert_eq!(
-            (spec.mode, spec.sd_dir, spec.codiff),
-            (Mode::Cave, None, None)
-        );
+        assert_eq!((spec.mode, spec.sd_dir, spec.codiff), (Mode::Cave, None, None));
         s.device = "cuda:1".into();
         assert_eq!(s.model_spec().unwrap().device, DeviceSpec::Cuda(1));
         s.device = "tpu".into();
@@ -615,10 +569,7 @@ mod tests {
         s.device = "cpu".into();
         s.weights = dir.join("missing.safetensors");
         let err = format!("{:?}", s.model_spec().unwrap_err());
-        assert!(
-            err.contains("missing.safetensors") && err.contains("weights"),
-            "{err}"
-        );
+        assert!(err.contains("missing.safetensors") && err.contains("weights"), "{err}");
         // A CaVE checkpoint replaces the weights file.
         s.cave_checkpoint = Some(file("cave.pth"));
         assert!(s.model_spec().is_ok());

@@ -22,11 +22,11 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, Linear};
 
 use super::error::{EngineError, Result};
-use super::tiling::Plan;
-use super::Cancel;
 use super::kernels::{AddInto, PatchConvTranspose, PatchConvTransposeInto};
 use super::layers::Conv;
+use super::tiling::Plan;
 use super::weights::TensorFile;
+use super::Cancel;
 
 const BN_EPS: f64 = 1e-4;
 
@@ -188,7 +188,10 @@ impl Loader<'_> {
         let w = self.t(&format!("{p}.weight"), &[cin, cout, k, k])?;
         let b = self.t(&format!("{p}.bias"), &[cout])?;
         let fast = if self.dev.is_cpu() { Some(PatchConvTranspose::from_tensors(&w, &b)?) } else { None };
-        Ok(Up { candle: ConvTranspose2d::new(w, Some(b), ConvTranspose2dConfig { stride: k, ..Default::default() }), fast })
+        Ok(Up {
+            candle: ConvTranspose2d::new(w, Some(b), ConvTranspose2dConfig { stride: k, ..Default::default() }),
+            fast,
+        })
     }
 }
 
@@ -306,7 +309,10 @@ impl QfCalibration {
         if !ok {
             return Err(EngineError::Format {
                 path: f.path.clone(),
-                reason: format!("tensor `{}` must hold finite values with increasing raw estimates in row 0", Self::KEY),
+                reason: format!(
+                    "tensor `{}` must hold finite values with increasing raw estimates in row 0",
+                    Self::KEY
+                ),
             });
         }
         Ok(Some(Self { raw, qf }))
@@ -375,7 +381,9 @@ impl Cave {
         };
         let up = |i: usize, k: usize| -> Result<(Up, Vec<ResBlock>)> {
             let p = format!("m_up{}", i + 1);
-            let blocks = (1..=nb).map(|j| l.resblock_shifted(&format!("{p}.{j}"), nc[i], 1.0, conditioned)).collect::<Result<_>>()?;
+            let blocks = (1..=nb)
+                .map(|j| l.resblock_shifted(&format!("{p}.{j}"), nc[i], 1.0, conditioned))
+                .collect::<Result<_>>()?;
             Ok((l.up(&format!("{p}.0"), nc[i + 1], nc[i], k)?, blocks))
         };
         Ok(Self {
@@ -565,7 +573,13 @@ impl Cave {
     /// estimate of a tiled frame comes from an encoder-only pass
     /// ([`Cave::embed_tiled`]) first, as every tile needs it. Unconditioned
     /// models ignore `quality`.
-    pub fn reconstruct_tiled(&self, x: &Tensor, tile: usize, cancel: &Cancel, quality: impl Into<Steer>) -> Result<(Tensor, Tensor)> {
+    pub fn reconstruct_tiled(
+        &self,
+        x: &Tensor,
+        tile: usize,
+        cancel: &Cancel,
+        quality: impl Into<Steer>,
+    ) -> Result<(Tensor, Tensor)> {
         let quality = quality.into();
         let (_, _, h, w) = x.dims4()?;
         let xp = Self::pad_to(x, 32)?;
@@ -600,7 +614,8 @@ impl Cave {
                 Ok(vec![self.decode(f, m)?])
             })?;
             // tiles ran row by row: stitch the encoder outputs the same way
-            let rows = cores.chunks(plan.cols.len()).map(|r| Tensor::cat(r, 3)).collect::<candle_core::Result<Vec<_>>>()?;
+            let rows =
+                cores.chunks(plan.cols.len()).map(|r| Tensor::cat(r, 3)).collect::<candle_core::Result<Vec<_>>>()?;
             (y, self.q_of(&Tensor::cat(&rows, 2)?)?)
         };
         Ok((y.narrow(2, 0, h)?.narrow(3, 0, w)?, q))
@@ -674,7 +689,9 @@ pub fn synthetic_tensors(cfg: CaveConfig, zeros: bool) -> Result<std::collection
             spec.push((format!("{p}.{conv}.weight"), vec![c, c, 3, 3], Init::Weight(9 * c)));
             spec.push((format!("{p}.{conv}.bias"), vec![c], Init::Zero));
         }
-        for (k, init) in [("weight", Init::One), ("bias", Init::Zero), ("running_mean", Init::Zero), ("running_var", Init::One)] {
+        for (k, init) in
+            [("weight", Init::One), ("bias", Init::Zero), ("running_mean", Init::Zero), ("running_var", Init::One)]
+        {
             spec.push((format!("{p}.res.1.{k}"), vec![c], init));
         }
     };
@@ -707,7 +724,9 @@ pub fn synthetic_tensors(cfg: CaveConfig, zeros: bool) -> Result<std::collection
     spec.into_iter()
         .map(|(k, shape, init)| {
             let t = match init {
-                Init::Weight(fan_in) if !zeros => (Tensor::randn(0f32, 1., shape, &dev)? * (1.0 / fan_in as f64).sqrt())?,
+                Init::Weight(fan_in) if !zeros => {
+                    (Tensor::randn(0f32, 1., shape, &dev)? * (1.0 / fan_in as f64).sqrt())?
+                }
                 Init::One => Tensor::ones(shape, DType::F32, &dev)?,
                 _ => Tensor::zeros(shape, DType::F32, &dev)?,
             };
@@ -726,7 +745,9 @@ mod tests {
         let mut tensors = synthetic_tensors(cfg, false).unwrap();
         let cal = Tensor::new(&[[8f32, 20., 40.], [10., 30., 50.]], &Device::Cpu).unwrap();
         tensors.insert("qf_calibration".into(), cal);
-        let cave = Cave::load(&TensorFile::from_tensors(std::path::Path::new("m.safetensors"), tensors.clone()), &Device::Cpu).unwrap();
+        let cave =
+            Cave::load(&TensorFile::from_tensors(std::path::Path::new("m.safetensors"), tensors.clone()), &Device::Cpu)
+                .unwrap();
         for (raw, want) in [(8.0, 10.0), (14.0, 20.0), (30.0, 40.0), (45.0, 55.0), (2.0, 4.0), (1.0, 3.0)] {
             let q = 1.0 - raw / 100.0;
             assert!((cave.qf(q) - want).abs() < 1e-3, "raw {raw}: {} != {want}", cave.qf(q));
@@ -734,7 +755,9 @@ mod tests {
         assert!((cave.qf(0.0) - 100.0).abs() < 1e-6, "clamped to 100");
         // without the tensor the estimate is the official 100 (1 - q)
         tensors.remove("qf_calibration");
-        let plain = Cave::load(&TensorFile::from_tensors(std::path::Path::new("m.safetensors"), tensors.clone()), &Device::Cpu).unwrap();
+        let plain =
+            Cave::load(&TensorFile::from_tensors(std::path::Path::new("m.safetensors"), tensors.clone()), &Device::Cpu)
+                .unwrap();
         assert!((plain.qf(0.7) - 30.0).abs() < 1e-4);
         // a malformed table names the file and the key
         for bad in [
@@ -745,7 +768,13 @@ mod tests {
         ] {
             let dims = bad.dims().to_vec();
             tensors.insert("qf_calibration".into(), bad);
-            let err = Cave::load(&TensorFile::from_tensors(std::path::Path::new("m.safetensors"), tensors.clone()), &Device::Cpu).err().unwrap().to_string();
+            let err = Cave::load(
+                &TensorFile::from_tensors(std::path::Path::new("m.safetensors"), tensors.clone()),
+                &Device::Cpu,
+            )
+            .err()
+            .unwrap()
+            .to_string();
             assert!(err.contains("m.safetensors") && err.contains("qf_calibration"), "{err}");
             // the message never contradicts itself ("expected [2, 0], found [2, 0]")
             if dims[0] == 2 && dims[1] < 2 {
@@ -757,7 +786,8 @@ mod tests {
     #[test]
     fn tiled_embedding_equals_the_whole_frame() {
         let cfg = CaveConfig { nc: [4, 8, 8, 16], nb: 2 };
-        let file = TensorFile::from_tensors(std::path::Path::new("<synthetic>"), synthetic_tensors(cfg, false).unwrap());
+        let file =
+            TensorFile::from_tensors(std::path::Path::new("<synthetic>"), synthetic_tensors(cfg, false).unwrap());
         let cave = Cave::load(&file, &Device::Cpu).unwrap();
         assert_eq!(cave.tile_margin(), 192);
         // 520 x 700: 16 x 21 tokens, with the 4-px remainder on the right
@@ -788,7 +818,10 @@ mod tests {
         for lvl in 1..=3 {
             for kind in ["gamma", "beta"] {
                 let (w, b) = if zero_heads {
-                    (Tensor::zeros((nc[lvl - 1], 6), DType::F32, &dev).unwrap(), Tensor::zeros(nc[lvl - 1], DType::F32, &dev).unwrap())
+                    (
+                        Tensor::zeros((nc[lvl - 1], 6), DType::F32, &dev).unwrap(),
+                        Tensor::zeros(nc[lvl - 1], DType::F32, &dev).unwrap(),
+                    )
                 } else {
                     (rand(&[nc[lvl - 1], 6]), rand(&[nc[lvl - 1]]))
                 };
@@ -806,7 +839,8 @@ mod tests {
         let plain = Cave::load(&TensorFile::from_tensors(path, base.clone()), &Device::Cpu).unwrap();
         let x = Tensor::rand(0f32, 1., (1, 3, 450, 700), &Device::Cpu).unwrap();
         let (y_plain, _) = plain.reconstruct(&x).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         // zero heads: gamma = beta = 1 at every quality, the unconditioned model
         let mut t = base.clone();
         add_conditioning(&mut t, cfg.nc, true);
@@ -844,7 +878,8 @@ mod tests {
     #[test]
     fn tiled_reconstruction_equals_the_whole_frame() {
         let cfg = CaveConfig { nc: [4, 8, 8, 16], nb: 1 };
-        let file = TensorFile::from_tensors(std::path::Path::new("<synthetic>"), synthetic_tensors(cfg, false).unwrap());
+        let file =
+            TensorFile::from_tensors(std::path::Path::new("<synthetic>"), synthetic_tensors(cfg, false).unwrap());
         let cave = Cave::load(&file, &Device::Cpu).unwrap();
         let margin = cave.reconstruct_margin();
         assert_eq!(margin, 192);
@@ -864,8 +899,16 @@ mod tests {
         // with margins one scale-32 block short, the seams show: the margin is not slack
         let plan = Plan::exact(480, 704, 2 * margin, margin - 64, 32, 1, "t").unwrap();
         let xp = Cave::pad_to(&x, 32).unwrap();
-        let short = plan.run(&xp, 1, &Cancel::new(), |_, xs| Ok(vec![cave.decode(cave.encode(&xs[0])?, None)?])).unwrap();
-        let diff = (short.narrow(2, 0, 450).unwrap().narrow(3, 0, 700).unwrap() - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let short =
+            plan.run(&xp, 1, &Cancel::new(), |_, xs| Ok(vec![cave.decode(cave.encode(&xs[0])?, None)?])).unwrap();
+        let diff = (short.narrow(2, 0, 450).unwrap().narrow(3, 0, 700).unwrap() - &whole)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff > 1e-4 * scale, "{diff}");
         let err = cave.reconstruct_tiled(&x, 300, &Cancel::new(), None).unwrap_err().to_string();
         assert!(err.contains("CaVE tile 300 px"), "{err}");

@@ -7,17 +7,25 @@ use super::error::{EngineError, Result};
 
 pub(crate) fn json_usize(v: &serde_json::Value, key: &str, default: Option<usize>, path: &Path) -> Result<usize> {
     match v.get(key) {
-        Some(x) => x
-            .as_u64()
-            .map(|x| x as usize)
-            .ok_or_else(|| EngineError::Config { path: path.to_path_buf(), reason: format!("`{key}` is not an unsigned integer") }),
-        None => default.ok_or_else(|| EngineError::Config { path: path.to_path_buf(), reason: format!("`{key}` missing") }),
+        Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| EngineError::Config {
+            path: path.to_path_buf(),
+            reason: format!("`{key}` is not an unsigned integer"),
+        }),
+        None => {
+            default.ok_or_else(|| EngineError::Config { path: path.to_path_buf(), reason: format!("`{key}` missing") })
+        }
     }
 }
 
 pub(crate) fn json_usizes(v: &serde_json::Value, key: &str, path: &Path) -> Result<Vec<usize>> {
-    let bad = || EngineError::Config { path: path.to_path_buf(), reason: format!("`{key}` must be a list of integers") };
-    v.get(key).and_then(|x| x.as_array()).ok_or_else(bad)?.iter().map(|x| x.as_u64().map(|x| x as usize).ok_or_else(bad)).collect()
+    let bad =
+        || EngineError::Config { path: path.to_path_buf(), reason: format!("`{key}` must be a list of integers") };
+    v.get(key)
+        .and_then(|x| x.as_array())
+        .ok_or_else(bad)?
+        .iter()
+        .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(bad))
+        .collect()
 }
 
 /// Largest config file read (diffusers' are about 1 KB).
@@ -38,7 +46,10 @@ pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_CONFIG_BYTES + 1), &mut text).map_err(io)?;
     if text.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(EngineError::Config { path: path.to_path_buf(), reason: format!("larger than {MAX_CONFIG_BYTES} bytes") });
+        return Err(EngineError::Config {
+            path: path.to_path_buf(),
+            reason: format!("larger than {MAX_CONFIG_BYTES} bytes"),
+        });
     }
     serde_json::from_str(&text).map_err(|e| EngineError::Config { path: path.to_path_buf(), reason: e.to_string() })
 }
@@ -51,7 +62,10 @@ pub(crate) const MAX_CHANNELS: usize = 1 << 16;
 /// `value` of `key` is a size from 1 to [`MAX_CHANNELS`].
 pub(crate) fn check_size(path: &Path, key: &str, value: usize) -> Result<()> {
     if value == 0 || value > MAX_CHANNELS {
-        return Err(EngineError::Config { path: path.to_path_buf(), reason: format!("`{key}` is {value}, expected 1 to {MAX_CHANNELS}") });
+        return Err(EngineError::Config {
+            path: path.to_path_buf(),
+            reason: format!("`{key}` is {value}, expected 1 to {MAX_CHANNELS}"),
+        });
     }
     Ok(())
 }
@@ -79,4 +93,3 @@ pub(crate) fn check_levels(path: &Path, channels: &[usize], groups: usize, layer
     }
     Ok(())
 }
-

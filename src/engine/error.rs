@@ -19,12 +19,7 @@ pub enum EngineError {
     #[error("{path}: missing tensor `{key}`")]
     MissingTensor { path: PathBuf, key: String },
     #[error("{path}: tensor `{key}` has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch {
-        path: PathBuf,
-        key: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    ShapeMismatch { path: PathBuf, key: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{path}: bad config: {reason}")]
     Config { path: PathBuf, reason: String },
     #[error("unsupported: {0}")]

@@ -24,16 +24,18 @@ fn to_ycc(img: &RgbImage) -> [Plane; 3] {
     let (w, n) = (img.width, img.width * img.height);
     let mut planes = [vec![0f32; n], vec![0f32; n], vec![0f32; n]];
     let [y, cb, cr] = &mut planes;
-    y.par_chunks_mut(w.max(1)).zip(cb.par_chunks_mut(w.max(1))).zip(cr.par_chunks_mut(w.max(1))).zip(img.data.par_chunks(3 * w.max(1))).for_each(
-        |(((y, cb), cr), row)| {
+    y.par_chunks_mut(w.max(1))
+        .zip(cb.par_chunks_mut(w.max(1)))
+        .zip(cr.par_chunks_mut(w.max(1)))
+        .zip(img.data.par_chunks(3 * w.max(1)))
+        .for_each(|(((y, cb), cr), row)| {
             for (i, px) in row.chunks_exact(3).enumerate() {
                 let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
                 y[i] = 0.299 * r + 0.587 * g + 0.114 * b;
                 cb[i] = -0.168_735_9 * r - 0.331_264_1 * g + 0.5 * b + 128.0;
                 cr[i] = 0.5 * r - 0.418_687_6 * g - 0.081_312_4 * b + 128.0;
             }
-        },
-    );
+        });
     planes.map(|data| Plane { width: img.width, height: img.height, data })
 }
 
@@ -175,14 +177,17 @@ impl Analysis {
         let w = img.width;
         let clipped = |bx: usize, by: usize| {
             (0..quant::B).any(|y| {
-                img.data[3 * ((by * quant::B + y) * w + bx * quant::B)..][..3 * quant::B].iter().any(|&v| v == 0 || v == 255)
+                img.data[3 * ((by * quant::B + y) * w + bx * quant::B)..][..3 * quant::B]
+                    .iter()
+                    .any(|&v| v == 0 || v == 255)
             })
         };
         let luma = quant::estimate_steps(&planes[0], &clipped);
         let fit = quant::fit_ijg(&luma, &LUMA_TABLE);
         // chroma steps only matter for 4:4:4 JPEGs of IJG encoders (see
         // `chroma_fit`): measured only when the luma has an IJG table
-        let measure_chroma = luma.evidence() == Evidence::Quantised && fit.as_ref().is_some_and(|f| f.agreement >= quant::FIT_AGREEMENT);
+        let measure_chroma =
+            luma.evidence() == Evidence::Quantised && fit.as_ref().is_some_and(|f| f.agreement >= quant::FIT_AGREEMENT);
         let chroma = |c: usize| {
             if measure_chroma {
                 quant::estimate_steps(&planes[c], &clipped)
@@ -237,7 +242,8 @@ impl Analysis {
         if self.steps[c].evidence() != Evidence::Quantised {
             return None;
         }
-        quant::fit_ijg(&self.steps[c], &CHROMA_TABLE).filter(|f| f.agreement >= quant::FIT_AGREEMENT && (f.quality - luma).abs() <= 2.0)
+        quant::fit_ijg(&self.steps[c], &CHROMA_TABLE)
+            .filter(|f| f.agreement >= quant::FIT_AGREEMENT && (f.quality - luma).abs() <= 2.0)
     }
 
     /// Keep `alpha` of the model's change to the frame (`output` is the
@@ -257,10 +263,14 @@ impl Analysis {
             }
         }
         let half = self.profile().nonzero_half_width;
-        let mut moved = quant::project(&self.planes[0], &mut out[0], &quant::full_table(&self.steps[0], self.fit.as_ref()), half);
+        let mut moved =
+            quant::project(&self.planes[0], &mut out[0], &quant::full_table(&self.steps[0], self.fit.as_ref()), half);
         for (c, plane) in out.iter_mut().enumerate().skip(1) {
             match self.chroma_fit(c) {
-                Some(fit) => moved += quant::project(&self.planes[c], plane, &quant::full_table(&self.steps[c], Some(&fit)), half),
+                Some(fit) => {
+                    moved +=
+                        quant::project(&self.planes[c], plane, &quant::full_table(&self.steps[c], Some(&fit)), half)
+                }
                 None => moved += limit_to_activity(&self.planes[c], plane),
             }
         }

@@ -44,19 +44,36 @@ enum ConvKind {
 
 impl Conv {
     /// Weight `weight` `[cout, cin, k, k]` (and `bias` when `bias`) from `vb`.
-    pub fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, pad: [usize; 4], bias: bool) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: [usize; 4],
+        bias: bool,
+    ) -> candle_core::Result<Self> {
         let bound = 1. / ((cin * k * k) as f64).sqrt();
         let w = vb.get_with_hints((cout, cin, k, k), "weight", Init::Uniform { lo: -bound, up: bound })?;
-        let b = if bias { Some(vb.get_with_hints(cout, "bias", Init::Uniform { lo: -bound, up: bound })?) } else { None };
+        let b =
+            if bias { Some(vb.get_with_hints(cout, "bias", Init::Uniform { lo: -bound, up: bound })?) } else { None };
         Self::from_tensors(w, b, stride, pad, false)
     }
 
     /// A convolution of `w` `[cout, cin, k, k]` and `b` `[cout]`.
-    pub fn from_tensors(w: Tensor, b: Option<Tensor>, stride: usize, pad: [usize; 4], relu: bool) -> candle_core::Result<Self> {
+    pub fn from_tensors(
+        w: Tensor,
+        b: Option<Tensor>,
+        stride: usize,
+        pad: [usize; 4],
+        relu: bool,
+    ) -> candle_core::Result<Self> {
         let (cout, cin, k, _) = w.dims4()?;
         let kind = if fast_path(w.device(), w.dtype()) {
             match &b {
-                Some(bias) if k == stride && k > 1 && pad == [0; 4] => ConvKind::Patch(PatchConv::from_tensors(&w, bias)?),
+                Some(bias) if k == stride && k > 1 && pad == [0; 4] => {
+                    ConvKind::Patch(PatchConv::from_tensors(&w, bias)?)
+                }
                 _ => ConvKind::Fast(ConvOp::new(&w, b.as_ref(), stride, pad, relu)?),
             }
         } else if k == 1 && stride == 1 && pad == [0; 4] {
@@ -105,7 +122,8 @@ impl Conv {
                 // op matmul". Run it in f32 and round back: the same result as
                 // a bf16 conv with f32 accumulation.
                 let widen = x.device().is_cpu() && x.dtype() == DType::BF16;
-                let (xc, wc) = if widen { (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?) } else { (x.clone(), w.clone()) };
+                let (xc, wc) =
+                    if widen { (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?) } else { (x.clone(), w.clone()) };
                 let y = if t == bo && l == r && t == l {
                     xc.conv2d(&wc, t, *stride, 1, 1)?
                 } else {
@@ -162,9 +180,19 @@ impl GroupNorm {
     pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> candle_core::Result<Self> {
         let gamma = vb.get_with_hints(channels, "weight", Init::Const(1.))?;
         let beta = vb.get_with_hints(channels, "bias", Init::Const(0.))?;
-        let fast =
-            if fast_path(vb.device(), vb.dtype()) { Some((Arc::new(gamma.to_vec1::<f32>()?), Arc::new(beta.to_vec1::<f32>()?))) } else { None };
-        Ok(Self { candle: nn::GroupNorm::new(gamma.clone(), beta.clone(), channels, groups, eps)?, gamma, beta, fast, groups, eps })
+        let fast = if fast_path(vb.device(), vb.dtype()) {
+            Some((Arc::new(gamma.to_vec1::<f32>()?), Arc::new(beta.to_vec1::<f32>()?)))
+        } else {
+            None
+        };
+        Ok(Self {
+            candle: nn::GroupNorm::new(gamma.clone(), beta.clone(), channels, groups, eps)?,
+            gamma,
+            beta,
+            fast,
+            groups,
+            eps,
+        })
     }
 
     /// [`GroupNorm::forward`] in `x`'s own buffer where the fast path runs;
@@ -301,7 +329,11 @@ impl GroupNorm {
             Tensor::cat(&[mean, var], 1)?
         };
         let st = st.to_device(&Device::Cpu)?.to_vec2::<f64>()?;
-        Ok(GroupStats { mean: st.iter().map(|r| r[0]).collect(), var: st.iter().map(|r| r[1]).collect(), pixels: h * w })
+        Ok(GroupStats {
+            mean: st.iter().map(|r| r[0]).collect(),
+            var: st.iter().map(|r| r[1]).collect(),
+            pixels: h * w,
+        })
     }
 
     /// Normalise with given (pooled) statistics, VAEHook's `custom_group_norm`:
@@ -359,7 +391,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_cor
     let d = c / heads;
     let scale = 1. / (d as f64).sqrt();
     if fast_path(q.device(), q.dtype()) {
-        return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &AttentionOp { heads, scale: scale as f32 });
+        return q.contiguous()?.apply_op3_no_bwd(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            &AttentionOp { heads, scale: scale as f32 },
+        );
     }
     let m = k.dim(1)?;
     let split = |t: &Tensor, len: usize| t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous();
@@ -534,7 +570,13 @@ pub struct CrossAttention {
 }
 
 impl CrossAttention {
-    pub fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize, head_dim: usize) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
             q: nn::linear_no_bias(dim, inner, vb.pp("to_q"))?,
@@ -564,7 +606,13 @@ pub struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    pub fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, context_dim: usize) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        context_dim: usize,
+    ) -> candle_core::Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
             norm1: nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
@@ -622,7 +670,9 @@ impl SpatialTransformer {
             norm: GroupNorm::new(vb.pp("norm"), groups, channels, 1e-6)?,
             proj_in: proj(vb.pp("proj_in"), channels, inner)?,
             blocks: (0..depth)
-                .map(|i| TransformerBlock::new(vb.pp(format!("transformer_blocks.{i}")), inner, heads, head_dim, context_dim))
+                .map(|i| {
+                    TransformerBlock::new(vb.pp(format!("transformer_blocks.{i}")), inner, heads, head_dim, context_dim)
+                })
                 .collect::<candle_core::Result<_>>()?,
             proj_out: proj(vb.pp("proj_out"), inner, channels)?,
         })
@@ -702,7 +752,16 @@ mod tests {
             let st = gn.stats(&x).unwrap();
             let ours = gn.forward_with(&x, &st, silu).unwrap();
             let theirs = gn.forward(&x, silu).unwrap();
-            let err = (ours - theirs).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let err = (ours - theirs)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(err < 1e-5, "silu {silu}: {err}");
         }
     }

@@ -176,7 +176,11 @@ impl MergedBackend {
         if let Some(shape) = expected {
             if w.dims() != shape {
                 return Err(EngineError::ShapeMismatch {
-                    path: if over.is_some() { self.lora.as_ref().map(|l| l.path.clone()).unwrap_or_default() } else { self.base_path.clone() },
+                    path: if over.is_some() {
+                        self.lora.as_ref().map(|l| l.path.clone()).unwrap_or_default()
+                    } else {
+                        self.base_path.clone()
+                    },
                     key: name.to_string(),
                     expected: shape.to_vec(),
                     found: w.dims().to_vec(),
@@ -221,7 +225,14 @@ impl MergedBackend {
 }
 
 impl SimpleBackend for MergedBackend {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         match self.lookup(name, Some(s.dims())) {
             Ok(t) => t.to_dtype(dtype)?.to_device(dev),
             Err(e) => Err(self.record(e)),

@@ -25,16 +25,8 @@ const DIFFUSION_BYTES_PER_PIXEL: u64 = 1500;
 /// square (0: the whole frame); in diffusion mode much more.
 pub fn frame_bytes(width: usize, height: usize, cave_tile: usize, diffusion: bool) -> u64 {
     let px = width as u64 * height as u64;
-    let tile_px = if cave_tile == 0 {
-        px
-    } else {
-        px.min(cave_tile as u64 * cave_tile as u64)
-    };
-    let model = if diffusion {
-        DIFFUSION_BYTES_PER_PIXEL * px
-    } else {
-        CAVE_BYTES_PER_TILE_PIXEL * tile_px
-    };
+    let tile_px = if cave_tile == 0 { px } else { px.min(cave_tile as u64 * cave_tile as u64) };
+    let model = if diffusion { DIFFUSION_BYTES_PER_PIXEL * px } else { CAVE_BYTES_PER_TILE_PIXEL * tile_px };
     FRAME_BYTES_PER_PIXEL * px + model
 }
 

@@ -199,7 +199,11 @@ pub struct RgbImage {
 impl RgbImage {
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
         if data.len() != width * height * 3 {
-            return Err(EngineError::InvalidInput(format!("RGB image {width}x{height} needs {} bytes, got {}", width * height * 3, data.len())));
+            return Err(EngineError::InvalidInput(format!(
+                "RGB image {width}x{height} needs {} bytes, got {}",
+                width * height * 3,
+                data.len()
+            )));
         }
         Ok(Self { width, height, data })
     }

@@ -108,7 +108,15 @@ fn cost(cur: &Luma, prev: &Luma, x0: usize, y0: usize, b: usize, (dx, dy): (i32,
 }
 
 /// The best of `candidates` for one block.
-fn best(cur: &Luma, prev: &Luma, x0: usize, y0: usize, b: usize, lambda: u32, candidates: impl Iterator<Item = (i32, i32)>) -> (i32, i32) {
+fn best(
+    cur: &Luma,
+    prev: &Luma,
+    x0: usize,
+    y0: usize,
+    b: usize,
+    lambda: u32,
+    candidates: impl Iterator<Item = (i32, i32)>,
+) -> (i32, i32) {
     let mut best = ((0, 0), u32::MAX);
     for v in candidates {
         let c = cost(cur, prev, x0, y0, b, v, lambda);

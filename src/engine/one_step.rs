@@ -4,8 +4,8 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::error::{EngineError, Result};
 use super::config::{json_usize, read_json};
+use super::error::{EngineError, Result};
 
 /// The fixed timestep of CODiff's one-step restorer.
 pub const TIMESTEP: usize = 499;
@@ -53,11 +53,17 @@ impl Schedule {
         let f = |k: &str, d: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(d);
         let kind = v.get("beta_schedule").and_then(|x| x.as_str()).unwrap_or("scaled_linear");
         if kind != "scaled_linear" && kind != "linear" {
-            return Err(EngineError::Config { path: path.to_path_buf(), reason: format!("beta_schedule `{kind}` not supported") });
+            return Err(EngineError::Config {
+                path: path.to_path_buf(),
+                reason: format!("beta_schedule `{kind}` not supported"),
+            });
         }
         if let Some(p) = v.get("prediction_type").and_then(|x| x.as_str()) {
             if p != "epsilon" {
-                return Err(EngineError::Config { path: path.to_path_buf(), reason: format!("prediction_type `{p}`: CODiff needs epsilon") });
+                return Err(EngineError::Config {
+                    path: path.to_path_buf(),
+                    reason: format!("prediction_type `{p}`: CODiff needs epsilon"),
+                });
             }
         }
         let bad = |reason: String| Err(EngineError::Config { path: path.to_path_buf(), reason });

@@ -107,10 +107,20 @@ pub struct RestoreOptions {
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        Self { color_fix: ColorFix::Adain, latent_tile: 96, latent_overlap: 32, vae_encoder_tile: 1024, vae_decoder_tile: 224, cave_tile: 2048, quality: None, self_ensemble: false, guard: true, cancel: Cancel::default() }
+        Self {
+            color_fix: ColorFix::Adain,
+            latent_tile: 96,
+            latent_overlap: 32,
+            vae_encoder_tile: 1024,
+            vae_decoder_tile: 224,
+            cave_tile: 2048,
+            quality: None,
+            self_ensemble: false,
+            guard: true,
+            cancel: Cancel::default(),
+        }
     }
 }
-
 
 /// The smallest latent tile [`RestoreOptions::clamped`] lets through
 /// (latent pixels): smaller tiles mean thousands of small UNet calls.

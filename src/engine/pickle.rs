@@ -11,9 +11,9 @@
 //! ([`Bytes`]). Callers that walk the result bound their depth.
 use std::collections::HashMap;
 
-use super::error::Result;
 use super::bytes::Bytes;
 use super::error::clip;
+use super::error::Result;
 
 /// Index of an object in [`Pickle::nodes`].
 pub(crate) type Id = usize;
@@ -31,12 +31,21 @@ pub(crate) enum Node {
     Str(String),
     /// `bytes`: only their length is kept (checkpoints never need them).
     Bytes(usize),
-    Global { module: String, name: String },
+    Global {
+        module: String,
+        name: String,
+    },
     Tuple(Vec<Id>),
     List(Vec<Id>),
     Dict(Vec<(Id, Id)>),
-    Reduce { callable: Id, args: Id },
-    Build { obj: Id, state: Id },
+    Reduce {
+        callable: Id,
+        args: Id,
+    },
+    Build {
+        obj: Id,
+        state: Id,
+    },
     PersId(Id),
 }
 
@@ -274,7 +283,11 @@ impl Machine {
                 self.push(Node::Int(v as i64))?
             }
             0x8a | 0x8b => {
-                let n = if op == 0x8a { r.u8("LONG1 length")? as u64 } else { u32::from_le_bytes(r.array("LONG4 length")?) as u64 };
+                let n = if op == 0x8a {
+                    r.u8("LONG1 length")? as u64
+                } else {
+                    u32::from_le_bytes(r.array("LONG4 length")?) as u64
+                };
                 let b = r.take(n, "LONG bytes")?;
                 if b.len() > 8 {
                     return bad(format!("integer of {} bytes", b.len()));
@@ -312,7 +325,11 @@ impl Machine {
                 };
                 let b = r.take(n, "bytes")?;
                 // Python 2 strings (BINSTRING) are text in old checkpoints
-                let node = if op == b'T' || op == b'U' { Node::Str(String::from_utf8_lossy(b).into_owned()) } else { Node::Bytes(b.len()) };
+                let node = if op == b'T' || op == b'U' {
+                    Node::Str(String::from_utf8_lossy(b).into_owned())
+                } else {
+                    Node::Bytes(b.len())
+                };
                 self.push(node)?
             }
             b')' => self.push(Node::Tuple(vec![]))?,
@@ -389,7 +406,11 @@ impl Machine {
                 let callable = self.pop()?;
                 // an OrderedDict (a state_dict) is filled by SETITEMS next
                 let node = match &self.nodes[callable] {
-                    Node::Global { module, name } if module == "collections" && (name == "OrderedDict" || name == "defaultdict") => Node::Dict(vec![]),
+                    Node::Global { module, name }
+                        if module == "collections" && (name == "OrderedDict" || name == "defaultdict") =>
+                    {
+                        Node::Dict(vec![])
+                    }
                     _ => Node::Reduce { callable, args },
                 };
                 self.push(node)?

@@ -109,7 +109,9 @@ fn device_of(spec: DeviceSpec) -> Result<Device> {
     match spec {
         DeviceSpec::Cpu => Ok(Device::Cpu),
         DeviceSpec::Cuda(n) => Device::new_cuda(n).map_err(|e| {
-            EngineError::Device(format!("cuda:{n} unavailable ({e}); build with `--features cuda` on a CUDA machine, or use device=cpu"))
+            EngineError::Device(format!(
+                "cuda:{n} unavailable ({e}); build with `--features cuda` on a CUDA machine, or use device=cpu"
+            ))
         }),
     }
 }
@@ -142,7 +144,14 @@ fn build<T>(
 struct SharedBackend(std::sync::Arc<MergedBackend>);
 
 impl candle_nn::var_builder::SimpleBackend for SharedBackend {
-    fn get(&self, s: candle_core::Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.0.get(s, name, h, dtype, dev)
     }
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -179,9 +188,15 @@ impl Engine {
         Ok(Engine { mode: spec.mode, cave, diffusion, device, precision: spec.precision })
     }
 
-    fn load_diffusion(spec: &ModelSpec, cave: &Cave, dev: &Device, progress: &mut dyn FnMut(&str)) -> Result<Diffusion> {
-        let need =
-            |o: &Option<std::path::PathBuf>, what: &str| o.clone().ok_or_else(|| EngineError::InvalidInput(format!("diffusion mode needs {what}")));
+    fn load_diffusion(
+        spec: &ModelSpec,
+        cave: &Cave,
+        dev: &Device,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Diffusion> {
+        let need = |o: &Option<std::path::PathBuf>, what: &str| {
+            o.clone().ok_or_else(|| EngineError::InvalidInput(format!("diffusion mode needs {what}")))
+        };
         let sd = need(&spec.sd_dir, "the SD-2.1-base folder (element property sd-model, restore --sd-dir)")?;
         let ckpt = need(&spec.codiff, "codiff.pkl (element property codiff-checkpoint, restore --codiff)")?;
         need(&spec.cave, "the official cave.pth (element property cave-checkpoint, restore --cave)")?;
@@ -196,19 +211,24 @@ impl Engine {
         let schedule = if sched_path.exists() { Schedule::from_json(&sched_path)? } else { Schedule::sd21() };
         let c3 = cave.config.nc[3];
         let cross = unet_cfg.model.cross_attention_dim;
-        let proj =
-            Linear::new(pkl.get_shaped("proj.weight", &[cross, c3])?.to_device(dev)?, Some(pkl.get_shaped("proj.bias", &[cross])?.to_device(dev)?));
+        let proj = Linear::new(
+            pkl.get_shaped("proj.weight", &[cross, c3])?.to_device(dev)?,
+            Some(pkl.get_shaped("proj.bias", &[cross])?.to_device(dev)?),
+        );
         progress(&format!("loading VAE from {} (merging {} LoRA pairs)", sd.join("vae").display(), vae_lora.len()));
         let vae_file = component_weights(&sd.join("vae"))?;
         let n_vae_lora = vae_lora.len();
-        let ((encoder, decoder), merged_vae) =
-            build(vae_file, Some(vae_lora), dtype, dev, |vb| Ok((VaeEncoder::new(&vae_cfg, vb.clone())?, VaeDecoder::new(&vae_cfg, vb)?)))?;
+        let ((encoder, decoder), merged_vae) = build(vae_file, Some(vae_lora), dtype, dev, |vb| {
+            Ok((VaeEncoder::new(&vae_cfg, vb.clone())?, VaeDecoder::new(&vae_cfg, vb)?))
+        })?;
         progress(&format!("loading UNet from {} (merging {} LoRA pairs)", sd.join("unet").display(), unet_lora.len()));
         let unet_file = component_weights(&sd.join("unet"))?;
         let n_unet_lora = unet_lora.len();
         let (unet, merged_unet) = build(unet_file, Some(unet_lora), dtype, dev, |vb| UNet::new(vb, &unet_cfg))?;
         // every LoRA pair must have found its base layer
-        for (merged, total, what) in [(merged_vae, n_vae_lora, "state_dict_vae"), (merged_unet, n_unet_lora, "state_dict_unet")] {
+        for (merged, total, what) in
+            [(merged_vae, n_vae_lora, "state_dict_vae"), (merged_unet, n_unet_lora, "state_dict_unet")]
+        {
             if merged < total {
                 return Err(EngineError::Format {
                     path: ckpt.clone(),
@@ -237,12 +257,25 @@ impl Engine {
             Some((unet_cfg, vae_cfg)) => {
                 let dtype = dtype_of(precision, &dev)?;
                 let varmap = candle_nn::VarMap::new();
-                let vb = if zeros { VarBuilder::zeros(dtype, &dev) } else { VarBuilder::from_varmap(&varmap, dtype, &dev) };
+                let vb =
+                    if zeros { VarBuilder::zeros(dtype, &dev) } else { VarBuilder::from_varmap(&varmap, dtype, &dev) };
                 let encoder = VaeEncoder::new(&vae_cfg, vb.pp("vae"))?;
                 let decoder = VaeDecoder::new(&vae_cfg, vb.pp("vae"))?;
                 let unet = UNet::new(vb.pp("unet"), &unet_cfg)?;
-                let proj = candle_nn::linear(cave.nc[3], unet_cfg.model.cross_attention_dim, vb.pp("proj").set_dtype(DType::F32))?;
-                Some(Diffusion { encoder, decoder, unet, proj, vae: vae_cfg, alpha_bar: Schedule::sd21().alpha_bar(TIMESTEP), dtype })
+                let proj = candle_nn::linear(
+                    cave.nc[3],
+                    unet_cfg.model.cross_attention_dim,
+                    vb.pp("proj").set_dtype(DType::F32),
+                )?;
+                Some(Diffusion {
+                    encoder,
+                    decoder,
+                    unet,
+                    proj,
+                    vae: vae_cfg,
+                    alpha_bar: Schedule::sd21().alpha_bar(TIMESTEP),
+                    dtype,
+                })
             }
         };
         let mode = if diffusion.is_some() { Mode::Diffusion } else { Mode::Cave };
@@ -260,7 +293,12 @@ impl Engine {
     /// `[1,3,H,W]` f32 in [0,1] on the engine's device.
     fn to_tensor(&self, img: &RgbImage) -> Result<Tensor> {
         if img.width == 0 || img.height == 0 || img.data.len() != img.width * img.height * 3 {
-            return Err(EngineError::InvalidInput(format!("image {}x{} with {} bytes", img.width, img.height, img.data.len())));
+            return Err(EngineError::InvalidInput(format!(
+                "image {}x{} with {} bytes",
+                img.width,
+                img.height,
+                img.data.len()
+            )));
         }
         if self.device.is_cpu() {
             // one pass, planar, the same arithmetic as candle's `t / 255.0`
@@ -365,7 +403,12 @@ impl Engine {
         }
     }
 
-    fn run(&self, img: &mut RgbImage, opts: &RestoreOptions, trace: Option<&mut Trace>) -> Result<(Restoration, StageTimes)> {
+    fn run(
+        &self,
+        img: &mut RgbImage,
+        opts: &RestoreOptions,
+        trace: Option<&mut Trace>,
+    ) -> Result<(Restoration, StageTimes)> {
         let mut p = Probe::new(trace, &self.device, &opts.cancel);
         opts.cancel.check()?;
         self.check_memory(img.width, img.height, opts, 0)?;
@@ -406,7 +449,11 @@ impl Engine {
             }
             None => 1.0,
         };
-        let (y, q) = if opts.self_ensemble { self.ensemble(&x, opts, steer, &mut p)? } else { self.restore_frame(&x, opts, steer, &mut p)? };
+        let (y, q) = if opts.self_ensemble {
+            self.ensemble(&x, opts, steer, &mut p)?
+        } else {
+            self.restore_frame(&x, opts, steer, &mut p)?
+        };
         Self::write_back(img, &y)?;
         let guarded_blocks = analysis.as_ref().map_or(0, |a| a.apply(img, alpha));
         p.lap("output")?;
@@ -439,7 +486,10 @@ impl Engine {
             }
             Some(d) => {
                 if p.tracing() {
-                    p.keep("cave_reconstruction", &self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel, steer)?.0);
+                    p.keep(
+                        "cave_reconstruction",
+                        &self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel, steer)?.0,
+                    );
                 }
                 self.diffuse(d, x, opts, p)?
             }
@@ -491,7 +541,9 @@ impl Engine {
         Self::check_finite(&z, "VAE encoder", self.precision)?;
         p.lap("vae_encode")?;
         // 3. UNet at t = 499, in Gaussian-weighted latent tiles
-        let eps = super::tiling::gaussian_tiled(&z, opts.latent_tile, opts.latent_overlap, &opts.cancel, |zt| Ok(d.unet.forward(zt, TIMESTEP as f64, &c)?))?;
+        let eps = super::tiling::gaussian_tiled(&z, opts.latent_tile, opts.latent_overlap, &opts.cancel, |zt| {
+            Ok(d.unet.forward(zt, TIMESTEP as f64, &c)?)
+        })?;
         p.keep("unet_eps", &eps);
         Self::check_finite(&eps, "UNet", self.precision)?;
         // 4. one x0 step
@@ -609,7 +661,8 @@ impl Stages<'_> {
 
     /// [`Stages::encode`] through the official VAEHook tiling (`tile` image px).
     pub fn encode_tiled(&self, lq: &Tensor, tile: usize) -> Result<Tensor> {
-        Ok((self.d.encoder.encode_mean_tiled(&lq.to_dtype(self.d.dtype)?, tile, &Cancel::new())? * self.d.vae.scaling_factor)?)
+        Ok((self.d.encoder.encode_mean_tiled(&lq.to_dtype(self.d.dtype)?, tile, &Cancel::new())?
+            * self.d.vae.scaling_factor)?)
     }
 
     /// [`Stages::decode`] through the official VAEHook tiling (`tile` latent px).
@@ -634,7 +687,9 @@ fn all_finite(t: &Tensor) -> Result<bool> {
             }
             if let ([b, c, h, w], [sb, sc, sh, 1]) = (layout.dims(), layout.stride()) {
                 let o = layout.start_offset();
-                return Ok((0..*b).all(|i| (0..*c).all(|j| (0..*h).all(|y| finite(&v[o + i * sb + j * sc + y * sh..][..*w])))));
+                return Ok(
+                    (0..*b).all(|i| (0..*c).all(|j| (0..*h).all(|y| finite(&v[o + i * sb + j * sc + y * sh..][..*w]))))
+                );
             }
         }
     }

@@ -151,7 +151,10 @@ impl Steps {
     /// AC frequencies measured, and of them those with a step of at least [`MIN_STEP`].
     pub fn ac_counts(&self) -> (usize, usize) {
         let ac = &self.step[1..];
-        (ac.iter().filter(|s| s.is_some()).count(), ac.iter().filter(|s| matches!(s, Some(q) if *q >= MIN_STEP)).count())
+        (
+            ac.iter().filter(|s| s.is_some()).count(),
+            ac.iter().filter(|s| matches!(s, Some(q) if *q >= MIN_STEP)).count(),
+        )
     }
 
     /// Quantised when at least 3 AC frequencies (and a quarter of those
@@ -223,7 +226,9 @@ fn lattice_step(vals: &[f32], dc: bool) -> Option<u16> {
     match (MIN_STEP..=top).rev().find(|&q| passes(q)) {
         // the tolerance lets a step one or two above the true one pass when
         // the levels are small: take the neighbour that fits best
-        Some(q) => (q.saturating_sub(2).max(MIN_STEP)..=q).filter(|&c| passes(c)).min_by(|&a, &b| misfit(a).total_cmp(&misfit(b))),
+        Some(q) => (q.saturating_sub(2).max(MIN_STEP)..=q)
+            .filter(|&c| passes(c))
+            .min_by(|&a, &b| misfit(a).total_cmp(&misfit(b))),
         // mostly small values (noise around level zero), or too few large
         // ones to tell a lattice from none: nothing measured
         None if vals[vals.len() / 2] < 3.0 || vals.iter().filter(|&&v| v >= 3.0).count() < MIN_LEVELS + 4 => None,
@@ -267,14 +272,16 @@ pub fn estimate_steps(plane: &Plane, clipped: &(dyn Fn(usize, usize) -> bool + S
 
 /// The standard luminance table (ITU T.81 Annex K), row-major.
 pub const LUMA_TABLE: [u16; 64] = [
-    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62, 18,
-    22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51,
+    87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92, 49, 64, 78, 87, 103, 121, 120, 101,
+    72, 92, 95, 98, 112, 100, 103, 99,
 ];
 
 /// The standard chrominance table (ITU T.81 Annex K), row-major.
 pub const CHROMA_TABLE: [u16; 64] = [
-    17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99, 99,
-    99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99,
+    17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99,
+    99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99,
+    99, 99, 99, 99, 99, 99,
 ];
 
 /// libjpeg's `jpeg_set_quality` scaling of `base` to `quality` (1..=100),
@@ -323,7 +330,12 @@ pub fn fit_ijg(steps: &Steps, base: &[u16; 64]) -> Option<IjgFit> {
     let best = *scores.iter().max().expect("100 qualities");
     let tied: Vec<u32> = (1..=100u32).filter(|&q| scores[q as usize - 1] == best).collect();
     let quality = tied[tied.len() / 2];
-    Some(IjgFit { quality: quality as f32, agreement: best as f32 / measured as f32, measured, table: ijg_table(base, quality) })
+    Some(IjgFit {
+        quality: quality as f32,
+        agreement: best as f32 / measured as f32,
+        measured,
+        table: ijg_table(base, quality),
+    })
 }
 
 /// The IJG quality whose scaling matches the measured AC steps best in
@@ -447,7 +459,8 @@ mod tests {
                 let x = idct(&q);
                 for y in 0..B {
                     for i in 0..B {
-                        out.data[(by * B + y) * p.width + bx * B + i] = (x[y * B + i] + 128.0).round().clamp(0.0, 255.0);
+                        out.data[(by * B + y) * p.width + bx * B + i] =
+                            (x[y * B + i] + 128.0).round().clamp(0.0, 255.0);
                     }
                 }
             }
@@ -478,7 +491,10 @@ mod tests {
             for (k, s) in steps.step.iter().enumerate() {
                 if let Some(s) = s {
                     let t = table[k];
-                    assert!(*s == t || (*s == 1 && t < MIN_STEP), "quality {quality}, frequency {k}: measured {s}, table {t}");
+                    assert!(
+                        *s == t || (*s == 1 && t < MIN_STEP),
+                        "quality {quality}, frequency {k}: measured {s}, table {t}"
+                    );
                 }
             }
             let fit = fit_ijg(&steps, &LUMA_TABLE).unwrap();

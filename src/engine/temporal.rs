@@ -73,15 +73,8 @@ impl TemporalFilter {
     /// A filter with no history; `threshold` (code values, > 0) is the input
     /// change that counts as motion and the largest change the filter makes.
     pub fn new(threshold: f32) -> Self {
-        let threshold = if threshold.is_finite() && threshold > 0.0 {
-            threshold
-        } else {
-            DEFAULT_MOTION_THRESHOLD
-        };
-        Self {
-            threshold,
-            history: None,
-        }
+        let threshold = if threshold.is_finite() && threshold > 0.0 { threshold } else { DEFAULT_MOTION_THRESHOLD };
+        Self { threshold, history: None }
     }
 
     pub fn threshold(&self) -> f32 {
@@ -102,12 +95,7 @@ impl TemporalFilter {
     /// output moved along the picture's motion, with `strength` 0..1 (the
     /// weight of the previous output where the input is still; 0 = off).
     /// Keeps `input` and the result for the next frame.
-    pub fn apply(
-        &mut self,
-        strength: f32,
-        input: &RgbImage,
-        restored: &mut RgbImage,
-    ) -> Result<()> {
+    pub fn apply(&mut self, strength: f32, input: &RgbImage, restored: &mut RgbImage) -> Result<()> {
         if (input.width, input.height) != (restored.width, restored.height)
             || input.data.len() != restored.data.len()
             || input.data.len() != input.width * input.height * 3
@@ -122,11 +110,7 @@ impl TemporalFilter {
                 restored.data.len()
             )));
         }
-        let strength = if strength.is_finite() {
-            strength.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        let strength = if strength.is_finite() { strength.clamp(0.0, 1.0) } else { 0.0 };
         if strength == 0.0 {
             self.reset();
             return Ok(());
@@ -198,7 +182,9 @@ impl TemporalFilter {
         let Some((prev_in, prev_out, prev_luma)) = self.history.as_ref() else {
             return false;
         };
-        if [prev_in, prev_out, &*out].iter().any(|i| (i.width, i.height) != (w, h) || i.data.len() != n) || input.data.len() != n {
+        if [prev_in, prev_out, &*out].iter().any(|i| (i.width, i.height) != (w, h) || i.data.len() != n)
+            || input.data.len() != n
+        {
             return false;
         }
         // matched against the previous output: two JPEG frames share their
@@ -210,7 +196,8 @@ impl TemporalFilter {
             for k in 0..3 {
                 let j = i * 3 + k;
                 let v = input.data[j] as f32;
-                let d = if a == 0.0 { 0.0 } else { (a * (prev_out.data[src as usize * 3 + k] as f32 - v)).clamp(-t, t) };
+                let d =
+                    if a == 0.0 { 0.0 } else { (a * (prev_out.data[src as usize * 3 + k] as f32 - v)).clamp(-t, t) };
                 out.data[j] = (v + d).round().clamp(0.0, 255.0) as u8;
             }
         }
@@ -260,7 +247,10 @@ impl Matched {
             .enumerate()
             .map(|(i, s)| {
                 s.map_or(0.0, |s| {
-                    (0..3).map(|k| (input.data[i * 3 + k] as f32 - prev_in.data[s as usize * 3 + k] as f32).abs()).sum::<f32>() / 3.0
+                    (0..3)
+                        .map(|k| (input.data[i * 3 + k] as f32 - prev_in.data[s as usize * 3 + k] as f32).abs())
+                        .sum::<f32>()
+                        / 3.0
                 })
             })
             .collect();
@@ -279,10 +269,7 @@ impl Matched {
                 (1.0 - s / threshold).max(0.0) * outlier
             })
             .collect();
-        Self {
-            src: src.into_iter().map(|s| s.unwrap_or(0)).collect(),
-            weight,
-        }
+        Self { src: src.into_iter().map(|s| s.unwrap_or(0)).collect(), weight }
     }
 }
 
@@ -359,12 +346,7 @@ mod tests {
     }
 
     fn mad(a: &RgbImage, b: &RgbImage) -> f64 {
-        a.data
-            .iter()
-            .zip(&b.data)
-            .map(|(&p, &q)| (p as f64 - q as f64).abs())
-            .sum::<f64>()
-            / a.data.len() as f64
+        a.data.iter().zip(&b.data).map(|(&p, &q)| (p as f64 - q as f64).abs()).sum::<f64>() / a.data.len() as f64
     }
 
     #[test]
@@ -387,10 +369,7 @@ mod tests {
             }
             prev = Some((raw, out));
         }
-        assert!(
-            out_flicker < 0.7 * raw_flicker,
-            "smoothed {out_flicker} vs raw {raw_flicker}"
-        );
+        assert!(out_flicker < 0.7 * raw_flicker, "smoothed {out_flicker} vs raw {raw_flicker}");
     }
 
     #[test]
@@ -403,13 +382,7 @@ mod tests {
             let input = frame(w, h, 3 * t, &mut rng, 1);
             let mut out = input.clone();
             filter.apply(1.0, &input, &mut out).unwrap();
-            let worst = out
-                .data
-                .iter()
-                .zip(&input.data)
-                .map(|(&p, &q)| (p as i32 - q as i32).abs())
-                .max()
-                .unwrap();
+            let worst = out.data.iter().zip(&input.data).map(|(&p, &q)| (p as i32 - q as i32).abs()).max().unwrap();
             // never more than the threshold away, and on average hardly at all
             assert!(worst as f32 <= filter.threshold(), "frame {t}: {worst}");
             assert!(mad(&out, &input) < 1.0, "frame {t}: {}", mad(&out, &input));
@@ -502,7 +475,8 @@ mod tests {
                 for y in 20..40 {
                     for x in xa..xb {
                         for k in 0..3 {
-                            sum += (out.data[(y * w + x) * 3 + k] as f64 - input.data[(y * w + x) * 3 + k] as f64).abs();
+                            sum +=
+                                (out.data[(y * w + x) * 3 + k] as f64 - input.data[(y * w + x) * 3 + k] as f64).abs();
                             n += 1.0;
                         }
                     }

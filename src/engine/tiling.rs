@@ -160,7 +160,13 @@ pub fn exact_spans(n: usize, tile: usize, core: usize, margin: usize, grid: usiz
         let b = (a + per).min(cells);
         let start = (grid * a).saturating_sub(margin);
         let end = if b == cells { n } else { (grid * b + margin).min(n) };
-        spans.push(Span { start, len: end - start, skip: (grid * a - start) / div, take: grid * (b - a) / div, at: grid * a / div });
+        spans.push(Span {
+            start,
+            len: end - start,
+            skip: (grid * a - start) / div,
+            take: grid * (b - a) / div,
+            at: grid * a / div,
+        });
         a = b;
     }
     spans
@@ -193,7 +199,11 @@ impl Plan {
         if tile == 0 || h.max(w) <= tile + 2 * pad {
             return None;
         }
-        Some(Plan { rows: vaehook_spans(h, tile, pad, scale), cols: vaehook_spans(w, tile, pad, scale), merge: Merge::Crop })
+        Some(Plan {
+            rows: vaehook_spans(h, tile, pad, scale),
+            cols: vaehook_spans(w, tile, pad, scale),
+            merge: Merge::Crop,
+        })
     }
 
     /// Exact-margin tiles of at most `tile` pixels a side (see [`exact_spans`];
@@ -246,10 +256,17 @@ impl Plan {
                 cancel.progress(done, tiles.len());
             }
             done += chunk.len();
-            let inputs = chunk.iter().map(|(r, c)| x.narrow(2, r.start, r.len)?.narrow(3, c.start, c.len)).collect::<candle_core::Result<Vec<_>>>()?;
+            let inputs = chunk
+                .iter()
+                .map(|(r, c)| x.narrow(2, r.start, r.len)?.narrow(3, c.start, c.len))
+                .collect::<candle_core::Result<Vec<_>>>()?;
             let outs = f(chunk, inputs)?;
             if outs.len() != chunk.len() {
-                return Err(EngineError::InvalidInput(format!("tiler: {} outputs for {} tiles", outs.len(), chunk.len())));
+                return Err(EngineError::InvalidInput(format!(
+                    "tiler: {} outputs for {} tiles",
+                    outs.len(),
+                    chunk.len()
+                )));
             }
             for ((r, c), out) in chunk.iter().zip(outs) {
                 let cv = match &mut canvas {
@@ -285,7 +302,13 @@ impl Canvas {
 
     fn add(&mut self, out: &Tensor, r: &Span, col: &Span) -> Result<()> {
         let (b, c, th, tw) = out.dims4()?;
-        if b != 1 || c != self.c || r.skip + r.take > th || col.skip + col.take > tw || r.at + r.take > self.h || col.at + col.take > self.w {
+        if b != 1
+            || c != self.c
+            || r.skip + r.take > th
+            || col.skip + col.take > tw
+            || r.at + r.take > self.h
+            || col.at + col.take > self.w
+        {
             return Err(EngineError::InvalidInput(format!(
                 "tiler: tile output {:?} cannot give rows {}..{} and columns {}..{} of a {}x{}x{} frame",
                 out.dims(),
@@ -334,7 +357,9 @@ impl Canvas {
                 plane.iter_mut().zip(wsum).for_each(|(d, &s)| *d /= s);
             }
         }
-        Ok(Tensor::from_vec(self.data, (1, self.c, self.h, self.w), &Device::Cpu)?.to_device(dev)?.to_dtype(self.dtype)?)
+        Ok(Tensor::from_vec(self.data, (1, self.c, self.h, self.w), &Device::Cpu)?
+            .to_device(dev)?
+            .to_dtype(self.dtype)?)
     }
 }
 
@@ -444,7 +469,14 @@ mod tests {
 
     #[test]
     fn vaehook_cores_cover_the_output_once() {
-        for (n, tile, pad, scale) in [(2160, 1024, 32, Scale::Down(8)), (3840, 1024, 32, Scale::Down(8)), (270, 224, 11, Scale::Up(8)), (480, 224, 11, Scale::Up(8)), (1000, 96, 32, Scale::Down(8)), (300, 4, 11, Scale::Up(8))] {
+        for (n, tile, pad, scale) in [
+            (2160, 1024, 32, Scale::Down(8)),
+            (3840, 1024, 32, Scale::Down(8)),
+            (270, 224, 11, Scale::Up(8)),
+            (480, 224, 11, Scale::Up(8)),
+            (1000, 96, 32, Scale::Down(8)),
+            (300, 4, 11, Scale::Up(8)),
+        ] {
             let spans = vaehook_spans(n, tile, pad, scale);
             let mut next = 0;
             for s in &spans {

@@ -7,9 +7,9 @@ use std::path::Path;
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn as nn;
 
+use super::config::{check_levels, check_size, json_usize, json_usizes, read_json, MAX_LAYERS};
 use super::error::{EngineError, Result};
 use super::layers::{Conv, GroupNorm, ResnetBlock, SpatialTransformer, Upsample};
-use super::config::{check_levels, check_size, json_usize, json_usizes, read_json, MAX_LAYERS};
 
 /// One resolution level of the UNet.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -95,7 +95,11 @@ impl UNetConfig {
             cross_attention_dim: json_usize(&v, "cross_attention_dim", None, path)?,
             use_linear_projection: v.get("use_linear_projection").and_then(|x| x.as_bool()).unwrap_or(false),
         };
-        let cfg = Self { model, in_channels: json_usize(&v, "in_channels", Some(4), path)?, out_channels: json_usize(&v, "out_channels", Some(4), path)? };
+        let cfg = Self {
+            model,
+            in_channels: json_usize(&v, "in_channels", Some(4), path)?,
+            out_channels: json_usize(&v, "out_channels", Some(4), path)?,
+        };
         cfg.check(path)?;
         Ok(cfg)
     }
@@ -111,14 +115,20 @@ impl UNetConfig {
         let last = m.blocks.len() - 1;
         for (i, b) in m.blocks.iter().enumerate() {
             // the mid block attends with the last level's head count
-            if (b.use_cross_attn.is_some() || i == last) && (b.attention_head_dim == 0 || b.out_channels % b.attention_head_dim != 0) {
+            if (b.use_cross_attn.is_some() || i == last)
+                && (b.attention_head_dim == 0 || b.out_channels % b.attention_head_dim != 0)
+            {
                 return bad(format!(
                     "`attention_head_dim` {} of block {i} does not divide its {} channels into heads",
                     b.attention_head_dim, b.out_channels
                 ));
             }
         }
-        for (k, c) in [("in_channels", self.in_channels), ("out_channels", self.out_channels), ("cross_attention_dim", m.cross_attention_dim)] {
+        for (k, c) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("cross_attention_dim", m.cross_attention_dim),
+        ] {
             check_size(path, k, c)?;
         }
         // padding is allocated with every frame: diffusers uses 0 or 1
@@ -195,12 +205,25 @@ impl UNet {
         let c0 = m.blocks[0].out_channels;
         let temb = 4 * c0;
         let (g, eps, ctx) = (m.norm_num_groups, m.norm_eps, m.cross_attention_dim);
-        let transformers = |vb: nn::VarBuilder, count: usize, c: usize, b: &BlockConfig| -> candle_core::Result<Vec<SpatialTransformer>> {
+        let transformers = |vb: nn::VarBuilder,
+                            count: usize,
+                            c: usize,
+                            b: &BlockConfig|
+         -> candle_core::Result<Vec<SpatialTransformer>> {
             match b.use_cross_attn {
                 Some(depth) => (0..count)
                     .map(|i| {
                         let heads = b.attention_head_dim;
-                        SpatialTransformer::new(vb.pp(format!("attentions.{i}")), c, heads, c / heads, depth, ctx, g, m.use_linear_projection)
+                        SpatialTransformer::new(
+                            vb.pp(format!("attentions.{i}")),
+                            c,
+                            heads,
+                            c / heads,
+                            depth,
+                            ctx,
+                            g,
+                            m.use_linear_projection,
+                        )
                     })
                     .collect(),
                 None => Ok(vec![]),
@@ -212,11 +235,30 @@ impl UNet {
             let cin = if i > 0 { m.blocks[i - 1].out_channels } else { c0 };
             let c = b.out_channels;
             let resnets = (0..m.layers_per_block)
-                .map(|j| ResnetBlock::new(vbi.pp(format!("resnets.{j}")), if j == 0 { cin } else { c }, c, Some(temb), g, eps, 1.0))
+                .map(|j| {
+                    ResnetBlock::new(
+                        vbi.pp(format!("resnets.{j}")),
+                        if j == 0 { cin } else { c },
+                        c,
+                        Some(temb),
+                        g,
+                        eps,
+                        1.0,
+                    )
+                })
                 .collect::<candle_core::Result<_>>()?;
             let p = m.downsample_padding;
-            let down_conv = if i + 1 < n { Some(Conv::new(vbi.pp("downsamplers.0.conv"), c, c, 3, 2, [p; 4], true)?) } else { None };
-            down.push(Level { resnets, attentions: transformers(vbi.clone(), m.layers_per_block, c, b)?, down: down_conv, up: None });
+            let down_conv = if i + 1 < n {
+                Some(Conv::new(vbi.pp("downsamplers.0.conv"), c, c, 3, 2, [p; 4], true)?)
+            } else {
+                None
+            };
+            down.push(Level {
+                resnets,
+                attentions: transformers(vbi.clone(), m.layers_per_block, c, b)?,
+                down: down_conv,
+                up: None,
+            });
         }
         let last = m.blocks[n - 1];
         let cl = last.out_channels;
@@ -259,11 +301,19 @@ impl UNet {
     }
 
     /// Sinusoidal timestep features (diffusers' `Timesteps`), `[B, c0]`.
-    fn time_features(&self, t: f64, batch: usize, dtype: DType, dev: &candle_core::Device) -> candle_core::Result<Tensor> {
+    fn time_features(
+        &self,
+        t: f64,
+        batch: usize,
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
         let m = &self.cfg.model;
         let half = m.blocks[0].out_channels / 2;
         // in f32, as diffusers computes it
-        let arg: Vec<f32> = (0..half).map(|i| (-(10000f32.ln()) * i as f32 / (half as f32 - m.freq_shift as f32)).exp() * t as f32).collect();
+        let arg: Vec<f32> = (0..half)
+            .map(|i| (-(10000f32.ln()) * i as f32 / (half as f32 - m.freq_shift as f32)).exp() * t as f32)
+            .collect();
         let (cos, sin): (Vec<f32>, Vec<f32>) = arg.iter().map(|a| (a.cos(), a.sin())).unzip();
         let emb = if m.flip_sin_to_cos { [cos, sin].concat() } else { [sin, cos].concat() };
         let n = emb.len();

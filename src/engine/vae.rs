@@ -41,7 +41,11 @@ impl VaeConfig {
         };
         check_levels(path, &cfg.block_out_channels, cfg.norm_num_groups, cfg.layers_per_block)?;
         let bad = |reason: String| Err(EngineError::Config { path: path.to_path_buf(), reason });
-        for (k, c) in [("in_channels", cfg.in_channels), ("out_channels", cfg.out_channels), ("latent_channels", cfg.latent_channels)] {
+        for (k, c) in [
+            ("in_channels", cfg.in_channels),
+            ("out_channels", cfg.out_channels),
+            ("latent_channels", cfg.latent_channels),
+        ] {
             check_size(path, k, c)?;
         }
         if !(cfg.scaling_factor.is_finite() && cfg.scaling_factor > 0.0) {
@@ -135,9 +139,23 @@ impl VaeEncoder {
             let vbi = vs.pp(format!("down_blocks.{i}"));
             let cin = if i > 0 { ch[i - 1] } else { ch[0] };
             let resnets = (0..cfg.layers_per_block)
-                .map(|j| ResnetBlock::new(vbi.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, None, g, 1e-6, 1.0))
+                .map(|j| {
+                    ResnetBlock::new(
+                        vbi.pp(format!("resnets.{j}")),
+                        if j == 0 { cin } else { cout },
+                        cout,
+                        None,
+                        g,
+                        1e-6,
+                        1.0,
+                    )
+                })
                 .collect::<candle_core::Result<_>>()?;
-            let down = if i + 1 != ch.len() { Some(Conv::new(vbi.pp("downsamplers.0.conv"), cout, cout, 3, 2, [0, 0, 1, 1], true)?) } else { None };
+            let down = if i + 1 != ch.len() {
+                Some(Conv::new(vbi.pp("downsamplers.0.conv"), cout, cout, 3, 2, [0, 0, 1, 1], true)?)
+            } else {
+                None
+            };
             down_blocks.push(DownBlock { resnets, down });
         }
         let last = *ch.last().expect("channels");
@@ -181,7 +199,17 @@ impl VaeDecoder {
             let vbi = vs.pp(format!("up_blocks.{i}"));
             let cin = if i > 0 { ch[i - 1] } else { ch[0] };
             let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| ResnetBlock::new(vbi.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, None, g, 1e-6, 1.0))
+                .map(|j| {
+                    ResnetBlock::new(
+                        vbi.pp(format!("resnets.{j}")),
+                        if j == 0 { cin } else { cout },
+                        cout,
+                        None,
+                        g,
+                        1e-6,
+                        1.0,
+                    )
+                })
                 .collect::<candle_core::Result<_>>()?;
             let up = if i + 1 != ch.len() { Some(Upsample::new(vbi.pp("upsamplers.0"), cout)?) } else { None };
             up_blocks.push(UpBlock { resnets, up });

@@ -22,9 +22,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::error::{EngineError, Result};
 use super::bytes::Bytes;
 use super::error::clip;
+use super::error::{EngineError, Result};
 use super::pickle::{self, Id, Node, Pickle};
 
 /// All tensors of one file (or of one sub-dictionary of a pickle), by key.
@@ -188,11 +188,8 @@ impl TensorFile {
     /// Entries under `prefix.` as a file of their own (keys without the prefix).
     pub fn sub(&self, prefix: &str) -> Self {
         let p = format!("{prefix}.");
-        let tensors = self
-            .tensors
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix(&p).map(|k| (k.to_string(), v.clone())))
-            .collect();
+        let tensors =
+            self.tensors.iter().filter_map(|(k, v)| k.strip_prefix(&p).map(|k| (k.to_string(), v.clone()))).collect();
         Self { path: self.path.clone(), tensors, ints: HashMap::new(), metadata: HashMap::new() }
     }
 
@@ -242,8 +239,8 @@ impl TensorFile {
     /// (`state_dict_unet.conv_in.base_layer.weight`, `proj.weight`); integer
     /// entries (`rank_unet`) are kept in [`TensorFile::int`].
     fn from_zip_pickle(path: &Path, bytes: &[u8]) -> Result<Self> {
-        let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-            .map_err(|e| truncated_or_format(path, &e.to_string()))?;
+        let mut zip =
+            zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| truncated_or_format(path, &e.to_string()))?;
         let pkl_name = zip
             .file_names()
             .filter_map(|n| n.ok())
@@ -260,7 +257,9 @@ impl TensorFile {
                 EngineError::Truncated { path, reason } => {
                     EngineError::Truncated { path, reason: format!("tensor `{key}`: {reason}") }
                 }
-                EngineError::Format { path, reason } => EngineError::Format { path, reason: format!("tensor `{key}`: {reason}") },
+                EngineError::Format { path, reason } => {
+                    EngineError::Format { path, reason: format!("tensor `{key}`: {reason}") }
+                }
                 e => e,
             })
         })
@@ -282,7 +281,10 @@ impl TensorFile {
         r.take(15, "magic number")?;
         let version = pickle::load(&mut r)?;
         if version.int(version.root) != Some(1001) {
-            return Err(format_err(path, format!("unsupported legacy protocol ({})", version.node(version.root).kind())));
+            return Err(format_err(
+                path,
+                format!("unsupported legacy protocol ({})", version.node(version.root).kind()),
+            ));
         }
         let sys_info = pickle::load(&mut r)?;
         if let Node::Dict(items) = sys_info.node(sys_info.root) {
@@ -403,20 +405,23 @@ fn zip_entry<'a>(
     if f.compression() == zip::CompressionMethod::Stored {
         let start = f.data_start().ok_or_else(|| format_err(path, format!("{name}: no data offset")))?;
         if f.compressed_size() != size {
-            return Err(format_err(path, format!("{name}: stored entry of {} bytes claims {size}", f.compressed_size())));
+            return Err(format_err(
+                path,
+                format!("{name}: stored entry of {} bytes claims {size}", f.compressed_size()),
+            ));
         }
         let mut r = Bytes::new(path, bytes).part(name);
         r.seek(start)?;
         return Ok(std::borrow::Cow::Borrowed(r.take(size, "entry data")?));
     }
     let Some(cap) = cap else {
-        return Err(format_err(path, format!("{name} is compressed ({:?}): torch.save stores tensor data uncompressed", f.compression())));
+        return Err(format_err(
+            path,
+            format!("{name} is compressed ({:?}): torch.save stores tensor data uncompressed", f.compression()),
+        ));
     };
     let mut out = Vec::new();
-    (&mut f)
-        .take(cap as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| truncated(path, format!("{name}: {e}")))?;
+    (&mut f).take(cap as u64 + 1).read_to_end(&mut out).map_err(|e| truncated(path, format!("{name}: {e}")))?;
     if out.len() > cap {
         return Err(format_err(path, format!("{name} expands to more than {cap} bytes")));
     }
@@ -465,8 +470,8 @@ impl Rebuild {
         if shape.len() > MAX_DIMS {
             return Err(format_err(path, format!("{}: more than {MAX_DIMS} dimensions", desc())));
         }
-        let numel = checked_numel(shape)
-            .ok_or_else(|| format_err(path, format!("{}: the element count overflows", desc())))?;
+        let numel =
+            checked_numel(shape).ok_or_else(|| format_err(path, format!("{}: the element count overflows", desc())))?;
         if numel > n_storage {
             return Err(format_err(
                 path,
@@ -550,12 +555,26 @@ fn flatten(path: &Path, pk: &Pickle) -> Result<Vec<(String, Flat)>> {
     Ok(out)
 }
 
-fn walk(path: &Path, pk: &Pickle, id: Id, prefix: &str, depth: usize, budget: &mut usize, out: &mut Vec<(String, Flat)>) -> Result<()> {
+fn walk(
+    path: &Path,
+    pk: &Pickle,
+    id: Id,
+    prefix: &str,
+    depth: usize,
+    budget: &mut usize,
+    out: &mut Vec<(String, Flat)>,
+) -> Result<()> {
     if depth > MAX_NESTING {
-        return Err(format_err(path, format!("dictionaries nested deeper than {MAX_NESTING} levels at `{}`", clip(prefix, KEY_CHARS))));
+        return Err(format_err(
+            path,
+            format!("dictionaries nested deeper than {MAX_NESTING} levels at `{}`", clip(prefix, KEY_CHARS)),
+        ));
     }
     if *budget == 0 {
-        return Err(format_err(path, "pickle: objects reached more often than the file holds objects (shared dictionaries)"));
+        return Err(format_err(
+            path,
+            "pickle: objects reached more often than the file holds objects (shared dictionaries)",
+        ));
     }
     *budget -= 1;
     match pk.node(id) {
@@ -564,7 +583,10 @@ fn walk(path: &Path, pk: &Pickle, id: Id, prefix: &str, depth: usize, budget: &m
                 let Some(k) = pk.str(k) else { continue };
                 let key = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
                 if key.len() > MAX_KEY {
-                    return Err(format_err(path, format!("key longer than {MAX_KEY} bytes: `{}`", clip(&key, KEY_CHARS))));
+                    return Err(format_err(
+                        path,
+                        format!("key longer than {MAX_KEY} bytes: `{}`", clip(&key, KEY_CHARS)),
+                    ));
                 }
                 walk(path, pk, v, &key, depth + 1, budget, out)?;
             }
@@ -681,7 +703,11 @@ type StEntry = (String, DType, Vec<usize>, u64, u64);
 /// number of data bytes the file holds after the header. Sizes are computed
 /// with checked arithmetic and ranges may not overlap, so the tensors together
 /// never need more bytes than the file holds.
-fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: u64) -> Result<(Vec<StEntry>, HashMap<String, String>)> {
+fn safetensors_entries(
+    path: &Path,
+    header_bytes: &[u8],
+    data_len: u64,
+) -> Result<(Vec<StEntry>, HashMap<String, String>)> {
     let hdr = header(path, header_bytes)?;
     let mut out = Vec::new();
     let mut meta = HashMap::new();
@@ -712,7 +738,10 @@ fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: u64) -> Resul
             if items.len() > MAX_DIMS {
                 return Err(bad(&format!("{field} has {} entries, at most {MAX_DIMS}", items.len())));
             }
-            items.iter().map(|x| x.as_u64().ok_or_else(|| bad(&format!("{field} must hold unsigned integers")))).collect()
+            items
+                .iter()
+                .map(|x| x.as_u64().ok_or_else(|| bad(&format!("{field} must hold unsigned integers"))))
+                .collect()
         };
         let shape: Vec<usize> = list("shape")?.into_iter().map(|d| d as usize).collect();
         let offs = list("data_offsets")?;
@@ -722,7 +751,11 @@ fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: u64) -> Resul
         if offs[1] > data_len {
             return Err(truncated(
                 path,
-                format!("tensor `{}` {shape:?} ends at byte {} of the data, file holds {data_len}", clip(&name, KEY_CHARS), offs[1]),
+                format!(
+                    "tensor `{}` {shape:?} ends at byte {} of the data, file holds {data_len}",
+                    clip(&name, KEY_CHARS),
+                    offs[1]
+                ),
             ));
         }
         let want = checked_numel(&shape).and_then(|n| n.checked_mul(dtype.size_in_bytes()));
@@ -736,7 +769,14 @@ fn safetensors_entries(path: &Path, header_bytes: &[u8], data_len: u64) -> Resul
     out.sort_by_key(|e| (e.3, e.4));
     for w in out.windows(2) {
         if w[1].3 < w[0].4 {
-            return Err(format_err(path, format!("tensors `{}` and `{}` overlap in the data", clip(&w[0].0, KEY_CHARS), clip(&w[1].0, KEY_CHARS))));
+            return Err(format_err(
+                path,
+                format!(
+                    "tensors `{}` and `{}` overlap in the data",
+                    clip(&w[0].0, KEY_CHARS),
+                    clip(&w[1].0, KEY_CHARS)
+                ),
+            ));
         }
     }
     Ok((out, meta))
@@ -803,13 +843,8 @@ mod tests {
 
     #[test]
     fn strided_views_are_gathered() {
-        let rb = Rebuild {
-            storage_key: "0".into(),
-            dtype: DType::F32,
-            offset: 1,
-            shape: vec![2, 2],
-            stride: vec![1, 3],
-        };
+        let rb =
+            Rebuild { storage_key: "0".into(), dtype: DType::F32, offset: 1, shape: vec![2, 2], stride: vec![1, 3] };
         let raw: Vec<u8> = (0..8u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
         let t = rb.build(Path::new("x"), "k", &raw).unwrap();
         assert_eq!(t.to_vec2::<f32>().unwrap(), vec![vec![1.0, 4.0], vec![2.0, 5.0]]);

@@ -133,7 +133,11 @@ pub fn run(cfg: &Config, scene: &image::RgbImage, branches: &[String]) -> Result
     );
     for (i, props) in branches.iter().enumerate() {
         // live: no queue before codiff, so that it meets each frame when it is due
-        let before = if cfg.live_fps.is_some() { "queue max-size-buffers=1 max-size-bytes=0 max-size-time=0" } else { unbounded };
+        let before = if cfg.live_fps.is_some() {
+            "queue max-size-buffers=1 max-size-bytes=0 max-size-time=0"
+        } else {
+            unbounded
+        };
         launch.push_str(&format!(
             " t. ! {before} ! codiff name=codiff{i} {props} ! {rgb} ! appsink name=out{i} sync={sync}"
         ));
@@ -145,9 +149,7 @@ pub fn run(cfg: &Config, scene: &image::RgbImage, branches: &[String]) -> Result
     let src = pipeline.by_name("src").unwrap();
     let input_sink = pipeline.by_name("input").unwrap();
     let bus = pipeline.bus().unwrap();
-    pipeline
-        .set_state(gst::State::Playing)
-        .map_err(|e| format!("{e}"))?;
+    pipeline.set_state(gst::State::Playing).map_err(|e| format!("{e}"))?;
     let result = (|| {
         let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
         let started = std::time::Instant::now();
@@ -185,15 +187,11 @@ pub fn run(cfg: &Config, scene: &image::RgbImage, branches: &[String]) -> Result
         }
         let _ = src.emit_by_name::<gst::FlowReturn>("end-of-stream", &[]);
 
-        let input = (0..cfg.frames)
-            .map(|_| pull(&input_sink, w, h))
-            .collect::<Result<Vec<_>, _>>()?;
+        let input = (0..cfg.frames).map(|_| pull(&input_sink, w, h)).collect::<Result<Vec<_>, _>>()?;
         let mut outputs = Vec::new();
         for (i, props) in branches.iter().enumerate() {
             let sink = pipeline.by_name(&format!("out{i}")).unwrap();
-            let frames = (0..cfg.frames)
-                .map(|_| pull(&sink, w, h))
-                .collect::<Result<Vec<_>, _>>()?;
+            let frames = (0..cfg.frames).map(|_| pull(&sink, w, h)).collect::<Result<Vec<_>, _>>()?;
             outputs.push((props.clone(), frames));
         }
         let (mut qfs, mut ms) = (Vec::new(), Vec::new());
@@ -206,20 +204,11 @@ pub fn run(cfg: &Config, scene: &image::RgbImage, branches: &[String]) -> Result
                         ms.push(s.get::<u64>("processing-time").unwrap_or(0) as f64 / 1e6);
                     }
                 }
-                gst::MessageView::Error(e) => {
-                    return Err(format!("{} ({:?})", e.error(), e.debug()))
-                }
+                gst::MessageView::Error(e) => return Err(format!("{} ({:?})", e.error(), e.debug())),
                 _ => {}
             }
         }
-        Ok(Report {
-            truth,
-            noisy,
-            input,
-            outputs,
-            qfs,
-            ms,
-        })
+        Ok(Report { truth, noisy, input, outputs, qfs, ms })
     })();
     let _ = pipeline.set_state(gst::State::Null);
     result

@@ -193,7 +193,14 @@ impl Pk {
         self.global("torch._utils", "_rebuild_tensor_v2");
         self.mark();
         // persistent id ('storage', FloatStorage, key, 'cpu', numel)
-        self.mark().str("storage").global("torch", &t.storage_type).str(&t.storage_key).str("cpu").int(t.storage_numel).tuple().persid();
+        self.mark()
+            .str("storage")
+            .global("torch", &t.storage_type)
+            .str(&t.storage_key)
+            .str("cpu")
+            .int(t.storage_numel)
+            .tuple()
+            .persid();
         self.int(t.offset).ints(&t.shape).ints(&t.stride).bool(false);
         self.global("collections", "OrderedDict").empty_tuple().reduce();
         self.tuple().reduce()
@@ -259,7 +266,18 @@ pub type Storage = (String, Vec<f32>);
 pub fn legacy_file(object: &[u8], storages: &[Storage]) -> Vec<u8> {
     let mut out = vec![0x80, 2, 0x8a, 10, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.'];
     out.extend(Pk::new().int(1001).stop().bytes());
-    out.extend(Pk::new().dict().mark().str("protocol_version").int(1001).str("little_endian").bool(true).setitems().stop().bytes());
+    out.extend(
+        Pk::new()
+            .dict()
+            .mark()
+            .str("protocol_version")
+            .int(1001)
+            .str("little_endian")
+            .bool(true)
+            .setitems()
+            .stop()
+            .bytes(),
+    );
     out.extend(object);
     let mut keys = Pk::new();
     keys.list().mark();
@@ -392,7 +410,12 @@ pub fn seeds() -> Vec<Seed> {
     ];
     let storages: Vec<Storage> = vec![("0".into(), (0..6).map(|i| i as f32).collect()), ("1".into(), vec![1.0; 4])];
     let obj = state_dict_pickle(&tensors).bytes();
-    out.push(Seed { name: "small.pth".into(), rel: None, target: Target::Weights, bytes: legacy_file(&obj, &storages) });
+    out.push(Seed {
+        name: "small.pth".into(),
+        rel: None,
+        target: Target::Weights,
+        bytes: legacy_file(&obj, &storages),
+    });
     out.push(Seed { name: "small.pkl".into(), rel: None, target: Target::Weights, bytes: zip_file(&obj, &storages) });
     out.push(Seed { name: "small.safetensors".into(), rel: None, target: Target::Weights, bytes: small_safetensors() });
     out
@@ -406,7 +429,8 @@ fn small_safetensors() -> Vec<u8> {
     out
 }
 
-const INTERESTING: [u64; 12] = [0, 1, 2, 0x7f, 0x80, 0xff, 0xffff, 0x7fff_ffff, 0xffff_ffff, 1 << 40, i64::MAX as u64, u64::MAX];
+const INTERESTING: [u64; 12] =
+    [0, 1, 2, 0x7f, 0x80, 0xff, 0xffff, 0x7fff_ffff, 0xffff_ffff, 1 << 40, i64::MAX as u64, u64::MAX];
 
 /// A position biased towards the parts that hold structure: the head
 /// (pickles, safetensors headers) and the tail (zip central directory).
@@ -499,8 +523,20 @@ pub fn mutate(rng: &mut Rng, input: &[u8], others: &[Seed], json: bool) -> Vec<u
                 let spots: Vec<usize> = s.match_indices(|c: char| c.is_ascii_digit()).map(|(i, _)| i).collect();
                 if !spots.is_empty() {
                     let i = *rng.pick(&spots);
-                    let end = s[i..].find(|c: char| !c.is_ascii_digit() && c != '.' && c != 'e' && c != '-').map_or(s.len(), |e| i + e);
-                    let v = *rng.pick(&["0", "-1", "1e10", "10000000000", "18446744073709551615", "1e308", "0.5", "3", "99999"]);
+                    let end = s[i..]
+                        .find(|c: char| !c.is_ascii_digit() && c != '.' && c != 'e' && c != '-')
+                        .map_or(s.len(), |e| i + e);
+                    let v = *rng.pick(&[
+                        "0",
+                        "-1",
+                        "1e10",
+                        "10000000000",
+                        "18446744073709551615",
+                        "1e308",
+                        "0.5",
+                        "3",
+                        "99999",
+                    ]);
                     b = format!("{}{}{}", &s[..i], v, &s[end..]).into_bytes();
                 }
             }
@@ -521,14 +557,17 @@ pub fn generate(rng: &mut Rng) -> Vec<u8> {
     let tensors: Vec<TensorRef> = (0..rng.below(4) + 1)
         .map(|i| {
             let dims = rng.below(4);
-            let shape: Vec<i64> = (0..dims).map(|_| if rng.chance(0.7) { rng.below(5) as i64 } else { edge(rng) }).collect();
+            let shape: Vec<i64> =
+                (0..dims).map(|_| if rng.chance(0.7) { rng.below(5) as i64 } else { edge(rng) }).collect();
             let stride: Vec<i64> = (0..if rng.chance(0.9) { dims } else { rng.below(4) })
                 .map(|_| if rng.chance(0.6) { rng.below(6) as i64 } else { edge(rng) })
                 .collect();
             TensorRef {
                 key: format!("t{i}"),
                 storage_key: rng.below(n_storage + 1).to_string(),
-                storage_type: rng.pick(&["FloatStorage", "FloatStorage", "HalfStorage", "LongStorage", "ByteStorage", "IntStorage"]).to_string(),
+                storage_type: rng
+                    .pick(&["FloatStorage", "FloatStorage", "HalfStorage", "LongStorage", "ByteStorage", "IntStorage"])
+                    .to_string(),
                 storage_numel: edge(rng),
                 offset: if rng.chance(0.7) { rng.below(4) as i64 } else { edge(rng) },
                 shape,
@@ -579,7 +618,10 @@ pub fn run_case(dir: &Path, name: &str, target: Target, bytes: &[u8]) -> Outcome
         Ok(Ok(())) => Outcome::Ok,
         Ok(Err(e)) => Outcome::Error(e),
         Err(p) => Outcome::Panic(
-            p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default(),
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default(),
         ),
     }
 }
@@ -624,7 +666,10 @@ pub fn run_model_case(model: &Path, rel: &str, bytes: &[u8]) -> Outcome {
         Ok(Ok(())) => Outcome::Ok,
         Ok(Err(e)) => Outcome::Error(e),
         Err(p) => Outcome::Panic(
-            p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default(),
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default(),
         ),
     }
 }

@@ -32,7 +32,9 @@ pub struct LiveRun {
 pub fn rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
@@ -81,7 +83,8 @@ pub fn run_live(width: u32, height: u32, fps: u32, seconds: u32, middle: &str, q
     let started = std::time::Instant::now();
     let limit = Duration::from_secs(seconds as u64 + 60);
     loop {
-        if run.lock().unwrap().rss_start_mb == 0.0 && started.elapsed() > Duration::from_secs_f64(seconds as f64 / 2.0) {
+        if run.lock().unwrap().rss_start_mb == 0.0 && started.elapsed() > Duration::from_secs_f64(seconds as f64 / 2.0)
+        {
             run.lock().unwrap().rss_start_mb = rss_mb();
         }
         let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {

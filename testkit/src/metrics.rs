@@ -106,7 +106,10 @@ pub fn load(path: &Path) -> Result<Image, String> {
         D::ImageRgb16(b) => (3, b.into_raw().into_iter().map(|v| (v >> 8) as u8).collect()),
         D::ImageRgba16(b) => (
             3,
-            b.into_raw().chunks_exact(4).flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8]).collect(),
+            b.into_raw()
+                .chunks_exact(4)
+                .flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
+                .collect(),
         ),
         other => (3, other.to_rgb8().into_raw()),
     };

@@ -78,7 +78,8 @@ impl ServerOptions {
         }
         if let Some(input) = &self.input {
             let name = input.to_string_lossy();
-            let loc = quoted(&name).ok_or_else(|| format!("input {name}: quotes, backslashes or newlines in the name"))?;
+            let loc =
+                quoted(&name).ok_or_else(|| format!("input {name}: quotes, backslashes or newlines in the name"))?;
             if name.contains('%') {
                 return Ok(format!(
                     "multifilesrc location={loc} index=0 caps=\"image/jpeg,framerate={}/1\" ! jpegdec",
@@ -154,7 +155,9 @@ impl Server {
         // missing and fail only when a client plays the media.
         for name in ["codiff", "rtpjpegpay", "jpegenc", "jpegdec", "videoconvert"] {
             if gst::ElementFactory::find(name).is_none() {
-                return Err(format!("no GStreamer element {name:?} (codiff: register the plugin or set GST_PLUGIN_PATH)"));
+                return Err(format!(
+                    "no GStreamer element {name:?} (codiff: register the plugin or set GST_PLUGIN_PATH)"
+                ));
             }
         }
         if !options.mount.starts_with('/') {
@@ -193,10 +196,7 @@ impl Server {
                 _ => {}
             });
         });
-        server
-            .mount_points()
-            .ok_or("RTSP server without mount points")?
-            .add_factory(&options.mount, factory);
+        server.mount_points().ok_or("RTSP server without mount points")?.add_factory(&options.mount, factory);
 
         let context = glib::MainContext::new();
         let main_loop = glib::MainLoop::new(Some(&context), false);
@@ -210,9 +210,7 @@ impl Server {
             std::thread::Builder::new()
                 .name("rtsp-server".into())
                 .spawn(move || {
-                    context
-                        .with_thread_default(|| main_loop.run())
-                        .expect("the server's main context is free")
+                    context.with_thread_default(|| main_loop.run()).expect("the server's main context is free")
                 })
                 .map_err(|e| format!("cannot start the server thread: {e}"))?
         };
@@ -261,8 +259,7 @@ impl Server {
         if let Some(source) = self.source.take() {
             source.destroy();
         }
-        self.server
-            .client_filter(Some(&mut |_, _| gst_rtsp_server::RTSPFilterResult::Remove));
+        self.server.client_filter(Some(&mut |_, _| gst_rtsp_server::RTSPFilterResult::Remove));
         self.main_loop.quit();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -48,10 +48,7 @@ pub(super) fn check_frame_size(
     if settings.max_frame_pixels > 0 && pixels > settings.max_frame_pixels {
         return Err(FrameError::failed(
             "frame too large",
-            format!(
-                "{width}x{height} is {pixels} pixels, more than max-frame-pixels={}",
-                settings.max_frame_pixels
-            ),
+            format!("{width}x{height} is {pixels} pixels, more than max-frame-pixels={}", settings.max_frame_pixels),
         ));
     }
     // ... and frames the process has not the memory for (the element's own
@@ -97,12 +94,8 @@ pub(super) fn write_frame_change(
     strength: f32,
 ) -> Result<(), FrameError> {
     let (width, height) = (frame.width() as usize, frame.height() as usize);
-    let mut planes: Vec<PlaneMut> = frame
-        .planes_data_mut()
-        .into_iter()
-        .zip(strides)
-        .map(|(data, &stride)| PlaneMut { data, stride })
-        .collect();
+    let mut planes: Vec<PlaneMut> =
+        frame.planes_data_mut().into_iter().zip(strides).map(|(data, &stride)| PlaneMut { data, stride }).collect();
     convert::write_rgb_change(layout, siting, &mut planes, width, height, input, output, strength)
         .map_err(|err| FrameError::failed("writing the frame", err))
 }
@@ -129,17 +122,12 @@ pub(super) fn layout_for(info: &gst_video::VideoInfo) -> Option<Layout> {
         Some(Component {
             plane: *finfo.plane().get(c)? as usize,
             offset: *finfo.poffset().get(c)? as usize,
-            pixel_stride: usize::try_from(*finfo.pixel_stride().get(c)?)
-                .ok()
-                .filter(|&s| s > 0)?,
+            pixel_stride: usize::try_from(*finfo.pixel_stride().get(c)?).ok().filter(|&s| s > 0)?,
             sub_x: *finfo.w_sub().get(c)?,
             sub_y: *finfo.h_sub().get(c)?,
         })
     };
-    Some(Layout {
-        model,
-        comps: [comp(0)?, comp(1)?, comp(2)?],
-    })
+    Some(Layout { model, comps: [comp(0)?, comp(1)?, comp(2)?] })
 }
 
 /// Chroma sites of `info`'s caps (no `chroma-site` field = unknown = centred, as JPEG).
@@ -163,47 +151,18 @@ mod tests {
             layout_for(&gst_video::VideoInfo::from_caps(&caps).unwrap())
         };
         let jpeg = layout("video/x-raw,format=I420,width=17,height=9,colorimetry=1:4:0:0").unwrap();
-        assert_eq!(
-            jpeg.model,
-            ColorModel::Yuv(YuvMatrix::new(0.299, 0.114, true))
-        );
-        assert_eq!(
-            (
-                jpeg.comps[1].plane,
-                jpeg.comps[1].sub_x,
-                jpeg.comps[1].sub_y
-            ),
-            (1, 1, 1)
-        );
-        let hd =
-            layout("video/x-raw,format=NV12,width=1920,height=1080,colorimetry=bt709").unwrap();
-        assert_eq!(
-            hd.model,
-            ColorModel::Yuv(YuvMatrix::new(0.2126, 0.0722, false))
-        );
-        assert_eq!(
-            hd.comps[2],
-            Component {
-                plane: 1,
-                offset: 1,
-                pixel_stride: 2,
-                sub_x: 1,
-                sub_y: 1
-            }
-        );
+        assert_eq!(jpeg.model, ColorModel::Yuv(YuvMatrix::new(0.299, 0.114, true)));
+        assert_eq!((jpeg.comps[1].plane, jpeg.comps[1].sub_x, jpeg.comps[1].sub_y), (1, 1, 1));
+        let hd = layout("video/x-raw,format=NV12,width=1920,height=1080,colorimetry=bt709").unwrap();
+        assert_eq!(hd.model, ColorModel::Yuv(YuvMatrix::new(0.2126, 0.0722, false)));
+        assert_eq!(hd.comps[2], Component { plane: 1, offset: 1, pixel_stride: 2, sub_x: 1, sub_y: 1 });
         let bgrx = layout("video/x-raw,format=BGRx,width=1,height=1").unwrap();
         assert_eq!(bgrx.model, ColorModel::Rgb);
-        assert_eq!(
-            bgrx.comps.map(|c| (c.offset, c.pixel_stride)),
-            [(2, 4), (1, 4), (0, 4)]
-        );
+        assert_eq!(bgrx.comps.map(|c| (c.offset, c.pixel_stride)), [(2, 4), (1, 4), (0, 4)]);
         let argb = layout("video/x-raw,format=ARGB,width=3,height=2").unwrap();
         assert_eq!(argb.comps.map(|c| c.offset), [1, 2, 3]);
         let yuy2 = layout("video/x-raw,format=YUY2,width=4,height=2").unwrap();
-        assert_eq!(
-            yuy2.comps.map(|c| (c.offset, c.pixel_stride, c.sub_x)),
-            [(0, 2, 0), (1, 4, 1), (3, 4, 1)]
-        );
+        assert_eq!(yuy2.comps.map(|c| (c.offset, c.pixel_stride, c.sub_x)), [(0, 2, 0), (1, 4, 1), (3, 4, 1)]);
         assert!(layout("video/x-raw,format=GRAY8,width=4,height=2").is_none());
         assert!(layout("video/x-raw,format=I420_10LE,width=4,height=2").is_none());
     }
@@ -215,9 +174,7 @@ mod tests {
         // decoders and videoconvert always set); without one it assumes centred.
         let siting = |site: &str| {
             let caps: gst::Caps =
-                format!("video/x-raw,format=I420,width=16,height=16,colorimetry=bt601{site}")
-                    .parse()
-                    .unwrap();
+                format!("video/x-raw,format=I420,width=16,height=16,colorimetry=bt601{site}").parse().unwrap();
             chroma_siting(&gst_video::VideoInfo::from_caps(&caps).unwrap())
         };
         assert_eq!(siting(",chroma-site=mpeg2"), ChromaSiting::MPEG2);

@@ -66,7 +66,11 @@ impl Codiff {
         let now = clock.time().saturating_sub(base);
         let expected = {
             let stats = self.stats.lock().unwrap();
-            if stats.typical.is_zero() { stats.max } else { stats.typical }
+            if stats.typical.is_zero() {
+                stats.max
+            } else {
+                stats.typical
+            }
         };
         let due = rt + latency;
         gst::trace!(CAT, imp = self, "now {now} + expected {expected} vs due {due}");
@@ -198,9 +202,7 @@ impl Codiff {
         opts.cancel = self.cancel.clone();
         let pool = self.thread_pool();
         let started = Instant::now();
-        let result = in_pool(pool.as_deref(), || {
-            guarded(|| engine.restore(&mut image, &opts))
-        });
+        let result = in_pool(pool.as_deref(), || guarded(|| engine.restore(&mut image, &opts)));
         match result {
             Ok(_) => {
                 let ratio = pixels as f64 / (ww * wh) as f64;
@@ -238,11 +240,7 @@ impl Codiff {
             }
         };
         if announce {
-            gst::debug!(
-                CAT,
-                imp = self,
-                "processing time grew to {elapsed}, posting latency message"
-            );
+            gst::debug!(CAT, imp = self, "processing time grew to {elapsed}, posting latency message");
             let obj = self.obj();
             let _ = obj.post_message(gst::message::Latency::builder().src(&*obj).build());
         }

@@ -59,7 +59,13 @@ impl candle_core::CustomOp3 for AttentionOp {
         let (b, n, c) = lq.shape().dims3()?;
         let (bk, m, ck) = lk.shape().dims3()?;
         if lv.shape() != lk.shape() || bk != b || ck != c || c % self.heads != 0 {
-            candle_core::bail!("attention: q {:?}, k {:?}, v {:?}, {} heads", lq.shape(), lk.shape(), lv.shape(), self.heads);
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?}, {} heads",
+                lq.shape(),
+                lk.shape(),
+                lv.shape(),
+                self.heads
+            );
         }
         let d = c / self.heads;
         // per (batch, head): K^T as [d x m] and V as [m x d], contiguous, so the
@@ -79,8 +85,9 @@ impl candle_core::CustomOp3 for AttentionOp {
         });
         let mut out = activation(b * n * c);
         let optr = SendPtr(out.as_mut_ptr());
-        let tasks: Vec<(usize, usize, usize)> =
-            (0..b).flat_map(|bi| (0..self.heads).flat_map(move |h| (0..n).step_by(ATTN_ROWS).map(move |r0| (bi, h, r0)))).collect();
+        let tasks: Vec<(usize, usize, usize)> = (0..b)
+            .flat_map(|bi| (0..self.heads).flat_map(move |h| (0..n).step_by(ATTN_ROWS).map(move |r0| (bi, h, r0))))
+            .collect();
         tasks.par_iter().for_each_init(
             || (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
             |(scores, acc, mx, sum): &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>), &(bi, h, r0)| {
@@ -124,7 +131,21 @@ impl candle_core::CustomOp3 for AttentionOp {
                     // rows j0..j0 + kb of this head's [m x d] lie inside vh
                     unsafe {
                         // acc[rows x d] += P[rows x kb] V[kb x d]
-                        gemm_strided(rows, d, kb, true, acc.as_mut_ptr(), d, 1, scores.as_ptr(), kb, 1, vp.add(j0 * d), d, 1);
+                        gemm_strided(
+                            rows,
+                            d,
+                            kb,
+                            true,
+                            acc.as_mut_ptr(),
+                            d,
+                            1,
+                            scores.as_ptr(),
+                            kb,
+                            1,
+                            vp.add(j0 * d),
+                            d,
+                            1,
+                        );
                     }
                 }
                 for r in 0..rows {
@@ -132,7 +153,8 @@ impl candle_core::CustomOp3 for AttentionOp {
                     // SAFETY: `out` holds b * n * c values and outlives this
                     // blocking loop; task (bi, h, r0) alone writes columns
                     // h d..(h + 1) d of rows r0..r0 + rows of image bi
-                    let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(bi * n * c + (r0 + r) * c + h * d), d) };
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(optr.0.add(bi * n * c + (r0 + r) * c + h * d), d) };
                     dst.iter_mut().zip(&acc[r * d..(r + 1) * d]).for_each(|(o, a)| *o = a * inv);
                 }
             },
@@ -143,8 +165,8 @@ impl candle_core::CustomOp3 for AttentionOp {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::max_err;
     use super::*;
-    use super::super::tests::{max_err};
     use candle_core::{Device, Tensor};
 
     #[test]
@@ -156,7 +178,9 @@ mod tests {
             let q = Tensor::randn(0f32, 1., (2, n, c), &dev).unwrap();
             let k = Tensor::randn(0f32, 1., (2, m, c), &dev).unwrap();
             let v = Tensor::randn(0f32, 1., (2, m, c), &dev).unwrap();
-            let split = |t: &Tensor, len: usize| t.reshape((2, len, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let split = |t: &Tensor, len: usize| {
+                t.reshape((2, len, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+            };
             let scale = 1.0 / (d as f64).sqrt();
             let scores = split(&q, n).matmul(&split(&k, m).t().unwrap()).unwrap();
             let p = candle_nn::ops::softmax_last_dim(&(scores * scale).unwrap()).unwrap();

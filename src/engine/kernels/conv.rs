@@ -4,7 +4,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp2, Layout, Shape, T
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::{activation, contiguous, contiguous_mut, direct, gemm_strided, par_row_blocks, winograd, winograd_enabled, SendPtr};
+use super::{
+    activation, contiguous, contiguous_mut, direct, gemm_strided, par_row_blocks, winograd, winograd_enabled, SendPtr,
+};
 use super::{DIRECT_MAX_CHANNELS, DIRECT_MAX_WIDE_WIDTH, DIRECT_NARROW, WINOGRAD_KEEP_BYTES, WINOGRAD_MIN_CHANNELS};
 
 /// k x k convolution (any stride, any zero padding per side) as banded
@@ -40,7 +42,13 @@ impl ConvOp {
         Self::new(w, b, 1, [k / 2; 4], relu)
     }
 
-    pub fn new(w: &Tensor, b: Option<&Tensor>, stride: usize, pad: [usize; 4], relu: bool) -> candle_core::Result<Self> {
+    pub fn new(
+        w: &Tensor,
+        b: Option<&Tensor>,
+        stride: usize,
+        pad: [usize; 4],
+        relu: bool,
+    ) -> candle_core::Result<Self> {
         let (cout, cin, kh, kw) = w.dims4()?;
         if kh != kw || stride == 0 {
             candle_core::bail!("ConvOp needs a square kernel and a stride >= 1, got {kh}x{kw} stride {stride}");
@@ -50,7 +58,20 @@ impl ConvOp {
             None => vec![0.0; cout],
         };
         let weight = w.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.contiguous()?;
-        let op = Self { weight, bias, cin, cout, k: kh, stride, pad, relu, direct: None, always_direct: false, winograd: None, winograd_kept: Default::default() };
+        let op = Self {
+            weight,
+            bias,
+            cin,
+            cout,
+            k: kh,
+            stride,
+            pad,
+            relu,
+            direct: None,
+            always_direct: false,
+            winograd: None,
+            winograd_kept: Default::default(),
+        };
         let op = if cin.min(cout) >= WINOGRAD_MIN_CHANNELS && winograd_enabled() { op.with_winograd(None) } else { op };
         if cin <= DIRECT_MAX_CHANNELS && cout <= DIRECT_MAX_CHANNELS {
             op.with_direct(false)
@@ -109,7 +130,15 @@ impl ConvOp {
     }
 
     /// The direct kernel over row chunks of every image, in parallel.
-    fn run_direct(&self, d: &direct::Direct, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> Vec<f32> {
+    fn run_direct(
+        &self,
+        d: &direct::Direct,
+        x: &[f32],
+        b: usize,
+        h: usize,
+        w: usize,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
         let mut out = activation(b * self.cout * h * w);
         // SAFETY: `out` was just allocated with b * cout * h * w values; `x`
         // (b * cin * h * w) and `residual` (b * cout * h * w) are sized by
@@ -127,7 +156,16 @@ impl ConvOp {
     /// `b * cout * h * w`; `d` is this layer's (so [`direct::available`] held
     /// when it was made).
     #[allow(clippy::too_many_arguments)]
-    unsafe fn run_direct_into(&self, d: &direct::Direct, x: &[f32], b: usize, h: usize, w: usize, residual: Option<*const f32>, out: *mut f32) {
+    unsafe fn run_direct_into(
+        &self,
+        d: &direct::Direct,
+        x: &[f32],
+        b: usize,
+        h: usize,
+        w: usize,
+        residual: Option<*const f32>,
+        out: *mut f32,
+    ) {
         let (cin, cout) = (self.cin, self.cout);
         let threads = rayon::current_num_threads().max(1);
         // a few chunks per thread for balance, each at least a few rows
@@ -188,7 +226,11 @@ impl ConvOp {
                     // output columns whose source column lies inside the image
                     let off = kx as isize - pl;
                     let lo = if off >= 0 { 0 } else { ((-off) as usize).div_ceil(s) };
-                    let hi = if (w as isize - 1 - off) < 0 { 0 } else { (((w as isize - 1 - off) as usize) / s + 1).min(ow) };
+                    let hi = if (w as isize - 1 - off) < 0 {
+                        0
+                    } else {
+                        (((w as isize - 1 - off) as usize) / s + 1).min(ow)
+                    };
                     for r in r0..r1 {
                         let dst = &mut row[(r - r0) * ow..(r - r0 + 1) * ow];
                         let sy = (r * s) as isize + ky as isize - pt;
@@ -245,14 +287,22 @@ impl ConvOp {
         let keep = |m: usize| (m + 2) * (m + 2) * cout * cin * 4 <= WINOGRAD_KEEP_BYTES;
         if let Some(m) = self.winograd.and_then(|t| t.or_else(|| winograd::tile_for(h, w, keep(4)))) {
             if !keep(m) && winograd::streams(cin, h, w, m) {
-                return Ok(winograd::run_streamed(&weight[..cout * cin * 9], cout, cin, m, x, b, h, w, &self.bias, self.relu, residual));
+                return Ok(winograd::run_streamed(
+                    &weight[..cout * cin * 9],
+                    cout,
+                    cin,
+                    m,
+                    x,
+                    b,
+                    h,
+                    w,
+                    &self.bias,
+                    self.relu,
+                    residual,
+                ));
             }
             let make = || Arc::new(winograd::Winograd::new(&weight[..cout * cin * 9], cout, cin, m));
-            let wg = if keep(m) {
-                self.winograd_kept[m / 4].get_or_init(make).clone()
-            } else {
-                make()
-            };
+            let wg = if keep(m) { self.winograd_kept[m / 4].get_or_init(make).clone() } else { make() };
             return Ok(wg.run(x, b, h, w, &self.bias, self.relu, residual));
         }
         let (oh, ow) = self.out_hw(h, w)?;
@@ -330,7 +380,13 @@ impl CustomOp2 for ConvOp {
         "codiff-conv-residual"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous(s1, l1, "conv")?;
         let r = contiguous(s2, l2, "conv residual")?;
         let (b, h, w, shape) = self.out_shape(l1)?;
@@ -400,15 +456,17 @@ impl InplaceOp2 for AddInto {
         }
         let dst = contiguous_mut(s1, l1, "add into")?;
         let chunk = (dst.len() / (4 * rayon::current_num_threads().max(1))).max(1 << 14);
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
         Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{conv_case, max_err};
     use super::*;
-    use super::super::tests::{max_err, conv_case};
     use candle_core::{Device, Tensor};
 
     #[test]
@@ -419,7 +477,8 @@ mod tests {
             let wt = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap();
             let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
             let r = Tensor::randn(0f32, 1., (2, cout, h, w), &dev).unwrap();
-            let reference = x.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            let reference =
+                x.conv2d(&wt, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
             let op = ConvOp::from_tensors(&wt, Some(&b), false).unwrap();
             assert!(max_err(&x.apply_op1(op.clone()).unwrap(), &reference) < 1e-4);
             let with_res = x.apply_op2(&r, op).unwrap();
@@ -435,7 +494,16 @@ mod tests {
         // last block), widths around the 16-lane strips, one-row and one-column
         // frames, batch 2; the GEMM path on the same layers
         let dev = Device::Cpu;
-        for (cin, cout, h, w) in [(3, 3, 5, 1), (8, 8, 1, 16), (8, 8, 4, 48), (8, 8, 3, 49), (16, 16, 7, 31), (64, 64, 5, 17), (3, 17, 6, 33), (13, 40, 2, 65)] {
+        for (cin, cout, h, w) in [
+            (3, 3, 5, 1),
+            (8, 8, 1, 16),
+            (8, 8, 4, 48),
+            (8, 8, 3, 49),
+            (16, 16, 7, 31),
+            (64, 64, 5, 17),
+            (3, 17, 6, 33),
+            (13, 40, 2, 65),
+        ] {
             let [x, wt, b, r, reference, relu_res] = conv_case(cin, cout, h, w);
             for relu in [false, true] {
                 let op = ConvOp::from_tensors(&wt, Some(&b), relu).unwrap().direct().unwrap();
@@ -443,9 +511,15 @@ mod tests {
                 for op in [op.clone(), op.gemm_only()] {
                     let want = if relu { reference.relu().unwrap() } else { reference.clone() };
                     let tol = 1e-4 * (cin as f32).sqrt() * 3.0;
-                    assert!(max_err(&x.apply_op1_no_bwd(&op).unwrap(), &want) < tol, "{cin}->{cout} {h}x{w} relu {relu}");
+                    assert!(
+                        max_err(&x.apply_op1_no_bwd(&op).unwrap(), &want) < tol,
+                        "{cin}->{cout} {h}x{w} relu {relu}"
+                    );
                     if relu {
-                        assert!(max_err(&x.apply_op2_no_bwd(&r, &op).unwrap(), &relu_res) < tol, "{cin}->{cout} {h}x{w} residual");
+                        assert!(
+                            max_err(&x.apply_op2_no_bwd(&r, &op).unwrap(), &relu_res) < tol,
+                            "{cin}->{cout} {h}x{w} residual"
+                        );
                     }
                 }
             }
@@ -453,7 +527,10 @@ mod tests {
         // wide layers stay on GEMM unless asked
         let wide = Tensor::randn(0f32, 1., (128, 128, 3, 3), &dev).unwrap();
         assert!(!ConvOp::from_tensors(&wide, None, false).unwrap().is_direct());
-        assert_eq!(ConvOp::from_tensors(&wide, None, false).unwrap().direct().unwrap().is_direct(), direct::available());
+        assert_eq!(
+            ConvOp::from_tensors(&wide, None, false).unwrap().direct().unwrap().is_direct(),
+            direct::available()
+        );
     }
 
     #[test]
@@ -461,12 +538,15 @@ mod tests {
         let dev = Device::Cpu;
         // stride 2 with symmetric padding (UNet downsampler), stride 2 with the
         // VAE encoder's (0,1,0,1) padding, 1x1, and a 5x5
-        for (k, s, pad, h, w) in [(3, 2, [1, 1, 1, 1], 16, 12), (3, 2, [0, 0, 1, 1], 15, 10), (1, 1, [0; 4], 7, 9), (5, 1, [2; 4], 9, 11)] {
+        for (k, s, pad, h, w) in
+            [(3, 2, [1, 1, 1, 1], 16, 12), (3, 2, [0, 0, 1, 1], 15, 10), (1, 1, [0; 4], 7, 9), (5, 1, [2; 4], 9, 11)]
+        {
             let x = Tensor::randn(0f32, 1., (2, 6, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1., (5, 6, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1., 5, &dev).unwrap();
             let padded = x.pad_with_zeros(2, pad[0], pad[2]).unwrap().pad_with_zeros(3, pad[1], pad[3]).unwrap();
-            let reference = padded.conv2d(&wt, 0, s, 1, 1).unwrap().broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap()).unwrap();
+            let reference =
+                padded.conv2d(&wt, 0, s, 1, 1).unwrap().broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap()).unwrap();
             let op = ConvOp::new(&wt, Some(&b), s, pad, false).unwrap();
             let ours = x.apply_op1_no_bwd(&op).unwrap();
             assert_eq!(ours.dims(), reference.dims());

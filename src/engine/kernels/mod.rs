@@ -156,13 +156,13 @@ mod norm;
 mod patch;
 pub mod winograd;
 
+use self::gemm::gemm_strided;
 pub use attention::AttentionOp;
 pub use conv::{AddInto, ConvInto, ConvOp};
-pub use norm::GroupNormOp;
-pub(crate) use norm::mean_var;
 pub(super) use norm::affine;
+pub(crate) use norm::mean_var;
+pub use norm::GroupNormOp;
 pub use patch::{PatchConv, PatchConvTranspose, PatchConvTransposeInto};
-use self::gemm::gemm_strided;
 
 /// `Σ f(x)` over `c` in 16 independent lanes (so that the compiler
 /// vectorises the reduction; a plain `sum` is one sequential chain).
@@ -214,7 +214,8 @@ pub fn fast_exp(x: f32) -> f32 {
     // round(x / ln 2) without a libm call: the 1.5 * 2^23 trick
     let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.500_000_01;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
+        + 0.500_000_01;
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }

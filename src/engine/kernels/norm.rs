@@ -91,7 +91,11 @@ impl GroupNormOp {
     fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize)> {
         let dims = l.shape().dims();
         if dims.len() < 2 || dims[1] != self.gamma.len() || dims[1] % self.groups != 0 {
-            candle_core::bail!("group norm: shape {dims:?} for {} channels in {} groups", self.gamma.len(), self.groups);
+            candle_core::bail!(
+                "group norm: shape {dims:?} for {} channels in {} groups",
+                self.gamma.len(),
+                self.groups
+            );
         }
         Ok((dims[1] / self.groups, dims[2..].iter().product()))
     }
@@ -113,8 +117,8 @@ impl GroupNormOp {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::max_err;
     use super::*;
-    use super::super::tests::{max_err};
     use candle_core::{Device, Tensor};
 
     #[test]

@@ -63,7 +63,21 @@ impl CustomOp1 for PatchConv {
                 // co0..co0 + m; `col` holds kk * n values and `weight` cout * kk
                 // (from_tensors; the pub fields must keep describing it)
                 unsafe {
-                    gemm_strided(m, n, kk, false, optr.0.add(co0 * n), n, 1, self.weight.as_ptr().add(co0 * kk), kk, 1, col.as_ptr(), n, 1);
+                    gemm_strided(
+                        m,
+                        n,
+                        kk,
+                        false,
+                        optr.0.add(co0 * n),
+                        n,
+                        1,
+                        self.weight.as_ptr().add(co0 * kk),
+                        kk,
+                        1,
+                        col.as_ptr(),
+                        n,
+                        1,
+                    );
                 }
             });
             for (co, d) in ob.chunks_mut(n).enumerate() {
@@ -115,7 +129,23 @@ impl PatchConvTranspose {
             // fields must keep describing them); rhs rows y0..y1 of each
             // channel (row stride h w) within `xb`; `tmp` (this thread's) was
             // resized to m * n
-            unsafe { gemm_strided(m, n, c, false, tmp.as_mut_ptr(), n, 1, self.weight.as_ptr(), 1, m, xb.as_ptr().add(y0 * w), h * w, 1) };
+            unsafe {
+                gemm_strided(
+                    m,
+                    n,
+                    c,
+                    false,
+                    tmp.as_mut_ptr(),
+                    n,
+                    1,
+                    self.weight.as_ptr(),
+                    1,
+                    m,
+                    xb.as_ptr().add(y0 * w),
+                    h * w,
+                    1,
+                )
+            };
             for co in 0..self.cout {
                 let bias = self.bias[co];
                 for ky in 0..k {
@@ -124,7 +154,12 @@ impl PatchConvTranspose {
                         // or shape-checked by the caller) and outlives this
                         // blocking loop; band (bi, y0) alone writes rows
                         // y0 k .. y1 k of image bi's planes
-                        let row = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(((bi * self.cout + co) * oh + y * k + ky) * ow), ow) };
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                out_ptr.0.add(((bi * self.cout + co) * oh + y * k + ky) * ow),
+                                ow,
+                            )
+                        };
                         for kx in 0..k {
                             let t = &tmp[((co * k + ky) * k + kx) * n + (y - y0) * w..][..w];
                             for (xx, v) in t.iter().enumerate() {
@@ -186,8 +221,8 @@ impl InplaceOp2 for PatchConvTransposeInto<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::max_err;
     use super::*;
-    use super::super::tests::{max_err};
     use candle_core::{Device, Tensor};
 
     #[test]
@@ -197,7 +232,8 @@ mod tests {
             let x = Tensor::randn(0f32, 1., (2, 5, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1., (7, 5, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1., 7, &dev).unwrap();
-            let reference = x.conv2d(&wt, 0, k, 1, 1).unwrap().broadcast_add(&b.reshape((1, 7, 1, 1)).unwrap()).unwrap();
+            let reference =
+                x.conv2d(&wt, 0, k, 1, 1).unwrap().broadcast_add(&b.reshape((1, 7, 1, 1)).unwrap()).unwrap();
             let ours = x.apply_op1(PatchConv::from_tensors(&wt, &b).unwrap()).unwrap();
             assert!(max_err(&ours, &reference) < 1e-4);
         }
@@ -211,7 +247,8 @@ mod tests {
             let x = Tensor::randn(0f32, 1., (2, 6, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1., (6, 4, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1., 4, &dev).unwrap();
-            let reference = x.conv_transpose2d(&wt, 0, 0, k, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap();
+            let reference =
+                x.conv_transpose2d(&wt, 0, 0, k, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap();
             let op = PatchConvTranspose::from_tensors(&wt, &b).unwrap();
             let ours = x.apply_op1(op.clone()).unwrap();
             assert!(max_err(&ours, &reference) < 1e-4);

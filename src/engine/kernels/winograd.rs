@@ -142,7 +142,16 @@ impl Tile {
     /// # Safety
     /// V's rows of channels `cis` are valid and written by no one else.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn input(&self, x: &[f32], band: &Band, cis: std::ops::Range<usize>, cin: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
+    unsafe fn input(
+        &self,
+        x: &[f32],
+        band: &Band,
+        cis: std::ops::Range<usize>,
+        cin: usize,
+        v: *mut f32,
+        nt: usize,
+        tmp: &mut Vec<f32>,
+    ) {
         input_tiles(self, x, band, cis, cin, v, nt, tmp)
     }
 
@@ -155,7 +164,17 @@ impl Tile {
     /// `out` holds the image; no other thread writes those channels' rows
     /// `r0 * m .. r1 * m`.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn output(&self, mm: &[f32], rows: usize, co0: usize, nt: usize, band: &Band, ep: &Epilogue<'_>, out: *mut f32, tmp: &mut Vec<f32>) {
+    unsafe fn output(
+        &self,
+        mm: &[f32],
+        rows: usize,
+        co0: usize,
+        nt: usize,
+        band: &Band,
+        ep: &Epilogue<'_>,
+        out: *mut f32,
+        tmp: &mut Vec<f32>,
+    ) {
         output_tiles(self, mm, rows, co0, nt, band, ep, out, tmp)
     }
 }
@@ -171,7 +190,14 @@ impl Tile {
 /// The rows are valid for `len` values; destination rows overlap no source.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn apply_fixed<const R: usize, const N: usize>(c: &[f32], len: usize, src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+unsafe fn apply_fixed<const R: usize, const N: usize>(
+    c: &[f32],
+    len: usize,
+    src: *const f32,
+    src_stride: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+) {
     const L: usize = 8;
     let c: &[f32; 36] = &{
         let mut a = [0f32; 36];
@@ -219,7 +245,16 @@ unsafe fn apply_fixed<const R: usize, const N: usize>(c: &[f32], len: usize, src
 /// As [`apply_fixed`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn apply(c: &[f32], rows: usize, n: usize, len: usize, src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+unsafe fn apply(
+    c: &[f32],
+    rows: usize,
+    n: usize,
+    len: usize,
+    src: *const f32,
+    src_stride: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+) {
     match (rows, n) {
         (6, 6) => apply_fixed::<6, 6>(c, len, src, src_stride, dst, dst_stride),
         (4, 6) => apply_fixed::<4, 6>(c, len, src, src_stride, dst, dst_stride),
@@ -344,7 +379,17 @@ avx2_fn! {
 /// Input channels `c0 .. c0 + n` (n <= 16) of [`kernel_row`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn kernel_chunk(wt: &[f32], cin: usize, ga: [f32; 3], g: &[f32], alpha: usize, dst: *mut f32, stride: usize, c0: usize, n: usize) {
+fn kernel_chunk(
+    wt: &[f32],
+    cin: usize,
+    ga: [f32; 3],
+    g: &[f32],
+    alpha: usize,
+    dst: *mut f32,
+    stride: usize,
+    c0: usize,
+    n: usize,
+) {
     let mut gg = [[0f32; 16]; 3];
     for (j, ggj) in gg.iter_mut().enumerate() {
         for (i, &c) in ga.iter().enumerate() {
@@ -454,12 +499,22 @@ impl Winograd {
     /// y = act(conv(x) + bias) (+ residual), x `[b, cin, h, w]`, in bands of
     /// tile rows on the rayon pool.
     #[allow(clippy::too_many_arguments)]
-    pub fn run(&self, x: &[f32], b: usize, h: usize, w: usize, bias: &[f32], relu: bool, residual: Option<&[f32]>) -> Vec<f32> {
+    pub fn run(
+        &self,
+        x: &[f32],
+        b: usize,
+        h: usize,
+        w: usize,
+        bias: &[f32],
+        relu: bool,
+        residual: Option<&[f32]>,
+    ) -> Vec<f32> {
         let (cin, cout) = (self.cin, self.cout);
         let mut out = activation(b * cout * h * w);
         let rows = self.band_rows(b, h, w);
         let tile_rows = h.div_ceil(self.tile.m);
-        let bands: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..tile_rows).step_by(rows).map(move |r0| (bi, r0))).collect();
+        let bands: Vec<(usize, usize)> =
+            (0..b).flat_map(|bi| (0..tile_rows).step_by(rows).map(move |r0| (bi, r0))).collect();
         let out_ptr = SendPtr(out.as_mut_ptr());
         bands.par_iter().for_each_init(Scratch::default, |s, &(bi, r0)| {
             let out_ptr = out_ptr;
@@ -489,7 +544,21 @@ impl Winograd {
         self.tile.input(x, band, 0..cin, cin, s.v.as_mut_ptr(), nt, &mut s.tmp);
         // 2. M_ξ = U_ξ V_ξ: [cout x cin] x [cin x nt]
         for xi in 0..a2 {
-            gemm_strided(cout, nt, cin, false, s.mm.as_mut_ptr().add(xi * cout * nt), nt, 1, self.u.as_ptr().add(xi * cout * cin), cin, 1, s.v.as_ptr().add(xi * cin * nt), nt, 1);
+            gemm_strided(
+                cout,
+                nt,
+                cin,
+                false,
+                s.mm.as_mut_ptr().add(xi * cout * nt),
+                nt,
+                1,
+                self.u.as_ptr().add(xi * cout * cin),
+                cin,
+                1,
+                s.v.as_ptr().add(xi * cin * nt),
+                nt,
+                1,
+            );
         }
         // 3. Y = Aᵀ M A per tile, bias / ReLU / residual, written row by row
         self.tile.output(&s.mm, cout, 0, nt, band, ep, out, &mut s.tmp);
@@ -525,7 +594,19 @@ struct BlockScratch {
 /// whole in memory, which is what made per-call transforms too slow for
 /// SD's 640- and 1280-channel layers at 8x8 to 32x32 px.
 #[allow(clippy::too_many_arguments)]
-pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32], b: usize, h: usize, w: usize, bias: &[f32], relu: bool, residual: Option<&[f32]>) -> Vec<f32> {
+pub fn run_streamed(
+    weight: &[f32],
+    cout: usize,
+    cin: usize,
+    m: usize,
+    x: &[f32],
+    b: usize,
+    h: usize,
+    w: usize,
+    bias: &[f32],
+    relu: bool,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
     let tile = Tile::new(m);
     let al = tile.alpha;
     let a2 = al * al;
@@ -569,13 +650,35 @@ pub fn run_streamed(weight: &[f32], cout: usize, cin: usize, m: usize, x: &[f32]
                 for r in 0..rows {
                     // SAFETY: s.u holds alpha planes of rows * cin values; row r
                     // of each is written by this call alone (s is this thread's)
-                    unsafe { tile.kernel_row(&s.wt[r * 9 * cin..][..9 * cin], cin, a, s.u.as_mut_ptr().add(r * cin), rows * cin) };
+                    unsafe {
+                        tile.kernel_row(
+                            &s.wt[r * 9 * cin..][..9 * cin],
+                            cin,
+                            a,
+                            s.u.as_mut_ptr().add(r * cin),
+                            rows * cin,
+                        )
+                    };
                 }
                 for bb in 0..al {
                     let xi = a * al + bb;
                     // SAFETY: the three matrices lie within s.mm, s.u and v
                     unsafe {
-                        gemm_strided(rows, nt, cin, false, s.mm.as_mut_ptr().add(xi * rows * nt), nt, 1, s.u.as_ptr().add(bb * rows * cin), cin, 1, v.as_ptr().add(xi * cin * nt), nt, 1)
+                        gemm_strided(
+                            rows,
+                            nt,
+                            cin,
+                            false,
+                            s.mm.as_mut_ptr().add(xi * rows * nt),
+                            nt,
+                            1,
+                            s.u.as_ptr().add(bb * rows * cin),
+                            cin,
+                            1,
+                            v.as_ptr().add(xi * cin * nt),
+                            nt,
+                            1,
+                        )
                     };
                 }
             }
@@ -599,7 +702,15 @@ mod tests {
         // F(2,3) and F(4,3); frames not a multiple of the tile, narrower and
         // shorter than one tile, one pixel; batch 2; bias, ReLU, residual
         let dev = Device::Cpu;
-        for (cin, cout, h, w) in [(32, 32, 17, 9), (40, 33, 5, 70), (64, 48, 1, 1), (32, 64, 9, 3), (33, 32, 23, 31), (128, 128, 48, 40), (24, 150, 7, 10)] {
+        for (cin, cout, h, w) in [
+            (32, 32, 17, 9),
+            (40, 33, 5, 70),
+            (64, 48, 1, 1),
+            (32, 64, 9, 3),
+            (33, 32, 23, 31),
+            (128, 128, 48, 40),
+            (24, 150, 7, 10),
+        ] {
             let [x, wt, b, r, reference, relu_res] = conv_case(cin, cout, h, w);
             // outputs have a standard deviation of sqrt(9 cin)
             let scale = (9.0 * cin as f32).sqrt();
@@ -609,7 +720,9 @@ mod tests {
                 let err = max_err(&x.apply_op1_no_bwd(&plain).unwrap(), &reference) / scale;
                 let relu = ConvOp::from_tensors(&wt, Some(&b), true).unwrap().gemm_only().with_winograd(Some(m));
                 let err_res = max_err(&x.apply_op2_no_bwd(&r, &relu).unwrap(), &relu_res) / scale;
-                eprintln!("F({m},3) {cin}->{cout} {h}x{w}: relative error {err:.1e}, with ReLU + residual {err_res:.1e}");
+                eprintln!(
+                    "F({m},3) {cin}->{cout} {h}x{w}: relative error {err:.1e}, with ReLU + residual {err_res:.1e}"
+                );
                 // measured: F(2,3) ~2e-6, F(4,3) ~1.5e-5 (its transforms' constants
                 // up to 8 cost precision); im2col + GEMM ~1e-6
                 let tol = if m == 2 { 1e-5 } else { 6e-5 };
