@@ -386,6 +386,7 @@ fn a_fifo_for_a_model_file_is_refused_at_once() {
     std::fs::create_dir_all(&dir).unwrap();
     let fifo = dir.join("weights.safetensors");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: c is a NUL-terminated path that outlives the call.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let started = std::time::Instant::now();
     let err = failing_pipeline(&[("weights", fifo.display().to_string())]);

@@ -821,9 +821,12 @@ mod tests {
         assert!(read_rgb_sited(&layout, ChromaSiting::JPEG, &one, 0, 0).unwrap().is_empty());
     }
 
+    /// Planes with their strides.
+    type Planes = Vec<(Vec<u8>, usize)>;
+
     /// An I420 frame whose chroma is a horizontal ramp sampled left-cosited (as an
     /// H.264 decoder delivers it) against the full-resolution picture it stands for.
-    fn cosited_ramp(w: usize, h: usize) -> (Layout, Vec<(Vec<u8>, usize)>, Vec<u8>) {
+    fn cosited_ramp(w: usize, h: usize) -> (Layout, Planes, Vec<u8>) {
         let m = YuvMatrix::BT601_FULL;
         let layout = planar(m, 1, 1);
         // Full-resolution Y, Cb, Cr: flat luma, chroma ramps along x (steep, but

@@ -52,12 +52,16 @@ pub static ALLOC_LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// The system allocator, counting.
 pub struct Counting;
 
+// SAFETY: every call is forwarded to the system allocator with the caller's
+// arguments (or refused with null, which GlobalAlloc allows); the counters
+// are atomics and allocate nothing.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LARGEST_ALLOC.fetch_max(layout.size(), Ordering::Relaxed);
         if layout.size() > ALLOC_LIMIT.load(Ordering::Relaxed) {
             return std::ptr::null_mut();
         }
+        // SAFETY: the caller's layout, as GlobalAlloc::alloc requires.
         unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
@@ -65,9 +69,11 @@ unsafe impl GlobalAlloc for Counting {
         if layout.size() > ALLOC_LIMIT.load(Ordering::Relaxed) {
             return std::ptr::null_mut();
         }
+        // SAFETY: the caller's layout, as GlobalAlloc::alloc_zeroed requires.
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: ptr came from this allocator, i.e. from System, with this layout.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -75,6 +81,7 @@ unsafe impl GlobalAlloc for Counting {
         if new_size > ALLOC_LIMIT.load(Ordering::Relaxed) {
             return std::ptr::null_mut();
         }
+        // SAFETY: ptr came from System with this layout; new_size is the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }

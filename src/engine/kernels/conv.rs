@@ -213,6 +213,7 @@ impl ConvOp {
     }
 
     /// Fill `col[(ci,ky,kx), (r - r0, ox)]` for output rows `r0..r1`.
+    #[allow(clippy::too_many_arguments)] // one band of one image: its geometry
     fn im2col(&self, xb: &[f32], h: usize, w: usize, ow: usize, r0: usize, r1: usize, col: &mut [f32]) {
         let (k, s) = (self.k, self.stride);
         let (pt, pl) = (self.pad[0] as isize, self.pad[1] as isize);
@@ -332,7 +333,7 @@ impl ConvOp {
                 let out_ptr = out_ptr;
                 let dst = out_ptr.0.add(bi * cout * ohw + co0 * ohw + r0 * ow);
                 gemm_strided(m, n, kk, false, dst, ohw, 1, weight.as_ptr().add(co0 * kk), kk, 1, col.as_ptr(), n, 1);
-                self.epilogue(dst, co0, m, n, ohw, res.map(|r| &r[..]));
+                self.epilogue(dst, co0, m, n, ohw, res);
             };
             if split_rows {
                 par_row_blocks(cout, gemm_rows);

@@ -26,6 +26,11 @@
 //! [`PatchConvTranspose`], [`PatchConvTransposeInto`]), `norm.rs`
 //! ([`GroupNormOp`]), `attention.rs` ([`AttentionOp`]), `gemm.rs` (the strided
 //! GEMM they call), [`direct`] and [`winograd`].
+// `let ptr = ptr;` inside a closure makes it capture the whole Send wrapper
+// (edition 2021 closures would capture only its raw-pointer field, which is
+// not Send); the kernels index by loop variables on purpose (several arrays
+// per index, layouts spelled out).
+#![allow(clippy::redundant_locals, clippy::needless_range_loop)]
 use candle_core::{CpuStorage, Layout};
 use rayon::prelude::*;
 
@@ -208,6 +213,7 @@ pub(super) fn contiguous_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) 
 /// polynomial after a ln 2 range reduction); relative error below 2e-7 for
 /// x in [-87, 88], saturating outside.
 #[inline(always)]
+#[allow(clippy::manual_clamp, clippy::excessive_precision)] // branch-free; Cephes' constants as published
 pub fn fast_exp(x: f32) -> f32 {
     // max/min rather than clamp: branch-free, so loops over it vectorise
     let x = x.max(-87.0).min(88.0);

@@ -90,7 +90,7 @@ impl GroupNormOp {
     /// (channels per group, values per channel) of an input of layout `l`.
     fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize)> {
         let dims = l.shape().dims();
-        if dims.len() < 2 || dims[1] != self.gamma.len() || dims[1] % self.groups != 0 {
+        if dims.len() < 2 || dims[1] != self.gamma.len() || !dims[1].is_multiple_of(self.groups) {
             candle_core::bail!(
                 "group norm: shape {dims:?} for {} channels in {} groups",
                 self.gamma.len(),
