@@ -86,6 +86,81 @@ fn test_card(w: usize, h: usize) -> RgbImage {
     RgbImage { width: w, height: h, data }
 }
 
+/// The arithmetic peak of this CPU, measured: `threads` threads each run
+/// 12 independent multiply-add chains in registers (no memory traffic) for
+/// about 0.3 s. Returns (path, GFLOP/s) for the paths this CPU has: f32 FMA
+/// on AVX-512 and on AVX2 (the engine's kernels), and bf16 dot products with
+/// f32 accumulation (AVX512_BF16 `vdpbf16ps`; 64 flops an instruction).
+fn measured_peaks(threads: usize) -> Vec<(&'static str, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        const ITERS: u64 = 20_000_000;
+        macro_rules! chains {
+            ($feature:literal, $name:ident, $ty:ty, $init:expr, $step:expr) => {
+                #[target_feature(enable = $feature)]
+                unsafe fn $name(iters: u64) -> f32 {
+                    let mut a: [$ty; 12] = [$init; 12];
+                    for _ in 0..iters {
+                        for v in a.iter_mut() {
+                            *v = $step(*v);
+                        }
+                    }
+                    // keep the result alive
+                    let mut out = [0f32; 16];
+                    std::ptr::copy_nonoverlapping(&a[0] as *const $ty as *const f32, out.as_mut_ptr(), 4);
+                    out[0]
+                }
+            };
+        }
+        chains!("avx512f", f32_512, __m512, _mm512_set1_ps(1.0), |v| _mm512_fmadd_ps(
+            v,
+            _mm512_set1_ps(0.999_999),
+            _mm512_set1_ps(1e-7)
+        ));
+        chains!("avx2,fma", f32_256, __m256, _mm256_set1_ps(1.0), |v| _mm256_fmadd_ps(
+            v,
+            _mm256_set1_ps(0.999_999),
+            _mm256_set1_ps(1e-7)
+        ));
+        chains!("avx512bf16,avx512f", bf16_512, __m512, _mm512_set1_ps(1.0), |v| _mm512_dpbf16_ps(
+            v,
+            _mm512_cvtne2ps_pbh(_mm512_set1_ps(1.0), _mm512_set1_ps(1.0)),
+            _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-7), _mm512_set1_ps(1e-7))
+        ));
+        let run = |f: unsafe fn(u64) -> f32, flops_per_step: f64| -> f64 {
+            let t = Instant::now();
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        // SAFETY: called only when the CPU has the feature (checked below).
+                        unsafe { f(ITERS) }
+                    })
+                })
+                .collect();
+            let keep: f32 = handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum();
+            std::hint::black_box(keep);
+            threads as f64 * ITERS as f64 * 12.0 * flops_per_step / t.elapsed().as_secs_f64() / 1e9
+        };
+        let mut peaks = Vec::new();
+        if is_x86_feature_detected!("avx512f") {
+            peaks.push(("f32 AVX-512 FMA", run(f32_512, 32.0)));
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            peaks.push(("f32 AVX2 FMA", run(f32_256, 16.0)));
+        }
+        if is_x86_feature_detected!("avx512bf16") {
+            peaks.push(("bf16 AVX512_BF16 dot", run(bf16_512, 64.0)));
+        }
+        peaks
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        Vec::new()
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let Some(size) = args.child.clone() else {
@@ -97,6 +172,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::env::var("RAYON_NUM_THREADS")
                 .unwrap_or_else(|_| format!("{}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)))
         );
+        if args.device == "cpu" {
+            let threads = std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let peaks: Vec<String> =
+                measured_peaks(threads).iter().map(|(p, g)| format!("{p} {g:.0} GFLOP/s")).collect();
+            println!("peak ({threads} threads, measured): {}", peaks.join(", "));
+        }
         for size in args.sizes.split(',') {
             let exe = std::env::current_exe()?;
             let status = Command::new(exe).args(std::env::args().skip(1)).args(["--child", size]).status()?;
@@ -175,6 +259,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             stages.join(", "),
             peak_rss_mb()
         );
+        if engine.mode() == Mode::Cave {
+            // the network runs on the frame padded to the 32-pixel token grid
+            let padded = (w.div_ceil(32) * 32 * h.div_ceil(32) * 32) as f64;
+            let per_px = engine.cave().config.flops_per_pixel();
+            if let Some((_, t)) = times.iter().find(|(n, _)| *n == "cave") {
+                let c = engine.cave().config;
+                println!(
+                    "roofline {w}x{h}: CaVE nc {:?} nb {}: {:.3} MFLOP/px x {:.2} MP = {:.1} GFLOP in {t:.3} s: {:.1} GFLOP/s",
+                    c.nc,
+                    c.nb,
+                    per_px / 1e6,
+                    padded / 1e6,
+                    per_px * padded / 1e9,
+                    per_px * padded / t / 1e9
+                );
+            }
+        }
     }
     Ok(())
 }

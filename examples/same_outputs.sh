@@ -7,9 +7,11 @@
 #
 # The images: the README sample (examples/data/astronaut-q10.jpg) and the
 # evaluation photos (data/eval, fetched by examples/get_images.py when
-# missing) as JPEG at quality 10 and 30. Both builds share the target dir
-# (CARGO_TARGET_DIR or ./target; the crate is built twice, the dependencies
-# once). Exit status 0 when all outputs are identical.
+# missing) as JPEG at quality 10 and 30. BASE builds in a target dir of its
+# own, target/same-outputs-base (cargo gives a workspace's crates the same
+# hashes wherever the checkout is, so the two builds must not share one), the
+# working tree in CARGO_TARGET_DIR or ./target. Exit status 0 when all
+# outputs are identical.
 set -euo pipefail
 base=${1:?usage: same_outputs.sh BASE [-- RESTORE OPTIONS...]}
 shift
@@ -38,15 +40,15 @@ for p in sys.argv[2:]:
         im.save(os.path.join(out, f"{stem}-q{q}.jpg"), quality=q)
 EOF
 
-build() { # folder, binary copy
-    (cd "$1" && CARGO_TARGET_DIR=$target cargo build --release --example restore -q)
-    cp "$target/release/examples/restore" "$2"
+build() { # folder, target dir, binary copy
+    (cd "$1" && CARGO_TARGET_DIR=$2 cargo build --release --example restore -q)
+    cp "$2/release/examples/restore" "$3"
 }
 git worktree add --detach "$work/base" "$base" >/dev/null
 echo "same_outputs: building $base"
-build "$work/base" "$work/restore-base"
+build "$work/base" "$target/same-outputs-base" "$work/restore-base"
 echo "same_outputs: building the working tree"
-build "$root" "$work/restore-head"
+build "$root" "$target" "$work/restore-head"
 
 for side in base head; do
     "$work/restore-$side" --out-dir "$work/out-$side" "$@" "$work/in" >/dev/null 2>"$work/log-$side" ||

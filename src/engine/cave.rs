@@ -30,11 +30,45 @@ use super::Cancel;
 
 const BN_EPS: f64 = 1e-4;
 
+/// The down- and upsampling factor between consecutive levels (kernel = stride).
+pub const SCALES: [usize; 3] = [2, 4, 4];
+
 /// Widths of the four levels and the number of ResBlocks per stage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CaveConfig {
     pub nc: [usize; 4],
     pub nb: usize,
+}
+
+impl CaveConfig {
+    /// Floating-point operations per input pixel of one reconstruction
+    /// (a multiply-add counts 2), counted from the layers: the 3x3 head and
+    /// tail, `nb` ResBlocks of two 3x3 convolutions at each level of the
+    /// encoder, the decoder and the body, the QF head's ResBlocks, the
+    /// stride-k downsampling convolutions and the transposed upsampling ones.
+    /// Levels below full resolution count by their share of the pixels.
+    /// Element-wise work (adds, ReLU) and the QF head's three linear layers on
+    /// one pooled vector are left out (under 1 %).
+    pub fn flops_per_pixel(&self) -> f64 {
+        let (nc, nb) = (self.nc.map(|c| c as f64), self.nb as f64);
+        let conv3 = |cin: f64, cout: f64| 2.0 * cin * cout * 9.0;
+        // pixels of level i per input pixel
+        let mut share = [1.0f64; 4];
+        for i in 0..3 {
+            share[i + 1] = share[i] / (SCALES[i] * SCALES[i]) as f64;
+        }
+        let blocks = |i: usize| nb * 2.0 * conv3(nc[i], nc[i]) * share[i];
+        let mut f = conv3(3.0, nc[0]) + conv3(nc[0], 3.0);
+        for i in 0..3 {
+            let k2 = (SCALES[i] * SCALES[i]) as f64;
+            // encoder and decoder blocks at level i
+            f += 2.0 * blocks(i);
+            // stride-k conv down and transposed conv up: k*k per coarse pixel each
+            f += 2.0 * (2.0 * nc[i] * nc[i + 1] * k2 * share[i + 1]);
+        }
+        // body encoder, body decoder and the QF head's blocks at the coarsest level
+        f + 3.0 * blocks(3)
+    }
 }
 
 /// `a + b`, into `a`'s buffer when the caller owns it alone (CPU).
@@ -389,10 +423,10 @@ impl Cave {
         Ok(Self {
             config,
             head: l.conv("m_head", 3, nc[0], 3, 1)?,
-            down: [down(0, 2)?, down(1, 4)?, down(2, 4)?],
+            down: [down(0, SCALES[0])?, down(1, SCALES[1])?, down(2, SCALES[2])?],
             body_encoder: l.blocks("m_body_encoder", 0, nb, nc[3], true)?,
             body_decoder: l.blocks("m_body_decoder", 0, nb, nc[3], true)?,
-            up: [up(0, 2)?, up(1, 4)?, up(2, 4)?],
+            up: [up(0, SCALES[0])?, up(1, SCALES[1])?, up(2, SCALES[2])?],
             tail: l.conv("m_tail", nc[0], 3, 3, 1)?,
             qf_blocks: l.blocks("qf_pred", 0, nb, nc[3], false)?,
             qf_linear: [
@@ -738,6 +772,21 @@ pub fn synthetic_tensors(cfg: CaveConfig, zeros: bool) -> Result<std::collection
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The count by hand for nc [4, 8, 8, 16], nb 1 (a 3x3 conv from c to c'
+    /// channels: 18 c c' per pixel of its level; level i holds 1, 1/4, 1/64,
+    /// 1/1024 of the pixels).
+    #[test]
+    fn flops_per_pixel_counts_every_layer() {
+        let cfg = CaveConfig { nc: [4, 8, 8, 16], nb: 1 };
+        let head_tail = 216.0 + 216.0;
+        let level0 = 2.0 * 576.0 + 2.0 * 64.0; // encoder and decoder blocks; 2x2 conv down, transposed up
+        let level1 = 2.0 * 576.0 + 2.0 * 32.0; // 2 x 18 x 8 x 8 / 4 a block; 4x4 down and up
+        let level2 = 2.0 * 36.0 + 2.0 * 4.0;
+        let level3 = 3.0 * 9.0; // body encoder, body decoder, QF head
+        assert_eq!(cfg.flops_per_pixel(), head_tail + level0 + level1 + level2 + level3);
+        assert_eq!(cfg.flops_per_pixel(), 3035.0);
+    }
 
     #[test]
     fn qf_calibration_interpolates_and_is_checked() {
