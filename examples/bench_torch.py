@@ -24,7 +24,7 @@ Timed stages, same names and boundaries as the Rust engine (src/engine/pipeline.
   output      back to uint8 HWC (rounded)
 All under torch.inference_mode with torch.set_num_threads(--threads); diffusers'
 default attention processor (SDPA). The test image is the same deterministic
-pattern as bench.rs's test_image.
+frame as bench.rs (examples/test_card.py).
 
 One line per timed run, in the Rust bench's format:
   WxH: total X s (Y s/MP) | cave a, vae_encode b, unet c, vae_decode d, color_fix e, output f | build B s | peak RSS M MB
@@ -73,21 +73,7 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def test_image(w, h):
-    """bench.rs's test_image: uint8 [h, w, 3]."""
-    x = np.arange(w, dtype=np.int64)[None, :, None]
-    y = np.arange(h, dtype=np.int64)[:, None, None]
-    c = np.arange(3, dtype=np.int64)[None, None, :]
-    base = x * 255 // max(w, 1) + y * 128 // max(h, 1) + c * 40
-    # the LCG sequence s_{k+1} = s_k * 1664525 + 1013904223 (mod 2^32), one per byte
-    n = w * h * 3
-    s = np.empty(n, dtype=np.uint64)
-    v = 12345
-    for i in range(n):
-        v = (v * 1664525 + 1013904223) & 0xFFFFFFFF
-        s[i] = v
-    noise = (s >> np.uint64(28)).astype(np.int64).reshape(h, w, 3)
-    return ((base + noise) % 256).astype(np.uint8)
+from test_card import test_image  # noqa: E402,F811  (examples/test_card.py: bench.rs's frame)
 
 
 # ------------------------------------------------------------------ loading
