@@ -125,18 +125,18 @@ impl TemporalFilter {
             let field = motion::estimate(prev_luma, &luma);
             let m = Matched::new(prev_in, input, &field, self.threshold);
             let t = self.threshold;
-            for (i, (&src, &weight)) in m.src.iter().zip(&m.weight).enumerate() {
+            use rayon::prelude::*;
+            restored.data.par_chunks_mut(3).zip(m.src.par_iter().zip(&m.weight)).for_each(|(px, (&src, &weight))| {
                 let a = strength * weight;
                 if a == 0.0 {
-                    continue;
+                    return;
                 }
-                for k in 0..3 {
-                    let j = i * 3 + k;
-                    let r = restored.data[j] as f32;
+                for (k, v) in px.iter_mut().enumerate() {
+                    let r = *v as f32;
                     let d = (a * (prev_out.data[src as usize * 3 + k] as f32 - r)).clamp(-t, t);
-                    restored.data[j] = (r + d).round().clamp(0.0, 255.0) as u8;
+                    *v = (r + d).round().clamp(0.0, 255.0) as u8;
                 }
-            }
+            });
         }
         self.adopt(input, restored);
         Ok(())
@@ -192,15 +192,20 @@ impl TemporalFilter {
         let field = motion::estimate(prev_luma, &Luma::of_rgb(&input.data, w, h));
         let t = self.threshold;
         let m = Matched::new(prev_in, input, &field, t);
-        for (i, (&src, &a)) in m.src.iter().zip(&m.weight).enumerate() {
-            for k in 0..3 {
-                let j = i * 3 + k;
-                let v = input.data[j] as f32;
-                let d =
-                    if a == 0.0 { 0.0 } else { (a * (prev_out.data[src as usize * 3 + k] as f32 - v)).clamp(-t, t) };
-                out.data[j] = (v + d).round().clamp(0.0, 255.0) as u8;
-            }
-        }
+        use rayon::prelude::*;
+        out.data.par_chunks_mut(3).zip(input.data.par_chunks(3)).zip(m.src.par_iter().zip(&m.weight)).for_each(
+            |((px, inp), (&src, &a))| {
+                for (k, (o, &i)) in px.iter_mut().zip(inp).enumerate() {
+                    let v = i as f32;
+                    let d = if a == 0.0 {
+                        0.0
+                    } else {
+                        (a * (prev_out.data[src as usize * 3 + k] as f32 - v)).clamp(-t, t)
+                    };
+                    *o = (v + d).round().clamp(0.0, 255.0) as u8;
+                }
+            },
+        );
         let out = out.clone();
         self.adopt(input, &out);
         true
@@ -234,26 +239,24 @@ impl Matched {
                 (sx >= 0 && sy >= 0 && sx < w as i64 && sy < h as i64).then(|| (sy as usize * w + sx as usize) as u32)
             })
             .collect();
-        // per channel signed change, and the mean absolute change
-        let change = |k: usize| -> Vec<f32> {
-            src.par_iter()
-                .enumerate()
-                .map(|(i, s)| s.map_or(0.0, |s| input.data[i * 3 + k] as f32 - prev_in.data[s as usize * 3 + k] as f32))
-                .collect()
-        };
-        let signed: Vec<Vec<f32>> = (0..3).map(|k| box_mean(&change(k), w, h)).collect();
-        let abs: Vec<f32> = src
-            .par_iter()
-            .enumerate()
-            .map(|(i, s)| {
-                s.map_or(0.0, |s| {
-                    (0..3)
-                        .map(|k| (input.data[i * 3 + k] as f32 - prev_in.data[s as usize * 3 + k] as f32).abs())
-                        .sum::<f32>()
-                        / 3.0
-                })
-            })
-            .collect();
+        // per channel signed change, and the mean absolute change, in one pass
+        let n = w * h;
+        let mut planes = vec![0f32; 4 * n];
+        {
+            let (signed, abs) = planes.split_at_mut(3 * n);
+            let (r, rest) = signed.split_at_mut(n);
+            let (g, b) = rest.split_at_mut(n);
+            (r, g, b, abs).into_par_iter().enumerate().for_each(|(i, (r, g, b, a))| {
+                if let Some(s) = src[i] {
+                    let d = |k: usize| input.data[i * 3 + k] as f32 - prev_in.data[s as usize * 3 + k] as f32;
+                    let (dr, dg, db) = (d(0), d(1), d(2));
+                    (*r, *g, *b) = (dr, dg, db);
+                    *a = [dr.abs(), dg.abs(), db.abs()].iter().sum::<f32>() / 3.0;
+                }
+            });
+        }
+        let signed: Vec<Vec<f32>> = planes[..3 * n].chunks(n.max(1)).map(|p| box_mean(p, w, h)).collect();
+        let abs = &planes[3 * n..];
         let abs = box_mean(&abs, w, h);
         let typical = median(&abs);
         let lo = OUTLIER_FACTOR * typical.max(LEAST_MEDIAN);
@@ -294,23 +297,23 @@ fn median(values: &[f32]) -> f32 {
 
 /// Per pixel: the mean over a (2 RADIUS + 1)^2 window clipped at the borders.
 fn box_mean(values: &[f32], w: usize, h: usize) -> Vec<f32> {
-    // separable box sums with clipped windows
+    use rayon::prelude::*;
+    // separable box sums with clipped windows, rows in parallel
     let mut rows = vec![0f32; w * h];
-    for y in 0..h {
-        let line = &values[y * w..(y + 1) * w];
-        for x in 0..w {
+    rows.par_chunks_mut(w.max(1)).zip(values.par_chunks(w.max(1))).for_each(|(out, line)| {
+        for (x, o) in out.iter_mut().enumerate() {
             let (x0, x1) = (x.saturating_sub(RADIUS), (x + RADIUS + 1).min(w));
-            rows[y * w + x] = line[x0..x1].iter().sum::<f32>() / (x1 - x0) as f32;
+            *o = line[x0..x1].iter().sum::<f32>() / (x1 - x0) as f32;
         }
-    }
+    });
     let mut out = vec![0f32; w * h];
-    for y in 0..h {
+    out.par_chunks_mut(w.max(1)).enumerate().for_each(|(y, out)| {
         let (y0, y1) = (y.saturating_sub(RADIUS), (y + RADIUS + 1).min(h));
-        for x in 0..w {
+        for (x, o) in out.iter_mut().enumerate() {
             let s: f32 = (y0..y1).map(|yy| rows[yy * w + x]).sum();
-            out[y * w + x] = s / (y1 - y0) as f32;
+            *o = s / (y1 - y0) as f32;
         }
-    }
+    });
     out
 }
 
