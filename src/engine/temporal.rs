@@ -257,7 +257,7 @@ impl Matched {
         }
         let signed: Vec<Vec<f32>> = planes[..3 * n].chunks(n.max(1)).map(|p| box_mean(p, w, h)).collect();
         let abs = &planes[3 * n..];
-        let abs = box_mean(&abs, w, h);
+        let abs = box_mean(abs, w, h);
         let typical = median(&abs);
         let lo = OUTLIER_FACTOR * typical.max(LEAST_MEDIAN);
         let cut = typical > CUT_MEDIAN;
