@@ -254,29 +254,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let (_, times) = engine.restore_timed(&mut img, &opts)?;
         let total = t.elapsed().as_secs_f64();
-        let stages: Vec<String> = times.iter().map(|(n, s)| format!("{n} {s:.3}")).collect();
+        let stages: Vec<String> = times.iter().map(|t| format!("{} {:.3}", t.stage, t.secs)).collect();
         println!(
             "{w}x{h}: total {total:.3} s ({:.3} s/MP) | {} | build {load:.1} s | peak RSS {:.0} MB",
             total / (w * h) as f64 * 1e6,
             stages.join(", "),
             peak_rss_mb()
         );
+        // the roofline: each stage's counted work and rate
+        let work: Vec<String> = times
+            .iter()
+            .filter(|t| t.flops > 0)
+            .map(|t| {
+                format!("{} {:.1} GFLOP {:.0} GFLOP/s", t.stage, t.flops as f64 / 1e9, t.flops as f64 / t.secs / 1e9)
+            })
+            .collect();
+        if !work.is_empty() {
+            println!("roofline {w}x{h}: {}", work.join(", "));
+        }
         if engine.mode() == Mode::Cave {
-            // the network runs on the frame padded to the 32-pixel token grid
+            // the layer count of the model, against the kernels' count above
             let padded = (w.div_ceil(32) * 32 * h.div_ceil(32) * 32) as f64;
-            let per_px = engine.cave().config.flops_per_pixel();
-            if let Some((_, t)) = times.iter().find(|(n, _)| *n == "cave") {
-                let c = engine.cave().config;
-                println!(
-                    "roofline {w}x{h}: CaVE nc {:?} nb {}: {:.3} MFLOP/px x {:.2} MP = {:.1} GFLOP in {t:.3} s: {:.1} GFLOP/s",
-                    c.nc,
-                    c.nb,
-                    per_px / 1e6,
-                    padded / 1e6,
-                    per_px * padded / 1e9,
-                    per_px * padded / t / 1e9
-                );
-            }
+            let c = engine.cave().config;
+            println!(
+                "roofline {w}x{h}: CaVE nc {:?} nb {}: {:.3} MFLOP/px by its layers x {:.2} MP (padded) = {:.1} GFLOP",
+                c.nc,
+                c.nb,
+                c.flops_per_pixel() / 1e6,
+                padded / 1e6,
+                c.flops_per_pixel() * padded / 1e9
+            );
         }
     }
     Ok(())

@@ -405,9 +405,37 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_cor
     p.matmul(&split(v, m)?)?.transpose(1, 2)?.reshape((b, n, c))
 }
 
+/// candle's linear layer with its multiply-adds counted
+/// ([`super::kernels::flops`]).
+pub struct Linear(nn::Linear);
+
+impl Linear {
+    pub fn new(w: Tensor, b: Option<Tensor>) -> Self {
+        Self(nn::Linear::new(w, b))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (cout, cin) = self.0.weight().dims2()?;
+        super::kernels::count_flops(2 * cout * x.elem_count() / cin.max(1));
+        self.0.forward(x)
+    }
+}
+
+/// `[cout, cin]` weight and a bias, as candle_nn's `linear`.
+pub fn linear(cin: usize, cout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    Ok(Linear(nn::linear(cin, cout, vb)?))
+}
+
+/// `[cout, cin]` weight, no bias, as candle_nn's `linear_no_bias`.
+pub fn linear_no_bias(cin: usize, cout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    Ok(Linear(nn::linear_no_bias(cin, cout, vb)?))
+}
+
 /// A linear layer whose weight may be stored as `[out, in]` or as a 1x1 conv
 /// `[out, in, 1, 1]` (older VAE checkpoints).
-pub fn linear_any(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> candle_core::Result<nn::Linear> {
+pub fn linear_any(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> candle_core::Result<Linear> {
     let bound = 1. / (cin as f64).sqrt();
     let w = match vb.get_with_hints((cout, cin), "weight", Init::Uniform { lo: -bound, up: bound }) {
         Ok(w) => w,
@@ -417,7 +445,7 @@ pub fn linear_any(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> candle
         },
     };
     let b = if bias { Some(vb.get_with_hints(cout, "bias", Init::Const(0.))?) } else { None };
-    Ok(nn::Linear::new(w, b))
+    Ok(Linear::new(w, b))
 }
 
 /// diffusers' `ResnetBlock2D`: GN-SiLU-conv, (+ time embedding), GN-SiLU-conv,
@@ -425,7 +453,7 @@ pub fn linear_any(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> candle
 pub struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv,
-    time_emb_proj: Option<nn::Linear>,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv,
     shortcut: Option<Conv>,
@@ -446,7 +474,7 @@ impl ResnetBlock {
             norm1: GroupNorm::new(vb.pp("norm1"), groups, cin, eps)?,
             conv1: Conv::same3(vb.pp("conv1"), cin, cout)?,
             time_emb_proj: match temb {
-                Some(t) => Some(nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+                Some(t) => Some(linear(t, cout, vb.pp("time_emb_proj"))?),
                 None => None,
             },
             norm2: GroupNorm::new(vb.pp("norm2"), groups, cout, eps)?,
@@ -513,10 +541,10 @@ impl ResnetBlock {
 /// group norm and residual).
 pub struct VaeAttention {
     norm: GroupNorm,
-    q: nn::Linear,
-    k: nn::Linear,
-    v: nn::Linear,
-    out: nn::Linear,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
 }
 
 impl VaeAttention {
@@ -562,10 +590,10 @@ impl VaeAttention {
 
 /// diffusers' `Attention` inside a transformer block (no bias on q/k/v).
 pub struct CrossAttention {
-    q: nn::Linear,
-    k: nn::Linear,
-    v: nn::Linear,
-    out: nn::Linear,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
     heads: usize,
 }
 
@@ -579,10 +607,10 @@ impl CrossAttention {
     ) -> candle_core::Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            q: nn::linear_no_bias(dim, inner, vb.pp("to_q"))?,
-            k: nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            v: nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            out: nn::linear(inner, dim, vb.pp("to_out.0"))?,
+            q: linear_no_bias(dim, inner, vb.pp("to_q"))?,
+            k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            out: linear(inner, dim, vb.pp("to_out.0"))?,
             heads,
         })
     }
@@ -601,8 +629,8 @@ pub struct TransformerBlock {
     norm2: nn::LayerNorm,
     attn2: CrossAttention,
     norm3: nn::LayerNorm,
-    ff_in: nn::Linear,
-    ff_out: nn::Linear,
+    ff_in: Linear,
+    ff_out: Linear,
 }
 
 impl TransformerBlock {
@@ -620,8 +648,8 @@ impl TransformerBlock {
             norm2: nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
             attn2: CrossAttention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim)?,
             norm3: nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
-            ff_in: nn::linear(dim, 2 * inner, vb.pp("ff.net.0.proj"))?,
-            ff_out: nn::linear(inner, dim, vb.pp("ff.net.2"))?,
+            ff_in: linear(dim, 2 * inner, vb.pp("ff.net.0.proj"))?,
+            ff_out: linear(inner, dim, vb.pp("ff.net.2"))?,
         })
     }
 
@@ -637,7 +665,7 @@ impl TransformerBlock {
 }
 
 enum Proj {
-    Linear(nn::Linear),
+    Linear(Linear),
     Conv(Conv),
 }
 
@@ -664,7 +692,7 @@ impl SpatialTransformer {
     ) -> candle_core::Result<Self> {
         let inner = heads * head_dim;
         let proj = |vb: VarBuilder, i: usize, o: usize| -> candle_core::Result<Proj> {
-            Ok(if linear_projection { Proj::Linear(nn::linear(i, o, vb)?) } else { Proj::Conv(Conv::point(vb, i, o)?) })
+            Ok(if linear_projection { Proj::Linear(linear(i, o, vb)?) } else { Proj::Conv(Conv::point(vb, i, o)?) })
         };
         Ok(Self {
             norm: GroupNorm::new(vb.pp("norm"), groups, channels, 1e-6)?,

@@ -39,29 +39,53 @@ fn dihedral(x: &Tensor, t: u8, inverse: bool) -> Result<Tensor> {
 /// Named intermediates of one restoration (the fixture manifest's names).
 pub type Trace = Vec<(String, Tensor)>;
 
-/// Seconds spent in each stage of one restoration.
-pub type StageTimes = Vec<(&'static str, f64)>;
+/// Time and work of each stage of one restoration.
+pub type StageTimes = Vec<StageTime>;
+
+/// One stage of a timed restore.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StageTime {
+    pub stage: &'static str,
+    /// Wall time (s).
+    pub secs: f64,
+    /// Floating-point operations of its convolutions, attention and linear
+    /// layers ([`super::kernels::flops`]; CPU f32 kernels; exact when one
+    /// restore runs in the process at a time).
+    pub flops: u64,
+}
 
 /// Collects intermediates (when tracing) and per-stage times.
 struct Probe<'a> {
     trace: Option<&'a mut Trace>,
     times: StageTimes,
     t: std::time::Instant,
+    /// The FLOP counter at the last lap.
+    f: u64,
     device: Device,
     cancel: super::Cancel,
 }
 
 impl<'a> Probe<'a> {
     fn new(trace: Option<&'a mut Trace>, device: &Device, cancel: &super::Cancel) -> Self {
-        Probe { trace, times: vec![], t: std::time::Instant::now(), device: device.clone(), cancel: cancel.clone() }
+        Probe {
+            trace,
+            times: vec![],
+            t: std::time::Instant::now(),
+            f: super::kernels::flops(),
+            device: device.clone(),
+            cancel: cancel.clone(),
+        }
     }
 
     /// Add `times` (another probe's stages) to this probe's, stage by stage.
     fn add_times(&mut self, times: StageTimes) {
-        for (stage, secs) in times {
-            match self.times.iter_mut().find(|(s, _)| *s == stage) {
-                Some(e) => e.1 += secs,
-                None => self.times.push((stage, secs)),
+        for t in times {
+            match self.times.iter_mut().find(|e| e.stage == t.stage) {
+                Some(e) => {
+                    e.secs += t.secs;
+                    e.flops += t.flops;
+                }
+                None => self.times.push(t),
             }
         }
     }
@@ -81,8 +105,9 @@ impl<'a> Probe<'a> {
     fn lap(&mut self, stage: &'static str) -> Result<()> {
         let _ = self.device.synchronize();
         let now = std::time::Instant::now();
-        self.times.push((stage, (now - self.t).as_secs_f64()));
-        self.t = now;
+        let f = super::kernels::flops();
+        self.times.push(StageTime { stage, secs: (now - self.t).as_secs_f64(), flops: f.saturating_sub(self.f) });
+        (self.t, self.f) = (now, f);
         self.cancel.check()
     }
 }
@@ -516,7 +541,7 @@ impl Engine {
             q_sum += q;
             p.add_times(member.times);
         }
-        p.t = std::time::Instant::now();
+        (p.t, p.f) = (std::time::Instant::now(), super::kernels::flops());
         let y = (sum.expect("eight members") / 8.0)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
         Ok((y, q_sum / 8.0))
     }

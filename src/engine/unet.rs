@@ -9,7 +9,7 @@ use candle_nn as nn;
 
 use super::config::{check_levels, check_size, json_usize, json_usizes, read_json, MAX_LAYERS};
 use super::error::{EngineError, Result};
-use super::layers::{Conv, GroupNorm, ResnetBlock, SpatialTransformer, Upsample};
+use super::layers::{linear, Conv, GroupNorm, Linear, ResnetBlock, SpatialTransformer, Upsample};
 
 /// One resolution level of the UNet.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -187,8 +187,8 @@ impl Level {
 pub struct UNet {
     cfg: UNetConfig,
     conv_in: Conv,
-    time_1: nn::Linear,
-    time_2: nn::Linear,
+    time_1: Linear,
+    time_2: Linear,
     down: Vec<Level>,
     mid_res0: ResnetBlock,
     mid_attn: Vec<SpatialTransformer>,
@@ -288,8 +288,8 @@ impl UNet {
         Ok(Self {
             cfg: cfg.clone(),
             conv_in: Conv::same3(vb.pp("conv_in"), cfg.in_channels, c0)?,
-            time_1: nn::linear(c0, temb, vb.pp("time_embedding.linear_1"))?,
-            time_2: nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
+            time_1: linear(c0, temb, vb.pp("time_embedding.linear_1"))?,
+            time_2: linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
             down,
             mid_res0,
             mid_attn,

@@ -31,6 +31,24 @@
 // not Send); the kernels index by loop variables on purpose (several arrays
 // per index, layouts spelled out).
 #![allow(clippy::redundant_locals, clippy::needless_range_loop)]
+
+/// Floating-point operations (a multiply-add counts 2) of the convolutions,
+/// attention and linear layers run in this process, counted from each call's
+/// shapes: the roofline figures of the bench ([`flops`]). Other work
+/// (norms, activations, adds) is not counted. Every engine in the process adds
+/// to it, so a per-stage figure is exact when one restore runs at a time.
+static FLOPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The floating-point operations counted so far ([`FLOPS`]).
+pub fn flops() -> u64 {
+    FLOPS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Count `n` floating-point operations.
+pub(crate) fn count_flops(n: usize) {
+    FLOPS.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
 use candle_core::{CpuStorage, Layout};
 use rayon::prelude::*;
 
