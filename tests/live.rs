@@ -23,12 +23,15 @@ fn live_streams_stay_on_time_and_restored_frames_are_shown() {
     eprintln!("{r:?}");
     assert_eq!(r.shown, 10 * 30, "every frame reaches the sink (qos off)");
     assert!(r.last_lag <= 1.5 && r.max_lag <= 1.5, "behind the clock by {:.2} s (max {:.2} s)", r.last_lag, r.max_lag);
-    // Frames cannot pile up while the lag is bounded; what RSS still does in
-    // a few seconds is the allocator taking the working memory of each new
-    // thread that restores (the background pool's threads start on their
-    // first restoration): up to about 200 MB in a debug build, flat after that
-    // (a 30 s release run stayed within 275-304 MB).
-    assert!(r.rss_end_mb <= r.rss_start_mb + 192.0, "memory grew {:.0} -> {:.0} MB", r.rss_start_mb, r.rss_end_mb);
+    // Frames cannot pile up while the lag is bounded (the lag is the pile-up
+    // test); this bound catches a leak per frame: one 720p RGB frame kept per
+    // frame is 2.7 MB x 30 fps = 400 MB in the 5 s between the samples. What
+    // RSS does besides is the allocator taking the working memory of each
+    // thread that restores or carries (the background pool's threads start on
+    // their first restoration, late on a loaded machine): +21 MB on a quiet
+    // machine, +241 MB once with the CPU shared by other builds; flat after
+    // that (a 30 s release run stayed within 275-304 MB).
+    assert!(r.rss_end_mb <= r.rss_start_mb + 320.0, "memory grew {:.0} -> {:.0} MB", r.rss_start_mb, r.rss_end_mb);
 
     // the live recipe (one test, so the two runs do not share the CPU)
     let r = live::run_live(1280, 720, 30, SECONDS, "queue leaky=downstream max-size-buffers=1 ! codiff ! queue", true);
