@@ -621,16 +621,7 @@ pub fn run_case(dir: &Path, name: &str, target: Target, bytes: &[u8]) -> Outcome
             Target::Scheduler => Schedule::from_json(&p).map(|_| ()).map_err(s),
         }
     });
-    match r {
-        Ok(Ok(())) => Outcome::Ok,
-        Ok(Err(e)) => Outcome::Error(e),
-        Err(p) => Outcome::Panic(
-            p.downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default(),
-        ),
-    }
+    outcome(r)
 }
 
 /// A writable copy of the fixture model in `dir`.
@@ -669,16 +660,7 @@ pub fn run_model_case(model: &Path, rel: &str, bytes: &[u8]) -> Outcome {
     let spec = diffusion_spec(model);
     let r = std::panic::catch_unwind(|| Engine::load(&spec, &mut |_| {}).map(|_| ()).map_err(|e| e.to_string()));
     std::fs::copy(fixture_dir().join(rel), &p).unwrap_or_else(|e| panic!("{rel}: {e}"));
-    match r {
-        Ok(Ok(())) => Outcome::Ok,
-        Ok(Err(e)) => Outcome::Error(e),
-        Err(p) => Outcome::Panic(
-            p.downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default(),
-        ),
-    }
+    outcome(r)
 }
 
 /// Counts over a run.
@@ -751,5 +733,20 @@ pub fn run(seed: u64, range: std::ops::Range<usize>, seeds: &[Seed], dir: &Path,
                 }
             }
         }
+    }
+}
+
+/// The outcome of one parse run under `catch_unwind`: fine, an error (its
+/// message) or a panic (its message).
+fn outcome(r: std::thread::Result<Result<(), String>>) -> Outcome {
+    match r {
+        Ok(Ok(())) => Outcome::Ok,
+        Ok(Err(e)) => Outcome::Error(e),
+        Err(p) => Outcome::Panic(
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default(),
+        ),
     }
 }
