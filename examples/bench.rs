@@ -266,7 +266,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .iter()
             .filter(|t| t.flops > 0)
             .map(|t| {
-                format!("{} {:.1} GFLOP {:.0} GFLOP/s", t.stage, t.flops as f64 / 1e9, t.flops as f64 / t.secs / 1e9)
+                let [conv, attn, lin] = t.op_secs;
+                format!(
+                    "{} {:.1} GFLOP {:.0} GFLOP/s (conv {conv:.2} s, attention {attn:.2} s, linear {lin:.2} s, other {:.2} s)",
+                    t.stage,
+                    t.flops as f64 / 1e9,
+                    t.flops as f64 / t.secs / 1e9,
+                    (t.secs - conv - attn - lin).max(0.0)
+                )
             })
             .collect();
         if !work.is_empty() {

@@ -418,7 +418,7 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (cout, cin) = self.0.weight().dims2()?;
-        super::kernels::count_flops(2 * cout * x.elem_count() / cin.max(1));
+        let _counted = super::kernels::counted(super::kernels::OpKind::Linear, 2 * cout * x.elem_count() / cin.max(1));
         self.0.forward(x)
     }
 }

@@ -52,6 +52,10 @@ pub struct StageTime {
     /// layers ([`super::kernels::flops`]; CPU f32 kernels; exact when one
     /// restore runs in the process at a time).
     pub flops: u64,
+    /// Of `secs`, the time in convolutions, attention and linear layers
+    /// ([`super::kernels::op_nanos`]; the rest: norms, element-wise work,
+    /// copies, colour conversion).
+    pub op_secs: [f64; 3],
 }
 
 /// Collects intermediates (when tracing) and per-stage times.
@@ -59,8 +63,9 @@ struct Probe<'a> {
     trace: Option<&'a mut Trace>,
     times: StageTimes,
     t: std::time::Instant,
-    /// The FLOP counter at the last lap.
+    /// The FLOP counter and the op times at the last lap.
     f: u64,
+    ops: [u64; 3],
     device: Device,
     cancel: super::Cancel,
 }
@@ -72,6 +77,7 @@ impl<'a> Probe<'a> {
             times: vec![],
             t: std::time::Instant::now(),
             f: super::kernels::flops(),
+            ops: super::kernels::op_nanos(),
             device: device.clone(),
             cancel: cancel.clone(),
         }
@@ -84,6 +90,9 @@ impl<'a> Probe<'a> {
                 Some(e) => {
                     e.secs += t.secs;
                     e.flops += t.flops;
+                    for (a, b) in e.op_secs.iter_mut().zip(t.op_secs) {
+                        *a += b;
+                    }
                 }
                 None => self.times.push(t),
             }
@@ -105,9 +114,15 @@ impl<'a> Probe<'a> {
     fn lap(&mut self, stage: &'static str) -> Result<()> {
         let _ = self.device.synchronize();
         let now = std::time::Instant::now();
-        let f = super::kernels::flops();
-        self.times.push(StageTime { stage, secs: (now - self.t).as_secs_f64(), flops: f.saturating_sub(self.f) });
-        (self.t, self.f) = (now, f);
+        let (f, ops) = (super::kernels::flops(), super::kernels::op_nanos());
+        let op_secs = [0, 1, 2].map(|k| ops[k].saturating_sub(self.ops[k]) as f64 / 1e9);
+        self.times.push(StageTime {
+            stage,
+            secs: (now - self.t).as_secs_f64(),
+            flops: f.saturating_sub(self.f),
+            op_secs,
+        });
+        (self.t, self.f, self.ops) = (now, f, ops);
         self.cancel.check()
     }
 }
@@ -541,7 +556,7 @@ impl Engine {
             q_sum += q;
             p.add_times(member.times);
         }
-        (p.t, p.f) = (std::time::Instant::now(), super::kernels::flops());
+        (p.t, p.f, p.ops) = (std::time::Instant::now(), super::kernels::flops(), super::kernels::op_nanos());
         let y = (sum.expect("eight members") / 8.0)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
         Ok((y, q_sum / 8.0))
     }

@@ -69,7 +69,7 @@ impl candle_core::CustomOp3 for AttentionOp {
         }
         let d = c / self.heads;
         // Q K^T and the weighted sum of V: 2 n m d multiply-adds a head
-        super::count_flops(4 * b * self.heads * n * m * d);
+        let _counted = super::counted(super::OpKind::Attention, 4 * b * self.heads * n * m * d);
         // per (batch, head): K^T as [d x m] and V as [m x d], contiguous, so the
         // GEMMs read unit-stride panels however many query blocks reuse them
         let bh = b * self.heads;

@@ -275,8 +275,9 @@ impl ConvOp {
     }
 
     /// Count this convolution's multiply-adds for an output of `shape`.
-    fn count(&self, shape: &Shape) {
-        super::count_flops(2 * self.cin * self.k * self.k * shape.elem_count());
+    #[must_use]
+    fn count(&self, shape: &Shape) -> super::Counted {
+        super::counted(super::OpKind::Conv, 2 * self.cin * self.k * self.k * shape.elem_count())
     }
 
     /// y = act(conv(x) + b) (+ residual), x `[B, cin, H, W]`.
@@ -376,7 +377,7 @@ impl CustomOp1 for ConvOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous(s, l, "conv")?;
         let (b, h, w, shape) = self.out_shape(l)?;
-        self.count(&shape);
+        let _counted = self.count(&shape);
         Ok((CpuStorage::F32(self.run(x, b, h, w, None)?), shape))
     }
 }
@@ -400,7 +401,7 @@ impl CustomOp2 for ConvOp {
         if l2.shape() != &shape {
             candle_core::bail!("conv residual shape {:?}, output {:?}", l2.shape(), shape);
         }
-        self.count(&shape);
+        let _counted = self.count(&shape);
         Ok((CpuStorage::F32(self.run(x, b, h, w, Some(r))?), shape))
     }
 }
@@ -427,7 +428,7 @@ impl InplaceOp2 for ConvInto<'_> {
         if l1.shape() != &shape {
             candle_core::bail!("conv into a {:?} tensor, output {:?}", l1.shape(), shape);
         }
-        self.op.count(&shape);
+        let _counted = self.op.count(&shape);
         let dst = contiguous_mut(s1, l1, "conv into")?;
         if std::ptr::eq(dst.as_ptr(), x.as_ptr()) {
             candle_core::bail!("conv into: the destination is the input");

@@ -49,6 +49,41 @@ pub(crate) fn count_flops(n: usize) {
     FLOPS.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The kinds of counted ops, for [`op_nanos`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Convolutions (3x3, 1x1, strided, patch and transposed patch).
+    Conv = 0,
+    /// Scaled dot-product attention.
+    Attention = 1,
+    /// Linear layers.
+    Linear = 2,
+}
+
+/// Wall time (ns) spent in the counted ops, by [`OpKind`] (same caveat as
+/// [`FLOPS`]).
+static NANOS: [std::sync::atomic::AtomicU64; 3] = [const { std::sync::atomic::AtomicU64::new(0) }; 3];
+
+/// Wall time (ns) spent so far in convolutions, attention and linear layers.
+pub fn op_nanos() -> [u64; 3] {
+    NANOS.each_ref().map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Counts an op's floating-point operations now and its time when dropped.
+pub(crate) struct Counted(OpKind, std::time::Instant);
+
+/// Count `flops` of a `kind` op that runs until the returned guard drops.
+pub(crate) fn counted(kind: OpKind, flops: usize) -> Counted {
+    count_flops(flops);
+    Counted(kind, std::time::Instant::now())
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        NANOS[self.0 as usize].fetch_add(self.1.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 use candle_core::{CpuStorage, Layout};
 use rayon::prelude::*;
 

@@ -40,7 +40,7 @@ impl CustomOp1 for PatchConv {
         let (oh, ow) = (h / k, w / k);
         let n = oh * ow;
         let kk = c * k * k;
-        super::count_flops(2 * kk * b * self.cout * n);
+        let _counted = super::counted(super::OpKind::Conv, 2 * kk * b * self.cout * n);
         let mut out = activation(b * self.cout * n);
         for bi in 0..b {
             let xb = &x[bi * c * h * w..];
@@ -190,7 +190,7 @@ impl CustomOp1 for PatchConvTranspose {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous(s, l, "patch conv transpose")?;
         let (b, h, w) = self.check(l)?;
-        super::count_flops(2 * self.cin * b * self.cout * h * self.k * w * self.k);
+        let _counted = super::counted(super::OpKind::Conv, 2 * self.cin * b * self.cout * h * self.k * w * self.k);
         let mut out = activation(b * self.cout * h * self.k * w * self.k);
         self.run_into(x, b, h, w, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((b, self.cout, h * self.k, w * self.k))))
@@ -215,7 +215,7 @@ impl InplaceOp2 for PatchConvTransposeInto<'_> {
         if l1.shape() != &shape {
             candle_core::bail!("patch conv transpose into a {:?} tensor, output {:?}", l1.shape(), shape);
         }
-        super::count_flops(2 * op.cin * shape.elem_count());
+        let _counted = super::counted(super::OpKind::Conv, 2 * op.cin * shape.elem_count());
         let dst = contiguous_mut(s1, l1, "patch conv transpose into")?;
         op.run_into(x, b, h, w, dst);
         Ok(())
