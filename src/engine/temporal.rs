@@ -206,8 +206,7 @@ impl TemporalFilter {
                 }
             },
         );
-        let out = out.clone();
-        self.adopt(input, &out);
+        self.adopt(input, out);
         true
     }
 }
