@@ -120,6 +120,9 @@ def parse_args():
     ap.add_argument("--warmup", action="store_true", help="one untimed restore after loading (both sides)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rust-args", default="", help="extra flags for the Rust bench (shell words)")
+    ap.add_argument("--precisions", default="f32",
+                    help="comma-separated precisions of our side (f32, bf16), each run every round against "
+                         "the official fp32")
     ap.add_argument("--only", choices=["official", "ours"], default=None, help="run one side only")
     ap.add_argument("--no-fp16-hook", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per process")
@@ -391,22 +394,27 @@ def main():
     child = [sys.executable, os.path.abspath(__file__), "--child", "--official", args.official,
              "--model-dir", args.model_dir, "--size", args.size, "--runs", str(args.runs),
              "--threads", n] + (["--warmup"] if args.warmup else []) + (["--no-fp16-hook"] if args.no_fp16_hook else [])
-    rust = [args.rust_bench, "--model", "official:" + os.path.abspath(args.model_dir), "--sizes", args.size,
-            "--runs", str(args.runs), "--no-guard", "--precision", "f32"] + \
-        (["--warmup"] if args.warmup else []) + shlex.split(args.rust_args)
+    precisions = args.precisions.split(",")
+    rusts = {p: [args.rust_bench, "--model", "official:" + os.path.abspath(args.model_dir), "--sizes", args.size,
+                 "--runs", str(args.runs), "--no-guard", "--precision", p] +
+             (["--warmup"] if args.warmup else []) + shlex.split(args.rust_args) for p in precisions}
     if args.only != "official" and not os.access(args.rust_bench, os.X_OK):
         sys.exit("%s: no Rust bench binary (cargo build --release --example bench)" % args.rust_bench)
     print("# %s, %d rounds, threads %d, runs %d%s; official child: %s" % (
         args.size, args.rounds, args.threads, args.runs, ", warm-up" if args.warmup else "", shlex.join(child)))
-    print("# ours: %s" % shlex.join(rust), flush=True)
-    official, ours, seen = [], [], set()
+    for p, rust in rusts.items():
+        print("# ours %s: %s" % (p, shlex.join(rust)), flush=True)
+    official, ours, seen = [], {p: [] for p in precisions}, set()
     for k in range(1, args.rounds + 1):
         if args.only != "ours":
             official += run_side("official %d" % k, child, env, args.timeout, seen)
         if args.only != "official":
-            ours += run_side("ours %d" % k, rust, env, args.timeout, seen)
-    table(official, ours)
-    if (args.only != "ours" and not official) or (args.only != "official" and not ours):
+            for p, rust in rusts.items():
+                ours[p] += run_side("ours %s %d" % (p, k), rust, env, args.timeout, seen)
+    for p in precisions:
+        print("\n## ours in %s against the official fp32" % p)
+        table(official, ours[p])
+    if (args.only != "ours" and not official) or (args.only != "official" and not all(ours.values())):
         sys.exit(1)
 
 

@@ -12,7 +12,7 @@ use candle_nn::{self as nn, Init, VarBuilder};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::kernels::{affine, contiguous, AttentionOp, ConvInto, ConvOp, GroupNormOp, PatchConv};
+use super::kernels::{affine, contiguous, AttentionOp, ConvInto, ConvOp, GroupNormOp, LinearOp, Math, PatchConv};
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
     dev.is_cpu() && dtype == DType::F32
@@ -386,7 +386,8 @@ impl GroupNorm {
 }
 
 /// Scaled dot-product attention, `q` `[B, N, H*D]`, `k`, `v` `[B, M, H*D]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+/// `math`: the arithmetic of both products on the CPU kernel.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, math: Math) -> candle_core::Result<Tensor> {
     let (b, n, c) = q.dims3()?;
     let d = c / heads;
     let scale = 1. / (d as f64).sqrt();
@@ -394,7 +395,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_cor
         return q.contiguous()?.apply_op3_no_bwd(
             &k.contiguous()?,
             &v.contiguous()?,
-            &AttentionOp { heads, scale: scale as f32 },
+            &AttentionOp { heads, scale: scale as f32, math },
         );
     }
     let m = k.dim(1)?;
@@ -405,32 +406,52 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_cor
     p.matmul(&split(v, m)?)?.transpose(1, 2)?.reshape((b, n, c))
 }
 
-/// candle's linear layer with its multiply-adds counted
-/// ([`super::kernels::flops`]).
-pub struct Linear(nn::Linear);
+/// A linear layer with its multiply-adds counted ([`super::kernels::flops`]):
+/// candle's, or in bf16 arithmetic ([`Math::Bf16`], the layer built under
+/// [`super::kernels::build_with`]) on the CPU kernel [`LinearOp`].
+pub struct Linear {
+    candle: nn::Linear,
+    bf16: Option<LinearOp>,
+}
 
 impl Linear {
     pub fn new(w: Tensor, b: Option<Tensor>) -> Self {
-        Self(nn::Linear::new(w, b))
+        let bf16 = (super::kernels::building() == Math::Bf16 && fast_path(w.device(), w.dtype()))
+            .then(|| LinearOp::new(&w, b.as_ref(), Math::Bf16).ok())
+            .flatten();
+        Self { candle: nn::Linear::new(w, b), bf16 }
+    }
+
+    /// The arithmetic this layer was built for.
+    pub fn math(&self) -> Math {
+        if self.bf16.is_some() {
+            Math::Bf16
+        } else {
+            Math::F32
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (cout, cin) = self.0.weight().dims2()?;
+        let (cout, cin) = self.candle.weight().dims2()?;
         let _counted = super::kernels::counted(super::kernels::OpKind::Linear, 2 * cout * x.elem_count() / cin.max(1));
-        self.0.forward(x)
+        match &self.bf16 {
+            Some(op) if fast_path(x.device(), x.dtype()) => x.contiguous()?.apply_op1_no_bwd(op),
+            _ => self.candle.forward(x),
+        }
     }
 }
 
 /// `[cout, cin]` weight and a bias, as candle_nn's `linear`.
 pub fn linear(cin: usize, cout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    Ok(Linear(nn::linear(cin, cout, vb)?))
+    let l = nn::linear(cin, cout, vb)?;
+    Ok(Linear::new(l.weight().clone(), l.bias().cloned()))
 }
 
 /// `[cout, cin]` weight, no bias, as candle_nn's `linear_no_bias`.
 pub fn linear_no_bias(cin: usize, cout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    Ok(Linear(nn::linear_no_bias(cin, cout, vb)?))
+    Ok(Linear::new(nn::linear_no_bias(cin, cout, vb)?.weight().clone(), None))
 }
 
 /// A linear layer whose weight may be stored as `[out, in]` or as a 1x1 conv
@@ -582,7 +603,7 @@ impl VaeAttention {
     fn attend(&self, x: &Tensor, normed: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let t = normed.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let o = attention(&self.q.forward(&t)?, &self.k.forward(&t)?, &self.v.forward(&t)?, 1)?;
+        let o = attention(&self.q.forward(&t)?, &self.k.forward(&t)?, &self.v.forward(&t)?, 1, self.q.math())?;
         let o = self.out.forward(&o)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x
     }
@@ -617,7 +638,8 @@ impl CrossAttention {
 
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let ctx = context.unwrap_or(x);
-        let o = attention(&self.q.forward(x)?, &self.k.forward(ctx)?, &self.v.forward(ctx)?, self.heads)?;
+        let o =
+            attention(&self.q.forward(x)?, &self.k.forward(ctx)?, &self.v.forward(ctx)?, self.heads, self.q.math())?;
         self.out.forward(&o)
     }
 }

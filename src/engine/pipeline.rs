@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::cave::{Cave, Steer};
+use super::kernels::{build_with, Math};
 use super::lora::{LoraSet, MergedBackend};
 use super::one_step::{x0_step, Schedule, TIMESTEP};
 use super::unet::{UNet, UNetConfig};
@@ -156,12 +157,25 @@ fn device_of(spec: DeviceSpec) -> Result<Device> {
     }
 }
 
+/// The dtype the UNet and VAE hold their tensors in. bf16 on the CPU keeps
+/// f32 tensors and multiplies in bf16 ([`math_of`]).
 fn dtype_of(p: Precision, dev: &Device) -> Result<DType> {
     Ok(match (p, dev.is_cpu()) {
-        (Precision::Auto, true) | (Precision::F32, _) => DType::F32,
+        (Precision::Auto, true) | (Precision::F32, _) | (Precision::Bf16, true) => DType::F32,
         (Precision::Auto, false) | (Precision::F16, _) => DType::F16,
-        (Precision::Bf16, _) => DType::BF16,
+        (Precision::Bf16, false) => DType::BF16,
     })
+}
+
+/// The arithmetic of the CPU kernels' dot products: bf16 operands with f32
+/// sums for `precision=bf16` on the CPU (AVX512_BF16 where the CPU has it,
+/// emulated elsewhere), else f32.
+fn math_of(p: Precision, dev: &Device) -> Math {
+    if p == Precision::Bf16 && dev.is_cpu() {
+        Math::Bf16
+    } else {
+        Math::F32
+    }
 }
 
 /// Build a model through a LoRA-merging backend, turning candle's errors back
@@ -258,13 +272,17 @@ impl Engine {
         progress(&format!("loading VAE from {} (merging {} LoRA pairs)", sd.join("vae").display(), vae_lora.len()));
         let vae_file = component_weights(&sd.join("vae"))?;
         let n_vae_lora = vae_lora.len();
-        let ((encoder, decoder), merged_vae) = build(vae_file, Some(vae_lora), dtype, dev, |vb| {
-            Ok((VaeEncoder::new(&vae_cfg, vb.clone())?, VaeDecoder::new(&vae_cfg, vb)?))
+        let math = math_of(spec.precision, dev);
+        let ((encoder, decoder), merged_vae) = build_with(math, || {
+            build(vae_file, Some(vae_lora), dtype, dev, |vb| {
+                Ok((VaeEncoder::new(&vae_cfg, vb.clone())?, VaeDecoder::new(&vae_cfg, vb)?))
+            })
         })?;
         progress(&format!("loading UNet from {} (merging {} LoRA pairs)", sd.join("unet").display(), unet_lora.len()));
         let unet_file = component_weights(&sd.join("unet"))?;
         let n_unet_lora = unet_lora.len();
-        let (unet, merged_unet) = build(unet_file, Some(unet_lora), dtype, dev, |vb| UNet::new(vb, &unet_cfg))?;
+        let (unet, merged_unet) =
+            build_with(math, || build(unet_file, Some(unet_lora), dtype, dev, |vb| UNet::new(vb, &unet_cfg)))?;
         // every LoRA pair must have found its base layer
         for (merged, total, what) in
             [(merged_vae, n_vae_lora, "state_dict_vae"), (merged_unet, n_unet_lora, "state_dict_unet")]
@@ -299,9 +317,13 @@ impl Engine {
                 let varmap = candle_nn::VarMap::new();
                 let vb =
                     if zeros { VarBuilder::zeros(dtype, &dev) } else { VarBuilder::from_varmap(&varmap, dtype, &dev) };
-                let encoder = VaeEncoder::new(&vae_cfg, vb.pp("vae"))?;
-                let decoder = VaeDecoder::new(&vae_cfg, vb.pp("vae"))?;
-                let unet = UNet::new(vb.pp("unet"), &unet_cfg)?;
+                let (encoder, decoder, unet) = build_with(math_of(precision, &dev), || {
+                    candle_core::Result::Ok((
+                        VaeEncoder::new(&vae_cfg, vb.pp("vae"))?,
+                        VaeDecoder::new(&vae_cfg, vb.pp("vae"))?,
+                        UNet::new(vb.pp("unet"), &unet_cfg)?,
+                    ))
+                })?;
                 let proj = candle_nn::linear(
                     cave.nc[3],
                     unet_cfg.model.cross_attention_dim,

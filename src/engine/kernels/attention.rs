@@ -2,7 +2,7 @@
 use candle_core::{CpuStorage, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{activation, avx2_available, contiguous, fast_exp, gemm_strided, lane_sum, SendPtr};
+use super::{activation, avx2_available, contiguous, fast_exp, gemm_strided, lane_sum, Math, SendPtr};
 
 /// Multi-head scaled dot-product attention on `q` `[B, N, H*D]`, `k`, `v`
 /// `[B, M, H*D]` (heads interleaved as the projections produce them), output
@@ -13,6 +13,8 @@ use super::{activation, avx2_available, contiguous, fast_exp, gemm_strided, lane
 pub struct AttentionOp {
     pub heads: usize,
     pub scale: f32,
+    /// the arithmetic of both products (scores and the weighted values)
+    pub math: Math,
 }
 
 const ATTN_ROWS: usize = 128;
@@ -117,7 +119,22 @@ impl candle_core::CustomOp3 for AttentionOp {
                     // j0..j0 + kb of this head's [d x m] lie inside q and kt
                     unsafe {
                         // scores[rows x kb] = Q[rows x d] K^T[d x kb]
-                        gemm_strided(rows, kb, d, false, scores.as_mut_ptr(), kb, 1, qp, c, 1, ktp.add(j0), m, 1);
+                        gemm_strided(
+                            self.math,
+                            rows,
+                            kb,
+                            d,
+                            false,
+                            scores.as_mut_ptr(),
+                            kb,
+                            1,
+                            qp,
+                            c,
+                            1,
+                            ktp.add(j0),
+                            m,
+                            1,
+                        );
                     }
                     for (r, row) in scores.chunks_mut(kb).enumerate() {
                         let new_max = mx[r].max(row_max(row) * self.scale);
@@ -134,6 +151,7 @@ impl candle_core::CustomOp3 for AttentionOp {
                     unsafe {
                         // acc[rows x d] += P[rows x kb] V[kb x d]
                         gemm_strided(
+                            self.math,
                             rows,
                             d,
                             kb,
@@ -187,7 +205,8 @@ mod tests {
             let scores = split(&q, n).matmul(&split(&k, m).t().unwrap()).unwrap();
             let p = candle_nn::ops::softmax_last_dim(&(scores * scale).unwrap()).unwrap();
             let reference = p.matmul(&split(&v, m)).unwrap().transpose(1, 2).unwrap().reshape((2, n, c)).unwrap();
-            let ours = q.apply_op3_no_bwd(&k, &v, &AttentionOp { heads, scale: scale as f32 }).unwrap();
+            let ours =
+                q.apply_op3_no_bwd(&k, &v, &AttentionOp { heads, scale: scale as f32, math: Math::F32 }).unwrap();
             assert!(max_err(&ours, &reference) < 1e-4);
         }
     }

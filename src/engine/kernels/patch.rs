@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{activation, contiguous, contiguous_mut, gemm_strided, par_row_blocks, SendPtr};
+use super::{activation, contiguous, contiguous_mut, gemm_strided, par_row_blocks, Math, SendPtr};
 
 /// k x k convolution with stride k, no padding (FBCNN's strided downsampling).
 #[derive(Clone, Debug)]
@@ -13,6 +13,8 @@ pub struct PatchConv {
     pub cin: usize,
     pub cout: usize,
     pub k: usize,
+    /// the GEMM's arithmetic ([`super::building`] when made)
+    pub math: Math,
 }
 
 impl PatchConv {
@@ -21,7 +23,7 @@ impl PatchConv {
         if k != k2 {
             candle_core::bail!("PatchConv needs a square kernel");
         }
-        Ok(Self { weight: w.flatten_all()?.to_vec1()?, bias: b.to_vec1()?, cin, cout, k })
+        Ok(Self { weight: w.flatten_all()?.to_vec1()?, bias: b.to_vec1()?, cin, cout, k, math: super::building() })
     }
 }
 
@@ -65,6 +67,7 @@ impl CustomOp1 for PatchConv {
                 // (from_tensors; the pub fields must keep describing it)
                 unsafe {
                     gemm_strided(
+                        self.math,
                         m,
                         n,
                         kk,
@@ -98,12 +101,14 @@ pub struct PatchConvTranspose {
     pub cin: usize,
     pub cout: usize,
     pub k: usize,
+    /// the GEMM's arithmetic ([`super::building`] when made)
+    pub math: Math,
 }
 
 impl PatchConvTranspose {
     pub fn from_tensors(w: &Tensor, b: &Tensor) -> candle_core::Result<Self> {
         let (cin, cout, k, _) = w.dims4()?;
-        Ok(Self { weight: w.flatten_all()?.to_vec1()?, bias: b.to_vec1()?, cin, cout, k })
+        Ok(Self { weight: w.flatten_all()?.to_vec1()?, bias: b.to_vec1()?, cin, cout, k, math: super::building() })
     }
 
     /// `out` `[b, cout, h k, w k]` from `x` `[b, cin, h, w]`: bands of input
@@ -132,6 +137,7 @@ impl PatchConvTranspose {
             // resized to m * n
             unsafe {
                 gemm_strided(
+                    self.math,
                     m,
                     n,
                     c,

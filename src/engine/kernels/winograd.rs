@@ -33,7 +33,7 @@
 //! output transform, as [`super::ConvOp`]'s other paths.
 use rayon::prelude::*;
 
-use super::{activation, avx2_available, gemm_strided, SendPtr};
+use super::{activation, avx2_available, gemm_strided, Math, SendPtr};
 
 /// Bᵀ, G and Aᵀ of F(2,3) (interpolation points 0, 1, -1).
 const F2_BT: [f32; 16] = [1., 0., -1., 0., 0., 1., 1., 0., 0., -1., 1., 0., 0., 1., 0., -1.];
@@ -445,6 +445,10 @@ pub struct Winograd {
     u: Vec<f32>,
     cin: usize,
     cout: usize,
+    /// the arithmetic of the products `U_ξ V_ξ`
+    math: Math,
+    /// each `U_ξ` packed for the bf16 GEMM (bf16 math on an AVX512_BF16 CPU)
+    packed: Vec<super::bf16::Packed>,
 }
 
 /// Per-thread scratch of one band.
@@ -478,7 +482,20 @@ impl Winograd {
                 }
             },
         );
-        Self { tile, u, cin, cout }
+        Self { tile, u, cin, cout, math: Math::F32, packed: Vec::new() }
+    }
+
+    /// The same transform with the products in `math`.
+    pub fn with_math(mut self, math: Math) -> Self {
+        self.math = math;
+        let plane = self.cout * self.cin;
+        self.packed = match math {
+            Math::Bf16 => (0..self.u.len() / plane)
+                .map_while(|xi| super::bf16::Packed::lhs(&self.u[xi * plane..], self.cout, self.cin, self.cin, 1))
+                .collect(),
+            Math::F32 => Vec::new(),
+        };
+        self
     }
 
     /// Tile rows per band: the transformed input and output of a band within
@@ -544,7 +561,13 @@ impl Winograd {
         self.tile.input(x, band, 0..cin, cin, s.v.as_mut_ptr(), nt, &mut s.tmp);
         // 2. M_ξ = U_ξ V_ξ: [cout x cin] x [cin x nt]
         for xi in 0..a2 {
+            if let Some(p) = self.packed.get(xi) {
+                let (dst, v) = (s.mm.as_mut_ptr().add(xi * cout * nt), s.v.as_ptr().add(xi * cin * nt));
+                super::bf16::gemm_packed_lhs(p, 0, cout, nt, cin, dst, nt, 1, v, nt, 1);
+                continue;
+            }
             gemm_strided(
+                self.math,
                 cout,
                 nt,
                 cin,
@@ -595,6 +618,7 @@ struct BlockScratch {
 /// SD's 640- and 1280-channel layers at 8x8 to 32x32 px.
 #[allow(clippy::too_many_arguments)]
 pub fn run_streamed(
+    math: Math,
     weight: &[f32],
     cout: usize,
     cin: usize,
@@ -665,6 +689,7 @@ pub fn run_streamed(
                     // SAFETY: the three matrices lie within s.mm, s.u and v
                     unsafe {
                         gemm_strided(
+                            math,
                             rows,
                             nt,
                             cin,
@@ -731,7 +756,7 @@ mod tests {
                 // output channels, weights transformed on the fly
                 let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let (xs, ws, bs, rs) = (v(&x), v(&wt), v(&b), v(&r));
-                let streamed = run_streamed(&ws, cout, cin, m, &xs, 2, h, w, &bs, true, Some(&rs));
+                let streamed = run_streamed(Math::F32, &ws, cout, cin, m, &xs, 2, h, w, &bs, true, Some(&rs));
                 let streamed = Tensor::from_vec(streamed, (2, cout, h, w), &dev).unwrap();
                 let err_streamed = max_err(&streamed, &relu_res) / scale;
                 assert!(err_streamed < tol, "streamed F({m},3) {cin}->{cout} {h}x{w}: {err_streamed}");
