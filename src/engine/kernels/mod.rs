@@ -24,8 +24,16 @@
 //! the helpers the kernels share; the ops live in `conv.rs` ([`ConvOp`],
 //! [`ConvInto`], [`AddInto`]), `patch.rs` ([`PatchConv`],
 //! [`PatchConvTranspose`], [`PatchConvTransposeInto`]), `norm.rs`
-//! ([`GroupNormOp`]), `attention.rs` ([`AttentionOp`]), `gemm.rs` (the strided
-//! GEMM they call), [`direct`] and [`winograd`].
+//! ([`GroupNormOp`]), `attention.rs` ([`AttentionOp`]), `linear.rs`
+//! ([`LinearOp`]), `gemm.rs` (the strided GEMM they call, in the layer's
+//! [`Math`]: f32, or bf16 operands with f32 sums from [`bf16`]), [`direct`]
+//! and [`winograd`].
+//!
+//! `precision=bf16` on the CPU builds the UNet and VAE under
+//! [`build_with`]`(Math::Bf16, ..)`: every GEMM-path convolution, Winograd
+//! F(2,3) layer, linear layer and attention built then multiplies
+//! bf16-rounded operands (their weights packed once, at the first call);
+//! Winograd F(4,3) and the direct kernel stay f32.
 // `let ptr = ptr;` inside a closure makes it capture the whole Send wrapper
 // (edition 2021 closures would capture only its raw-pointer field, which is
 // not Send); the kernels index by loop variables on purpose (several arrays
