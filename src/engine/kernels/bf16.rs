@@ -13,7 +13,7 @@
 //! (held in f32) and multiplied by the f32 GEMM. A product of two bf16 values
 //! is exact in f32, so the two paths differ only in the order of the f32 sums.
 
-use super::gemm::gemm_f32;
+use super::gemm::{gemm_f32, Mat};
 
 /// Rows of A per microkernel tile.
 pub const MR: usize = 12;
@@ -65,37 +65,20 @@ thread_local! {
 }
 
 /// `dst[m x n] = lhs[m x k] * rhs[k x n]` (`+=` when `accumulate`) with bf16
-/// operands and f32 sums; strides as [`super::gemm::gemm_f32`]'s,
-/// single-threaded.
+/// operands and f32 sums, on views (`d` written); single-threaded.
 ///
 /// # Safety
 /// All pointers valid for the given extents and strides.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_bf16(
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    dst: *mut f32,
-    dst_rs: usize,
-    dst_cs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
+pub(super) unsafe fn gemm_bf16(m: usize, n: usize, k: usize, accumulate: bool, d: Mat, a: Mat, b: Mat) {
     if m == 0 || n == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if native() && k > 0 {
-        let (a, b) = (Mat { p: lhs, rs: lhs_rs, cs: lhs_cs }, Mat { p: rhs, rs: rhs_rs, cs: rhs_cs });
-        gemm_operands(m, n, k, accumulate, dst, dst_rs, dst_cs, Operand::Strided(a), Operand::Strided(b));
+        gemm_operands(m, n, k, accumulate, d, Operand::Strided(a), Operand::Strided(b));
         return;
     }
-    emulated(m, n, k, accumulate, dst, dst_rs, dst_cs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs)
+    emulated(m, n, k, accumulate, d, a, b)
 }
 
 /// One GEMM operand: a strided f32 matrix (packed on the fly) or a [`Packed`]
@@ -113,23 +96,12 @@ pub(super) enum Operand<'a> {
 /// [`native`] returned true; the operands and `dst` are valid for the
 /// extents; a packed operand covers rows (columns) `first..first + m` (`n`)
 /// and `k`, `first` a multiple of MR (NR).
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_operands(
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    dst: *mut f32,
-    dst_rs: usize,
-    dst_cs: usize,
-    a: Operand,
-    b: Operand,
-) {
+pub(super) unsafe fn gemm_operands(m: usize, n: usize, k: usize, accumulate: bool, d: Mat, a: Operand, b: Operand) {
     if m == 0 || n == 0 || k == 0 {
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    *dst.add(i * dst_rs + j * dst_cs) = 0.0;
+                    *(d.p as *mut f32).add(i * d.rs + j * d.cs) = 0.0;
                 }
             }
         }
@@ -137,7 +109,6 @@ pub(super) unsafe fn gemm_operands(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let d = Mat { p: dst as *const f32, rs: dst_rs, cs: dst_cs };
         PACKS.with_borrow_mut(|(ap, bp)| {
             // SAFETY: native() found AVX-512F and AVX512_BF16 (the caller's
             // contract), the features `blocked` is compiled for; the caller's
@@ -149,49 +120,24 @@ pub(super) unsafe fn gemm_operands(
     unreachable!("bf16 GEMM operands need AVX512_BF16");
 }
 
-/// [`gemm_operands`] with a packed A from its row `first` (a multiple of
-/// [`MR`]) and a strided B.
+/// `d[m x n] = A[first..first + m] * b` with a packed A (`first` a multiple
+/// of [`MR`]; k is A's) and a strided B.
 ///
 /// # Safety
 /// As [`gemm_operands`].
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_packed_lhs(
-    a: &Packed,
-    first: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    dst_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
-    debug_assert!(first.is_multiple_of(MR) && first + m <= a.outer && k == a.k && a.width == MR);
-    let b = Mat { p: rhs, rs: rhs_rs, cs: rhs_cs };
-    gemm_operands(m, n, k, false, dst, dst_rs, dst_cs, Operand::Packed(a, first), Operand::Strided(b));
+pub(super) unsafe fn gemm_packed_lhs(a: &Packed, first: usize, m: usize, n: usize, d: Mat, b: Mat) {
+    debug_assert!(first.is_multiple_of(MR) && first + m <= a.outer && a.width == MR);
+    gemm_operands(m, n, a.k, false, d, Operand::Packed(a, first), Operand::Strided(b));
 }
 
-/// [`gemm_operands`] with a strided A and a packed B (all its columns).
+/// `d[m x n] = a[m x k] * B` with a strided A and a packed B (all its n
+/// columns; k is B's).
 ///
 /// # Safety
 /// As [`gemm_operands`].
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_packed_rhs(
-    m: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    dst_cs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    b: &Packed,
-) {
-    debug_assert!(k == b.k && b.width == NR);
-    let a = Mat { p: lhs, rs: lhs_rs, cs: lhs_cs };
-    gemm_operands(m, b.outer, k, false, dst, dst_rs, dst_cs, Operand::Strided(a), Operand::Packed(b, 0));
+pub(super) unsafe fn gemm_packed_rhs(m: usize, d: Mat, a: Mat, b: &Packed) {
+    debug_assert!(b.width == NR);
+    gemm_operands(m, b.outer, b.k, false, d, Operand::Strided(a), Operand::Packed(b, 0));
 }
 
 /// A constant operand (a layer's weights) rounded to bf16 and packed once,
@@ -211,12 +157,12 @@ impl Packed {
     /// A `[m x k]` (row stride `rs`, column stride `cs`), where the CPU has
     /// AVX512_BF16; None elsewhere (the emulation packs nothing).
     pub fn lhs(a: &[f32], m: usize, k: usize, rs: usize, cs: usize) -> Option<Self> {
-        Self::new(a, m, k, MR, Mat { p: a.as_ptr(), rs, cs })
+        Self::new(a, m, k, MR, Mat::new(a.as_ptr(), rs, cs))
     }
 
     /// B `[k x n]` (row stride `rs`, column stride `cs`), as [`Packed::lhs`].
     pub fn rhs(b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> Option<Self> {
-        Self::new(b, n, k, NR, Mat { p: b.as_ptr(), rs, cs })
+        Self::new(b, n, k, NR, Mat::new(b.as_ptr(), rs, cs))
     }
 
     fn new(data: &[f32], outer: usize, k: usize, width: usize, mat: Mat) -> Option<Self> {
@@ -258,54 +204,20 @@ impl Packed {
 ///
 /// # Safety
 /// As [`gemm_bf16`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn emulated(
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    dst: *mut f32,
-    dst_rs: usize,
-    dst_cs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
+unsafe fn emulated(m: usize, n: usize, k: usize, accumulate: bool, d: Mat, lhs: Mat, rhs: Mat) {
     let mut a = vec![0f32; m * k];
     for i in 0..m {
         for p in 0..k {
-            a[i * k + p] = round(*lhs.add(i * lhs_rs + p * lhs_cs));
+            a[i * k + p] = round(lhs.at(i, p));
         }
     }
     let mut b = vec![0f32; k * n];
     for p in 0..k {
         for j in 0..n {
-            b[p * n + j] = round(*rhs.add(p * rhs_rs + j * rhs_cs));
+            b[p * n + j] = round(rhs.at(p, j));
         }
     }
-    gemm_f32(m, n, k, accumulate, dst, dst_rs, dst_cs, a.as_ptr(), k, 1, b.as_ptr(), n, 1);
-}
-
-/// A strided matrix view.
-#[derive(Clone, Copy)]
-pub(super) struct Mat {
-    p: *const f32,
-    rs: usize,
-    cs: usize,
-}
-
-impl Mat {
-    /// Element (r, c).
-    ///
-    /// # Safety
-    /// (r, c) lies inside the matrix.
-    #[inline(always)]
-    unsafe fn at(&self, r: usize, c: usize) -> f32 {
-        *self.p.add(r * self.rs + c * self.cs)
-    }
+    gemm_f32(m, n, k, accumulate, d, Mat::new(a.as_ptr(), k, 1), Mat::new(b.as_ptr(), n, 1));
 }
 
 /// The bf16 pair `(lo, hi)` in one 32-bit word: `lo` in the low half, as
@@ -612,21 +524,12 @@ mod tests {
                     let (c_rs, c_cs) = if transposed { (1, m) } else { (n, 1) };
                     // SAFETY: every view lies inside its buffer
                     unsafe {
-                        (if emulate { emulated } else { gemm_bf16 })(
-                            m,
-                            n,
-                            k,
-                            accumulate,
-                            c.as_mut_ptr(),
-                            c_rs,
-                            c_cs,
-                            a.as_ptr(),
-                            a_rs,
-                            a_cs,
-                            b.as_ptr(),
-                            b_rs,
-                            b_cs,
-                        )
+                        let (d, av, bv) = (
+                            Mat::new(c.as_mut_ptr(), c_rs, c_cs),
+                            Mat::new(a.as_ptr(), a_rs, a_cs),
+                            Mat::new(b.as_ptr(), b_rs, b_cs),
+                        );
+                        (if emulate { emulated } else { gemm_bf16 })(m, n, k, accumulate, d, av, bv)
                     };
                     let mut worst = 0f64;
                     for i in 0..m {

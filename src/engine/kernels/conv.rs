@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{
     activation, bf16, contiguous, contiguous_mut, direct, gemm_strided, par_row_blocks_aligned, winograd,
-    winograd_enabled, Math, SendPtr,
+    winograd_enabled, Mat, Math, SendPtr,
 };
 use super::{DIRECT_MAX_CHANNELS, DIRECT_MAX_WIDE_WIDTH, DIRECT_NARROW, WINOGRAD_KEEP_BYTES, WINOGRAD_MIN_CHANNELS};
 
@@ -362,7 +362,7 @@ impl ConvOp {
                 let (w0, c) = (weight.as_ptr().add(co0 * kk), col.as_ptr());
                 match packed {
                     Some(p) if co0.is_multiple_of(bf16::MR) => {
-                        bf16::gemm_packed_lhs(p, co0, m, n, kk, dst, ohw, 1, c, n, 1)
+                        bf16::gemm_packed_lhs(p, co0, m, n, Mat::new(dst, ohw, 1), Mat::new(c, n, 1))
                     }
                     _ => gemm_strided(self.math, m, n, kk, false, dst, ohw, 1, w0, kk, 1, c, n, 1),
                 }

@@ -36,6 +36,29 @@ pub fn building() -> Math {
     BUILDING.get()
 }
 
+/// A strided f32 matrix view: element (r, c) at `p + r * rs + c * cs`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Mat {
+    pub p: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl Mat {
+    pub fn new(p: *const f32, rs: usize, cs: usize) -> Self {
+        Self { p, rs, cs }
+    }
+
+    /// Element (r, c).
+    ///
+    /// # Safety
+    /// (r, c) lies inside the matrix.
+    #[inline(always)]
+    pub unsafe fn at(&self, r: usize, c: usize) -> f32 {
+        *self.p.add(r * self.rs + c * self.cs)
+    }
+}
+
 /// `dst[m x n] = lhs[m x k] * rhs[k x n]` (`+=` when `accumulate`), every
 /// operand with its own row and column strides, in `math`; single-threaded
 /// (callers parallelise around it).
@@ -59,48 +82,32 @@ pub(super) unsafe fn gemm_strided(
     rhs_rs: usize,
     rhs_cs: usize,
 ) {
+    let (d, a, b) = (Mat::new(dst, dst_rs, dst_cs), Mat::new(lhs, lhs_rs, lhs_cs), Mat::new(rhs, rhs_rs, rhs_cs));
     match math {
-        Math::F32 => gemm_f32(m, n, k, accumulate, dst, dst_rs, dst_cs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs),
-        Math::Bf16 => {
-            super::bf16::gemm_bf16(m, n, k, accumulate, dst, dst_rs, dst_cs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs)
-        }
+        Math::F32 => gemm_f32(m, n, k, accumulate, d, a, b),
+        Math::Bf16 => super::bf16::gemm_bf16(m, n, k, accumulate, d, a, b),
     }
 }
 
-/// [`gemm_strided`] in f32 (the `gemm` crate).
+/// [`gemm_strided`] in f32 (the `gemm` crate), on views (`d` written).
 ///
 /// # Safety
 /// As [`gemm_strided`].
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    dst: *mut f32,
-    dst_rs: usize,
-    dst_cs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
+pub(super) unsafe fn gemm_f32(m: usize, n: usize, k: usize, accumulate: bool, d: Mat, a: Mat, b: Mat) {
     gemm::gemm(
         m,
         n,
         k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
+        d.p as *mut f32,
+        d.cs as isize,
+        d.rs as isize,
         accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
+        a.p,
+        a.cs as isize,
+        a.rs as isize,
+        b.p,
+        b.cs as isize,
+        b.rs as isize,
         if accumulate { 1.0f32 } else { 0.0f32 },
         1.0f32,
         false,

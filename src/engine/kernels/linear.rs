@@ -2,7 +2,7 @@
 //! blocks of rows in parallel.
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::{activation, contiguous, gemm_strided, par_row_blocks, Math, SendPtr};
+use super::{activation, contiguous, gemm_strided, par_row_blocks, Mat, Math, SendPtr};
 
 /// A linear layer over the last dimension of a contiguous f32 CPU tensor.
 #[derive(Clone, Debug)]
@@ -63,7 +63,7 @@ impl CustomOp1 for LinearOp {
                 let dst = out_ptr.0.add(r0 * cout);
                 let xr = x.as_ptr().add(r0 * cin);
                 match &self.packed {
-                    Some(p) => super::bf16::gemm_packed_rhs(m, cin, dst, cout, 1, xr, cin, 1, p),
+                    Some(p) => super::bf16::gemm_packed_rhs(m, Mat::new(dst, cout, 1), Mat::new(xr, cin, 1), p),
                     None => gemm_strided(self.math, m, cout, cin, false, dst, cout, 1, xr, cin, 1, w.as_ptr(), 1, cin),
                 }
                 if let Some(b) = &self.bias {

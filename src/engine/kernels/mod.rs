@@ -224,8 +224,8 @@ mod norm;
 mod patch;
 pub mod winograd;
 
-use self::gemm::gemm_strided;
 pub use self::gemm::{build_with, building, Math};
+use self::gemm::{gemm_strided, Mat};
 pub use attention::AttentionOp;
 pub use conv::{AddInto, ConvInto, ConvOp};
 pub use linear::LinearOp;

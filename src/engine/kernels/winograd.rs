@@ -33,7 +33,7 @@
 //! output transform, as [`super::ConvOp`]'s other paths.
 use rayon::prelude::*;
 
-use super::{activation, avx2_available, gemm_strided, Math, SendPtr};
+use super::{activation, avx2_available, gemm_strided, Mat, Math, SendPtr};
 
 /// Bᵀ, G and Aᵀ of F(2,3) (interpolation points 0, 1, -1).
 const F2_BT: [f32; 16] = [1., 0., -1., 0., 0., 1., 1., 0., 0., -1., 1., 0., 0., 1., 0., -1.];
@@ -563,7 +563,7 @@ impl Winograd {
         for xi in 0..a2 {
             if let Some(p) = self.packed.get(xi) {
                 let (dst, v) = (s.mm.as_mut_ptr().add(xi * cout * nt), s.v.as_ptr().add(xi * cin * nt));
-                super::bf16::gemm_packed_lhs(p, 0, cout, nt, cin, dst, nt, 1, v, nt, 1);
+                super::bf16::gemm_packed_lhs(p, 0, cout, nt, Mat::new(dst, nt, 1), Mat::new(v, nt, 1));
                 continue;
             }
             gemm_strided(
