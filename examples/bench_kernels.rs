@@ -7,7 +7,7 @@
 //! `cargo run --release --no-default-features --example bench_kernels [-- --runs N] [--only UNet]`
 use candle_core::{Device, Tensor};
 use clap::Parser;
-use gstcodiff::engine::kernels::{direct, ConvOp};
+use gstcodiff::engine::kernels::{build_with, direct, ConvOp, Math};
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -40,8 +40,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let dev = Device::Cpu;
     println!("threads={} avx512 direct kernel available: {}", rayon::current_num_threads(), direct::available());
-    println!("| layer | cin->cout | HxW | direct ms | GEMM ms | F(2,3) ms | F(4,3) ms | candle ms | best GFLOP/s (direct-equivalent) |");
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| layer | cin->cout | HxW | direct ms | GEMM ms | F(2,3) ms | F(4,3) ms | candle ms | best GFLOP/s (direct-equivalent) | bf16: direct ms | GEMM ms | F(2,3) ms |"
+    );
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let layers: [(&str, usize, usize, usize, usize); 16] = [
         ("compact head", 3, 8, 720, 1280),
         ("compact level 0", 8, 8, 720, 1280),
@@ -69,6 +71,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let f2 = gemm.clone().with_winograd(Some(2));
         let f4 = gemm.clone().with_winograd(Some(4));
         let op = op.direct()?;
+        // the same layer built for bf16 arithmetic (precision=bf16 on the CPU)
+        let bf = build_with(Math::Bf16, || ConvOp::from_tensors(&wt, Some(&b), true))?;
+        let (bf_gemm, bf_direct) = (bf.clone().gemm_only(), bf.direct()?);
+        let bf_f2 = bf_gemm.clone().with_winograd(Some(2));
         let flop = 2.0 * (cin * 9 * cout * h * w) as f64;
         let direct_ms =
             if op.is_direct() { Some(median_ms(args.runs, || drop(x.apply_op1_no_bwd(&op).unwrap()))) } else { None };
@@ -77,15 +83,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let f4_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&f4).unwrap()));
         let candle_ms =
             if args.candle { Some(median_ms(args.runs, || drop(x.conv2d(&wt, 1, 1, 1, 1).unwrap()))) } else { None };
+        let bf_direct_ms =
+            bf_direct.is_direct().then(|| median_ms(args.runs, || drop(x.apply_op1_no_bwd(&bf_direct).unwrap())));
+        let bf_gemm_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&bf_gemm).unwrap()));
+        let bf_f2_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&bf_f2).unwrap()));
         let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
         let rate = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}", flop / v / 1e6));
         let best =
             [direct_ms, Some(gemm_ms), Some(f2_ms), Some(f4_ms)].into_iter().flatten().fold(f64::INFINITY, f64::min);
         println!(
-            "| {name} | {cin}->{cout} | {h}x{w} | {} | {gemm_ms:.2} | {f2_ms:.2} | {f4_ms:.2} | {} | {} |",
+            "| {name} | {cin}->{cout} | {h}x{w} | {} | {gemm_ms:.2} | {f2_ms:.2} | {f4_ms:.2} | {} | {} | {} | {bf_gemm_ms:.2} | {bf_f2_ms:.2} |",
             show(direct_ms),
             show(candle_ms),
-            rate(Some(best))
+            rate(Some(best)),
+            show(bf_direct_ms),
         );
     }
     Ok(())

@@ -233,7 +233,10 @@ impl Engine {
         let device = device_of(spec.device)?;
         let cave_path = spec.cave.as_deref().unwrap_or(&spec.weights);
         progress(&format!("loading CaVE from {}", cave_path.display()));
-        let cave = Cave::load(&TensorFile::open(cave_path)?, &device)?;
+        // the compact model (mode=cave) takes the precision's arithmetic; the
+        // diffusion path's CaVE stays f32 (its embedding conditions the UNet)
+        let cave_math = if spec.mode == Mode::Cave { math_of(spec.precision, &device) } else { Math::F32 };
+        let cave = build_with(cave_math, || Cave::load(&TensorFile::open(cave_path)?, &device))?;
         let diffusion = match spec.mode {
             Mode::Cave => None,
             Mode::Diffusion => Some(Self::load_diffusion(spec, &cave, &device, progress)?),

@@ -228,6 +228,9 @@ fn pair(lo: f32, hi: f32) -> u32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::pair_row;
+
+#[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{pair, Mat, Operand, KC, MC, MR, NC, NR};
     use std::arch::x86_64::*;
@@ -386,14 +389,8 @@ mod avx512 {
                     let j0 = js * NR + half * 16;
                     let cols = nc.saturating_sub(j0).min(16);
                     if cols == 16 && b.cs == 1 {
-                        let lo = round16(_mm512_loadu_ps(b.p.add(k0 * b.rs + jc + j0)));
-                        let hi = if has_hi {
-                            round16(_mm512_loadu_ps(b.p.add((k0 + 1) * b.rs + jc + j0)))
-                        } else {
-                            _mm512_setzero_si512()
-                        };
-                        let v = _mm512_or_si512(_mm512_srli_epi32::<16>(lo), hi);
-                        _mm512_storeu_si512(out.add(half * 16) as *mut _, v);
+                        let lo = b.p.add(k0 * b.rs + jc + j0);
+                        pair_row(lo, has_hi.then(|| lo.add(b.rs)), 16, out.add(half * 16));
                     } else {
                         for l in 0..16 {
                             *out.add(half * 16 + l) = if l < cols {
@@ -418,6 +415,26 @@ mod avx512 {
     unsafe fn pairs16(x: *const f32, out: &mut [u32; 16]) {
         let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x.add(16)), _mm512_loadu_ps(x)));
         _mm512_storeu_si512(out.as_mut_ptr() as *mut _, v);
+    }
+
+    /// `out[i] = pair(lo[i], hi[i])` for `i < n` (hi 0 when None): two rows
+    /// of f32 interleaved into bf16 pairs, 16 at a time.
+    ///
+    /// # Safety
+    /// `lo`, `hi` hold `n` values, `out` `n` words; AVX-512F is present.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn pair_row(lo: *const f32, hi: Option<*const f32>, n: usize, out: *mut u32) {
+        let mut i = 0;
+        while i < n {
+            let m: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+            let l = round16(_mm512_maskz_loadu_ps(m, lo.add(i)));
+            let h = match hi {
+                Some(h) => round16(_mm512_maskz_loadu_ps(m, h.add(i))),
+                None => _mm512_setzero_si512(),
+            };
+            _mm512_mask_storeu_epi32(out.add(i) as *mut _, m, _mm512_or_si512(_mm512_srli_epi32::<16>(l), h));
+            i += 16;
+        }
     }
 
     /// [`super::round_bits`] of 16 lanes (finite inputs; a NaN may come out as

@@ -116,7 +116,9 @@ impl ConvOp {
     fn with_direct(mut self, always: bool) -> candle_core::Result<Self> {
         if self.k == 3 && self.stride == 1 && self.pad == [1; 4] && direct::available() {
             let w = self.weight.flatten_all()?.to_vec1::<f32>()?;
-            self.direct = Some(Arc::new(direct::Direct::new(&w, self.cout, self.cin)));
+            let d = direct::Direct::new(&w, self.cout, self.cin);
+            let d = if self.math == Math::Bf16 { d.with_bf16(&w) } else { d };
+            self.direct = Some(Arc::new(d));
             self.always_direct = always;
         }
         Ok(self)
@@ -614,6 +616,36 @@ mod tests {
             // multiplies in f32 in every layer)
             let tol = 3.0 * 2.0 * 2f32.powi(-9) * ((cin * 9) as f32).sqrt() * if tile.is_some() { 4.0 } else { 2.0 };
             assert!(err > 0.0 && err < tol, "{cin}->{cout} {h}x{w} {tile:?}: {err} vs {tol}");
+        }
+    }
+
+    /// The direct kernel in bf16 (channel pairs, odd channel counts, every
+    /// tile shape, borders, the residual in place) within bf16's rounding.
+    #[test]
+    fn bf16_direct_matches_candle_to_bf16_rounding() {
+        for (cin, cout, h, w) in [(3, 8, 4, 20), (8, 8, 19, 40), (16, 16, 7, 33), (13, 40, 2, 65), (64, 64, 5, 17)] {
+            let [x, wt, b, r, reference, relu_res] = conv_case(cin, cout, h, w);
+            for relu in [false, true] {
+                let op = super::super::build_with(Math::Bf16, || {
+                    ConvOp::from_tensors(&wt, Some(&b), relu).unwrap().direct().unwrap()
+                });
+                assert_eq!(
+                    op.direct.as_ref().is_some_and(|d| d.is_bf16()),
+                    direct::available() && bf16::native(),
+                    "{cin}->{cout}: bf16 direct kernel where the CPU has it"
+                );
+                let tol = 3.0 * 2.0 * 2f32.powi(-9) * ((cin * 9) as f32).sqrt() * 2.0;
+                let (ours, want) = if relu {
+                    (x.apply_op2_no_bwd(&r, &op).unwrap(), relu_res.clone())
+                } else {
+                    (x.apply_op1_no_bwd(&op).unwrap(), reference.clone())
+                };
+                let err = max_err(&ours, &want);
+                assert!(err < tol, "{cin}->{cout} {h}x{w} relu {relu}: {err} vs {tol}");
+                if bf16::native() {
+                    assert!(err > 0.0, "{cin}->{cout}: bf16 gave the f32 result");
+                }
+            }
         }
     }
 

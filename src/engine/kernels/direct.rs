@@ -48,6 +48,18 @@ pub struct Direct {
     cout: usize,
     /// `[cout.div_ceil(cb)][cin][9][cb]`
     packed: Vec<f32>,
+    /// for bf16 arithmetic ([`Direct::with_bf16`]): `[block][cin pair][9][cb]`,
+    /// each word the bf16 weights of input channels `2p` (low half) and `2p + 1`
+    pairs: Option<Vec<u32>>,
+}
+
+/// Output rows per group of the bf16 kernel: their input rows (and one above
+/// and below) are converted to bf16 pairs once for every output block.
+const BF16_ROWS: usize = 8;
+
+thread_local! {
+    /// This thread's bf16 input rows (see [`BF16_ROWS`]).
+    static PAIR_ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Whether the direct kernel runs here: an x86-64 CPU with AVX-512F (checked
@@ -79,7 +91,36 @@ impl Direct {
                 }
             }
         }
-        Self { tile, cin, cout, packed }
+        Self { tile, cin, cout, packed, pairs: None }
+    }
+
+    /// The same layer multiplying bf16 pairs of input channels with
+    /// `vdpbf16ps` (f32 sums), where the CPU has AVX512_BF16; unchanged
+    /// elsewhere (the f32 kernel). `weight` is the one given to [`Direct::new`].
+    pub fn with_bf16(mut self, weight: &[f32]) -> Self {
+        if !super::bf16::native() {
+            return self;
+        }
+        let (cin, cout, cb) = (self.cin, self.cout, self.tile.cb());
+        let cp = cin.div_ceil(2);
+        let mut pairs = vec![0u32; cout.div_ceil(cb) * cp * 9 * cb];
+        for co in 0..cout {
+            let (blk, lane) = (co / cb, co % cb);
+            for p in 0..cp {
+                for t in 0..9 {
+                    let w = |ci: usize| if ci < cin { weight[(co * cin + ci) * 9 + t] } else { 0.0 };
+                    let lo = super::bf16::round_bits(w(2 * p)) >> 16;
+                    pairs[((blk * cp + p) * 9 + t) * cb + lane] = lo | super::bf16::round_bits(w(2 * p + 1));
+                }
+            }
+        }
+        self.pairs = Some(pairs);
+        self
+    }
+
+    /// Whether this layer multiplies in bf16.
+    pub fn is_bf16(&self) -> bool {
+        self.pairs.is_some()
     }
 
     /// Output rows `oy0..oy1` of one image: `x` `[cin, h, w]`, `out` and
@@ -101,6 +142,12 @@ impl Direct {
         residual: Option<*const f32>,
         out: *mut f32,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(pairs) = &self.pairs {
+            // SAFETY: as below; with_bf16 found AVX512_BF16 (bf16::native) when
+            // it made `pairs` ([block][cp][9][cb] words)
+            return unsafe { self.rows_bf16(pairs, x, h, w, oy0, oy1, bias, relu, residual, out) };
+        }
         #[cfg(target_arch = "x86_64")]
         {
             let a = avx512::Args { x, h, w, cin: self.cin, cout: self.cout, bias, relu, residual, out };
@@ -125,6 +172,78 @@ impl Direct {
             let _ = (x, h, w, oy0, oy1, bias, relu, residual, out);
             unreachable!("direct convolution needs x86-64 with AVX-512");
         }
+    }
+}
+
+impl Direct {
+    /// [`Direct::rows`] in bf16: groups of [`BF16_ROWS`] output rows, their
+    /// input rows converted to channel pairs, then every output block.
+    ///
+    /// # Safety
+    /// As [`Direct::rows`], and AVX512_BF16 is present.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_bf16(
+        &self,
+        pairs: &[u32],
+        x: *const f32,
+        h: usize,
+        w: usize,
+        oy0: usize,
+        oy1: usize,
+        bias: &[f32],
+        relu: bool,
+        residual: Option<*const f32>,
+        out: *mut f32,
+    ) {
+        let (cin, cb) = (self.cin, self.tile.cb());
+        let cp = cin.div_ceil(2);
+        PAIR_ROWS.with_borrow_mut(|buf| {
+            for g0 in (oy0..oy1).step_by(BF16_ROWS) {
+                let g1 = (g0 + BF16_ROWS).min(oy1);
+                let (y0, y1) = (g0.saturating_sub(1), (g1 + 1).min(h));
+                let nr = y1 - y0;
+                buf.resize(cp * nr * w, 0);
+                for p in 0..cp {
+                    for y in y0..y1 {
+                        let lo = x.add((2 * p * h + y) * w);
+                        let hi = (2 * p + 1 < cin).then(|| x.add(((2 * p + 1) * h + y) * w));
+                        // SAFETY: rows y of channels 2p, 2p + 1 lie inside x
+                        // (the caller's contract); the buffer row was sized above
+                        unsafe { super::bf16::pair_row(lo, hi, w, buf.as_mut_ptr().add((p * nr + y - y0) * w)) };
+                    }
+                }
+                let a = avx512::PairArgs {
+                    x: buf.as_ptr(),
+                    y0,
+                    rows: nr,
+                    h,
+                    w,
+                    cp,
+                    cout: self.cout,
+                    bias,
+                    relu,
+                    residual,
+                    out,
+                };
+                for blk in 0..self.cout.div_ceil(cb) {
+                    let wp = pairs.as_ptr().add(blk * cp * 9 * cb);
+                    for oy in g0..g1 {
+                        // SAFETY: AVX-512F and AVX512_BF16 present (the
+                        // caller's contract); `a.x` holds rows y0..y1 of cp
+                        // pair planes, which cover oy - 1..=oy + 1 within the
+                        // frame; wp holds cp * 9 * cb words
+                        unsafe {
+                            match self.tile {
+                                Tile::C4S4 => avx512::row_bf16::<4, 4>(&a, wp, blk * 4, oy),
+                                Tile::C8S3 => avx512::row_bf16::<8, 3>(&a, wp, blk * 8, oy),
+                                Tile::C16S1 => avx512::row_bf16::<16, 1>(&a, wp, blk * 16, oy),
+                            }
+                        }
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -201,28 +320,119 @@ mod avx512 {
                     }
                 }
             }
-            // epilogue: bias, ReLU, residual; masked stores at the right border
-            for (c, acc_c) in acc.iter().enumerate().take(stored) {
-                let co = co0 + c;
-                let b = _mm512_set1_ps(a.bias[co]);
-                let row_off = co * hw + oy * w;
-                for s in 0..S {
-                    let start = x0 + 16 * s;
-                    if start >= w {
-                        break;
-                    }
-                    let m = lanes(start as isize, w);
-                    let mut y = _mm512_add_ps(acc_c[s], b);
-                    if a.relu {
-                        y = _mm512_max_ps(y, _mm512_setzero_ps());
-                    }
-                    if let Some(r) = a.residual {
-                        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, r.add(row_off + start)));
-                    }
-                    _mm512_mask_storeu_ps(a.out.add(row_off + start), m, y);
+            store(a.bias, a.relu, a.residual, a.out, &acc, co0, stored, oy, w, hw, x0);
+            x0 += 16 * S;
+        }
+    }
+
+    /// The bf16 kernel's input: `rows` rows from `y0` of `cp` planes of
+    /// channel pairs, and the output as [`Args`].
+    pub(super) struct PairArgs<'a> {
+        pub x: *const u32,
+        pub y0: usize,
+        pub rows: usize,
+        pub h: usize,
+        pub w: usize,
+        pub cp: usize,
+        pub cout: usize,
+        pub bias: &'a [f32],
+        pub relu: bool,
+        pub residual: Option<*const f32>,
+        pub out: *mut f32,
+    }
+
+    /// [`row`] on bf16 channel pairs: one `vdpbf16ps` takes two input
+    /// channels' products per lane.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn row_bf16<const CB: usize, const S: usize>(
+        a: &PairArgs,
+        wp: *const u32,
+        co0: usize,
+        oy: usize,
+    ) {
+        let (h, w) = (a.h, a.w);
+        let hw = h * w;
+        let stored = (a.cout - co0).min(CB);
+        let mut x0 = 0usize;
+        while x0 < w {
+            let mut acc = [[_mm512_setzero_ps(); S]; CB];
+            let mut masks = [[0u16; 3]; S];
+            for (s, m) in masks.iter_mut().enumerate() {
+                for (kx, mk) in m.iter_mut().enumerate() {
+                    *mk = lanes((x0 + 16 * s) as isize + kx as isize - 1, w);
                 }
             }
+            for p in 0..a.cp {
+                let plane = a.x.add(p * a.rows * w);
+                let wp_p = wp.add(p * 9 * CB);
+                for ky in 0..3 {
+                    let sy = oy as isize + ky as isize - 1;
+                    if sy < 0 || sy >= h as isize {
+                        continue;
+                    }
+                    let src = plane.add((sy as usize - a.y0) * w);
+                    for kx in 0..3 {
+                        let mut v: [__m512bh; S] =
+                            [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); S];
+                        for s in 0..S {
+                            let col = (x0 + 16 * s) as isize + kx as isize - 1;
+                            // masked-off lanes are not read
+                            v[s] = std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(
+                                masks[s][kx],
+                                src.wrapping_offset(col) as *const i32,
+                            ));
+                        }
+                        let wt = wp_p.add((ky * 3 + kx) * CB);
+                        for (c, acc_c) in acc.iter_mut().enumerate() {
+                            let wv: __m512bh = std::mem::transmute(_mm512_set1_epi32(*wt.add(c) as i32));
+                            for s in 0..S {
+                                acc_c[s] = _mm512_dpbf16_ps(acc_c[s], v[s], wv);
+                            }
+                        }
+                    }
+                }
+            }
+            store(a.bias, a.relu, a.residual, a.out, &acc, co0, stored, oy, w, hw, x0);
             x0 += 16 * S;
+        }
+    }
+
+    /// The epilogue of [`row`] and [`row_bf16`]: bias, ReLU, residual; masked
+    /// stores at the right border.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn store<const CB: usize, const S: usize>(
+        bias: &[f32],
+        relu: bool,
+        residual: Option<*const f32>,
+        out: *mut f32,
+        acc: &[[__m512; S]; CB],
+        co0: usize,
+        stored: usize,
+        oy: usize,
+        w: usize,
+        hw: usize,
+        x0: usize,
+    ) {
+        for (c, acc_c) in acc.iter().enumerate().take(stored) {
+            let co = co0 + c;
+            let b = _mm512_set1_ps(bias[co]);
+            let row_off = co * hw + oy * w;
+            for s in 0..S {
+                let start = x0 + 16 * s;
+                if start >= w {
+                    break;
+                }
+                let m = lanes(start as isize, w);
+                let mut y = _mm512_add_ps(acc_c[s], b);
+                if relu {
+                    y = _mm512_max_ps(y, _mm512_setzero_ps());
+                }
+                if let Some(r) = residual {
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, r.add(row_off + start)));
+                }
+                _mm512_mask_storeu_ps(out.add(row_off + start), m, y);
+            }
         }
     }
 
