@@ -95,7 +95,9 @@ impl std::fmt::Display for DeviceSpec {
     }
 }
 
-/// Floating-point precision of the UNet and VAE (CaVE and proj always run in f32).
+/// Floating-point precision of the UNet and VAE. The diffusion path's CaVE
+/// and proj always run in f32; on the CPU, `Bf16` also gives the compact
+/// model (`Mode::Cave`) bf16 arithmetic in its inner layers (`kernels::bf16`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Precision {
     /// f32 on CPU, f16 on CUDA.

@@ -373,11 +373,18 @@ impl Engine {
             let mut planes = vec![0f32; 3 * w * h];
             let (r, gb) = planes.split_at_mut(w * h);
             let (g, b) = gb.split_at_mut(w * h);
-            for (i, px) in img.data.chunks_exact(3).enumerate() {
-                r[i] = px[0] as f32 * inv;
-                g[i] = px[1] as f32 * inv;
-                b[i] = px[2] as f32 * inv;
-            }
+            // rows on all threads
+            use rayon::prelude::*;
+            (r.par_chunks_exact_mut(w), g.par_chunks_exact_mut(w), b.par_chunks_exact_mut(w))
+                .into_par_iter()
+                .zip(img.data.par_chunks_exact(3 * w))
+                .for_each(|((r, g, b), row)| {
+                    for (i, px) in row.chunks_exact(3).enumerate() {
+                        r[i] = px[0] as f32 * inv;
+                        g[i] = px[1] as f32 * inv;
+                        b[i] = px[2] as f32 * inv;
+                    }
+                });
             return Ok(Tensor::from_vec(planes, (1, 3, h, w), &Device::Cpu)?);
         }
         let t = Tensor::from_slice(&img.data, (img.height, img.width, 3), &Device::Cpu)?
@@ -400,14 +407,16 @@ impl Engine {
             };
             let (o, st) = (layout.start_offset(), layout.stride());
             let w = img.width;
-            for (y, row) in img.data.chunks_exact_mut(3 * w).enumerate() {
+            // rows on all threads; v >= 0.5, so the truncating cast is floor
+            use rayon::prelude::*;
+            img.data.par_chunks_exact_mut(3 * w).enumerate().for_each(|(y, row)| {
                 for (c, plane) in (0..3).map(|c| (c, o + c * st[1] + y * st[2])) {
                     for x in 0..w {
                         let v = data[plane + x * st[3]].clamp(0.0, 1.0) * 255.0 + 0.5;
-                        row[3 * x + c] = v.floor() as u8;
+                        row[3 * x + c] = v as u8;
                     }
                 }
-            }
+            });
             return Ok(());
         }
         let bytes: Vec<u8> = ((t.clamp(0f32, 1f32)? * 255.0)? + 0.5)?
