@@ -55,7 +55,7 @@ pub struct Direct {
 
 /// Output rows per group of the bf16 kernel: their input rows (and one above
 /// and below) are converted to bf16 pairs once for every output block.
-const BF16_ROWS: usize = 8;
+const BF16_ROWS: usize = 16;
 
 thread_local! {
     /// This thread's bf16 input rows (see [`BF16_ROWS`]).
