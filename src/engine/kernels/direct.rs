@@ -150,7 +150,8 @@ impl Direct {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            let a = avx512::Args { x, h, w, cin: self.cin, cout: self.cout, bias, relu, residual, out };
+            let a =
+                avx512::Args { x, y0: 0, rows: h, h, w, planes: self.cin, cout: self.cout, bias, relu, residual, out };
             let cb = self.tile.cb();
             // SAFETY (of the calls below): the caller's contract: available()
             // returned true, i.e. is_x86_feature_detected!("avx512f"), the one
@@ -213,13 +214,13 @@ impl Direct {
                         unsafe { super::bf16::pair_row(lo, hi, w, buf.as_mut_ptr().add((p * nr + y - y0) * w)) };
                     }
                 }
-                let a = avx512::PairArgs {
+                let a = avx512::Args {
                     x: buf.as_ptr(),
                     y0,
                     rows: nr,
                     h,
                     w,
-                    cp,
+                    planes: cp,
                     cout: self.cout,
                     bias,
                     relu,
@@ -251,16 +252,62 @@ impl Direct {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    pub(super) struct Args<'a> {
-        pub x: *const f32,
+    /// One layer's rows: `planes` input planes of `T` (f32 channels, or
+    /// bf16 channel pairs as u32) holding frame rows `y0..y0 + rows` each
+    /// (`rows` apart), the frame's size, and the output.
+    pub(super) struct Args<'a, T> {
+        pub x: *const T,
+        pub y0: usize,
+        pub rows: usize,
         pub h: usize,
         pub w: usize,
-        pub cin: usize,
+        pub planes: usize,
         pub cout: usize,
         pub bias: &'a [f32],
         pub relu: bool,
         pub residual: Option<*const f32>,
         pub out: *mut f32,
+    }
+
+    /// The arithmetic of one kernel: how an input vector is loaded and how a
+    /// weight (of the same element type) multiplies it into an accumulator.
+    trait Arith {
+        type In: Copy;
+        type V: Copy;
+        unsafe fn load(mask: u16, p: *const Self::In) -> Self::V;
+        unsafe fn madd(acc: __m512, v: Self::V, w: Self::In) -> __m512;
+    }
+
+    /// f32 FMA.
+    struct F32;
+
+    impl Arith for F32 {
+        type In = f32;
+        type V = __m512;
+        #[inline(always)]
+        unsafe fn load(mask: u16, p: *const f32) -> __m512 {
+            _mm512_maskz_loadu_ps(mask, p)
+        }
+        #[inline(always)]
+        unsafe fn madd(acc: __m512, v: __m512, w: f32) -> __m512 {
+            _mm512_fmadd_ps(v, _mm512_set1_ps(w), acc)
+        }
+    }
+
+    /// `vdpbf16ps` on bf16 pairs (two input channels per lane and word).
+    struct Bf16;
+
+    impl Arith for Bf16 {
+        type In = u32;
+        type V = __m512bh;
+        #[inline(always)]
+        unsafe fn load(mask: u16, p: *const u32) -> __m512bh {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(mask, p as *const i32))
+        }
+        #[inline(always)]
+        unsafe fn madd(acc: __m512, v: __m512bh, w: u32) -> __m512 {
+            _mm512_dpbf16_ps(acc, v, std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(w as i32)))
+        }
     }
 
     /// Lanes `l` of a 16-wide vector starting at column `start + l` whose
@@ -277,9 +324,32 @@ mod avx512 {
     }
 
     /// One output row `oy` of output channels `co0..co0 + CB` (those below
-    /// `cout` are stored).
+    /// `cout` are stored), f32.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn row<const CB: usize, const S: usize>(a: &Args, wp: *const f32, co0: usize, oy: usize) {
+    pub(super) unsafe fn row<const CB: usize, const S: usize>(a: &Args<f32>, wp: *const f32, co0: usize, oy: usize) {
+        row_with::<F32, CB, S>(a, wp, co0, oy)
+    }
+
+    /// [`row`] on bf16 channel pairs: one `vdpbf16ps` takes two input
+    /// channels' products per lane.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn row_bf16<const CB: usize, const S: usize>(
+        a: &Args<u32>,
+        wp: *const u32,
+        co0: usize,
+        oy: usize,
+    ) {
+        row_with::<Bf16, CB, S>(a, wp, co0, oy)
+    }
+
+    /// The kernel of [`row`] and [`row_bf16`] in `A`'s arithmetic.
+    #[inline(always)]
+    unsafe fn row_with<A: Arith, const CB: usize, const S: usize>(
+        a: &Args<A::In>,
+        wp: *const A::In,
+        co0: usize,
+        oy: usize,
+    ) {
         let (h, w) = (a.h, a.w);
         let hw = h * w;
         let stored = (a.cout - co0).min(CB);
@@ -293,78 +363,9 @@ mod avx512 {
                     *mk = lanes((x0 + 16 * s) as isize + kx as isize - 1, w);
                 }
             }
-            for ci in 0..a.cin {
-                let plane = a.x.add(ci * hw);
+            for ci in 0..a.planes {
+                let plane = a.x.add(ci * a.rows * w);
                 let wci = wp.add(ci * 9 * CB);
-                for ky in 0..3 {
-                    let sy = oy as isize + ky as isize - 1;
-                    if sy < 0 || sy >= h as isize {
-                        continue;
-                    }
-                    let src = plane.add(sy as usize * w);
-                    for kx in 0..3 {
-                        let mut v = [_mm512_setzero_ps(); S];
-                        for s in 0..S {
-                            let col = (x0 + 16 * s) as isize + kx as isize - 1;
-                            // masked-off lanes are not read, so the address may
-                            // lie outside the row
-                            v[s] = _mm512_maskz_loadu_ps(masks[s][kx], src.wrapping_offset(col));
-                        }
-                        let wt = wci.add((ky * 3 + kx) * CB);
-                        for (c, acc_c) in acc.iter_mut().enumerate() {
-                            let wv = _mm512_set1_ps(*wt.add(c));
-                            for s in 0..S {
-                                acc_c[s] = _mm512_fmadd_ps(v[s], wv, acc_c[s]);
-                            }
-                        }
-                    }
-                }
-            }
-            store(a.bias, a.relu, a.residual, a.out, &acc, co0, stored, oy, w, hw, x0);
-            x0 += 16 * S;
-        }
-    }
-
-    /// The bf16 kernel's input: `rows` rows from `y0` of `cp` planes of
-    /// channel pairs, and the output as [`Args`].
-    pub(super) struct PairArgs<'a> {
-        pub x: *const u32,
-        pub y0: usize,
-        pub rows: usize,
-        pub h: usize,
-        pub w: usize,
-        pub cp: usize,
-        pub cout: usize,
-        pub bias: &'a [f32],
-        pub relu: bool,
-        pub residual: Option<*const f32>,
-        pub out: *mut f32,
-    }
-
-    /// [`row`] on bf16 channel pairs: one `vdpbf16ps` takes two input
-    /// channels' products per lane.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn row_bf16<const CB: usize, const S: usize>(
-        a: &PairArgs,
-        wp: *const u32,
-        co0: usize,
-        oy: usize,
-    ) {
-        let (h, w) = (a.h, a.w);
-        let hw = h * w;
-        let stored = (a.cout - co0).min(CB);
-        let mut x0 = 0usize;
-        while x0 < w {
-            let mut acc = [[_mm512_setzero_ps(); S]; CB];
-            let mut masks = [[0u16; 3]; S];
-            for (s, m) in masks.iter_mut().enumerate() {
-                for (kx, mk) in m.iter_mut().enumerate() {
-                    *mk = lanes((x0 + 16 * s) as isize + kx as isize - 1, w);
-                }
-            }
-            for p in 0..a.cp {
-                let plane = a.x.add(p * a.rows * w);
-                let wp_p = wp.add(p * 9 * CB);
                 for ky in 0..3 {
                     let sy = oy as isize + ky as isize - 1;
                     if sy < 0 || sy >= h as isize {
@@ -372,21 +373,17 @@ mod avx512 {
                     }
                     let src = plane.add((sy as usize - a.y0) * w);
                     for kx in 0..3 {
-                        let mut v: [__m512bh; S] =
-                            [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); S];
-                        for s in 0..S {
+                        // masked-off lanes are not read, so the address may
+                        // lie outside the row
+                        let v: [A::V; S] = std::array::from_fn(|s| {
                             let col = (x0 + 16 * s) as isize + kx as isize - 1;
-                            // masked-off lanes are not read
-                            v[s] = std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(
-                                masks[s][kx],
-                                src.wrapping_offset(col) as *const i32,
-                            ));
-                        }
-                        let wt = wp_p.add((ky * 3 + kx) * CB);
+                            A::load(masks[s][kx], src.wrapping_offset(col))
+                        });
+                        let wt = wci.add((ky * 3 + kx) * CB);
                         for (c, acc_c) in acc.iter_mut().enumerate() {
-                            let wv: __m512bh = std::mem::transmute(_mm512_set1_epi32(*wt.add(c) as i32));
+                            let wv = *wt.add(c);
                             for s in 0..S {
-                                acc_c[s] = _mm512_dpbf16_ps(acc_c[s], v[s], wv);
+                                acc_c[s] = A::madd(acc_c[s], v[s], wv);
                             }
                         }
                     }
