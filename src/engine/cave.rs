@@ -427,22 +427,19 @@ impl Cave {
         // a [0, 1] pixel (the restored eval photos lost 0.08-0.23 dB PSNR-Y
         // with them in bf16), and the QF head keeps the reported estimate
         // within a few hundredths of the f32 one
-        let f32_layers = || {
-            build_with(Math::F32, || -> Result<_> {
-                let qf_linear = [
-                    l.linear(&format!("qf_pred.{}", nb + 2), nc[3], nc[3])?,
-                    l.linear(&format!("qf_pred.{}", nb + 4), nc[3], nc[3])?,
-                    l.linear(&format!("qf_pred.{}", nb + 6), nc[3], 1)?,
-                ];
-                Ok((
-                    l.conv("m_head", 3, nc[0], 3, 1)?,
-                    l.conv("m_tail", nc[0], 3, 3, 1)?,
-                    l.blocks("qf_pred", 0, nb, nc[3], false)?,
-                    qf_linear,
-                ))
-            })
-        };
-        let (head, tail, qf_blocks, qf_linear) = f32_layers()?;
+        let (head, tail, qf_blocks, qf_linear) = build_with(Math::F32, || -> Result<_> {
+            let qf_linear = [
+                l.linear(&format!("qf_pred.{}", nb + 2), nc[3], nc[3])?,
+                l.linear(&format!("qf_pred.{}", nb + 4), nc[3], nc[3])?,
+                l.linear(&format!("qf_pred.{}", nb + 6), nc[3], 1)?,
+            ];
+            Ok((
+                l.conv("m_head", 3, nc[0], 3, 1)?,
+                l.conv("m_tail", nc[0], 3, 3, 1)?,
+                l.blocks("qf_pred", 0, nb, nc[3], false)?,
+                qf_linear,
+            ))
+        })?;
         Ok(Self {
             config,
             head,

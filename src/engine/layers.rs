@@ -415,11 +415,13 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(w: Tensor, b: Option<Tensor>) -> Self {
-        let bf16 = (super::kernels::building() == Math::Bf16 && fast_path(w.device(), w.dtype()))
-            .then(|| LinearOp::new(&w, b.as_ref(), Math::Bf16).ok())
-            .flatten();
-        Self { candle: nn::Linear::new(w, b), bf16 }
+    pub fn new(w: Tensor, b: Option<Tensor>) -> candle_core::Result<Self> {
+        let bf16 = if super::kernels::building() == Math::Bf16 && fast_path(w.device(), w.dtype()) {
+            Some(LinearOp::new(&w, b.as_ref(), Math::Bf16)?)
+        } else {
+            None
+        };
+        Ok(Self { candle: nn::Linear::new(w, b), bf16 })
     }
 
     /// The arithmetic this layer was built for.
@@ -446,12 +448,12 @@ impl Module for Linear {
 /// `[cout, cin]` weight and a bias, as candle_nn's `linear`.
 pub fn linear(cin: usize, cout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let l = nn::linear(cin, cout, vb)?;
-    Ok(Linear::new(l.weight().clone(), l.bias().cloned()))
+    Linear::new(l.weight().clone(), l.bias().cloned())
 }
 
 /// `[cout, cin]` weight, no bias, as candle_nn's `linear_no_bias`.
 pub fn linear_no_bias(cin: usize, cout: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    Ok(Linear::new(nn::linear_no_bias(cin, cout, vb)?.weight().clone(), None))
+    Linear::new(nn::linear_no_bias(cin, cout, vb)?.weight().clone(), None)
 }
 
 /// A linear layer whose weight may be stored as `[out, in]` or as a 1x1 conv
@@ -466,7 +468,7 @@ pub fn linear_any(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> candle
         },
     };
     let b = if bias { Some(vb.get_with_hints(cout, "bias", Init::Const(0.))?) } else { None };
-    Ok(Linear::new(w, b))
+    Linear::new(w, b)
 }
 
 /// diffusers' `ResnetBlock2D`: GN-SiLU-conv, (+ time embedding), GN-SiLU-conv,

@@ -70,15 +70,11 @@ thread_local! {
 /// # Safety
 /// All pointers valid for the given extents and strides.
 pub(super) unsafe fn gemm_bf16(m: usize, n: usize, k: usize, accumulate: bool, d: Mat, a: Mat, b: Mat) {
-    if m == 0 || n == 0 {
-        return;
+    if native() {
+        gemm_operands(m, n, k, accumulate, d, Operand::Strided(a), Operand::Strided(b))
+    } else {
+        emulated(m, n, k, accumulate, d, a, b)
     }
-    #[cfg(target_arch = "x86_64")]
-    if native() && k > 0 {
-        gemm_operands(m, n, k, accumulate, d, Operand::Strided(a), Operand::Strided(b));
-        return;
-    }
-    emulated(m, n, k, accumulate, d, a, b)
 }
 
 /// One GEMM operand: a strided f32 matrix (packed on the fly) or a [`Packed`]
@@ -191,7 +187,8 @@ impl Packed {
         Some(Self { outer, width, k, words })
     }
 
-    /// Panel (strip) `i` of the block of k starting at `pc`.
+    /// Panel (strip) `i` of the block of k starting at `pc`; panel `i + j`
+    /// follows `j * kp * width` words on (`kp` the block's pairs).
     fn panel(&self, pc: usize, i: usize) -> *const u32 {
         let panels = self.outer.div_ceil(self.width);
         let kp = KC.min(self.k - pc).div_ceil(2);
@@ -261,35 +258,36 @@ mod avx512 {
                 let kc = KC.min(k - pc);
                 let kp = kc.div_ceil(2);
                 let strips = nc.div_ceil(NR);
-                let strip: Box<dyn Fn(usize) -> *const u32> = match b {
+                // strip js of this block of B starts js * kp * NR words on,
+                // packed now or once for the layer
+                let b0 = match b {
                     Operand::Strided(b) => {
                         bp.resize(strips * kp * NR, 0);
                         pack_b(b, pc, kc, jc, nc, bp);
-                        let base = bp.as_ptr();
-                        Box::new(move |js| base.add(js * kp * NR))
+                        bp.as_ptr()
                     }
-                    Operand::Packed(pb, first) => Box::new(move |js| pb.panel(pc, (first + jc) / NR + js)),
+                    Operand::Packed(pb, first) => pb.panel(pc, (first + jc) / NR),
                 };
                 let overwrite = pc == 0 && !accumulate;
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     let panels = mc.div_ceil(MR);
-                    let panel: Box<dyn Fn(usize) -> *const u32> = match a {
+                    // likewise panel is of A, kp * MR words apart
+                    let a0 = match a {
                         Operand::Strided(a) => {
                             ap.resize(panels * kp * MR, 0);
                             pack_a_block(a, ic, mc, pc, kc, ap);
-                            let base = ap.as_ptr();
-                            Box::new(move |is| base.add(is * kp * MR))
+                            ap.as_ptr()
                         }
-                        Operand::Packed(pa, first) => Box::new(move |is| pa.panel(pc, (first + ic) / MR + is)),
+                        Operand::Packed(pa, first) => pa.panel(pc, (first + ic) / MR),
                     };
                     for js in 0..strips {
                         let cols = NR.min(nc - js * NR);
-                        let bs = strip(js);
+                        let bs = b0.add(js * kp * NR);
                         for is in 0..panels {
                             let rows = MR.min(mc - is * MR);
                             let c = dst.add((ic + is * MR) * d.rs + (jc + js * NR) * d.cs);
-                            tile(kp, panel(is), bs, c, (d.rs, d.cs), (rows, cols), overwrite);
+                            tile(kp, a0.add(is * kp * MR), bs, c, (d.rs, d.cs), (rows, cols), overwrite);
                         }
                     }
                 }
