@@ -4,28 +4,15 @@
 //! PyTorch outputs for one JPEG-decoded input (`examples/export_reference.py`).
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use gstcodiff::engine::{Engine, Mode, ModelSpec, RestoreOptions, RgbImage};
 use image::GenericImageView;
 
 use codiff_testkit::metrics;
+use codiff_testkit::tensors::max_abs_diff;
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/compact")
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
@@ -40,7 +27,7 @@ fn compact_model_matches_pytorch() {
     for (name, ours) in
         [("cave_embedding", tokens), ("qf_pred", q), ("cave_reconstruction", rec), ("cave_reconstruction_qf", q2)]
     {
-        let err = max_abs(&ours, &r[name]);
+        let err = max_abs_diff(&ours, &r[name]);
         eprintln!("{name}: {err:.2e}");
         assert!(err <= 1e-4, "{name}: max abs error {err}");
     }
@@ -65,13 +52,13 @@ fn conditioned_model_matches_pytorch() {
         ("cave_reconstruction_q70", Some(70.0)),
     ] {
         let (rec, q) = cave.reconstruct_tiled(x, 0, &cancel, quality).unwrap();
-        let err = max_abs(&rec, &r[name]);
+        let err = max_abs_diff(&rec, &r[name]);
         eprintln!("{name}: {err:.2e}");
         assert!(err <= 1e-4, "{name}: max abs error {err}");
-        assert!(max_abs(&q, &r["cave_reconstruction_qf"]) <= 1e-5, "q does not depend on the quality");
+        assert!(max_abs_diff(&q, &r["cave_reconstruction_qf"]) <= 1e-5, "q does not depend on the quality");
     }
     // the qualities matter far beyond the tolerance
-    assert!(max_abs(&r["cave_reconstruction_q20"], &r["cave_reconstruction_q70"]) > 1e-2);
+    assert!(max_abs_diff(&r["cave_reconstruction_q20"], &r["cave_reconstruction_q70"]) > 1e-2);
 
     // RestoreOptions::quality reaches the model; None is the estimate path,
     // which equals naming the estimate

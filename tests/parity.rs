@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use codiff_testkit::tensors::{self, max_abs_diff};
 use gstcodiff::engine::pipeline::{finish, Trace};
 use gstcodiff::engine::tiling::Plan;
 use gstcodiff::engine::{
@@ -68,13 +69,6 @@ fn input(r: &HashMap<String, Tensor>) -> RgbImage {
     RgbImage::new(w, h, t.flatten_all().unwrap().to_vec1::<u8>().unwrap()).unwrap()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
-
 fn run(engine: &Engine, r: &HashMap<String, Tensor>, opts: &RestoreOptions, fix: ColorFix) -> Trace {
     let mut img = input(r);
     let mut trace = Trace::new();
@@ -102,7 +96,7 @@ fn each_stage_matches_on_the_reference_inputs() {
         ("decoded", s.decode(&r["denoised_latent"]).unwrap()),
     ];
     for (name, ours) in checks {
-        let err = max_abs(&ours, &r[name]);
+        let err = max_abs_diff(&ours, &r[name]);
         eprintln!("{name}: {err:.2e}");
         assert!(err <= FLOAT_TOL, "{name}: max abs error {err} > {FLOAT_TOL}");
     }
@@ -112,7 +106,7 @@ fn each_stage_matches_on_the_reference_inputs() {
     {
         let y = finish(&r["decoded"], &r["lq_raw"], fix).unwrap();
         let u8img = (y * 255.0).unwrap().round().unwrap().squeeze(0).unwrap().permute((1, 2, 0)).unwrap();
-        let err = max_abs(&u8img, &r[name]);
+        let err = max_abs_diff(&u8img, &r[name]);
         eprintln!("{name}: {err} code values");
         assert!(err <= 1.0, "{name} differs by {err} code values");
     }
@@ -157,8 +151,8 @@ fn end_to_end(name: &str, opts: &RestoreOptions) {
             report.push(format!("{name}: reference of a different input {:?}, skipped", r[name].dims()));
             continue;
         }
-        let err = max_abs(ours, &r[name]);
-        let scale = r[name].abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        let err = max_abs_diff(ours, &r[name]);
+        let scale = magnitude(&r[name]);
         report.push(format!("{name}: {err:.2e} (tolerance {:.1e})", FLOAT_TOL * scale));
         assert!(err <= FLOAT_TOL * scale, "{name}: max abs error {err}\n{}", report.join("\n"));
     }
@@ -167,11 +161,11 @@ fn end_to_end(name: &str, opts: &RestoreOptions) {
     // on the other side of an 8-bit step; the colour fix multiplies that step by
     // its gain (large for this random model, ~1 for a trained one).
     let tol = 1.0 + adain_gain(&r).ceil();
-    let err = max_abs(get(&trace, "output_adain"), &r["output_adain"]);
+    let err = max_abs_diff(get(&trace, "output_adain"), &r["output_adain"]);
     eprintln!("output_adain: {err} code values (tolerance {tol})");
     assert!(err <= tol, "output_adain differs by {err} code values");
     let trace = run(&engine, &r, opts, ColorFix::Wavelet);
-    let err = max_abs(get(&trace, "output_wavelet"), &r["output_wavelet"]);
+    let err = max_abs_diff(get(&trace, "output_wavelet"), &r["output_wavelet"]);
     eprintln!("output_wavelet: {err} code values (tolerance {tol})");
     assert!(err <= tol, "output_wavelet differs by {err} code values");
 }
@@ -231,8 +225,8 @@ fn vae_tiling_matches_the_official_vaehook() {
         ),
     ] {
         let tol = FLOAT_TOL * range(&r[name]);
-        let err = max_abs(&tiled, &r[name]);
-        let far = max_abs(&untiled, &r[name]);
+        let err = max_abs_diff(&tiled, &r[name]);
+        let far = max_abs_diff(&untiled, &r[name]);
         eprintln!("{name}: {err:.2e} (tolerance {tol:.1e}; untiled is {far:.2e} away)");
         assert!(err <= tol, "{name}: max abs error {err} > {tol}");
         assert!(far > 100.0 * tol, "{name}: the untiled result is only {far} away");
@@ -241,7 +235,7 @@ fn vae_tiling_matches_the_official_vaehook() {
     let opts =
         RestoreOptions { latent_tile: 16, latent_overlap: 6, vae_encoder_tile: 96, vae_decoder_tile: 4, ..bare() };
     let trace = run(&engine, &r, &opts, ColorFix::Adain);
-    let err = max_abs(get(&trace, "lq_latent"), &r["vae_tiled_lq_latent"]);
+    let err = max_abs_diff(get(&trace, "lq_latent"), &r["vae_tiled_lq_latent"]);
     assert!(err <= FLOAT_TOL * range(&r["vae_tiled_lq_latent"]), "pipeline lq_latent with VAE tiles: {err}");
 }
 
@@ -259,13 +253,13 @@ fn cave_mode_output_is_the_clamped_reconstruction() {
     let engine = Engine::load(&ModelSpec { mode: Mode::Cave, ..spec(TINY_A) }, &mut |_| {}).unwrap();
     let r = reference(TINY_A, engine.device());
     let trace = run(&engine, &r, &bare(), ColorFix::None);
-    assert!(max_abs(get(&trace, "cave_reconstruction"), &r["cave_reconstruction"]) <= FLOAT_TOL);
+    assert!(max_abs_diff(get(&trace, "cave_reconstruction"), &r["cave_reconstruction"]) <= FLOAT_TOL);
     let expect = ((r["cave_reconstruction"].clamp(0f32, 1f32).unwrap() * 255.0).unwrap().round().unwrap())
         .squeeze(0)
         .unwrap()
         .permute((1, 2, 0))
         .unwrap();
-    assert!(max_abs(get(&trace, "output_cave"), &expect) <= 1.0);
+    assert!(max_abs_diff(get(&trace, "output_cave"), &expect) <= 1.0);
 }
 
 // ---- half precision (the CUDA default) on the CPU --------------------------
@@ -330,18 +324,9 @@ fn stage_rel_tol(p: Precision, stage: &str) -> f32 {
     DEPTH_SAFETY * eps_of(p) / 2.0 * depth(stage).sqrt()
 }
 
+/// The largest absolute value of `t`, at least 1.
 fn magnitude(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0)
+    tensors::max_abs(t).max(1.0)
 }
 
 fn load_in(name: &str, precision: Precision) -> Engine {
@@ -378,10 +363,10 @@ fn half_stages(p: Precision) {
             "{name} ran in another dtype"
         );
         if let Some(f) = &f32_stages {
-            let moved = max_abs(&ours, &f[i]);
+            let moved = max_abs_diff(&ours, &f[i]);
             assert!(moved > 0.0, "{name}: bf16 gave the f32 result exactly");
         }
-        let err = max_abs(&ours, &r[name]);
+        let err = max_abs_diff(&ours, &r[name]);
         let tol = stage_rel_tol(p, name) * magnitude(&r[name]);
         eprintln!("{p:?} {name}: {err:.2e} (tolerance {tol:.1e})");
         assert!(err <= tol, "{p:?} {name}: max abs error {err} > {tol}");
@@ -402,17 +387,17 @@ fn half_end_to_end(p: Precision) {
     let dec = x0 + stage_rel_tol(p, "decoded");
     let mut report = vec![];
     for (name, rel) in [("lq_latent", enc), ("unet_eps", unet), ("denoised_latent", x0), ("decoded", dec)] {
-        let err = max_abs(get(&trace, name), &r[name]);
+        let err = max_abs_diff(get(&trace, name), &r[name]);
         let tol = rel * magnitude(&r[name]);
         report.push(format!("{p:?} {name}: {err:.2e} (tolerance {tol:.1e})"));
         assert!(err <= tol, "{name}: max abs error {err} > {tol}\n{}", report.join("\n"));
     }
     // decoded is in [-1,1]: 127.5 code values per unit
-    let dec_codes = max_abs(get(&trace, "decoded"), &r["decoded"]) * 127.5;
+    let dec_codes = max_abs_diff(get(&trace, "decoded"), &r["decoded"]) * 127.5;
     let tol = 1.0 + (adain_gain(&r) * (1.0 + dec_codes)).ceil();
     for (fix, out) in [(ColorFix::Adain, "output_adain"), (ColorFix::Wavelet, "output_wavelet")] {
         let trace = if fix == ColorFix::Adain { trace.clone() } else { run(&engine, &r, &bare(), fix) };
-        let err = max_abs(get(&trace, out), &r[out]);
+        let err = max_abs_diff(get(&trace, out), &r[out]);
         report.push(format!("{p:?} {out}: {err} code values (tolerance {tol})"));
         assert!(err <= tol, "{out} differs by {err} code values\n{}", report.join("\n"));
     }

@@ -804,16 +804,7 @@ mod tests {
             let st = gn.stats(&x).unwrap();
             let ours = gn.forward_with(&x, &st, silu).unwrap();
             let theirs = gn.forward(&x, silu).unwrap();
-            let err = (ours - theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = crate::engine::kernels::tests::max_err(&ours, &theirs);
             assert!(err < 1e-5, "silu {silu}: {err}");
         }
     }

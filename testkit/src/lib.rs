@@ -10,11 +10,13 @@
 //!   restored and shown, memory;
 //! - [`rtsp`]: the RTSP server of `examples/rtsp_server.rs`;
 //! - [`hostile`]: hostile model files and a counting allocator (fuzzing);
-//! - [`tiles`]: the tile flags of the still-image examples.
+//! - [`tiles`]: the tile flags of the still-image examples;
+//! - [`tensors`]: largest absolute values and differences of tensors.
 pub mod flicker;
 pub mod hostile;
 pub mod live;
 pub mod metrics;
 pub mod rtsp;
 pub mod setup;
+pub mod tensors;
 pub mod tiles;

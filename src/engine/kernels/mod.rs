@@ -297,11 +297,11 @@ pub fn fast_exp(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    pub(super) fn max_err(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_err(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
