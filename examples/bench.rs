@@ -100,30 +100,37 @@ fn measured_peaks(threads: usize) -> Vec<(&'static str, f64)> {
             ($feature:literal, $name:ident, $ty:ty, $init:expr, $step:expr) => {
                 #[target_feature(enable = $feature)]
                 unsafe fn $name(iters: u64) -> f32 {
-                    let mut a: [$ty; 12] = [$init; 12];
+                    // Twelve chains that start apart: with equal starts the
+                    // compiler proves them equal and keeps one, and the
+                    // loop times one chain's latency, not the throughput.
+                    let mut a: [$ty; 12] = std::array::from_fn(|i| $init(1.0 + i as f32 / 64.0));
                     for _ in 0..iters {
                         for v in a.iter_mut() {
                             *v = $step(*v);
                         }
                     }
-                    // keep the result alive
-                    let mut out = [0f32; 16];
-                    std::ptr::copy_nonoverlapping(&a[0] as *const $ty as *const f32, out.as_mut_ptr(), 4);
-                    out[0]
+                    // keep every chain alive
+                    let mut sum = 0f32;
+                    for v in a.iter() {
+                        let mut out = [0f32; 16];
+                        std::ptr::copy_nonoverlapping(v as *const $ty as *const f32, out.as_mut_ptr(), 4);
+                        sum += out[0];
+                    }
+                    sum
                 }
             };
         }
-        chains!("avx512f", f32_512, __m512, _mm512_set1_ps(1.0), |v| _mm512_fmadd_ps(
+        chains!("avx512f", f32_512, __m512, |x| _mm512_set1_ps(x), |v| _mm512_fmadd_ps(
             v,
             _mm512_set1_ps(0.999_999),
             _mm512_set1_ps(1e-7)
         ));
-        chains!("avx2,fma", f32_256, __m256, _mm256_set1_ps(1.0), |v| _mm256_fmadd_ps(
+        chains!("avx2,fma", f32_256, __m256, |x| _mm256_set1_ps(x), |v| _mm256_fmadd_ps(
             v,
             _mm256_set1_ps(0.999_999),
             _mm256_set1_ps(1e-7)
         ));
-        chains!("avx512bf16,avx512f", bf16_512, __m512, _mm512_set1_ps(1.0), |v| _mm512_dpbf16_ps(
+        chains!("avx512bf16,avx512f", bf16_512, __m512, |x| _mm512_set1_ps(x), |v| _mm512_dpbf16_ps(
             v,
             _mm512_cvtne2ps_pbh(_mm512_set1_ps(1.0), _mm512_set1_ps(1.0)),
             _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-7), _mm512_set1_ps(1e-7))
