@@ -116,37 +116,65 @@ struct ResBlock {
     raw2: Option<(Tensor, Tensor)>,
 }
 
-fn run_blocks(blocks: &[ResBlock], x: &Tensor) -> candle_core::Result<Tensor> {
-    Ok(run_blocks_owned(blocks, x.clone(), false, None, None)?.0)
+/// Dead activations, by shape, for layers to write into instead of fresh
+/// memory: a fresh buffer costs the page clearing of its first touch (about
+/// 15 % of a 720p frame of the default model before this pool). A tensor
+/// goes in only when no other tensor shares its storage. [`Cave`] keeps a
+/// frame's pool for the next frame of the same size.
+#[derive(Default)]
+struct Pool(Vec<Tensor>);
+
+impl Pool {
+    /// A dead tensor of these dims, if the pool has one.
+    fn take(&mut self, dims: &[usize]) -> Option<Tensor> {
+        let i = self.0.iter().position(|t| t.dims() == dims)?;
+        Some(self.0.swap_remove(i))
+    }
+
+    /// `t`, whose storage no other tensor shares, is dead.
+    fn put(&mut self, t: Tensor) {
+        self.0.push(t);
+    }
+
+    /// `conv(x)` into a dead tensor of `dims` (the output's) when there is one.
+    fn conv(&mut self, conv: &Conv, x: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
+        match self.take(dims) {
+            Some(t) => conv.forward_into(x, t, false),
+            None => conv.forward_add(x, None),
+        }
+    }
 }
 
-/// ResBlocks in a row, reusing buffers: after the first block (or from the
-/// start when `owned`: no other tensor shares `x`'s storage) each block adds
-/// its residual branch into its input's buffer, and every block's inner
-/// activation reuses the previous one's, the first one `inner` when given
-/// (a dead activation of `x`'s shape, owned alone). `conv2s` replaces the
-/// blocks' conv2 (quality conditioning). Returns the output and the inner
-/// activation's buffer, for the caller to reuse.
-fn run_blocks_owned(
+/// ResBlocks in a row on `x`, their buffers from `pool`. Unless `owned` (no
+/// other tensor shares `x`'s storage), `x` lives on (a skip): the first
+/// block writes `x + res(x)` into a dead buffer; then each block adds its
+/// residual branch into its input's buffer, and its inner activation goes
+/// back to the pool for the next. `conv2s` replaces the blocks' conv2
+/// (quality conditioning). The output is the caller's alone.
+fn run_blocks(
     blocks: &[ResBlock],
     x: Tensor,
     mut owned: bool,
     conv2s: Option<&[Conv]>,
-    inner: Option<Tensor>,
-) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    pool: &mut Pool,
+) -> candle_core::Result<Tensor> {
     let mut x = x;
-    let mut inner = inner.filter(|t| t.dims() == x.dims());
     for (j, b) in blocks.iter().enumerate() {
-        let h = match inner.take() {
-            Some(t) => b.conv1.forward_into(&x, t, false)?,
-            None => b.conv1.forward_add(&x, None)?,
-        };
+        let dims = x.dims().to_vec();
+        let h = pool.conv(&b.conv1, &x, &dims)?;
         let conv2 = conv2s.map_or(&b.conv2, |c| &c[j]);
-        x = if owned { conv2.forward_into(&h, x, true)? } else { conv2.forward_add(&h, Some(&x))? };
+        x = if owned {
+            conv2.forward_into(&h, x, true)?
+        } else {
+            match pool.take(&dims) {
+                Some(t) => conv2.forward_plus_into(&h, t, &x)?,
+                None => conv2.forward_add(&h, Some(&x))?,
+            }
+        };
         owned = true;
-        inner = Some(h);
+        pool.put(h);
     }
-    Ok((x, inner))
+    Ok(x)
 }
 
 /// Loads layers out of a [`TensorFile`], checking each shape.
@@ -244,6 +272,29 @@ pub struct Cave {
     device: Device,
     /// the arithmetic its CPU kernels were built for (the per-quality conv2s too)
     math: Math,
+    /// the last reconstruction's dead buffers, for the next frame of its size
+    pool: FramePool,
+}
+
+/// A [`Pool`] kept between frames with the padded frame dims it served: the
+/// next frame of those dims takes it, one of others drops it first (so a
+/// size change frees the old buffers before allocating new ones). Frames
+/// reconstructed at once on one model share it first come, first served.
+#[derive(Default)]
+struct FramePool(std::sync::Mutex<Option<(Vec<usize>, Pool)>>);
+
+impl FramePool {
+    fn take_for(&self, dims: &[usize]) -> Pool {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match kept {
+            Some((d, pool)) if d == dims => pool,
+            _ => Pool::default(),
+        }
+    }
+
+    fn keep(&self, dims: &[usize], pool: Pool) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((dims.to_vec(), pool));
+    }
 }
 
 /// The quality a conditioned model restores for.
@@ -371,20 +422,10 @@ impl QfCalibration {
 }
 
 /// Encoder outputs kept for the decoder's skip additions.
-pub struct Features {
-    pub skips: [Tensor; 4],
-    pub body: Tensor,
-    /// per level, the encoder's dead activations of that level's shape (its
-    /// blocks' output and inner buffer), which the decoder's upsampling and
-    /// blocks of that level write into instead of fresh buffers
-    spare: Vec<(Tensor, Option<Tensor>)>,
-}
-
-/// What [`Cave::run_encoder`] keeps for the decoder.
-#[derive(Default)]
-struct Kept {
-    skips: Vec<Tensor>,
-    spare: Vec<(Tensor, Option<Tensor>)>,
+struct Features {
+    /// each level's input, which the decoder adds back
+    skips: [Tensor; 4],
+    body: Tensor,
 }
 
 impl Cave {
@@ -454,6 +495,7 @@ impl Cave {
             conditioning,
             device: device.clone(),
             math: super::kernels::building(),
+            pool: FramePool::default(),
         })
     }
 
@@ -481,45 +523,54 @@ impl Cave {
         Ok(x)
     }
 
-    /// Encoder on an already padded `[B,3,H,W]` input in [0,1].
-    pub fn encode(&self, x: &Tensor) -> Result<Features> {
-        let mut kept = Kept::default();
-        let body = self.run_encoder(x, Some(&mut kept))?;
-        let skips: [Tensor; 4] = kept.skips.try_into().expect("four levels");
-        Ok(Features { skips, body, spare: kept.spare })
+    /// Encoder on an already padded `[B,3,H,W]` input in [0,1], its
+    /// buffers from `pool`.
+    fn encode(&self, x: &Tensor, pool: &mut Pool) -> Result<Features> {
+        let mut skips = Vec::with_capacity(4);
+        let body = self.run_encoder(x, pool, Some(&mut skips))?;
+        let skips: [Tensor; 4] = skips.try_into().expect("four levels");
+        Ok(Features { skips, body })
     }
 
     /// The encoder's output alone (no skips kept alive): `[B, nc3, H/32, W/32]`.
     pub fn encode_body(&self, x: &Tensor) -> Result<Tensor> {
-        self.run_encoder(x, None)
+        self.run_encoder(x, &mut Pool::default(), None)
     }
 
     /// `m_head`, `m_down1..3`, `m_body_encoder`; each level's input (the skip
-    /// the decoder adds back) and its dead activations go to `kept` when
-    /// given.
-    fn run_encoder(&self, x: &Tensor, mut kept: Option<&mut Kept>) -> Result<Tensor> {
-        let mut h = self.head.forward_add(&x.to_dtype(DType::F32)?, None)?;
-        for (blocks, conv) in &self.down {
-            let (y, inner) = run_blocks_owned(blocks, h.clone(), false, None, None)?;
-            let next = conv.forward_add(&y, None)?;
-            if let Some(k) = kept.as_deref_mut() {
-                k.skips.push(h);
-                // without blocks y is h itself, the skip: not spare
-                if !blocks.is_empty() {
-                    k.spare.push((y, inner));
-                }
+    /// the decoder adds back) goes to `skips` when given, else to the pool
+    /// with the other dead activations.
+    fn run_encoder(&self, x: &Tensor, pool: &mut Pool, mut skips: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let (b, _, hh, ww) = x.dims4()?;
+        let nc = self.config.nc;
+        let mut h = pool.conv(&self.head, &x, &[b, nc[0], hh, ww])?;
+        for (i, (blocks, conv)) in self.down.iter().enumerate() {
+            // the blocks' output is their own (nb >= 1: config_of), h lives on
+            let y = run_blocks(blocks, h.clone(), false, None, pool)?;
+            let (_, _, yh, yw) = y.dims4()?;
+            let k = SCALES[i];
+            let next = pool.conv(conv, &y, &[b, nc[i + 1], yh / k, yw / k])?;
+            pool.put(y);
+            match skips.as_deref_mut() {
+                Some(s) => s.push(h),
+                None => pool.put(h),
             }
             h = next;
         }
-        if let Some(k) = kept {
-            k.skips.push(h.clone());
-        }
-        Ok(run_blocks(&self.body_encoder, &h)?)
+        let owned = match skips {
+            Some(s) => {
+                s.push(h.clone());
+                false
+            }
+            None => true,
+        };
+        Ok(run_blocks(&self.body_encoder, h, owned, None, pool)?)
     }
 
     /// q in [0,1] from the encoder output `body`: `[B,1]`.
     pub fn q_of(&self, body: &Tensor) -> Result<Tensor> {
-        let h = run_blocks(&self.qf_blocks, body)?;
+        let h = run_blocks(&self.qf_blocks, body.clone(), false, None, &mut Pool::default())?;
         let h = h.mean(D::Minus1)?.mean(D::Minus1)?;
         let h = self.qf_linear[0].forward(&h)?.relu()?;
         let h = self.qf_linear[1].forward(&h)?.relu()?;
@@ -648,11 +699,12 @@ impl Cave {
                 }
             }
         };
+        let mut pool = self.pool.take_for(xp.dims());
         let (y, q) = if tile == 0 || (hp <= tile && wp <= tile) {
-            let f = self.encode(&xp)?;
+            let f = self.encode(&xp, &mut pool)?;
             let q = self.q_of(&f.body)?;
             let m = modulation(&|| Ok(q.clone()))?;
-            (self.decode(f, m.as_ref())?, q)
+            (self.decode(f, m.as_ref(), &mut pool)?, q)
         } else {
             let m = modulation(&|| Ok(self.embed_tiled(&xp, tile, cancel)?.1))?;
             let m = m.as_ref();
@@ -660,15 +712,16 @@ impl Cave {
             let mut cores = Vec::with_capacity(plan.len());
             let y = plan.run(&xp, 1, cancel, |spans, xs| {
                 let (r, c) = spans[0];
-                let f = self.encode(&xs[0])?;
+                let f = self.encode(&xs[0], &mut pool)?;
                 cores.push(f.body.narrow(2, r.skip / 32, r.take / 32)?.narrow(3, c.skip / 32, c.take / 32)?);
-                Ok(vec![self.decode(f, m)?])
+                Ok(vec![self.decode(f, m, &mut pool)?])
             })?;
             // tiles ran row by row: stitch the encoder outputs the same way
             let rows =
                 cores.chunks(plan.cols.len()).map(|r| Tensor::cat(r, 3)).collect::<candle_core::Result<Vec<_>>>()?;
             (y, self.q_of(&Tensor::cat(&rows, 2)?)?)
         };
+        self.pool.keep(xp.dims(), pool);
         Ok((y.narrow(2, 0, h)?.narrow(3, 0, w)?, q))
     }
 
@@ -701,21 +754,28 @@ impl Cave {
 
     /// The decoder half on encoder features: the reconstructed (padded)
     /// image; `m` replaces the QFAttention conv2s (quality conditioning).
-    fn decode(&self, f: Features, m: Option<&Modulated>) -> Result<Tensor> {
-        // every y below is this function's own (fresh from a layer, or an
-        // encoder buffer no one else holds), so the skip additions and the
-        // blocks' residual adds reuse its buffer
-        let Features { skips, body, mut spare } = f;
-        let mut y = run_blocks(&self.body_decoder, &body)?;
+    /// Every buffer but the output comes from and returns to `pool`; the
+    /// body lives on (a tiled frame keeps a view of it).
+    fn decode(&self, f: Features, m: Option<&Modulated>, pool: &mut Pool) -> Result<Tensor> {
+        // every y below is this function's own (fresh from a layer or from
+        // the pool), so the skip additions and the blocks' residual adds
+        // reuse its buffer
+        let Features { skips, body } = f;
+        let nc = self.config.nc;
+        let mut y = run_blocks(&self.body_decoder, body, false, None, pool)?;
         for (i, (conv, blocks)) in self.up.iter().enumerate().rev() {
-            let (out, inner) = match spare.pop() {
-                Some((o, inner)) if spare.len() == i => (Some(o), inner),
-                _ => (None, None),
-            };
-            y = conv.forward_into(&add_into(y, &skips[i + 1])?, out)?;
-            y = run_blocks_owned(blocks, y, true, m.map(|m| &m.0[i][..]), inner)?.0;
+            let x = add_into(y, &skips[i + 1])?;
+            let (b, _, xh, xw) = x.dims4()?;
+            let k = SCALES[i];
+            y = conv.forward_into(&x, pool.take(&[b, nc[i], xh * k, xw * k]))?;
+            pool.put(x);
+            y = run_blocks(blocks, y, true, m.map(|m| &m.0[i][..]), pool)?;
         }
-        Ok(self.tail.forward_add(&add_into(y, &skips[0])?, None)?)
+        let x = add_into(y, &skips[0])?;
+        let out = self.tail.forward_add(&x, None)?;
+        pool.put(x);
+        skips.into_iter().for_each(|s| pool.put(s));
+        Ok(out)
     }
 }
 
@@ -965,8 +1025,12 @@ mod tests {
         // with margins one scale-32 block short, the seams show: the margin is not slack
         let plan = Plan::exact(480, 704, 2 * margin, margin - 64, 32, 1, "t").unwrap();
         let xp = Cave::pad_to(&x, 32).unwrap();
-        let short =
-            plan.run(&xp, 1, &Cancel::new(), |_, xs| Ok(vec![cave.decode(cave.encode(&xs[0])?, None)?])).unwrap();
+        let short = plan
+            .run(&xp, 1, &Cancel::new(), |_, xs| {
+                let mut pool = Pool::default();
+                Ok(vec![cave.decode(cave.encode(&xs[0], &mut pool)?, None, &mut pool)?])
+            })
+            .unwrap();
         let diff = (short.narrow(2, 0, 450).unwrap().narrow(3, 0, 700).unwrap() - &whole)
             .unwrap()
             .abs()
@@ -978,5 +1042,37 @@ mod tests {
         assert!(diff > 1e-4 * scale, "{diff}");
         let err = cave.reconstruct_tiled(&x, 300, &Cancel::new(), None).unwrap_err().to_string();
         assert!(err.contains("CaVE tile 300 px"), "{err}");
+    }
+
+    #[test]
+    fn frames_written_into_the_last_ones_buffers_are_unchanged() {
+        // each reconstruction leaves its dead buffers for the next frame of
+        // its size: frames that write into them (whole or tiled, after a
+        // frame of another size) give the numbers of a model that has none
+        let cfg = CaveConfig { nc: [4, 8, 8, 16], nb: 2 };
+        let file =
+            TensorFile::from_tensors(std::path::Path::new("<synthetic>"), synthetic_tensors(cfg, false).unwrap());
+        let load = || Cave::load(&file, &Device::Cpu).unwrap();
+        let dev = Device::Cpu;
+        let a = Tensor::rand(0f32, 1., (1, 3, 96, 160), &dev).unwrap();
+        let b = Tensor::rand(0f32, 1., (1, 3, 70, 100), &dev).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let fresh_a = bits(&load().reconstruct(&a).unwrap().0);
+        let fresh_b = bits(&load().reconstruct(&b).unwrap().0);
+        let cave = load();
+        let kept = |cave: &Cave| cave.pool.0.lock().unwrap().as_ref().map_or(0, |(_, p)| p.0.len());
+        cave.reconstruct(&a).unwrap();
+        assert!(kept(&cave) >= 4, "a frame leaves its buffers for the next");
+        for x in [&a, &a, &b, &a, &b, &b] {
+            let want = if x.dims() == a.dims() { &fresh_a } else { &fresh_b };
+            assert_eq!(&bits(&cave.reconstruct(x).unwrap().0), want);
+        }
+        let big = Tensor::rand(0f32, 1., (1, 3, 450, 700), &dev).unwrap();
+        let tile = 2 * cave.reconstruct_margin() + 64;
+        let fresh = bits(&load().reconstruct_tiled(&big, tile, &Cancel::new(), None).unwrap().0);
+        for _ in 0..2 {
+            assert_eq!(bits(&cave.reconstruct_tiled(&big, tile, &Cancel::new(), None).unwrap().0), fresh);
+        }
+        assert_eq!(bits(&cave.reconstruct(&a).unwrap().0), fresh_a);
     }
 }

@@ -12,7 +12,10 @@ use candle_nn::{self as nn, Init, VarBuilder};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::kernels::{affine, contiguous, AttentionOp, ConvInto, ConvOp, GroupNormOp, LinearOp, Math, PatchConv};
+use super::kernels::{
+    affine, contiguous, AttentionOp, ConvInto, ConvOp, ConvPlusInto, GroupNormOp, LinearOp, Math, PatchConv,
+    PatchConvInto,
+};
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
     dev.is_cpu() && dtype == DType::F32
@@ -152,7 +155,23 @@ impl Conv {
                 dst.inplace_op2(&x.contiguous()?, &ConvInto { op, accumulate: residual })?;
                 Ok(dst)
             }
+            ConvKind::Patch(op) if dst.is_contiguous() && !residual => {
+                dst.inplace_op2(&x.contiguous()?, &PatchConvInto(op))?;
+                Ok(dst)
+            }
             _ => self.forward_add(x, residual.then_some(&dst)),
+        }
+    }
+
+    /// `act(conv(x)) + residual` into `dst`'s buffer, which the caller owns
+    /// alone; a fresh tensor where the fast kernel does not apply.
+    pub fn forward_plus_into(&self, x: &Tensor, dst: Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.kind {
+            ConvKind::Fast(op) if dst.is_contiguous() => {
+                dst.inplace_op3(&x.contiguous()?, &residual.contiguous()?, &ConvPlusInto(op))?;
+                Ok(dst)
+            }
+            _ => self.forward_add(x, Some(residual)),
         }
     }
 }

@@ -262,7 +262,7 @@ mod avx512 {
                 // packed now or once for the layer
                 let b0 = match b {
                     Operand::Strided(b) => {
-                        bp.resize(strips * kp * NR, 0);
+                        crate::engine::kernels::grow(bp, strips * kp * NR);
                         pack_b(b, pc, kc, jc, nc, bp);
                         bp.as_ptr()
                     }
@@ -275,7 +275,7 @@ mod avx512 {
                     // likewise panel is of A, kp * MR words apart
                     let a0 = match a {
                         Operand::Strided(a) => {
-                            ap.resize(panels * kp * MR, 0);
+                            crate::engine::kernels::grow(ap, panels * kp * MR);
                             pack_a_block(a, ic, mc, pc, kc, ap);
                             ap.as_ptr()
                         }

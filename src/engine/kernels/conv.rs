@@ -1,6 +1,6 @@
 //! [`ConvOp`]: k x k convolution, dispatched to the direct kernel, Winograd or
 //! banded im2col + GEMM; [`ConvInto`] and [`AddInto`], its in-place forms.
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp2, InplaceOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -452,27 +452,83 @@ impl InplaceOp2 for ConvInto<'_> {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let x = contiguous(s2, l2, "conv")?;
-        let (b, h, w, shape) = self.op.out_shape(l2)?;
-        if l1.shape() != &shape {
-            candle_core::bail!("conv into a {:?} tensor, output {:?}", l1.shape(), shape);
-        }
-        let _counted = self.op.count(&shape);
         let dst = contiguous_mut(s1, l1, "conv into")?;
+        self.op.run_to(dst, l1, contiguous(s2, l2, "conv")?, l2, if self.accumulate { Add::Dst } else { Add::Nothing })
+    }
+}
+
+/// [`ConvInto`] with the residual from a third tensor
+/// (`dst.inplace_op3(&x, &residual, ..)`): `dst = act(conv(x) + b) +
+/// residual`, the first ResBlock of a level writing into a dead buffer while
+/// its input lives on as the skip. candle refuses a `residual` or `x` that
+/// shares `dst`'s storage.
+pub struct ConvPlusInto<'a>(pub &'a ConvOp);
+
+impl InplaceOp3 for ConvPlusInto<'_> {
+    fn name(&self) -> &'static str {
+        "codiff-conv-plus-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        if l3.shape() != l1.shape() {
+            candle_core::bail!("conv residual shape {:?}, output {:?}", l3.shape(), l1.shape());
+        }
+        let r = contiguous(s3, l3, "conv residual")?;
+        let dst = contiguous_mut(s1, l1, "conv into")?;
+        self.0.run_to(dst, l1, contiguous(s2, l2, "conv")?, l2, Add::From(r))
+    }
+}
+
+/// What [`ConvOp::run_to`] adds to the convolution's output.
+enum Add<'a> {
+    Nothing,
+    /// the destination's own values (the residual add in place)
+    Dst,
+    /// a tensor of the output's shape
+    From(&'a [f32]),
+}
+
+impl ConvOp {
+    /// The convolution of `x` (layout `lx`) into `dst` (layout `ld`, checked
+    /// to be the output's shape), plus `add`. `dst` must not be `x`.
+    fn run_to(&self, dst: &mut [f32], ld: &Layout, x: &[f32], lx: &Layout, add: Add<'_>) -> candle_core::Result<()> {
+        let (b, h, w, shape) = self.out_shape(lx)?;
+        if ld.shape() != &shape {
+            candle_core::bail!("conv into a {:?} tensor, output {:?}", ld.shape(), shape);
+        }
         if std::ptr::eq(dst.as_ptr(), x.as_ptr()) {
             candle_core::bail!("conv into: the destination is the input");
         }
-        if let Some(d) = self.op.direct_for(w) {
+        let _counted = self.count(&shape);
+        if let Some(d) = self.direct_for(w) {
             let out = dst.as_mut_ptr();
-            // SAFETY: dst holds b * cout * h * w values (shape checked) and x
-            // b * cin * h * w (out_shape read b, h, w from its layout and
-            // checked its channels); candle refuses a destination that shares
-            // storage with the input (no src_access_pattern), so the only
-            // alias is residual = out, whose values the kernel reads right
-            // before writing them; `d` came from direct_for
-            unsafe { self.op.run_direct_into(d, x, b, h, w, self.accumulate.then_some(out as *const f32), out) };
+            let residual = match add {
+                Add::Nothing => None,
+                Add::Dst => Some(out as *const f32),
+                Add::From(r) => Some(r.as_ptr()),
+            };
+            // SAFETY: dst holds b * cout * h * w values (shape checked), as
+            // does a residual from another tensor (its shape checked by the
+            // caller), and x b * cin * h * w (out_shape read b, h, w from its
+            // layout and checked its channels); dst is not x (checked) and
+            // candle refuses a destination sharing storage with a source, so
+            // the only alias is residual = out, whose values the kernel reads
+            // right before writing them; `d` came from direct_for
+            unsafe { self.run_direct_into(d, x, b, h, w, residual, out) };
         } else {
-            let y = self.op.run(x, b, h, w, self.accumulate.then_some(&*dst))?;
+            let y = match add {
+                Add::Nothing => self.run(x, b, h, w, None)?,
+                Add::Dst => self.run(x, b, h, w, Some(&*dst))?,
+                Add::From(r) => self.run(x, b, h, w, Some(r))?,
+            };
             dst.copy_from_slice(&y);
         }
         Ok(())
@@ -681,6 +737,11 @@ mod tests {
             let dst = r.copy().unwrap();
             dst.inplace_op2(&x, &ConvInto { op: &op, accumulate: true }).unwrap();
             assert_eq!(max_err(&dst, &with_res), 0.0, "{c} direct {direct} residual");
+            let dst = x.copy().unwrap();
+            dst.inplace_op3(&x, &r, &ConvPlusInto(&op)).unwrap();
+            assert_eq!(max_err(&dst, &with_res), 0.0, "{c} direct {direct} residual from a third tensor");
+            // the residual may not be the destination itself
+            assert!(dst.inplace_op3(&x, &dst, &ConvPlusInto(&op)).is_err());
             let sum = x.copy().unwrap();
             sum.inplace_op2(&r, &AddInto).unwrap();
             assert_eq!(max_err(&sum, &(&x + &r).unwrap()), 0.0);

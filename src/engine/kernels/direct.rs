@@ -204,7 +204,7 @@ impl Direct {
                 let g1 = (g0 + BF16_ROWS).min(oy1);
                 let (y0, y1) = (g0.saturating_sub(1), (g1 + 1).min(h));
                 let nr = y1 - y0;
-                buf.resize(cp * nr * w, 0);
+                super::grow(buf, cp * nr * w);
                 for p in 0..cp {
                     for y in y0..y1 {
                         let lo = x.add((2 * p * h + y) * w);

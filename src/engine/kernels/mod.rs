@@ -22,7 +22,7 @@
 //!
 //! This file holds the dispatch policy (which layer takes which path) and
 //! the helpers the kernels share; the ops live in `conv.rs` ([`ConvOp`],
-//! [`ConvInto`], [`AddInto`]), `patch.rs` ([`PatchConv`],
+//! [`ConvInto`], [`ConvPlusInto`], [`AddInto`]), `patch.rs` ([`PatchConv`], [`PatchConvInto`],
 //! [`PatchConvTranspose`], [`PatchConvTransposeInto`]), `norm.rs`
 //! ([`GroupNormOp`]), `attention.rs` ([`AttentionOp`]), `linear.rs`
 //! ([`LinearOp`]), `gemm.rs` (the strided GEMM they call, in the layer's
@@ -166,6 +166,16 @@ fn huge_pages(buf: &mut [f32]) {
     }
 }
 
+/// Makes a scratch buffer reused across calls at least `n` long: it grows
+/// but never shrinks, so calls of varying sizes (a band's last rows, a
+/// block's edge) clear only what is new rather than what a shrink dropped.
+/// The caller writes the first `n` values before reading them.
+pub(crate) fn grow<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+}
+
 /// A zeroed output buffer of `n` values, on huge pages when it is large.
 pub(crate) fn activation(n: usize) -> Vec<f32> {
     // calloc maps large blocks without touching them, so the advice precedes
@@ -202,8 +212,10 @@ macro_rules! avx2_fn {
     };
 }
 
+pub(crate) use avx2_fn;
+
 /// Whether this CPU has AVX2 and FMA (checked once).
-fn avx2_available() -> bool {
+pub(crate) fn avx2_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -227,12 +239,12 @@ pub mod winograd;
 pub use self::gemm::{build_with, building, Math};
 use self::gemm::{gemm_strided, Mat};
 pub use attention::AttentionOp;
-pub use conv::{AddInto, ConvInto, ConvOp};
+pub use conv::{AddInto, ConvInto, ConvOp, ConvPlusInto};
 pub use linear::LinearOp;
 pub(super) use norm::affine;
 pub(crate) use norm::mean_var;
 pub use norm::GroupNormOp;
-pub use patch::{PatchConv, PatchConvTranspose, PatchConvTransposeInto};
+pub use patch::{PatchConv, PatchConvInto, PatchConvTranspose, PatchConvTransposeInto};
 
 /// `Σ f(x)` over `c` in 16 independent lanes (so that the compiler
 /// vectorises the reduction; a plain `sum` is one sequential chain).

@@ -1,9 +1,10 @@
 //! Stride-k k x k convolutions: [`PatchConv`] (space-to-depth + GEMM) and
-//! [`PatchConvTranspose`] (GEMM + depth-to-space), FBCNN's down- and upsampling.
+//! [`PatchConvTranspose`] (GEMM + depth-to-space), FBCNN's down- and upsampling,
+//! and their forms into existing buffers ([`PatchConvInto`], [`PatchConvTransposeInto`]).
 use candle_core::{CpuStorage, CustomOp1, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{activation, contiguous, contiguous_mut, gemm_strided, par_row_blocks, Math, SendPtr};
+use super::{activation, contiguous, contiguous_mut, gemm_strided, Math, SendPtr};
 
 /// k x k convolution with stride k, no padding (FBCNN's strided downsampling).
 #[derive(Clone, Debug)]
@@ -27,6 +28,82 @@ impl PatchConv {
     }
 }
 
+impl PatchConv {
+    /// `(b, h, w)` of an input layout `[b, cin, h, w]` (channels checked).
+    fn check(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        if c != self.cin {
+            candle_core::bail!("patch conv: {c} input channels, weight expects {}", self.cin);
+        }
+        Ok((b, h, w))
+    }
+
+    /// `out` `[b, cout, h / k, w / k]` from `x` `[b, cin, h, w]`: bands of
+    /// output rows in parallel, each gathering its patches into a band-sized
+    /// scratch `[(ci, ky, kx), (y, x)]` (space-to-depth, no frame-sized
+    /// intermediate) and multiplying it into its rows of every channel.
+    fn run_into(&self, x: &[f32], b: usize, h: usize, w: usize, out: &mut [f32]) {
+        let (c, k, cout) = (self.cin, self.k, self.cout);
+        let (oh, ow) = (h / k, w / k);
+        let n = oh * ow;
+        let kk = c * k * k;
+        let _counted = super::counted(super::OpKind::Conv, 2 * kk * b * cout * n);
+        // output rows per band: the scratch within ~1 MB, and enough bands for the threads
+        let threads = rayon::current_num_threads().max(1);
+        let rows = ((1usize << 18) / (kk * ow).max(1)).clamp(1, oh.div_ceil(2 * threads).max(1));
+        let bands: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..oh).step_by(rows).map(move |y0| (bi, y0))).collect();
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        bands.par_iter().for_each_init(Vec::new, |col: &mut Vec<f32>, &(bi, y0)| {
+            let out_ptr = out_ptr;
+            let y1 = (y0 + rows).min(oh);
+            let nb = (y1 - y0) * ow;
+            super::grow(col, kk * nb);
+            let xb = &x[bi * c * h * w..(bi + 1) * c * h * w];
+            for ci in 0..c {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let dst = &mut col[((ci * k + ky) * k + kx) * nb..][..nb];
+                        for oy in y0..y1 {
+                            let src = &xb[ci * h * w + (oy * k + ky) * w + kx..];
+                            for (ox, d) in dst[(oy - y0) * ow..][..ow].iter_mut().enumerate() {
+                                *d = src[ox * k];
+                            }
+                        }
+                    }
+                }
+            }
+            // SAFETY: `out` holds b * cout * n values (the caller's
+            // contract) and outlives this blocking loop; this band alone
+            // writes columns y0 * ow..y1 * ow of image bi's cout rows (row
+            // stride n); lhs is the cout x kk weight (from_tensors; the pub
+            // fields must keep describing it); `col` (this thread's) holds
+            // the kk x nb rhs, all of it written above
+            unsafe {
+                let ob = out_ptr.0.add(bi * cout * n + y0 * ow);
+                gemm_strided(
+                    self.math,
+                    cout,
+                    nb,
+                    kk,
+                    false,
+                    ob,
+                    n,
+                    1,
+                    self.weight.as_ptr(),
+                    kk,
+                    1,
+                    col.as_ptr(),
+                    nb,
+                    1,
+                );
+                for (co, bias) in self.bias.iter().enumerate() {
+                    std::slice::from_raw_parts_mut(ob.add(co * n), nb).iter_mut().for_each(|v| *v += bias);
+                }
+            }
+        });
+    }
+}
+
 impl CustomOp1 for PatchConv {
     fn name(&self) -> &'static str {
         "codiff-patch-conv"
@@ -34,61 +111,34 @@ impl CustomOp1 for PatchConv {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous(s, l, "patch conv")?;
-        let (b, c, h, w) = l.shape().dims4()?;
-        if c != self.cin {
-            candle_core::bail!("patch conv: {c} input channels, weight expects {}", self.cin);
-        }
-        let k = self.k;
-        let (oh, ow) = (h / k, w / k);
-        let n = oh * ow;
-        let kk = c * k * k;
-        let _counted = super::counted(super::OpKind::Conv, 2 * kk * b * self.cout * n);
-        let mut out = activation(b * self.cout * n);
-        for bi in 0..b {
-            let xb = &x[bi * c * h * w..];
-            // space-to-depth: col[(ci,ky,kx), (oy,ox)]
-            let mut col = vec![0f32; kk * n];
-            col.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
-                let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
-                for oy in 0..oh {
-                    let src = &xb[ci * h * w + (oy * k + ky) * w..];
-                    for ox in 0..ow {
-                        dst[oy * ow + ox] = src[ox * k + kx];
-                    }
-                }
-            });
-            let ob = &mut out[bi * self.cout * n..(bi + 1) * self.cout * n];
-            let optr = SendPtr(ob.as_mut_ptr());
-            par_row_blocks(self.cout, |co0, m| {
-                let optr = optr;
-                // SAFETY: `ob` holds cout * n values and outlives this blocking
-                // loop; par_row_blocks gives each call its own channels
-                // co0..co0 + m; `col` holds kk * n values and `weight` cout * kk
-                // (from_tensors; the pub fields must keep describing it)
-                unsafe {
-                    gemm_strided(
-                        self.math,
-                        m,
-                        n,
-                        kk,
-                        false,
-                        optr.0.add(co0 * n),
-                        n,
-                        1,
-                        self.weight.as_ptr().add(co0 * kk),
-                        kk,
-                        1,
-                        col.as_ptr(),
-                        n,
-                        1,
-                    );
-                }
-            });
-            for (co, d) in ob.chunks_mut(n).enumerate() {
-                d.iter_mut().for_each(|v| *v += self.bias[co]);
-            }
-        }
+        let (b, h, w) = self.check(l)?;
+        let (oh, ow) = (h / self.k, w / self.k);
+        let mut out = activation(b * self.cout * oh * ow);
+        self.run_into(x, b, h, w, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((b, self.cout, oh, ow))))
+    }
+}
+
+/// [`PatchConv`] into an existing buffer of the output's shape (owned by
+/// the caller alone), as [`PatchConvTransposeInto`] is for upsampling.
+pub struct PatchConvInto<'a>(pub &'a PatchConv);
+
+impl InplaceOp2 for PatchConvInto<'_> {
+    fn name(&self) -> &'static str {
+        "codiff-patch-conv-into"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let op = self.0;
+        let x = contiguous(s2, l2, "patch conv")?;
+        let (b, h, w) = op.check(l2)?;
+        let shape = Shape::from((b, op.cout, h / op.k, w / op.k));
+        if l1.shape() != &shape {
+            candle_core::bail!("patch conv into a {:?} tensor, output {:?}", l1.shape(), shape);
+        }
+        let dst = contiguous_mut(s1, l1, "patch conv into")?;
+        op.run_into(x, b, h, w, dst);
+        Ok(())
     }
 }
 
@@ -128,13 +178,13 @@ impl PatchConvTranspose {
             let out_ptr = out_ptr;
             let y1 = (y0 + rows).min(h);
             let n = (y1 - y0) * w;
-            tmp.resize(m * n, 0.0);
+            super::grow(tmp, m * n);
             let xb = &x[bi * c * h * w..(bi + 1) * c * h * w];
             // SAFETY: lhs element (r, ci) at weight[ci * m + r] (row stride 1,
             // column stride m) within the c * m weights (from_tensors; the pub
             // fields must keep describing them); rhs rows y0..y1 of each
             // channel (row stride h w) within `xb`; `tmp` (this thread's) was
-            // resized to m * n
+            // grown to m * n
             unsafe {
                 gemm_strided(
                     self.math,
@@ -243,8 +293,15 @@ mod tests {
             let b = Tensor::randn(0f32, 1., 7, &dev).unwrap();
             let reference =
                 x.conv2d(&wt, 0, k, 1, 1).unwrap().broadcast_add(&b.reshape((1, 7, 1, 1)).unwrap()).unwrap();
-            let ours = x.apply_op1(PatchConv::from_tensors(&wt, &b).unwrap()).unwrap();
+            let op = PatchConv::from_tensors(&wt, &b).unwrap();
+            let ours = x.apply_op1(op.clone()).unwrap();
             assert!(max_err(&ours, &reference) < 1e-4);
+            // into a buffer of the output's shape, whatever it held
+            let dst = Tensor::full(7f32, (2, 7, h / k, w / k), &dev).unwrap();
+            dst.inplace_op2(&x, &PatchConvInto(&op)).unwrap();
+            assert_eq!(max_err(&dst, &ours), 0.0);
+            let wrong = Tensor::zeros((2, 7, h / k + 1, w / k), candle_core::DType::F32, &dev).unwrap();
+            assert!(wrong.inplace_op2(&x, &PatchConvInto(&op)).is_err());
         }
     }
 
