@@ -115,11 +115,16 @@ const ACTIVITY_SHARE: f32 = 0.5;
 /// paint colour in; where JPEG left chroma blocks and smears, it may move
 /// them. Returns the number of tiles changed.
 fn limit_to_activity(input: &Plane, output: &mut Plane) -> usize {
+    use rayon::prelude::*;
     let (w, h, t) = (input.width, input.height, ACTIVITY_TILE);
     let (tw, th) = (w.div_ceil(t), h.div_ceil(t));
+    if tw * th == 0 {
+        return 0;
+    }
+    // each tile's range, a row of tiles at a time in parallel
     let mut range = vec![0f32; tw * th];
-    for ty in 0..th {
-        for tx in 0..tw {
+    range.par_chunks_mut(tw).enumerate().for_each(|(ty, row)| {
+        for (tx, r) in row.iter_mut().enumerate() {
             let (mut lo, mut hi) = (f32::MAX, f32::MIN);
             for y in ty * t..((ty + 1) * t).min(h) {
                 for &v in &input.data[y * w + tx * t..y * w + ((tx + 1) * t).min(w)] {
@@ -127,32 +132,39 @@ fn limit_to_activity(input: &Plane, output: &mut Plane) -> usize {
                     hi = hi.max(v);
                 }
             }
-            range[ty * tw + tx] = hi - lo;
+            *r = hi - lo;
         }
-    }
-    let mut changed = 0;
-    for ty in 0..th {
-        for tx in 0..tw {
-            let mut r = 0f32;
-            for ny in ty.saturating_sub(1)..(ty + 2).min(th) {
-                for nx in tx.saturating_sub(1)..(tx + 2).min(tw) {
-                    r = r.max(range[ny * tw + nx]);
+    });
+    // then each row of tiles' samples (t rows of the plane) in parallel
+    output
+        .data
+        .par_chunks_mut(t * w)
+        .enumerate()
+        .map(|(ty, rows)| {
+            let mut changed = 0;
+            for tx in 0..tw {
+                let mut r = 0f32;
+                for ny in ty.saturating_sub(1)..(ty + 2).min(th) {
+                    for nx in tx.saturating_sub(1)..(tx + 2).min(tw) {
+                        r = r.max(range[ny * tw + nx]);
+                    }
                 }
-            }
-            let lim = ACTIVITY_SHARE * r;
-            let mut moved = false;
-            for y in ty * t..((ty + 1) * t).min(h) {
-                for x in tx * t..((tx + 1) * t).min(w) {
-                    let (i, o) = (input.data[y * w + x], &mut output.data[y * w + x]);
-                    let v = o.clamp(i - lim, i + lim);
-                    moved |= v != *o;
-                    *o = v;
+                let lim = ACTIVITY_SHARE * r;
+                let mut moved = false;
+                for (dy, row) in rows.chunks_mut(w).enumerate() {
+                    let y = ty * t + dy;
+                    for x in tx * t..((tx + 1) * t).min(w) {
+                        let (i, o) = (input.data[y * w + x], &mut row[x]);
+                        let v = o.clamp(i - lim, i + lim);
+                        moved |= v != *o;
+                        *o = v;
+                    }
                 }
+                changed += moved as usize;
             }
-            changed += moved as usize;
-        }
-    }
-    changed
+            changed
+        })
+        .sum()
 }
 
 /// What a frame's pixels say about its JPEG past, and the input planes the
@@ -256,10 +268,13 @@ impl Analysis {
         assert_eq!((output.width, output.height), (self.planes[0].width, self.planes[0].height), "the analysed frame");
         let mut out = to_ycc(output);
         if alpha < 1.0 {
+            use rayon::prelude::*;
             for (o, i) in out.iter_mut().zip(&self.planes) {
-                for (a, b) in o.data.iter_mut().zip(&i.data) {
-                    *a = b + alpha * (*a - b);
-                }
+                o.data.par_chunks_mut(1 << 16).zip(i.data.par_chunks(1 << 16)).for_each(|(o, i)| {
+                    for (a, b) in o.iter_mut().zip(i) {
+                        *a = b + alpha * (*a - b);
+                    }
+                });
             }
         }
         let half = self.profile().nonzero_half_width;

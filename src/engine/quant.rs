@@ -14,10 +14,13 @@
 //! coefficient here is the value the encoder divided by its step.
 use std::sync::OnceLock;
 
+use super::kernels::{avx2_available, avx2_fn};
+
 /// Samples of one block side.
 pub const B: usize = 8;
 
 /// `C[k][n] = c_k cos((2n + 1) k pi / 16)`: the orthonormal 8-point DCT-II.
+#[inline(always)]
 fn basis() -> &'static [[f32; B]; B] {
     static C: OnceLock<[[f32; B]; B]> = OnceLock::new();
     C.get_or_init(|| {
@@ -33,22 +36,30 @@ fn basis() -> &'static [[f32; B]; B] {
 }
 
 /// `a b` for row-major 8x8 matrices, `a` given entry by entry.
+/// Each output row is summed a product at a time over k in order, eight
+/// columns at once (the loop the compiler vectorises).
+#[inline(always)]
 fn mul(a: impl Fn(usize, usize) -> f32, b: &[f32; 64]) -> [f32; 64] {
     let mut out = [0f32; 64];
-    for i in 0..B {
-        for j in 0..B {
-            out[i * B + j] = (0..B).map(|k| a(i, k) * b[k * B + j]).sum();
+    for (i, row) in out.chunks_exact_mut(B).enumerate() {
+        for (k, bk) in b.chunks_exact(B).enumerate() {
+            let aik = a(i, k);
+            for (o, v) in row.iter_mut().zip(bk) {
+                *o += aik * v;
+            }
         }
     }
     out
 }
 
+#[inline(always)]
 fn transposed(x: &[f32; 64]) -> [f32; 64] {
     std::array::from_fn(|k| x[(k % B) * B + k / B])
 }
 
 /// `M x M^T` with `M = C` (forward) or `C^T` (inverse), as
 /// `M (M x^T)^T`, on a row-major block.
+#[inline(always)]
 fn transform(x: &[f32; 64], inverse: bool) -> [f32; 64] {
     let c = basis();
     let m = |i: usize, k: usize| if inverse { c[k][i] } else { c[i][k] };
@@ -56,11 +67,13 @@ fn transform(x: &[f32; 64], inverse: bool) -> [f32; 64] {
 }
 
 /// Forward DCT of a block of level-shifted samples, row-major (`v * 8 + u`).
+#[inline(always)]
 pub fn fdct(x: &[f32; 64]) -> [f32; 64] {
     transform(x, false)
 }
 
 /// Inverse of [`fdct`].
+#[inline(always)]
 pub fn idct(c: &[f32; 64]) -> [f32; 64] {
     transform(c, true)
 }
@@ -81,12 +94,14 @@ impl Plane {
     }
 
     /// Block `(bx, by)`, level-shifted by 128.
+    #[inline(always)]
     fn block(&self, bx: usize, by: usize) -> [f32; 64] {
         block_of_rows(&self.data[by * B * self.width..], self.width, bx)
     }
 }
 
 /// Block `bx` of the 8 rows (of `w` samples) that start `rows`, level-shifted by 128.
+#[inline(always)]
 fn block_of_rows(rows: &[f32], w: usize, bx: usize) -> [f32; 64] {
     let mut b = [0f32; 64];
     for (y, row) in b.chunks_exact_mut(B).enumerate() {
@@ -247,9 +262,10 @@ pub fn estimate_steps(plane: &Plane, clipped: &(dyn Fn(usize, usize) -> bool + S
     let total = nbx * nby;
     let usable: Vec<usize> = (0..total).filter(|&i| !clipped(i % nbx, i / nbx)).collect();
     let stride = usable.len().div_ceil(MAX_BLOCKS).max(1);
+    let sampled: Vec<usize> = usable.into_iter().step_by(stride).collect();
+    let coefs: Vec<[f32; 64]> = sampled.par_chunks(256).flat_map_iter(|ids| block_dcts(plane, ids)).collect();
     let mut vals: Vec<Vec<f32>> = vec![Vec::new(); 64];
-    for &i in usable.iter().step_by(stride) {
-        let c = fdct(&plane.block(i % nbx, i / nbx));
+    for c in &coefs {
         for (k, &v) in c.iter().enumerate() {
             if v.abs() >= 1.0 {
                 vals[k].push(v.abs());
@@ -391,40 +407,55 @@ pub fn full_table(steps: &Steps, fit: Option<&IjgFit>) -> [f32; 64] {
 pub fn project(input: &Plane, output: &mut Plane, steps: &[f32; 64], nonzero_half_width: f32) -> usize {
     use rayon::prelude::*;
     assert_eq!((input.width, input.height), (output.width, output.height), "planes of one frame");
-    let (nbx, _) = input.blocks();
     let w = input.width;
     output
         .data
         .par_chunks_mut(B * w)
         .enumerate()
         .filter(|(_, rows)| rows.len() == B * w)
-        .map(|(by, rows)| {
-            let mut changed = 0;
-            for bx in 0..nbx {
-                let cin = fdct(&input.block(bx, by));
-                let mut c = fdct(&block_of_rows(rows, w, bx));
-                let mut moved = false;
-                for k in 0..64 {
-                    let q = steps[k];
-                    let level = (cin[k] / q).round();
-                    let h = if level != 0.0 { nonzero_half_width } else { 0.5 };
-                    let v = c[k].clamp((level - h) * q, (level + h) * q);
-                    moved |= v != c[k];
-                    c[k] = v;
-                }
-                if moved {
-                    changed += 1;
-                    let x = idct(&c);
-                    for (y, row) in x.chunks_exact(B).enumerate() {
-                        for (d, s) in rows[y * w + bx * B..][..B].iter_mut().zip(row) {
-                            *d = s + 128.0;
-                        }
+        .map(|(by, rows)| project_row(input, rows, by, steps, nonzero_half_width))
+        .sum()
+}
+
+avx2_fn! {
+    /// The DCTs of `plane`'s blocks numbered `ids` (row-major block order).
+    fn block_dcts(plane: &Plane, ids: &[usize]) -> Vec<[f32; 64]> {
+        let (nbx, _) = plane.blocks();
+        ids.iter().map(|&i| fdct(&plane.block(i % nbx, i / nbx))).collect()
+    }
+}
+
+avx2_fn! {
+    /// Row `by` of blocks of [`project`] (`rows`: its 8 rows of `output`);
+    /// returns how many blocks moved.
+    fn project_row(input: &Plane, rows: &mut [f32], by: usize, steps: &[f32; 64], nonzero_half_width: f32) -> usize {
+        let (nbx, _) = input.blocks();
+        let w = input.width;
+        let mut changed = 0;
+        for bx in 0..nbx {
+            let cin = fdct(&input.block(bx, by));
+            let mut c = fdct(&block_of_rows(rows, w, bx));
+            let mut moved = false;
+            for k in 0..64 {
+                let q = steps[k];
+                let level = (cin[k] / q).round();
+                let h = if level != 0.0 { nonzero_half_width } else { 0.5 };
+                let v = c[k].clamp((level - h) * q, (level + h) * q);
+                moved |= v != c[k];
+                c[k] = v;
+            }
+            if moved {
+                changed += 1;
+                let x = idct(&c);
+                for (y, row) in x.chunks_exact(B).enumerate() {
+                    for (d, s) in rows[y * w + bx * B..][..B].iter_mut().zip(row) {
+                        *d = s + 128.0;
                     }
                 }
             }
-            changed
-        })
-        .sum()
+        }
+        changed
+    }
 }
 
 #[cfg(test)]
