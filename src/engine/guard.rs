@@ -15,6 +15,7 @@
 //! test patterns, and the frame is left as it is. Rendered content that
 //! swings to full black, white or colour ([`SYNTHETIC`]) is treated more
 //! carefully than photos ([`NATURAL`]).
+use super::kernels::{avx2_available, avx2_fn};
 use super::quant::{self, Evidence, IjgFit, Plane, Steps, CHROMA_TABLE, LUMA_TABLE};
 use super::RgbImage;
 
@@ -28,31 +29,43 @@ fn to_ycc(img: &RgbImage) -> [Plane; 3] {
         .zip(cb.par_chunks_mut(w.max(1)))
         .zip(cr.par_chunks_mut(w.max(1)))
         .zip(img.data.par_chunks(3 * w.max(1)))
-        .for_each(|(((y, cb), cr), row)| {
-            for (i, px) in row.chunks_exact(3).enumerate() {
-                let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
-                y[i] = 0.299 * r + 0.587 * g + 0.114 * b;
-                cb[i] = -0.168_735_9 * r - 0.331_264_1 * g + 0.5 * b + 128.0;
-                cr[i] = 0.5 * r - 0.418_687_6 * g - 0.081_312_4 * b + 128.0;
-            }
-        });
+        .for_each(|(((y, cb), cr), row)| ycc_row(row, y, cb, cr));
     planes.map(|data| Plane { width: img.width, height: img.height, data })
+}
+
+avx2_fn! {
+    /// One row of [`to_ycc`].
+    fn ycc_row(row: &[u8], y: &mut [f32], cb: &mut [f32], cr: &mut [f32]) {
+        for (i, px) in row.chunks_exact(3).enumerate() {
+            let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
+            y[i] = 0.299 * r + 0.587 * g + 0.114 * b;
+            cb[i] = -0.168_735_9 * r - 0.331_264_1 * g + 0.5 * b + 128.0;
+            cr[i] = 0.5 * r - 0.418_687_6 * g - 0.081_312_4 * b + 128.0;
+        }
+    }
 }
 
 /// The inverse of [`to_ycc`], rounded to codes.
 fn write_rgb(planes: &[Plane; 3], img: &mut RgbImage) {
     use rayon::prelude::*;
     let w = img.width.max(1);
-    let code = |v: f32| (v.clamp(0.0, 255.0) + 0.5) as u8;
     img.data.par_chunks_mut(3 * w).enumerate().for_each(|(row, out)| {
-        for (x, px) in out.chunks_exact_mut(3).enumerate() {
-            let i = row * w + x;
-            let (y, cb, cr) = (planes[0].data[i], planes[1].data[i] - 128.0, planes[2].data[i] - 128.0);
+        let at = |c: usize| &planes[c].data[row * w..(row + 1) * w];
+        rgb_row(at(0), at(1), at(2), out)
+    });
+}
+
+avx2_fn! {
+    /// One row of [`write_rgb`].
+    fn rgb_row(y: &[f32], cb: &[f32], cr: &[f32], out: &mut [u8]) {
+        let code = |v: f32| (v.clamp(0.0, 255.0) + 0.5) as u8;
+        for (((px, &y), &cb), &cr) in out.chunks_exact_mut(3).zip(y).zip(cb).zip(cr) {
+            let (cb, cr) = (cb - 128.0, cr - 128.0);
             px[0] = code(y + 1.402 * cr);
             px[1] = code(y - 0.344_136_3 * cb - 0.714_136_3 * cr);
             px[2] = code(y + 1.772 * cb);
         }
-    });
+    }
 }
 
 /// How the guard treats one kind of frame.
