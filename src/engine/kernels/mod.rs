@@ -262,12 +262,7 @@ fn lane_sum(c: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 
 /// Run `f(first_row, rows)` over `m` rows split into one block per thread.
 fn par_row_blocks(m: usize, f: impl Fn(usize, usize) + Sync) {
-    par_row_blocks_aligned(m, 1, f)
-}
-
-/// [`par_row_blocks`] with every block's first row a multiple of `align`.
-fn par_row_blocks_aligned(m: usize, align: usize, f: impl Fn(usize, usize) + Sync) {
-    let per = m.div_ceil(rayon::current_num_threads().max(1)).max(1).next_multiple_of(align.max(1));
+    let per = m.div_ceil(rayon::current_num_threads().max(1)).max(1);
     (0..m).step_by(per).collect::<Vec<_>>().par_iter().for_each(|&r0| f(r0, per.min(m - r0)));
 }
 
