@@ -164,7 +164,7 @@ settings! {
     precision: CodiffPrecision {
         name: "precision",
         nick: "Precision",
-        blurb: "Floating-point precision of the UNet and VAE, and on the CPU of the compact model's inner layers; bf16 on the CPU multiplies bf16-rounded operands with f32 sums (vdpbf16ps on CPUs with AVX512_BF16, emulated elsewhere): the compact model 1.4x faster than f32 at 720p with PSNR-Y within 0.01 dB; the full model level with f32 (Winograd F(4,3) stays f32), 50.8 dB against its f32 output",
+        blurb: "Floating-point precision of the UNet and VAE, and on the CPU of the compact model's inner layers; bf16 on the CPU multiplies bf16-rounded operands with f32 sums (vdpbf16ps on CPUs with AVX512_BF16, emulated elsewhere): the compact model 1.5x faster than f32 at 720p with PSNR-Y within 0.01 dB; the full model 1.1x (Winograd F(4,3) and im2col convolutions stay f32), 50.8 dB against its f32 output",
         kind: Enum(CodiffPrecision::Auto),
         flags: mutable_ready,
     }
