@@ -425,10 +425,17 @@ mod avx512 {
                 if relu {
                     y = _mm512_max_ps(y, _mm512_setzero_ps());
                 }
+                // whole strips unmasked: a masked store costs more (Zen 4)
+                let full = m == u16::MAX;
                 if let Some(r) = residual {
-                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, r.add(row_off + start)));
+                    let r = r.add(row_off + start);
+                    y = _mm512_add_ps(y, if full { _mm512_loadu_ps(r) } else { _mm512_maskz_loadu_ps(m, r) });
                 }
-                _mm512_mask_storeu_ps(out.add(row_off + start), m, y);
+                if full {
+                    _mm512_storeu_ps(out.add(row_off + start), y);
+                } else {
+                    _mm512_mask_storeu_ps(out.add(row_off + start), m, y);
+                }
             }
         }
     }
