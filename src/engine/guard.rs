@@ -164,10 +164,10 @@ fn limit_to_activity(input: &Plane, output: &mut Plane) -> usize {
                 }
                 let lim = ACTIVITY_SHARE * r;
                 let mut moved = false;
+                let (x0, x1) = (tx * t, ((tx + 1) * t).min(w));
                 for (dy, row) in rows.chunks_mut(w).enumerate() {
                     let y = ty * t + dy;
-                    for x in tx * t..((tx + 1) * t).min(w) {
-                        let (i, o) = (input.data[y * w + x], &mut row[x]);
+                    for (o, &i) in row[x0..x1].iter_mut().zip(&input.data[y * w + x0..y * w + x1]) {
                         let v = o.clamp(i - lim, i + lim);
                         moved |= v != *o;
                         *o = v;
