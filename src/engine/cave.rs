@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, Linear};
 
 use super::error::{EngineError, Result};
-use super::kernels::{build_with, AddInto, Math, PatchConvTranspose, PatchConvTransposeInto};
+use super::kernels::{build_with, AddInto, Math, PatchConvTranspose, PatchInto};
 use super::layers::Conv;
 use super::tiling::Plan;
 use super::weights::TensorFile;
@@ -100,7 +100,7 @@ impl Up {
         if let (Some(op), Some(dst)) = (&self.fast, dst) {
             let (b, _, h, w) = x.dims4()?;
             if dst.is_contiguous() && dst.dims() == [b, op.cout, h * op.k, w * op.k] {
-                dst.inplace_op2(&x.contiguous()?, &PatchConvTransposeInto(op))?;
+                dst.inplace_op2(&x.contiguous()?, &PatchInto(op))?;
                 return Ok(dst);
             }
         }

@@ -13,8 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
 use super::kernels::{
-    affine, contiguous, AttentionOp, ConvInto, ConvOp, ConvPlusInto, GroupNormOp, LinearOp, Math, PatchConv,
-    PatchConvInto,
+    affine, contiguous, AttentionOp, ConvInto, ConvOp, ConvPlusInto, GroupNormOp, LinearOp, Math, PatchConv, PatchInto,
 };
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
@@ -156,7 +155,7 @@ impl Conv {
                 Ok(dst)
             }
             ConvKind::Patch(op) if dst.is_contiguous() && !residual => {
-                dst.inplace_op2(&x.contiguous()?, &PatchConvInto(op))?;
+                dst.inplace_op2(&x.contiguous()?, &PatchInto(op))?;
                 Ok(dst)
             }
             _ => self.forward_add(x, residual.then_some(&dst)),

@@ -22,8 +22,8 @@
 //!
 //! This file holds the dispatch policy (which layer takes which path) and
 //! the helpers the kernels share; the ops live in `conv.rs` ([`ConvOp`],
-//! [`ConvInto`], [`ConvPlusInto`], [`AddInto`]), `patch.rs` ([`PatchConv`], [`PatchConvInto`],
-//! [`PatchConvTranspose`], [`PatchConvTransposeInto`]), `norm.rs`
+//! [`ConvInto`], [`ConvPlusInto`], [`AddInto`]), `patch.rs` ([`PatchConv`],
+//! [`PatchConvTranspose`], [`PatchInto`]), `norm.rs`
 //! ([`GroupNormOp`]), `attention.rs` ([`AttentionOp`]), `linear.rs`
 //! ([`LinearOp`]), `gemm.rs` (the strided GEMM they call, in the layer's
 //! [`Math`]: f32, or bf16 operands with f32 sums from [`bf16`]), [`direct`]
@@ -244,7 +244,7 @@ pub use linear::LinearOp;
 pub(super) use norm::affine;
 pub(crate) use norm::mean_var;
 pub use norm::GroupNormOp;
-pub use patch::{PatchConv, PatchConvInto, PatchConvTranspose, PatchConvTransposeInto};
+pub use patch::{Patch, PatchConv, PatchConvTranspose, PatchInto};
 
 /// `Σ f(x)` over `c` in 16 independent lanes (so that the compiler
 /// vectorises the reduction; a plain `sum` is one sequential chain).

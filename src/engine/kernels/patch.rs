@@ -1,6 +1,6 @@
 //! Stride-k k x k convolutions: [`PatchConv`] (space-to-depth + GEMM) and
 //! [`PatchConvTranspose`] (GEMM + depth-to-space), FBCNN's down- and upsampling,
-//! and their forms into existing buffers ([`PatchConvInto`], [`PatchConvTransposeInto`]).
+//! and their forms into existing buffers ([`PatchInto`]).
 use candle_core::{CpuStorage, CustomOp1, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -29,20 +29,11 @@ impl PatchConv {
 }
 
 impl PatchConv {
-    /// `(b, h, w)` of an input layout `[b, cin, h, w]` (channels checked).
-    fn check(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-        let (b, c, h, w) = l.shape().dims4()?;
-        if c != self.cin {
-            candle_core::bail!("patch conv: {c} input channels, weight expects {}", self.cin);
-        }
-        Ok((b, h, w))
-    }
-
     /// `out` `[b, cout, h / k, w / k]` from `x` `[b, cin, h, w]`: bands of
     /// output rows in parallel, each gathering its patches into a band-sized
     /// scratch `[(ci, ky, kx), (y, x)]` (space-to-depth, no frame-sized
     /// intermediate) and multiplying it into its rows of every channel.
-    fn run_into(&self, x: &[f32], b: usize, h: usize, w: usize, out: &mut [f32]) {
+    fn run_bands(&self, x: &[f32], b: usize, h: usize, w: usize, out: &mut [f32]) {
         let (c, k, cout) = (self.cin, self.k, self.cout);
         let (oh, ow) = (h / k, w / k);
         let n = oh * ow;
@@ -104,41 +95,30 @@ impl PatchConv {
     }
 }
 
+impl Patch for PatchConv {
+    const NAME: &'static str = "patch conv";
+    const INTO: &'static str = "codiff-patch-conv-into";
+
+    fn channels(&self) -> (usize, usize) {
+        (self.cin, self.cout)
+    }
+
+    fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        (h / self.k, w / self.k)
+    }
+
+    fn run_into(&self, x: &[f32], b: usize, h: usize, w: usize, out: &mut [f32]) {
+        self.run_bands(x, b, h, w, out)
+    }
+}
+
 impl CustomOp1 for PatchConv {
     fn name(&self) -> &'static str {
         "codiff-patch-conv"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, "patch conv")?;
-        let (b, h, w) = self.check(l)?;
-        let (oh, ow) = (h / self.k, w / self.k);
-        let mut out = activation(b * self.cout * oh * ow);
-        self.run_into(x, b, h, w, &mut out);
-        Ok((CpuStorage::F32(out), Shape::from((b, self.cout, oh, ow))))
-    }
-}
-
-/// [`PatchConv`] into an existing buffer of the output's shape (owned by
-/// the caller alone), as [`PatchConvTransposeInto`] is for upsampling.
-pub struct PatchConvInto<'a>(pub &'a PatchConv);
-
-impl InplaceOp2 for PatchConvInto<'_> {
-    fn name(&self) -> &'static str {
-        "codiff-patch-conv-into"
-    }
-
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let op = self.0;
-        let x = contiguous(s2, l2, "patch conv")?;
-        let (b, h, w) = op.check(l2)?;
-        let shape = Shape::from((b, op.cout, h / op.k, w / op.k));
-        if l1.shape() != &shape {
-            candle_core::bail!("patch conv into a {:?} tensor, output {:?}", l1.shape(), shape);
-        }
-        let dst = contiguous_mut(s1, l1, "patch conv into")?;
-        op.run_into(x, b, h, w, dst);
-        Ok(())
+        fresh(self, s, l)
     }
 }
 
@@ -165,7 +145,7 @@ impl PatchConvTranspose {
     /// rows in parallel, each one GEMM into a band-sized scratch
     /// `[(co, ky, kx), (y, x)]` scattered into its k output rows per input
     /// row (no frame-sized intermediate).
-    fn run_into(&self, x: &[f32], b: usize, h: usize, w: usize, out: &mut [f32]) {
+    fn run_bands(&self, x: &[f32], b: usize, h: usize, w: usize, out: &mut [f32]) {
         let (c, k) = (self.cin, self.k);
         let m = self.cout * k * k;
         let (oh, ow) = (h * k, w * k);
@@ -228,13 +208,23 @@ impl PatchConvTranspose {
             }
         });
     }
+}
 
-    fn check(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-        let (b, c, h, w) = l.shape().dims4()?;
-        if c != self.cin {
-            candle_core::bail!("patch conv transpose: {c} input channels, weight expects {}", self.cin);
-        }
-        Ok((b, h, w))
+impl Patch for PatchConvTranspose {
+    const NAME: &'static str = "patch conv transpose";
+    const INTO: &'static str = "codiff-patch-conv-transpose-into";
+
+    fn channels(&self) -> (usize, usize) {
+        (self.cin, self.cout)
+    }
+
+    fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        (h * self.k, w * self.k)
+    }
+
+    fn run_into(&self, x: &[f32], b: usize, h: usize, w: usize, out: &mut [f32]) {
+        let _counted = super::counted(super::OpKind::Conv, 2 * self.cin * b * self.cout * h * self.k * w * self.k);
+        self.run_bands(x, b, h, w, out)
     }
 }
 
@@ -244,36 +234,67 @@ impl CustomOp1 for PatchConvTranspose {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, "patch conv transpose")?;
-        let (b, h, w) = self.check(l)?;
-        let _counted = super::counted(super::OpKind::Conv, 2 * self.cin * b * self.cout * h * self.k * w * self.k);
-        let mut out = activation(b * self.cout * h * self.k * w * self.k);
-        self.run_into(x, b, h, w, &mut out);
-        Ok((CpuStorage::F32(out), Shape::from((b, self.cout, h * self.k, w * self.k))))
+        fresh(self, s, l)
     }
 }
 
-/// [`PatchConvTranspose`] into an existing buffer (of the output's shape,
-/// owned by the caller alone): the CaVE decoder's upsampling writes into the
-/// encoder's dead activation of that level instead of a fresh one.
-pub struct PatchConvTransposeInto<'a>(pub &'a PatchConvTranspose);
+/// What [`PatchConv`] and [`PatchConvTranspose`] share: an input `[b, cin,
+/// h, w]` checked against the weights, an output `[b, cout, ..]` of
+/// [`Patch::out_hw`], computed into a buffer, so that one fresh-output path
+/// ([`fresh`]) and one in-place op ([`PatchInto`]) serve both.
+pub trait Patch {
+    /// the layer in error messages
+    const NAME: &'static str;
+    /// the name of its [`PatchInto`] op
+    const INTO: &'static str;
+    /// (cin, cout)
+    fn channels(&self) -> (usize, usize);
+    /// The output's height and width for an input `h` x `w`.
+    fn out_hw(&self, h: usize, w: usize) -> (usize, usize);
+    /// The output of `x` `[b, cin, h, w]` into `out` (its whole shape),
+    /// counting its work ([`super::counted`]).
+    fn run_into(&self, x: &[f32], b: usize, h: usize, w: usize, out: &mut [f32]);
+}
 
-impl InplaceOp2 for PatchConvTransposeInto<'_> {
+/// `(b, h, w)` of `op`'s input layout, its channels checked, and the output shape.
+fn shapes<P: Patch>(op: &P, l: &Layout) -> candle_core::Result<((usize, usize, usize), Shape)> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    let (cin, cout) = op.channels();
+    if c != cin {
+        candle_core::bail!("{}: {c} input channels, weight expects {cin}", P::NAME);
+    }
+    let (oh, ow) = op.out_hw(h, w);
+    Ok(((b, h, w), Shape::from((b, cout, oh, ow))))
+}
+
+/// `op` on a CPU tensor into a fresh buffer.
+fn fresh<P: Patch>(op: &P, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    let x = contiguous(s, l, P::NAME)?;
+    let ((b, h, w), shape) = shapes(op, l)?;
+    let mut out = activation(shape.elem_count());
+    op.run_into(x, b, h, w, &mut out);
+    Ok((CpuStorage::F32(out), shape))
+}
+
+/// A [`Patch`] layer into an existing buffer of the output's shape, owned by
+/// the caller alone (`dst.inplace_op2(&x, &PatchInto(&op))`): the CaVE
+/// encoder's downsampling and its decoder's upsampling write into dead
+/// activations of their level instead of fresh ones.
+pub struct PatchInto<'a, P>(pub &'a P);
+
+impl<P: Patch> InplaceOp2 for PatchInto<'_, P> {
     fn name(&self) -> &'static str {
-        "codiff-patch-conv-transpose-into"
+        P::INTO
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let op = self.0;
-        let x = contiguous(s2, l2, "patch conv transpose")?;
-        let (b, h, w) = op.check(l2)?;
-        let shape = Shape::from((b, op.cout, h * op.k, w * op.k));
+        let x = contiguous(s2, l2, P::NAME)?;
+        let ((b, h, w), shape) = shapes(self.0, l2)?;
         if l1.shape() != &shape {
-            candle_core::bail!("patch conv transpose into a {:?} tensor, output {:?}", l1.shape(), shape);
+            candle_core::bail!("{} into a {:?} tensor, output {:?}", P::NAME, l1.shape(), shape);
         }
-        let _counted = super::counted(super::OpKind::Conv, 2 * op.cin * shape.elem_count());
-        let dst = contiguous_mut(s1, l1, "patch conv transpose into")?;
-        op.run_into(x, b, h, w, dst);
+        let dst = contiguous_mut(s1, l1, P::NAME)?;
+        self.0.run_into(x, b, h, w, dst);
         Ok(())
     }
 }
@@ -298,10 +319,10 @@ mod tests {
             assert!(max_err(&ours, &reference) < 1e-4);
             // into a buffer of the output's shape, whatever it held
             let dst = Tensor::full(7f32, (2, 7, h / k, w / k), &dev).unwrap();
-            dst.inplace_op2(&x, &PatchConvInto(&op)).unwrap();
+            dst.inplace_op2(&x, &PatchInto(&op)).unwrap();
             assert_eq!(max_err(&dst, &ours), 0.0);
             let wrong = Tensor::zeros((2, 7, h / k + 1, w / k), candle_core::DType::F32, &dev).unwrap();
-            assert!(wrong.inplace_op2(&x, &PatchConvInto(&op)).is_err());
+            assert!(wrong.inplace_op2(&x, &PatchInto(&op)).is_err());
         }
     }
 
@@ -320,10 +341,10 @@ mod tests {
             assert!(max_err(&ours, &reference) < 1e-4);
             // into a buffer of the output's shape, whatever it held
             let dst = Tensor::full(7f32, (2, 4, h * k, w * k), &dev).unwrap();
-            dst.inplace_op2(&x, &PatchConvTransposeInto(&op)).unwrap();
+            dst.inplace_op2(&x, &PatchInto(&op)).unwrap();
             assert!(max_err(&dst, &reference) < 1e-4);
             let wrong = Tensor::zeros((2, 4, h * k, w * k + 1), candle_core::DType::F32, &dev).unwrap();
-            assert!(wrong.inplace_op2(&x, &PatchConvTransposeInto(&op)).is_err());
+            assert!(wrong.inplace_op2(&x, &PatchInto(&op)).is_err());
         }
     }
 }
