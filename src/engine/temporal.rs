@@ -23,6 +23,7 @@
 //! the frame untouched (bit-exact) and drops the history; a frame of another
 //! size starts a new history. [`TemporalFilter::carry`] shows the previous
 //! output, moved the same way, on live frames that are not restored.
+use super::kernels::{avx2_available, avx2_fn};
 use super::motion::{self, Luma};
 use super::{EngineError, Result, RgbImage};
 
@@ -126,17 +127,12 @@ impl TemporalFilter {
             let m = Matched::new(prev_in, input, &field, self.threshold);
             let t = self.threshold;
             use rayon::prelude::*;
-            restored.data.par_chunks_mut(3).zip(m.src.par_iter().zip(&m.weight)).for_each(|(px, (&src, &weight))| {
-                let a = strength * weight;
-                if a == 0.0 {
-                    return;
-                }
-                for (k, v) in px.iter_mut().enumerate() {
-                    let r = *v as f32;
-                    let d = (a * (prev_out.data[src as usize * 3 + k] as f32 - r)).clamp(-t, t);
-                    *v = (r + d).round().clamp(0.0, 255.0) as u8;
-                }
-            });
+            let w = input.width.max(1);
+            restored
+                .data
+                .par_chunks_mut(3 * w)
+                .zip(m.src.par_chunks(w).zip(m.weight.par_chunks(w)))
+                .for_each(|(row, (src, weight))| blend_row(row, src, weight, &prev_out.data, strength, t));
         }
         self.adopt(input, restored);
         Ok(())
@@ -208,6 +204,25 @@ impl TemporalFilter {
         );
         self.adopt(input, out);
         true
+    }
+}
+
+avx2_fn! {
+    /// One row of [`TemporalFilter::apply`]'s blend: each pixel of `row`
+    /// moves towards the previous output at its match, by `strength` times
+    /// its weight, at most `t` code values.
+    fn blend_row(row: &mut [u8], src: &[u32], weight: &[f32], prev_out: &[u8], strength: f32, t: f32) {
+        for ((px, &src), &weight) in row.chunks_exact_mut(3).zip(src).zip(weight) {
+            let a = strength * weight;
+            if a == 0.0 {
+                continue;
+            }
+            for (k, v) in px.iter_mut().enumerate() {
+                let r = *v as f32;
+                let d = (a * (prev_out[src as usize * 3 + k] as f32 - r)).clamp(-t, t);
+                *v = (r + d).round().clamp(0.0, 255.0) as u8;
+            }
+        }
     }
 }
 
@@ -295,25 +310,58 @@ fn median(values: &[f32]) -> f32 {
 }
 
 /// Per pixel: the mean over a (2 RADIUS + 1)^2 window clipped at the borders.
+/// Separable: window sums along the rows, then down the columns, each value
+/// summed in window order from -0.0 (as `Iterator::sum`), a whole row of
+/// sums at a time so that the loops vectorise.
 fn box_mean(values: &[f32], w: usize, h: usize) -> Vec<f32> {
     use rayon::prelude::*;
-    // separable box sums with clipped windows, rows in parallel
+    let w1 = w.max(1);
     let mut rows = vec![0f32; w * h];
-    rows.par_chunks_mut(w.max(1)).zip(values.par_chunks(w.max(1))).for_each(|(out, line)| {
-        for (x, o) in out.iter_mut().enumerate() {
-            let (x0, x1) = (x.saturating_sub(RADIUS), (x + RADIUS + 1).min(w));
-            *o = line[x0..x1].iter().sum::<f32>() / (x1 - x0) as f32;
-        }
-    });
+    rows.par_chunks_mut(w1).zip(values.par_chunks(w1)).for_each(|(out, line)| box_row(line, out));
     let mut out = vec![0f32; w * h];
-    out.par_chunks_mut(w.max(1)).enumerate().for_each(|(y, out)| {
+    out.par_chunks_mut(w1).enumerate().for_each(|(y, out)| {
         let (y0, y1) = (y.saturating_sub(RADIUS), (y + RADIUS + 1).min(h));
-        for (x, o) in out.iter_mut().enumerate() {
-            let s: f32 = (y0..y1).map(|yy| rows[yy * w + x]).sum();
-            *o = s / (y1 - y0) as f32;
+        out.fill(-0.0);
+        for row in rows[y0 * w..y1 * w].chunks_exact(w1) {
+            add_row(out, row);
         }
+        let n = (y1 - y0) as f32;
+        out.iter_mut().for_each(|o| *o /= n);
     });
     out
+}
+
+avx2_fn! {
+    /// `acc[i] += row[i]`.
+    fn add_row(acc: &mut [f32], row: &[f32]) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+}
+
+/// [`box_mean`]'s window means along one row.
+fn box_row(line: &[f32], out: &mut [f32]) {
+    let w = line.len();
+    let clipped = |x: usize| {
+        let (x0, x1) = (x.saturating_sub(RADIUS), (x + RADIUS + 1).min(w));
+        line[x0..x1].iter().sum::<f32>() / (x1 - x0) as f32
+    };
+    if w <= 2 * RADIUS {
+        out.iter_mut().enumerate().for_each(|(x, o)| *o = clipped(x));
+        return;
+    }
+    // whole windows: out[x] = line[x - R] + .. + line[x + R], in that order
+    let inner = &mut out[RADIUS..w - RADIUS];
+    inner.fill(-0.0);
+    for k in 0..=2 * RADIUS {
+        add_row(inner, &line[k..k + w - 2 * RADIUS]);
+    }
+    let n = (2 * RADIUS + 1) as f32;
+    inner.iter_mut().for_each(|o| *o /= n);
+    for x in (0..RADIUS).chain(w - RADIUS..w) {
+        out[x] = clipped(x);
+    }
 }
 
 #[cfg(test)]
