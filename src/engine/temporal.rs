@@ -240,34 +240,37 @@ struct Matched {
     weight: Vec<f32>,
 }
 
+/// [`Matched::new`]'s mark for a pixel whose match lies outside the previous frame.
+const NO_MATCH: u32 = u32::MAX;
+
 impl Matched {
     fn new(prev_in: &RgbImage, input: &RgbImage, field: &motion::Field, threshold: f32) -> Self {
         use rayon::prelude::*;
         let (w, h) = (input.width, input.height);
-        let src: Vec<Option<u32>> = (0..w * h)
-            .into_par_iter()
-            .map(|i| {
-                let (x, y) = (i % w, i / w);
+        let (n, w1) = (w * h, w.max(1));
+        // the match of each pixel, by rows
+        let mut src = vec![NO_MATCH; n];
+        src.par_chunks_mut(w1).enumerate().for_each(|(y, row)| {
+            for (x, s) in row.iter_mut().enumerate() {
                 let (dx, dy) = field.at(x, y);
                 let (sx, sy) = (x as i64 + dx as i64, y as i64 + dy as i64);
-                (sx >= 0 && sy >= 0 && sx < w as i64 && sy < h as i64).then(|| (sy as usize * w + sx as usize) as u32)
-            })
-            .collect();
+                if sx >= 0 && sy >= 0 && sx < w as i64 && sy < h as i64 {
+                    *s = (sy as usize * w + sx as usize) as u32;
+                }
+            }
+        });
         // per channel signed change, and the mean absolute change, in one pass
-        let n = w * h;
         let mut planes = vec![0f32; 4 * n];
         {
             let (signed, abs) = planes.split_at_mut(3 * n);
             let (r, rest) = signed.split_at_mut(n);
             let (g, b) = rest.split_at_mut(n);
-            (r, g, b, abs).into_par_iter().enumerate().for_each(|(i, (r, g, b, a))| {
-                if let Some(s) = src[i] {
-                    let d = |k: usize| input.data[i * 3 + k] as f32 - prev_in.data[s as usize * 3 + k] as f32;
-                    let (dr, dg, db) = (d(0), d(1), d(2));
-                    (*r, *g, *b) = (dr, dg, db);
-                    *a = [dr.abs(), dg.abs(), db.abs()].iter().sum::<f32>() / 3.0;
-                }
-            });
+            r.par_chunks_mut(w1)
+                .zip(g.par_chunks_mut(w1))
+                .zip(b.par_chunks_mut(w1))
+                .zip(abs.par_chunks_mut(w1))
+                .zip(src.par_chunks(w1).zip(input.data.par_chunks(3 * w1)))
+                .for_each(|((((r, g), b), a), (src, row))| change_row(row, &prev_in.data, src, [r, g, b], a));
         }
         let signed: Vec<Vec<f32>> = planes[..3 * n].chunks(n.max(1)).map(|p| box_mean(p, w, h)).collect();
         let abs = &planes[3 * n..];
@@ -275,29 +278,66 @@ impl Matched {
         let typical = median(&abs);
         let lo = OUTLIER_FACTOR * typical.max(LEAST_MEDIAN);
         let cut = typical > CUT_MEDIAN;
-        let weight = (0..w * h)
-            .into_par_iter()
-            .map(|i| {
-                if cut || src[i].is_none() {
-                    return 0.0;
+        let mut weight = vec![0f32; n];
+        weight.par_chunks_mut(w1).zip(src.par_chunks_mut(w1)).enumerate().for_each(|(y, (weights, src))| {
+            for (x, (wt, s)) in weights.iter_mut().zip(src.iter_mut()).enumerate() {
+                if *s == NO_MATCH {
+                    // any index serves where the weight is 0
+                    *s = 0;
+                    continue;
                 }
-                let s = (0..3).map(|k| signed[k][i].abs()).sum::<f32>() / 3.0;
+                if cut {
+                    continue;
+                }
+                let i = y * w + x;
+                let sm = (0..3).map(|k| signed[k][i].abs()).sum::<f32>() / 3.0;
                 let outlier = (2.0 - abs[i] / lo).clamp(0.0, 1.0);
-                (1.0 - s / threshold).max(0.0) * outlier
-            })
-            .collect();
-        Self { src: src.into_iter().map(|s| s.unwrap_or(0)).collect(), weight }
+                *wt = (1.0 - sm / threshold).max(0.0) * outlier;
+            }
+        });
+        Self { src, weight }
+    }
+}
+
+avx2_fn! {
+    /// One row of [`Matched::new`]'s input change: per pixel with a match,
+    /// the signed change of each channel against the previous input there
+    /// and the mean of their magnitudes (0 where there is no match).
+    fn change_row(row: &[u8], prev_in: &[u8], src: &[u32], signed: [&mut [f32]; 3], abs: &mut [f32]) {
+        let [r, g, b] = signed;
+        for (i, &s) in src.iter().enumerate() {
+            if s == NO_MATCH {
+                continue;
+            }
+            let d = |k: usize| row[i * 3 + k] as f32 - prev_in[s as usize * 3 + k] as f32;
+            let (dr, dg, db) = (d(0), d(1), d(2));
+            (r[i], g[i], b[i]) = (dr, dg, db);
+            abs[i] = [dr.abs(), dg.abs(), db.abs()].iter().sum::<f32>() / 3.0;
+        }
     }
 }
 
 /// The median of non-negative values, to a sixteenth of a code value (values
 /// above 64 count as 64).
 fn median(values: &[f32]) -> f32 {
+    use rayon::prelude::*;
     const BINS: usize = 64 * 16 + 1;
-    let mut hist = vec![0u32; BINS];
-    for &v in values {
-        hist[((v * 16.0) as usize).min(BINS - 1)] += 1;
-    }
+    let hist = values
+        .par_chunks(1 << 16)
+        .map(|chunk| {
+            let mut hist = vec![0u32; BINS];
+            for &v in chunk {
+                hist[((v * 16.0) as usize).min(BINS - 1)] += 1;
+            }
+            hist
+        })
+        .reduce(
+            || vec![0u32; BINS],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
     let half = values.len().div_ceil(2) as u32;
     let mut seen = 0;
     for (b, &c) in hist.iter().enumerate() {
