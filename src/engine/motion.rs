@@ -11,6 +11,8 @@
 //! blocks at rest. 720p: about 30 M absolute differences, about 10 ms.
 use rayon::prelude::*;
 
+use super::kernels::{avx2_available, avx2_fn};
+
 /// Block side at full resolution.
 pub const BLOCK: usize = 16;
 /// Pyramid levels below full resolution.
@@ -81,6 +83,7 @@ impl Field {
 /// Sum of absolute differences between `cur`'s block at `(x0, y0)` of `b x b`
 /// (clipped to the plane) and `prev` displaced by `(dx, dy)` (reads clamped to
 /// the plane's edges), plus `lambda` per pixel of displacement.
+#[inline(always)]
 fn cost(cur: &Luma, prev: &Luma, x0: usize, y0: usize, b: usize, (dx, dy): (i32, i32), lambda: u32) -> u32 {
     let (x1, y1) = ((x0 + b).min(cur.width), (y0 + b).min(cur.height));
     let (pw, ph) = (prev.width as i64, prev.height as i64);
@@ -108,6 +111,7 @@ fn cost(cur: &Luma, prev: &Luma, x0: usize, y0: usize, b: usize, (dx, dy): (i32,
 }
 
 /// The best of `candidates` for one block.
+#[inline(always)]
 fn best(
     cur: &Luma,
     prev: &Luma,
@@ -150,18 +154,28 @@ pub fn estimate(prev: &Luma, cur: &Luma) -> Field {
                 *v = (v.0 * 2, v.1 * 2);
                 return;
             }
-            *v = if level == LEVELS {
-                let r = COARSE_RANGE;
-                best(c, p, x0, y0, b, lambda, (-r..=r).flat_map(|dy| (-r..=r).map(move |dx| (dx, dy))))
-            } else {
-                let (cx, cy) = (v.0 * 2, v.1 * 2);
-                let r = REFINE_RANGE;
-                let around = (-r..=r).flat_map(|dy| (-r..=r).map(move |dx| (cx + dx, cy + dy)));
-                best(c, p, x0, y0, b, lambda, std::iter::once((0, 0)).chain(around))
-            };
+            *v = search(c, p, x0, y0, b, lambda, level == LEVELS, *v);
         });
     }
     Field { cols, rows, vectors }
+}
+
+avx2_fn! {
+    /// The vector of block `(x0, y0)` (side `b`) at one level: a full search
+    /// at the coarsest level (`coarse`), else around twice the coarser
+    /// level's vector `v` and at rest.
+    #[allow(clippy::too_many_arguments)]
+    fn search(c: &Luma, p: &Luma, x0: usize, y0: usize, b: usize, lambda: u32, coarse: bool, v: (i32, i32)) -> (i32, i32) {
+        if coarse {
+            let r = COARSE_RANGE;
+            best(c, p, x0, y0, b, lambda, (-r..=r).flat_map(|dy| (-r..=r).map(move |dx| (dx, dy))))
+        } else {
+            let (cx, cy) = (v.0 * 2, v.1 * 2);
+            let r = REFINE_RANGE;
+            let around = (-r..=r).flat_map(|dy| (-r..=r).map(move |dx| (cx + dx, cy + dy)));
+            best(c, p, x0, y0, b, lambda, std::iter::once((0, 0)).chain(around))
+        }
+    }
 }
 
 #[cfg(test)]
