@@ -1,5 +1,6 @@
 //! [`ConvOp`]: k x k convolution, dispatched to the direct kernel, Winograd or
-//! banded im2col + GEMM; [`ConvInto`] and [`AddInto`], its in-place forms.
+//! banded im2col + GEMM; [`ConvInto`], [`ConvPlusInto`] and [`AddInto`], its
+//! in-place forms.
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp2, InplaceOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -518,11 +519,12 @@ impl ConvOp {
             // right before writing them; `d` came from direct_for
             unsafe { self.run_direct_into(d, x, b, h, w, residual, out) };
         } else {
-            let y = match add {
-                Add::Nothing => self.run(x, b, h, w, None)?,
-                Add::Dst => self.run(x, b, h, w, Some(&*dst))?,
-                Add::From(r) => self.run(x, b, h, w, Some(r))?,
+            let residual = match add {
+                Add::Nothing => None,
+                Add::Dst => Some(&*dst),
+                Add::From(r) => Some(r),
             };
+            let y = self.run(x, b, h, w, residual)?;
             dst.copy_from_slice(&y);
         }
         Ok(())

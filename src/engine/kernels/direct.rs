@@ -152,21 +152,11 @@ impl Direct {
         {
             let a =
                 avx512::Args { x, y0: 0, rows: h, h, w, planes: self.cin, cout: self.cout, bias, relu, residual, out };
-            let cb = self.tile.cb();
-            // SAFETY (of the calls below): the caller's contract: available()
-            // returned true, i.e. is_x86_feature_detected!("avx512f"), the one
-            // feature avx512::row is compiled for, and x, out and residual
-            // are sized as stated; packed holds blocks * cin * 9 * cb values
-            for blk in 0..self.cout.div_ceil(cb) {
-                let wp = self.packed.as_ptr().add(blk * self.cin * 9 * cb);
-                for oy in oy0..oy1 {
-                    match self.tile {
-                        Tile::C4S4 => avx512::row::<4, 4>(&a, wp, blk * 4, oy),
-                        Tile::C8S3 => avx512::row::<8, 3>(&a, wp, blk * 8, oy),
-                        Tile::C16S1 => avx512::row::<16, 1>(&a, wp, blk * 16, oy),
-                    }
-                }
-            }
+            // SAFETY: the caller's contract: available() returned true, i.e.
+            // is_x86_feature_detected!("avx512f"), the one feature the f32
+            // kernel is compiled for, and x, out and residual are sized as
+            // stated; packed holds blocks * cin * 9 * cb values
+            unsafe { self.each_row(&a, &self.packed, oy0..oy1) };
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -197,7 +187,7 @@ impl Direct {
         residual: Option<*const f32>,
         out: *mut f32,
     ) {
-        let (cin, cb) = (self.cin, self.tile.cb());
+        let cin = self.cin;
         let cp = cin.div_ceil(2);
         PAIR_ROWS.with_borrow_mut(|buf| {
             for g0 in (oy0..oy1).step_by(BF16_ROWS) {
@@ -227,24 +217,41 @@ impl Direct {
                     residual,
                     out,
                 };
-                for blk in 0..self.cout.div_ceil(cb) {
-                    let wp = pairs.as_ptr().add(blk * cp * 9 * cb);
-                    for oy in g0..g1 {
-                        // SAFETY: AVX-512F and AVX512_BF16 present (the
-                        // caller's contract); `a.x` holds rows y0..y1 of cp
-                        // pair planes, which cover oy - 1..=oy + 1 within the
-                        // frame; wp holds cp * 9 * cb words
-                        unsafe {
-                            match self.tile {
-                                Tile::C4S4 => avx512::row_bf16::<4, 4>(&a, wp, blk * 4, oy),
-                                Tile::C8S3 => avx512::row_bf16::<8, 3>(&a, wp, blk * 8, oy),
-                                Tile::C16S1 => avx512::row_bf16::<16, 1>(&a, wp, blk * 16, oy),
-                            }
-                        }
+                // SAFETY: AVX-512F and AVX512_BF16 present (the caller's
+                // contract); `a.x` holds rows y0..y1 of cp pair planes, which
+                // cover oy - 1..=oy + 1 within the frame for every oy in
+                // g0..g1; pairs holds blocks * cp * 9 * cb words
+                unsafe { self.each_row(&a, pairs, g0..g1) };
+            }
+        });
+    }
+
+    /// Output rows `oys` of every output block, `weights` being this layer's
+    /// packed for `T`'s kernel (`[block][a.planes][9][cb]`).
+    ///
+    /// # Safety
+    /// As [`avx512::Row::row`] for each block and row: the CPU has the
+    /// kernel's features, and `a` describes valid buffers holding the input
+    /// rows around `oys` and the output rows `oys`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn each_row<T: avx512::Row>(&self, a: &avx512::Args<T>, weights: &[T], oys: std::ops::Range<usize>) {
+        let cb = self.tile.cb();
+        for blk in 0..self.cout.div_ceil(cb) {
+            // SAFETY: `weights` holds blocks * planes * 9 * cb values (the
+            // caller's contract), block blk's from blk * planes * 9 * cb on
+            let wp = unsafe { weights.as_ptr().add(blk * a.planes * 9 * cb) };
+            for oy in oys.clone() {
+                // SAFETY: the caller's contract (features, buffers for oys);
+                // wp is block blk's weights, its output channels blk * cb..
+                unsafe {
+                    match self.tile {
+                        Tile::C4S4 => T::row::<4, 4>(a, wp, blk * 4, oy),
+                        Tile::C8S3 => T::row::<8, 3>(a, wp, blk * 8, oy),
+                        Tile::C16S1 => T::row::<16, 1>(a, wp, blk * 16, oy),
                     }
                 }
             }
-        });
+        }
     }
 }
 
@@ -323,26 +330,43 @@ mod avx512 {
         upto & !((1u16 << lo) - 1)
     }
 
-    /// One output row `oy` of output channels `co0..co0 + CB` (those below
-    /// `cout` are stored), f32.
+    /// The kernel for input planes of `Self`: one output row `oy` of output
+    /// channels `co0..co0 + CB` (those below `cout` are stored).
+    pub(super) trait Row: Sized {
+        /// # Safety
+        /// The CPU has the kernel's features (AVX-512F; for u32 pairs also
+        /// AVX512_BF16); `a` and `wp` describe valid buffers (see [`Args`]).
+        unsafe fn row<const CB: usize, const S: usize>(a: &Args<Self>, wp: *const Self, co0: usize, oy: usize);
+    }
+
+    impl Row for f32 {
+        unsafe fn row<const CB: usize, const S: usize>(a: &Args<f32>, wp: *const f32, co0: usize, oy: usize) {
+            // SAFETY: the caller's contract (AVX-512F present)
+            unsafe { row_f32::<CB, S>(a, wp, co0, oy) }
+        }
+    }
+
+    impl Row for u32 {
+        unsafe fn row<const CB: usize, const S: usize>(a: &Args<u32>, wp: *const u32, co0: usize, oy: usize) {
+            // SAFETY: the caller's contract (AVX-512F and AVX512_BF16 present)
+            unsafe { row_bf16::<CB, S>(a, wp, co0, oy) }
+        }
+    }
+
+    /// [`Row`] on f32 channels.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn row<const CB: usize, const S: usize>(a: &Args<f32>, wp: *const f32, co0: usize, oy: usize) {
+    unsafe fn row_f32<const CB: usize, const S: usize>(a: &Args<f32>, wp: *const f32, co0: usize, oy: usize) {
         row_with::<F32, CB, S>(a, wp, co0, oy)
     }
 
-    /// [`row`] on bf16 channel pairs: one `vdpbf16ps` takes two input
+    /// [`Row`] on bf16 channel pairs: one `vdpbf16ps` takes two input
     /// channels' products per lane.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn row_bf16<const CB: usize, const S: usize>(
-        a: &Args<u32>,
-        wp: *const u32,
-        co0: usize,
-        oy: usize,
-    ) {
+    unsafe fn row_bf16<const CB: usize, const S: usize>(a: &Args<u32>, wp: *const u32, co0: usize, oy: usize) {
         row_with::<Bf16, CB, S>(a, wp, co0, oy)
     }
 
-    /// The kernel of [`row`] and [`row_bf16`] in `A`'s arithmetic.
+    /// The kernel of [`row_f32`] and [`row_bf16`] in `A`'s arithmetic.
     #[inline(always)]
     unsafe fn row_with<A: Arith, const CB: usize, const S: usize>(
         a: &Args<A::In>,
@@ -351,7 +375,6 @@ mod avx512 {
         oy: usize,
     ) {
         let (h, w) = (a.h, a.w);
-        let hw = h * w;
         let stored = (a.cout - co0).min(CB);
         let mut x0 = 0usize;
         while x0 < w {
@@ -389,31 +412,26 @@ mod avx512 {
                     }
                 }
             }
-            store(a.bias, a.relu, a.residual, a.out, &acc, co0, stored, oy, w, hw, x0);
+            store(a, &acc, co0, stored, oy, x0);
             x0 += 16 * S;
         }
     }
 
-    /// The epilogue of [`row`] and [`row_bf16`]: bias, ReLU, residual; masked
-    /// stores at the right border.
-    #[allow(clippy::too_many_arguments)]
+    /// The epilogue of [`row_with`]: bias, ReLU, residual; masked stores at
+    /// the right border.
     #[inline(always)]
-    unsafe fn store<const CB: usize, const S: usize>(
-        bias: &[f32],
-        relu: bool,
-        residual: Option<*const f32>,
-        out: *mut f32,
+    unsafe fn store<T, const CB: usize, const S: usize>(
+        a: &Args<T>,
         acc: &[[__m512; S]; CB],
         co0: usize,
         stored: usize,
         oy: usize,
-        w: usize,
-        hw: usize,
         x0: usize,
     ) {
+        let (w, hw) = (a.w, a.h * a.w);
         for (c, acc_c) in acc.iter().enumerate().take(stored) {
             let co = co0 + c;
-            let b = _mm512_set1_ps(bias[co]);
+            let b = _mm512_set1_ps(a.bias[co]);
             let row_off = co * hw + oy * w;
             for s in 0..S {
                 let start = x0 + 16 * s;
@@ -422,19 +440,19 @@ mod avx512 {
                 }
                 let m = lanes(start as isize, w);
                 let mut y = _mm512_add_ps(acc_c[s], b);
-                if relu {
+                if a.relu {
                     y = _mm512_max_ps(y, _mm512_setzero_ps());
                 }
                 // whole strips unmasked: a masked store costs more (Zen 4)
                 let full = m == u16::MAX;
-                if let Some(r) = residual {
+                if let Some(r) = a.residual {
                     let r = r.add(row_off + start);
                     y = _mm512_add_ps(y, if full { _mm512_loadu_ps(r) } else { _mm512_maskz_loadu_ps(m, r) });
                 }
                 if full {
-                    _mm512_storeu_ps(out.add(row_off + start), y);
+                    _mm512_storeu_ps(a.out.add(row_off + start), y);
                 } else {
-                    _mm512_mask_storeu_ps(out.add(row_off + start), m, y);
+                    _mm512_mask_storeu_ps(a.out.add(row_off + start), m, y);
                 }
             }
         }

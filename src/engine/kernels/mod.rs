@@ -29,11 +29,12 @@
 //! [`Math`]: f32, or bf16 operands with f32 sums from [`bf16`]), [`direct`]
 //! and [`winograd`].
 //!
-//! `precision=bf16` on the CPU builds the UNet and VAE under
-//! [`build_with`]`(Math::Bf16, ..)`: every GEMM-path convolution, Winograd
-//! F(2,3) layer, linear layer and attention built then multiplies
-//! bf16-rounded operands (their weights packed once, at the first call);
-//! Winograd F(4,3) and the direct kernel stay f32.
+//! `precision=bf16` on the CPU builds the UNet and VAE (and the compact
+//! model's inner layers) under [`build_with`]`(Math::Bf16, ..)`: every
+//! Winograd F(2,3) layer, direct-kernel convolution, patch convolution,
+//! linear layer and attention built then multiplies bf16-rounded operands
+//! (their weights packed once); Winograd F(4,3) and im2col + GEMM
+//! convolutions stay f32 (see [`ConvOp`]).
 // `let ptr = ptr;` inside a closure makes it capture the whole Send wrapper
 // (edition 2021 closures would capture only its raw-pointer field, which is
 // not Send); the kernels index by loop variables on purpose (several arrays
