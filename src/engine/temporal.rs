@@ -188,27 +188,20 @@ impl TemporalFilter {
         let field = motion::estimate(prev_luma, &Luma::of_rgb(&input.data, w, h));
         let t = self.threshold;
         let m = Matched::new(prev_in, input, &field, t);
+        // the input, blended as `apply` blends a restoration at full strength
         use rayon::prelude::*;
-        out.data.par_chunks_mut(3).zip(input.data.par_chunks(3)).zip(m.src.par_iter().zip(&m.weight)).for_each(
-            |((px, inp), (&src, &a))| {
-                for (k, (o, &i)) in px.iter_mut().zip(inp).enumerate() {
-                    let v = i as f32;
-                    let d = if a == 0.0 {
-                        0.0
-                    } else {
-                        (a * (prev_out.data[src as usize * 3 + k] as f32 - v)).clamp(-t, t)
-                    };
-                    *o = (v + d).round().clamp(0.0, 255.0) as u8;
-                }
-            },
-        );
+        out.data.copy_from_slice(&input.data);
+        out.data
+            .par_chunks_mut(3 * w.max(1))
+            .zip(m.src.par_chunks(w.max(1)).zip(m.weight.par_chunks(w.max(1))))
+            .for_each(|(row, (src, weight))| blend_row(row, src, weight, &prev_out.data, 1.0, t));
         self.adopt(input, out);
         true
     }
 }
 
 avx2_fn! {
-    /// One row of [`TemporalFilter::apply`]'s blend: each pixel of `row`
+    /// One row of the blend of [`TemporalFilter::apply`] and [`TemporalFilter::carry`]: each pixel of `row`
     /// moves towards the previous output at its match, by `strength` times
     /// its weight, at most `t` code values.
     fn blend_row(row: &mut [u8], src: &[u32], weight: &[f32], prev_out: &[u8], strength: f32, t: f32) {
@@ -663,5 +656,28 @@ mod tests {
         let small = RgbImage::new(4, 4, vec![0; 48]).unwrap();
         let mut small_out = small.clone();
         assert!(!filter.carry(&small, &mut small_out));
+    }
+
+    #[test]
+    fn carry_is_the_full_strength_blend_of_the_input() {
+        // a carried frame is what `apply` at strength 1 makes of the input
+        // taken as its own restoration (one blend serves both)
+        let mut rng = Rng(21);
+        let (w, h) = (80, 48);
+        let prev_in = scene(w, h, 0, 0, &mut rng, 6);
+        let mut prev_out = prev_in.clone();
+        for (j, v) in prev_out.data.iter_mut().enumerate() {
+            *v = if (j / 3) % 2 == 0 { v.saturating_add(4) } else { v.saturating_sub(4) };
+        }
+        let input = scene(w, h, 2, 1, &mut rng, 6);
+        let (mut carried, mut applied) = (TemporalFilter::default(), TemporalFilter::default());
+        carried.adopt(&prev_in, &prev_out);
+        applied.adopt(&prev_in, &prev_out);
+        let mut out = input.clone();
+        assert!(carried.carry(&input, &mut out));
+        let mut restored = input.clone();
+        applied.apply(1.0, &input, &mut restored).unwrap();
+        assert_eq!(out, restored);
+        assert_ne!(out, input, "the carry moved some pixels");
     }
 }
