@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, Linear};
 
 use super::error::{EngineError, Result};
-use super::kernels::{build_with, AddInto, Math, PatchConvTranspose, PatchInto};
+use super::kernels::{build_with, AddInto, Math, PadInto, PatchConvTranspose, PatchInto};
 use super::layers::Conv;
 use super::tiling::Plan;
 use super::weights::TensorFile;
@@ -295,6 +295,14 @@ impl FramePool {
     fn keep(&self, dims: &[usize], pool: Pool) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((dims.to_vec(), pool));
     }
+
+    /// The kept pool, when it served frames padded to `frame`.
+    fn with<R>(&self, frame: &[usize], f: impl FnOnce(&mut Pool) -> R) -> Option<R> {
+        match &mut *self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((d, pool)) if d == frame => Some(f(pool)),
+            _ => None,
+        }
+    }
 }
 
 /// The quality a conditioned model restores for.
@@ -510,17 +518,36 @@ impl Cave {
 
     /// Replicate-pad bottom/right to a multiple of `m` and at least `min` pixels.
     pub fn pad_to_min(x: &Tensor, m: usize, min: usize) -> Result<Tensor> {
+        Ok(Self::pad_into(x, m, min, &mut Pool::default())?.0)
+    }
+
+    /// The dims of [`Cave::pad_to_min`]'s result for an input of `dims`.
+    fn padded_dims(dims: &[usize], m: usize, min: usize) -> Result<[usize; 4]> {
+        let &[b, c, h, w] = dims else {
+            return Err(EngineError::InvalidInput(format!("a [B,C,H,W] tensor expected, got {dims:?}")));
+        };
+        let up = |s: usize| s.max(min).div_ceil(m) * m;
+        Ok([b, c, up(h), up(w)])
+    }
+
+    /// [`Cave::pad_to_min`] into a dead buffer of `pool` when it has one, and
+    /// whether the result is a new buffer (else it is `x` itself: no padding
+    /// was needed).
+    fn pad_into(x: &Tensor, m: usize, min: usize, pool: &mut Pool) -> Result<(Tensor, bool)> {
         let (_, _, h, w) = x.dims4()?;
-        let up = |s: usize| s.max(min).div_ceil(m) * m - s;
-        let (ph, pw) = (up(h), up(w));
-        let mut x = x.clone();
-        if ph > 0 {
-            x = x.pad_with_same(2, 0, ph)?;
+        let [b, c, hp, wp] = Self::padded_dims(x.dims(), m, min)?;
+        if (hp, wp) == (h, w) {
+            return Ok((x.clone(), false));
         }
-        if pw > 0 {
-            x = x.pad_with_same(3, 0, pw)?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            let dst = match pool.take(&[b, c, hp, wp]) {
+                Some(t) => t,
+                None => Tensor::zeros((b, c, hp, wp), DType::F32, x.device())?,
+            };
+            dst.inplace_op2(&x.contiguous()?, &PadInto)?;
+            return Ok((dst, true));
         }
-        Ok(x)
+        Ok((x.pad_with_same(2, 0, hp - h)?.pad_with_same(3, 0, wp - w)?, true))
     }
 
     /// Encoder on an already padded `[B,3,H,W]` input in [0,1], its
@@ -656,6 +683,26 @@ impl Cave {
         self.reconstruct_tiled(x, 0, &Cancel::new(), None)
     }
 
+    /// A dead buffer of `dims` `[B,C,H,W]` kept from the last frame of this
+    /// size (padded, it is the size last reconstructed), for the caller to
+    /// overwrite: the next frame's input.
+    pub(crate) fn spare(&self, dims: &[usize]) -> Option<Tensor> {
+        let frame = Self::padded_dims(dims, 32, 0).ok()?;
+        self.pool.with(&frame, |pool| pool.take(dims)).flatten()
+    }
+
+    /// `t`, a CPU tensor of a frame of the size last reconstructed (its
+    /// input, or the padded output of [`Cave::reconstruct_padded`]), is dead:
+    /// kept for the next frame. The caller holds no other tensor sharing its
+    /// storage (the next frame overwrites it).
+    pub(crate) fn recycle(&self, t: Tensor) {
+        if let Ok(frame) = Self::padded_dims(t.dims(), 32, 0) {
+            if t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() {
+                self.pool.with(&frame, |pool| pool.put(t));
+            }
+        }
+    }
+
     /// Whether the model has quality conditioning ([`QfConditioning`]), so
     /// that the `quality` of [`Cave::reconstruct_tiled`] steers it.
     pub fn conditioned(&self) -> bool {
@@ -682,10 +729,26 @@ impl Cave {
         cancel: &Cancel,
         quality: impl Into<Steer>,
     ) -> Result<(Tensor, Tensor)> {
-        let quality = quality.into();
         let (_, _, h, w) = x.dims4()?;
-        let xp = Self::pad_to(x, 32)?;
-        let (_, _, hp, wp) = xp.dims4()?;
+        let (y, q) = self.reconstruct_padded(x, tile, cancel, quality)?;
+        Ok((y.narrow(2, 0, h)?.narrow(3, 0, w)?, q))
+    }
+
+    /// [`Cave::reconstruct_tiled`] before the crop: the reconstruction of
+    /// the input padded to the 32-pixel grid, a buffer of its own (for
+    /// [`Cave::recycle`] once dead).
+    pub(crate) fn reconstruct_padded(
+        &self,
+        x: &Tensor,
+        tile: usize,
+        cancel: &Cancel,
+        quality: impl Into<Steer>,
+    ) -> Result<(Tensor, Tensor)> {
+        let quality = quality.into();
+        let dims = Self::padded_dims(x.dims(), 32, 0)?;
+        let mut pool = self.pool.take_for(&dims);
+        let (xp, padded) = Self::pad_into(x, 32, 0, &mut pool)?;
+        let (hp, wp) = (dims[2], dims[3]);
         // the decoder's modulation: for the given quality, else (conditioned
         // models only) for the estimate from q, which `q` computes when asked
         let modulation = |q: &dyn Fn() -> Result<Tensor>| -> Result<Option<Modulated>> {
@@ -699,9 +762,12 @@ impl Cave {
                 }
             }
         };
-        let mut pool = self.pool.take_for(xp.dims());
         let (y, q) = if tile == 0 || (hp <= tile && wp <= tile) {
             let f = self.encode(&xp, &mut pool)?;
+            // the padded input is dead: the tail writes into its buffer
+            if padded {
+                pool.put(xp);
+            }
             let q = self.q_of(&f.body)?;
             let m = modulation(&|| Ok(q.clone()))?;
             (self.decode(f, m.as_ref(), &mut pool)?, q)
@@ -719,10 +785,13 @@ impl Cave {
             // tiles ran row by row: stitch the encoder outputs the same way
             let rows =
                 cores.chunks(plan.cols.len()).map(|r| Tensor::cat(r, 3)).collect::<candle_core::Result<Vec<_>>>()?;
+            if padded {
+                pool.put(xp);
+            }
             (y, self.q_of(&Tensor::cat(&rows, 2)?)?)
         };
-        self.pool.keep(xp.dims(), pool);
-        Ok((y.narrow(2, 0, h)?.narrow(3, 0, w)?, q))
+        self.pool.keep(&dims, pool);
+        Ok((y, q))
     }
 
     /// The first value of a q tensor `[B,1]` (frames restore one at a time).
@@ -772,7 +841,8 @@ impl Cave {
             y = run_blocks(blocks, y, true, m.map(|m| &m.0[i][..]), pool)?;
         }
         let x = add_into(y, &skips[0])?;
-        let out = self.tail.forward_add(&x, None)?;
+        let (b, _, xh, xw) = x.dims4()?;
+        let out = pool.conv(&self.tail, &x, &[b, 3, xh, xw])?;
         pool.put(x);
         skips.into_iter().for_each(|s| pool.put(s));
         Ok(out)

@@ -19,11 +19,43 @@ use super::kernels::{avx2_available, avx2_fn};
 use super::quant::{self, Evidence, IjgFit, Plane, Steps, CHROMA_TABLE, LUMA_TABLE};
 use super::RgbImage;
 
+/// Colour planes kept between frames by their owner (the engine): the
+/// planes of [`Analysis::of_in`] and of its `apply` come from here and go back
+/// once dead, so the frames of a stream reuse their memory (a fresh buffer
+/// costs the clearing of its pages on first touch: about 3 ms a 720p frame's
+/// three planes on 2 cores). It keeps at most [`Spare::KEEP`] planes, all of
+/// one frame size.
+#[derive(Debug, Default)]
+pub struct Spare(std::sync::Mutex<Vec<Vec<f32>>>);
+
+impl Spare {
+    /// Planes an analysed and restored frame uses (three each).
+    pub const KEEP: usize = 6;
+
+    /// A plane of `n` values, kept or fresh (contents unspecified).
+    fn take(&self, n: usize) -> Vec<f32> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match kept.iter().position(|v| v.len() == n) {
+            Some(i) => kept.swap_remove(i),
+            None => vec![0f32; n],
+        }
+    }
+
+    /// `v` is dead: keep it (planes of another size go).
+    fn put(&self, v: Vec<f32>) {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|k| k.len() == v.len());
+        if kept.len() < Self::KEEP {
+            kept.push(v);
+        }
+    }
+}
+
 /// JFIF's full-range BT.601: R, G, B -> Y, Cb, Cr (offset 128), unrounded.
-fn to_ycc(img: &RgbImage) -> [Plane; 3] {
+fn to_ycc(img: &RgbImage, spare: &Spare) -> [Plane; 3] {
     use rayon::prelude::*;
     let (w, n) = (img.width, img.width * img.height);
-    let mut planes = [vec![0f32; n], vec![0f32; n], vec![0f32; n]];
+    let mut planes = [spare.take(n), spare.take(n), spare.take(n)];
     let [y, cb, cr] = &mut planes;
     y.par_chunks_mut(w.max(1))
         .zip(cb.par_chunks_mut(w.max(1)))
@@ -182,7 +214,7 @@ fn limit_to_activity(input: &Plane, output: &mut Plane) -> usize {
 
 /// What a frame's pixels say about its JPEG past, and the input planes the
 /// guard projects onto.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Analysis {
     /// Steps measured on Y, Cb, Cr (chroma only for frames whose luma has
     /// an IJG table; otherwise nothing measured there).
@@ -192,11 +224,27 @@ pub struct Analysis {
     /// Share of the 8x8 blocks with a sample at 0 or 255 in R, G or B.
     pub clipped_share: f32,
     planes: [Plane; 3],
+    /// where the planes come from and go back to
+    spare: std::sync::Arc<Spare>,
+}
+
+impl Drop for Analysis {
+    fn drop(&mut self) {
+        for p in &mut self.planes {
+            self.spare.put(std::mem::take(&mut p.data));
+        }
+    }
 }
 
 impl Analysis {
     pub fn of(img: &RgbImage) -> Self {
-        let planes = to_ycc(img);
+        Self::of_in(img, &Default::default())
+    }
+
+    /// [`Analysis::of`], the planes (its own and those of
+    /// [`Analysis::apply`]) from and back to `spare`.
+    pub fn of_in(img: &RgbImage, spare: &std::sync::Arc<Spare>) -> Self {
+        let planes = to_ycc(img, spare);
         // blocks with a clamped R, G or B sample: the conversion to RGB lost
         // their YCbCr values
         let w = img.width;
@@ -224,7 +272,7 @@ impl Analysis {
         let (nbx, nby) = planes[0].blocks();
         let n = (nbx * nby).max(1);
         let clipped_share = (0..nbx * nby).filter(|&i| clipped(i % nbx, i / nbx)).count() as f32 / n as f32;
-        Analysis { steps, fit, clipped_share, planes }
+        Analysis { steps, fit, clipped_share, planes, spare: spare.clone() }
     }
 
     /// [`SYNTHETIC`] or [`NATURAL`], by [`Analysis::clipped_share`].
@@ -279,7 +327,7 @@ impl Analysis {
     /// 8x8 blocks the clamp moved.
     pub fn apply(&self, output: &mut RgbImage, alpha: f32) -> usize {
         assert_eq!((output.width, output.height), (self.planes[0].width, self.planes[0].height), "the analysed frame");
-        let mut out = to_ycc(output);
+        let mut out = to_ycc(output, &self.spare);
         if alpha < 1.0 {
             use rayon::prelude::*;
             for (o, i) in out.iter_mut().zip(&self.planes) {
@@ -305,6 +353,7 @@ impl Analysis {
         if moved > 0 || alpha < 1.0 {
             write_rgb(&out, output);
         }
+        out.into_iter().for_each(|p| self.spare.put(p.data));
         moved
     }
 }
@@ -318,7 +367,7 @@ mod tests {
         let data: Vec<u8> = (0..64 * 48 * 3).map(|i| ((i * 7919) % 256) as u8).collect();
         let img = RgbImage::new(64, 48, data).unwrap();
         let mut back = img.clone();
-        write_rgb(&to_ycc(&img), &mut back);
+        write_rgb(&to_ycc(&img, &Spare::default()), &mut back);
         assert_eq!(back, img);
     }
 }

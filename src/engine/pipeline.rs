@@ -144,6 +144,8 @@ pub struct Engine {
     diffusion: Option<Diffusion>,
     device: Device,
     precision: Precision,
+    /// the guard's colour planes, kept for the next frame
+    planes: std::sync::Arc<super::guard::Spare>,
 }
 
 fn device_of(spec: DeviceSpec) -> Result<Device> {
@@ -242,7 +244,7 @@ impl Engine {
             Mode::Diffusion => Some(Self::load_diffusion(spec, &cave, &device, progress)?),
         };
         progress("ready");
-        Ok(Engine { mode: spec.mode, cave, diffusion, device, precision: spec.precision })
+        Ok(Engine { mode: spec.mode, cave, diffusion, device, precision: spec.precision, planes: Default::default() })
     }
 
     fn load_diffusion(
@@ -344,7 +346,7 @@ impl Engine {
             }
         };
         let mode = if diffusion.is_some() { Mode::Diffusion } else { Mode::Cave };
-        Ok(Engine { mode, cave: cave_model, diffusion, device: dev, precision })
+        Ok(Engine { mode, cave: cave_model, diffusion, device: dev, precision, planes: Default::default() })
     }
 
     pub fn mode(&self) -> Mode {
@@ -369,22 +371,13 @@ impl Engine {
             // one pass, planar, the same arithmetic as candle's `t / 255.0`
             // (a multiply by the f32 reciprocal)
             let (w, h) = (img.width, img.height);
-            let inv = (1.0f64 / 255.0) as f32;
+            // the last frame's input buffer when the model kept one
+            if let Some(t) = self.cave.spare(&[1, 3, h, w]) {
+                t.inplace_op1(&PlanesOf(img))?;
+                return Ok(t);
+            }
             let mut planes = vec![0f32; 3 * w * h];
-            let (r, gb) = planes.split_at_mut(w * h);
-            let (g, b) = gb.split_at_mut(w * h);
-            // rows on all threads
-            use rayon::prelude::*;
-            (r.par_chunks_exact_mut(w), g.par_chunks_exact_mut(w), b.par_chunks_exact_mut(w))
-                .into_par_iter()
-                .zip(img.data.par_chunks_exact(3 * w))
-                .for_each(|((r, g, b), row)| {
-                    for (i, px) in row.chunks_exact(3).enumerate() {
-                        r[i] = px[0] as f32 * inv;
-                        g[i] = px[1] as f32 * inv;
-                        b[i] = px[2] as f32 * inv;
-                    }
-                });
+            PlanesOf(img).fill(&mut planes);
             return Ok(Tensor::from_vec(planes, (1, 3, h, w), &Device::Cpu)?);
         }
         let t = Tensor::from_slice(&img.data, (img.height, img.width, 3), &Device::Cpu)?
@@ -487,7 +480,7 @@ impl Engine {
         opts.cancel.check()?;
         self.check_memory(img.width, img.height, opts, 0)?;
         // do no harm: restore only what was decoded from a JPEG
-        let analysis = if opts.guard { Some(super::guard::Analysis::of(img)) } else { None };
+        let analysis = if opts.guard { Some(super::guard::Analysis::of_in(img, &self.planes)) } else { None };
         let unchanged = |qf, qf_source| Restoration { qf, qf_source, restored: false, guarded_blocks: 0 };
         if analysis.as_ref().is_some_and(|a| a.evidence() == super::quant::Evidence::Unquantised) {
             p.lap("guard")?;
@@ -523,12 +516,22 @@ impl Engine {
             }
             None => 1.0,
         };
-        let (y, q) = if opts.self_ensemble {
-            self.ensemble(&x, opts, steer, &mut p)?
+        let (y, q, full) = if opts.self_ensemble {
+            let (y, q) = self.ensemble(&x, opts, steer, &mut p)?;
+            (y, q, None)
         } else {
             self.restore_frame(&x, opts, steer, &mut p)?
         };
         Self::write_back(img, &y)?;
+        drop(y);
+        // the input and the model's output buffer serve the next frame
+        // (unless a trace holds them)
+        if !p.tracing() {
+            self.cave.recycle(x);
+            if let Some(full) = full {
+                self.cave.recycle(full);
+            }
+        }
         let guarded_blocks = analysis.as_ref().map_or(0, |a| a.apply(img, alpha));
         p.lap("output")?;
         if let Some(tr) = p.trace.as_deref_mut() {
@@ -547,16 +550,26 @@ impl Engine {
         Ok((Restoration { qf, qf_source, restored: true, guarded_blocks }, p.times))
     }
 
-    /// The restored frame `[1,3,H,W]` in [0,1] and CaVE's raw q for `x`.
-    fn restore_frame(&self, x: &Tensor, opts: &RestoreOptions, steer: Steer, p: &mut Probe) -> Result<(Tensor, f32)> {
+    /// The restored frame `[1,3,H,W]` in [0,1] and CaVE's raw q for `x`,
+    /// and the buffer behind the frame when it is the model's own (for
+    /// [`Cave::recycle`] once the frame is dead).
+    fn restore_frame(
+        &self,
+        x: &Tensor,
+        opts: &RestoreOptions,
+        steer: Steer,
+        p: &mut Probe,
+    ) -> Result<(Tensor, f32, Option<Tensor>)> {
         Ok(match &self.diffusion {
             None => {
-                let (y, q) = self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel, steer)?;
+                let (_, _, h, w) = x.dims4()?;
+                let (full, q) = self.cave.reconstruct_padded(x, opts.cave_tile, &opts.cancel, steer)?;
+                let y = full.narrow(2, 0, h)?.narrow(3, 0, w)?;
                 p.keep("cave_reconstruction", &y);
                 p.keep("qf_pred", &q);
                 Self::check_finite(&y, "CaVE reconstruction", Precision::F32)?;
                 p.lap("cave")?;
-                (y, Cave::q_value(&q)?)
+                (y, Cave::q_value(&q)?, Some(full))
             }
             Some(d) => {
                 if p.tracing() {
@@ -565,7 +578,8 @@ impl Engine {
                         &self.cave.reconstruct_tiled(x, opts.cave_tile, &opts.cancel, steer)?.0,
                     );
                 }
-                self.diffuse(d, x, opts, p)?
+                let (y, q) = self.diffuse(d, x, opts, p)?;
+                (y, q, None)
             }
         })
     }
@@ -581,7 +595,7 @@ impl Engine {
         let (mut sum, mut q_sum) = (None::<Tensor>, 0f32);
         for t in 0..8u8 {
             let mut member = Probe::new(None, &p.device, &p.cancel);
-            let (y, q) = self.restore_frame(&dihedral(&xp, t, false)?, opts, steer, &mut member)?;
+            let (y, q, _) = self.restore_frame(&dihedral(&xp, t, false)?, opts, steer, &mut member)?;
             let y = dihedral(&y, t, true)?;
             sum = Some(match sum {
                 None => y,
@@ -643,7 +657,7 @@ impl Engine {
     /// 100 for a frame with detail and no quantisation, else CaVE's estimate
     /// (in `opts.cave_tile` tiles, cancellable).
     pub fn estimate_quality(&self, img: &RgbImage, opts: &RestoreOptions) -> Result<(f32, QfSource)> {
-        let a = super::guard::Analysis::of(img);
+        let a = super::guard::Analysis::of_in(img, &self.planes);
         if let Some(q) = a.quality() {
             return Ok((q, QfSource::Tables));
         }
@@ -746,6 +760,53 @@ impl Stages<'_> {
     }
 }
 
+/// An RGB image as the model's input: planar R, G, B in [0,1], written into
+/// a `[1,3,H,W]` f32 buffer (`inplace_op1`).
+struct PlanesOf<'a>(&'a RgbImage);
+
+impl PlanesOf<'_> {
+    /// One pass, rows on all threads, the same arithmetic as candle's
+    /// `t / 255.0` (a multiply by the f32 reciprocal).
+    fn fill(&self, planes: &mut [f32]) {
+        use rayon::prelude::*;
+        let (img, inv) = (self.0, (1.0f64 / 255.0) as f32);
+        let (w, n) = (img.width, img.width * img.height);
+        let (r, gb) = planes.split_at_mut(n);
+        let (g, b) = gb.split_at_mut(n);
+        (r.par_chunks_exact_mut(w), g.par_chunks_exact_mut(w), b.par_chunks_exact_mut(w))
+            .into_par_iter()
+            .zip(img.data.par_chunks_exact(3 * w))
+            .for_each(|((r, g, b), row)| {
+                for (i, px) in row.chunks_exact(3).enumerate() {
+                    r[i] = px[0] as f32 * inv;
+                    g[i] = px[1] as f32 * inv;
+                    b[i] = px[2] as f32 * inv;
+                }
+            });
+    }
+}
+
+impl candle_core::InplaceOp1 for PlanesOf<'_> {
+    fn name(&self) -> &'static str {
+        "codiff-planes-of-rgb"
+    }
+
+    fn cpu_fwd(&self, s: &mut candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<()> {
+        let n = 3 * self.0.width * self.0.height;
+        match (s, l.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(d), Some((a, b))) if b - a == n => {
+                self.fill(&mut d[a..b]);
+                Ok(())
+            }
+            _ => candle_core::bail!(
+                "planes of a {}x{} image: a contiguous f32 buffer of {n} expected",
+                self.0.width,
+                self.0.height
+            ),
+        }
+    }
+}
+
 /// Whether every value of `t` is finite. f32 CPU tensors (contiguous, or
 /// rows of a cropped `[B,C,H,W]`) are scanned in place: candle's `sum_all`
 /// on a cropped frame walks it element by element with an index division
@@ -773,6 +834,37 @@ fn all_finite(t: &Tensor) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The input, output and guard buffers a frame leaves for the next one
+    /// carry nothing over: frames of sizes on and off the 32-pixel grid,
+    /// guard on and off, restored in one order and then in the reverse
+    /// order, come out the same, and the buffers are kept.
+    #[test]
+    fn kept_buffers_carry_nothing_into_the_next_frame() {
+        let cfg = super::super::cave::CaveConfig { nc: [4, 8, 8, 8], nb: 1 };
+        let engine = Engine::synthetic(cfg, None, DeviceSpec::Cpu, Precision::F32, false).unwrap();
+        let frames: Vec<_> =
+            [(96, 64, 7, false), (96, 64, 13, false), (50, 40, 7, false), (50, 40, 31, true), (50, 40, 5, false)]
+                .into_iter()
+                .map(|(w, h, seed, guard)| {
+                    let data = (0..w * h * 3).map(|i| ((i * seed + i / 7) % 251) as u8).collect();
+                    (RgbImage::new(w, h, data).unwrap(), guard)
+                })
+                .collect();
+        let restore = |(img, guard): &(RgbImage, bool)| {
+            let mut out = img.clone();
+            engine.restore(&mut out, &RestoreOptions { guard: *guard, ..Default::default() }).unwrap();
+            out
+        };
+        let first: Vec<_> = frames.iter().map(restore).collect();
+        assert!(first[0] != frames[0].0, "the model changes a frame");
+        assert!(engine.cave.spare(&[1, 3, 40, 50]).is_some(), "the last input's buffer is kept");
+        assert!(engine.cave.spare(&[1, 3, 64, 64]).is_some(), "and its output's");
+        assert!(engine.cave.spare(&[1, 3, 64, 96]).is_none(), "nothing of another size is");
+        for (i, f) in frames.iter().enumerate().rev() {
+            assert!(restore(f) == first[i], "frame {i} restored again differs");
+        }
+    }
 
     #[test]
     fn all_finite_sees_only_the_tensors_own_values() {

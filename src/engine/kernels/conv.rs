@@ -1,6 +1,6 @@
 //! [`ConvOp`]: k x k convolution, dispatched to the direct kernel, Winograd or
 //! banded im2col + GEMM; [`ConvInto`], [`ConvPlusInto`] and [`AddInto`], its
-//! in-place forms.
+//! in-place forms; [`PadInto`], the replicate padding before it.
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp2, InplaceOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -554,11 +554,53 @@ impl InplaceOp2 for AddInto {
     }
 }
 
+/// `src` `[B,C,H,W]` (contiguous f32) into `dst` `[B,C,Hp,Wp]` (Hp >= H,
+/// Wp >= W), replicate-padded at the bottom and right: the padding of a
+/// frame to the model's grid, into a buffer the caller already has.
+pub struct PadInto;
+
+impl InplaceOp2 for PadInto {
+    fn name(&self) -> &'static str {
+        "codiff-pad-into"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let src = contiguous(s2, l2, "pad")?;
+        let (d, s) = (l1.dims(), l2.dims());
+        if d.len() != 4 || s.len() != 4 || d[..2] != s[..2] || d[2] < s[2] || d[3] < s[3] || s[2] * s[3] == 0 {
+            candle_core::bail!("pad a {:?} tensor into {:?}", l2.shape(), l1.shape());
+        }
+        let dst = contiguous_mut(s1, l1, "pad into")?;
+        let ((h, w), (hp, wp)) = ((s[2], s[3]), (d[2], d[3]));
+        dst.par_chunks_exact_mut(wp).enumerate().for_each(|(r, row)| {
+            let (plane, y) = (r / hp, (r % hp).min(h - 1));
+            let from = &src[(plane * h + y) * w..][..w];
+            row[..w].copy_from_slice(from);
+            row[w..].fill(from[w - 1]);
+        });
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::{conv_case, max_err};
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn pad_into_equals_candles_replicate_padding() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 3, 5, 7), &dev).unwrap();
+        for (hp, wp) in [(5, 7), (8, 7), (5, 16), (9, 10)] {
+            let dst = Tensor::full(f32::NAN, (2, 3, hp, wp), &dev).unwrap();
+            dst.inplace_op2(&x, &PadInto).unwrap();
+            let want = x.pad_with_same(2, 0, hp - 5).unwrap().pad_with_same(3, 0, wp - 7).unwrap();
+            assert_eq!(max_err(&dst, &want), 0.0, "{hp}x{wp}");
+        }
+        let small = Tensor::zeros((2, 3, 4, 7), DType::F32, &dev).unwrap();
+        assert!(small.inplace_op2(&x, &PadInto).is_err(), "a destination smaller than the source");
+    }
 
     #[test]
     fn conv3x3_matches_candle() {
