@@ -4,7 +4,63 @@
 use candle_core::{CpuStorage, CustomOp1, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{activation, contiguous, contiguous_mut, gemm_strided, Math, SendPtr};
+use super::{activation, avx2_available, contiguous, contiguous_mut, gemm_strided, Math, SendPtr};
+
+avx2_fn! {
+    /// One row's space-to-depth: `d[j][i] = s[i k + j]` for the k = `d.len()`
+    /// rows (k = 2 and 4, FBCNN's factors, as whole-vector shuffles).
+    fn split_row(s: &[f32], d: &mut [&mut [f32]]) {
+        match d {
+            [a, b] => {
+                for ((a, b), s) in a.iter_mut().zip(b.iter_mut()).zip(s.chunks_exact(2)) {
+                    (*a, *b) = (s[0], s[1]);
+                }
+            }
+            [a, b, c, e] => {
+                for ((((a, b), c), e), s) in
+                    a.iter_mut().zip(b.iter_mut()).zip(c.iter_mut()).zip(e.iter_mut()).zip(s.chunks_exact(4))
+                {
+                    (*a, *b, *c, *e) = (s[0], s[1], s[2], s[3]);
+                }
+            }
+            _ => {
+                let k = d.len();
+                for (j, dj) in d.iter_mut().enumerate() {
+                    for (i, v) in dj.iter_mut().enumerate() {
+                        *v = s[i * k + j];
+                    }
+                }
+            }
+        }
+    }
+}
+
+avx2_fn! {
+    /// One row's depth-to-space plus a bias: `row[i k + j] = t[j][i] + bias`
+    /// for the k = `t.len()` rows ([`split_row`] backwards).
+    fn merge_row(t: &[&[f32]], bias: f32, row: &mut [f32]) {
+        match t {
+            [a, b] => {
+                for ((a, b), r) in a.iter().zip(b.iter()).zip(row.chunks_exact_mut(2)) {
+                    (r[0], r[1]) = (a + bias, b + bias);
+                }
+            }
+            [a, b, c, e] => {
+                for ((((a, b), c), e), r) in a.iter().zip(b.iter()).zip(c.iter()).zip(e.iter()).zip(row.chunks_exact_mut(4)) {
+                    (r[0], r[1], r[2], r[3]) = (a + bias, b + bias, c + bias, e + bias);
+                }
+            }
+            _ => {
+                let k = t.len();
+                for (j, tj) in t.iter().enumerate() {
+                    for (i, v) in tj.iter().enumerate() {
+                        row[i * k + j] = v + bias;
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// k x k convolution with stride k, no padding (FBCNN's strided downsampling).
 #[derive(Clone, Debug)]
@@ -50,17 +106,14 @@ impl PatchConv {
             let nb = (y1 - y0) * ow;
             super::grow(col, kk * nb);
             let xb = &x[bi * c * h * w..(bi + 1) * c * h * w];
-            for ci in 0..c {
-                for ky in 0..k {
-                    for kx in 0..k {
-                        let dst = &mut col[((ci * k + ky) * k + kx) * nb..][..nb];
-                        for oy in y0..y1 {
-                            let src = &xb[ci * h * w + (oy * k + ky) * w + kx..];
-                            for (ox, d) in dst[(oy - y0) * ow..][..ow].iter_mut().enumerate() {
-                                *d = src[ox * k];
-                            }
-                        }
-                    }
+            // the k planes (ci, ky, 0..k) of `col` take input row oy k + ky split by column
+            for (cky, planes) in col[..kk * nb].chunks_exact_mut(k * nb).enumerate() {
+                let (ci, ky) = (cky / k, cky % k);
+                let mut planes: Vec<&mut [f32]> = planes.chunks_exact_mut(nb).collect();
+                for oy in y0..y1 {
+                    let src = &xb[ci * h * w + (oy * k + ky) * w..][..ow * k];
+                    let mut rows: Vec<&mut [f32]> = planes.iter_mut().map(|p| &mut p[(oy - y0) * ow..][..ow]).collect();
+                    split_row(src, &mut rows);
                 }
             }
             // SAFETY: `out` holds b * cout * n values (the caller's
@@ -186,6 +239,8 @@ impl PatchConvTranspose {
             for co in 0..self.cout {
                 let bias = self.bias[co];
                 for ky in 0..k {
+                    // the k scratch rows (co, ky, 0..k) merge into output row y k + ky
+                    let planes = &tmp[(co * k + ky) * k * n..][..k * n];
                     for y in y0..y1 {
                         // SAFETY: `out` holds b * cout * oh * ow values (allocated
                         // or shape-checked by the caller) and outlives this
@@ -197,12 +252,8 @@ impl PatchConvTranspose {
                                 ow,
                             )
                         };
-                        for kx in 0..k {
-                            let t = &tmp[((co * k + ky) * k + kx) * n + (y - y0) * w..][..w];
-                            for (xx, v) in t.iter().enumerate() {
-                                row[xx * k + kx] = v + bias;
-                            }
-                        }
+                        let t: Vec<&[f32]> = planes.chunks_exact(n).map(|p| &p[(y - y0) * w..][..w]).collect();
+                        merge_row(&t, bias, row);
                     }
                 }
             }
@@ -308,7 +359,8 @@ mod tests {
     #[test]
     fn patch_conv_matches_candle() {
         let dev = Device::Cpu;
-        for (k, h, w) in [(2, 8, 6), (4, 16, 12), (4, 9, 13)] {
+        // k = 2 and 4 (vectorised row splits) and 3 (the general one)
+        for (k, h, w) in [(2, 8, 6), (4, 16, 12), (4, 9, 13), (3, 9, 14)] {
             let x = Tensor::randn(0f32, 1., (2, 5, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1., (7, 5, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1., 7, &dev).unwrap();
@@ -330,7 +382,7 @@ mod tests {
     fn patch_conv_transpose_matches_candle() {
         let dev = Device::Cpu;
         // one band per input row and several rows per band
-        for (k, h, w) in [(2, 3, 5), (4, 2, 3), (2, 37, 29)] {
+        for (k, h, w) in [(2, 3, 5), (4, 2, 3), (2, 37, 29), (3, 4, 5)] {
             let x = Tensor::randn(0f32, 1., (2, 6, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1., (6, 4, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1., 4, &dev).unwrap();
