@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::cave::{Cave, Steer};
-use super::kernels::{build_with, Math};
+use super::kernels::{avx2_available, avx2_fn, build_with, Math};
 use super::lora::{LoraSet, MergedBackend};
 use super::one_step::{x0_step, Schedule, TIMESTEP};
 use super::unet::{UNet, UNetConfig};
@@ -403,10 +403,14 @@ impl Engine {
             // rows on all threads; v >= 0.5, so the truncating cast is floor
             use rayon::prelude::*;
             img.data.par_chunks_exact_mut(3 * w).enumerate().for_each(|(y, row)| {
-                for (c, plane) in (0..3).map(|c| (c, o + c * st[1] + y * st[2])) {
+                let start = |c: usize| o + c * st[1] + y * st[2];
+                if st[3] == 1 {
+                    code_row([&data[start(0)..][..w], &data[start(1)..][..w], &data[start(2)..][..w]], row);
+                    return;
+                }
+                for (c, plane) in (0..3).map(|c| (c, start(c))) {
                     for x in 0..w {
-                        let v = data[plane + x * st[3]].clamp(0.0, 1.0) * 255.0 + 0.5;
-                        row[3 * x + c] = v as u8;
+                        row[3 * x + c] = code(data[plane + x * st[3]]);
                     }
                 }
             });
@@ -757,6 +761,23 @@ impl Stages<'_> {
     pub fn decode_tiled(&self, z0: &Tensor, tile: usize) -> Result<Tensor> {
         let z = (z0.to_dtype(self.d.dtype)? / self.d.vae.scaling_factor)?;
         Ok(self.d.decoder.decode_tiled(&z, tile, &Cancel::new())?.clamp(-1f32, 1f32)?)
+    }
+}
+
+/// A value in [0,1] as an 8-bit code: clamp, x 255, + 0.5, floor (the
+/// truncating cast, as the value is >= 0.5).
+#[inline(always)]
+fn code(v: f32) -> u8 {
+    (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8
+}
+
+avx2_fn! {
+    /// One row of [`Engine::write_back`] from contiguous R, G, B rows.
+    fn code_row(planes: [&[f32]; 3], row: &mut [u8]) {
+        let [r, g, b] = planes;
+        for (((px, &r), &g), &b) in row.chunks_exact_mut(3).zip(r).zip(g).zip(b) {
+            (px[0], px[1], px[2]) = (code(r), code(g), code(b));
+        }
     }
 }
 

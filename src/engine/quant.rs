@@ -435,16 +435,16 @@ avx2_fn! {
         for bx in 0..nbx {
             let cin = fdct(&input.block(bx, by));
             let mut c = fdct(&block_of_rows(rows, w, bx));
-            let mut moved = false;
-            for k in 0..64 {
-                let q = steps[k];
-                let level = (cin[k] / q).round();
+            // a count rather than a flag: the loop vectorises
+            let mut moved = 0u32;
+            for ((c, &cin), &q) in c.iter_mut().zip(&cin).zip(steps) {
+                let level = (cin / q).round();
                 let h = if level != 0.0 { nonzero_half_width } else { 0.5 };
-                let v = c[k].clamp((level - h) * q, (level + h) * q);
-                moved |= v != c[k];
-                c[k] = v;
+                let v = c.max((level - h) * q).min((level + h) * q);
+                moved += (v != *c) as u32;
+                *c = v;
             }
-            if moved {
+            if moved > 0 {
                 changed += 1;
                 let x = idct(&c);
                 for (y, row) in x.chunks_exact(B).enumerate() {
