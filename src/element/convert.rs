@@ -22,6 +22,8 @@
 
 use rayon::prelude::*;
 
+use crate::engine::kernels::{avx2_available, avx2_fn};
+
 /// Where one colour component of a frame lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Component {
@@ -207,20 +209,21 @@ fn index(c: &Component, stride: usize, x: usize, y: usize) -> usize {
 fn to_u8(v: f32) -> u8 {
     // round half away from zero, clamped, NaN to 0 (as `v.round().clamp(0.0,
     // 255.0) as u8`) without libm's `roundf` call, which baseline x86-64 has no
-    // instruction for: on [0, 255] the fraction v - trunc(v) is exact
+    // instruction for: on [0, 255] the fraction v - trunc(v) is exact;
+    // branch-free, through i32, so that row loops vectorise
     let v = v.clamp(0.0, 255.0);
-    let t = v as u8; // truncates; NaN -> 0
-    if v - t as f32 >= 0.5 {
-        t + 1
-    } else {
-        t
-    }
+    let t = v as i32; // truncates; NaN -> 0
+    (t + (v - t as f32 >= 0.5) as i32) as u8
 }
+
+/// One output sample of bilinear upsampling: the two input samples and the
+/// second one's weight.
+type Tap = (usize, usize, f32);
 
 /// Sample positions and weights for bilinear upsampling: output sample `i` of a
 /// component sub-sampled by `f = 2^shift` (of `n` samples) lies at `(i + 0.5) / f - 0.5`
 /// in the component's samples when they are centred, at `i / f` when co-sited.
-fn upsample_taps(out_len: usize, shift: u32, n: usize, cosited: bool) -> Vec<(usize, usize, f32)> {
+fn upsample_taps(out_len: usize, shift: u32, n: usize, cosited: bool) -> Vec<Tap> {
     let f = (1usize << shift) as f32;
     (0..out_len)
         .map(|i| {
@@ -277,42 +280,96 @@ pub fn read_rgb_sited(
     if width == 0 || height == 0 {
         return Ok(out);
     }
-
-    // Every component upsampled to full resolution, as f32 (exact for 4:4:4).
-    let mut full = [Vec::new(), Vec::new(), Vec::new()];
-    for (ci, c) in layout.comps.iter().enumerate() {
-        let p = &planes[c.plane];
-        let (cw, ch) = c.size(width, height);
-        let tx = upsample_taps(width, c.sub_x, cw, siting.cosited_x);
-        let ty = upsample_taps(height, c.sub_y, ch, siting.cosited_y);
-        // rows in parallel (the engine's threads are idle while the frame converts)
-        let mut v = vec![0f32; width * height];
-        v.par_chunks_mut(width).zip(ty.par_iter()).for_each(|(row, &(y0, y1, fy))| {
-            for (o, &(x0, x1, fx)) in row.iter_mut().zip(&tx) {
-                let s = |x, y| p.data[index(c, p.stride, x, y)] as f32;
-                let top = s(x0, y0) + fx * (s(x1, y0) - s(x0, y0));
-                let bottom = s(x0, y1) + fx * (s(x1, y1) - s(x0, y1));
-                *o = top + fy * (bottom - top);
+    // sub-sampled components: each of their rows upsampled across once
+    // (`top` and `bottom` below), in parallel
+    let across: Vec<Option<(Vec<f32>, Vec<Tap>)>> = layout
+        .comps
+        .iter()
+        .map(|c| {
+            if c.sub_x == 0 && c.sub_y == 0 {
+                return None;
             }
-        });
-        full[ci] = v;
-    }
-
+            let (cw, ch) = c.size(width, height);
+            let p = &planes[c.plane];
+            let tx = upsample_taps(width, c.sub_x, cw, siting.cosited_x);
+            let mut rows = vec![0f32; width * ch];
+            rows.par_chunks_mut(width).enumerate().for_each(|(cy, out)| {
+                let r = &p.data[cy * p.stride + c.offset..];
+                let s = |x: usize| r[x * c.pixel_stride] as f32;
+                for (o, &(x0, x1, fx)) in out.iter_mut().zip(&tx) {
+                    *o = s(x0) + fx * (s(x1) - s(x0));
+                }
+            });
+            Some((rows, upsample_taps(height, c.sub_y, ch, siting.cosited_y)))
+        })
+        .collect();
+    // rows in parallel (the engine's threads are idle while the frame
+    // converts), each component's first into a row of f32
     let model = layout.model;
-    out.par_chunks_mut(width * 3).enumerate().for_each(|(y, row)| {
-        let rows = [&full[0][y * width..][..width], &full[1][y * width..][..width], &full[2][y * width..][..width]];
-        for (i, px) in row.chunks_exact_mut(3).enumerate() {
-            let v = [rows[0][i], rows[1][i], rows[2][i]];
-            let rgb = match model {
-                ColorModel::Rgb => v,
-                ColorModel::Yuv(m) => m.to_rgb(v[0], v[1], v[2]),
-            };
-            for k in 0..3 {
-                px[k] = to_u8(rgb[k]);
+    out.par_chunks_mut(width * 3).enumerate().for_each_init(
+        || [vec![0f32; width], vec![0f32; width], vec![0f32; width]],
+        |rows, (y, out)| {
+            for ((c, across), row) in layout.comps.iter().zip(&across).zip(rows.iter_mut()) {
+                match across {
+                    // full resolution: the samples themselves (what the taps give)
+                    None => {
+                        let p = &planes[c.plane];
+                        let r = &p.data[y * p.stride + c.offset..];
+                        if c.pixel_stride == 1 {
+                            samples_row(&r[..width], row);
+                        } else {
+                            row.iter_mut().enumerate().for_each(|(x, o)| *o = r[x * c.pixel_stride] as f32);
+                        }
+                    }
+                    Some((across, ty)) => {
+                        let (y0, y1, fy) = ty[y];
+                        lerp_row(&across[y0 * width..][..width], &across[y1 * width..][..width], fy, row);
+                    }
+                }
+            }
+            rgb_row(model, [&rows[0], &rows[1], &rows[2]], out);
+        },
+    );
+    Ok(out)
+}
+
+avx2_fn! {
+    /// `top + f (bottom - top)`: a bilinear upsampling's second axis.
+    fn lerp_row(top: &[f32], bottom: &[f32], f: f32, out: &mut [f32]) {
+        for ((o, &t), &b) in out.iter_mut().zip(top).zip(bottom) {
+            *o = t + f * (b - t);
+        }
+    }
+}
+
+avx2_fn! {
+    /// Bytes to f32.
+    fn samples_row(src: &[u8], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(src) {
+            *o = v as f32;
+        }
+    }
+}
+
+avx2_fn! {
+    /// One packed RGB row from the three components' full-resolution rows.
+    fn rgb_row(model: ColorModel, rows: [&[f32]; 3], out: &mut [u8]) {
+        let [a, b, c] = rows;
+        // plain loops: a closure would be compiled apart, without AVX2
+        match model {
+            ColorModel::Rgb => {
+                for (((px, &r), &g), &b) in out.chunks_exact_mut(3).zip(a).zip(b).zip(c) {
+                    (px[0], px[1], px[2]) = (to_u8(r), to_u8(g), to_u8(b));
+                }
+            }
+            ColorModel::Yuv(m) => {
+                for (((px, &y), &cb), &cr) in out.chunks_exact_mut(3).zip(a).zip(b).zip(c) {
+                    let [r, g, b] = m.to_rgb(y, cb, cr);
+                    (px[0], px[1], px[2]) = (to_u8(r), to_u8(g), to_u8(b));
+                }
             }
         }
-    });
-    Ok(out)
+    }
 }
 
 /// Write the engine's `restored` RGB image (same size as the frame) back into the
@@ -372,57 +429,40 @@ fn write_impl(
         return Ok(());
     }
 
-    // The restored image's components at full resolution.
-    // rows in parallel, as in read_rgb_sited
-    let n = width * height;
-    let mut full = [vec![0f32; n], vec![0f32; n], vec![0f32; n]];
+    // each component on its own, its full-resolution rows converted from the
+    // packed RGB as they are needed (no frame-sized intermediate)
     let model = layout.model;
-    let [f0, f1, f2] = &mut full;
-    let convert = |px: &[u8]| {
-        let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
-        match model {
-            ColorModel::Rgb => [r, g, b],
-            ColorModel::Yuv(m) => m.from_rgb(r, g, b),
-        }
-    };
-    f0.par_chunks_mut(width)
-        .zip(f1.par_chunks_mut(width))
-        .zip(f2.par_chunks_mut(width))
-        .zip(restored.par_chunks(width * 3))
-        .enumerate()
-        .for_each(|(y, (((r0, r1), r2), src))| {
-            for (i, px) in src.chunks_exact(3).enumerate() {
-                let mut v = convert(px);
-                if let Some(input) = input {
-                    let a = &input[3 * (y * width + i)..][..3];
-                    if a == px {
-                        v = [0.0; 3];
-                    } else {
-                        let u = convert(a);
-                        v = [v[0] - u[0], v[1] - u[1], v[2] - u[2]];
-                    }
-                }
-                (r0[i], r1[i], r2[i]) = (v[0], v[1], v[2]);
-            }
-        });
-
+    let rgb_row = |y: usize| &restored[y * width * 3..][..width * 3];
+    let input_row = |y: usize| input.map(|i| &i[y * width * 3..][..width * 3]);
     for (ci, c) in layout.comps.iter().enumerate() {
         let p = &mut planes[c.plane];
         let (cw, ch) = c.size(width, height);
         if cw == 0 || ch == 0 {
             continue;
         }
-        let v = &full[ci];
         let tx = downsample_taps(width, c.sub_x, cw, siting.cosited_x);
         let ty = downsample_taps(height, c.sub_y, ch, siting.cosited_y);
+        let full_res = c.sub_x == 0 && c.sub_y == 0;
         // one row of the component, from the start of its row in the plane
-        let write_row = |prow: &mut [u8], ys: &Vec<(usize, f32)>| {
-            for (cx, xs) in tx.iter().enumerate() {
-                let mut converted = 0f32;
-                for &(y, wy) in ys {
-                    let row = &v[y * width..(y + 1) * width];
-                    converted += wy * xs.iter().map(|&(x, wx)| wx * row[x]).sum::<f32>();
+        let write_row = |prow: &mut [u8], ys: &Vec<(usize, f32)>, (v, converted): &mut (Vec<f32>, Vec<f32>)| {
+            v.resize(width, 0.0);
+            if full_res && c.pixel_stride == 1 {
+                // one tap of weight 1 each way: the sample's own value
+                let y = ys[0].0;
+                component_row(model, ci, rgb_row(y), input_row(y), v);
+                blend_row(v, &mut prow[c.offset..][..width], strength, input.is_some());
+                return;
+            }
+            // Σ_y wy Σ_x wx v[y][x], summed in that order
+            converted.clear();
+            converted.resize(cw, 0.0);
+            for &(y, wy) in ys {
+                component_row(model, ci, rgb_row(y), input_row(y), v);
+                for (o, xs) in converted.iter_mut().zip(&tx) {
+                    *o += wy * xs.iter().map(|&(x, wx)| wx * v[x]).sum::<f32>();
                 }
+            }
+            for (cx, &converted) in converted.iter().enumerate() {
                 let idx = index(c, 0, cx, 0);
                 let old = prow[idx] as f32;
                 let change = if input.is_some() { converted } else { converted - old };
@@ -431,15 +471,69 @@ fn write_impl(
         };
         if p.stride > c.offset + (cw - 1) * c.pixel_stride {
             // each row within its stride: rows in parallel
-            p.data.par_chunks_mut(p.stride).zip(ty.par_iter()).for_each(|(prow, ys)| write_row(prow, ys));
+            p.data
+                .par_chunks_mut(p.stride)
+                .zip(ty.par_iter())
+                .for_each_init(Default::default, |scratch, (prow, ys)| write_row(prow, ys, scratch));
         } else {
             // rows that overlap (a stride shorter than a row): in order
+            let mut scratch = Default::default();
             for (cy, ys) in ty.iter().enumerate() {
-                write_row(&mut p.data[cy * p.stride..], ys);
+                write_row(&mut p.data[cy * p.stride..], ys, &mut scratch);
             }
         }
     }
     Ok(())
+}
+
+avx2_fn! {
+    /// Component `ci` of a frame's row from a packed RGB row `src` (or, given
+    /// the row `input` it was restored from, its change: 0 where the pixel is
+    /// unchanged).
+    fn component_row(model: ColorModel, ci: usize, src: &[u8], input: Option<&[u8]>, out: &mut [f32]) {
+        // plain loops (a closure would be compiled apart, without AVX2), one
+        // per component, so that each computes only its own
+        macro_rules! rows {
+            ($k:literal) => {{
+                let convert = |px: &[u8]| {
+                    let (r, g, b) = (px[0] as f32, px[1] as f32, px[2] as f32);
+                    match model {
+                        ColorModel::Rgb => [r, g, b][$k],
+                        ColorModel::Yuv(m) => m.from_rgb(r, g, b)[$k],
+                    }
+                };
+                match input {
+                    None => {
+                        for (o, px) in out.iter_mut().zip(src.chunks_exact(3)) {
+                            *o = convert(px);
+                        }
+                    }
+                    Some(input) => {
+                        for ((o, px), a) in out.iter_mut().zip(src.chunks_exact(3)).zip(input.chunks_exact(3)) {
+                            *o = if a == px { 0.0 } else { convert(px) - convert(a) };
+                        }
+                    }
+                }
+            }};
+        }
+        match ci {
+            0 => rows!(0),
+            1 => rows!(1),
+            _ => rows!(2),
+        }
+    }
+}
+
+avx2_fn! {
+    /// A full-resolution component's row into its samples: `old + strength *
+    /// change`, the change being `v` itself (`v_is_change`) or `v - old`.
+    fn blend_row(v: &[f32], samples: &mut [u8], strength: f32, v_is_change: bool) {
+        for (s, &v) in samples.iter_mut().zip(v) {
+            let old = *s as f32;
+            let change = if v_is_change { v } else { v - old };
+            *s = to_u8(old + strength * change);
+        }
+    }
 }
 
 #[cfg(test)]

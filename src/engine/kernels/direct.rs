@@ -412,7 +412,7 @@ mod avx512 {
                     }
                 }
             }
-            store(a, &acc, co0, stored, oy, x0);
+            store(a, acc, co0, stored, oy, x0);
             x0 += 16 * S;
         }
     }
@@ -422,7 +422,7 @@ mod avx512 {
     #[inline(always)]
     unsafe fn store<T, const CB: usize, const S: usize>(
         a: &Args<T>,
-        acc: &[[__m512; S]; CB],
+        acc: [[__m512; S]; CB],
         co0: usize,
         stored: usize,
         oy: usize,
