@@ -125,9 +125,14 @@ struct ResBlock {
 struct Pool(Vec<Tensor>);
 
 impl Pool {
-    /// A dead tensor of these dims, if the pool has one.
+    /// A dead f32 tensor of these dims, if the pool has one.
     fn take(&mut self, dims: &[usize]) -> Option<Tensor> {
-        let i = self.0.iter().position(|t| t.dims() == dims)?;
+        self.take_of(dims, DType::F32)
+    }
+
+    /// A dead tensor of these dims and dtype, if the pool has one.
+    fn take_of(&mut self, dims: &[usize], dtype: DType) -> Option<Tensor> {
+        let i = self.0.iter().position(|t| t.dims() == dims && t.dtype() == dtype)?;
         Some(self.0.swap_remove(i))
     }
 
@@ -142,6 +147,16 @@ impl Pool {
             Some(t) => conv.forward_into(x, t, false),
             None => conv.forward_add(x, None),
         }
+    }
+
+    /// `conv(x)` as bf16 channel pairs (`[B, C / 2, H, W]` u32, `C` the
+    /// output's channels) into a dead tensor of those dims, or a fresh one.
+    fn conv_pairs(&mut self, conv: &Conv, x: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
+        let t = match self.take_of(dims, DType::U32) {
+            Some(t) => t,
+            None => Tensor::zeros(dims, DType::U32, x.device())?,
+        };
+        conv.forward_pairs_into(x, t)
     }
 }
 
@@ -161,13 +176,25 @@ fn run_blocks(
     let mut x = x;
     for (j, b) in blocks.iter().enumerate() {
         let dims = x.dims().to_vec();
-        let h = pool.conv(&b.conv1, &x, &dims)?;
         let conv2 = conv2s.map_or(&b.conv2, |c| &c[j]);
+        // in bf16 the inner activation goes from conv1 to conv2 as the
+        // channel pairs conv2 would round it to: half the bytes, no second
+        // conversion, the same numbers
+        let (c, w) = (dims[1], dims[3]);
+        let h = if c.is_multiple_of(2) && b.conv1.pairs_for(w) && conv2.pairs_for(w) {
+            pool.conv_pairs(&b.conv1, &x, &[dims[0], c / 2, dims[2], w])?
+        } else {
+            pool.conv(&b.conv1, &x, &dims)?
+        };
         x = if owned {
             conv2.forward_into(&h, x, true)?
         } else {
             match pool.take(&dims) {
                 Some(t) => conv2.forward_plus_into(&h, t, &x)?,
+                // pairs go into a buffer (the one path that reads them)
+                None if h.dtype() == DType::U32 => {
+                    conv2.forward_plus_into(&h, Tensor::zeros(dims.as_slice(), DType::F32, h.device())?, &x)?
+                }
                 None => conv2.forward_add(&h, Some(&x))?,
             }
         };

@@ -13,7 +13,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
 use super::kernels::{
-    affine, contiguous, AttentionOp, ConvInto, ConvOp, ConvPlusInto, GroupNormOp, LinearOp, Math, PatchConv, PatchInto,
+    affine, contiguous, AttentionOp, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, GroupNormOp, LinearOp, Math,
+    PatchConv, PatchInto,
 };
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
@@ -159,6 +160,27 @@ impl Conv {
                 Ok(dst)
             }
             _ => self.forward_add(x, residual.then_some(&dst)),
+        }
+    }
+
+    /// Whether this convolution, on a frame `w` wide, reads and writes bf16
+    /// channel pairs ([`ConvOp::pairs_for`]).
+    pub fn pairs_for(&self, w: usize) -> bool {
+        matches!(&self.kind, ConvKind::Fast(op) if op.pairs_for(w))
+    }
+
+    /// `act(conv(x))` as bf16 channel pairs into `dst` (u32 `[B, cout / 2, H,
+    /// W]`, owned by the caller alone), for a convolution that
+    /// [`Conv::pairs_for`] to read (its `forward_into` and
+    /// `forward_plus_into` take such a tensor as `x`). Where this one does not
+    /// multiply pairs, an error.
+    pub fn forward_pairs_into(&self, x: &Tensor, dst: Tensor) -> candle_core::Result<Tensor> {
+        match &self.kind {
+            ConvKind::Fast(op) => {
+                dst.inplace_op2(&x.contiguous()?, &ConvPairsInto(op))?;
+                Ok(dst)
+            }
+            _ => candle_core::bail!("conv into pairs: not a CPU convolution"),
         }
     }
 

@@ -225,7 +225,7 @@ fn pair(lo: f32, hi: f32) -> u32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx512::pair_row;
+pub(crate) use avx512::{pair16, pair_row};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -433,6 +433,16 @@ mod avx512 {
             _mm512_mask_storeu_epi32(out.add(i) as *mut _, m, _mm512_or_si512(_mm512_srli_epi32::<16>(l), h));
             i += 16;
         }
+    }
+
+    /// 16 words of bf16 pairs: `lo`'s lanes rounded into the low halves,
+    /// `hi`'s into the high ones (what [`pair_row`] stores).
+    ///
+    /// # Safety
+    /// AVX-512F is present.
+    #[inline(always)]
+    pub(crate) unsafe fn pair16(lo: __m512, hi: __m512) -> __m512i {
+        _mm512_or_si512(_mm512_srli_epi32::<16>(round16(lo)), round16(hi))
     }
 
     /// [`super::round_bits`] of 16 lanes (finite inputs; a NaN may come out as

@@ -5,6 +5,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp2, InplaceOp3, Layo
 use rayon::prelude::*;
 use std::sync::Arc;
 
+use super::direct::{Dst, Src};
 use super::{
     activation, contiguous, contiguous_mut, direct, gemm_strided, par_row_blocks, winograd, winograd_enabled, Math,
     SendPtr,
@@ -153,7 +154,10 @@ impl ConvOp {
         // (b * cin * h * w) and `residual` (b * cout * h * w) are sized by
         // run's callers, which took b, h, w from x's layout and checked the
         // residual's shape (run itself does not check their lengths)
-        unsafe { self.run_direct_into(d, x, b, h, w, residual.map(|r| r.as_ptr()), out.as_mut_ptr()) };
+        unsafe {
+            let (x, out) = (Src::F32(x.as_ptr()), Dst::F32(out.as_mut_ptr()));
+            self.run_direct_into(d, x, b, h, w, residual.map(|r| r.as_ptr()), out)
+        };
         out
     }
 
@@ -161,30 +165,31 @@ impl ConvOp {
     /// (each output is read as residual right before it is written).
     ///
     /// # Safety
-    /// `x` holds `b * cin * h * w` values, `out` and `residual`
-    /// `b * cout * h * w`; `d` is this layer's (so [`direct::available`] held
-    /// when it was made).
+    /// `x` holds `b` images of `cin` channels of `h * w` values (or of
+    /// `cin.div_ceil(2)` planes of pairs), `out` of `cout` channels (or
+    /// `cout / 2` planes of pairs: `cout` even, no residual), `residual`
+    /// `b * cout * h * w` values; `d` is this layer's (so
+    /// [`direct::available`] held when it was made), bf16 where `x` or `out`
+    /// are pairs.
     #[allow(clippy::too_many_arguments)]
     unsafe fn run_direct_into(
         &self,
         d: &direct::Direct,
-        x: &[f32],
+        x: Src,
         b: usize,
         h: usize,
         w: usize,
         residual: Option<*const f32>,
-        out: *mut f32,
+        out: Dst,
     ) {
-        let (cin, cout) = (self.cin, self.cout);
+        let (cin, cout, hw) = (self.cin, self.cout, h * w);
         let threads = rayon::current_num_threads().max(1);
         // a few chunks per thread for balance, each at least a few rows
         let rows = h.div_ceil(4 * threads).max(4).min(h);
         let chunks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..h).step_by(rows).map(move |r0| (bi, r0))).collect();
-        let out_ptr = SendPtr(out);
         let res_ptr = residual.map(|r| SendPtr(r as *mut f32));
         chunks.par_iter().for_each(|&(bi, r0)| {
-            let (out_ptr, res_ptr) = (out_ptr, res_ptr);
-            let plane_out = bi * cout * h * w;
+            let res_ptr = res_ptr;
             // SAFETY: direct::available() held when `d` was made (with_direct);
             // the caller's contract sizes x, out and residual, so image bi's
             // planes lie inside them; chunk (bi, r0) alone writes rows
@@ -193,18 +198,26 @@ impl ConvOp {
             // this blocking loop
             unsafe {
                 d.rows(
-                    x.as_ptr().add(bi * cin * h * w),
+                    x.image(bi, cin, hw),
                     h,
                     w,
                     r0,
                     (r0 + rows).min(h),
                     &self.bias,
                     self.relu,
-                    res_ptr.map(|r| r.0.add(plane_out) as *const f32),
-                    out_ptr.0.add(plane_out),
+                    res_ptr.map(|r| r.0.add(bi * cout * hw) as *const f32),
+                    out.image(bi, cout, hw),
                 )
             }
         });
+    }
+
+    /// Whether this layer, on a frame `w` wide, multiplies bf16 channel pairs
+    /// on the direct kernel: it can read its input as pairs ([`ConvInto`] and
+    /// [`ConvPlusInto`] from a u32 tensor) and write its output as pairs
+    /// ([`ConvPairsInto`]), the rounding it would do itself.
+    pub fn pairs_for(&self, w: usize) -> bool {
+        self.direct_for(w).is_some_and(|d| d.is_bf16())
     }
 
     /// Whether [`ConvOp::run`] takes the direct kernel on a frame `w` wide.
@@ -448,7 +461,45 @@ impl InplaceOp2 for ConvInto<'_> {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let dst = contiguous_mut(s1, l1, "conv into")?;
-        self.op.run_to(dst, l1, contiguous(s2, l2, "conv")?, l2, if self.accumulate { Add::Dst } else { Add::Nothing })
+        self.op.run_to(dst, l1, s2, l2, if self.accumulate { Add::Dst } else { Add::Nothing })
+    }
+}
+
+/// A [`ConvOp`] (no residual, an even number of output channels) writing
+/// its output as bf16 channel pairs into a u32 tensor `[B, cout / 2, H, W]`
+/// (`dst.inplace_op2(&x, ..)`), for a bf16 layer to read
+/// ([`ConvOp::pairs_for`]): a ResBlock's inner activation at half the bytes
+/// and without its second conversion. Where this layer does not multiply
+/// pairs on the direct kernel, an error.
+pub struct ConvPairsInto<'a>(pub &'a ConvOp);
+
+impl InplaceOp2 for ConvPairsInto<'_> {
+    fn name(&self) -> &'static str {
+        "codiff-conv-pairs-into"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let op = self.0;
+        let (b, h, w, shape) = op.out_shape(l2)?;
+        let x = contiguous(s2, l2, "conv")?;
+        let d = op.direct_for(w).filter(|d| d.is_bf16() && op.cout.is_multiple_of(2) && op.stride == 1);
+        let Some(d) = d else { candle_core::bail!("conv into pairs: the layer does not multiply bf16 pairs here") };
+        let want = Shape::from((b, op.cout / 2, h, w));
+        let dst = match (s1, l1.contiguous_offsets()) {
+            (CpuStorage::U32(v), Some((o0, o1))) if l1.shape() == &want => &mut v[o0..o1],
+            _ => candle_core::bail!(
+                "conv into pairs: a contiguous u32 {want:?} destination expected, got {:?}",
+                l1.shape()
+            ),
+        };
+        let _counted = op.count(&shape);
+        // SAFETY: dst holds b * cout / 2 * h * w words (its shape checked),
+        // x b * cin * h * w values (out_shape took b, h, w from its layout
+        // and checked its channels); candle refuses a destination sharing
+        // storage with the source; `d` came from direct_for and multiplies
+        // bf16 pairs; cout is even and there is no residual
+        unsafe { op.run_direct_into(d, Src::F32(x.as_ptr()), b, h, w, None, Dst::Pairs(dst.as_mut_ptr())) };
+        Ok(())
     }
 }
 
@@ -478,7 +529,7 @@ impl InplaceOp3 for ConvPlusInto<'_> {
         }
         let r = contiguous(s3, l3, "conv residual")?;
         let dst = contiguous_mut(s1, l1, "conv into")?;
-        self.0.run_to(dst, l1, contiguous(s2, l2, "conv")?, l2, Add::From(r))
+        self.0.run_to(dst, l1, s2, l2, Add::From(r))
     }
 }
 
@@ -492,9 +543,21 @@ enum Add<'a> {
 }
 
 impl ConvOp {
-    /// The convolution of `x` (layout `lx`) into `dst` (layout `ld`, checked
-    /// to be the output's shape), plus `add`. `dst` must not be `x`.
-    fn run_to(&self, dst: &mut [f32], ld: &Layout, x: &[f32], lx: &Layout, add: Add<'_>) -> candle_core::Result<()> {
+    /// The convolution of `x` (layout `lx`: f32 channels, or u32 bf16 pairs
+    /// of them where [`ConvOp::pairs_for`] holds) into `dst` (layout `ld`,
+    /// checked to be the output's shape), plus `add`. `dst` must not be `x`.
+    fn run_to(
+        &self,
+        dst: &mut [f32],
+        ld: &Layout,
+        xs: &CpuStorage,
+        lx: &Layout,
+        add: Add<'_>,
+    ) -> candle_core::Result<()> {
+        if let CpuStorage::U32(v) = xs {
+            return self.run_pairs_to(dst, ld, v, lx, add);
+        }
+        let x = contiguous(xs, lx, "conv")?;
         let (b, h, w, shape) = self.out_shape(lx)?;
         if ld.shape() != &shape {
             candle_core::bail!("conv into a {:?} tensor, output {:?}", ld.shape(), shape);
@@ -517,7 +580,7 @@ impl ConvOp {
             // candle refuses a destination sharing storage with a source, so
             // the only alias is residual = out, whose values the kernel reads
             // right before writing them; `d` came from direct_for
-            unsafe { self.run_direct_into(d, x, b, h, w, residual, out) };
+            unsafe { self.run_direct_into(d, Src::F32(x.as_ptr()), b, h, w, residual, Dst::F32(out)) };
         } else {
             let residual = match add {
                 Add::Nothing => None,
@@ -527,6 +590,51 @@ impl ConvOp {
             let y = self.run(x, b, h, w, residual)?;
             dst.copy_from_slice(&y);
         }
+        Ok(())
+    }
+
+    /// [`ConvOp::run_to`] from bf16 channel pairs `x` (`[B, cin.div_ceil(2),
+    /// H, W]` words, as [`ConvPairsInto`] writes them).
+    fn run_pairs_to(
+        &self,
+        dst: &mut [f32],
+        ld: &Layout,
+        x: &[u32],
+        lx: &Layout,
+        add: Add<'_>,
+    ) -> candle_core::Result<()> {
+        let (b, c, h, w) = lx.shape().dims4()?;
+        let x = match lx.contiguous_offsets() {
+            Some((o0, o1)) if c == self.cin.div_ceil(2) => &x[o0..o1],
+            _ => candle_core::bail!(
+                "conv from pairs: contiguous [B, {}, H, W] pairs expected, got {:?}",
+                self.cin.div_ceil(2),
+                lx.shape()
+            ),
+        };
+        let Some(d) = self.direct_for(w).filter(|d| d.is_bf16()) else {
+            candle_core::bail!("conv from pairs: the layer does not multiply bf16 pairs here")
+        };
+        let (oh, ow) = self.out_hw(h, w)?;
+        let shape = Shape::from((b, self.cout, oh, ow));
+        if ld.shape() != &shape {
+            candle_core::bail!("conv into a {:?} tensor, output {:?}", ld.shape(), shape);
+        }
+        let _counted = self.count(&shape);
+        let out = dst.as_mut_ptr();
+        let residual = match add {
+            Add::Nothing => None,
+            Add::Dst => Some(out as *const f32),
+            Add::From(r) => Some(r.as_ptr()),
+        };
+        // SAFETY: dst holds b * cout * h * w values (shape checked; the
+        // direct kernel keeps the frame size), as does a residual from
+        // another tensor (its shape checked by the caller), and x
+        // b * cin.div_ceil(2) * h * w words (checked above); x is u32 and dst
+        // f32, so they are different tensors, and the only alias is residual
+        // = out, read right before written; `d` came from direct_for and
+        // multiplies bf16 pairs
+        unsafe { self.run_direct_into(d, Src::Pairs(x.as_ptr()), b, h, w, residual, Dst::F32(out)) };
         Ok(())
     }
 }
@@ -745,6 +853,49 @@ mod tests {
                     assert!(err > 0.0, "{cin}->{cout}: bf16 gave the f32 result");
                 }
             }
+        }
+    }
+
+    /// A ResBlock's inner activation handed over as bf16 channel pairs
+    /// (ConvPairsInto, then ConvInto / ConvPlusInto reading u32) gives the
+    /// f32 hand-over's numbers exactly (odd widths and heights, masked
+    /// borders, every tile, a batch of two); layers that do not multiply
+    /// pairs refuse them.
+    #[test]
+    fn pairs_between_bf16_layers_equal_the_f32_hand_over() {
+        let dev = Device::Cpu;
+        for (c, h, w) in [(8, 19, 37), (16, 5, 17), (64, 3, 20), (4, 2, 16)] {
+            let [x, wt, b, r, _, _] = conv_case(c, c, h, w);
+            let built = |relu| {
+                super::super::build_with(Math::Bf16, || ConvOp::from_tensors(&wt, Some(&b), relu).unwrap().direct())
+                    .unwrap()
+            };
+            let (conv1, conv2) = (built(true), built(false));
+            if !conv1.pairs_for(w) {
+                // no AVX512_BF16 here: the layer refuses to write pairs
+                let dst = Tensor::zeros((2, c / 2, h, w), DType::U32, &dev).unwrap();
+                assert!(dst.inplace_op2(&x, &ConvPairsInto(&conv1)).is_err());
+                continue;
+            }
+            let h1 = Tensor::zeros((2, c, h, w), DType::F32, &dev).unwrap();
+            h1.inplace_op2(&x, &ConvInto { op: &conv1, accumulate: false }).unwrap();
+            let pairs = Tensor::full(7u32, (2, c / 2, h, w), &dev).unwrap();
+            pairs.inplace_op2(&x, &ConvPairsInto(&conv1)).unwrap();
+            for accumulate in [false, true] {
+                let (want, got) = (r.copy().unwrap(), r.copy().unwrap());
+                want.inplace_op2(&h1, &ConvInto { op: &conv2, accumulate }).unwrap();
+                got.inplace_op2(&pairs, &ConvInto { op: &conv2, accumulate }).unwrap();
+                assert_eq!(max_err(&want, &got), 0.0, "{c} channels {h}x{w} accumulate {accumulate}");
+            }
+            let (want, got) = (r.zeros_like().unwrap(), r.zeros_like().unwrap());
+            want.inplace_op3(&h1, &x, &ConvPlusInto(&conv2)).unwrap();
+            got.inplace_op3(&pairs, &x, &ConvPlusInto(&conv2)).unwrap();
+            assert_eq!(max_err(&want, &got), 0.0, "{c} channels {h}x{w} plus");
+            // an f32 layer takes no pairs, and pairs must have cin / 2 planes
+            let f32_op = super::super::build_with(Math::F32, || ConvOp::from_tensors(&wt, Some(&b), false).unwrap());
+            assert!(r.copy().unwrap().inplace_op2(&pairs, &ConvInto { op: &f32_op, accumulate: false }).is_err());
+            let wrong = Tensor::zeros((2, c, h, w), DType::U32, &dev).unwrap();
+            assert!(r.copy().unwrap().inplace_op2(&wrong, &ConvInto { op: &conv2, accumulate: false }).is_err());
         }
     }
 

@@ -40,6 +40,62 @@ impl Tile {
     }
 }
 
+/// The input of [`Direct::rows`]: f32 channels, or (for a layer with bf16
+/// weights, [`Direct::with_bf16`]) the channel pairs another layer wrote
+/// ([`Dst::Pairs`]), `[cin.div_ceil(2), h, w]` words.
+#[derive(Clone, Copy, Debug)]
+pub enum Src {
+    F32(*const f32),
+    Pairs(*const u32),
+}
+
+/// The output of [`Direct::rows`]: f32 channels, or bf16 pairs of channels
+/// `2p` (low half) and `2p + 1` (high) in plane `p`, rounded as
+/// [`super::bf16::pair_row`] rounds, for a bf16 layer to read
+/// ([`Src::Pairs`]): what it would have converted the f32 output to.
+#[derive(Clone, Copy, Debug)]
+pub enum Dst {
+    F32(*mut f32),
+    Pairs(*mut u32),
+}
+
+// SAFETY: a Src or Dst is only an address; the convolutions hand them to
+// rayon loops that block until every task is done (the buffers outlive every
+// use), and each task writes rows of the output no other task touches.
+unsafe impl Send for Src {}
+// SAFETY: as for Send: shared references only copy the address.
+unsafe impl Sync for Src {}
+// SAFETY: as for Src.
+unsafe impl Send for Dst {}
+// SAFETY: as for Src.
+unsafe impl Sync for Dst {}
+
+impl Src {
+    /// Image `bi` of a batch of `c`-channel images of `hw` pixels.
+    ///
+    /// # Safety
+    /// The batch holds image `bi`.
+    pub unsafe fn image(self, bi: usize, c: usize, hw: usize) -> Self {
+        match self {
+            Src::F32(p) => Src::F32(p.add(bi * c * hw)),
+            Src::Pairs(p) => Src::Pairs(p.add(bi * c.div_ceil(2) * hw)),
+        }
+    }
+}
+
+impl Dst {
+    /// Image `bi` of a batch of `c`-channel images of `hw` pixels.
+    ///
+    /// # Safety
+    /// The batch holds image `bi`.
+    pub unsafe fn image(self, bi: usize, c: usize, hw: usize) -> Self {
+        match self {
+            Dst::F32(p) => Dst::F32(p.add(bi * c * hw)),
+            Dst::Pairs(p) => Dst::Pairs(p.add(bi * c.div_ceil(2) * hw)),
+        }
+    }
+}
+
 /// A 3x3 stride-1 pad-1 convolution's weights, repacked for the direct kernel.
 #[derive(Clone, Debug)]
 pub struct Direct {
@@ -127,12 +183,15 @@ impl Direct {
     /// `residual` `[cout, h, w]` (only those rows are written / read).
     ///
     /// # Safety
-    /// [`available`] returned true; `x` holds `cin * h * w` values, `out` (and
-    /// `residual`) `cout * h * w`; no other thread writes rows `oy0..oy1` of `out`.
+    /// [`available`] returned true; `x` holds `cin * h * w` values (f32) or
+    /// `cin.div_ceil(2) * h * w` words (pairs, for a layer that
+    /// [`Direct::is_bf16`]), `out` `cout * h * w` values or (pairs: cout even,
+    /// no residual) `cout / 2 * h * w` words, `residual` `cout * h * w`; no
+    /// other thread writes rows `oy0..oy1` of `out`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn rows(
         &self,
-        x: *const f32,
+        x: Src,
         h: usize,
         w: usize,
         oy0: usize,
@@ -140,16 +199,28 @@ impl Direct {
         bias: &[f32],
         relu: bool,
         residual: Option<*const f32>,
-        out: *mut f32,
+        out: Dst,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(pairs) = &self.pairs {
-            // SAFETY: as below; with_bf16 found AVX512_BF16 (bf16::native) when
-            // it made `pairs` ([block][cp][9][cb] words)
-            return unsafe { self.rows_bf16(pairs, x, h, w, oy0, oy1, bias, relu, residual, out) };
+        match (x, &self.pairs) {
+            (Src::F32(x), Some(pairs)) => {
+                // SAFETY: as below; with_bf16 found AVX512_BF16 (bf16::native) when
+                // it made `pairs` ([block][cp][9][cb] words)
+                return unsafe { self.rows_bf16(pairs, x, h, w, oy0, oy1, bias, relu, residual, out) };
+            }
+            (Src::Pairs(x), Some(pairs)) => {
+                let planes = self.cin.div_ceil(2);
+                let a = avx512::Args { x, y0: 0, rows: h, h, w, planes, cout: self.cout, bias, relu, residual, out };
+                // SAFETY: AVX512_BF16 as above; the caller's contract: x holds
+                // the frame's planes of pairs, out and residual are sized
+                return unsafe { self.each_row(&a, pairs, oy0..oy1) };
+            }
+            (Src::Pairs(_), None) => panic!("channel pairs into an f32 layer (the caller's contract)"),
+            (Src::F32(_), None) => {}
         }
         #[cfg(target_arch = "x86_64")]
         {
+            let Src::F32(x) = x else { unreachable!("pairs returned above") };
             let a =
                 avx512::Args { x, y0: 0, rows: h, h, w, planes: self.cin, cout: self.cout, bias, relu, residual, out };
             // SAFETY: the caller's contract: available() returned true, i.e.
@@ -185,7 +256,7 @@ impl Direct {
         bias: &[f32],
         relu: bool,
         residual: Option<*const f32>,
-        out: *mut f32,
+        out: Dst,
     ) {
         let cin = self.cin;
         let cp = cin.div_ceil(2);
@@ -273,7 +344,7 @@ mod avx512 {
         pub bias: &'a [f32],
         pub relu: bool,
         pub residual: Option<*const f32>,
-        pub out: *mut f32,
+        pub out: super::Dst,
     }
 
     /// The arithmetic of one kernel: how an input vector is loaded and how a
@@ -429,6 +500,10 @@ mod avx512 {
         x0: usize,
     ) {
         let (w, hw) = (a.w, a.h * a.w);
+        let out = match a.out {
+            super::Dst::F32(out) => out,
+            super::Dst::Pairs(out) => return store_pairs(a, acc, co0, stored, oy, x0, out),
+        };
         for (c, acc_c) in acc.iter().enumerate().take(stored) {
             let co = co0 + c;
             let b = _mm512_set1_ps(a.bias[co]);
@@ -450,9 +525,52 @@ mod avx512 {
                     y = _mm512_add_ps(y, if full { _mm512_loadu_ps(r) } else { _mm512_maskz_loadu_ps(m, r) });
                 }
                 if full {
-                    _mm512_storeu_ps(a.out.add(row_off + start), y);
+                    _mm512_storeu_ps(out.add(row_off + start), y);
                 } else {
-                    _mm512_mask_storeu_ps(a.out.add(row_off + start), m, y);
+                    _mm512_mask_storeu_ps(out.add(row_off + start), m, y);
+                }
+            }
+        }
+    }
+
+    /// [`store`] into bf16 pairs (`stored` even, no residual): channels
+    /// `co0 + 2p` and `co0 + 2p + 1` after bias and ReLU, rounded into pair
+    /// plane `(co0 + 2p) / 2`.
+    #[inline(always)]
+    unsafe fn store_pairs<T, const CB: usize, const S: usize>(
+        a: &Args<T>,
+        acc: [[__m512; S]; CB],
+        co0: usize,
+        stored: usize,
+        oy: usize,
+        x0: usize,
+        out: *mut u32,
+    ) {
+        debug_assert!(stored.is_multiple_of(2) && co0.is_multiple_of(2) && a.residual.is_none());
+        let (w, hw) = (a.w, a.h * a.w);
+        let act = |acc: __m512, co: usize| {
+            let y = _mm512_add_ps(acc, _mm512_set1_ps(a.bias[co]));
+            if a.relu {
+                _mm512_max_ps(y, _mm512_setzero_ps())
+            } else {
+                y
+            }
+        };
+        for p in 0..stored / 2 {
+            let co = co0 + 2 * p;
+            let row_off = co / 2 * hw + oy * w;
+            for s in 0..S {
+                let start = x0 + 16 * s;
+                if start >= w {
+                    break;
+                }
+                let m = lanes(start as isize, w);
+                let v = crate::engine::kernels::bf16::pair16(act(acc[2 * p][s], co), act(acc[2 * p + 1][s], co + 1));
+                let dst = out.add(row_off + start) as *mut __m512i;
+                if m == u16::MAX {
+                    _mm512_storeu_si512(dst, v);
+                } else {
+                    _mm512_mask_storeu_epi32(dst as *mut _, m, v);
                 }
             }
         }

@@ -22,7 +22,7 @@
 //!
 //! This file holds the dispatch policy (which layer takes which path) and
 //! the helpers the kernels share; the ops live in `conv.rs` ([`ConvOp`],
-//! [`ConvInto`], [`ConvPlusInto`], [`AddInto`], [`PadInto`]), `patch.rs` ([`PatchConv`],
+//! [`ConvInto`], [`ConvPlusInto`], [`ConvPairsInto`], [`AddInto`], [`PadInto`]), `patch.rs` ([`PatchConv`],
 //! [`PatchConvTranspose`], [`PatchInto`]), `norm.rs`
 //! ([`GroupNormOp`]), `attention.rs` ([`AttentionOp`]), `linear.rs`
 //! ([`LinearOp`]), `gemm.rs` (the strided GEMM they call, in the layer's
@@ -240,7 +240,7 @@ pub mod winograd;
 pub use self::gemm::{build_with, building, Math};
 use self::gemm::{gemm_strided, Mat};
 pub use attention::AttentionOp;
-pub use conv::{AddInto, ConvInto, ConvOp, ConvPlusInto, PadInto};
+pub use conv::{AddInto, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, PadInto};
 pub use linear::LinearOp;
 pub(super) use norm::affine;
 pub(crate) use norm::mean_var;
