@@ -62,6 +62,8 @@ pub struct TemporalFilter {
     /// Previous input, previous output and the luma of the previous output,
     /// one size.
     history: Option<(RgbImage, RgbImage, Luma)>,
+    /// [`Matched`]'s buffers, kept for the next frame
+    scratch: Matched,
 }
 
 impl Default for TemporalFilter {
@@ -75,7 +77,7 @@ impl TemporalFilter {
     /// change that counts as motion and the largest change the filter makes.
     pub fn new(threshold: f32) -> Self {
         let threshold = if threshold.is_finite() && threshold > 0.0 { threshold } else { DEFAULT_MOTION_THRESHOLD };
-        Self { threshold, history: None }
+        Self { threshold, history: None, scratch: Matched::default() }
     }
 
     pub fn threshold(&self) -> f32 {
@@ -124,7 +126,8 @@ impl TemporalFilter {
             // grid stays put while the picture moves, and matches itself
             let luma = Luma::of_rgb(&restored.data, input.width, input.height);
             let field = motion::estimate(prev_luma, &luma);
-            let m = Matched::new(prev_in, input, &field, self.threshold);
+            let m = &mut self.scratch;
+            m.compute(prev_in, input, &field, self.threshold);
             let t = self.threshold;
             use rayon::prelude::*;
             let w = input.width.max(1);
@@ -187,7 +190,8 @@ impl TemporalFilter {
         // 8x8 grid, which draws the match to itself rather than to the motion
         let field = motion::estimate(prev_luma, &Luma::of_rgb(&input.data, w, h));
         let t = self.threshold;
-        let m = Matched::new(prev_in, input, &field, t);
+        let m = &mut self.scratch;
+        m.compute(prev_in, input, &field, t);
         // the input, blended as `apply` blends a restoration at full strength
         use rayon::prelude::*;
         out.data.copy_from_slice(&input.data);
@@ -221,6 +225,7 @@ avx2_fn! {
 
 /// Where each pixel of the current frame was in the previous one, and how far
 /// the previous frame may stand in for it there.
+#[derive(Clone, Debug, Default)]
 struct Matched {
     /// Per pixel: the index of its match in the previous frame (any index
     /// where `weight` is 0).
@@ -231,18 +236,27 @@ struct Matched {
     /// where the match lies outside the previous frame, and everywhere after
     /// a cut.
     weight: Vec<f32>,
+    /// the signed change of each channel and the mean absolute change
+    planes: Vec<f32>,
+    /// their box means, and [`box_mean`]'s row sums
+    means: [Vec<f32>; 4],
+    rows: Vec<f32>,
 }
 
 /// [`Matched::new`]'s mark for a pixel whose match lies outside the previous frame.
 const NO_MATCH: u32 = u32::MAX;
 
 impl Matched {
-    fn new(prev_in: &RgbImage, input: &RgbImage, field: &motion::Field, threshold: f32) -> Self {
+    /// The matches and weights of `input` against `prev_in` under `field`,
+    /// into this one's buffers (kept from frame to frame: a fresh buffer
+    /// costs the clearing of its pages).
+    fn compute(&mut self, prev_in: &RgbImage, input: &RgbImage, field: &motion::Field, threshold: f32) {
         use rayon::prelude::*;
         let (w, h) = (input.width, input.height);
         let (n, w1) = (w * h, w.max(1));
+        let Self { src, weight, planes, means, rows } = self;
         // the match of each pixel, by rows
-        let mut src = vec![NO_MATCH; n];
+        refill(src, n, NO_MATCH);
         src.par_chunks_mut(w1).enumerate().for_each(|(y, row)| {
             for (x, s) in row.iter_mut().enumerate() {
                 let (dx, dy) = field.at(x, y);
@@ -253,7 +267,7 @@ impl Matched {
             }
         });
         // per channel signed change, and the mean absolute change, in one pass
-        let mut planes = vec![0f32; 4 * n];
+        refill(planes, 4 * n, 0.0);
         {
             let (signed, abs) = planes.split_at_mut(3 * n);
             let (r, rest) = signed.split_at_mut(n);
@@ -265,13 +279,15 @@ impl Matched {
                 .zip(src.par_chunks(w1).zip(input.data.par_chunks(3 * w1)))
                 .for_each(|((((r, g), b), a), (src, row))| change_row(row, &prev_in.data, src, [r, g, b], a));
         }
-        let signed: Vec<Vec<f32>> = planes[..3 * n].chunks(n.max(1)).map(|p| box_mean(p, w, h)).collect();
-        let abs = &planes[3 * n..];
-        let abs = box_mean(abs, w, h);
-        let typical = median(&abs);
+        for (plane, mean) in planes.chunks(n.max(1)).zip(means.iter_mut()) {
+            box_mean(plane, w, h, rows, mean);
+        }
+        let [r, g, b, abs] = &*means;
+        let signed = [r, g, b];
+        let typical = median(abs);
         let lo = OUTLIER_FACTOR * typical.max(LEAST_MEDIAN);
         let cut = typical > CUT_MEDIAN;
-        let mut weight = vec![0f32; n];
+        refill(weight, n, 0.0);
         weight.par_chunks_mut(w1).zip(src.par_chunks_mut(w1)).enumerate().for_each(|(y, (weights, src))| {
             for (x, (wt, s)) in weights.iter_mut().zip(src.iter_mut()).enumerate() {
                 if *s == NO_MATCH {
@@ -288,8 +304,15 @@ impl Matched {
                 *wt = (1.0 - sm / threshold).max(0.0) * outlier;
             }
         });
-        Self { src, weight }
     }
+}
+
+/// `v` as `n` copies of `value`, in its own memory when it has room.
+fn refill<T: Copy + Send + Sync>(v: &mut Vec<T>, n: usize, value: T) {
+    use rayon::prelude::*;
+    v.truncate(n);
+    v.par_chunks_mut(1 << 16).for_each(|c| c.fill(value));
+    v.resize(n, value);
 }
 
 avx2_fn! {
@@ -346,12 +369,15 @@ fn median(values: &[f32]) -> f32 {
 /// Separable: window sums along the rows, then down the columns, each value
 /// summed in window order from -0.0 (as `Iterator::sum`), a whole row of
 /// sums at a time so that the loops vectorise.
-fn box_mean(values: &[f32], w: usize, h: usize) -> Vec<f32> {
+/// `rows` is scratch, `out` the result (both resized to `w * h`).
+fn box_mean(values: &[f32], w: usize, h: usize, rows: &mut Vec<f32>, out: &mut Vec<f32>) {
     use rayon::prelude::*;
     let w1 = w.max(1);
-    let mut rows = vec![0f32; w * h];
+    // every value of both is written below
+    rows.resize(w * h, 0.0);
+    out.resize(w * h, 0.0);
     rows.par_chunks_mut(w1).zip(values.par_chunks(w1)).for_each(|(out, line)| box_row(line, out));
-    let mut out = vec![0f32; w * h];
+    let rows = &*rows;
     out.par_chunks_mut(w1).enumerate().for_each(|(y, out)| {
         let (y0, y1) = (y.saturating_sub(RADIUS), (y + RADIUS + 1).min(h));
         out.fill(-0.0);
@@ -361,7 +387,6 @@ fn box_mean(values: &[f32], w: usize, h: usize) -> Vec<f32> {
         let n = (y1 - y0) as f32;
         out.iter_mut().for_each(|o| *o /= n);
     });
-    out
 }
 
 avx2_fn! {
