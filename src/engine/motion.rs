@@ -35,13 +35,9 @@ impl Luma {
     /// BT.601 luma of packed RGB (`width * height * 3` bytes).
     pub fn of_rgb(rgb: &[u8], width: usize, height: usize) -> Self {
         debug_assert_eq!(rgb.len(), width * height * 3);
-        let data = rgb
-            .par_chunks(3 * width.max(1))
-            .flat_map_iter(|row| {
-                row.chunks_exact(3)
-                    .map(|p| ((77 * p[0] as u32 + 150 * p[1] as u32 + 29 * p[2] as u32 + 128) >> 8) as u8)
-            })
-            .collect();
+        let w = width.max(1);
+        let mut data = vec![0u8; rgb.len() / 3];
+        data.par_chunks_mut(w).zip(rgb.par_chunks(3 * w)).for_each(|(out, row)| luma_row(row, out));
         Self { width, height, data }
     }
 
@@ -59,6 +55,15 @@ impl Luma {
             })
             .collect();
         Self { width: w, height: h, data }
+    }
+}
+
+avx2_fn! {
+    /// One row of [`Luma::of_rgb`].
+    fn luma_row(rgb: &[u8], out: &mut [u8]) {
+        for (o, p) in out.iter_mut().zip(rgb.chunks_exact(3)) {
+            *o = ((77 * p[0] as u32 + 150 * p[1] as u32 + 29 * p[2] as u32 + 128) >> 8) as u8;
+        }
     }
 }
 

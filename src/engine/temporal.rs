@@ -283,27 +283,34 @@ impl Matched {
             box_mean(plane, w, h, rows, mean);
         }
         let [r, g, b, abs] = &*means;
-        let signed = [r, g, b];
         let typical = median(abs);
         let lo = OUTLIER_FACTOR * typical.max(LEAST_MEDIAN);
         let cut = typical > CUT_MEDIAN;
         refill(weight, n, 0.0);
         weight.par_chunks_mut(w1).zip(src.par_chunks_mut(w1)).enumerate().for_each(|(y, (weights, src))| {
-            for (x, (wt, s)) in weights.iter_mut().zip(src.iter_mut()).enumerate() {
-                if *s == NO_MATCH {
-                    // any index serves where the weight is 0
-                    *s = 0;
-                    continue;
-                }
-                if cut {
-                    continue;
-                }
-                let i = y * w + x;
-                let sm = (0..3).map(|k| signed[k][i].abs()).sum::<f32>() / 3.0;
-                let outlier = (2.0 - abs[i] / lo).clamp(0.0, 1.0);
-                *wt = (1.0 - sm / threshold).max(0.0) * outlier;
-            }
+            let span = y * w..y * w + weights.len();
+            let signed = [&r[span.clone()], &g[span.clone()], &b[span.clone()]];
+            weight_row(weights, src, signed, &abs[span], lo, threshold, cut);
         });
+    }
+}
+
+avx2_fn! {
+    /// One row of [`Matched::compute`]'s weights from the box means of the
+    /// signed changes and of the absolute change; a pixel without a match
+    /// gets weight 0 and source index 0 (any index serves there).
+    fn weight_row(weights: &mut [f32], src: &mut [u32], signed: [&[f32]; 3], abs: &[f32], lo: f32, threshold: f32, cut: bool) {
+        let [r, g, b] = signed;
+        for (((((wt, s), &r), &g), &b), &abs) in weights.iter_mut().zip(src.iter_mut()).zip(r).zip(g).zip(b).zip(abs) {
+            let matched = *s != NO_MATCH;
+            // summed in channel order (as `Iterator::sum`, whose -0.0 start
+            // changes no sum of magnitudes)
+            let sm = (r.abs() + g.abs() + b.abs()) / 3.0;
+            let outlier = (2.0 - abs / lo).clamp(0.0, 1.0);
+            let v = (1.0 - sm / threshold).max(0.0) * outlier;
+            *wt = if matched && !cut { v } else { 0.0 };
+            *s = if matched { *s } else { 0 };
+        }
     }
 }
 
