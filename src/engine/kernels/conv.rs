@@ -542,6 +542,17 @@ enum Add<'a> {
     From(&'a [f32]),
 }
 
+impl Add<'_> {
+    /// The direct kernel's residual for a destination at `out`.
+    fn residual(&self, out: *mut f32) -> Option<*const f32> {
+        match self {
+            Add::Nothing => None,
+            Add::Dst => Some(out as *const f32),
+            Add::From(r) => Some(r.as_ptr()),
+        }
+    }
+}
+
 impl ConvOp {
     /// The convolution of `x` (layout `lx`: f32 channels, or u32 bf16 pairs
     /// of them where [`ConvOp::pairs_for`] holds) into `dst` (layout `ld`,
@@ -568,11 +579,7 @@ impl ConvOp {
         let _counted = self.count(&shape);
         if let Some(d) = self.direct_for(w) {
             let out = dst.as_mut_ptr();
-            let residual = match add {
-                Add::Nothing => None,
-                Add::Dst => Some(out as *const f32),
-                Add::From(r) => Some(r.as_ptr()),
-            };
+            let residual = add.residual(out);
             // SAFETY: dst holds b * cout * h * w values (shape checked), as
             // does a residual from another tensor (its shape checked by the
             // caller), and x b * cin * h * w (out_shape read b, h, w from its
@@ -622,11 +629,7 @@ impl ConvOp {
         }
         let _counted = self.count(&shape);
         let out = dst.as_mut_ptr();
-        let residual = match add {
-            Add::Nothing => None,
-            Add::Dst => Some(out as *const f32),
-            Add::From(r) => Some(r.as_ptr()),
-        };
+        let residual = add.residual(out);
         // SAFETY: dst holds b * cout * h * w values (shape checked; the
         // direct kernel keeps the frame size), as does a residual from
         // another tensor (its shape checked by the caller), and x
