@@ -432,7 +432,7 @@ fn write_impl(
     // each component on its own, its full-resolution rows converted from the
     // packed RGB as they are needed (no frame-sized intermediate)
     let model = layout.model;
-    let rgb_row = |y: usize| &restored[y * width * 3..][..width * 3];
+    let restored_row = |y: usize| &restored[y * width * 3..][..width * 3];
     let input_row = |y: usize| input.map(|i| &i[y * width * 3..][..width * 3]);
     for (ci, c) in layout.comps.iter().enumerate() {
         let p = &mut planes[c.plane];
@@ -449,7 +449,7 @@ fn write_impl(
             if full_res && c.pixel_stride == 1 {
                 // one tap of weight 1 each way: the sample's own value
                 let y = ys[0].0;
-                component_row(model, ci, rgb_row(y), input_row(y), v);
+                component_row(model, ci, restored_row(y), input_row(y), v);
                 blend_row(v, &mut prow[c.offset..][..width], strength, input.is_some());
                 return;
             }
@@ -457,7 +457,7 @@ fn write_impl(
             converted.clear();
             converted.resize(cw, 0.0);
             for &(y, wy) in ys {
-                component_row(model, ci, rgb_row(y), input_row(y), v);
+                component_row(model, ci, restored_row(y), input_row(y), v);
                 for (o, xs) in converted.iter_mut().zip(&tx) {
                     *o += wy * xs.iter().map(|&(x, wx)| wx * v[x]).sum::<f32>();
                 }

@@ -136,6 +136,14 @@ impl Pool {
         Some(self.0.swap_remove(i))
     }
 
+    /// A dead tensor of these dims and dtype, or a fresh (zeroed) one.
+    fn take_or_new(&mut self, dims: &[usize], dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        match self.take_of(dims, dtype) {
+            Some(t) => Ok(t),
+            None => Tensor::zeros(dims, dtype, device),
+        }
+    }
+
     /// `t`, whose storage no other tensor shares, is dead.
     fn put(&mut self, t: Tensor) {
         self.0.push(t);
@@ -152,11 +160,7 @@ impl Pool {
     /// `conv(x)` as bf16 channel pairs (`[B, C / 2, H, W]` u32, `C` the
     /// output's channels) into a dead tensor of those dims, or a fresh one.
     fn conv_pairs(&mut self, conv: &Conv, x: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
-        let t = match self.take_of(dims, DType::U32) {
-            Some(t) => t,
-            None => Tensor::zeros(dims, DType::U32, x.device())?,
-        };
-        conv.forward_pairs_into(x, t)
+        conv.forward_pairs_into(x, self.take_or_new(dims, DType::U32, x.device())?)
     }
 }
 
@@ -193,7 +197,7 @@ fn run_blocks(
                 Some(t) => conv2.forward_plus_into(&h, t, &x)?,
                 // pairs go into a buffer (the one path that reads them)
                 None if h.dtype() == DType::U32 => {
-                    conv2.forward_plus_into(&h, Tensor::zeros(dims.as_slice(), DType::F32, h.device())?, &x)?
+                    conv2.forward_plus_into(&h, pool.take_or_new(&dims, DType::F32, h.device())?, &x)?
                 }
                 None => conv2.forward_add(&h, Some(&x))?,
             }
@@ -567,10 +571,7 @@ impl Cave {
             return Ok((x.clone(), false));
         }
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            let dst = match pool.take(&[b, c, hp, wp]) {
-                Some(t) => t,
-                None => Tensor::zeros((b, c, hp, wp), DType::F32, x.device())?,
-            };
+            let dst = pool.take_or_new(&[b, c, hp, wp], DType::F32, x.device())?;
             dst.inplace_op2(&x.contiguous()?, &PadInto)?;
             return Ok((dst, true));
         }

@@ -368,8 +368,7 @@ impl Engine {
             )));
         }
         if self.device.is_cpu() {
-            // one pass, planar, the same arithmetic as candle's `t / 255.0`
-            // (a multiply by the f32 reciprocal)
+            // planar, the same arithmetic as candle's `t / 255.0` (PlanesOf)
             let (w, h) = (img.width, img.height);
             // the last frame's input buffer when the model kept one
             if let Some(t) = self.cave.spare(&[1, 3, h, w]) {

@@ -128,14 +128,7 @@ impl TemporalFilter {
             let field = motion::estimate(prev_luma, &luma);
             let m = &mut self.scratch;
             m.compute(prev_in, input, &field, self.threshold);
-            let t = self.threshold;
-            use rayon::prelude::*;
-            let w = input.width.max(1);
-            restored
-                .data
-                .par_chunks_mut(3 * w)
-                .zip(m.src.par_chunks(w).zip(m.weight.par_chunks(w)))
-                .for_each(|(row, (src, weight))| blend_row(row, src, weight, &prev_out.data, strength, t));
+            m.blend(restored, prev_out, strength, self.threshold);
         }
         self.adopt(input, restored);
         Ok(())
@@ -189,16 +182,11 @@ impl TemporalFilter {
         // matched against the previous output: two JPEG frames share their
         // 8x8 grid, which draws the match to itself rather than to the motion
         let field = motion::estimate(prev_luma, &Luma::of_rgb(&input.data, w, h));
-        let t = self.threshold;
         let m = &mut self.scratch;
-        m.compute(prev_in, input, &field, t);
+        m.compute(prev_in, input, &field, self.threshold);
         // the input, blended as `apply` blends a restoration at full strength
-        use rayon::prelude::*;
         out.data.copy_from_slice(&input.data);
-        out.data
-            .par_chunks_mut(3 * w.max(1))
-            .zip(m.src.par_chunks(w.max(1)).zip(m.weight.par_chunks(w.max(1))))
-            .for_each(|(row, (src, weight))| blend_row(row, src, weight, &prev_out.data, 1.0, t));
+        m.blend(out, prev_out, 1.0, self.threshold);
         self.adopt(input, out);
         true
     }
@@ -247,6 +235,18 @@ struct Matched {
 const NO_MATCH: u32 = u32::MAX;
 
 impl Matched {
+    /// Move each pixel of `out` (a frame of the size computed) towards
+    /// `prev_out` at its match, by `strength` times its weight, at most `t`
+    /// code values ([`blend_row`], rows in parallel).
+    fn blend(&self, out: &mut RgbImage, prev_out: &RgbImage, strength: f32, t: f32) {
+        use rayon::prelude::*;
+        let w = out.width.max(1);
+        out.data
+            .par_chunks_mut(3 * w)
+            .zip(self.src.par_chunks(w).zip(self.weight.par_chunks(w)))
+            .for_each(|(row, (src, weight))| blend_row(row, src, weight, &prev_out.data, strength, t));
+    }
+
     /// The matches and weights of `input` against `prev_in` under `field`,
     /// into this one's buffers (kept from frame to frame: a fresh buffer
     /// costs the clearing of its pages).
@@ -509,6 +509,16 @@ mod tests {
         assert_eq!(out, cut);
     }
 
+    /// `img` with fine detail of its own: every other pixel `d` brighter,
+    /// the rest `d` darker (a restoration's texture, zero mean).
+    fn with_detail(img: &RgbImage, d: u8) -> RgbImage {
+        let mut out = img.clone();
+        for (j, v) in out.data.iter_mut().enumerate() {
+            *v = if (j / 3) % 2 == 0 { v.saturating_add(d) } else { v.saturating_sub(d) };
+        }
+        out
+    }
+
     /// A smooth textured scene seen from `(sx, sy)`, plus noise.
     fn scene(w: usize, h: usize, sx: usize, sy: usize, rng: &mut Rng, amp: i32) -> RgbImage {
         let mut data = Vec::with_capacity(w * h * 3);
@@ -656,10 +666,7 @@ mod tests {
         let (w, h) = (64, 32);
         let prev_in = scene(w, h, 0, 0, &mut rng, 0);
         // the restoration: fine detail of its own (zero mean)
-        let mut prev_out = prev_in.clone();
-        for (j, v) in prev_out.data.iter_mut().enumerate() {
-            *v = if (j / 3) % 2 == 0 { v.saturating_add(3) } else { v.saturating_sub(3) };
-        }
+        let prev_out = with_detail(&prev_in, 3);
         let mut filter = TemporalFilter::default();
         let mut out = prev_in.clone();
         assert!(!filter.carry(&prev_in, &mut out), "no previous frame yet");
@@ -697,10 +704,7 @@ mod tests {
         let mut rng = Rng(21);
         let (w, h) = (80, 48);
         let prev_in = scene(w, h, 0, 0, &mut rng, 6);
-        let mut prev_out = prev_in.clone();
-        for (j, v) in prev_out.data.iter_mut().enumerate() {
-            *v = if (j / 3) % 2 == 0 { v.saturating_add(4) } else { v.saturating_sub(4) };
-        }
+        let prev_out = with_detail(&prev_in, 4);
         let input = scene(w, h, 2, 1, &mut rng, 6);
         let (mut carried, mut applied) = (TemporalFilter::default(), TemporalFilter::default());
         carried.adopt(&prev_in, &prev_out);

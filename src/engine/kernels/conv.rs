@@ -565,79 +565,62 @@ impl ConvOp {
         lx: &Layout,
         add: Add<'_>,
     ) -> candle_core::Result<()> {
-        if let CpuStorage::U32(v) = xs {
-            return self.run_pairs_to(dst, ld, v, lx, add);
-        }
-        let x = contiguous(xs, lx, "conv")?;
-        let (b, h, w, shape) = self.out_shape(lx)?;
-        if ld.shape() != &shape {
-            candle_core::bail!("conv into a {:?} tensor, output {:?}", ld.shape(), shape);
-        }
-        if std::ptr::eq(dst.as_ptr(), x.as_ptr()) {
-            candle_core::bail!("conv into: the destination is the input");
-        }
-        let _counted = self.count(&shape);
-        if let Some(d) = self.direct_for(w) {
-            let out = dst.as_mut_ptr();
-            let residual = add.residual(out);
-            // SAFETY: dst holds b * cout * h * w values (shape checked), as
-            // does a residual from another tensor (its shape checked by the
-            // caller), and x b * cin * h * w (out_shape read b, h, w from its
-            // layout and checked its channels); dst is not x (checked) and
-            // candle refuses a destination sharing storage with a source, so
-            // the only alias is residual = out, whose values the kernel reads
-            // right before writing them; `d` came from direct_for
-            unsafe { self.run_direct_into(d, Src::F32(x.as_ptr()), b, h, w, residual, Dst::F32(out)) };
-        } else {
-            let residual = match add {
-                Add::Nothing => None,
-                Add::Dst => Some(&*dst),
-                Add::From(r) => Some(r),
-            };
-            let y = self.run(x, b, h, w, residual)?;
-            dst.copy_from_slice(&y);
-        }
-        Ok(())
-    }
-
-    /// [`ConvOp::run_to`] from bf16 channel pairs `x` (`[B, cin.div_ceil(2),
-    /// H, W]` words, as [`ConvPairsInto`] writes them).
-    fn run_pairs_to(
-        &self,
-        dst: &mut [f32],
-        ld: &Layout,
-        x: &[u32],
-        lx: &Layout,
-        add: Add<'_>,
-    ) -> candle_core::Result<()> {
         let (b, c, h, w) = lx.shape().dims4()?;
-        let x = match lx.contiguous_offsets() {
-            Some((o0, o1)) if c == self.cin.div_ceil(2) => &x[o0..o1],
-            _ => candle_core::bail!(
-                "conv from pairs: contiguous [B, {}, H, W] pairs expected, got {:?}",
-                self.cin.div_ceil(2),
-                lx.shape()
-            ),
-        };
-        let Some(d) = self.direct_for(w).filter(|d| d.is_bf16()) else {
-            candle_core::bail!("conv from pairs: the layer does not multiply bf16 pairs here")
+        // the input: f32 channels (`x`), or bf16 pairs of them, which only
+        // the bf16 direct kernel reads
+        let (x, src) = match xs {
+            CpuStorage::U32(v) => match lx.contiguous_offsets() {
+                Some((o0, o1)) if c == self.cin.div_ceil(2) => (None, Src::Pairs(v[o0..o1].as_ptr())),
+                _ => candle_core::bail!(
+                    "conv from pairs: contiguous [B, {}, H, W] pairs expected, got {:?}",
+                    self.cin.div_ceil(2),
+                    lx.shape()
+                ),
+            },
+            _ => {
+                let x = contiguous(xs, lx, "conv")?;
+                if c != self.cin {
+                    candle_core::bail!("conv: {c} input channels, weight expects {}", self.cin);
+                }
+                (Some(x), Src::F32(x.as_ptr()))
+            }
         };
         let (oh, ow) = self.out_hw(h, w)?;
         let shape = Shape::from((b, self.cout, oh, ow));
         if ld.shape() != &shape {
             candle_core::bail!("conv into a {:?} tensor, output {:?}", ld.shape(), shape);
         }
+        if x.is_some_and(|x| std::ptr::eq(dst.as_ptr(), x.as_ptr())) {
+            candle_core::bail!("conv into: the destination is the input");
+        }
         let _counted = self.count(&shape);
-        let out = dst.as_mut_ptr();
-        let residual = add.residual(out);
-        // SAFETY: dst holds b * cout * h * w values (shape checked; the
-        // direct kernel keeps the frame size), as does a residual from
-        // another tensor (its shape checked by the caller), and x
-        // b * cin.div_ceil(2) * h * w words (checked above); x is u32 and dst
-        // f32, so they are different tensors, and the only alias is residual
-        // = out, read right before written; `d` came from direct_for and
-        // multiplies bf16 pairs
-        unsafe { self.run_direct_into(d, Src::Pairs(x.as_ptr()), b, h, w, residual, Dst::F32(out)) };
+        match (self.direct_for(w).filter(|d| x.is_some() || d.is_bf16()), x) {
+            (Some(d), _) => {
+                let out = dst.as_mut_ptr();
+                let residual = add.residual(out);
+                // SAFETY: dst holds b * cout * h * w values (shape checked;
+                // the direct kernel keeps the frame size), as does a residual
+                // from another tensor (its shape checked by the caller), and
+                // x b * cin * h * w values or b * cin.div_ceil(2) * h * w
+                // words of pairs (its channels checked above, b, h, w read
+                // from its layout); dst is not an f32 x (checked) nor a u32
+                // one (another dtype), and candle refuses a destination
+                // sharing storage with a source, so the only alias is
+                // residual = out, whose values the kernel reads right before
+                // writing them; `d` came from direct_for, bf16 where x is pairs
+                unsafe { self.run_direct_into(d, src, b, h, w, residual, Dst::F32(out)) };
+            }
+            (None, Some(x)) => {
+                let residual = match add {
+                    Add::Nothing => None,
+                    Add::Dst => Some(&*dst),
+                    Add::From(r) => Some(r),
+                };
+                let y = self.run(x, b, h, w, residual)?;
+                dst.copy_from_slice(&y);
+            }
+            (None, None) => candle_core::bail!("conv from pairs: the layer does not multiply bf16 pairs here"),
+        }
         Ok(())
     }
 }
