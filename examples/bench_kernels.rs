@@ -44,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "| layer | cin->cout | HxW | direct ms | GEMM ms | F(2,3) ms | F(4,3) ms | candle ms | best GFLOP/s (direct-equivalent) | bf16: direct ms | GEMM ms | F(2,3) ms |"
     );
     println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let layers: [(&str, usize, usize, usize, usize); 16] = [
+    let layers: [(&str, usize, usize, usize, usize); 19] = [
         ("compact head", 3, 8, 720, 1280),
         ("compact level 0", 8, 8, 720, 1280),
         ("compact tail", 8, 3, 720, 1280),
@@ -55,6 +55,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("SD VAE 128 ch", 128, 128, 256, 256),
         ("SD VAE 256 ch", 256, 256, 128, 128),
         ("SD VAE 512 ch", 512, 512, 64, 64),
+        ("SD VAE decoder 128 ch", 128, 128, 512, 512),
+        ("SD VAE decoder 256 ch", 256, 256, 256, 256),
+        ("SD VAE decoder 512 ch", 512, 512, 128, 128),
         ("SD UNet 320 ch", 320, 320, 64, 64),
         ("SD UNet 640 ch", 640, 640, 32, 32),
         ("SD UNet 1920->640", 1920, 640, 32, 32),

@@ -83,15 +83,14 @@ pub fn tile_for(h: usize, w: usize, kept: bool) -> Option<usize> {
     }
 }
 
-/// F(m x m, 3 x 3)'s matrices.
+/// F(m x m, 3 x 3): its sides and kernel transform G (the input and output
+/// transforms are compile-time, [`Matrices`]).
 #[derive(Debug, Clone, Copy)]
 struct Tile {
     /// output tile side m (2 or 4); the input tile is alpha = m + 2
     m: usize,
     alpha: usize,
-    bt: &'static [f32],
     g: &'static [f32],
-    at: &'static [f32],
 }
 
 /// Where a call works: tile rows `r0..r1` of an `h x w` image (output rows
@@ -116,12 +115,12 @@ struct Epilogue<'a> {
 
 impl Tile {
     fn new(m: usize) -> Self {
-        let (bt, g, at): (&'static [f32], &'static [f32], &'static [f32]) = match m {
-            2 => (&F2_BT, &F2_G, &F2_AT),
-            4 => (&F4_BT, &F4_G, &F4_AT),
+        let g: &'static [f32] = match m {
+            2 => &F2_G,
+            4 => &F4_G,
             _ => panic!("Winograd F({m},3) is not implemented (2 or 4)"),
         };
-        Self { m, alpha: m + 2, bt, g, at }
+        Self { m, alpha: m + 2, g }
     }
 
     /// Row `a` of `G g Gᵀ` for every input channel of one output channel:
@@ -179,89 +178,162 @@ impl Tile {
     }
 }
 
-/// `dst_r[t] = Σ_k c[r n + k] src_k[t]` for r < `rows`, t < `len`, with
-/// `src_k = src + k src_stride` (k < n) and `dst_r = dst + r dst_stride`:
-/// one pass over 8 columns at a time with the n source vectors and the
-/// `rows` sums in registers (R and N are compile-time, so the loops unroll),
-/// zero coefficients skipped (the same sums, in the same order, as one pass
-/// per coefficient).
+/// `dst_r[t] = Σ_k c[r N + k] src[k][t]` for r < R, t < `len`, with
+/// `dst_r = dst + r dst_stride`: one pass over 8 columns at a time with the N
+/// source vectors and the R sums in registers. R, N and (through
+/// [`Matrices`]) the coefficients are compile-time, so the loops unroll,
+/// zero coefficients drop out and ±1 become additions (the same sums, in the
+/// same order, as one pass per coefficient).
 ///
 /// # Safety
 /// The rows are valid for `len` values; destination rows overlap no source.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn apply_fixed<const R: usize, const N: usize>(
-    c: &[f32],
+unsafe fn apply<const R: usize, const N: usize>(
+    c: &'static [f32],
     len: usize,
-    src: *const f32,
-    src_stride: usize,
+    src: [*const f32; N],
     dst: *mut f32,
     dst_stride: usize,
 ) {
-    const L: usize = 8;
-    let c: &[f32; 36] = &{
-        let mut a = [0f32; 36];
-        a[..R * N].copy_from_slice(&c[..R * N]);
-        a
-    };
+    let full = len / L * L;
     let mut t = 0;
-    while t < len {
-        let wd = (len - t).min(L);
-        let mut s = [[0f32; L]; N];
-        for (k, sk) in s.iter_mut().enumerate() {
-            let p = src.add(k * src_stride + t);
-            if wd == L {
-                // a fixed-size copy is a vector move; a variable one a memmove call
-                *sk = std::ptr::read_unaligned(p as *const [f32; L]);
-            } else {
-                sk[..wd].copy_from_slice(std::slice::from_raw_parts(p, wd));
-            }
-        }
-        for r in 0..R {
-            let mut acc = [0f32; L];
-            for (k, sk) in s.iter().enumerate() {
-                let ck = c[r * N + k];
-                if ck != 0.0 {
-                    for (a, v) in acc.iter_mut().zip(sk) {
-                        *a += ck * v;
-                    }
-                }
-            }
-            let p = dst.add(r * dst_stride + t);
-            if wd == L {
-                std::ptr::write_unaligned(p as *mut [f32; L], acc);
-            } else {
-                std::slice::from_raw_parts_mut(p, wd).copy_from_slice(&acc[..wd]);
-            }
-        }
+    while t < full {
+        block::<R, N>(c, &src, t, dst.add(t), dst_stride);
         t += L;
+    }
+    if t < len {
+        // the last columns through zero-padded copies, so that the loop
+        // above keeps its vectors in registers (a partial copy into them
+        // would put them in memory)
+        let wd = len - t;
+        let mut s = [[0f32; L]; N];
+        for (sk, p) in s.iter_mut().zip(src) {
+            sk[..wd].copy_from_slice(std::slice::from_raw_parts(p.add(t), wd));
+        }
+        let mut d = [[0f32; L]; R];
+        let mut sp = [std::ptr::null::<f32>(); N];
+        for (p, sk) in sp.iter_mut().zip(&s) {
+            *p = sk.as_ptr();
+        }
+        block::<R, N>(c, &sp, 0, d.as_mut_ptr() as *mut f32, L);
+        for (r, dr) in d.iter().enumerate() {
+            std::slice::from_raw_parts_mut(dst.add(r * dst_stride + t), wd).copy_from_slice(&dr[..wd]);
+        }
     }
 }
 
-/// [`apply_fixed`] for the transforms' shapes: `rows` x `n` = alpha x alpha
-/// (Bᵀ) or m x alpha (Aᵀ), for m = 2 and 4.
+/// Columns per pass of [`apply`].
+const L: usize = 8;
+
+/// [`apply`] on L columns: `dst + r dst_stride` (r < R) from `src[k] + t`.
 ///
 /// # Safety
-/// As [`apply_fixed`].
+/// As [`apply`], for L values per row.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn apply(
-    c: &[f32],
-    rows: usize,
-    n: usize,
-    len: usize,
-    src: *const f32,
-    src_stride: usize,
+unsafe fn block<const R: usize, const N: usize>(
+    c: &'static [f32],
+    src: &[*const f32; N],
+    t: usize,
     dst: *mut f32,
     dst_stride: usize,
 ) {
-    match (rows, n) {
-        (6, 6) => apply_fixed::<6, 6>(c, len, src, src_stride, dst, dst_stride),
-        (4, 6) => apply_fixed::<4, 6>(c, len, src, src_stride, dst, dst_stride),
-        (4, 4) => apply_fixed::<4, 4>(c, len, src, src_stride, dst, dst_stride),
-        (2, 4) => apply_fixed::<2, 4>(c, len, src, src_stride, dst, dst_stride),
-        _ => unreachable!("Winograd transforms are 6x6, 4x6, 4x4 or 2x4"),
+    let mut s = [[0f32; L]; N];
+    for (sk, p) in s.iter_mut().zip(src) {
+        *sk = std::ptr::read_unaligned(p.add(t) as *const [f32; L]);
     }
+    for r in 0..R {
+        let mut acc = [0f32; L];
+        for (k, sk) in s.iter().enumerate() {
+            let ck = c[r * N + k];
+            if ck != 0.0 {
+                for (a, v) in acc.iter_mut().zip(sk) {
+                    *a += ck * v;
+                }
+            }
+        }
+        std::ptr::write_unaligned(dst.add(r * dst_stride) as *mut [f32; L], acc);
+    }
+}
+
+/// `dst[k gl + t] = src[t M + k]` for k < M and every whole tile t of
+/// `src`: L tiles at a time through fixed-size arrays, which the compiler
+/// turns into vector shuffles (M is a constant).
+#[inline(always)]
+fn deinterleave<const M: usize>(src: &[f32], dst: &mut [f32], gl: usize) {
+    let tiles = src.len() / M;
+    let full = tiles / L * L;
+    for t0 in (0..full).step_by(L) {
+        let mut g = [[0f32; L]; M];
+        for (t, p) in src[t0 * M..(t0 + L) * M].chunks_exact(M).enumerate() {
+            for (k, &v) in p.iter().enumerate() {
+                g[k][t] = v;
+            }
+        }
+        for (k, gk) in g.iter().enumerate() {
+            dst[k * gl + t0..][..L].copy_from_slice(gk);
+        }
+    }
+    for t in full..tiles {
+        for k in 0..M {
+            dst[k * gl + t] = src[t * M + k];
+        }
+    }
+}
+
+/// `dst[t M + c] = src[c tc + t]` for c < M, t < tc: [`deinterleave`]'s
+/// inverse.
+#[inline(always)]
+fn interleave<const M: usize>(src: &[f32], tc: usize, dst: &mut [f32]) {
+    let full = tc / L * L;
+    for t0 in (0..full).step_by(L) {
+        let mut g = [[0f32; L]; M];
+        for (c, gc) in g.iter_mut().enumerate() {
+            gc.copy_from_slice(&src[c * tc + t0..][..L]);
+        }
+        for (t, o) in dst[t0 * M..(t0 + L) * M].chunks_exact_mut(M).enumerate() {
+            for (c, v) in o.iter_mut().enumerate() {
+                *v = g[c][t];
+            }
+        }
+    }
+    for t in full..tc {
+        for c in 0..M {
+            dst[t * M + c] = src[c * tc + t];
+        }
+    }
+}
+
+/// A tile's input and output transforms as compile-time constants.
+trait Matrices {
+    /// Bᵀ, alpha x alpha
+    const BT: &'static [f32];
+    /// Aᵀ, m x alpha
+    const AT: &'static [f32];
+}
+
+/// F(2,3)'s transforms.
+struct F2;
+/// F(4,3)'s transforms.
+struct F4;
+
+impl Matrices for F2 {
+    const BT: &'static [f32] = &F2_BT;
+    const AT: &'static [f32] = &F2_AT;
+}
+
+impl Matrices for F4 {
+    const BT: &'static [f32] = &F4_BT;
+    const AT: &'static [f32] = &F4_AT;
+}
+
+/// `N` row pointers `p + k stride`.
+#[inline(always)]
+fn rows<const N: usize>(p: *const f32, stride: usize) -> [*const f32; N] {
+    let mut r = [p; N];
+    for (k, q) in r.iter_mut().enumerate() {
+        *q = p.wrapping_add(k * stride);
+    }
+    r
 }
 
 // This module's avx2_fn! functions (input_tiles, output_tiles, kernel_row)
@@ -270,105 +342,160 @@ unsafe fn apply(
 // state their contracts.
 
 avx2_fn! {
-    /// [`Tile::input`]'s body (a free function for [`avx2_fn`]).
+    /// [`Tile::input`]'s body (a free function for [`avx2_fn`]), for the
+    /// tile's compile-time sides.
     #[allow(clippy::too_many_arguments)]
     fn input_tiles(tile: &Tile, x: &[f32], band: &Band, cis: std::ops::Range<usize>, cin: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
-        let Band { h, w, r0, r1 } = *band;
-        let (m, al, bt) = (tile.m, tile.alpha, tile.bt);
-        let tc = w.div_ceil(m);
-        // padded input row, alpha gathered columns, alpha x alpha horizontal sums
-        let prow_len = (tc - 1) * m + al;
-        tmp.resize(prow_len + al * tc + al * al * tc, 0.0);
-        let (prow, rest) = tmp.split_at_mut(prow_len);
-        let (gat, hz) = rest.split_at_mut(al * tc);
-        for ci in cis {
-            let plane = &x[ci * h * w..(ci + 1) * h * w];
-            for tr in r0..r1 {
-                let t0 = (tr - r0) * tc;
-                for i in 0..al {
-                    let y = (tr * m + i) as isize - 1;
+        match tile.m {
+            2 => input_m::<F2, 2, 4>(x, band, cis, cin, v, nt, tmp),
+            _ => input_m::<F4, 4, 6>(x, band, cis, cin, v, nt, tmp),
+        }
+    }
+}
+
+/// [`input_tiles`] for F(M, 3), AL = M + 2.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn input_m<T: Matrices, const M: usize, const AL: usize>(
+    x: &[f32],
+    band: &Band,
+    cis: std::ops::Range<usize>,
+    cin: usize,
+    v: *mut f32,
+    nt: usize,
+    tmp: &mut Vec<f32>,
+) {
+    let Band { h, w, r0, r1 } = *band;
+    let tc = w.div_ceil(M);
+    // padded input row (one tile's worth beyond the last), M columns gathered
+    // (tc + 1 values each: column M + k of tile t is column k of tile t + 1),
+    // AL x AL horizontal sums
+    let prow_len = (tc + 1) * M;
+    let gl = tc + 1;
+    tmp.resize(prow_len + M * gl + AL * AL * tc, 0.0);
+    let (prow, rest) = tmp.split_at_mut(prow_len);
+    let (gat, hz) = rest.split_at_mut(M * gl);
+    // horizontal sources: gathered column k (k < M), else column k - M one tile on
+    let mut src = [gat.as_ptr(); AL];
+    for (k, p) in src.iter_mut().enumerate() {
+        *p = if k < M { gat[k * gl..].as_ptr() } else { gat[(k - M) * gl + 1..].as_ptr() };
+    }
+    for ci in cis {
+        let plane = &x[ci * h * w..(ci + 1) * h * w];
+        for tr in r0..r1 {
+            let t0 = (tr - r0) * tc;
+            for i in 0..AL {
+                let y = (tr * M + i) as isize - 1;
+                if y >= 0 && (y as usize) < h {
+                    let n = w.min(prow_len - 1);
+                    prow[0] = 0.0;
+                    prow[1..1 + n].copy_from_slice(&plane[y as usize * w..][..n]);
+                    prow[1 + n..].fill(0.0);
+                } else {
                     prow.fill(0.0);
-                    if y >= 0 && (y as usize) < h {
-                        let src = &plane[y as usize * w..][..w];
-                        let n = w.min(prow_len - 1);
-                        prow[1..1 + n].copy_from_slice(&src[..n]);
-                    }
-                    // gat[k][t] = prow[t m + k]
-                    for k in 0..al {
-                        let g = &mut gat[k * tc..(k + 1) * tc];
-                        for (t, v) in g.iter_mut().enumerate() {
-                            *v = prow[t * m + k];
-                        }
-                    }
-                    // hz[i][bb][t] = Σ_k Bᵀ[bb][k] gat[k][t]
-                    // SAFETY: gat (alpha rows of tc values) and hz (alpha² rows)
-                    // are disjoint parts of tmp, which was resized to hold them
-                    unsafe { apply(bt, al, al, tc, gat.as_ptr(), tc, hz.as_mut_ptr().add(i * al * tc), tc) };
                 }
-                // V[a al + bb][ci][t0 + t] = Σ_i Bᵀ[a][i] hz[i][bb][t]
-                for bb in 0..al {
-                    // SAFETY: the caller's contract (Tile::input): V's rows of
-                    // channel ci are valid and written by this call alone;
-                    // hz's alpha rows from bb tc (stride alpha tc) lie inside it
-                    unsafe { apply(bt, al, al, tc, hz.as_ptr().add(bb * tc), al * tc, v.add((bb * cin + ci) * nt + t0), al * cin * nt) };
-                }
+                // gat[k][t] = prow[t M + k]
+                deinterleave::<M>(prow, gat, gl);
+                // hz[i][bb][t] = Σ_k Bᵀ[bb][k] gat[k][t]
+                // SAFETY: gat (M rows of tc + 1 values, the sources reading
+                // tc from offset 0 or 1) and hz (AL² rows of tc) are disjoint
+                // parts of tmp, which was resized to hold them
+                unsafe { apply::<AL, AL>(T::BT, tc, src, hz.as_mut_ptr().add(i * AL * tc), tc) };
+            }
+            // V[a AL + bb][ci][t0 + t] = Σ_i Bᵀ[a][i] hz[i][bb][t]
+            for bb in 0..AL {
+                // SAFETY: the caller's contract (Tile::input): V's rows of
+                // channel ci are valid and written by this call alone; hz's
+                // AL rows from bb tc (stride AL tc) lie inside it
+                unsafe {
+                    apply::<AL, AL>(
+                        T::BT,
+                        tc,
+                        rows(hz.as_ptr().add(bb * tc), AL * tc),
+                        v.add((bb * cin + ci) * nt + t0),
+                        AL * cin * nt,
+                    )
+                };
             }
         }
     }
 }
 
 avx2_fn! {
-    /// [`Tile::output`]'s body (a free function for [`avx2_fn`]).
+    /// [`Tile::output`]'s body (a free function for [`avx2_fn`]), for the
+    /// tile's compile-time sides.
     #[allow(clippy::too_many_arguments)]
     fn output_tiles(tile: &Tile, mm: &[f32], rows: usize, co0: usize, nt: usize, band: &Band, ep: &Epilogue<'_>, out: *mut f32, tmp: &mut Vec<f32>) {
-        let (Band { h, w, r0, r1 }, Epilogue { bias, relu, residual }) = (*band, *ep);
-        let (m, al, at) = (tile.m, tile.alpha, tile.at);
-        let tc = w.div_ceil(m);
-        assert!(mm.len() >= al * al * rows * nt);
-        // sh[a][c][t] (alpha x m x tc), y[rr][c][t] (m x m x tc), one output row
-        let sh_len = al * m * tc;
-        tmp.resize(sh_len + m * m * tc + m * tc, 0.0);
-        let (sh, rest) = tmp.split_at_mut(sh_len);
-        let (yt, orow) = rest.split_at_mut(m * m * tc);
-        for r in 0..rows {
-            let co = co0 + r;
-            let bias = bias[co];
-            for tr in r0..r1 {
-                let t0 = (tr - r0) * tc;
-                // SAFETY: mm holds alpha² x rows x nt values (asserted); sh and yt
-                // are disjoint parts of tmp, resized to hold them
-                unsafe {
-                    // sh[a][c][t] = Σ_bb Aᵀ[c][bb] M[a al + bb][r][t]
-                    for a in 0..al {
-                        apply(at, m, al, tc, mm.as_ptr().add((a * al * rows + r) * nt + t0), rows * nt, sh.as_mut_ptr().add(a * m * tc), tc);
-                    }
-                    // y[rr][c][t] = Σ_a Aᵀ[rr][a] sh[a][c][t]
-                    for c in 0..m {
-                        apply(at, m, al, tc, sh.as_ptr().add(c * tc), m * tc, yt.as_mut_ptr().add(c * tc), m * tc);
-                    }
+        match tile.m {
+            2 => output_m::<F2, 2, 4>(mm, rows, co0, nt, band, ep, out, tmp),
+            _ => output_m::<F4, 4, 6>(mm, rows, co0, nt, band, ep, out, tmp),
+        }
+    }
+}
+
+/// [`output_tiles`] for F(M, 3), AL = M + 2.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn output_m<T: Matrices, const M: usize, const AL: usize>(
+    mm: &[f32],
+    n_rows: usize,
+    co0: usize,
+    nt: usize,
+    band: &Band,
+    ep: &Epilogue<'_>,
+    out: *mut f32,
+    tmp: &mut Vec<f32>,
+) {
+    let (Band { h, w, r0, r1 }, Epilogue { bias, relu, residual }) = (*band, *ep);
+    let tc = w.div_ceil(M);
+    assert!(mm.len() >= AL * AL * n_rows * nt);
+    // sh[a][c][t] (AL x M x tc), y[rr][c][t] (M x M x tc), one output row
+    let sh_len = AL * M * tc;
+    tmp.resize(sh_len + M * M * tc + M * tc, 0.0);
+    let (sh, rest) = tmp.split_at_mut(sh_len);
+    let (yt, orow) = rest.split_at_mut(M * M * tc);
+    for r in 0..n_rows {
+        let co = co0 + r;
+        let bias = bias[co];
+        for tr in r0..r1 {
+            let t0 = (tr - r0) * tc;
+            // SAFETY: mm holds AL² x rows x nt values (asserted); sh and yt
+            // are disjoint parts of tmp, resized to hold them
+            unsafe {
+                // sh[a][c][t] = Σ_bb Aᵀ[c][bb] M[a AL + bb][r][t]
+                for a in 0..AL {
+                    let m0 = mm.as_ptr().add((a * AL * n_rows + r) * nt + t0);
+                    apply::<M, AL>(T::AT, tc, rows(m0, n_rows * nt), sh.as_mut_ptr().add(a * M * tc), tc);
                 }
-                for rr in 0..m {
-                    let oy = tr * m + rr;
-                    if oy >= h {
-                        break;
-                    }
-                    // orow[t m + c] = y[rr][c][t]
-                    let orow = &mut orow[..tc * m];
-                    for c in 0..m {
-                        for (t, &v) in yt[(rr * m + c) * tc..][..tc].iter().enumerate() {
-                            orow[t * m + c] = v;
-                        }
-                    }
-                    // SAFETY: the caller's contract (Tile::output): `out` holds
-                    // the image and no other thread writes channel co's rows
-                    // of tile rows r0..r1
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out.add((co * h + oy) * w), w) };
-                    let y = &orow[..w];
-                    match (relu, residual.map(|r| &r[(co * h + oy) * w..][..w])) {
-                        (false, None) => dst.iter_mut().zip(y).for_each(|(d, y)| *d = y + bias),
-                        (true, None) => dst.iter_mut().zip(y).for_each(|(d, y)| *d = (y + bias).max(0.0)),
-                        (false, Some(rr)) => dst.iter_mut().zip(y).zip(rr).for_each(|((d, y), r)| *d = y + bias + r),
-                        (true, Some(rr)) => dst.iter_mut().zip(y).zip(rr).for_each(|((d, y), r)| *d = (y + bias).max(0.0) + r),
+                // y[rr][c][t] = Σ_a Aᵀ[rr][a] sh[a][c][t]
+                for c in 0..M {
+                    apply::<M, AL>(
+                        T::AT,
+                        tc,
+                        rows(sh.as_ptr().add(c * tc), M * tc),
+                        yt.as_mut_ptr().add(c * tc),
+                        M * tc,
+                    );
+                }
+            }
+            for rr in 0..M {
+                let oy = tr * M + rr;
+                if oy >= h {
+                    break;
+                }
+                // orow[t M + c] = y[rr][c][t]
+                interleave::<M>(&yt[rr * M * tc..][..M * tc], tc, &mut orow[..tc * M]);
+                // SAFETY: the caller's contract (Tile::output): `out` holds
+                // the image and no other thread writes channel co's rows
+                // of tile rows r0..r1
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.add((co * h + oy) * w), w) };
+                let y = &orow[..w];
+                match (relu, residual.map(|r| &r[(co * h + oy) * w..][..w])) {
+                    (false, None) => dst.iter_mut().zip(y).for_each(|(d, y)| *d = y + bias),
+                    (true, None) => dst.iter_mut().zip(y).for_each(|(d, y)| *d = (y + bias).max(0.0)),
+                    (false, Some(rr)) => dst.iter_mut().zip(y).zip(rr).for_each(|((d, y), r)| *d = y + bias + r),
+                    (true, Some(rr)) => {
+                        dst.iter_mut().zip(y).zip(rr).for_each(|((d, y), r)| *d = (y + bias).max(0.0) + r)
                     }
                 }
             }
@@ -451,12 +578,23 @@ pub struct Winograd {
     packed: Vec<super::bf16::Packed>,
 }
 
-/// Per-thread scratch of one band.
+/// A thread's working buffers, kept from call to call (fresh ones each
+/// call cost the kernel clearing their pages: several MB a band).
 #[derive(Default)]
-pub struct Scratch {
+struct Scratch {
+    /// transformed input tiles of a band
     v: Vec<f32>,
+    /// the products `M_ξ`
     mm: Vec<f32>,
+    /// the transforms' rows
     tmp: Vec<f32>,
+    /// [`run_streamed`]: a block's weights `[co][tap][ci]` and one row of U
+    wt: Vec<f32>,
+    u: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 impl Winograd {
@@ -533,7 +671,7 @@ impl Winograd {
         let bands: Vec<(usize, usize)> =
             (0..b).flat_map(|bi| (0..tile_rows).step_by(rows).map(move |r0| (bi, r0))).collect();
         let out_ptr = SendPtr(out.as_mut_ptr());
-        bands.par_iter().for_each_init(Scratch::default, |s, &(bi, r0)| {
+        bands.par_iter().for_each(|&(bi, r0)| {
             let out_ptr = out_ptr;
             let r1 = (r0 + rows).min(tile_rows);
             let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
@@ -541,7 +679,9 @@ impl Winograd {
             let ep = Epilogue { bias, relu, residual: res };
             // SAFETY: `out` holds b * cout * h * w values and outlives this
             // blocking loop; bands write disjoint output rows of image bi
-            unsafe { self.band(xb, &Band { h, w, r0, r1 }, &ep, out_ptr.0.add(bi * cout * h * w), s) }
+            SCRATCH.with_borrow_mut(|s| unsafe {
+                self.band(xb, &Band { h, w, r0, r1 }, &ep, out_ptr.0.add(bi * cout * h * w), s)
+            })
         });
         out
     }
@@ -599,15 +739,6 @@ pub fn streams(cin: usize, h: usize, w: usize, m: usize) -> bool {
     (m + 2) * (m + 2) * cin * h.div_ceil(m) * w.div_ceil(m) * 4 <= STREAM_V_BYTES
 }
 
-/// Per-thread scratch of one block of output channels.
-#[derive(Default)]
-struct BlockScratch {
-    wt: Vec<f32>,
-    u: Vec<f32>,
-    mm: Vec<f32>,
-    tmp: Vec<f32>,
-}
-
 /// F(m x m, 3 x 3) of a layer that does not keep its transformed weights,
 /// on a frame small enough that all its input tiles are transformed at once
 /// ([`streams`]): each task takes a block of output channels, transforms
@@ -646,12 +777,12 @@ pub fn run_streamed(
         let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
         // 1. every input tile, channels in parallel
         let v_ptr = SendPtr(v.as_mut_ptr());
-        (0..cin.div_ceil(chunk)).into_par_iter().for_each_init(Vec::new, |tmp, k| {
+        (0..cin.div_ceil(chunk)).into_par_iter().for_each(|k| {
             let v_ptr = v_ptr;
             let cis = k * chunk..((k + 1) * chunk).min(cin);
             // SAFETY: v holds alpha² * cin * nt values and outlives this
             // blocking loop; chunks write disjoint channel rows of V
-            unsafe { tile.input(xb, &all, cis, cin, v_ptr.0, nt, tmp) }
+            SCRATCH.with_borrow_mut(|s| unsafe { tile.input(xb, &all, cis, cin, v_ptr.0, nt, &mut s.tmp) })
         });
         // 2. blocks of output channels in parallel
         let v = &v;
@@ -659,57 +790,59 @@ pub fn run_streamed(
         let out_ptr = SendPtr(unsafe { out.as_mut_ptr().add(bi * cout * h * w) });
         let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
         let ep = Epilogue { bias, relu, residual: res };
-        (0..cout.div_ceil(STREAM_BLOCK)).into_par_iter().for_each_init(BlockScratch::default, |s, blk| {
-            let out_ptr = out_ptr;
-            let co0 = blk * STREAM_BLOCK;
-            let rows = STREAM_BLOCK.min(cout - co0);
-            s.wt.resize(rows * 9 * cin, 0.0);
-            s.u.resize(al * rows * cin, 0.0);
-            s.mm.resize(a2 * rows * nt, 0.0);
-            for r in 0..rows {
-                transpose_kernel(&weight[(co0 + r) * cin * 9..], cin, &mut s.wt[r * 9 * cin..][..9 * cin]);
-            }
-            for a in 0..al {
-                // U[bb][r][ci] of ξ = a alpha + bb, then its alpha products
+        (0..cout.div_ceil(STREAM_BLOCK)).into_par_iter().for_each(|blk| {
+            SCRATCH.with_borrow_mut(|s| {
+                let out_ptr = out_ptr;
+                let co0 = blk * STREAM_BLOCK;
+                let rows = STREAM_BLOCK.min(cout - co0);
+                s.wt.resize(rows * 9 * cin, 0.0);
+                s.u.resize(al * rows * cin, 0.0);
+                s.mm.resize(a2 * rows * nt, 0.0);
                 for r in 0..rows {
-                    // SAFETY: s.u holds alpha planes of rows * cin values; row r
-                    // of each is written by this call alone (s is this thread's)
-                    unsafe {
-                        tile.kernel_row(
-                            &s.wt[r * 9 * cin..][..9 * cin],
-                            cin,
-                            a,
-                            s.u.as_mut_ptr().add(r * cin),
-                            rows * cin,
-                        )
-                    };
+                    transpose_kernel(&weight[(co0 + r) * cin * 9..], cin, &mut s.wt[r * 9 * cin..][..9 * cin]);
                 }
-                for bb in 0..al {
-                    let xi = a * al + bb;
-                    // SAFETY: the three matrices lie within s.mm, s.u and v
-                    unsafe {
-                        gemm_strided(
-                            math,
-                            rows,
-                            nt,
-                            cin,
-                            false,
-                            s.mm.as_mut_ptr().add(xi * rows * nt),
-                            nt,
-                            1,
-                            s.u.as_ptr().add(bb * rows * cin),
-                            cin,
-                            1,
-                            v.as_ptr().add(xi * cin * nt),
-                            nt,
-                            1,
-                        )
-                    };
+                for a in 0..al {
+                    // U[bb][r][ci] of ξ = a alpha + bb, then its alpha products
+                    for r in 0..rows {
+                        // SAFETY: s.u holds alpha planes of rows * cin values; row r
+                        // of each is written by this call alone (s is this thread's)
+                        unsafe {
+                            tile.kernel_row(
+                                &s.wt[r * 9 * cin..][..9 * cin],
+                                cin,
+                                a,
+                                s.u.as_mut_ptr().add(r * cin),
+                                rows * cin,
+                            )
+                        };
+                    }
+                    for bb in 0..al {
+                        let xi = a * al + bb;
+                        // SAFETY: the three matrices lie within s.mm, s.u and v
+                        unsafe {
+                            gemm_strided(
+                                math,
+                                rows,
+                                nt,
+                                cin,
+                                false,
+                                s.mm.as_mut_ptr().add(xi * rows * nt),
+                                nt,
+                                1,
+                                s.u.as_ptr().add(bb * rows * cin),
+                                cin,
+                                1,
+                                v.as_ptr().add(xi * cin * nt),
+                                nt,
+                                1,
+                            )
+                        };
+                    }
                 }
-            }
-            // SAFETY: out_ptr is image bi of `out`, which outlives this
-            // blocking loop; this block alone writes channels co0..co0 + rows
-            unsafe { tile.output(&s.mm, rows, co0, nt, &all, &ep, out_ptr.0, &mut s.tmp) };
+                // SAFETY: out_ptr is image bi of `out`, which outlives this
+                // blocking loop; this block alone writes channels co0..co0 + rows
+                unsafe { tile.output(&s.mm, rows, co0, nt, &all, &ep, out_ptr.0, &mut s.tmp) };
+            })
         });
     }
     out
