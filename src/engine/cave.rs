@@ -23,7 +23,7 @@ use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, Linear};
 
 use super::error::{EngineError, Result};
 use super::kernels::{build_with, AddInto, Math, PadInto, PatchConvTranspose, PatchInto};
-use super::layers::Conv;
+use super::layers::{Conv, Pool};
 use super::tiling::Plan;
 use super::weights::TensorFile;
 use super::Cancel;
@@ -114,54 +114,6 @@ struct ResBlock {
     /// conv2's own weight and bias (no shift folded in), kept by the decoder's
     /// QFAttention blocks of conditioned models to build the modulated conv2.
     raw2: Option<(Tensor, Tensor)>,
-}
-
-/// Dead activations, by shape, for layers to write into instead of fresh
-/// memory: a fresh buffer costs the page clearing of its first touch (about
-/// 15 % of a 720p frame of the default model before this pool). A tensor
-/// goes in only when no other tensor shares its storage. [`Cave`] keeps a
-/// frame's pool for the next frame of the same size.
-#[derive(Default)]
-struct Pool(Vec<Tensor>);
-
-impl Pool {
-    /// A dead f32 tensor of these dims, if the pool has one.
-    fn take(&mut self, dims: &[usize]) -> Option<Tensor> {
-        self.take_of(dims, DType::F32)
-    }
-
-    /// A dead tensor of these dims and dtype, if the pool has one.
-    fn take_of(&mut self, dims: &[usize], dtype: DType) -> Option<Tensor> {
-        let i = self.0.iter().position(|t| t.dims() == dims && t.dtype() == dtype)?;
-        Some(self.0.swap_remove(i))
-    }
-
-    /// A dead tensor of these dims and dtype, or a fresh (zeroed) one.
-    fn take_or_new(&mut self, dims: &[usize], dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        match self.take_of(dims, dtype) {
-            Some(t) => Ok(t),
-            None => Tensor::zeros(dims, dtype, device),
-        }
-    }
-
-    /// `t`, whose storage no other tensor shares, is dead.
-    fn put(&mut self, t: Tensor) {
-        self.0.push(t);
-    }
-
-    /// `conv(x)` into a dead tensor of `dims` (the output's) when there is one.
-    fn conv(&mut self, conv: &Conv, x: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
-        match self.take(dims) {
-            Some(t) => conv.forward_into(x, t, false),
-            None => conv.forward_add(x, None),
-        }
-    }
-
-    /// `conv(x)` as bf16 channel pairs (`[B, C / 2, H, W]` u32, `C` the
-    /// output's channels) into a dead tensor of those dims, or a fresh one.
-    fn conv_pairs(&mut self, conv: &Conv, x: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
-        conv.forward_pairs_into(x, self.take_or_new(dims, DType::U32, x.device())?)
-    }
 }
 
 /// ResBlocks in a row on `x`, their buffers from `pool`. Unless `owned` (no
@@ -1158,7 +1110,7 @@ mod tests {
         let fresh_a = bits(&load().reconstruct(&a).unwrap().0);
         let fresh_b = bits(&load().reconstruct(&b).unwrap().0);
         let cave = load();
-        let kept = |cave: &Cave| cave.pool.0.lock().unwrap().as_ref().map_or(0, |(_, p)| p.0.len());
+        let kept = |cave: &Cave| cave.pool.0.lock().unwrap().as_ref().map_or(0, |(_, p)| p.len());
         cave.reconstruct(&a).unwrap();
         assert!(kept(&cave) >= 4, "a frame leaves its buffers for the next");
         for x in [&a, &a, &b, &a, &b, &b] {

@@ -11,7 +11,7 @@ use candle_nn as nn;
 
 use super::config::{check_levels, check_size, json_usize, json_usizes, read_json};
 use super::error::{EngineError, Result};
-use super::layers::{Conv, GroupNorm, GroupStats, ResnetBlock, Upsample, VaeAttention};
+use super::layers::{Conv, GroupNorm, GroupStats, Pool, ResnetBlock, Upsample, VaeAttention};
 use super::tiling::{Plan, Scale};
 use super::Cancel;
 
@@ -244,20 +244,50 @@ pub const DECODER_PAD: usize = 11;
 /// advances, so the state held is one activation per tile (two inside a
 /// resnet: its hidden state and its residual) plus one tile's temporaries.
 /// This is the VAE's only walk: an untiled frame is one tile, whose blocks
-/// run whole (their own statistics, the fused kernels).
+/// run whole (their own statistics, the fused kernels), their buffers from
+/// a [`Pool`] of the walk's dead activations.
 struct Tiles<'a> {
     xs: Vec<Tensor>,
     cancel: &'a Cancel,
+    /// dead activations of the current resolution (one tile)
+    pool: Pool,
+    /// whether `xs` are the walk's own (no other tensor shares their
+    /// storage), not the caller's input
+    owned: bool,
 }
 
-impl Tiles<'_> {
-    /// `x = f(x)` on every tile.
+impl<'a> Tiles<'a> {
+    fn new(xs: Vec<Tensor>, cancel: &'a Cancel) -> Self {
+        Self { xs, cancel, pool: Pool::default(), owned: false }
+    }
+
+    /// `x = f(x)` on every tile; `f` makes a fresh tensor.
     fn map(&mut self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<()> {
-        for x in self.xs.iter_mut() {
+        for i in 0..self.xs.len() {
             self.cancel.check()?;
-            *x = f(x)?;
+            let y = f(&self.xs[i])?;
+            self.advance(i, y);
         }
         Ok(())
+    }
+
+    /// [`Tiles::map`] for a step whose output has other dims than its input
+    /// (a resampling, the last convolution): the pool's buffers are dropped
+    /// first, none would fit again.
+    fn map_resized(&mut self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<()> {
+        self.pool.clear();
+        self.map(f)
+    }
+
+    /// Tile `i` becomes `y` (fresh, the walk's own); the activation it
+    /// replaces is dead: into the pool where it was the walk's own and fits
+    /// the new one (a single tile).
+    fn advance(&mut self, i: usize, y: Tensor) {
+        let old = std::mem::replace(&mut self.xs[i], y);
+        if self.owned && self.xs.len() == 1 && old.dims() == self.xs[0].dims() {
+            self.pool.put(old);
+        }
+        self.owned = true;
     }
 
     fn pooled(norm: &GroupNorm, xs: &[Tensor]) -> Result<GroupStats> {
@@ -265,7 +295,11 @@ impl Tiles<'_> {
         Ok(GroupStats::pool(&st)?)
     }
 
+    /// The output norm, the walk's last steps at its resolution: the pool's
+    /// buffers are dropped first, so that they do not add to the peak of
+    /// memory that the top resolution's last steps reach.
     fn norm(&mut self, norm: &GroupNorm, silu: bool) -> Result<()> {
+        self.pool.clear();
         if self.xs.len() == 1 {
             return self.map(|x| norm.forward(x, silu));
         }
@@ -274,8 +308,11 @@ impl Tiles<'_> {
     }
 
     fn resnet(&mut self, r: &ResnetBlock) -> Result<()> {
-        if self.xs.len() == 1 {
-            return self.map(|x| r.forward(x, None));
+        if let [x] = self.xs.as_mut_slice() {
+            self.cancel.check()?;
+            let y = r.forward_pooled(x, &mut self.pool)?;
+            self.advance(0, y);
+            return Ok(());
         }
         let st1 = Self::pooled(r.norm1(), &self.xs)?;
         let mut hs = Vec::with_capacity(self.xs.len());
@@ -311,19 +348,19 @@ impl VaeEncoder {
 
     /// The moments (`quant_conv` output) of every tile, VAEHook-style.
     fn moments_tiles(&self, xs: Vec<Tensor>, cancel: &Cancel) -> Result<Vec<Tensor>> {
-        let mut t = Tiles { xs, cancel };
+        let mut t = Tiles::new(xs, cancel);
         t.map(|x| self.conv_in.forward(x))?;
         for b in &self.down_blocks {
             for r in &b.resnets {
                 t.resnet(r)?;
             }
             if let Some(d) = &b.down {
-                t.map(|x| d.forward(x))?;
+                t.map_resized(|x| d.forward(x))?;
             }
         }
         self.mid_block.forward_tiles(&mut t)?;
         t.norm(&self.conv_norm_out, true)?;
-        t.map(|x| self.quant_conv.forward(&self.conv_out.forward(x)?))?;
+        t.map_resized(|x| self.quant_conv.forward(&self.conv_out.forward(x)?))?;
         Ok(t.xs)
     }
 
@@ -352,7 +389,7 @@ impl VaeDecoder {
     }
 
     fn decode_tiles(&self, zs: Vec<Tensor>, cancel: &Cancel) -> Result<Vec<Tensor>> {
-        let mut t = Tiles { xs: zs, cancel };
+        let mut t = Tiles::new(zs, cancel);
         t.map(|z| self.conv_in.forward(&self.post_quant_conv.forward(z)?))?;
         self.mid_block.forward_tiles(&mut t)?;
         for b in &self.up_blocks {
@@ -360,11 +397,11 @@ impl VaeDecoder {
                 t.resnet(r)?;
             }
             if let Some(u) = &b.up {
-                t.map(|x| u.forward(x, None))?;
+                t.map_resized(|x| u.forward(x, None))?;
             }
         }
         t.norm(&self.conv_norm_out, true)?;
-        t.map(|x| self.conv_out.forward(x))?;
+        t.map_resized(|x| self.conv_out.forward(x))?;
         Ok(t.xs)
     }
 

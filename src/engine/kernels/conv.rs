@@ -139,28 +139,6 @@ impl ConvOp {
         self.direct.is_some()
     }
 
-    /// The direct kernel over row chunks of every image, in parallel.
-    fn run_direct(
-        &self,
-        d: &direct::Direct,
-        x: &[f32],
-        b: usize,
-        h: usize,
-        w: usize,
-        residual: Option<&[f32]>,
-    ) -> Vec<f32> {
-        let mut out = activation(b * self.cout * h * w);
-        // SAFETY: `out` was just allocated with b * cout * h * w values; `x`
-        // (b * cin * h * w) and `residual` (b * cout * h * w) are sized by
-        // run's callers, which took b, h, w from x's layout and checked the
-        // residual's shape (run itself does not check their lengths)
-        unsafe {
-            let (x, out) = (Src::F32(x.as_ptr()), Dst::F32(out.as_mut_ptr()));
-            self.run_direct_into(d, x, b, h, w, residual.map(|r| r.as_ptr()), out)
-        };
-        out
-    }
-
     /// The direct kernel writing into `out`; `residual` may be `out` itself
     /// (each output is read as residual right before it is written).
     ///
@@ -302,10 +280,45 @@ impl ConvOp {
         super::counted(super::OpKind::Conv, 2 * self.cin * self.k * self.k * shape.elem_count())
     }
 
-    /// y = act(conv(x) + b) (+ residual), x `[B, cin, H, W]`.
+    /// y = act(conv(x) + b) (+ residual), x `[B, cin, H, W]`, in a fresh
+    /// buffer.
     fn run(&self, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+        let (oh, ow) = self.out_hw(h, w)?;
+        let mut out = activation(b * self.cout * oh * ow);
+        self.run_into(x, b, h, w, residual, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`ConvOp::run`] into `out` (`[B, cout, OH, OW]`; its values before
+    /// are not read), which the residual must not be.
+    fn run_into(
+        &self,
+        x: &[f32],
+        b: usize,
+        h: usize,
+        w: usize,
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let (oh, ow) = self.out_hw(h, w)?;
+        let n = b * self.cout * oh * ow;
+        if x.len() < b * self.cin * h * w || out.len() != n || residual.is_some_and(|r| r.len() < n) {
+            candle_core::bail!(
+                "conv: buffers of {} / {} values for a {b} x {} x {h} x {w} frame",
+                x.len(),
+                out.len(),
+                self.cin
+            );
+        }
         if let Some(d) = self.direct_for(w) {
-            return Ok(self.run_direct(d, x, b, h, w, residual));
+            // SAFETY: out and residual hold b * cout * h * w values and x
+            // b * cin * h * w (checked; the direct kernel keeps the frame
+            // size); out is a &mut, so neither x nor residual is it
+            unsafe {
+                let (src, dst) = (Src::F32(x.as_ptr()), Dst::F32(out.as_mut_ptr()));
+                self.run_direct_into(d, src, b, h, w, residual.map(|r| r.as_ptr()), dst)
+            };
+            return Ok(());
         }
         let (storage, layout) = self.weight.storage_and_layout();
         let weight = match &*storage {
@@ -324,7 +337,7 @@ impl ConvOp {
             // in f32 (2.25): the VAE decoder at 512x512 took 9.1 s against 7.8
             let math = if m == 4 { Math::F32 } else { self.math };
             if !keep(m) && winograd::streams(cin, h, w, m) {
-                return Ok(winograd::run_streamed(
+                winograd::run_streamed(
                     math,
                     &weight[..cout * cin * 9],
                     cout,
@@ -337,16 +350,17 @@ impl ConvOp {
                     &self.bias,
                     self.relu,
                     residual,
-                ));
+                    out,
+                );
+                return Ok(());
             }
             let make = || Arc::new(winograd::Winograd::new(&weight[..cout * cin * 9], cout, cin, m).with_math(math));
             let wg = if keep(m) { self.winograd_kept[m / 4].get_or_init(make).clone() } else { make() };
-            return Ok(wg.run(x, b, h, w, &self.bias, self.relu, residual));
+            wg.run_into(x, b, h, w, &self.bias, self.relu, residual, out);
+            return Ok(());
         }
-        let (oh, ow) = self.out_hw(h, w)?;
         let ohw = oh * ow;
         let kk = cin * self.k * self.k;
-        let mut out = activation(b * cout * ohw);
         // im2col + GEMM multiplies in f32 whatever the layer's math: in bf16
         // (operands rounded and packed, `vdpbf16ps`) the full model's UNet
         // spent 2.4-2.7 s in its convolutions at 512x512 against 1.4 s in
@@ -393,7 +407,7 @@ impl ConvOp {
                 band(bi, r0, &mut col, true);
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn out_shape(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, Shape)> {
@@ -610,15 +624,15 @@ impl ConvOp {
                 // writing them; `d` came from direct_for, bf16 where x is pairs
                 unsafe { self.run_direct_into(d, src, b, h, w, residual, Dst::F32(out)) };
             }
-            (None, Some(x)) => {
-                let residual = match add {
-                    Add::Nothing => None,
-                    Add::Dst => Some(&*dst),
-                    Add::From(r) => Some(r),
-                };
-                let y = self.run(x, b, h, w, residual)?;
-                dst.copy_from_slice(&y);
-            }
+            (None, Some(x)) => match add {
+                Add::Nothing => self.run_into(x, b, h, w, None, dst)?,
+                Add::From(r) => self.run_into(x, b, h, w, Some(r), dst)?,
+                // the residual is the destination: through a fresh buffer
+                Add::Dst => {
+                    let y = self.run(x, b, h, w, Some(&*dst))?;
+                    dst.copy_from_slice(&y);
+                }
+            },
             (None, None) => candle_core::bail!("conv from pairs: the layer does not multiply bf16 pairs here"),
         }
         Ok(())

@@ -1,5 +1,5 @@
 //! Group normalisation ([`GroupNormOp`]) and its statistics and affine helpers.
-use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp1, InplaceOp1, InplaceOp2, Layout, Shape};
 use rayon::prelude::*;
 
 use super::{activation, avx2_available, contiguous, contiguous_mut, fast_exp, lane_sum};
@@ -86,6 +86,28 @@ impl InplaceOp1 for GroupNormOp {
     }
 }
 
+/// The normalisation of `src` into `dst`'s buffer (`dst.inplace_op2(&src,
+/// &op)`, same shape), for a `dst` whose buffer the caller owns alone and no
+/// longer needs: no fresh buffer for the output.
+impl InplaceOp2 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "codiff-group-norm-into"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("group norm into a {:?} tensor from {:?}", l1.shape(), l2.shape());
+        }
+        let (cpg, hw) = self.dims(l2)?;
+        let x = contiguous(s2, l2, "group norm")?;
+        let out = contiguous_mut(s1, l1, "group norm into")?;
+        out.par_chunks_mut(cpg * hw).zip(x.par_chunks(cpg * hw)).enumerate().for_each(|(bg, (o, xi))| {
+            self.group(bg, mean_var(xi), o, Some(xi), hw);
+        });
+        Ok(())
+    }
+}
+
 impl GroupNormOp {
     /// (channels per group, values per channel) of an input of layout `l`.
     fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize)> {
@@ -146,6 +168,14 @@ mod tests {
             let owned = x.copy().unwrap();
             owned.inplace_op1(&op).unwrap();
             assert_eq!(max_err(&owned, &y), 0.0);
+            // into another tensor's buffer: the same numbers, x untouched
+            let dst = Tensor::full(f32::NAN, x.shape(), &dev).unwrap();
+            dst.inplace_op2(&x, &op).unwrap();
+            assert_eq!(max_err(&dst, &y), 0.0);
+            assert!(max_err(&x.apply_op1_no_bwd(&op).unwrap(), &y) == 0.0);
+            // a destination of another shape is refused
+            let wrong = Tensor::zeros((2, c, 7, 9), candle_core::DType::F32, &dev).unwrap();
+            assert!(wrong.inplace_op2(&x, &op).is_err());
         }
     }
 }

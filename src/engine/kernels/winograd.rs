@@ -651,10 +651,11 @@ impl Winograd {
         rows
     }
 
-    /// y = act(conv(x) + bias) (+ residual), x `[b, cin, h, w]`, in bands of
-    /// tile rows on the rayon pool.
+    /// `out` = act(conv(x) + bias) (+ residual), x `[b, cin, h, w]`, out
+    /// `[b, cout, h, w]` (its values before are not read), in bands of tile
+    /// rows on the rayon pool.
     #[allow(clippy::too_many_arguments)]
-    pub fn run(
+    pub fn run_into(
         &self,
         x: &[f32],
         b: usize,
@@ -663,9 +664,10 @@ impl Winograd {
         bias: &[f32],
         relu: bool,
         residual: Option<&[f32]>,
-    ) -> Vec<f32> {
+        out: &mut [f32],
+    ) {
         let (cin, cout) = (self.cin, self.cout);
-        let mut out = activation(b * cout * h * w);
+        check_sizes(x, b * cin * h * w, residual, out, b * cout * h * w, bias, cout);
         let rows = self.band_rows(b, h, w);
         let tile_rows = h.div_ceil(self.tile.m);
         let bands: Vec<(usize, usize)> =
@@ -683,7 +685,6 @@ impl Winograd {
                 self.band(xb, &Band { h, w, r0, r1 }, &ep, out_ptr.0.add(bi * cout * h * w), s)
             })
         });
-        out
     }
 
     /// One band: tile rows `r0..r1` of one image.
@@ -747,6 +748,7 @@ pub fn streams(cin: usize, h: usize, w: usize, m: usize) -> bool {
 /// tiles and writes its channels' outputs. No transformed kernel is ever
 /// whole in memory, which is what made per-call transforms too slow for
 /// SD's 640- and 1280-channel layers at 8x8 to 32x32 px.
+/// It writes `out` as [`Winograd::run_into`] does.
 #[allow(clippy::too_many_arguments)]
 pub fn run_streamed(
     math: Math,
@@ -761,13 +763,15 @@ pub fn run_streamed(
     bias: &[f32],
     relu: bool,
     residual: Option<&[f32]>,
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
+    assert!(weight.len() >= cout * cin * 9, "Winograd: {} weights for {cout} x {cin} x 3 x 3", weight.len());
+    check_sizes(x, b * cin * h * w, residual, out, b * cout * h * w, bias, cout);
     let tile = Tile::new(m);
     let al = tile.alpha;
     let a2 = al * al;
     let tile_rows = h.div_ceil(m);
     let nt = tile_rows * w.div_ceil(m);
-    let mut out = activation(b * cout * h * w);
     let mut v = vec![0f32; a2 * cin * nt];
     let threads = rayon::current_num_threads().max(1);
     let chunk = cin.div_ceil(4 * threads).max(1);
@@ -845,7 +849,16 @@ pub fn run_streamed(
             })
         });
     }
-    out
+}
+
+/// The lengths the Winograd paths write and read through raw pointers,
+/// checked: input `nx`, output and residual `ny` values, a bias per output
+/// channel.
+fn check_sizes(x: &[f32], nx: usize, residual: Option<&[f32]>, out: &[f32], ny: usize, bias: &[f32], cout: usize) {
+    assert!(x.len() >= nx, "Winograd: input of {} values, {nx} expected", x.len());
+    assert!(out.len() == ny, "Winograd: output of {} values, {ny} expected", out.len());
+    assert!(residual.is_none_or(|r| r.len() >= ny), "Winograd: residual shorter than the output");
+    assert!(bias.len() >= cout, "Winograd: {} biases for {cout} channels", bias.len());
 }
 
 #[cfg(test)]
@@ -889,7 +902,8 @@ mod tests {
                 // output channels, weights transformed on the fly
                 let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let (xs, ws, bs, rs) = (v(&x), v(&wt), v(&b), v(&r));
-                let streamed = run_streamed(Math::F32, &ws, cout, cin, m, &xs, 2, h, w, &bs, true, Some(&rs));
+                let mut streamed = vec![f32::NAN; 2 * cout * h * w];
+                run_streamed(Math::F32, &ws, cout, cin, m, &xs, 2, h, w, &bs, true, Some(&rs), &mut streamed);
                 let streamed = Tensor::from_vec(streamed, (2, cout, h, w), &dev).unwrap();
                 let err_streamed = max_err(&streamed, &relu_res) / scale;
                 assert!(err_streamed < tol, "streamed F({m},3) {cin}->{cout} {h}x{w}: {err_streamed}");
