@@ -99,9 +99,12 @@ use rayon::prelude::*;
 /// Narrowest 3x3 stride-1 layer (input and output channels) that runs
 /// [`winograd`] rather than im2col + GEMM (where the direct kernel does not
 /// take it first), on frames of [`winograd::tile_for`]'s sizes. At 64
-/// channels its transforms cost as much as they save (`bench_kernels`:
-/// F(4,3) 9.4 ms vs GEMM 6.4 ms at 90x160, 107-130 vs 127-143 ms at 512x512).
-pub const WINOGRAD_MIN_CHANNELS: usize = 128;
+/// channels its transforms once cost as much as they saved (F(4,3) 107-130
+/// vs GEMM 127-143 ms at 512x512); since they run as compile-time vector
+/// passes F(4,3) takes 64 ms there against GEMM's 122 (`bench_kernels`,
+/// official CaVE level 0, medians of 5), and 3.0 against 6.3 ms at 90x160
+/// (where the direct kernel runs first).
+pub const WINOGRAD_MIN_CHANNELS: usize = 64;
 /// A layer keeps its transformed Winograd weights after the first call when
 /// they take at most this many bytes (up to ~300 channels in and out for
 /// F(4,3)); wider layers (SD's 512- to 2560-channel ones, whose transforms
