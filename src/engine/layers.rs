@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::kernels::{
     affine, contiguous, AttentionOp, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, GroupNormOp, LinearOp, Math,
-    PatchConv, PatchInto,
+    NormConvInto, PatchConv, PatchInto,
 };
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
@@ -266,26 +266,31 @@ impl Pool {
         self.0.clear();
     }
 
-    /// `norm(x)` into a dead tensor of `x`'s dims when there is one.
-    pub fn norm(&mut self, norm: &GroupNorm, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        match self.take(x.dims()) {
-            Some(t) => norm.forward_into(x, t, silu),
-            None => norm.forward(x, silu),
-        }
-    }
-
-    /// `conv(x) + residual` into a dead tensor of `dims` (the output's) when
-    /// there is one.
-    pub fn conv_plus(
+    /// `conv(norm(x))` (+ `residual`) into a dead tensor of `dims` (the
+    /// output's) or a fresh one: the norm fused into the convolution where
+    /// both run the CPU kernels ([`NormConvInto`]: no normalised tensor is
+    /// written), else the norm's output first.
+    pub fn norm_conv(
         &mut self,
+        norm: &GroupNorm,
+        silu: bool,
         conv: &Conv,
         x: &Tensor,
-        residual: &Tensor,
+        residual: Option<&Tensor>,
         dims: &[usize],
     ) -> candle_core::Result<Tensor> {
-        match self.take(dims) {
-            Some(t) => conv.forward_plus_into(x, t, residual),
-            None => conv.forward_add(x, Some(residual)),
+        match (norm.fast_op(silu), &conv.kind) {
+            (Some(n), ConvKind::Fast(op)) => {
+                let dst = self.take_or_new(dims, DType::F32, x.device())?;
+                let fused = NormConvInto { norm: &n, conv: op };
+                let x = x.contiguous()?;
+                match residual {
+                    None => dst.inplace_op2(&x, &fused)?,
+                    Some(r) => dst.inplace_op3(&x, &r.contiguous()?, &fused)?,
+                }
+                Ok(dst)
+            }
+            _ => conv.forward_add(&norm.forward(x, silu)?, residual),
         }
     }
 }
@@ -320,31 +325,6 @@ impl GroupNorm {
             groups,
             eps,
         })
-    }
-
-    /// [`GroupNorm::forward`] into `dst`'s buffer (`x`'s shape), which the
-    /// caller owns alone and no longer needs; a fresh tensor where the fast
-    /// path does not run.
-    pub fn forward_into(&self, x: &Tensor, dst: Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        match self.fast_op(silu) {
-            Some(op) if dst.is_contiguous() => {
-                dst.inplace_op2(&x.contiguous()?, &op)?;
-                Ok(dst)
-            }
-            _ => self.forward(x, silu),
-        }
-    }
-
-    /// [`GroupNorm::forward`] in `x`'s own buffer where the fast path runs;
-    /// `x` must not share its storage with any tensor still needed.
-    pub fn forward_owned(&self, x: Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        match self.fast_op(silu) {
-            Some(op) if x.is_contiguous() => {
-                x.inplace_op1(&op)?;
-                Ok(x)
-            }
-            _ => self.forward(&x, silu),
-        }
     }
 
     /// The CPU kernel of this norm, where the fast path runs.
@@ -652,48 +632,32 @@ impl ResnetBlock {
 
     /// `temb_silu` is SiLU(time embedding), shared by every block of a UNet.
     pub fn forward(&self, x: &Tensor, temb_silu: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let short = match &self.shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
-        };
-        let mut h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
-        if let (Some(t), Some(p)) = (temb_silu, &self.time_emb_proj) {
-            h = h.broadcast_add(&p.forward(t)?.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
-        }
-        // h is conv1's fresh output (or the fresh sum with the time embedding)
-        let h = self.norm2.forward_owned(h, true)?;
-        if self.output_scale == 1.0 {
-            self.conv2.forward_add(&h, Some(&short))
-        } else {
-            self.conv2.forward_add(&h, Some(&short))? / self.output_scale
-        }
+        self.forward_pooled(x, temb_silu, &mut Pool::default())
     }
 }
 
 impl ResnetBlock {
-    /// [`ResnetBlock::forward`] without a time embedding, its buffers from
-    /// `pool` (the same numbers): `norm1(x)` and `conv1`'s output come from
-    /// dead tensors, the norm's buffer goes back once `conv1` has read it
-    /// where it has the output's shape (and becomes the output), `conv1`'s
-    /// once `conv2` has.
-    pub fn forward_pooled(&self, x: &Tensor, pool: &mut Pool) -> candle_core::Result<Tensor> {
+    /// [`ResnetBlock::forward`] with its buffers from `pool`: each norm is
+    /// fused into the convolution after it ([`Pool::norm_conv`]), `conv1`'s
+    /// output comes from a dead tensor and goes back once `conv2` has read
+    /// it, and the output comes from one.
+    pub fn forward_pooled(
+        &self,
+        x: &Tensor,
+        temb_silu: Option<&Tensor>,
+        pool: &mut Pool,
+    ) -> candle_core::Result<Tensor> {
         let short = match &self.shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
         let (b, _, hh, ww) = x.dims4()?;
         let dims = [b, self.cout, hh, ww];
-        let a = pool.norm(&self.norm1, x, true)?;
-        let h = pool.conv(&self.conv1, &a, &dims)?;
-        // kept only where it can be the output: a buffer of the input's
-        // channels would sit unused through the peak of a widening block
-        if a.dims() == dims {
-            pool.put(a);
-        } else {
-            drop(a);
+        let mut h = pool.norm_conv(&self.norm1, true, &self.conv1, x, None, &dims)?;
+        if let (Some(t), Some(p)) = (temb_silu, &self.time_emb_proj) {
+            h = h.broadcast_add(&p.forward(t)?.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
         }
-        let h = self.norm2.forward_owned(h, true)?;
-        let y = pool.conv_plus(&self.conv2, &h, &short, &dims)?;
+        let y = pool.norm_conv(&self.norm2, true, &self.conv2, &h, Some(&short), &dims)?;
         pool.put(h);
         if self.output_scale == 1.0 {
             Ok(y)
@@ -984,24 +948,38 @@ mod tests {
     }
 
     #[test]
-    fn pooled_resnets_compute_the_plain_forward_and_hand_buffers_on() {
+    fn pooled_resnets_with_fused_norms_compute_the_plain_forward_and_hand_buffers_on() {
         let vm = nn::VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        // 128 channels take the Winograd path, 16 -> 32 the direct kernel and
-        // a 1x1 shortcut
+        // 128 channels take the Winograd path (the norms fused into its input
+        // transform), 16 -> 32 the direct kernel (normalised copies) and a 1x1
+        // shortcut
         let wide = ResnetBlock::new(vb.pp("wide"), 128, 128, None, 32, 1e-6, 1.0).unwrap();
         let widening = ResnetBlock::new(vb.pp("widening"), 16, 32, None, 8, 1e-6, 2.0).unwrap();
+        for v in vm.all_vars() {
+            // norms with other gammas and betas than 1 and 0
+            let r = (Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu).unwrap() + 0.5).unwrap();
+            v.set(&r).unwrap();
+        }
         for (r, c) in [(&wide, 128), (&widening, 16)] {
-            let x = Tensor::randn(0f32, 1., (1, c, 20, 36), &Device::Cpu).unwrap();
-            let plain = r.forward(&x, None).unwrap();
+            let x = (Tensor::randn(0f32, 2., (1, c, 20, 36), &Device::Cpu).unwrap() + 1.0).unwrap();
+            // the blocks' maths one op at a time, each norm written out
+            let short = match &r.shortcut {
+                Some(s) => s.forward(&x).unwrap(),
+                None => x.clone(),
+            };
+            let h = r.conv1.forward(&r.norm1.forward(&x, true).unwrap()).unwrap();
+            let plain = (r.conv2.forward_add(&r.norm2.forward(&h, true).unwrap(), Some(&short)).unwrap()
+                / r.output_scale)
+                .unwrap();
             let mut pool = Pool::default();
-            // twice: from an empty pool, then from the buffers the first run left
-            // (garbage in them must not reach the output)
+            // twice: from an empty pool, then from the buffers the first run
+            // left (garbage in them must not reach the output)
             for round in 0..2 {
-                let pooled = r.forward_pooled(&x, &mut pool).unwrap();
+                let pooled = r.forward_pooled(&x, None, &mut pool).unwrap();
                 assert_eq!(crate::engine::kernels::tests::max_err(&pooled, &plain), 0.0, "round {round}");
-                // conv1's buffer comes back, and the norm's where it has the
-                // output's shape (the output reused it, so not here)
+                assert_eq!(crate::engine::kernels::tests::max_err(&r.forward(&x, None).unwrap(), &plain), 0.0);
+                // conv1's buffer comes back
                 assert_eq!(pool.len(), 1, "round {round}");
                 pool.put(pooled.affine(0.0, f64::NAN).unwrap());
             }

@@ -310,7 +310,7 @@ impl<'a> Tiles<'a> {
     fn resnet(&mut self, r: &ResnetBlock) -> Result<()> {
         if let [x] = self.xs.as_mut_slice() {
             self.cancel.check()?;
-            let y = r.forward_pooled(x, &mut self.pool)?;
+            let y = r.forward_pooled(x, None, &mut self.pool)?;
             self.advance(0, y);
             return Ok(());
         }

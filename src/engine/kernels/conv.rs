@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use super::direct::{Dst, Src};
 use super::{
-    activation, contiguous, contiguous_mut, direct, gemm_strided, par_row_blocks, winograd, winograd_enabled, Math,
-    SendPtr,
+    activation, contiguous, contiguous_mut, direct, gemm_strided, par_row_blocks, winograd, winograd_enabled,
+    ChannelAffine, GroupNormOp, Math, SendPtr,
 };
 use super::{DIRECT_MAX_CHANNELS, DIRECT_MAX_WIDE_WIDTH, DIRECT_NARROW, WINOGRAD_KEEP_BYTES, WINOGRAD_MIN_CHANNELS};
 
@@ -274,6 +274,20 @@ impl ConvOp {
         }
     }
 
+    /// Whether this layer keeps its F(m,3) weights (see [`WINOGRAD_KEEP_BYTES`]).
+    fn keeps(&self, m: usize) -> bool {
+        (m + 2) * (m + 2) * self.cout * self.cin * 4 <= WINOGRAD_KEEP_BYTES
+    }
+
+    /// The Winograd tile side [`ConvOp::run_into`] takes on an `h x w`
+    /// frame; None where the direct kernel or im2col + GEMM runs.
+    fn winograd_tile(&self, h: usize, w: usize) -> Option<usize> {
+        if self.direct_for(w).is_some() {
+            return None;
+        }
+        self.winograd.and_then(|t| t.or_else(|| winograd::tile_for(h, w, self.keeps(4))))
+    }
+
     /// Count this convolution's multiply-adds for an output of `shape`.
     #[must_use]
     fn count(&self, shape: &Shape) -> super::Counted {
@@ -285,12 +299,15 @@ impl ConvOp {
     fn run(&self, x: &[f32], b: usize, h: usize, w: usize, residual: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
         let (oh, ow) = self.out_hw(h, w)?;
         let mut out = activation(b * self.cout * oh * ow);
-        self.run_into(x, b, h, w, residual, &mut out)?;
+        self.run_into(x, b, h, w, residual, None, &mut out)?;
         Ok(out)
     }
 
     /// [`ConvOp::run`] into `out` (`[B, cout, OH, OW]`; its values before
-    /// are not read), which the residual must not be.
+    /// are not read), which the residual must not be; of `pre`'s
+    /// normalisation of `x` where given (a group norm fused into the Winograd
+    /// input transform; the other paths read a normalised copy).
+    #[allow(clippy::too_many_arguments)]
     fn run_into(
         &self,
         x: &[f32],
@@ -298,10 +315,18 @@ impl ConvOp {
         h: usize,
         w: usize,
         residual: Option<&[f32]>,
+        pre: Option<&ChannelAffine>,
         out: &mut [f32],
     ) -> candle_core::Result<()> {
         let (oh, ow) = self.out_hw(h, w)?;
         let n = b * self.cout * oh * ow;
+        if pre.is_some_and(|p| p.ab.len() != b * self.cin) {
+            candle_core::bail!(
+                "conv: a fused norm of {} channels for {b} x {}",
+                pre.map_or(0, |p| p.ab.len()),
+                self.cin
+            );
+        }
         if x.len() < b * self.cin * h * w || out.len() != n || residual.is_some_and(|r| r.len() < n) {
             candle_core::bail!(
                 "conv: buffers of {} / {} values for a {b} x {} x {h} x {w} frame",
@@ -309,6 +334,12 @@ impl ConvOp {
                 out.len(),
                 self.cin
             );
+        }
+        let tile = self.winograd_tile(h, w);
+        if let (Some(p), None) = (pre, tile) {
+            // the paths that cannot fuse the norm read a normalised copy
+            let normed = p.apply(&x[..b * self.cin * h * w], h * w);
+            return self.run_into(&normed, b, h, w, residual, None, out);
         }
         if let Some(d) = self.direct_for(w) {
             // SAFETY: out and residual hold b * cout * h * w values and x
@@ -326,8 +357,8 @@ impl ConvOp {
             _ => candle_core::bail!("conv: weights must be f32 on the CPU"),
         };
         let (cin, cout) = (self.cin, self.cout);
-        let keep = |m: usize| (m + 2) * (m + 2) * cout * cin * 4 <= WINOGRAD_KEEP_BYTES;
-        if let Some(m) = self.winograd.and_then(|t| t.or_else(|| winograd::tile_for(h, w, keep(4)))) {
+        let keep = |m: usize| self.keeps(m);
+        if let Some(m) = tile {
             // F(4,3) multiplies in f32 whatever the layer's math: its
             // transforms spread values over a range where bf16's 8-bit
             // mantissa loses the output (max error 26 % of the output's
@@ -350,13 +381,14 @@ impl ConvOp {
                     &self.bias,
                     self.relu,
                     residual,
+                    pre,
                     out,
                 );
                 return Ok(());
             }
             let make = || Arc::new(winograd::Winograd::new(&weight[..cout * cin * 9], cout, cin, m).with_math(math));
             let wg = if keep(m) { self.winograd_kept[m / 4].get_or_init(make).clone() } else { make() };
-            wg.run_into(x, b, h, w, &self.bias, self.relu, residual, out);
+            wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out);
             return Ok(());
         }
         let ohw = oh * ow;
@@ -475,7 +507,7 @@ impl InplaceOp2 for ConvInto<'_> {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let dst = contiguous_mut(s1, l1, "conv into")?;
-        self.op.run_to(dst, l1, s2, l2, if self.accumulate { Add::Dst } else { Add::Nothing })
+        self.op.run_to(dst, l1, s2, l2, if self.accumulate { Add::Dst } else { Add::Nothing }, None)
     }
 }
 
@@ -538,12 +570,47 @@ impl InplaceOp3 for ConvPlusInto<'_> {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        if l3.shape() != l1.shape() {
-            candle_core::bail!("conv residual shape {:?}, output {:?}", l3.shape(), l1.shape());
-        }
-        let r = contiguous(s3, l3, "conv residual")?;
-        let dst = contiguous_mut(s1, l1, "conv into")?;
-        self.0.run_to(dst, l1, s2, l2, Add::From(r))
+        self.0.run_plus_to(s1, l1, s2, l2, s3, l3, None)
+    }
+}
+
+/// `conv(norm(x))` into `dst`'s buffer (`dst.inplace_op2(&x, &op)`), or
+/// `conv(norm(x)) + residual` (`dst.inplace_op3(&x, &residual, &op)`): a
+/// ResNet block's group norm + SiLU and the convolution after it, the norm
+/// fused into the Winograd input transform (no normalised tensor is
+/// written; the other paths normalise a copy first). The same numbers as
+/// the norm then the convolution.
+pub struct NormConvInto<'a> {
+    pub norm: &'a GroupNormOp,
+    pub conv: &'a ConvOp,
+}
+
+impl InplaceOp2 for NormConvInto<'_> {
+    fn name(&self) -> &'static str {
+        "codiff-norm-conv-into"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let dst = contiguous_mut(s1, l1, "norm conv into")?;
+        self.conv.run_to(dst, l1, s2, l2, Add::Nothing, Some(self.norm))
+    }
+}
+
+impl InplaceOp3 for NormConvInto<'_> {
+    fn name(&self) -> &'static str {
+        "codiff-norm-conv-plus-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        self.conv.run_plus_to(s1, l1, s2, l2, s3, l3, Some(self.norm))
     }
 }
 
@@ -568,9 +635,32 @@ impl Add<'_> {
 }
 
 impl ConvOp {
+    /// [`ConvOp::run_to`] into `s1` of `s2` plus the residual `s3` (of the
+    /// output's shape, checked).
+    #[allow(clippy::too_many_arguments)]
+    fn run_plus_to(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+        norm: Option<&GroupNormOp>,
+    ) -> candle_core::Result<()> {
+        if l3.shape() != l1.shape() {
+            candle_core::bail!("conv residual shape {:?}, output {:?}", l3.shape(), l1.shape());
+        }
+        let r = contiguous(s3, l3, "conv residual")?;
+        let dst = contiguous_mut(s1, l1, "conv into")?;
+        self.run_to(dst, l1, s2, l2, Add::From(r), norm)
+    }
+
     /// The convolution of `x` (layout `lx`: f32 channels, or u32 bf16 pairs
     /// of them where [`ConvOp::pairs_for`] holds) into `dst` (layout `ld`,
     /// checked to be the output's shape), plus `add`. `dst` must not be `x`.
+    /// With `norm`, of the group norm of an f32 `x` (fused where the layer
+    /// runs Winograd, see [`ConvOp::run_into`]).
     fn run_to(
         &self,
         dst: &mut [f32],
@@ -578,6 +668,7 @@ impl ConvOp {
         xs: &CpuStorage,
         lx: &Layout,
         add: Add<'_>,
+        norm: Option<&GroupNormOp>,
     ) -> candle_core::Result<()> {
         let (b, c, h, w) = lx.shape().dims4()?;
         // the input: f32 channels (`x`), or bf16 pairs of them, which only
@@ -608,7 +699,12 @@ impl ConvOp {
             candle_core::bail!("conv into: the destination is the input");
         }
         let _counted = self.count(&shape);
-        match (self.direct_for(w).filter(|d| x.is_some() || d.is_bf16()), x) {
+        let pre = match (norm, x) {
+            (Some(n), Some(x)) => Some(n.channel_affine(x, lx)?),
+            (Some(_), None) => candle_core::bail!("conv: a norm fused on bf16 pairs"),
+            (None, _) => None,
+        };
+        match (self.direct_for(w).filter(|d| pre.is_none() && (x.is_some() || d.is_bf16())), x) {
             (Some(d), _) => {
                 let out = dst.as_mut_ptr();
                 let residual = add.residual(out);
@@ -625,10 +721,13 @@ impl ConvOp {
                 unsafe { self.run_direct_into(d, src, b, h, w, residual, Dst::F32(out)) };
             }
             (None, Some(x)) => match add {
-                Add::Nothing => self.run_into(x, b, h, w, None, dst)?,
-                Add::From(r) => self.run_into(x, b, h, w, Some(r), dst)?,
+                Add::Nothing => self.run_into(x, b, h, w, None, pre.as_ref(), dst)?,
+                Add::From(r) => self.run_into(x, b, h, w, Some(r), pre.as_ref(), dst)?,
                 // the residual is the destination: through a fresh buffer
                 Add::Dst => {
+                    if pre.is_some() {
+                        candle_core::bail!("conv: a fused norm with the destination as residual");
+                    }
                     let y = self.run(x, b, h, w, Some(&*dst))?;
                     dst.copy_from_slice(&y);
                 }

@@ -243,11 +243,11 @@ pub mod winograd;
 pub use self::gemm::{build_with, building, Math};
 use self::gemm::{gemm_strided, Mat};
 pub use attention::AttentionOp;
-pub use conv::{AddInto, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, PadInto};
+pub use conv::{AddInto, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, NormConvInto, PadInto};
 pub use linear::LinearOp;
 pub(super) use norm::affine;
 pub(crate) use norm::mean_var;
-pub use norm::GroupNormOp;
+pub use norm::{ChannelAffine, GroupNormOp, ImageAffine};
 pub use patch::{Patch, PatchConv, PatchConvTranspose, PatchInto};
 
 /// `Σ f(x)` over `c` in 16 independent lanes (so that the compiler
@@ -298,13 +298,17 @@ pub(super) fn contiguous_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) 
 pub fn fast_exp(x: f32) -> f32 {
     // max/min rather than clamp: branch-free, so loops over it vectorise
     let x = x.max(-87.0).min(88.0);
-    // round(x / ln 2) without a libm call: the 1.5 * 2^23 trick
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // round(x / ln 2) without a libm call: the 1.5 * 2^23 trick; k holds
+    // n in its low mantissa bits
+    let k = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = k - 12_582_912.0;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
         + 0.500_000_01;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from k's bits (n as i32 would be a saturating conversion the
+    // compiler does one lane at a time)
+    y * f32::from_bits(((k.to_bits() as i32 - 0x4B40_0000 + 127) as u32) << 23)
 }
 
 #[cfg(test)]
@@ -336,6 +340,10 @@ pub(crate) mod tests {
             let x = i as f32 * 0.01 + 0.003;
             let (a, b) = (fast_exp(x), x.exp());
             worst = worst.max(((a - b) / b).abs());
+            // 2^n from the rounding constant's bits is 2^n from n itself
+            let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let k = x * std::f32::consts::LOG2_E + 12_582_912.0;
+            assert_eq!((k.to_bits() as i32 - 0x4B40_0000) as f32, n, "{x}");
         }
         assert!(worst < 5e-7, "{worst}");
         assert!((fast_exp(-1000.0) / (-87f32).exp() - 1.0).abs() < 1e-6);

@@ -1,8 +1,8 @@
 //! Group normalisation ([`GroupNormOp`]) and its statistics and affine helpers.
-use candle_core::{CpuStorage, CustomOp1, InplaceOp1, InplaceOp2, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{activation, avx2_available, contiguous, contiguous_mut, fast_exp, lane_sum};
+use super::{activation, avx2_available, contiguous, fast_exp, lane_sum};
 
 avx2_fn! {
     /// Mean and (biased) variance of one group, in two passes: f32 sums within
@@ -20,23 +20,72 @@ avx2_fn! {
     }
 }
 
+/// One normalised value: `v a + b`, then SiLU when `silu` (the arithmetic of
+/// [`affine`] and of the convolutions that fuse a norm, [`ImageAffine`]).
+#[inline(always)]
+fn f(v: f32, a: f32, b: f32, silu: bool) -> f32 {
+    let t = v * a + b;
+    if silu {
+        t / (1.0 + fast_exp(-t))
+    } else {
+        t
+    }
+}
+
 avx2_fn! {
     /// `out = x * a + b`, then SiLU when `silu`; `x` None: `out` itself.
     pub(in crate::engine) fn affine(out: &mut [f32], x: Option<&[f32]>, a: f32, b: f32, silu: bool) {
-        #[inline(always)]
-        fn f(v: f32, a: f32, b: f32, silu: bool) -> f32 {
-            let t = v * a + b;
-            if silu {
-                t / (1.0 + fast_exp(-t))
-            } else {
-                t
-            }
-        }
         match (x, silu) {
             (Some(x), true) => out.iter_mut().zip(x).for_each(|(y, &v)| *y = f(v, a, b, true)),
             (Some(x), false) => out.iter_mut().zip(x).for_each(|(y, &v)| *y = f(v, a, b, false)),
             (None, true) => out.iter_mut().for_each(|y| *y = f(*y, a, b, true)),
             (None, false) => out.iter_mut().for_each(|y| *y = f(*y, a, b, false)),
+        }
+    }
+}
+
+/// What a group norm does to each channel of one tensor `[B, C, ...]`:
+/// `v a + b` (then SiLU when `silu`) with `ab[bi * C + c] = (a, b)`, so that
+/// a convolution can normalise its input as it reads it (the Winograd input
+/// transform) instead of reading a normalised copy.
+#[derive(Clone, Debug)]
+pub struct ChannelAffine {
+    pub ab: Vec<(f32, f32)>,
+    pub silu: bool,
+}
+
+/// [`ChannelAffine`] of one image: `ab[c]`.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageAffine<'a> {
+    pub ab: &'a [(f32, f32)],
+    pub silu: bool,
+}
+
+impl ChannelAffine {
+    /// Image `bi`'s `c` channels.
+    pub fn image(&self, bi: usize, c: usize) -> ImageAffine<'_> {
+        ImageAffine { ab: &self.ab[bi * c..(bi + 1) * c], silu: self.silu }
+    }
+
+    /// The normalised copy of `x` (`[B, C, hw]` for this affine's B x C).
+    pub fn apply(&self, x: &[f32], hw: usize) -> Vec<f32> {
+        let mut out = activation(x.len());
+        out.par_chunks_mut(hw.max(1)).zip(x.par_chunks(hw.max(1))).zip(&self.ab).for_each(|((o, xc), &(a, b))| {
+            affine(o, Some(xc), a, b, self.silu);
+        });
+        out
+    }
+}
+
+impl ImageAffine<'_> {
+    /// `dst = norm(src)` for values of channel `c`.
+    #[inline(always)]
+    pub fn row(&self, c: usize, src: &[f32], dst: &mut [f32]) {
+        let (a, b) = self.ab[c];
+        if self.silu {
+            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v, a, b, true));
+        } else {
+            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v, a, b, false));
         }
     }
 }
@@ -68,46 +117,6 @@ impl CustomOp1 for GroupNormOp {
     }
 }
 
-/// The same normalisation in place (`x.inplace_op1(&op)`), for a tensor
-/// whose buffer the caller owns alone.
-impl InplaceOp1 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "codiff-group-norm-in-place"
-    }
-
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let (cpg, hw) = self.dims(l)?;
-        let x = contiguous_mut(s, l, "group norm in place")?;
-        x.par_chunks_mut(cpg * hw).enumerate().for_each(|(bg, xi)| {
-            let st = mean_var(xi);
-            self.group(bg, st, xi, None, hw);
-        });
-        Ok(())
-    }
-}
-
-/// The normalisation of `src` into `dst`'s buffer (`dst.inplace_op2(&src,
-/// &op)`, same shape), for a `dst` whose buffer the caller owns alone and no
-/// longer needs: no fresh buffer for the output.
-impl InplaceOp2 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "codiff-group-norm-into"
-    }
-
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("group norm into a {:?} tensor from {:?}", l1.shape(), l2.shape());
-        }
-        let (cpg, hw) = self.dims(l2)?;
-        let x = contiguous(s2, l2, "group norm")?;
-        let out = contiguous_mut(s1, l1, "group norm into")?;
-        out.par_chunks_mut(cpg * hw).zip(x.par_chunks(cpg * hw)).enumerate().for_each(|(bg, (o, xi))| {
-            self.group(bg, mean_var(xi), o, Some(xi), hw);
-        });
-        Ok(())
-    }
-}
-
 impl GroupNormOp {
     /// (channels per group, values per channel) of an input of layout `l`.
     fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize)> {
@@ -124,16 +133,32 @@ impl GroupNormOp {
 
     /// Normalise group `bg` (batch-major) with statistics `(mean, var)` into
     /// `o`, from `x` (None: `o` in place).
-    fn group(&self, bg: usize, (mean, var): (f64, f64), o: &mut [f32], x: Option<&[f32]>, hw: usize) {
+    fn group(&self, bg: usize, st: (f64, f64), o: &mut [f32], x: Option<&[f32]>, hw: usize) {
         let cpg = o.len() / hw.max(1);
-        let g = bg % self.groups;
-        let inv = 1.0 / (var + self.eps).sqrt();
         for (j, oc) in o.chunks_mut(hw).enumerate() {
-            let ch = g * cpg + j;
-            let a = (self.gamma[ch] as f64 * inv) as f32;
-            let b = (self.beta[ch] as f64 - mean * self.gamma[ch] as f64 * inv) as f32;
+            let (a, b) = self.coefficients(bg, cpg, j, st);
             affine(oc, x.map(|x| &x[j * hw..(j + 1) * hw]), a, b, self.silu);
         }
+    }
+
+    /// `(a, b)` of channel `j` of group `bg` (batch-major, `cpg` channels a
+    /// group) with statistics `(mean, var)`.
+    fn coefficients(&self, bg: usize, cpg: usize, j: usize, (mean, var): (f64, f64)) -> (f32, f32) {
+        let ch = (bg % self.groups) * cpg + j;
+        let inv = 1.0 / (var + self.eps).sqrt();
+        let a = (self.gamma[ch] as f64 * inv) as f32;
+        let b = (self.beta[ch] as f64 - mean * self.gamma[ch] as f64 * inv) as f32;
+        (a, b)
+    }
+
+    /// This norm's [`ChannelAffine`] on `x` (layout `l`, contiguous values
+    /// `x`): the statistics of each group, as [`GroupNormOp`] computes them.
+    pub fn channel_affine(&self, x: &[f32], l: &Layout) -> candle_core::Result<ChannelAffine> {
+        let (cpg, hw) = self.dims(l)?;
+        let stats: Vec<(f64, f64)> = x.par_chunks(cpg * hw).map(mean_var).collect();
+        let ab =
+            stats.iter().enumerate().flat_map(|(bg, &st)| (0..cpg).map(move |j| self.coefficients(bg, cpg, j, st)));
+        Ok(ChannelAffine { ab: ab.collect(), silu: self.silu })
     }
 }
 
@@ -164,18 +189,6 @@ mod tests {
             };
             let y = x.apply_op1_no_bwd(&op).unwrap();
             assert!(max_err(&y, &reference) < 1e-4);
-            // in place: the same numbers in x's own buffer
-            let owned = x.copy().unwrap();
-            owned.inplace_op1(&op).unwrap();
-            assert_eq!(max_err(&owned, &y), 0.0);
-            // into another tensor's buffer: the same numbers, x untouched
-            let dst = Tensor::full(f32::NAN, x.shape(), &dev).unwrap();
-            dst.inplace_op2(&x, &op).unwrap();
-            assert_eq!(max_err(&dst, &y), 0.0);
-            assert!(max_err(&x.apply_op1_no_bwd(&op).unwrap(), &y) == 0.0);
-            // a destination of another shape is refused
-            let wrong = Tensor::zeros((2, c, 7, 9), candle_core::DType::F32, &dev).unwrap();
-            assert!(wrong.inplace_op2(&x, &op).is_err());
         }
     }
 }

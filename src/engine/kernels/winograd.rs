@@ -33,7 +33,7 @@
 //! output transform, as [`super::ConvOp`]'s other paths.
 use rayon::prelude::*;
 
-use super::{activation, avx2_available, gemm_strided, Mat, Math, SendPtr};
+use super::{activation, avx2_available, gemm_strided, ChannelAffine, ImageAffine, Mat, Math, SendPtr};
 
 /// Bᵀ, G and Aᵀ of F(2,3) (interpolation points 0, 1, -1).
 const F2_BT: [f32; 16] = [1., 0., -1., 0., 0., 1., 1., 0., 0., -1., 1., 0., 0., 1., 0., -1.];
@@ -135,8 +135,9 @@ impl Tile {
 
     /// `V[ξ][ci][t0 + t] = (Bᵀ d B)` of the input tiles of the band's tile
     /// rows `r0..r1` (t0 = (tr - r0) tc) for the input channels `cis` of the
-    /// image `x` `[cin, h, w]`; V holds `nt` tiles per channel and `cin`
-    /// channels per ξ.
+    /// image `x` `[cin, h, w]`, normalised by `pre` as they are read where
+    /// given (the zero padding stays zero); V holds `nt` tiles per channel
+    /// and `cin` channels per ξ.
     ///
     /// # Safety
     /// V's rows of channels `cis` are valid and written by no one else.
@@ -144,6 +145,7 @@ impl Tile {
     unsafe fn input(
         &self,
         x: &[f32],
+        pre: Option<ImageAffine<'_>>,
         band: &Band,
         cis: std::ops::Range<usize>,
         cin: usize,
@@ -151,7 +153,7 @@ impl Tile {
         nt: usize,
         tmp: &mut Vec<f32>,
     ) {
-        input_tiles(self, x, band, cis, cin, v, nt, tmp)
+        input_tiles(self, x, pre, band, cis, cin, v, nt, tmp)
     }
 
     /// `Y = Aᵀ M A` of the band's tile rows `r0..r1` for the output channels
@@ -345,10 +347,10 @@ avx2_fn! {
     /// [`Tile::input`]'s body (a free function for [`avx2_fn`]), for the
     /// tile's compile-time sides.
     #[allow(clippy::too_many_arguments)]
-    fn input_tiles(tile: &Tile, x: &[f32], band: &Band, cis: std::ops::Range<usize>, cin: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
+    fn input_tiles(tile: &Tile, x: &[f32], pre: Option<ImageAffine<'_>>, band: &Band, cis: std::ops::Range<usize>, cin: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
         match tile.m {
-            2 => input_m::<F2, 2, 4>(x, band, cis, cin, v, nt, tmp),
-            _ => input_m::<F4, 4, 6>(x, band, cis, cin, v, nt, tmp),
+            2 => input_m::<F2, 2, 4>(x, pre, band, cis, cin, v, nt, tmp),
+            _ => input_m::<F4, 4, 6>(x, pre, band, cis, cin, v, nt, tmp),
         }
     }
 }
@@ -358,6 +360,7 @@ avx2_fn! {
 #[allow(clippy::too_many_arguments)]
 fn input_m<T: Matrices, const M: usize, const AL: usize>(
     x: &[f32],
+    pre: Option<ImageAffine<'_>>,
     band: &Band,
     cis: std::ops::Range<usize>,
     cin: usize,
@@ -384,12 +387,24 @@ fn input_m<T: Matrices, const M: usize, const AL: usize>(
         let plane = &x[ci * h * w..(ci + 1) * h * w];
         for tr in r0..r1 {
             let t0 = (tr - r0) * tc;
-            for i in 0..AL {
+            // the last AL - M input rows of a tile row are the first of the
+            // next: their horizontal sums move up, only M rows are new
+            let new_from = if tr == r0 {
+                0
+            } else {
+                hz.copy_within(M * AL * tc..AL * AL * tc, 0);
+                AL - M
+            };
+            for i in new_from..AL {
                 let y = (tr * M + i) as isize - 1;
                 if y >= 0 && (y as usize) < h {
                     let n = w.min(prow_len - 1);
                     prow[0] = 0.0;
-                    prow[1..1 + n].copy_from_slice(&plane[y as usize * w..][..n]);
+                    let src = &plane[y as usize * w..][..n];
+                    match pre {
+                        Some(p) => p.row(ci, src, &mut prow[1..1 + n]),
+                        None => prow[1..1 + n].copy_from_slice(src),
+                    }
                     prow[1 + n..].fill(0.0);
                 } else {
                     prow.fill(0.0);
@@ -664,10 +679,12 @@ impl Winograd {
         bias: &[f32],
         relu: bool,
         residual: Option<&[f32]>,
+        pre: Option<&ChannelAffine>,
         out: &mut [f32],
     ) {
         let (cin, cout) = (self.cin, self.cout);
         check_sizes(x, b * cin * h * w, residual, out, b * cout * h * w, bias, cout);
+        check_pre(pre, b * cin);
         let rows = self.band_rows(b, h, w);
         let tile_rows = h.div_ceil(self.tile.m);
         let bands: Vec<(usize, usize)> =
@@ -679,10 +696,11 @@ impl Winograd {
             let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
             let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
             let ep = Epilogue { bias, relu, residual: res };
+            let pre = pre.map(|p| p.image(bi, cin));
             // SAFETY: `out` holds b * cout * h * w values and outlives this
             // blocking loop; bands write disjoint output rows of image bi
             SCRATCH.with_borrow_mut(|s| unsafe {
-                self.band(xb, &Band { h, w, r0, r1 }, &ep, out_ptr.0.add(bi * cout * h * w), s)
+                self.band(xb, pre, &Band { h, w, r0, r1 }, &ep, out_ptr.0.add(bi * cout * h * w), s)
             })
         });
     }
@@ -692,14 +710,22 @@ impl Winograd {
     /// # Safety
     /// `out` holds `cout * h * w` values; no other thread writes rows
     /// `r0 * m .. r1 * m` of it.
-    unsafe fn band(&self, x: &[f32], band: &Band, ep: &Epilogue<'_>, out: *mut f32, s: &mut Scratch) {
+    unsafe fn band(
+        &self,
+        x: &[f32],
+        pre: Option<ImageAffine<'_>>,
+        band: &Band,
+        ep: &Epilogue<'_>,
+        out: *mut f32,
+        s: &mut Scratch,
+    ) {
         let (cin, cout) = (self.cin, self.cout);
         let a2 = self.tile.alpha * self.tile.alpha;
         let nt = (band.r1 - band.r0) * band.w.div_ceil(self.tile.m);
         s.v.resize(a2 * cin * nt, 0.0);
         s.mm.resize(a2 * cout * nt, 0.0);
         // 1. V[ξ][ci][t] = (Bᵀ d B) of every input tile
-        self.tile.input(x, band, 0..cin, cin, s.v.as_mut_ptr(), nt, &mut s.tmp);
+        self.tile.input(x, pre, band, 0..cin, cin, s.v.as_mut_ptr(), nt, &mut s.tmp);
         // 2. M_ξ = U_ξ V_ξ: [cout x cin] x [cin x nt]
         for xi in 0..a2 {
             if let Some(p) = self.packed.get(xi) {
@@ -763,10 +789,12 @@ pub fn run_streamed(
     bias: &[f32],
     relu: bool,
     residual: Option<&[f32]>,
+    pre: Option<&ChannelAffine>,
     out: &mut [f32],
 ) {
     assert!(weight.len() >= cout * cin * 9, "Winograd: {} weights for {cout} x {cin} x 3 x 3", weight.len());
     check_sizes(x, b * cin * h * w, residual, out, b * cout * h * w, bias, cout);
+    check_pre(pre, b * cin);
     let tile = Tile::new(m);
     let al = tile.alpha;
     let a2 = al * al;
@@ -784,9 +812,10 @@ pub fn run_streamed(
         (0..cin.div_ceil(chunk)).into_par_iter().for_each(|k| {
             let v_ptr = v_ptr;
             let cis = k * chunk..((k + 1) * chunk).min(cin);
+            let pre = pre.map(|p| p.image(bi, cin));
             // SAFETY: v holds alpha² * cin * nt values and outlives this
             // blocking loop; chunks write disjoint channel rows of V
-            SCRATCH.with_borrow_mut(|s| unsafe { tile.input(xb, &all, cis, cin, v_ptr.0, nt, &mut s.tmp) })
+            SCRATCH.with_borrow_mut(|s| unsafe { tile.input(xb, pre, &all, cis, cin, v_ptr.0, nt, &mut s.tmp) })
         });
         // 2. blocks of output channels in parallel
         let v = &v;
@@ -851,6 +880,12 @@ pub fn run_streamed(
     }
 }
 
+/// A norm fused into the input has a channel's coefficients for each of
+/// the `n` (batch x input) channels.
+fn check_pre(pre: Option<&ChannelAffine>, n: usize) {
+    assert!(pre.is_none_or(|p| p.ab.len() == n), "Winograd: a fused norm of another shape");
+}
+
 /// The lengths the Winograd paths write and read through raw pointers,
 /// checked: input `nx`, output and residual `ny` values, a bias per output
 /// channel.
@@ -903,7 +938,7 @@ mod tests {
                 let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let (xs, ws, bs, rs) = (v(&x), v(&wt), v(&b), v(&r));
                 let mut streamed = vec![f32::NAN; 2 * cout * h * w];
-                run_streamed(Math::F32, &ws, cout, cin, m, &xs, 2, h, w, &bs, true, Some(&rs), &mut streamed);
+                run_streamed(Math::F32, &ws, cout, cin, m, &xs, 2, h, w, &bs, true, Some(&rs), None, &mut streamed);
                 let streamed = Tensor::from_vec(streamed, (2, cout, h, w), &dev).unwrap();
                 let err_streamed = max_err(&streamed, &relu_res) / scale;
                 assert!(err_streamed < tol, "streamed F({m},3) {cin}->{cout} {h}x{w}: {err_streamed}");
