@@ -69,6 +69,12 @@ const F4_AT: [f32; 24] = [
 
 /// Bytes of transformed input and output one band may hold (per thread).
 const BAND_BYTES: usize = 8 << 20;
+/// Fewest tiles a band takes (more bytes than [`BAND_BYTES`] if need be):
+/// each band packs every U_ξ for its GEMMs. SD's VAE decoder at 512 channels
+/// and 128x128 (32 tiles a row; `bench_kernels`' F(4,3) column, medians of
+/// 5) took 150-153 ms in bands of one tile row, 127-130 in bands of four;
+/// 128 channels at 512x512 (129 tiles a row) and 256 at 256x256 stay level.
+const BAND_MIN_TILES: usize = 128;
 
 /// The output tile side m to use on an `h x w` frame, if any (see the module
 /// notes for the measurements behind it); `kept`: the layer keeps its
@@ -658,7 +664,8 @@ impl Winograd {
         let tile_rows = h.div_ceil(m);
         let tiles_per_row = w.div_ceil(m);
         let per_row = al * al * (self.cin + self.cout) * tiles_per_row * 4;
-        let mut rows = (BAND_BYTES / per_row.max(1)).clamp(1, tile_rows);
+        let least = BAND_MIN_TILES.div_ceil(tiles_per_row.max(1));
+        let mut rows = (BAND_BYTES / per_row.max(1)).max(least).clamp(1, tile_rows);
         let threads = rayon::current_num_threads().max(1);
         while rows > 1 && b * tile_rows.div_ceil(rows) < 2 * threads {
             rows = rows.div_ceil(2);
