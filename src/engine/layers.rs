@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
 use super::kernels::{
-    affine, contiguous, AttentionOp, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, GroupNormOp, LinearOp, Math,
+    affine, contiguous, AttentionOp, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, Geglu, GroupNormOp, LinearOp, Math,
     NormConvInto, PatchConv, PatchInto,
 };
 
@@ -820,8 +820,12 @@ impl TransformerBlock {
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
         // GEGLU with the exact (erf) GELU, as PyTorch's F.gelu
         let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let h = (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let h = if fast_path(h.device(), h.dtype()) {
+            h.contiguous()?.apply_op1_no_bwd(&Geglu)?
+        } else {
+            let half = h.dim(D::Minus1)? / 2;
+            (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?
+        };
         self.ff_out.forward(&h)? + x
     }
 }
