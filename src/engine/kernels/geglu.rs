@@ -48,7 +48,7 @@ impl CustomOp1 for Geglu {
         let x = contiguous(s, l, "geglu")?;
         let dims = l.shape().dims();
         let last = *dims.last().unwrap_or(&0);
-        if last == 0 || last % 2 != 0 {
+        if last == 0 || !last.is_multiple_of(2) {
             candle_core::bail!("geglu: last dimension {last} is not even");
         }
         let n = last / 2;
