@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::kernels::{
     affine, contiguous, AttentionOp, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, Geglu, GroupNormOp, LinearOp, Math,
-    NormConvInto, PatchConv, PatchInto,
+    PatchConv, PatchInto,
 };
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
@@ -152,7 +152,7 @@ impl Conv {
     pub fn forward_into(&self, x: &Tensor, dst: Tensor, residual: bool) -> candle_core::Result<Tensor> {
         match &self.kind {
             ConvKind::Fast(op) if dst.is_contiguous() => {
-                dst.inplace_op2(&x.contiguous()?, &ConvInto { op, accumulate: residual })?;
+                dst.inplace_op2(&x.contiguous()?, &ConvInto { op, accumulate: residual, norm: None })?;
                 Ok(dst)
             }
             ConvKind::Patch(op) if dst.is_contiguous() && !residual => {
@@ -189,7 +189,7 @@ impl Conv {
     pub fn forward_plus_into(&self, x: &Tensor, dst: Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
         match &self.kind {
             ConvKind::Fast(op) if dst.is_contiguous() => {
-                dst.inplace_op3(&x.contiguous()?, &residual.contiguous()?, &ConvPlusInto(op))?;
+                dst.inplace_op3(&x.contiguous()?, &residual.contiguous()?, &ConvPlusInto { op, norm: None })?;
                 Ok(dst)
             }
             _ => self.forward_add(x, Some(residual)),
@@ -268,7 +268,7 @@ impl Pool {
 
     /// `conv(norm(x))` (+ `residual`) into a dead tensor of `dims` (the
     /// output's) or a fresh one: the norm fused into the convolution where
-    /// both run the CPU kernels ([`NormConvInto`]: no normalised tensor is
+    /// both run the CPU kernels ([`ConvInto`]'s `norm`: no normalised tensor is
     /// written), else the norm's output first.
     pub fn norm_conv(
         &mut self,
@@ -282,11 +282,10 @@ impl Pool {
         match (norm.fast_op(silu), &conv.kind) {
             (Some(n), ConvKind::Fast(op)) => {
                 let dst = self.take_or_new(dims, DType::F32, x.device())?;
-                let fused = NormConvInto { norm: &n, conv: op };
                 let x = x.contiguous()?;
                 match residual {
-                    None => dst.inplace_op2(&x, &fused)?,
-                    Some(r) => dst.inplace_op3(&x, &r.contiguous()?, &fused)?,
+                    None => dst.inplace_op2(&x, &ConvInto { op, accumulate: false, norm: Some(&n) })?,
+                    Some(r) => dst.inplace_op3(&x, &r.contiguous()?, &ConvPlusInto { op, norm: Some(&n) })?,
                 }
                 Ok(dst)
             }

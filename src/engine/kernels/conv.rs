@@ -495,9 +495,15 @@ impl CustomOp2 for ConvOp {
 /// `accumulate`, `dst = act(conv(x) + b) + dst` (the residual add in place).
 /// `dst` must not share storage with `x`, nor with any tensor still needed.
 /// The direct kernel writes in place; other paths compute and copy.
+///
+/// With `norm`, of the group norm (+ SiLU) of `x`: a ResNet block's norm and
+/// the convolution after it, the norm fused into the Winograd input
+/// transform (no normalised tensor is written; the other paths normalise a
+/// copy first), the same numbers as the norm then the convolution.
 pub struct ConvInto<'a> {
     pub op: &'a ConvOp,
     pub accumulate: bool,
+    pub norm: Option<&'a GroupNormOp>,
 }
 
 impl InplaceOp2 for ConvInto<'_> {
@@ -507,7 +513,7 @@ impl InplaceOp2 for ConvInto<'_> {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let dst = contiguous_mut(s1, l1, "conv into")?;
-        self.op.run_to(dst, l1, s2, l2, if self.accumulate { Add::Dst } else { Add::Nothing }, None)
+        self.op.run_to(dst, l1, s2, l2, if self.accumulate { Add::Dst } else { Add::Nothing }, self.norm)
     }
 }
 
@@ -553,8 +559,11 @@ impl InplaceOp2 for ConvPairsInto<'_> {
 /// (`dst.inplace_op3(&x, &residual, ..)`): `dst = act(conv(x) + b) +
 /// residual`, the first ResBlock of a level writing into a dead buffer while
 /// its input lives on as the skip. candle refuses a `residual` or `x` that
-/// shares `dst`'s storage.
-pub struct ConvPlusInto<'a>(pub &'a ConvOp);
+/// shares `dst`'s storage. `norm` as in [`ConvInto`].
+pub struct ConvPlusInto<'a> {
+    pub op: &'a ConvOp,
+    pub norm: Option<&'a GroupNormOp>,
+}
 
 impl InplaceOp3 for ConvPlusInto<'_> {
     fn name(&self) -> &'static str {
@@ -570,47 +579,12 @@ impl InplaceOp3 for ConvPlusInto<'_> {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        self.0.run_plus_to(s1, l1, s2, l2, s3, l3, None)
-    }
-}
-
-/// `conv(norm(x))` into `dst`'s buffer (`dst.inplace_op2(&x, &op)`), or
-/// `conv(norm(x)) + residual` (`dst.inplace_op3(&x, &residual, &op)`): a
-/// ResNet block's group norm + SiLU and the convolution after it, the norm
-/// fused into the Winograd input transform (no normalised tensor is
-/// written; the other paths normalise a copy first). The same numbers as
-/// the norm then the convolution.
-pub struct NormConvInto<'a> {
-    pub norm: &'a GroupNormOp,
-    pub conv: &'a ConvOp,
-}
-
-impl InplaceOp2 for NormConvInto<'_> {
-    fn name(&self) -> &'static str {
-        "codiff-norm-conv-into"
-    }
-
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let dst = contiguous_mut(s1, l1, "norm conv into")?;
-        self.conv.run_to(dst, l1, s2, l2, Add::Nothing, Some(self.norm))
-    }
-}
-
-impl InplaceOp3 for NormConvInto<'_> {
-    fn name(&self) -> &'static str {
-        "codiff-norm-conv-plus-into"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        self.conv.run_plus_to(s1, l1, s2, l2, s3, l3, Some(self.norm))
+        if l3.shape() != l1.shape() {
+            candle_core::bail!("conv residual shape {:?}, output {:?}", l3.shape(), l1.shape());
+        }
+        let r = contiguous(s3, l3, "conv residual")?;
+        let dst = contiguous_mut(s1, l1, "conv into")?;
+        self.op.run_to(dst, l1, s2, l2, Add::From(r), self.norm)
     }
 }
 
@@ -635,27 +609,6 @@ impl Add<'_> {
 }
 
 impl ConvOp {
-    /// [`ConvOp::run_to`] into `s1` of `s2` plus the residual `s3` (of the
-    /// output's shape, checked).
-    #[allow(clippy::too_many_arguments)]
-    fn run_plus_to(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-        norm: Option<&GroupNormOp>,
-    ) -> candle_core::Result<()> {
-        if l3.shape() != l1.shape() {
-            candle_core::bail!("conv residual shape {:?}, output {:?}", l3.shape(), l1.shape());
-        }
-        let r = contiguous(s3, l3, "conv residual")?;
-        let dst = contiguous_mut(s1, l1, "conv into")?;
-        self.run_to(dst, l1, s2, l2, Add::From(r), norm)
-    }
-
     /// The convolution of `x` (layout `lx`: f32 channels, or u32 bf16 pairs
     /// of them where [`ConvOp::pairs_for`] holds) into `dst` (layout `ld`,
     /// checked to be the output's shape), plus `add`. `dst` must not be `x`.
@@ -977,24 +930,32 @@ mod tests {
                 continue;
             }
             let h1 = Tensor::zeros((2, c, h, w), DType::F32, &dev).unwrap();
-            h1.inplace_op2(&x, &ConvInto { op: &conv1, accumulate: false }).unwrap();
+            h1.inplace_op2(&x, &ConvInto { op: &conv1, accumulate: false, norm: None }).unwrap();
             let pairs = Tensor::full(7u32, (2, c / 2, h, w), &dev).unwrap();
             pairs.inplace_op2(&x, &ConvPairsInto(&conv1)).unwrap();
             for accumulate in [false, true] {
                 let (want, got) = (r.copy().unwrap(), r.copy().unwrap());
-                want.inplace_op2(&h1, &ConvInto { op: &conv2, accumulate }).unwrap();
-                got.inplace_op2(&pairs, &ConvInto { op: &conv2, accumulate }).unwrap();
+                want.inplace_op2(&h1, &ConvInto { op: &conv2, accumulate, norm: None }).unwrap();
+                got.inplace_op2(&pairs, &ConvInto { op: &conv2, accumulate, norm: None }).unwrap();
                 assert_eq!(max_err(&want, &got), 0.0, "{c} channels {h}x{w} accumulate {accumulate}");
             }
             let (want, got) = (r.zeros_like().unwrap(), r.zeros_like().unwrap());
-            want.inplace_op3(&h1, &x, &ConvPlusInto(&conv2)).unwrap();
-            got.inplace_op3(&pairs, &x, &ConvPlusInto(&conv2)).unwrap();
+            want.inplace_op3(&h1, &x, &ConvPlusInto { op: &conv2, norm: None }).unwrap();
+            got.inplace_op3(&pairs, &x, &ConvPlusInto { op: &conv2, norm: None }).unwrap();
             assert_eq!(max_err(&want, &got), 0.0, "{c} channels {h}x{w} plus");
             // an f32 layer takes no pairs, and pairs must have cin / 2 planes
             let f32_op = super::super::build_with(Math::F32, || ConvOp::from_tensors(&wt, Some(&b), false).unwrap());
-            assert!(r.copy().unwrap().inplace_op2(&pairs, &ConvInto { op: &f32_op, accumulate: false }).is_err());
+            assert!(r
+                .copy()
+                .unwrap()
+                .inplace_op2(&pairs, &ConvInto { op: &f32_op, accumulate: false, norm: None })
+                .is_err());
             let wrong = Tensor::zeros((2, c, h, w), DType::U32, &dev).unwrap();
-            assert!(r.copy().unwrap().inplace_op2(&wrong, &ConvInto { op: &conv2, accumulate: false }).is_err());
+            assert!(r
+                .copy()
+                .unwrap()
+                .inplace_op2(&wrong, &ConvInto { op: &conv2, accumulate: false, norm: None })
+                .is_err());
         }
     }
 
@@ -1025,22 +986,22 @@ mod tests {
             let plain = x.apply_op1_no_bwd(&op).unwrap();
             let with_res = x.apply_op2_no_bwd(&r, &op).unwrap();
             let dst = r.copy().unwrap();
-            dst.inplace_op2(&x, &ConvInto { op: &op, accumulate: false }).unwrap();
+            dst.inplace_op2(&x, &ConvInto { op: &op, accumulate: false, norm: None }).unwrap();
             assert_eq!(max_err(&dst, &plain), 0.0, "{c} direct {direct}");
             let dst = r.copy().unwrap();
-            dst.inplace_op2(&x, &ConvInto { op: &op, accumulate: true }).unwrap();
+            dst.inplace_op2(&x, &ConvInto { op: &op, accumulate: true, norm: None }).unwrap();
             assert_eq!(max_err(&dst, &with_res), 0.0, "{c} direct {direct} residual");
             let dst = x.copy().unwrap();
-            dst.inplace_op3(&x, &r, &ConvPlusInto(&op)).unwrap();
+            dst.inplace_op3(&x, &r, &ConvPlusInto { op: &op, norm: None }).unwrap();
             assert_eq!(max_err(&dst, &with_res), 0.0, "{c} direct {direct} residual from a third tensor");
             // the residual may not be the destination itself
-            assert!(dst.inplace_op3(&x, &dst, &ConvPlusInto(&op)).is_err());
+            assert!(dst.inplace_op3(&x, &dst, &ConvPlusInto { op: &op, norm: None }).is_err());
             let sum = x.copy().unwrap();
             sum.inplace_op2(&r, &AddInto).unwrap();
             assert_eq!(max_err(&sum, &(&x + &r).unwrap()), 0.0);
             // a wrong-shaped destination is refused
             let small = Tensor::zeros((1, c, 5, 5), candle_core::DType::F32, &dev).unwrap();
-            assert!(small.inplace_op2(&x, &ConvInto { op: &op, accumulate: false }).is_err());
+            assert!(small.inplace_op2(&x, &ConvInto { op: &op, accumulate: false, norm: None }).is_err());
         }
     }
 }
