@@ -13,8 +13,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
 use super::kernels::{
-    affine, contiguous, AttentionOp, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, Geglu, GroupNormOp, LinearOp, Math,
-    PatchConv, PatchInto,
+    coefficients, contiguous, AttentionOp, ChannelAffine, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, Geglu,
+    GroupNormOp, LinearOp, Math, PatchConv, PatchInto,
 };
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
@@ -405,32 +405,6 @@ impl CustomOp1 for GroupStatsOp {
     }
 }
 
-/// `y = x * a[c] + b[c]` per channel, optionally followed by SiLU (CPU f32).
-struct ChannelAffineOp {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    silu: bool,
-}
-
-impl CustomOp1 for ChannelAffineOp {
-    fn name(&self) -> &'static str {
-        "codiff-channel-affine"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, "channel affine")?;
-        let dims = l.shape().dims();
-        let c = self.a.len();
-        let hw: usize = dims[2..].iter().product();
-        let mut out = super::kernels::activation(x.len());
-        out.par_chunks_mut(hw.max(1)).zip(x.par_chunks(hw.max(1))).enumerate().for_each(|(bc, (o, xi))| {
-            let (a, b) = (self.a[bc % c], self.b[bc % c]);
-            affine(o, Some(xi), a, b, self.silu);
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-}
-
 impl GroupNorm {
     /// This tile's statistics for VAEHook's pooling.
     pub fn stats(&self, x: &Tensor) -> candle_core::Result<GroupStats> {
@@ -465,19 +439,17 @@ impl GroupNorm {
         }
         let gamma = self.candle_weight()?;
         let beta = self.candle_bias()?;
-        let (mut a, mut o) = (Vec::with_capacity(b * c), Vec::with_capacity(b * c));
-        for bi in 0..b {
-            for ch in 0..c {
+        let ab: Vec<(f32, f32)> = (0..b * c)
+            .map(|bc| {
+                let (bi, ch) = (bc / c, bc % c);
                 let g = bi * self.groups + ch / cpg;
-                let inv = 1.0 / (st.var[g] + self.eps).sqrt();
-                a.push((gamma[ch] as f64 * inv) as f32);
-                o.push((beta[ch] as f64 - st.mean[g] * gamma[ch] as f64 * inv) as f32);
-            }
-        }
+                coefficients(gamma[ch], beta[ch], (st.mean[g], st.var[g]), self.eps)
+            })
+            .collect();
         if fast_path(x.device(), x.dtype()) {
-            // `a`/`b` per (item, channel): index by bc % (b*c) with b folded in
-            return x.contiguous()?.apply_op1_no_bwd(&ChannelAffineOp { a, b: o, silu });
+            return x.contiguous()?.apply_op1_no_bwd(&ChannelAffine { ab, silu });
         }
+        let (a, o): (Vec<f32>, Vec<f32>) = ab.into_iter().unzip();
         let shape = (b, c, 1, 1);
         let a = Tensor::from_vec(a, shape, x.device())?.to_dtype(x.dtype())?;
         let o = Tensor::from_vec(o, shape, x.device())?.to_dtype(x.dtype())?;

@@ -247,7 +247,7 @@ pub use attention::AttentionOp;
 pub use conv::{AddInto, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, PadInto};
 pub use geglu::Geglu;
 pub use linear::LinearOp;
-pub(super) use norm::affine;
+pub(super) use norm::coefficients;
 pub(crate) use norm::mean_var;
 pub use norm::{ChannelAffine, GroupNormOp, ImageAffine};
 pub use patch::{Patch, PatchConv, PatchConvTranspose, PatchInto};

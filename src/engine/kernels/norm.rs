@@ -33,15 +33,22 @@ fn f(v: f32, a: f32, b: f32, silu: bool) -> f32 {
 }
 
 avx2_fn! {
-    /// `out = x * a + b`, then SiLU when `silu`; `x` None: `out` itself.
-    pub(in crate::engine) fn affine(out: &mut [f32], x: Option<&[f32]>, a: f32, b: f32, silu: bool) {
-        match (x, silu) {
-            (Some(x), true) => out.iter_mut().zip(x).for_each(|(y, &v)| *y = f(v, a, b, true)),
-            (Some(x), false) => out.iter_mut().zip(x).for_each(|(y, &v)| *y = f(v, a, b, false)),
-            (None, true) => out.iter_mut().for_each(|y| *y = f(*y, a, b, true)),
-            (None, false) => out.iter_mut().for_each(|y| *y = f(*y, a, b, false)),
+    /// `out = x * a + b`, then SiLU when `silu`.
+    fn affine(out: &mut [f32], x: &[f32], a: f32, b: f32, silu: bool) {
+        if silu {
+            out.iter_mut().zip(x).for_each(|(y, &v)| *y = f(v, a, b, true));
+        } else {
+            out.iter_mut().zip(x).for_each(|(y, &v)| *y = f(v, a, b, false));
         }
     }
+}
+
+/// `(a, b)` of a channel with weight `gamma`, bias `beta` and its group's
+/// statistics `(mean, var)`: `v a + b = (v - mean) / sqrt(var + eps) gamma
+/// + beta`, the coefficients in f64 and rounded once.
+pub(crate) fn coefficients(gamma: f32, beta: f32, (mean, var): (f64, f64), eps: f64) -> (f32, f32) {
+    let inv = 1.0 / (var + eps).sqrt();
+    ((gamma as f64 * inv) as f32, (beta as f64 - mean * gamma as f64 * inv) as f32)
 }
 
 /// What a group norm does to each channel of one tensor `[B, C, ...]`:
@@ -71,22 +78,35 @@ impl ChannelAffine {
     pub fn apply(&self, x: &[f32], hw: usize) -> Vec<f32> {
         let mut out = activation(x.len());
         out.par_chunks_mut(hw.max(1)).zip(x.par_chunks(hw.max(1))).zip(&self.ab).for_each(|((o, xc), &(a, b))| {
-            affine(o, Some(xc), a, b, self.silu);
+            affine(o, xc, a, b, self.silu);
         });
         out
     }
 }
 
+/// The same as an op on a `[B, C, ...]` tensor of this affine's B x C
+/// (VAEHook's norm with pooled statistics).
+impl CustomOp1 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "codiff-channel-affine"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, "channel affine")?;
+        let dims = l.shape().dims();
+        if dims.len() < 2 || dims[0] * dims[1] != self.ab.len() {
+            candle_core::bail!("channel affine: shape {dims:?} for {} channels", self.ab.len());
+        }
+        let hw: usize = dims[2..].iter().product();
+        Ok((CpuStorage::F32(self.apply(x, hw)), l.shape().clone()))
+    }
+}
+
 impl ImageAffine<'_> {
     /// `dst = norm(src)` for values of channel `c`.
-    #[inline(always)]
     pub fn row(&self, c: usize, src: &[f32], dst: &mut [f32]) {
         let (a, b) = self.ab[c];
-        if self.silu {
-            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v, a, b, true));
-        } else {
-            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = f(v, a, b, false));
-        }
+        affine(dst, src, a, b, self.silu);
     }
 }
 
@@ -111,7 +131,7 @@ impl CustomOp1 for GroupNormOp {
         let (cpg, hw) = self.dims(l)?;
         let mut out = activation(x.len());
         out.par_chunks_mut(cpg * hw).zip(x.par_chunks(cpg * hw)).enumerate().for_each(|(bg, (o, xi))| {
-            self.group(bg, mean_var(xi), o, Some(xi), hw);
+            self.group(bg, mean_var(xi), o, xi, hw);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -132,23 +152,20 @@ impl GroupNormOp {
     }
 
     /// Normalise group `bg` (batch-major) with statistics `(mean, var)` into
-    /// `o`, from `x` (None: `o` in place).
-    fn group(&self, bg: usize, st: (f64, f64), o: &mut [f32], x: Option<&[f32]>, hw: usize) {
+    /// `o`, from `x`.
+    fn group(&self, bg: usize, st: (f64, f64), o: &mut [f32], x: &[f32], hw: usize) {
         let cpg = o.len() / hw.max(1);
-        for (j, oc) in o.chunks_mut(hw).enumerate() {
+        for ((j, oc), xc) in o.chunks_mut(hw).enumerate().zip(x.chunks(hw)) {
             let (a, b) = self.coefficients(bg, cpg, j, st);
-            affine(oc, x.map(|x| &x[j * hw..(j + 1) * hw]), a, b, self.silu);
+            affine(oc, xc, a, b, self.silu);
         }
     }
 
     /// `(a, b)` of channel `j` of group `bg` (batch-major, `cpg` channels a
     /// group) with statistics `(mean, var)`.
-    fn coefficients(&self, bg: usize, cpg: usize, j: usize, (mean, var): (f64, f64)) -> (f32, f32) {
+    fn coefficients(&self, bg: usize, cpg: usize, j: usize, st: (f64, f64)) -> (f32, f32) {
         let ch = (bg % self.groups) * cpg + j;
-        let inv = 1.0 / (var + self.eps).sqrt();
-        let a = (self.gamma[ch] as f64 * inv) as f32;
-        let b = (self.beta[ch] as f64 - mean * self.gamma[ch] as f64 * inv) as f32;
-        (a, b)
+        coefficients(self.gamma[ch], self.beta[ch], st, self.eps)
     }
 
     /// This norm's [`ChannelAffine`] on `x` (layout `l`, contiguous values
