@@ -357,7 +357,6 @@ impl ConvOp {
             _ => candle_core::bail!("conv: weights must be f32 on the CPU"),
         };
         let (cin, cout) = (self.cin, self.cout);
-        let keep = |m: usize| self.keeps(m);
         if let Some(m) = tile {
             // F(4,3) multiplies in f32 whatever the layer's math: its
             // transforms spread values over a range where bf16's 8-bit
@@ -367,7 +366,7 @@ impl ConvOp {
             // (4 products per output, 1.3x faster each) is slower than F(4,3)
             // in f32 (2.25): the VAE decoder at 512x512 took 9.1 s against 7.8
             let math = if m == 4 { Math::F32 } else { self.math };
-            if !keep(m) && winograd::streams(cin, h, w, m) {
+            if !self.keeps(m) && winograd::streams(cin, h, w, m) {
                 winograd::run_streamed(
                     math,
                     &weight[..cout * cin * 9],
@@ -387,7 +386,7 @@ impl ConvOp {
                 return Ok(());
             }
             let make = || Arc::new(winograd::Winograd::new(&weight[..cout * cin * 9], cout, cin, m).with_math(math));
-            let wg = if keep(m) { self.winograd_kept[m / 4].get_or_init(make).clone() } else { make() };
+            let wg = if self.keeps(m) { self.winograd_kept[m / 4].get_or_init(make).clone() } else { make() };
             wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out);
             return Ok(());
         }
@@ -494,7 +493,8 @@ impl CustomOp2 for ConvOp {
 /// instead of faulting in fresh ones: `dst = act(conv(x) + b)`, or with
 /// `accumulate`, `dst = act(conv(x) + b) + dst` (the residual add in place).
 /// `dst` must not share storage with `x`, nor with any tensor still needed.
-/// The direct kernel writes in place; other paths compute and copy.
+/// Every path writes into `dst`, except that with `accumulate` the paths
+/// other than the direct kernel compute into a fresh buffer and copy.
 ///
 /// With `norm`, of the group norm (+ SiLU) of `x`: a ResNet block's norm and
 /// the convolution after it, the norm fused into the Winograd input
