@@ -81,7 +81,7 @@ impl ConvOp {
             math: super::building(),
         };
         let op = if cin.min(cout) >= WINOGRAD_MIN_CHANNELS && winograd_enabled() { op.with_winograd(None) } else { op };
-        if cin <= DIRECT_MAX_CHANNELS && cout <= DIRECT_MAX_CHANNELS {
+        if cin.max(cout) <= DIRECT_MAX_CHANNELS || cin.min(cout) <= DIRECT_NARROW {
             op.with_direct(false)
         } else {
             Ok(op)
@@ -133,8 +133,9 @@ impl ConvOp {
         self
     }
 
-    /// Whether this layer has the direct kernel (narrow layers use it on any
-    /// frame, 17-64 channel layers on frames up to [`DIRECT_MAX_WIDE_WIDTH`]).
+    /// Whether this layer has the direct kernel (layers narrow on one side
+    /// use it on any frame, 17-64 channel layers on frames up to
+    /// [`DIRECT_MAX_WIDE_WIDTH`]).
     pub fn is_direct(&self) -> bool {
         self.direct.is_some()
     }
@@ -201,7 +202,7 @@ impl ConvOp {
     /// Whether [`ConvOp::run`] takes the direct kernel on a frame `w` wide.
     fn direct_for(&self, w: usize) -> Option<&direct::Direct> {
         let d = self.direct.as_deref()?;
-        (self.always_direct || self.cin.max(self.cout) <= DIRECT_NARROW || w <= DIRECT_MAX_WIDE_WIDTH).then_some(d)
+        (self.always_direct || self.cin.min(self.cout) <= DIRECT_NARROW || w <= DIRECT_MAX_WIDE_WIDTH).then_some(d)
     }
 
     fn out_hw(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
@@ -397,6 +398,16 @@ impl ConvOp {
         // spent 2.4-2.7 s in its convolutions at 512x512 against 1.4 s in
         // f32 (its 8x8 level, strided and 1x1 layers take this path), and
         // the VAE no less
+        // except 1x1 layers, in the layer's math: in bf16 SD's VAE's
+        // 256->128 shortcut at 512x512 took 88-90 ms against 121-127 in f32,
+        // 512->256 at 256x256 70 against 104 (`vdpbf16ps`' twice the f32
+        // rate outweighs its rounding pass over the operands there), while
+        // 3x3 layers gain nothing (1280 channels at 8x8: 13.7 ms in both) or
+        // lose (128->3 at 512x512: 68 against 48)
+        let math = if self.k == 1 { self.math } else { Math::F32 };
+        // a 1x1 stride-1 layer without padding reads its input rows as they
+        // are: no column copy
+        let pointwise = self.k == 1 && self.stride == 1 && self.pad == [0; 4];
         // rows per band: keep the column buffer around 2 MB
         let rows = ((1usize << 19) / (kk * ow).max(1)).clamp(1, oh);
         let bands: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..oh).step_by(rows).map(move |r0| (bi, r0))).collect();
@@ -406,21 +417,30 @@ impl ConvOp {
             let out_ptr = out_ptr;
             let r1 = (r0 + rows).min(oh);
             let n = (r1 - r0) * ow;
-            col.clear();
-            col.resize(kk * n, 0.0);
-            self.im2col(&x[bi * cin * h * w..(bi + 1) * cin * h * w], h, w, ow, r0, r1, col);
+            let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
+            // the GEMM's right operand: kk rows of n columns, `rhs_rs` apart
+            let (rhs, rhs_rs): (&[f32], usize) = if pointwise {
+                (&xb[r0 * ow..], h * w)
+            } else {
+                col.clear();
+                col.resize(kk * n, 0.0);
+                self.im2col(xb, h, w, ow, r0, r1, col);
+                (col, n)
+            };
             let res = residual.map(|r| &r[bi * cout * ohw + r0 * ow..]);
             // SAFETY: `out` holds b * cout * ohw values and outlives the loops;
             // this call alone writes channels co0..co0 + m of rows r0..r1 of
             // image bi (bands own their rows, par_row_blocks hands out disjoint
             // channel ranges); `weight` holds cout * kk values from co0 * kk as
             // long as the pub fields weight, cin, cout and k still describe the
-            // same [cout, cin, k, k] tensor; `col` holds kk * n values
+            // same [cout, cin, k, k] tensor; `rhs` holds kk rows of n values
+            // rhs_rs apart (`col`, or for a pointwise layer image bi's
+            // channels from row r0, whose h w = oh ow values hold them)
             let gemm_rows = |co0: usize, m: usize| unsafe {
                 let out_ptr = out_ptr;
                 let dst = out_ptr.0.add(bi * cout * ohw + co0 * ohw + r0 * ow);
-                let (w0, c) = (weight.as_ptr().add(co0 * kk), col.as_ptr());
-                gemm_strided(Math::F32, m, n, kk, false, dst, ohw, 1, w0, kk, 1, c, n, 1);
+                let w0 = weight.as_ptr().add(co0 * kk);
+                gemm_strided(math, m, n, kk, false, dst, ohw, 1, w0, kk, 1, rhs.as_ptr(), rhs_rs, 1);
                 self.epilogue(dst, co0, m, n, ohw, res);
             };
             if split_rows {
@@ -796,6 +816,8 @@ mod tests {
             (64, 64, 5, 17),
             (3, 17, 6, 33),
             (13, 40, 2, 65),
+            (128, 3, 4, 300),
+            (4, 96, 3, 270),
         ] {
             let [x, wt, b, r, reference, relu_res] = conv_case(cin, cout, h, w);
             for relu in [false, true] {
@@ -817,6 +839,10 @@ mod tests {
                 }
             }
         }
+        // layers narrow on one side take it whatever the other (SD VAE's
+        // output layer, 128->3)
+        let out = Tensor::randn(0f32, 1., (3, 128, 3, 3), &dev).unwrap();
+        assert_eq!(ConvOp::from_tensors(&out, None, false).unwrap().is_direct(), direct::available());
         // wide layers stay on GEMM unless asked
         let wide = Tensor::randn(0f32, 1., (128, 128, 3, 3), &dev).unwrap();
         assert!(!ConvOp::from_tensors(&wide, None, false).unwrap().is_direct());

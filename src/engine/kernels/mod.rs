@@ -134,7 +134,13 @@ fn winograd_enabled() -> bool {
 /// first level), where the input rows and 16-channel weight blocks outgrow
 /// the caches.
 pub const DIRECT_MAX_CHANNELS: usize = 64;
-/// See [`DIRECT_MAX_CHANNELS`].
+/// Layers with at most this many channels on one side (input or output)
+/// run the direct kernel whatever the other side and the frame: a GEMM with
+/// so few rows or so short a sum runs far from its peak. f32, 2 threads,
+/// best of 4: SD VAE's output layer 128->3 at 512x512 13.2 ms against
+/// 45-58 on GEMM, its encoder's 512->8 at 64x64 2.3 against 4.9, 3->128
+/// at 512x512 19.5 against 23.2, the UNet's 320->4 0.5 against 1.9; in bf16
+/// 9.6, 1.3, 15.9 and 0.3 ms.
 pub const DIRECT_NARROW: usize = 16;
 /// See [`DIRECT_MAX_CHANNELS`].
 pub const DIRECT_MAX_WIDE_WIDTH: usize = 256;
