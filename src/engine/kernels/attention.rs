@@ -112,7 +112,9 @@ impl candle_core::CustomOp3 for AttentionOp {
                 // output of each query row are rescaled as new keys arrive
                 for j0 in (0..m).step_by(ATTN_KEYS) {
                     let kb = ATTN_KEYS.min(m - j0);
-                    scores.clear();
+                    // the product overwrites every score: no clearing (which
+                    // wrote 1.6 GB a frame in SD's UNet at 512x512)
+                    scores.truncate(rows * kb);
                     scores.resize(rows * kb, 0.0);
                     // SAFETY: scores was resized to rows * kb; the Q block's
                     // rows r0..r0 + rows (stride c) and K^T's columns

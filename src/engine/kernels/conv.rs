@@ -386,9 +386,16 @@ impl ConvOp {
                 );
                 return Ok(());
             }
-            let make = || Arc::new(winograd::Winograd::new(&weight[..cout * cin * 9], cout, cin, m).with_math(math));
-            let wg = if self.keeps(m) { self.winograd_kept[m / 4].get_or_init(make).clone() } else { make() };
-            wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out);
+            let weight = &weight[..cout * cin * 9];
+            if self.keeps(m) {
+                let make = || Arc::new(winograd::Winograd::new(weight, cout, cin, m).with_math(math));
+                let wg = self.winograd_kept[m / 4].get_or_init(make);
+                wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out);
+            } else {
+                let wg = winograd::Winograd::for_call(weight, cout, cin, m).with_math(math);
+                wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out);
+                wg.recycle();
+            }
             return Ok(());
         }
         let ohw = oh * ow;

@@ -612,7 +612,14 @@ struct Scratch {
     /// [`run_streamed`]: a block's weights `[co][tap][ci]` and one row of U
     wt: Vec<f32>,
     u: Vec<f32>,
+    /// [`Winograd::for_call`]: the last one's U
+    spare_u: Vec<f32>,
 }
+
+/// Largest U that [`Winograd::recycle`] keeps: SD's 512-channel layers
+/// (38 MB in F(4,3)), not the hundreds of MB of its UNet's widest layers
+/// on large frames.
+const SPARE_U_BYTES: usize = 64 << 20;
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
@@ -622,10 +629,35 @@ impl Winograd {
     /// Transform `weight` `[cout, cin, 3, 3]` (row-major f32) for F(m x m, 3 x 3),
     /// m = 2 or 4.
     pub fn new(weight: &[f32], cout: usize, cin: usize, m: usize) -> Self {
+        let n = (m + 2) * (m + 2) * cout * cin;
+        Self::transform_into(weight, cout, cin, m, activation(n))
+    }
+
+    /// [`Winograd::new`] for one call: U in the buffer that the last such
+    /// call on this thread handed back ([`Winograd::recycle`]), not in fresh
+    /// pages (38 MB a call for SD's 512-channel VAE layers, whose clearing
+    /// by the kernel took 0.4 % of the full model's time at 512x512).
+    pub fn for_call(weight: &[f32], cout: usize, cin: usize, m: usize) -> Self {
+        let spare = SCRATCH.with_borrow_mut(|s| std::mem::take(&mut s.spare_u));
+        Self::transform_into(weight, cout, cin, m, spare)
+    }
+
+    /// Keep U's buffer for this thread's next [`Winograd::for_call`] (if
+    /// at most [`SPARE_U_BYTES`]).
+    pub fn recycle(self) {
+        if self.u.len() * 4 <= SPARE_U_BYTES {
+            SCRATCH.with_borrow_mut(|s| s.spare_u = self.u);
+        }
+    }
+
+    /// The transform of `weight` into `u` (any length: every value of the
+    /// result is written, none read).
+    fn transform_into(weight: &[f32], cout: usize, cin: usize, m: usize, mut u: Vec<f32>) -> Self {
         let tile = Tile::new(m);
         let alpha = tile.alpha;
         let plane = cout * cin;
-        let mut u = activation(alpha * alpha * plane);
+        u.truncate(alpha * alpha * plane);
+        u.resize(alpha * alpha * plane, 0.0);
         let u_ptr = SendPtr(u.as_mut_ptr());
         // U_ξ[co][..] = (G g Gᵀ)[a][b], ξ = a alpha + b; one output channel per task
         (0..cout).into_par_iter().for_each_init(
@@ -909,6 +941,37 @@ mod tests {
     use super::super::{winograd_enabled, ConvOp};
     use super::*;
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn per_call_transforms_reuse_the_last_buffer_and_overwrite_all_of_it() {
+        let mut seed = 3u32;
+        let mut weights = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        for m in [2, 4] {
+            // a larger layer first, then a smaller one in its buffer, then a
+            // larger one again (the buffer grows)
+            let (w1, w2, w3) = (weights(48 * 40 * 9), weights(16 * 24 * 9), weights(64 * 48 * 9));
+            let first = Winograd::for_call(&w1, 48, 40, m);
+            let ptr = first.u.as_ptr();
+            first.recycle();
+            let second = Winograd::for_call(&w2, 16, 24, m);
+            assert_eq!(second.u.as_ptr(), ptr, "F({m},3): the buffer is reused");
+            let fresh = Winograd::new(&w2, 16, 24, m);
+            assert_eq!(second.u.len(), fresh.u.len());
+            assert!(second.u.iter().zip(&fresh.u).all(|(a, b)| a.to_bits() == b.to_bits()), "F({m},3)");
+            second.recycle();
+            let third = Winograd::for_call(&w3, 64, 48, m);
+            let fresh = Winograd::new(&w3, 64, 48, m);
+            assert!(third.u.iter().zip(&fresh.u).all(|(a, b)| a.to_bits() == b.to_bits()), "F({m},3)");
+            assert_eq!(third.u.len(), fresh.u.len());
+        }
+    }
 
     #[test]
     fn winograd_matches_candle() {
