@@ -2,7 +2,8 @@
 //! GEMM, Winograd F(2,3) and F(4,3)) and candle's conv2d on the layer shapes
 //! of the compact CaVE at 1280x720, the official CaVE, SD's VAE and UNet at
 //! 512x512 (every path forced on every layer; `ConvOp` picks by channels and
-//! width), so the choice is a measured one.
+//! width), so the choice is a measured one; then SD's 1x1 layers in f32 and
+//! in bf16.
 //!
 //! `cargo run --release --no-default-features --example bench_kernels [-- --runs N] [--only UNet]`
 use candle_core::{Device, Tensor};
@@ -44,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "| layer | cin->cout | HxW | direct ms | GEMM ms | F(2,3) ms | F(4,3) ms | candle ms | best GFLOP/s (direct-equivalent) | bf16: direct ms | GEMM ms | F(2,3) ms |"
     );
     println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let layers: [(&str, usize, usize, usize, usize); 19] = [
+    let layers: [(&str, usize, usize, usize, usize); 22] = [
         ("compact head", 3, 8, 720, 1280),
         ("compact level 0", 8, 8, 720, 1280),
         ("compact tail", 8, 3, 720, 1280),
@@ -52,6 +53,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("compact level 2", 64, 64, 90, 160),
         ("compact level 3", 64, 64, 23, 40),
         ("official CaVE level 0", 64, 64, 512, 512),
+        ("SD VAE input", 3, 128, 512, 512),
+        ("SD VAE output", 128, 3, 512, 512),
+        ("SD VAE encoder output", 512, 8, 64, 64),
         ("SD VAE 128 ch", 128, 128, 256, 256),
         ("SD VAE 256 ch", 256, 256, 128, 128),
         ("SD VAE 512 ch", 512, 512, 64, 64),
@@ -101,6 +105,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rate(Some(best)),
             show(bf_direct_ms),
         );
+    }
+    println!("\n| 1x1 layer | cin->cout | HxW | f32 ms | bf16 ms |");
+    println!("|---|---|---|---:|---:|");
+    let pointwise: [(&str, usize, usize, usize, usize); 4] = [
+        ("SD VAE decoder shortcut", 256, 128, 512, 512),
+        ("SD VAE decoder shortcut", 512, 256, 256, 256),
+        ("SD UNet shortcut", 2560, 1280, 16, 16),
+        ("SD UNet shortcut", 640, 320, 64, 64),
+    ];
+    for (name, cin, cout, h, w) in pointwise.into_iter().filter(|l| l.0.contains(&args.only)) {
+        let x = Tensor::randn(0f32, 1., (1, cin, h, w), &dev)?;
+        let wt = (Tensor::randn(0f32, 1., (cout, cin, 1, 1), &dev)? * 0.1)?;
+        let f32_op = ConvOp::from_tensors(&wt, None, false)?;
+        let bf16_op = build_with(Math::Bf16, || ConvOp::from_tensors(&wt, None, false))?;
+        let f32_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&f32_op).unwrap()));
+        let bf16_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&bf16_op).unwrap()));
+        println!("| {name} | {cin}->{cout} | {h}x{w} | {f32_ms:.2} | {bf16_ms:.2} |");
     }
     Ok(())
 }
