@@ -3,12 +3,12 @@
 //! of the compact CaVE at 1280x720, the official CaVE, SD's VAE and UNet at
 //! 512x512 (every path forced on every layer; `ConvOp` picks by channels and
 //! width), so the choice is a measured one; then SD's 1x1 layers in f32 and
-//! in bf16.
+//! in bf16, and the VAE decoder's 2x upsampling (candle's and ours).
 //!
 //! `cargo run --release --no-default-features --example bench_kernels [-- --runs N] [--only UNet]`
 use candle_core::{Device, Tensor};
 use clap::Parser;
-use gstcodiff::engine::kernels::{build_with, direct, ConvOp, Math};
+use gstcodiff::engine::kernels::{build_with, direct, ConvOp, Math, Upsample2x};
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -122,6 +122,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let f32_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&f32_op).unwrap()));
         let bf16_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&bf16_op).unwrap()));
         println!("| {name} | {cin}->{cout} | {h}x{w} | {f32_ms:.2} | {bf16_ms:.2} |");
+    }
+    println!("\n| 2x nearest upsample | channels | HxW | candle ms | ours ms |");
+    println!("|---|---|---|---:|---:|");
+    let upsamples: [(&str, usize, usize, usize); 3] = [
+        ("SD VAE decoder upsample", 512, 64, 64),
+        ("SD VAE decoder upsample", 512, 128, 128),
+        ("SD VAE decoder upsample", 256, 256, 256),
+    ];
+    for (name, c, h, w) in upsamples.into_iter().filter(|l| l.0.contains(&args.only)) {
+        let x = Tensor::randn(0f32, 1., (1, c, h, w), &dev)?;
+        let candle_ms = median_ms(args.runs, || drop(x.upsample_nearest2d(2 * h, 2 * w).unwrap()));
+        let ours_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&Upsample2x).unwrap()));
+        println!("| {name} | {c} | {h}x{w} | {candle_ms:.2} | {ours_ms:.2} |");
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::kernels::{
     coefficients, contiguous, AttentionOp, ChannelAffine, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, Geglu,
-    GroupNormOp, LinearOp, Math, PatchConv, PatchInto,
+    GroupNormOp, LinearOp, Math, PatchConv, PatchInto, Upsample2x,
 };
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
@@ -879,7 +879,12 @@ impl Upsample {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        let up = if (th, tw) == (2 * h, 2 * w) && fast_path(x.device(), x.dtype()) {
+            x.contiguous()?.apply_op1_no_bwd(&Upsample2x)?
+        } else {
+            x.upsample_nearest2d(th, tw)?
+        };
+        self.conv.forward(&up)
     }
 }
 

@@ -245,6 +245,7 @@ mod gemm;
 mod linear;
 mod norm;
 mod patch;
+mod upsample;
 pub mod winograd;
 
 pub use self::gemm::{build_with, building, Math};
@@ -257,6 +258,7 @@ pub(super) use norm::coefficients;
 pub(crate) use norm::mean_var;
 pub use norm::{ChannelAffine, GroupNormOp, ImageAffine};
 pub use patch::{Patch, PatchConv, PatchConvTranspose, PatchInto};
+pub use upsample::Upsample2x;
 
 /// `Σ f(x)` over `c` in 16 independent lanes (so that the compiler
 /// vectorises the reduction; a plain `sum` is one sequential chain).
