@@ -2,8 +2,8 @@
 //! GEMM, Winograd F(2,3) and F(4,3)) and candle's conv2d on the layer shapes
 //! of the compact CaVE at 1280x720, the official CaVE, SD's VAE and UNet at
 //! 512x512 (every path forced on every layer; `ConvOp` picks by channels and
-//! width), so the choice is a measured one; then SD's 1x1 layers in f32 and
-//! in bf16, and the VAE decoder's 2x upsampling (candle's and ours).
+//! width), so the choice is a measured one; then SD's 1x1 and stride-2
+//! layers in f32 and in bf16, and the VAE decoder's 2x upsampling (candle's and ours).
 //!
 //! `cargo run --release --no-default-features --example bench_kernels [-- --runs N] [--only UNet]`
 use candle_core::{Device, Tensor};
@@ -106,22 +106,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             show(bf_direct_ms),
         );
     }
-    println!("\n| 1x1 layer | cin->cout | HxW | f32 ms | bf16 ms |");
-    println!("|---|---|---|---:|---:|");
-    let pointwise: [(&str, usize, usize, usize, usize); 4] = [
-        ("SD VAE decoder shortcut", 256, 128, 512, 512),
-        ("SD VAE decoder shortcut", 512, 256, 256, 256),
-        ("SD UNet shortcut", 2560, 1280, 16, 16),
-        ("SD UNet shortcut", 640, 320, 64, 64),
+    println!("\n| 1x1 or strided layer | cin->cout | k, stride | HxW | f32 ms | bf16 ms |");
+    println!("|---|---|---|---|---:|---:|");
+    let gemm_layers: [(&str, usize, usize, usize, usize, usize); 7] = [
+        ("SD VAE decoder shortcut", 256, 128, 1, 512, 512),
+        ("SD VAE decoder shortcut", 512, 256, 1, 256, 256),
+        ("SD UNet shortcut", 2560, 1280, 1, 16, 16),
+        ("SD UNet shortcut", 640, 320, 1, 64, 64),
+        ("SD VAE encoder downsample", 128, 128, 3, 512, 512),
+        ("SD VAE encoder downsample", 256, 256, 3, 256, 256),
+        ("SD UNet downsample", 320, 320, 3, 64, 64),
     ];
-    for (name, cin, cout, h, w) in pointwise.into_iter().filter(|l| l.0.contains(&args.only)) {
+    for (name, cin, cout, k, h, w) in gemm_layers.into_iter().filter(|l| l.0.contains(&args.only)) {
         let x = Tensor::randn(0f32, 1., (1, cin, h, w), &dev)?;
-        let wt = (Tensor::randn(0f32, 1., (cout, cin, 1, 1), &dev)? * 0.1)?;
-        let f32_op = ConvOp::from_tensors(&wt, None, false)?;
-        let bf16_op = build_with(Math::Bf16, || ConvOp::from_tensors(&wt, None, false))?;
+        let wt = (Tensor::randn(0f32, 1., (cout, cin, k, k), &dev)? * 0.1)?;
+        // 3x3 ones downsample as SD's do: stride 2, padded on the bottom and right
+        let (stride, pad) = if k == 1 { (1, [0; 4]) } else { (2, [0, 0, 1, 1]) };
+        let f32_op = ConvOp::new(&wt, None, stride, pad, false)?;
+        let bf16_op = build_with(Math::Bf16, || ConvOp::new(&wt, None, stride, pad, false))?;
         let f32_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&f32_op).unwrap()));
         let bf16_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&bf16_op).unwrap()));
-        println!("| {name} | {cin}->{cout} | {h}x{w} | {f32_ms:.2} | {bf16_ms:.2} |");
+        println!("| {name} | {cin}->{cout} | {k}, {stride} | {h}x{w} | {f32_ms:.2} | {bf16_ms:.2} |");
     }
     println!("\n| 2x nearest upsample | channels | HxW | candle ms | ours ms |");
     println!("|---|---|---|---:|---:|");

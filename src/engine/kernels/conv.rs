@@ -405,13 +405,14 @@ impl ConvOp {
         // spent 2.4-2.7 s in its convolutions at 512x512 against 1.4 s in
         // f32 (its 8x8 level, strided and 1x1 layers take this path), and
         // the VAE no less
-        // except 1x1 layers, in the layer's math: in bf16 SD's VAE's
-        // 256->128 shortcut at 512x512 took 88-90 ms against 121-127 in f32,
-        // 512->256 at 256x256 70 against 104 (`vdpbf16ps`' twice the f32
-        // rate outweighs its rounding pass over the operands there), while
-        // 3x3 layers gain nothing (1280 channels at 8x8: 13.7 ms in both) or
-        // lose (128->3 at 512x512: 68 against 48)
-        let math = if self.k == 1 { self.math } else { Math::F32 };
+        // except 1x1 and strided layers, in the layer's math: in bf16 SD's
+        // VAE's 256->128 shortcut at 512x512 took 88-90 ms against 121-127
+        // in f32, 512->256 at 256x256 70 against 104, its encoder's 128-channel
+        // stride-2 layer at 512x512 94 against 131 (`bench_kernels`' second
+        // table: `vdpbf16ps`' twice the f32 rate outweighs its rounding pass
+        // over the operands there), while the UNet's stride-1 layers at 8x8
+        // lost in the whole model (3.4-3.6 s against 3.1-3.5)
+        let math = if self.k == 1 || self.stride > 1 { self.math } else { Math::F32 };
         // a 1x1 stride-1 layer without padding reads its input rows as they
         // are: no column copy
         let pointwise = self.k == 1 && self.stride == 1 && self.pad == [0; 4];
