@@ -352,52 +352,16 @@ impl ConvOp {
             };
             return Ok(());
         }
+        if let Some(m) = tile {
+            let residual = residual.map_or(winograd::Residual::None, winograd::Residual::From);
+            return self.run_winograd(x, b, h, w, m, residual, pre, out);
+        }
         let (storage, layout) = self.weight.storage_and_layout();
         let weight = match &*storage {
             candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[layout.start_offset()..],
             _ => candle_core::bail!("conv: weights must be f32 on the CPU"),
         };
         let (cin, cout) = (self.cin, self.cout);
-        if let Some(m) = tile {
-            // F(4,3) multiplies in f32 whatever the layer's math: its
-            // transforms spread values over a range where bf16's 8-bit
-            // mantissa loses the output (max error 26 % of the output's
-            // magnitude, against 1.7 % for F(2,3) and 0.7 % for GEMM in bf16:
-            // bf16_layers_match_candle_to_bf16_rounding), and F(2,3) in bf16
-            // (4 products per output, 1.3x faster each) is slower than F(4,3)
-            // in f32 (2.25): the VAE decoder at 512x512 took 9.1 s against 7.8
-            let math = if m == 4 { Math::F32 } else { self.math };
-            if !self.keeps(m) && winograd::streams(cin, h, w, m) {
-                winograd::run_streamed(
-                    math,
-                    &weight[..cout * cin * 9],
-                    cout,
-                    cin,
-                    m,
-                    x,
-                    b,
-                    h,
-                    w,
-                    &self.bias,
-                    self.relu,
-                    residual,
-                    pre,
-                    out,
-                );
-                return Ok(());
-            }
-            let weight = &weight[..cout * cin * 9];
-            if self.keeps(m) {
-                let make = || Arc::new(winograd::Winograd::new(weight, cout, cin, m).with_math(math));
-                let wg = self.winograd_kept[m / 4].get_or_init(make);
-                wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out);
-            } else {
-                let wg = winograd::Winograd::for_call(weight, cout, cin, m).with_math(math);
-                wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out);
-                wg.recycle();
-            }
-            return Ok(());
-        }
         let ohw = oh * ow;
         let kk = cin * self.k * self.k;
         // im2col + GEMM multiplies in f32 whatever the layer's math: in bf16
@@ -465,6 +429,65 @@ impl ConvOp {
             for &(bi, r0) in &bands {
                 band(bi, r0, &mut col, true);
             }
+        }
+        Ok(())
+    }
+
+    /// [`ConvOp::run_into`] on Winograd F(m x m, 3 x 3), plus `residual`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_winograd(
+        &self,
+        x: &[f32],
+        b: usize,
+        h: usize,
+        w: usize,
+        m: usize,
+        residual: winograd::Residual<'_>,
+        pre: Option<&ChannelAffine>,
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let (storage, layout) = self.weight.storage_and_layout();
+        let weight = match &*storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[layout.start_offset()..],
+            _ => candle_core::bail!("conv: weights must be f32 on the CPU"),
+        };
+        let (cin, cout) = (self.cin, self.cout);
+        // F(4,3) multiplies in f32 whatever the layer's math: its
+        // transforms spread values over a range where bf16's 8-bit
+        // mantissa loses the output (max error 26 % of the output's
+        // magnitude, against 1.7 % for F(2,3) and 0.7 % for GEMM in bf16:
+        // bf16_layers_match_candle_to_bf16_rounding), and F(2,3) in bf16
+        // (4 products per output, 1.3x faster each) is slower than F(4,3)
+        // in f32 (2.25): the VAE decoder at 512x512 took 9.1 s against 7.8
+        let math = if m == 4 { Math::F32 } else { self.math };
+        if !self.keeps(m) && winograd::streams(cin, h, w, m) {
+            winograd::run_streamed(
+                math,
+                &weight[..cout * cin * 9],
+                cout,
+                cin,
+                m,
+                x,
+                b,
+                h,
+                w,
+                &self.bias,
+                self.relu,
+                residual,
+                pre,
+                out,
+            );
+            return Ok(());
+        }
+        let weight = &weight[..cout * cin * 9];
+        if self.keeps(m) {
+            let make = || Arc::new(winograd::Winograd::new(weight, cout, cin, m).with_math(math));
+            let wg = self.winograd_kept[m / 4].get_or_init(make);
+            wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out);
+        } else {
+            let wg = winograd::Winograd::for_call(weight, cout, cin, m).with_math(math);
+            wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out);
+            wg.recycle();
         }
         Ok(())
     }
@@ -704,14 +727,17 @@ impl ConvOp {
             (None, Some(x)) => match add {
                 Add::Nothing => self.run_into(x, b, h, w, None, pre.as_ref(), dst)?,
                 Add::From(r) => self.run_into(x, b, h, w, Some(r), pre.as_ref(), dst)?,
-                // the residual is the destination: through a fresh buffer
-                Add::Dst => {
-                    if pre.is_some() {
-                        candle_core::bail!("conv: a fused norm with the destination as residual");
+                // the residual is the destination: Winograd adds it in place
+                // (its output transform reads each value as it replaces it),
+                // the GEMM path through a fresh buffer
+                Add::Dst => match (pre, self.winograd_tile(h, w)) {
+                    (Some(_), _) => candle_core::bail!("conv: a fused norm with the destination as residual"),
+                    (None, Some(m)) => self.run_winograd(x, b, h, w, m, winograd::Residual::Out, None, dst)?,
+                    (None, None) => {
+                        let y = self.run(x, b, h, w, Some(&*dst))?;
+                        dst.copy_from_slice(&y);
                     }
-                    let y = self.run(x, b, h, w, Some(&*dst))?;
-                    dst.copy_from_slice(&y);
-                }
+                },
             },
             (None, None) => candle_core::bail!("conv from pairs: the layer does not multiply bf16 pairs here"),
         }
@@ -1007,16 +1033,25 @@ mod tests {
 
     #[test]
     fn in_place_conv_and_add_match() {
-        // ConvInto (direct and GEMM paths, with and without the residual) and
+        // ConvInto (direct, GEMM and Winograd F(2,3) / F(4,3) paths, with and
+        // without the residual; Winograd adds the destination in place) and
         // AddInto give the numbers of the ops that allocate
         let dev = Device::Cpu;
-        for (c, direct) in [(8, true), (8, false), (40, false)] {
+        for (c, direct, tile, relu) in [
+            (8, true, None, false),
+            (8, false, None, false),
+            (40, false, None, false),
+            (40, false, Some(2), false),
+            (40, false, Some(4), true),
+        ] {
             let x = Tensor::randn(0f32, 1., (1, c, 11, 23), &dev).unwrap();
             let r = Tensor::randn(0f32, 1., (1, c, 11, 23), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1., (c, c, 3, 3), &dev).unwrap();
             let b = Tensor::randn(0f32, 1., c, &dev).unwrap();
-            let op = ConvOp::from_tensors(&wt, Some(&b), false).unwrap();
+            let op = ConvOp::from_tensors(&wt, Some(&b), relu).unwrap();
             let op = if direct { op.direct().unwrap() } else { op.gemm_only() };
+            let op = if tile.is_some() { op.with_winograd(tile) } else { op };
+            assert_eq!(op.is_winograd(), tile.is_some());
             let plain = x.apply_op1_no_bwd(&op).unwrap();
             let with_res = x.apply_op2_no_bwd(&r, &op).unwrap();
             let dst = r.copy().unwrap();

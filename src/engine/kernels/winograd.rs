@@ -110,13 +110,33 @@ struct Band {
 }
 
 /// What the output transform fuses into each output: `bias[co]`, then ReLU
-/// when `relu`, then the residual image's value (`[cout, h, w]`, like the
-/// output).
+/// when `relu`, then the residual.
 #[derive(Debug, Clone, Copy)]
 struct Epilogue<'a> {
     bias: &'a [f32],
     relu: bool,
-    residual: Option<&'a [f32]>,
+    residual: Residual<'a>,
+}
+
+/// What a Winograd layer adds to its outputs after the bias and ReLU.
+#[derive(Debug, Clone, Copy)]
+pub enum Residual<'a> {
+    None,
+    /// an image of the output's shape (`[b, cout, h, w]`)
+    From(&'a [f32]),
+    /// the output's own values before the call (a residual add in place,
+    /// without a fresh output buffer)
+    Out,
+}
+
+impl<'a> Residual<'a> {
+    /// This residual for image `bi` of `n` values each.
+    fn image(self, bi: usize, n: usize) -> Self {
+        match self {
+            Residual::From(r) => Residual::From(&r[bi * n..(bi + 1) * n]),
+            other => other,
+        }
+    }
 }
 
 impl Tile {
@@ -511,13 +531,20 @@ fn output_m<T: Matrices, const M: usize, const AL: usize>(
                 // of tile rows r0..r1
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.add((co * h + oy) * w), w) };
                 let y = &orow[..w];
-                match (relu, residual.map(|r| &r[(co * h + oy) * w..][..w])) {
-                    (false, None) => dst.iter_mut().zip(y).for_each(|(d, y)| *d = y + bias),
-                    (true, None) => dst.iter_mut().zip(y).for_each(|(d, y)| *d = (y + bias).max(0.0)),
-                    (false, Some(rr)) => dst.iter_mut().zip(y).zip(rr).for_each(|((d, y), r)| *d = y + bias + r),
-                    (true, Some(rr)) => {
+                match (relu, residual) {
+                    (false, Residual::None) => dst.iter_mut().zip(y).for_each(|(d, y)| *d = y + bias),
+                    (true, Residual::None) => dst.iter_mut().zip(y).for_each(|(d, y)| *d = (y + bias).max(0.0)),
+                    (false, Residual::From(r)) => {
+                        let rr = &r[(co * h + oy) * w..][..w];
+                        dst.iter_mut().zip(y).zip(rr).for_each(|((d, y), r)| *d = y + bias + r)
+                    }
+                    (true, Residual::From(r)) => {
+                        let rr = &r[(co * h + oy) * w..][..w];
                         dst.iter_mut().zip(y).zip(rr).for_each(|((d, y), r)| *d = (y + bias).max(0.0) + r)
                     }
+                    // the residual is the value being replaced
+                    (false, Residual::Out) => dst.iter_mut().zip(y).for_each(|(d, y)| *d += y + bias),
+                    (true, Residual::Out) => dst.iter_mut().zip(y).for_each(|(d, y)| *d += (y + bias).max(0.0)),
                 }
             }
         }
@@ -706,8 +733,8 @@ impl Winograd {
     }
 
     /// `out` = act(conv(x) + bias) (+ residual), x `[b, cin, h, w]`, out
-    /// `[b, cout, h, w]` (its values before are not read), in bands of tile
-    /// rows on the rayon pool.
+    /// `[b, cout, h, w]` (its values before are read only as
+    /// [`Residual::Out`]), in bands of tile rows on the rayon pool.
     #[allow(clippy::too_many_arguments)]
     pub fn run_into(
         &self,
@@ -717,7 +744,7 @@ impl Winograd {
         w: usize,
         bias: &[f32],
         relu: bool,
-        residual: Option<&[f32]>,
+        residual: Residual<'_>,
         pre: Option<&ChannelAffine>,
         out: &mut [f32],
     ) {
@@ -733,8 +760,7 @@ impl Winograd {
             let out_ptr = out_ptr;
             let r1 = (r0 + rows).min(tile_rows);
             let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
-            let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
-            let ep = Epilogue { bias, relu, residual: res };
+            let ep = Epilogue { bias, relu, residual: residual.image(bi, cout * h * w) };
             let pre = pre.map(|p| p.image(bi, cin));
             // SAFETY: `out` holds b * cout * h * w values and outlives this
             // blocking loop; bands write disjoint output rows of image bi
@@ -827,7 +853,7 @@ pub fn run_streamed(
     w: usize,
     bias: &[f32],
     relu: bool,
-    residual: Option<&[f32]>,
+    residual: Residual<'_>,
     pre: Option<&ChannelAffine>,
     out: &mut [f32],
 ) {
@@ -860,8 +886,7 @@ pub fn run_streamed(
         let v = &v;
         // SAFETY: bi < b and out holds b * cout * h * w values
         let out_ptr = SendPtr(unsafe { out.as_mut_ptr().add(bi * cout * h * w) });
-        let res = residual.map(|r| &r[bi * cout * h * w..(bi + 1) * cout * h * w]);
-        let ep = Epilogue { bias, relu, residual: res };
+        let ep = Epilogue { bias, relu, residual: residual.image(bi, cout * h * w) };
         (0..cout.div_ceil(STREAM_BLOCK)).into_par_iter().for_each(|blk| {
             SCRATCH.with_borrow_mut(|s| {
                 let out_ptr = out_ptr;
@@ -928,10 +953,10 @@ fn check_pre(pre: Option<&ChannelAffine>, n: usize) {
 /// The lengths the Winograd paths write and read through raw pointers,
 /// checked: input `nx`, output and residual `ny` values, a bias per output
 /// channel.
-fn check_sizes(x: &[f32], nx: usize, residual: Option<&[f32]>, out: &[f32], ny: usize, bias: &[f32], cout: usize) {
+fn check_sizes(x: &[f32], nx: usize, residual: Residual<'_>, out: &[f32], ny: usize, bias: &[f32], cout: usize) {
     assert!(x.len() >= nx, "Winograd: input of {} values, {nx} expected", x.len());
     assert!(out.len() == ny, "Winograd: output of {} values, {ny} expected", out.len());
-    assert!(residual.is_none_or(|r| r.len() >= ny), "Winograd: residual shorter than the output");
+    assert!(!matches!(residual, Residual::From(r) if r.len() < ny), "Winograd: residual shorter than the output");
     assert!(bias.len() >= cout, "Winograd: {} biases for {cout} channels", bias.len());
 }
 
@@ -1008,7 +1033,22 @@ mod tests {
                 let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let (xs, ws, bs, rs) = (v(&x), v(&wt), v(&b), v(&r));
                 let mut streamed = vec![f32::NAN; 2 * cout * h * w];
-                run_streamed(Math::F32, &ws, cout, cin, m, &xs, 2, h, w, &bs, true, Some(&rs), None, &mut streamed);
+                run_streamed(
+                    Math::F32,
+                    &ws,
+                    cout,
+                    cin,
+                    m,
+                    &xs,
+                    2,
+                    h,
+                    w,
+                    &bs,
+                    true,
+                    Residual::From(&rs),
+                    None,
+                    &mut streamed,
+                );
                 let streamed = Tensor::from_vec(streamed, (2, cout, h, w), &dev).unwrap();
                 let err_streamed = max_err(&streamed, &relu_res) / scale;
                 assert!(err_streamed < tol, "streamed F({m},3) {cin}->{cout} {h}x{w}: {err_streamed}");
