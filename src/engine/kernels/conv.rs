@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use super::direct::{Dst, Src};
 use super::{
-    activation, contiguous, contiguous_mut, direct, gemm_strided, par_row_blocks, winograd, winograd_enabled,
-    ChannelAffine, GroupNormOp, Math, SendPtr,
+    activation, contiguous, contiguous_mut, direct, gemm_strided, par_row_blocks, weight_values, winograd,
+    winograd_enabled, ChannelAffine, GroupNormOp, Math, SendPtr,
 };
 use super::{DIRECT_MAX_CHANNELS, DIRECT_MAX_WIDE_WIDTH, DIRECT_NARROW, WINOGRAD_KEEP_BYTES, WINOGRAD_MIN_CHANNELS};
 
@@ -357,25 +357,19 @@ impl ConvOp {
             return self.run_winograd(x, b, h, w, m, residual, pre, out);
         }
         let (storage, layout) = self.weight.storage_and_layout();
-        let weight = match &*storage {
-            candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[layout.start_offset()..],
-            _ => candle_core::bail!("conv: weights must be f32 on the CPU"),
-        };
+        let weight = weight_values(&storage, layout, "conv")?;
         let (cin, cout) = (self.cin, self.cout);
         let ohw = oh * ow;
         let kk = cin * self.k * self.k;
-        // im2col + GEMM multiplies in f32 whatever the layer's math: in bf16
-        // (operands rounded and packed, `vdpbf16ps`) the full model's UNet
-        // spent 2.4-2.7 s in its convolutions at 512x512 against 1.4 s in
-        // f32 (its 8x8 level, strided and 1x1 layers take this path), and
-        // the VAE no less
-        // except 1x1 and strided layers, in the layer's math: in bf16 SD's
-        // VAE's 256->128 shortcut at 512x512 took 88-90 ms against 121-127
-        // in f32, 512->256 at 256x256 70 against 104, its encoder's 128-channel
+        // im2col + GEMM multiplies 1x1 and strided layers in the layer's
+        // math, stride-1 3x3 ones in f32 whatever it is. In bf16 SD's VAE's
+        // 256->128 shortcut at 512x512 took 88-90 ms against 121-127 in f32,
+        // 512->256 at 256x256 70 against 104, its encoder's 128-channel
         // stride-2 layer at 512x512 94 against 131 (`bench_kernels`' second
         // table: `vdpbf16ps`' twice the f32 rate outweighs its rounding pass
         // over the operands there), while the UNet's stride-1 layers at 8x8
-        // lost in the whole model (3.4-3.6 s against 3.1-3.5)
+        // (the rest of this path) lost in the whole model (3.4-3.6 s against
+        // 3.1-3.5)
         let math = if self.k == 1 || self.stride > 1 { self.math } else { Math::F32 };
         // a 1x1 stride-1 layer without padding reads its input rows as they
         // are: no column copy
@@ -447,10 +441,7 @@ impl ConvOp {
         out: &mut [f32],
     ) -> candle_core::Result<()> {
         let (storage, layout) = self.weight.storage_and_layout();
-        let weight = match &*storage {
-            candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[layout.start_offset()..],
-            _ => candle_core::bail!("conv: weights must be f32 on the CPU"),
-        };
+        let weight = weight_values(&storage, layout, "conv")?;
         let (cin, cout) = (self.cin, self.cout);
         // F(4,3) multiplies in f32 whatever the layer's math: its
         // transforms spread values over a range where bf16's 8-bit
@@ -544,8 +535,9 @@ impl CustomOp2 for ConvOp {
 /// instead of faulting in fresh ones: `dst = act(conv(x) + b)`, or with
 /// `accumulate`, `dst = act(conv(x) + b) + dst` (the residual add in place).
 /// `dst` must not share storage with `x`, nor with any tensor still needed.
-/// Every path writes into `dst`, except that with `accumulate` the paths
-/// other than the direct kernel compute into a fresh buffer and copy.
+/// Every path writes into `dst`, except that with `accumulate` im2col + GEMM
+/// computes into a fresh buffer and copies (the direct kernel and Winograd
+/// add `dst` in place).
 ///
 /// With `norm`, of the group norm (+ SiLU) of `x`: a ResNet block's norm and
 /// the convolution after it, the norm fused into the Winograd input

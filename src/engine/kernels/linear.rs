@@ -2,7 +2,7 @@
 //! blocks of rows in parallel.
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::{activation, contiguous, gemm_strided, par_row_blocks, Mat, Math, SendPtr};
+use super::{activation, contiguous, gemm_strided, par_row_blocks, weight_values, Mat, Math, SendPtr};
 
 /// A linear layer over the last dimension of a contiguous f32 CPU tensor.
 #[derive(Clone, Debug)]
@@ -47,10 +47,7 @@ impl CustomOp1 for LinearOp {
         }
         let rows = x.len() / cin.max(1);
         let (storage, layout) = self.weight.storage_and_layout();
-        let w = match &*storage {
-            candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[layout.start_offset()..][..cout * cin],
-            _ => candle_core::bail!("linear: weights must be f32 on the CPU"),
-        };
+        let w = &weight_values(&storage, layout, "linear")?[..cout * cin];
         let mut out = activation(rows * cout);
         let out_ptr = SendPtr(out.as_mut_ptr());
         par_row_blocks(rows, |r0, m| {

@@ -280,6 +280,16 @@ fn par_row_blocks(m: usize, f: impl Fn(usize, usize) + Sync) {
     (0..m).step_by(per).collect::<Vec<_>>().par_iter().for_each(|&r0| f(r0, per.min(m - r0)));
 }
 
+/// A layer's f32 weights from the storage and layout that the weight
+/// tensor's `storage_and_layout` returned (the values from the layout's
+/// start); `what` names the op in errors.
+pub(super) fn weight_values<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(CpuStorage::F32(v)) => Ok(&v[l.start_offset()..]),
+        _ => candle_core::bail!("{what}: weights must be f32 on the CPU"),
+    }
+}
+
 /// The f32 data of a contiguous CPU tensor; `what` names the op in errors.
 pub(super) fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let data = match s {

@@ -19,7 +19,8 @@
 //! 512x512, the VAE's 512-channel ones at 64x64), [`run_streamed`]
 //! transforms them block by block of output channels, in cache, so that no
 //! whole U is ever written;
-//! on larger frames [`Winograd::new`] makes U afresh for the call.
+//! on larger frames [`Winograd::for_call`] makes U for the call, in the
+//! buffer of the thread's last such call.
 //!
 //! Which tile, by frame size ([`tile_for`]; `cargo run --release --example
 //! bench_kernels`, 2 threads): F(4,3) from 32x32 px (1.3-2x faster than
