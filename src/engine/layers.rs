@@ -212,6 +212,12 @@ impl Module for Conv {
 #[derive(Default)]
 pub struct Pool(Vec<Tensor>);
 
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 impl Pool {
     /// A dead f32 tensor of these dims, if the pool has one.
     pub fn take(&mut self, dims: &[usize]) -> Option<Tensor> {
@@ -224,10 +230,15 @@ impl Pool {
         Some(self.0.swap_remove(i))
     }
 
-    /// A dead tensor of these dims and dtype, or a fresh (zeroed) one.
+    /// A dead tensor of these dims and dtype, or a new one (f32 on the CPU
+    /// from the active spare where one fits, else zeroed); either way the
+    /// caller writes every value.
     pub fn take_or_new(&mut self, dims: &[usize], dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         match self.take_of(dims, dtype) {
             Some(t) => Ok(t),
+            None if dtype == DType::F32 && device.is_cpu() => {
+                Tensor::from_vec(super::kernels::activation(dims.iter().product()), dims, device)
+            }
             None => Tensor::zeros(dims, dtype, device),
         }
     }
@@ -261,9 +272,10 @@ impl Pool {
         self.0.is_empty()
     }
 
-    /// Drop every dead tensor (their sizes will not come back).
+    /// Drop every dead tensor (their sizes will not come back): their
+    /// buffers go to the active spare ([`kernels::give_back`]).
     pub fn clear(&mut self) {
-        self.0.clear();
+        self.0.drain(..).for_each(super::kernels::give_back);
     }
 
     /// `conv(norm(x))` (+ `residual`) into a dead tensor of `dims` (the

@@ -136,6 +136,8 @@ struct Diffusion {
     vae: VaeConfig,
     alpha_bar: f64,
     dtype: DType,
+    /// the VAE's dead activations, for the next frame's outputs
+    spare: std::sync::Mutex<super::kernels::Spare>,
 }
 
 pub struct Engine {
@@ -299,7 +301,16 @@ impl Engine {
                 });
             }
         }
-        Ok(Diffusion { encoder, decoder, unet, proj, vae: vae_cfg, alpha_bar: schedule.alpha_bar(TIMESTEP), dtype })
+        Ok(Diffusion {
+            encoder,
+            decoder,
+            unet,
+            proj,
+            vae: vae_cfg,
+            alpha_bar: schedule.alpha_bar(TIMESTEP),
+            dtype,
+            spare: Default::default(),
+        })
     }
 
     /// An engine of the given architecture with random (or zero) weights: the
@@ -342,6 +353,7 @@ impl Engine {
                     vae: vae_cfg,
                     alpha_bar: Schedule::sd21().alpha_bar(TIMESTEP),
                     dtype,
+                    spare: Default::default(),
                 })
             }
         };
@@ -622,6 +634,31 @@ impl Engine {
         p.keep("proj_embedding", &c);
         let c = c.to_dtype(DType::F16)?.to_dtype(d.dtype)?;
         p.lap("cave")?;
+        // the VAE's activations, dead as the walks move on, serve the next
+        // outputs (and the next frame's) instead of fresh memory
+        let mut spare = std::mem::take(&mut *d.spare.lock().unwrap_or_else(|e| e.into_inner()));
+        let dec = super::kernels::with_spare(&mut spare, || self.diffuse_latent(d, x, &c, opts, p));
+        *d.spare.lock().unwrap_or_else(|e| e.into_inner()) = spare;
+        let dec = dec?.narrow(2, 0, h)?.narrow(3, 0, w)?;
+        p.keep("decoded", &dec);
+        p.lap("vae_decode")?;
+        // 6. colour fix against the input
+        let y = finish(&dec, x, opts.color_fix)?;
+        p.lap("color_fix")?;
+        let q = Cave::q_value(&q)?;
+        Ok((y, q))
+    }
+
+    /// [`Engine::diffuse`]'s steps 2-5 on `x` with the UNet's context `c`:
+    /// the decoded, clamped frame (padded).
+    fn diffuse_latent(
+        &self,
+        d: &Diffusion,
+        x: &Tensor,
+        c: &Tensor,
+        opts: &RestoreOptions,
+        p: &mut Probe,
+    ) -> Result<Tensor> {
         // 2. VAE posterior mean of the padded input in [-1,1]
         let m = d.vae.downscale();
         let xp = Cave::pad_to_min(x, m, 8 * m)?;
@@ -633,7 +670,7 @@ impl Engine {
         p.lap("vae_encode")?;
         // 3. UNet at t = 499, in Gaussian-weighted latent tiles
         let eps = super::tiling::gaussian_tiled(&z, opts.latent_tile, opts.latent_overlap, &opts.cancel, |zt| {
-            Ok(d.unet.forward(zt, TIMESTEP as f64, &c)?)
+            Ok(d.unet.forward(zt, TIMESTEP as f64, c)?)
         })?;
         p.keep("unet_eps", &eps);
         Self::check_finite(&eps, "UNet", self.precision)?;
@@ -645,14 +682,7 @@ impl Engine {
         let zs = (z0 / d.vae.scaling_factor)?;
         let dec = d.decoder.decode_tiled(&zs, opts.vae_decoder_tile, &opts.cancel)?.to_dtype(DType::F32)?;
         Self::check_finite(&dec, "VAE decoder", self.precision)?;
-        let dec = dec.clamp(-1f32, 1f32)?.narrow(2, 0, h)?.narrow(3, 0, w)?;
-        p.keep("decoded", &dec);
-        p.lap("vae_decode")?;
-        // 6. colour fix against the input
-        let y = finish(&dec, x, opts.color_fix)?;
-        p.lap("color_fix")?;
-        let q = Cave::q_value(&q)?;
-        Ok((y, q))
+        Ok(dec.clamp(-1f32, 1f32)?)
     }
 
     /// The JPEG quality of `img` and where it comes from: read from the

@@ -280,12 +280,16 @@ impl<'a> Tiles<'a> {
     }
 
     /// Tile `i` becomes `y` (fresh, the walk's own); the activation it
-    /// replaces is dead: into the pool where it was the walk's own and fits
-    /// the new one (a single tile).
+    /// replaces is dead: where it was the walk's own, into the pool when it
+    /// fits the new one (a single tile), else to the active spare.
     fn advance(&mut self, i: usize, y: Tensor) {
         let old = std::mem::replace(&mut self.xs[i], y);
-        if self.owned && self.xs.len() == 1 && old.dims() == self.xs[0].dims() {
-            self.pool.put(old);
+        if self.owned {
+            if self.xs.len() == 1 && old.dims() == self.xs[0].dims() {
+                self.pool.put(old);
+            } else {
+                crate::engine::kernels::give_back(old);
+            }
         }
         self.owned = true;
     }

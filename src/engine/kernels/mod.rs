@@ -186,8 +186,13 @@ pub(crate) fn grow<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
     }
 }
 
-/// A zeroed output buffer of `n` values, on huge pages when it is large.
+/// An output buffer of `n` values, which the caller writes in full: a dead
+/// activation's from the active [`Spare`] when one fits (its old values),
+/// else zeroed fresh memory, on huge pages when it is large.
 pub(crate) fn activation(n: usize) -> Vec<f32> {
+    if let Some(v) = spare::take(n) {
+        return v;
+    }
     // calloc maps large blocks without touching them, so the advice precedes
     // the first write
     let mut v = vec![0f32; n];
@@ -245,6 +250,7 @@ mod gemm;
 mod linear;
 mod norm;
 mod patch;
+mod spare;
 mod upsample;
 pub mod winograd;
 
@@ -258,6 +264,7 @@ pub(super) use norm::coefficients;
 pub(crate) use norm::mean_var;
 pub use norm::{ChannelAffine, GroupNormOp, ImageAffine};
 pub use patch::{Patch, PatchConv, PatchConvTranspose, PatchInto};
+pub use spare::{give_back, with_spare, Spare};
 pub use upsample::Upsample2x;
 
 /// `Σ f(x)` over `c` in 16 independent lanes (so that the compiler
