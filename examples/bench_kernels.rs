@@ -8,7 +8,7 @@
 //! `cargo run --release --no-default-features --example bench_kernels [-- --runs N] [--only UNet]`
 use candle_core::{Device, Tensor};
 use clap::Parser;
-use gstcodiff::engine::kernels::{build_with, direct, ConvOp, Math, Upsample2x};
+use gstcodiff::engine::kernels::{build_with, direct, AttentionOp, ConvOp, LinearOp, Math, Upsample2x};
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -140,6 +140,62 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let candle_ms = median_ms(args.runs, || drop(x.upsample_nearest2d(2 * h, 2 * w).unwrap()));
         let ours_ms = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&Upsample2x).unwrap()));
         println!("| {name} | {c} | {h}x{w} | {candle_ms:.2} | {ours_ms:.2} |");
+    }
+    println!("\n| UNet linear / attention (512x512) | shape | f32 ms | bf16 ms | f32 GFLOP/s | bf16 GFLOP/s |");
+    println!("|---|---|---:|---:|---:|---:|");
+    let linears: [(&str, usize, usize, usize); 9] = [
+        ("linear 64x64", 4096, 320, 320),
+        ("GEGLU in 64x64", 4096, 320, 2560),
+        ("FF out 64x64", 4096, 1280, 320),
+        ("linear 32x32", 1024, 640, 640),
+        ("GEGLU in 32x32", 1024, 640, 5120),
+        ("FF out 32x32", 1024, 2560, 640),
+        ("linear 16x16", 256, 1280, 1280),
+        ("GEGLU in 16x16", 256, 1280, 10240),
+        ("FF out 16x16", 256, 5120, 1280),
+    ];
+    for (name, rows, cin, cout) in linears.into_iter().filter(|l| l.0.contains(&args.only)) {
+        let x = Tensor::randn(0f32, 1., (1, rows, cin), &dev)?;
+        let w = Tensor::randn(0f32, 1., (cout, cin), &dev)?;
+        let b = Tensor::randn(0f32, 1., cout, &dev)?;
+        let flop = 2.0 * (rows * cin * cout) as f64;
+        let mut ms = [0f64; 2];
+        for (i, math) in [Math::F32, Math::Bf16].into_iter().enumerate() {
+            let op = LinearOp::new(&w, Some(&b), math)?;
+            ms[i] = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&op).unwrap()));
+        }
+        println!(
+            "| {name} | {rows}x{cin}->{cout} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            ms[0],
+            ms[1],
+            flop / ms[0] / 1e6,
+            flop / ms[1] / 1e6
+        );
+    }
+    let attentions: [(&str, usize, usize, usize, usize); 4] = [
+        ("self-attention 64x64", 4096, 4096, 5, 64),
+        ("cross-attention 64x64", 4096, 77, 5, 64),
+        ("self-attention 32x32", 1024, 1024, 10, 64),
+        ("self-attention 16x16", 256, 256, 20, 64),
+    ];
+    for (name, n, m, heads, d) in attentions.into_iter().filter(|l| l.0.contains(&args.only)) {
+        let c = heads * d;
+        let q = Tensor::randn(0f32, 1., (1, n, c), &dev)?;
+        let k = Tensor::randn(0f32, 1., (1, m, c), &dev)?;
+        let v = Tensor::randn(0f32, 1., (1, m, c), &dev)?;
+        let flop = 4.0 * (n * m * c) as f64;
+        let mut ms = [0f64; 2];
+        for (i, math) in [Math::F32, Math::Bf16].into_iter().enumerate() {
+            let op = AttentionOp { heads, scale: 1.0 / (d as f32).sqrt(), math };
+            ms[i] = median_ms(args.runs, || drop(q.apply_op3_no_bwd(&k, &v, &op).unwrap()));
+        }
+        println!(
+            "| {name} | {n}x{m}, {heads}x{d} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            ms[0],
+            ms[1],
+            flop / ms[0] / 1e6,
+            flop / ms[1] / 1e6
+        );
     }
     Ok(())
 }
