@@ -187,6 +187,34 @@ impl Packed {
         Some(Self { outer, width, k, words })
     }
 
+    /// An A operand of `rows` rows and `k` columns that the caller writes
+    /// pair by pair ([`Packed::lhs_pair_offset`]), in `words`, a buffer
+    /// kept between calls: grown with zeros, else its old values stay (those
+    /// of rows past `rows` in the last panel are multiplied but never stored).
+    pub(super) fn lhs_to_fill(rows: usize, k: usize, mut words: Vec<u32>) -> Self {
+        let n = k.div_ceil(KC) * rows.div_ceil(MR) * (KC / 2) * MR;
+        crate::engine::kernels::grow(&mut words, n);
+        Self { outer: rows, width: MR, k, words }
+    }
+
+    /// Where the MR words of pair `p` (columns 2p, 2p + 1) of panel `i`
+    /// (rows i MR ..) of an A operand lie in [`Packed::words_mut`].
+    pub(super) fn lhs_pair_offset(&self, i: usize, p: usize) -> usize {
+        let pc = 2 * p / KC * KC;
+        let kp = KC.min(self.k - pc).div_ceil(2);
+        (pc / KC) * self.outer.div_ceil(MR) * (KC / 2) * MR + i * kp * MR + (p - pc / 2) * MR
+    }
+
+    /// The packed words, to fill ([`Packed::lhs_to_fill`]).
+    pub(super) fn words_mut(&mut self) -> &mut [u32] {
+        &mut self.words
+    }
+
+    /// The buffer back, for the next [`Packed::lhs_to_fill`].
+    pub(super) fn into_words(self) -> Vec<u32> {
+        self.words
+    }
+
     /// Panel (strip) `i` of the block of k starting at `pc`; panel `i + j`
     /// follows `j * kp * width` words on (`kp` the block's pairs).
     fn panel(&self, pc: usize, i: usize) -> *const u32 {
