@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::kernels::{
     coefficients, contiguous, AttentionOp, ChannelAffine, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, Geglu,
-    GroupNormOp, LinearOp, Math, PatchConv, PatchInto, Upsample2x,
+    GroupNormOp, LinearOp, Math, PatchConv, PatchInto, Up2Conv, Upsample2x,
 };
 
 fn fast_path(dev: &Device, dtype: DType) -> bool {
@@ -895,12 +895,20 @@ impl Upsample {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        let up = if (th, tw) == (2 * h, 2 * w) && fast_path(x.device(), x.dtype()) {
-            x.contiguous()?.apply_op1_no_bwd(&Upsample2x)?
-        } else {
-            x.upsample_nearest2d(th, tw)?
-        };
-        self.conv.forward(&up)
+        let double = (th, tw) == (2 * h, 2 * w) && fast_path(x.device(), x.dtype());
+        if let (true, ConvKind::Fast(op)) = (double, &self.conv.kind) {
+            if op.fuses_up2(h, w) {
+                // the Winograd input transform reads the upsampling as it goes
+                return x.contiguous()?.apply_op1_no_bwd(&Up2Conv(op));
+            }
+        }
+        let up = if double { x.contiguous()?.apply_op1_no_bwd(&Upsample2x)? } else { x.upsample_nearest2d(th, tw)? };
+        let y = self.conv.forward(&up)?;
+        if double {
+            // our upsampling's own buffer, dead: it serves the next frame's
+            super::kernels::give_back(up);
+        }
+        Ok(y)
     }
 }
 

@@ -354,7 +354,7 @@ impl ConvOp {
         }
         if let Some(m) = tile {
             let residual = residual.map_or(winograd::Residual::None, winograd::Residual::From);
-            return self.run_winograd(x, b, h, w, m, residual, pre, out);
+            return self.run_winograd(x, false, b, h, w, m, residual, pre, out);
         }
         let (storage, layout) = self.weight.storage_and_layout();
         let weight = weight_values(&storage, layout, "conv")?;
@@ -427,11 +427,25 @@ impl ConvOp {
         Ok(())
     }
 
-    /// [`ConvOp::run_into`] on Winograd F(m x m, 3 x 3), plus `residual`.
+    /// Whether [`Up2Conv`] fuses the 2x upsampling of an `h x w` input into
+    /// this layer (a 3x3, stride 1, pad 1 layer on Winograd there, with its
+    /// transformed weights kept or made per call): else upsample first.
+    pub fn fuses_up2(&self, h: usize, w: usize) -> bool {
+        let (uh, uw) = (2 * h, 2 * w);
+        self.k == 3
+            && self.stride == 1
+            && self.pad == [1; 4]
+            && self.winograd_tile(uh, uw).is_some_and(|m| self.keeps(m) || !winograd::streams(self.cin, uh, uw, m))
+    }
+
+    /// [`ConvOp::run_into`] on Winograd F(m x m, 3 x 3), plus `residual`, on
+    /// `x` or (`up`) its 2x nearest upsampling (`h x w` the output's sides
+    /// either way).
     #[allow(clippy::too_many_arguments)]
     fn run_winograd(
         &self,
         x: &[f32],
+        up: bool,
         b: usize,
         h: usize,
         w: usize,
@@ -440,9 +454,6 @@ impl ConvOp {
         pre: Option<&ChannelAffine>,
         out: &mut [f32],
     ) -> candle_core::Result<()> {
-        let (storage, layout) = self.weight.storage_and_layout();
-        let weight = weight_values(&storage, layout, "conv")?;
-        let (cin, cout) = (self.cin, self.cout);
         // F(4,3) multiplies in f32 whatever the layer's math: its
         // transforms spread values over a range where bf16's 8-bit
         // mantissa loses the output (max error 26 % of the output's
@@ -451,7 +462,13 @@ impl ConvOp {
         // (4 products per output, 1.3x faster each) is slower than F(4,3)
         // in f32 (2.25): the VAE decoder at 512x512 took 9.1 s against 7.8
         let math = if m == 4 { Math::F32 } else { self.math };
+        let (storage, layout) = self.weight.storage_and_layout();
+        let weight = weight_values(&storage, layout, "conv")?;
+        let (cin, cout) = (self.cin, self.cout);
         if !self.keeps(m) && winograd::streams(cin, h, w, m) {
+            if up {
+                candle_core::bail!("conv: no fused upsampling on the streamed Winograd path");
+            }
             winograd::run_streamed(
                 math,
                 &weight[..cout * cin * 9],
@@ -471,13 +488,16 @@ impl ConvOp {
             return Ok(());
         }
         let weight = &weight[..cout * cin * 9];
+        let mut run = |wg: &winograd::Winograd| match up {
+            true => wg.run_up2_into(x, b, h, w, &self.bias, self.relu, residual, pre, out),
+            false => wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out),
+        };
         if self.keeps(m) {
             let make = || Arc::new(winograd::Winograd::new(weight, cout, cin, m).with_math(math));
-            let wg = self.winograd_kept[m / 4].get_or_init(make);
-            wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out);
+            run(self.winograd_kept[m / 4].get_or_init(make));
         } else {
             let wg = winograd::Winograd::for_call(weight, cout, cin, m).with_math(math);
-            wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out);
+            run(&wg);
             wg.recycle();
         }
         Ok(())
@@ -557,6 +577,37 @@ impl InplaceOp2 for ConvInto<'_> {
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let dst = contiguous_mut(s1, l1, "conv into")?;
         self.op.run_to(dst, l1, s2, l2, if self.accumulate { Add::Dst } else { Add::Nothing }, self.norm)
+    }
+}
+
+/// A [`ConvOp`] on the 2x nearest upsampling of its input (the SD VAE
+/// decoder's upsamplers), the upsampling read by the Winograd input transform
+/// rather than written (256 MB at 512x512 for the last one); for layers and
+/// sizes where [`ConvOp::fuses_up2`] holds, else an error.
+pub struct Up2Conv<'a>(pub &'a ConvOp);
+
+impl CustomOp1 for Up2Conv<'_> {
+    fn name(&self) -> &'static str {
+        "codiff-upsample2x-conv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.0;
+        let x = contiguous(s, l, "upsample conv")?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        if c != op.cin {
+            candle_core::bail!("upsample conv: {c} input channels, weight expects {}", op.cin);
+        }
+        let (uh, uw) = (2 * h, 2 * w);
+        let m = match op.winograd_tile(uh, uw) {
+            Some(m) if op.fuses_up2(h, w) => m,
+            _ => candle_core::bail!("upsample conv: no fused upsampling for this layer at {h}x{w}"),
+        };
+        let shape = Shape::from((b, op.cout, uh, uw));
+        let _counted = op.count(&shape);
+        let mut out = activation(shape.elem_count());
+        op.run_winograd(x, true, b, uh, uw, m, winograd::Residual::None, None, &mut out)?;
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 
@@ -724,7 +775,7 @@ impl ConvOp {
                 // the GEMM path through a fresh buffer
                 Add::Dst => match (pre, self.winograd_tile(h, w)) {
                     (Some(_), _) => candle_core::bail!("conv: a fused norm with the destination as residual"),
-                    (None, Some(m)) => self.run_winograd(x, b, h, w, m, winograd::Residual::Out, None, dst)?,
+                    (None, Some(m)) => self.run_winograd(x, false, b, h, w, m, winograd::Residual::Out, None, dst)?,
                     (None, None) => {
                         let y = self.run(x, b, h, w, Some(&*dst))?;
                         dst.copy_from_slice(&y);
@@ -806,6 +857,39 @@ mod tests {
         }
         let small = Tensor::zeros((2, 3, 4, 7), DType::F32, &dev).unwrap();
         assert!(small.inplace_op2(&x, &PadInto).is_err(), "a destination smaller than the source");
+    }
+
+    #[test]
+    fn fused_upsampling_is_the_conv_of_the_upsampled_input() {
+        let dev = Device::Cpu;
+        // F(4,3) (f32) and F(2,3) (f32 and bf16), half-sizes odd and even,
+        // a batch of 2, with and without ReLU
+        for (m, math, h, w) in
+            [(4, Math::F32, 17, 19), (4, Math::F32, 8, 10), (2, Math::F32, 8, 9), (2, Math::Bf16, 7, 8)]
+        {
+            for relu in [false, true] {
+                let (cin, cout) = (6, 10);
+                let x = Tensor::randn(0f32, 1., (2, cin, h, w), &dev).unwrap();
+                let wt = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap();
+                let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
+                let op = super::super::build_with(math, || ConvOp::from_tensors(&wt, Some(&b), relu).unwrap())
+                    .gemm_only()
+                    .with_winograd(Some(m));
+                assert!(op.fuses_up2(h, w));
+                let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap();
+                let want = up.apply_op1_no_bwd(&op).unwrap();
+                let got = x.apply_op1_no_bwd(&Up2Conv(&op)).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                // the same input tiles: the same numbers, bit for bit
+                assert_eq!(max_err(&got, &want), 0.0, "F({m},3) {math:?} {h}x{w} relu {relu}");
+            }
+        }
+        // a layer off Winograd there (GEMM only) refuses
+        let wt = Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev).unwrap();
+        let op = ConvOp::from_tensors(&wt, None, false).unwrap().gemm_only();
+        assert!(!op.fuses_up2(8, 8));
+        let x = Tensor::randn(0f32, 1., (1, 3, 8, 8), &dev).unwrap();
+        assert!(x.apply_op1_no_bwd(&Up2Conv(&op)).is_err());
     }
 
     #[test]

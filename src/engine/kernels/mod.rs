@@ -257,7 +257,7 @@ pub mod winograd;
 pub use self::gemm::{build_with, building, Math};
 use self::gemm::{gemm_strided, Mat};
 pub use attention::AttentionOp;
-pub use conv::{AddInto, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, PadInto};
+pub use conv::{AddInto, ConvInto, ConvOp, ConvPairsInto, ConvPlusInto, PadInto, Up2Conv};
 pub use geglu::Geglu;
 pub use linear::LinearOp;
 pub(super) use norm::coefficients;

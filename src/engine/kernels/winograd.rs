@@ -101,13 +101,15 @@ struct Tile {
 }
 
 /// Where a call works: tile rows `r0..r1` of an `h x w` image (output rows
-/// `r0 m .. r1 m`, cut at h).
+/// `r0 m .. r1 m`, cut at h); `up`: the input is that image's source at
+/// half the size in both directions, read as its 2x nearest upsampling.
 #[derive(Debug, Clone, Copy)]
 struct Band {
     h: usize,
     w: usize,
     r0: usize,
     r1: usize,
+    up: bool,
 }
 
 /// What the output transform fuses into each output: `bias[co]`, then ReLU
@@ -395,23 +397,27 @@ fn input_m<T: Matrices, const M: usize, const AL: usize>(
     nt: usize,
     tmp: &mut Vec<f32>,
 ) {
-    let Band { h, w, r0, r1 } = *band;
+    let Band { h, w, r0, r1, up } = *band;
     let tc = w.div_ceil(M);
+    // the source plane's sides (an upsampled input: half the image's)
+    let (sh, sw) = if up { (h / 2, w / 2) } else { (h, w) };
     // padded input row (one tile's worth beyond the last), M columns gathered
     // (tc + 1 values each: column M + k of tile t is column k of tile t + 1),
     // AL x AL horizontal sums
     let prow_len = (tc + 1) * M;
     let gl = tc + 1;
-    tmp.resize(prow_len + M * gl + AL * AL * tc, 0.0);
+    tmp.resize(prow_len + M * gl + AL * AL * tc + if up { sw } else { 0 }, 0.0);
     let (prow, rest) = tmp.split_at_mut(prow_len);
-    let (gat, hz) = rest.split_at_mut(M * gl);
+    let (gat, rest) = rest.split_at_mut(M * gl);
+    // hz, then (upsampling) one normalised source row
+    let (hz, half) = rest.split_at_mut(AL * AL * tc);
     // horizontal sources: gathered column k (k < M), else column k - M one tile on
     let mut src = [gat.as_ptr(); AL];
     for (k, p) in src.iter_mut().enumerate() {
         *p = if k < M { gat[k * gl..].as_ptr() } else { gat[(k - M) * gl + 1..].as_ptr() };
     }
     for ci in cis {
-        let plane = &x[ci * h * w..(ci + 1) * h * w];
+        let plane = &x[ci * sh * sw..(ci + 1) * sh * sw];
         for tr in r0..r1 {
             let t0 = (tr - r0) * tc;
             // the last AL - M input rows of a tile row are the first of the
@@ -424,7 +430,20 @@ fn input_m<T: Matrices, const M: usize, const AL: usize>(
             };
             for i in new_from..AL {
                 let y = (tr * M + i) as isize - 1;
-                if y >= 0 && (y as usize) < h {
+                if y >= 0 && (y as usize) < h && up {
+                    // image row y is source row y / 2 with each value twice
+                    let mut src = &plane[y as usize / 2 * sw..][..sw];
+                    if let Some(p) = pre {
+                        p.row(ci, src, &mut half[..sw]);
+                        src = &half[..sw];
+                    }
+                    prow[0] = 0.0;
+                    for (d, &v) in prow[1..1 + 2 * sw].chunks_exact_mut(2).zip(src) {
+                        d[0] = v;
+                        d[1] = v;
+                    }
+                    prow[1 + 2 * sw..].fill(0.0);
+                } else if y >= 0 && (y as usize) < h {
                     let n = w.min(prow_len - 1);
                     prow[0] = 0.0;
                     let src = &plane[y as usize * w..][..n];
@@ -488,7 +507,7 @@ fn output_m<T: Matrices, const M: usize, const AL: usize>(
     out: *mut f32,
     tmp: &mut Vec<f32>,
 ) {
-    let (Band { h, w, r0, r1 }, Epilogue { bias, relu, residual }) = (*band, *ep);
+    let (Band { h, w, r0, r1, .. }, Epilogue { bias, relu, residual }) = (*band, *ep);
     let tc = w.div_ceil(M);
     assert!(mm.len() >= AL * AL * n_rows * nt);
     // sh[a][c][t] (AL x M x tc), y[rr][c][t] (M x M x tc), one output row
@@ -749,8 +768,46 @@ impl Winograd {
         pre: Option<&ChannelAffine>,
         out: &mut [f32],
     ) {
+        self.run_bands(x, false, b, h, w, bias, relu, residual, pre, out)
+    }
+
+    /// [`Winograd::run_into`] on the 2x nearest upsampling of `x` `[b, cin,
+    /// h / 2, w / 2]` (h, w even), read as the input transform goes: the
+    /// upsampled image is never written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_up2_into(
+        &self,
+        x: &[f32],
+        b: usize,
+        h: usize,
+        w: usize,
+        bias: &[f32],
+        relu: bool,
+        residual: Residual<'_>,
+        pre: Option<&ChannelAffine>,
+        out: &mut [f32],
+    ) {
+        assert!(h % 2 == 0 && w % 2 == 0, "Winograd: a {h}x{w} upsampling of a half-size input");
+        self.run_bands(x, true, b, h, w, bias, relu, residual, pre, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_bands(
+        &self,
+        x: &[f32],
+        up: bool,
+        b: usize,
+        h: usize,
+        w: usize,
+        bias: &[f32],
+        relu: bool,
+        residual: Residual<'_>,
+        pre: Option<&ChannelAffine>,
+        out: &mut [f32],
+    ) {
         let (cin, cout) = (self.cin, self.cout);
-        check_sizes(x, b * cin * h * w, residual, out, b * cout * h * w, bias, cout);
+        let hw_in = if up { h * w / 4 } else { h * w };
+        check_sizes(x, b * cin * hw_in, residual, out, b * cout * h * w, bias, cout);
         check_pre(pre, b * cin);
         let rows = self.band_rows(b, h, w);
         let tile_rows = h.div_ceil(self.tile.m);
@@ -760,13 +817,13 @@ impl Winograd {
         bands.par_iter().for_each(|&(bi, r0)| {
             let out_ptr = out_ptr;
             let r1 = (r0 + rows).min(tile_rows);
-            let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
+            let xb = &x[bi * cin * hw_in..(bi + 1) * cin * hw_in];
             let ep = Epilogue { bias, relu, residual: residual.image(bi, cout * h * w) };
             let pre = pre.map(|p| p.image(bi, cin));
             // SAFETY: `out` holds b * cout * h * w values and outlives this
             // blocking loop; bands write disjoint output rows of image bi
             SCRATCH.with_borrow_mut(|s| unsafe {
-                self.band(xb, pre, &Band { h, w, r0, r1 }, &ep, out_ptr.0.add(bi * cout * h * w), s)
+                self.band(xb, pre, &Band { h, w, r0, r1, up }, &ep, out_ptr.0.add(bi * cout * h * w), s)
             })
         });
     }
@@ -870,7 +927,7 @@ pub fn run_streamed(
     let threads = rayon::current_num_threads().max(1);
     let chunk = cin.div_ceil(4 * threads).max(1);
     // every tile row of the image at once
-    let all = Band { h, w, r0: 0, r1: tile_rows };
+    let all = Band { h, w, r0: 0, r1: tile_rows, up: false };
     for bi in 0..b {
         let xb = &x[bi * cin * h * w..(bi + 1) * cin * h * w];
         // 1. every input tile, channels in parallel
