@@ -37,6 +37,20 @@ fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
+/// `time(math)` in f32, then in bf16.
+fn per_math(mut time: impl FnMut(Math) -> f64) -> [f64; 2] {
+    [time(Math::F32), time(Math::Bf16)]
+}
+
+/// A row of the UNet table: ms and GFLOP/s in f32 and bf16 for `flop`.
+fn rate_row(name: &str, shape: &str, flop: f64, [f32_ms, bf16_ms]: [f64; 2]) {
+    println!(
+        "| {name} | {shape} | {f32_ms:.2} | {bf16_ms:.2} | {:.0} | {:.0} |",
+        flop / f32_ms / 1e6,
+        flop / bf16_ms / 1e6
+    );
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let dev = Device::Cpu;
@@ -158,19 +172,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let x = Tensor::randn(0f32, 1., (1, rows, cin), &dev)?;
         let w = Tensor::randn(0f32, 1., (cout, cin), &dev)?;
         let b = Tensor::randn(0f32, 1., cout, &dev)?;
-        let flop = 2.0 * (rows * cin * cout) as f64;
-        let mut ms = [0f64; 2];
-        for (i, math) in [Math::F32, Math::Bf16].into_iter().enumerate() {
-            let op = LinearOp::new(&w, Some(&b), math)?;
-            ms[i] = median_ms(args.runs, || drop(x.apply_op1_no_bwd(&op).unwrap()));
-        }
-        println!(
-            "| {name} | {rows}x{cin}->{cout} | {:.2} | {:.2} | {:.0} | {:.0} |",
-            ms[0],
-            ms[1],
-            flop / ms[0] / 1e6,
-            flop / ms[1] / 1e6
-        );
+        let ms = per_math(|math| {
+            let op = LinearOp::new(&w, Some(&b), math).unwrap();
+            median_ms(args.runs, || drop(x.apply_op1_no_bwd(&op).unwrap()))
+        });
+        rate_row(name, &format!("{rows}x{cin}->{cout}"), 2.0 * (rows * cin * cout) as f64, ms);
     }
     let attentions: [(&str, usize, usize, usize, usize); 4] = [
         ("self-attention 64x64", 4096, 4096, 5, 64),
@@ -183,19 +189,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let q = Tensor::randn(0f32, 1., (1, n, c), &dev)?;
         let k = Tensor::randn(0f32, 1., (1, m, c), &dev)?;
         let v = Tensor::randn(0f32, 1., (1, m, c), &dev)?;
-        let flop = 4.0 * (n * m * c) as f64;
-        let mut ms = [0f64; 2];
-        for (i, math) in [Math::F32, Math::Bf16].into_iter().enumerate() {
+        let ms = per_math(|math| {
             let op = AttentionOp { heads, scale: 1.0 / (d as f32).sqrt(), math };
-            ms[i] = median_ms(args.runs, || drop(q.apply_op3_no_bwd(&k, &v, &op).unwrap()));
-        }
-        println!(
-            "| {name} | {n}x{m}, {heads}x{d} | {:.2} | {:.2} | {:.0} | {:.0} |",
-            ms[0],
-            ms[1],
-            flop / ms[0] / 1e6,
-            flop / ms[1] / 1e6
-        );
+            median_ms(args.runs, || drop(q.apply_op3_no_bwd(&k, &v, &op).unwrap()))
+        });
+        rate_row(name, &format!("{n}x{m}, {heads}x{d}"), 4.0 * (n * m * c) as f64, ms);
     }
     Ok(())
 }

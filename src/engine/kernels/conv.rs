@@ -488,10 +488,7 @@ impl ConvOp {
             return Ok(());
         }
         let weight = &weight[..cout * cin * 9];
-        let mut run = |wg: &winograd::Winograd| match up {
-            true => wg.run_up2_into(x, b, h, w, &self.bias, self.relu, residual, pre, out),
-            false => wg.run_into(x, b, h, w, &self.bias, self.relu, residual, pre, out),
-        };
+        let mut run = |wg: &winograd::Winograd| wg.run_into(x, up, b, h, w, &self.bias, self.relu, residual, pre, out);
         if self.keeps(m) {
             let make = || Arc::new(winograd::Winograd::new(weight, cout, cin, m).with_math(math));
             run(self.winograd_kept[m / 4].get_or_init(make));

@@ -754,45 +754,11 @@ impl Winograd {
 
     /// `out` = act(conv(x) + bias) (+ residual), x `[b, cin, h, w]`, out
     /// `[b, cout, h, w]` (its values before are read only as
-    /// [`Residual::Out`]), in bands of tile rows on the rayon pool.
+    /// [`Residual::Out`]), in bands of tile rows on the rayon pool. `up`: x is
+    /// `[b, cin, h / 2, w / 2]` (h, w even) and the layer's input its 2x
+    /// nearest upsampling, read as the input transform goes (never written).
     #[allow(clippy::too_many_arguments)]
     pub fn run_into(
-        &self,
-        x: &[f32],
-        b: usize,
-        h: usize,
-        w: usize,
-        bias: &[f32],
-        relu: bool,
-        residual: Residual<'_>,
-        pre: Option<&ChannelAffine>,
-        out: &mut [f32],
-    ) {
-        self.run_bands(x, false, b, h, w, bias, relu, residual, pre, out)
-    }
-
-    /// [`Winograd::run_into`] on the 2x nearest upsampling of `x` `[b, cin,
-    /// h / 2, w / 2]` (h, w even), read as the input transform goes: the
-    /// upsampled image is never written.
-    #[allow(clippy::too_many_arguments)]
-    pub fn run_up2_into(
-        &self,
-        x: &[f32],
-        b: usize,
-        h: usize,
-        w: usize,
-        bias: &[f32],
-        relu: bool,
-        residual: Residual<'_>,
-        pre: Option<&ChannelAffine>,
-        out: &mut [f32],
-    ) {
-        assert!(h % 2 == 0 && w % 2 == 0, "Winograd: a {h}x{w} upsampling of a half-size input");
-        self.run_bands(x, true, b, h, w, bias, relu, residual, pre, out)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn run_bands(
         &self,
         x: &[f32],
         up: bool,
@@ -806,6 +772,10 @@ impl Winograd {
         out: &mut [f32],
     ) {
         let (cin, cout) = (self.cin, self.cout);
+        assert!(
+            !up || (h.is_multiple_of(2) && w.is_multiple_of(2)),
+            "Winograd: a {h}x{w} upsampling of a half-size input"
+        );
         let hw_in = if up { h * w / 4 } else { h * w };
         check_sizes(x, b * cin * hw_in, residual, out, b * cout * h * w, bias, cout);
         check_pre(pre, b * cin);
