@@ -421,13 +421,11 @@ fn input_m<T: Matrices, const M: usize, const AL: usize>(
         for tr in r0..r1 {
             let t0 = (tr - r0) * tc;
             // the last AL - M input rows of a tile row are the first of the
-            // next: their horizontal sums move up, only M rows are new
-            let new_from = if tr == r0 {
-                0
-            } else {
-                hz.copy_within(M * AL * tc..AL * AL * tc, 0);
-                AL - M
-            };
+            // next, so only M rows are new: row g of the band (g = (tr - r0)
+            // M + i) keeps its horizontal sums in slot g % AL of hz, where
+            // the next tile row finds them (AL consecutive rows, AL slots)
+            let slot = |i: usize| ((tr - r0) * M + i) % AL;
+            let new_from = if tr == r0 { 0 } else { AL - M };
             for i in new_from..AL {
                 let y = (tr * M + i) as isize - 1;
                 if y >= 0 && (y as usize) < h && up {
@@ -461,22 +459,18 @@ fn input_m<T: Matrices, const M: usize, const AL: usize>(
                 // SAFETY: gat (M rows of tc + 1 values, the sources reading
                 // tc from offset 0 or 1) and hz (AL² rows of tc) are disjoint
                 // parts of tmp, which was resized to hold them
-                unsafe { apply::<AL, AL>(T::BT, tc, src, hz.as_mut_ptr().add(i * AL * tc), tc) };
+                unsafe { apply::<AL, AL>(T::BT, tc, src, hz.as_mut_ptr().add(slot(i) * AL * tc), tc) };
             }
-            // V[a AL + bb][ci][t0 + t] = Σ_i Bᵀ[a][i] hz[i][bb][t]
+            // V[a AL + bb][ci][t0 + t] = Σ_i Bᵀ[a][i] hz[slot(i)][bb][t]
             for bb in 0..AL {
+                let mut hzr = [hz.as_ptr(); AL];
+                for (i, r) in hzr.iter_mut().enumerate() {
+                    *r = hz.as_ptr().wrapping_add((slot(i) * AL + bb) * tc);
+                }
                 // SAFETY: the caller's contract (Tile::input): V's rows of
-                // channel ci are valid and written by this call alone; hz's
-                // AL rows from bb tc (stride AL tc) lie inside it
-                unsafe {
-                    apply::<AL, AL>(
-                        T::BT,
-                        tc,
-                        rows(hz.as_ptr().add(bb * tc), AL * tc),
-                        v.add((bb * cin + ci) * nt + t0),
-                        AL * cin * nt,
-                    )
-                };
+                // channel ci are valid and written by this call alone; each
+                // of hz's rows (tc values from (slot AL + bb) tc) lies inside it
+                unsafe { apply::<AL, AL>(T::BT, tc, hzr, v.add((bb * cin + ci) * nt + t0), AL * cin * nt) };
             }
         }
     }
