@@ -897,7 +897,7 @@ impl Upsample {
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         let double = (th, tw) == (2 * h, 2 * w) && fast_path(x.device(), x.dtype());
         if let (true, ConvKind::Fast(op)) = (double, &self.conv.kind) {
-            if op.fuses_up2(h, w) {
+            if op.up2_tile(h, w).is_some() {
                 // the Winograd input transform reads the upsampling as it goes
                 return x.contiguous()?.apply_op1_no_bwd(&Up2Conv(op));
             }

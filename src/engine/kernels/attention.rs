@@ -201,7 +201,7 @@ impl candle_core::CustomOp3 for AttentionOp {
 /// of K or V is made.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::super::bf16::{gemm_operands, pair16, Operand, Packed, MR};
+    use super::super::bf16::{first_lanes as lanes, gemm_operands, pair16, Operand, Packed, MR};
     use super::super::{Mat, SendPtr};
     use super::{AttentionOp, ATTN_KEYS, ATTN_ROWS};
     use rayon::prelude::*;
@@ -214,7 +214,7 @@ mod avx512 {
         st: Vec<f32>,
         /// the running output, `[rows][d]`
         acc: Vec<f32>,
-        /// per row: running max (scaled), sum, new max, rescale factor
+        /// per query row: the running max (of the scaled scores) and sum
         mx: Vec<f32>,
         sum: Vec<f32>,
         /// the packed P's words
@@ -238,16 +238,6 @@ mod avx512 {
         }
         let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
         _mm512_scalef_ps(y, n)
-    }
-
-    /// The mask of the first `n` (<= 16) lanes.
-    #[inline(always)]
-    fn lanes(n: usize) -> u16 {
-        if n >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << n) - 1
-        }
     }
 
     /// The whole op: `out` `[b, n, c]` from q `[b, n, c]`, k and v `[b, m, c]`.

@@ -253,7 +253,7 @@ fn pair(lo: f32, hi: f32) -> u32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx512::{pair16, pair_row};
+pub(crate) use avx512::{first_lanes, pair16, pair_row};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -452,7 +452,7 @@ mod avx512 {
     pub(crate) unsafe fn pair_row(lo: *const f32, hi: Option<*const f32>, n: usize, out: *mut u32) {
         let mut i = 0;
         while i < n {
-            let m: u16 = if n - i >= 16 { u16::MAX } else { (1u16 << (n - i)) - 1 };
+            let m = first_lanes(n - i);
             let l = round16(_mm512_maskz_loadu_ps(m, lo.add(i)));
             let h = match hi {
                 Some(h) => round16(_mm512_maskz_loadu_ps(m, h.add(i))),
@@ -460,6 +460,16 @@ mod avx512 {
             };
             _mm512_mask_storeu_epi32(out.add(i) as *mut _, m, _mm512_or_si512(_mm512_srli_epi32::<16>(l), h));
             i += 16;
+        }
+    }
+
+    /// The mask of a 16-lane vector's first `n` lanes (all from 16 on).
+    #[inline(always)]
+    pub(crate) fn first_lanes(n: usize) -> u16 {
+        if n >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << n) - 1
         }
     }
 
@@ -516,7 +526,7 @@ mod avx512 {
                         break;
                     }
                     let n = cols - c0;
-                    let mask: u16 = if n >= 16 { u16::MAX } else { (1u16 << n) - 1 };
+                    let mask = first_lanes(n);
                     let p = c.add(i * rs + c0);
                     let y = if overwrite { v } else { _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p)) };
                     _mm512_mask_storeu_ps(p, mask, y);

@@ -427,15 +427,16 @@ impl ConvOp {
         Ok(())
     }
 
-    /// Whether [`Up2Conv`] fuses the 2x upsampling of an `h x w` input into
-    /// this layer (a 3x3, stride 1, pad 1 layer on Winograd there, with its
-    /// transformed weights kept or made per call): else upsample first.
-    pub fn fuses_up2(&self, h: usize, w: usize) -> bool {
+    /// The Winograd tile with which [`Up2Conv`] fuses the 2x upsampling of
+    /// an `h x w` input into this layer (a 3x3, stride 1, pad 1 layer on
+    /// Winograd there, with its transformed weights kept or made per call);
+    /// None: upsample first.
+    pub fn up2_tile(&self, h: usize, w: usize) -> Option<usize> {
         let (uh, uw) = (2 * h, 2 * w);
-        self.k == 3
-            && self.stride == 1
-            && self.pad == [1; 4]
-            && self.winograd_tile(uh, uw).is_some_and(|m| self.keeps(m) || !winograd::streams(self.cin, uh, uw, m))
+        if self.k != 3 || self.stride != 1 || self.pad != [1; 4] {
+            return None;
+        }
+        self.winograd_tile(uh, uw).filter(|&m| self.keeps(m) || !winograd::streams(self.cin, uh, uw, m))
     }
 
     /// [`ConvOp::run_into`] on Winograd F(m x m, 3 x 3), plus `residual`, on
@@ -580,7 +581,7 @@ impl InplaceOp2 for ConvInto<'_> {
 /// A [`ConvOp`] on the 2x nearest upsampling of its input (the SD VAE
 /// decoder's upsamplers), the upsampling read by the Winograd input transform
 /// rather than written (256 MB at 512x512 for the last one); for layers and
-/// sizes where [`ConvOp::fuses_up2`] holds, else an error.
+/// sizes where [`ConvOp::up2_tile`] has a tile, else an error.
 pub struct Up2Conv<'a>(pub &'a ConvOp);
 
 impl CustomOp1 for Up2Conv<'_> {
@@ -596,9 +597,8 @@ impl CustomOp1 for Up2Conv<'_> {
             candle_core::bail!("upsample conv: {c} input channels, weight expects {}", op.cin);
         }
         let (uh, uw) = (2 * h, 2 * w);
-        let m = match op.winograd_tile(uh, uw) {
-            Some(m) if op.fuses_up2(h, w) => m,
-            _ => candle_core::bail!("upsample conv: no fused upsampling for this layer at {h}x{w}"),
+        let Some(m) = op.up2_tile(h, w) else {
+            candle_core::bail!("upsample conv: no fused upsampling for this layer at {h}x{w}")
         };
         let shape = Shape::from((b, op.cout, uh, uw));
         let _counted = op.count(&shape);
@@ -872,7 +872,7 @@ mod tests {
                 let op = super::super::build_with(math, || ConvOp::from_tensors(&wt, Some(&b), relu).unwrap())
                     .gemm_only()
                     .with_winograd(Some(m));
-                assert!(op.fuses_up2(h, w));
+                assert_eq!(op.up2_tile(h, w), Some(m));
                 let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap();
                 let want = up.apply_op1_no_bwd(&op).unwrap();
                 let got = x.apply_op1_no_bwd(&Up2Conv(&op)).unwrap();
@@ -884,7 +884,7 @@ mod tests {
         // a layer off Winograd there (GEMM only) refuses
         let wt = Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev).unwrap();
         let op = ConvOp::from_tensors(&wt, None, false).unwrap().gemm_only();
-        assert!(!op.fuses_up2(8, 8));
+        assert_eq!(op.up2_tile(8, 8), None);
         let x = Tensor::randn(0f32, 1., (1, 3, 8, 8), &dev).unwrap();
         assert!(x.apply_op1_no_bwd(&Up2Conv(&op)).is_err());
     }

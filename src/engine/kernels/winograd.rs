@@ -428,7 +428,9 @@ fn input_m<T: Matrices, const M: usize, const AL: usize>(
             let new_from = if tr == r0 { 0 } else { AL - M };
             for i in new_from..AL {
                 let y = (tr * M + i) as isize - 1;
-                if y >= 0 && (y as usize) < h && up {
+                if y < 0 || y as usize >= h {
+                    prow.fill(0.0);
+                } else if up {
                     // image row y is source row y / 2 with each value twice
                     let mut src = &plane[y as usize / 2 * sw..][..sw];
                     if let Some(p) = pre {
@@ -441,7 +443,7 @@ fn input_m<T: Matrices, const M: usize, const AL: usize>(
                         d[1] = v;
                     }
                     prow[1 + 2 * sw..].fill(0.0);
-                } else if y >= 0 && (y as usize) < h {
+                } else {
                     let n = w.min(prow_len - 1);
                     prow[0] = 0.0;
                     let src = &plane[y as usize * w..][..n];
@@ -450,8 +452,6 @@ fn input_m<T: Matrices, const M: usize, const AL: usize>(
                         None => prow[1..1 + n].copy_from_slice(src),
                     }
                     prow[1 + n..].fill(0.0);
-                } else {
-                    prow.fill(0.0);
                 }
                 // gat[k][t] = prow[t M + k]
                 deinterleave::<M>(prow, gat, gl);
