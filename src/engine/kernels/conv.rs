@@ -12,6 +12,16 @@ use super::{
 };
 use super::{DIRECT_MAX_CHANNELS, DIRECT_MAX_WIDE_WIDTH, DIRECT_NARROW, WINOGRAD_KEEP_BYTES, WINOGRAD_MIN_CHANNELS};
 
+/// Frames of at most this many output pixels run im2col + GEMM as one band
+/// (its GEMM split by output channel) when their column buffer holds at most
+/// [`SMALL_FRAME_COLUMNS`] values: SD's UNet at 8x8 on 2 threads (medians
+/// of 15, four interleaved rounds) took 15.2-16.1 ms in bands against
+/// 10.8-11.0 as one band for 1280 channels, 22.5-23.1 against 20.2-23.9 for
+/// 2560 -> 1280.
+const SMALL_FRAME_PIXELS: usize = 256;
+/// See [`SMALL_FRAME_PIXELS`] (8 MB of f32).
+const SMALL_FRAME_COLUMNS: usize = 2 << 20;
+
 /// k x k convolution (any stride, any zero padding per side) as banded
 /// im2col + GEMM, optional fused ReLU and residual add.
 #[derive(Clone, Debug)]
@@ -374,8 +384,16 @@ impl ConvOp {
         // a 1x1 stride-1 layer without padding reads its input rows as they
         // are: no column copy
         let pointwise = self.k == 1 && self.stride == 1 && self.pad == [0; 4];
-        // rows per band: keep the column buffer around 2 MB
-        let rows = ((1usize << 19) / (kk * ow).max(1)).clamp(1, oh);
+        // rows per band: keep the column buffer around 2 MB, except on frames
+        // of a few dozen pixels, whose whole column buffer is a few MB: there
+        // bands of 5 and 3 rows (the UNet's 8x8 layers at 512x512) made GEMMs
+        // of 40 and 24 columns, far from the kernel's peak, where one band
+        // split by output channel keeps all 64 (see SMALL_FRAME_PIXELS)
+        let rows = if oh * ow <= SMALL_FRAME_PIXELS && kk * oh * ow <= SMALL_FRAME_COLUMNS {
+            oh
+        } else {
+            ((1usize << 19) / (kk * ow).max(1)).clamp(1, oh)
+        };
         let bands: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..oh).step_by(rows).map(move |r0| (bi, r0))).collect();
         let out_ptr = SendPtr(out.as_mut_ptr());
         let threads = rayon::current_num_threads().max(1);
