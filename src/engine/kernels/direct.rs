@@ -123,13 +123,7 @@ thread_local! {
 /// on im2col + GEMM, for comparisons).
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        let cpu = std::arch::is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
-        let cpu = false;
-        cpu && !super::gemm_forced()
-    })
+    *AVAILABLE.get_or_init(|| super::avx512_available() && !super::gemm_forced())
 }
 
 impl Direct {

@@ -240,6 +240,17 @@ pub(crate) fn avx2_available() -> bool {
     false
 }
 
+/// Whether this CPU has AVX-512F (checked once).
+pub(crate) fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 // after avx2_fn!, which they use
 mod attention;
 pub mod bf16;
