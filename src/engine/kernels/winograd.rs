@@ -254,7 +254,7 @@ unsafe fn apply<const R: usize, const N: usize>(
 }
 
 /// Columns per pass of [`apply`].
-const L: usize = 8;
+const L: usize = 16;
 
 /// [`apply`] on L columns: `dst + r dst_stride` (r < R) from `src[k] + t`.
 ///
