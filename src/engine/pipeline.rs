@@ -626,12 +626,11 @@ impl Engine {
 
     fn diffuse(&self, d: &Diffusion, x: &Tensor, opts: &RestoreOptions, p: &mut Probe) -> Result<(Tensor, f32)> {
         let (_, _, h, w) = x.dims4()?;
-        let mut qv = None;
         // the activations of the CaVE and the VAE, dead as their walks move
         // on, serve the next outputs (and the next frame's) instead of fresh
         // memory: the CaVE's go to the VAE encoder's first outputs
         let mut spare = std::mem::take(&mut *d.spare.lock().unwrap_or_else(|e| e.into_inner()));
-        let dec = super::kernels::with_spare(&mut spare, || -> Result<Tensor> {
+        let dec = super::kernels::with_spare(&mut spare, || -> Result<(Tensor, Tensor)> {
             // 1. CaVE tokens -> proj, rounded to f16 as the official code does
             let (tokens, q) = self.cave.embed_tiled(x, opts.cave_tile, &opts.cancel)?;
             p.keep("cave_embedding", &tokens);
@@ -640,17 +639,17 @@ impl Engine {
             p.keep("proj_embedding", &c);
             let c = c.to_dtype(DType::F16)?.to_dtype(d.dtype)?;
             p.lap("cave")?;
-            qv = Some(q);
-            self.diffuse_latent(d, x, &c, opts, p)
+            Ok((self.diffuse_latent(d, x, &c, opts, p)?, q))
         });
         *d.spare.lock().unwrap_or_else(|e| e.into_inner()) = spare;
-        let dec = dec?.narrow(2, 0, h)?.narrow(3, 0, w)?;
+        let (dec, q) = dec?;
+        let dec = dec.narrow(2, 0, h)?.narrow(3, 0, w)?;
         p.keep("decoded", &dec);
         p.lap("vae_decode")?;
         // 6. colour fix against the input
         let y = finish(&dec, x, opts.color_fix)?;
         p.lap("color_fix")?;
-        let q = Cave::q_value(&qv.expect("set before the latent steps"))?;
+        let q = Cave::q_value(&q)?;
         Ok((y, q))
     }
 

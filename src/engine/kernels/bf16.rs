@@ -50,7 +50,7 @@ pub fn native() -> bool {
     *ON.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::arch::is_x86_feature_detected!("avx512f")
+            super::avx512_available()
                 && std::arch::is_x86_feature_detected!("avx512bf16")
                 && std::env::var("CODIFF_BF16").map_or(true, |v| v != "emulate")
         }

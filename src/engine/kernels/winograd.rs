@@ -210,7 +210,7 @@ impl Tile {
 }
 
 /// `dst_r[t] = Σ_k c[r N + k] src[k][t]` for r < R, t < `len`, with
-/// `dst_r = dst + r dst_stride`: one pass over 8 columns at a time with the N
+/// `dst_r = dst + r dst_stride`: one pass over [`L`] columns at a time with the N
 /// source vectors and the R sums in registers. R, N and (through
 /// [`Matrices`]) the coefficients are compile-time, so the loops unroll,
 /// zero coefficients drop out and ±1 become additions (the same sums, in the
