@@ -1,4 +1,4 @@
-//! Times the 3x3 convolution's CPU paths (direct AVX-512 kernel, im2col +
+//! Times the 3x3 convolution's CPU paths (direct AVX-512 / AVX2 kernel, im2col +
 //! GEMM, Winograd F(2,3) and F(4,3)) and candle's conv2d on the layer shapes
 //! of the compact CaVE at 1280x720, the official CaVE, SD's VAE and UNet at
 //! 512x512 (every path forced on every layer; `ConvOp` picks by channels and
@@ -54,7 +54,11 @@ fn rate_row(name: &str, shape: &str, flop: f64, [f32_ms, bf16_ms]: [f64; 2]) {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let dev = Device::Cpu;
-    println!("threads={} avx512 direct kernel available: {}", rayon::current_num_threads(), direct::available());
+    println!(
+        "threads={} direct kernel: {}",
+        rayon::current_num_threads(),
+        if direct::available() { format!("{:?}", direct::Isa::best()) } else { "none".into() }
+    );
     println!(
         "| layer | cin->cout | HxW | direct ms | GEMM ms | F(2,3) ms | F(4,3) ms | candle ms | best GFLOP/s (direct-equivalent) | bf16: direct ms | GEMM ms | F(2,3) ms |"
     );

@@ -115,7 +115,7 @@ impl ConvOp {
     }
 
     /// The same convolution on the direct kernel where it applies (3x3,
-    /// stride 1, padding 1, an AVX-512 CPU), whatever its channels and the
+    /// stride 1, padding 1, a CPU with AVX-512 or AVX2), whatever its channels and the
     /// frame's width (benchmarks and tests).
     pub fn direct(self) -> candle_core::Result<Self> {
         self.with_direct(true)
@@ -145,7 +145,7 @@ impl ConvOp {
 
     /// Whether this layer has the direct kernel (layers narrow on one side
     /// use it on any frame, 17-64 channel layers on frames up to
-    /// [`DIRECT_MAX_WIDE_WIDTH`]).
+    /// [`DIRECT_MAX_WIDE_WIDTH`] with AVX-512).
     pub fn is_direct(&self) -> bool {
         self.direct.is_some()
     }
@@ -212,7 +212,10 @@ impl ConvOp {
     /// Whether [`ConvOp::run`] takes the direct kernel on a frame `w` wide.
     fn direct_for(&self, w: usize) -> Option<&direct::Direct> {
         let d = self.direct.as_deref()?;
-        (self.always_direct || self.cin.min(self.cout) <= DIRECT_NARROW || w <= DIRECT_MAX_WIDE_WIDTH).then_some(d)
+        // on AVX2 only the narrow layers: at 16 channels and more its 8-lane
+        // kernel is level with GEMM or Winograd at best (see DIRECT_NARROW)
+        let wide_ok = d.isa() == direct::Isa::Avx512 && w <= DIRECT_MAX_WIDE_WIDTH;
+        (self.always_direct || self.cin.min(self.cout) <= DIRECT_NARROW || wide_ok).then_some(d)
     }
 
     fn out_hw(&self, h: usize, w: usize) -> candle_core::Result<(usize, usize)> {
@@ -947,7 +950,11 @@ mod tests {
             let [x, wt, b, r, reference, relu_res] = conv_case(cin, cout, h, w);
             for relu in [false, true] {
                 let op = ConvOp::from_tensors(&wt, Some(&b), relu).unwrap().direct().unwrap();
-                assert_eq!(op.is_direct(), direct::available(), "{cin}->{cout} should take the direct path on AVX-512");
+                assert_eq!(
+                    op.is_direct(),
+                    direct::available(),
+                    "{cin}->{cout} should take the direct path on AVX-512 or AVX2"
+                );
                 for op in [op.clone(), op.gemm_only()] {
                     let want = if relu { reference.relu().unwrap() } else { reference.clone() };
                     let tol = 1e-4 * (cin as f32).sqrt() * 3.0;

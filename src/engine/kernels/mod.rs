@@ -10,8 +10,9 @@
 //! - [`PatchConvTranspose`]: k x k transposed conv with stride k (GEMM +
 //!   depth-to-space).
 //!
-//! Narrow 3x3 layers (at most [`DIRECT_MAX_CHANNELS`] channels in and out)
-//! skip im2col on CPUs with AVX-512: [`direct`] convolves in registers. Wide
+//! Narrow 3x3 layers (at most [`DIRECT_MAX_CHANNELS`] channels in and out
+//! with AVX-512, at most [`DIRECT_NARROW`] on one side with AVX2) skip im2col:
+//! [`direct`] convolves in registers. Wide
 //! 3x3 stride-1 layers (at least [`WINOGRAD_MIN_CHANNELS`] in and out) run
 //! [`winograd`] F(4x4, 3x3) or F(2x2, 3x3) by frame size: 2.25 or 4
 //! multiplies per output and channel pair instead of 9. `CODIFF_CONV=gemm`
@@ -140,7 +141,15 @@ pub const DIRECT_MAX_CHANNELS: usize = 64;
 /// best of 4: SD VAE's output layer 128->3 at 512x512 13.2 ms against
 /// 45-58 on GEMM, its encoder's 512->8 at 64x64 2.3 against 4.9, 3->128
 /// at 512x512 19.5 against 23.2, the UNet's 320->4 0.5 against 1.9; in bf16
-/// 9.6, 1.3, 15.9 and 0.3 ms.
+/// 9.6, 1.3, 15.9 and 0.3 ms. On CPUs with AVX2 but not AVX-512 only these
+/// layers take it (its 8-lane build, f32, 2 threads, medians of 7-11 over
+/// two runs): the compact CaVE's 8-channel layer at 1280x720 10.5-12.4 ms
+/// against 21-22 on GEMM, its 3->8 head 4.9-5.6 against 9.4, 8->3 tail
+/// 4.1-4.7 against 12.8-13.5, SD VAE's output layer 128->3 37-41 against
+/// 60-64, its encoder's 512->8 3.3-4.2 against 7-8, 3->128 30-34 against
+/// 35-37, while at 16 channels it is level with GEMM (11-12 against 13-14 ms
+/// at 360x640) and at 64 Winograd F(4,3) takes half its time (4.3-4.8
+/// against 7.8-8.1 ms at 90x160).
 pub const DIRECT_NARROW: usize = 16;
 /// See [`DIRECT_MAX_CHANNELS`].
 pub const DIRECT_MAX_WIDE_WIDTH: usize = 256;
