@@ -1229,7 +1229,7 @@ fn a_frame_the_engine_refuses_fails_or_passes_through() {
 
 /// Settings that something else overrides are said on the bus, once each:
 /// mode=auto with only one of the diffusion files, weights beside
-/// cave-checkpoint, more threads than cores.
+/// cave-checkpoint, more threads than cores, bf16 where it is emulated.
 #[test]
 fn silent_fallbacks_are_warned_about() {
     if !default_weights_path().exists() {
@@ -1238,6 +1238,13 @@ fn silent_fallbacks_are_warned_about() {
     let (element, bus) = ready_element(&[("sd-model", "/nonexistent/sd".to_string())]);
     let w = warnings(&bus);
     assert_eq!(w.iter().filter(|w| w.contains("codiff-checkpoint is not")).count(), 1, "{w:?}");
+    assert!(!w.iter().any(|w| w.contains("AVX512_BF16")), "{w:?}");
+    element.set_state(gst::State::Null).unwrap();
+    // bf16 on a CPU that can only emulate it
+    let (element, bus) = ready_element(&[("precision", "bf16".to_string())]);
+    let w = warnings(&bus);
+    let emulated = !gstcodiff::engine::kernels::bf16::native();
+    assert_eq!(w.iter().filter(|w| w.contains("no AVX512_BF16")).count(), usize::from(emulated), "{w:?}");
     element.set_state(gst::State::Null).unwrap();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let pipeline = gst::parse::launch(&format!(

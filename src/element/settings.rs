@@ -164,7 +164,7 @@ settings! {
     precision: CodiffPrecision {
         name: "precision",
         nick: "Precision",
-        blurb: "Floating-point precision of the UNet and VAE, and on the CPU of the compact model's inner layers; bf16 on the CPU multiplies bf16-rounded operands with f32 sums (vdpbf16ps on CPUs with AVX512_BF16, emulated elsewhere): the compact model 1.5x faster than f32 at 720p with PSNR-Y within 0.01 dB; the full model 1.1x (Winograd F(4,3) and im2col convolutions stay f32), 50.8 dB against its f32 output",
+        blurb: "Floating-point precision of the UNet and VAE, and on the CPU of the compact model's inner layers; bf16 on the CPU multiplies bf16-rounded operands with f32 sums (vdpbf16ps on CPUs with AVX512_BF16; emulated elsewhere, no faster than f32 there): the compact model 1.5x faster than f32 at 720p with PSNR-Y within 0.01 dB; the full model 1.1x (Winograd F(4,3) and im2col convolutions stay f32), 50.8 dB against its f32 output",
         kind: Enum(CodiffPrecision::Auto),
         flags: mutable_ready,
     }
@@ -442,6 +442,14 @@ impl Settings {
                 ),
                 _ => {}
             }
+        }
+        let on_cpu = matches!(self.device.parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        if self.precision == CodiffPrecision::Bf16 && on_cpu && !crate::engine::kernels::bf16::native() {
+            w.push(
+                "precision=bf16: this CPU has no AVX512_BF16, so the bf16 arithmetic is emulated (bf16-rounded \
+                 operands on the f32 kernels), no faster than precision=f32 and less exact; use f32 here"
+                    .to_string(),
+            );
         }
         if self.cave_checkpoint.is_some() && self.weights != Path::new(DEFAULT_WEIGHTS.as_str()) {
             w.push(format!(
