@@ -415,6 +415,37 @@ struct Args<'a, T> {
     out: Dst,
 }
 
+/// The walk both builds share, in the order that fixes their sums: for output
+/// row `oy`, every input plane and, top to bottom, every tap row inside the
+/// frame, `f(src, wrow)` with `src` that input row's first value and `wrow`
+/// the plane's `CB`-wide weights of that tap row (tap column `kx` at
+/// `wrow + kx CB`); the caller takes the tap columns left to right.
+///
+/// # Safety
+/// `a` and `wp` describe valid buffers (see [`Args`]): `a.planes` planes of
+/// `a.rows` rows of `a.w` values holding rows `oy - 1..=oy + 1` (those inside
+/// the frame), and `a.planes * 9 * CB` weights.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn each_tap_row<T, const CB: usize>(
+    a: &Args<T>,
+    wp: *const T,
+    oy: usize,
+    mut f: impl FnMut(*const T, *const T),
+) {
+    for ci in 0..a.planes {
+        let plane = a.x.add(ci * a.rows * a.w);
+        let wci = wp.add(ci * 9 * CB);
+        for ky in 0..3 {
+            let sy = oy as isize + ky as isize - 1;
+            if sy < 0 || sy >= a.h as isize {
+                continue;
+            }
+            f(plane.add((sy as usize - a.y0) * a.w), wci.add(ky * 3 * CB));
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::Args;
@@ -533,7 +564,7 @@ mod avx512 {
         co0: usize,
         oy: usize,
     ) {
-        let (h, w) = (a.h, a.w);
+        let w = a.w;
         let stored = (a.cout - co0).min(CB);
         let mut x0 = 0usize;
         while x0 < w {
@@ -545,32 +576,23 @@ mod avx512 {
                     *mk = lanes((x0 + 16 * s) as isize + kx as isize - 1, w);
                 }
             }
-            for ci in 0..a.planes {
-                let plane = a.x.add(ci * a.rows * w);
-                let wci = wp.add(ci * 9 * CB);
-                for ky in 0..3 {
-                    let sy = oy as isize + ky as isize - 1;
-                    if sy < 0 || sy >= h as isize {
-                        continue;
-                    }
-                    let src = plane.add((sy as usize - a.y0) * w);
-                    for kx in 0..3 {
-                        // masked-off lanes are not read, so the address may
-                        // lie outside the row
-                        let v: [A::V; S] = std::array::from_fn(|s| {
-                            let col = (x0 + 16 * s) as isize + kx as isize - 1;
-                            A::load(masks[s][kx], src.wrapping_offset(col))
-                        });
-                        let wt = wci.add((ky * 3 + kx) * CB);
-                        for (c, acc_c) in acc.iter_mut().enumerate() {
-                            let wv = *wt.add(c);
-                            for s in 0..S {
-                                acc_c[s] = A::madd(acc_c[s], v[s], wv);
-                            }
+            super::each_tap_row::<_, CB>(a, wp, oy, |src, wrow| {
+                for kx in 0..3 {
+                    // masked-off lanes are not read, so the address may lie
+                    // outside the row
+                    let v: [A::V; S] = std::array::from_fn(|s| {
+                        let col = (x0 + 16 * s) as isize + kx as isize - 1;
+                        A::load(masks[s][kx], src.wrapping_offset(col))
+                    });
+                    let wt = wrow.add(kx * CB);
+                    for (c, acc_c) in acc.iter_mut().enumerate() {
+                        let wv = *wt.add(c);
+                        for s in 0..S {
+                            acc_c[s] = A::madd(acc_c[s], v[s], wv);
                         }
                     }
                 }
-            }
+            });
             store(a, acc, co0, stored, oy, x0);
             x0 += 16 * S;
         }
@@ -722,7 +744,7 @@ mod avx2 {
         oy: usize,
         x0: usize,
     ) {
-        let (h, w) = (a.h, a.w);
+        let w = a.w;
         let mut acc = [[_mm256_setzero_ps(); S]; CB];
         // load masks per strip and tap column (border tiles only)
         let masks: [[__m256i; 3]; S] = std::array::from_fn(|s| {
@@ -734,36 +756,27 @@ mod avx2 {
                 }
             })
         });
-        for ci in 0..a.planes {
-            let plane = a.x.add(ci * a.rows * w);
-            let wci = wp.add(ci * 9 * CB);
-            for ky in 0..3 {
-                let sy = oy as isize + ky as isize - 1;
-                if sy < 0 || sy >= h as isize {
-                    continue;
-                }
-                let src = plane.add((sy as usize - a.y0) * w);
-                for kx in 0..3 {
-                    // masked-off lanes are not read, so the address may lie
-                    // outside the row
-                    let v: [__m256; S] = std::array::from_fn(|s| {
-                        let p = src.wrapping_offset((x0 + 8 * s) as isize + kx as isize - 1);
-                        if MASKED {
-                            _mm256_maskload_ps(p, masks[s][kx])
-                        } else {
-                            _mm256_loadu_ps(p)
-                        }
-                    });
-                    let wt = wci.add((ky * 3 + kx) * CB);
-                    for (c, acc_c) in acc.iter_mut().enumerate() {
-                        let wv = _mm256_broadcast_ss(&*wt.add(c));
-                        for s in 0..S {
-                            acc_c[s] = _mm256_fmadd_ps(v[s], wv, acc_c[s]);
-                        }
+        super::each_tap_row::<_, CB>(a, wp, oy, |src, wrow| {
+            for kx in 0..3 {
+                // masked-off lanes are not read, so the address may lie
+                // outside the row
+                let v: [__m256; S] = std::array::from_fn(|s| {
+                    let p = src.wrapping_offset((x0 + 8 * s) as isize + kx as isize - 1);
+                    if MASKED {
+                        _mm256_maskload_ps(p, masks[s][kx])
+                    } else {
+                        _mm256_loadu_ps(p)
+                    }
+                });
+                let wt = wrow.add(kx * CB);
+                for (c, acc_c) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_broadcast_ss(&*wt.add(c));
+                    for s in 0..S {
+                        acc_c[s] = _mm256_fmadd_ps(v[s], wv, acc_c[s]);
                     }
                 }
             }
-        }
+        });
         store(a, acc, co0, oy, x0);
     }
 
