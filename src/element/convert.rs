@@ -22,7 +22,7 @@
 
 use rayon::prelude::*;
 
-use crate::engine::kernels::{avx2_available, avx2_fn};
+use crate::engine::kernels::simd_fn;
 
 /// Where one colour component of a frame lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -333,7 +333,7 @@ pub fn read_rgb_sited(
     Ok(out)
 }
 
-avx2_fn! {
+simd_fn! {
     /// `top + f (bottom - top)`: a bilinear upsampling's second axis.
     fn lerp_row(top: &[f32], bottom: &[f32], f: f32, out: &mut [f32]) {
         for ((o, &t), &b) in out.iter_mut().zip(top).zip(bottom) {
@@ -342,7 +342,7 @@ avx2_fn! {
     }
 }
 
-avx2_fn! {
+simd_fn! {
     /// Bytes to f32.
     fn samples_row(src: &[u8], out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(src) {
@@ -351,7 +351,7 @@ avx2_fn! {
     }
 }
 
-avx2_fn! {
+simd_fn! {
     /// One packed RGB row from the three components' full-resolution rows.
     fn rgb_row(model: ColorModel, rows: [&[f32]; 3], out: &mut [u8]) {
         let [a, b, c] = rows;
@@ -486,7 +486,7 @@ fn write_impl(
     Ok(())
 }
 
-avx2_fn! {
+simd_fn! {
     /// Component `ci` of a frame's row from a packed RGB row `src` (or, given
     /// the row `input` it was restored from, its change: 0 where the pixel is
     /// unchanged).
@@ -524,7 +524,7 @@ avx2_fn! {
     }
 }
 
-avx2_fn! {
+simd_fn! {
     /// A full-resolution component's row into its samples: `old + strength *
     /// change`, the change being `v` itself (`v_is_change`) or `v - old`.
     fn blend_row(v: &[f32], samples: &mut [u8], strength: f32, v_is_change: bool) {

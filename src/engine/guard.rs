@@ -15,7 +15,7 @@
 //! test patterns, and the frame is left as it is. Rendered content that
 //! swings to full black, white or colour ([`SYNTHETIC`]) is treated more
 //! carefully than photos ([`NATURAL`]).
-use super::kernels::{avx2_available, avx2_fn};
+use super::kernels::simd_fn;
 use super::quant::{self, Evidence, IjgFit, Plane, Steps, CHROMA_TABLE, LUMA_TABLE};
 use super::RgbImage;
 
@@ -65,7 +65,7 @@ fn to_ycc(img: &RgbImage, spare: &Spare) -> [Plane; 3] {
     planes.map(|data| Plane { width: img.width, height: img.height, data })
 }
 
-avx2_fn! {
+simd_fn! {
     /// One row of [`to_ycc`].
     fn ycc_row(row: &[u8], y: &mut [f32], cb: &mut [f32], cr: &mut [f32]) {
         for (i, px) in row.chunks_exact(3).enumerate() {
@@ -87,7 +87,7 @@ fn write_rgb(planes: &[Plane; 3], img: &mut RgbImage) {
     });
 }
 
-avx2_fn! {
+simd_fn! {
     /// One row of [`write_rgb`].
     fn rgb_row(y: &[f32], cb: &[f32], cr: &[f32], out: &mut [u8]) {
         let code = |v: f32| (v.clamp(0.0, 255.0) + 0.5) as u8;

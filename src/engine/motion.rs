@@ -11,7 +11,7 @@
 //! blocks at rest. 720p: about 30 M absolute differences, about 10 ms.
 use rayon::prelude::*;
 
-use super::kernels::{avx2_available, avx2_fn};
+use super::kernels::simd_fn;
 
 /// Block side at full resolution.
 pub const BLOCK: usize = 16;
@@ -58,7 +58,7 @@ impl Luma {
     }
 }
 
-avx2_fn! {
+simd_fn! {
     /// One row of [`Luma::of_rgb`].
     fn luma_row(rgb: &[u8], out: &mut [u8]) {
         for (o, p) in out.iter_mut().zip(rgb.chunks_exact(3)) {
@@ -204,7 +204,7 @@ pub fn estimate(prev: &Luma, cur: &Luma) -> Field {
     Field { cols, rows, vectors }
 }
 
-avx2_fn! {
+simd_fn! {
     /// The vector of block `(x0, y0)` (side `b`) at one level: a full search
     /// at the coarsest level (`coarse`), else around twice the coarser
     /// level's vector `v` and at rest.

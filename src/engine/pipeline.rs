@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::cave::{Cave, Steer};
-use super::kernels::{avx2_available, avx2_fn, build_with, Math};
+use super::kernels::{build_with, simd_fn, Math};
 use super::lora::{LoraSet, MergedBackend};
 use super::one_step::{x0_step, Schedule, TIMESTEP};
 use super::unet::{UNet, UNetConfig};
@@ -804,7 +804,7 @@ fn code(v: f32) -> u8 {
     (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8
 }
 
-avx2_fn! {
+simd_fn! {
     /// One row of [`Engine::write_back`] from contiguous R, G, B rows.
     fn code_row(planes: [&[f32]; 3], row: &mut [u8]) {
         let [r, g, b] = planes;

@@ -14,7 +14,7 @@
 //! coefficient here is the value the encoder divided by its step.
 use std::sync::OnceLock;
 
-use super::kernels::{avx2_available, avx2_fn};
+use super::kernels::simd_fn;
 
 /// Samples of one block side.
 pub const B: usize = 8;
@@ -417,7 +417,7 @@ pub fn project(input: &Plane, output: &mut Plane, steps: &[f32; 64], nonzero_hal
         .sum()
 }
 
-avx2_fn! {
+simd_fn! {
     /// The DCTs of `plane`'s blocks numbered `ids` (row-major block order).
     fn block_dcts(plane: &Plane, ids: &[usize]) -> Vec<[f32; 64]> {
         let (nbx, _) = plane.blocks();
@@ -425,7 +425,7 @@ avx2_fn! {
     }
 }
 
-avx2_fn! {
+simd_fn! {
     /// Row `by` of blocks of [`project`] (`rows`: its 8 rows of `output`);
     /// returns how many blocks moved.
     fn project_row(input: &Plane, rows: &mut [f32], by: usize, steps: &[f32; 64], nonzero_half_width: f32) -> usize {

@@ -23,7 +23,7 @@
 //! the frame untouched (bit-exact) and drops the history; a frame of another
 //! size starts a new history. [`TemporalFilter::carry`] shows the previous
 //! output, moved the same way, on live frames that are not restored.
-use super::kernels::{avx2_available, avx2_fn};
+use super::kernels::simd_fn;
 use super::motion::{self, Luma};
 use super::{EngineError, Result, RgbImage};
 
@@ -192,7 +192,7 @@ impl TemporalFilter {
     }
 }
 
-avx2_fn! {
+simd_fn! {
     /// One row of the blend of [`TemporalFilter::apply`] and [`TemporalFilter::carry`]: each pixel of `row`
     /// moves towards the previous output at its match, by `strength` times
     /// its weight, at most `t` code values.
@@ -295,7 +295,7 @@ impl Matched {
     }
 }
 
-avx2_fn! {
+simd_fn! {
     /// One row of [`Matched::compute`]'s weights from the box means of the
     /// signed changes and of the absolute change; a pixel without a match
     /// gets weight 0 and source index 0 (any index serves there).
@@ -322,7 +322,7 @@ fn refill<T: Copy + Send + Sync>(v: &mut Vec<T>, n: usize, value: T) {
     v.resize(n, value);
 }
 
-avx2_fn! {
+simd_fn! {
     /// One row of [`Matched::new`]'s input change: per pixel with a match,
     /// the signed change of each channel against the previous input there
     /// and the mean of their magnitudes (0 where there is no match).
@@ -396,7 +396,7 @@ fn box_mean(values: &[f32], w: usize, h: usize, rows: &mut Vec<f32>, out: &mut V
     });
 }
 
-avx2_fn! {
+simd_fn! {
     /// `acc[i] += row[i]`.
     fn add_row(acc: &mut [f32], row: &[f32]) {
         for (a, &v) in acc.iter_mut().zip(row) {

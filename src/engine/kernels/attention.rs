@@ -2,7 +2,7 @@
 use candle_core::{CpuStorage, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{activation, avx2_available, contiguous, fast_exp, gemm_strided, lane_sum, Math, SendPtr};
+use super::{activation, contiguous, fast_exp, gemm_strided, lane_sum, Math, SendPtr};
 
 /// Multi-head scaled dot-product attention on `q` `[B, N, H*D]`, `k`, `v`
 /// `[B, M, H*D]` (heads interleaved as the projections produce them), output
@@ -20,7 +20,7 @@ pub struct AttentionOp {
 const ATTN_ROWS: usize = 128;
 const ATTN_KEYS: usize = 512;
 
-avx2_fn! {
+simd_fn! {
     fn row_max(row: &[f32]) -> f32 {
         let mut mx = [f32::NEG_INFINITY; 16];
         let mut chunks = row.chunks_exact(16);
@@ -33,7 +33,7 @@ avx2_fn! {
     }
 }
 
-avx2_fn! {
+simd_fn! {
     /// `row[i] = exp(scale * row[i] - shift)` in place; returns the sum.
     fn exp_shifted(row: &mut [f32], scale: f32, shift: f32) -> f32 {
         row.iter_mut().for_each(|x| *x = fast_exp(*x * scale - shift));

@@ -84,7 +84,7 @@ impl Isa {
                 if super::avx512_available() {
                     return Some(Isa::Avx512);
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if super::avx2_available() {
                     return Some(Isa::Avx2);
                 }
             }

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{activation, avx2_available, contiguous, fast_exp};
+use super::{activation, contiguous, fast_exp};
 
 /// `erf(x)` by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7;
 /// 4.4e-7 with f32 arithmetic, measured against candle's f64 `erf`),
@@ -26,7 +26,7 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-avx2_fn! {
+simd_fn! {
     /// `out[j] = a[j] * gelu(g[j])` for one row `[a | g]`.
     fn geglu_row(row: &[f32], out: &mut [f32]) {
         let (a, g) = row.split_at(out.len());

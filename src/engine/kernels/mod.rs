@@ -210,7 +210,8 @@ pub(crate) fn activation(n: usize) -> Vec<f32> {
 }
 
 /// Defines `fn $name` that runs its body compiled for AVX-512F (with AVX2 and
-/// FMA) or else AVX2 + FMA on CPUs that have them, else as is: the crate
+/// FMA) or else AVX2 + FMA on CPUs that have them, else as is (the vector
+/// builds of one body, whence the name): the crate
 /// targets baseline x86-64 (so that one build runs anywhere), whose SSE2 code
 /// runs these loops four lanes wide. The body must only call
 /// `#[inline(always)]` functions to benefit. Rust never reorders or fuses
@@ -218,7 +219,7 @@ pub(crate) fn activation(n: usize) -> Vec<f32> {
 /// runs its slice loops 16 lanes wide (the Winograd transforms, the norms'
 /// SiLU: the full model's VAE decode at 512x512 4.98-5.66 s against 5.42-6.15
 /// with AVX2 in three interleaved rounds of `bench`).
-macro_rules! avx2_fn {
+macro_rules! simd_fn {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
@@ -229,7 +230,7 @@ macro_rules! avx2_fn {
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                     imp($($arg),*)
                 }
-                if $crate::engine::kernels::avx512_available() && avx2_available() {
+                if $crate::engine::kernels::avx512_available() && $crate::engine::kernels::avx2_available() {
                     // SAFETY: `avx512` enables AVX-512F, AVX2 and FMA, which
                     // avx512_available() and avx2_available() just found on
                     // this CPU (is_x86_feature_detected!)
@@ -239,7 +240,7 @@ macro_rules! avx2_fn {
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     imp($($arg),*)
                 }
-                if avx2_available() {
+                if $crate::engine::kernels::avx2_available() {
                     // SAFETY: `avx2` enables only AVX2 and FMA, which
                     // avx2_available() just found on this CPU
                     // (is_x86_feature_detected!)
@@ -251,7 +252,7 @@ macro_rules! avx2_fn {
     };
 }
 
-pub(crate) use avx2_fn;
+pub(crate) use simd_fn;
 
 /// Whether this CPU has AVX2 and FMA (checked once).
 pub(crate) fn avx2_available() -> bool {
@@ -275,7 +276,7 @@ pub(crate) fn avx512_available() -> bool {
     false
 }
 
-// after avx2_fn!, which they use
+// after simd_fn!, which they use
 mod attention;
 pub mod bf16;
 mod conv;

@@ -2,9 +2,9 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{activation, avx2_available, contiguous, fast_exp, lane_sum};
+use super::{activation, contiguous, fast_exp, lane_sum};
 
-avx2_fn! {
+simd_fn! {
     /// Mean and (biased) variance of one group, in two passes: f32 sums within
     /// 1024-element chunks, f64 across them. The deviations are taken from the
     /// mean rounded to f32, so the variance is corrected by the rounding's square
@@ -32,7 +32,7 @@ fn f(v: f32, a: f32, b: f32, silu: bool) -> f32 {
     }
 }
 
-avx2_fn! {
+simd_fn! {
     /// `out = x * a + b`, then SiLU when `silu`.
     fn affine(out: &mut [f32], x: &[f32], a: f32, b: f32, silu: bool) {
         if silu {

@@ -4,9 +4,9 @@
 use candle_core::{CpuStorage, CustomOp1, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{activation, avx2_available, contiguous, contiguous_mut, gemm_strided, Math, SendPtr};
+use super::{activation, contiguous, contiguous_mut, gemm_strided, Math, SendPtr};
 
-avx2_fn! {
+simd_fn! {
     /// One row's space-to-depth: `d[j][i] = s[i k + j]` for the k = `d.len()`
     /// rows (k = 2 and 4, FBCNN's factors, as whole-vector shuffles).
     fn split_row(s: &[f32], d: &mut [&mut [f32]]) {
@@ -35,7 +35,7 @@ avx2_fn! {
     }
 }
 
-avx2_fn! {
+simd_fn! {
     /// One row's depth-to-space plus a bias: `row[i k + j] = t[j][i] + bias`
     /// for the k = `t.len()` rows ([`split_row`] backwards).
     fn merge_row(t: &[&[f32]], bias: f32, row: &mut [f32]) {

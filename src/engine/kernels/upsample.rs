@@ -8,14 +8,14 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-use super::{activation, avx2_available, contiguous};
+use super::{activation, contiguous};
 
 /// `[B, C, H, W]` -> `[B, C, 2H, 2W]`, each value repeated in a 2x2 block
 /// (the same values as candle's `upsample_nearest2d(2H, 2W)`).
 #[derive(Clone, Copy, Debug)]
 pub struct Upsample2x;
 
-avx2_fn! {
+simd_fn! {
     /// `dst[2j] = dst[2j + 1] = src[j]`.
     fn double_row(src: &[f32], dst: &mut [f32]) {
         for (d, &s) in dst.chunks_exact_mut(2).zip(src) {

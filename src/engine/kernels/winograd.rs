@@ -34,7 +34,7 @@
 //! output transform, as [`super::ConvOp`]'s other paths.
 use rayon::prelude::*;
 
-use super::{activation, avx2_available, gemm_strided, ChannelAffine, ImageAffine, Mat, Math, SendPtr};
+use super::{activation, gemm_strided, ChannelAffine, ImageAffine, Mat, Math, SendPtr};
 
 /// Bᵀ, G and Aᵀ of F(2,3) (interpolation points 0, 1, -1).
 const F2_BT: [f32; 16] = [1., 0., -1., 0., 0., 1., 1., 0., 0., -1., 1., 0., 0., 1., 0., -1.];
@@ -367,13 +367,13 @@ fn rows<const N: usize>(p: *const f32, stride: usize) -> [*const f32; N] {
     r
 }
 
-// This module's avx2_fn! functions (input_tiles, output_tiles, kernel_row)
-// write through raw pointers: `avx2_fn!` makes safe functions only, so they
+// This module's simd_fn! functions (input_tiles, output_tiles, kernel_row)
+// write through raw pointers: `simd_fn!` makes safe functions only, so they
 // stay private here and are called only from the unsafe `Tile` methods that
 // state their contracts.
 
-avx2_fn! {
-    /// [`Tile::input`]'s body (a free function for [`avx2_fn`]), for the
+simd_fn! {
+    /// [`Tile::input`]'s body (a free function for [`simd_fn`]), for the
     /// tile's compile-time sides.
     #[allow(clippy::too_many_arguments)]
     fn input_tiles(tile: &Tile, x: &[f32], pre: Option<ImageAffine<'_>>, band: &Band, cis: std::ops::Range<usize>, cin: usize, v: *mut f32, nt: usize, tmp: &mut Vec<f32>) {
@@ -476,8 +476,8 @@ fn input_m<T: Matrices, const M: usize, const AL: usize>(
     }
 }
 
-avx2_fn! {
-    /// [`Tile::output`]'s body (a free function for [`avx2_fn`]), for the
+simd_fn! {
+    /// [`Tile::output`]'s body (a free function for [`simd_fn`]), for the
     /// tile's compile-time sides.
     #[allow(clippy::too_many_arguments)]
     fn output_tiles(tile: &Tile, mm: &[f32], rows: usize, co0: usize, nt: usize, band: &Band, ep: &Epilogue<'_>, out: *mut f32, tmp: &mut Vec<f32>) {
@@ -601,7 +601,7 @@ fn kernel_chunk(
     }
 }
 
-avx2_fn! {
+simd_fn! {
     /// [`Tile::kernel_row`] in one pass over the input channels, 16 at a
     /// time: `(G g)[a][j] = Σ_i ga[i] g[i][j]`, then `U[a][b] = Σ_j
     /// (G g)[a][j] G[b][j]` for b < alpha, in registers.
