@@ -41,6 +41,10 @@
 // not Send); the kernels index by loop variables on purpose (several arrays
 // per index, layouts spelled out).
 #![allow(clippy::redundant_locals, clippy::needless_range_loop)]
+// Other architectures compile the x86 kernels out (the portable paths run
+// there), leaving the data those kernels read (packed operands, feature
+// checks, tile constants) unused.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables, unused_mut))]
 
 /// Floating-point operations (a multiply-add counts 2) of the convolutions,
 /// attention and linear layers run in this process, counted from each call's
