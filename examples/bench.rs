@@ -189,6 +189,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let peaks: Vec<String> =
                 measured_peaks(threads).iter().map(|(p, g)| format!("{p} {g:.0} GFLOP/s")).collect();
             println!("peak ({threads} threads, measured): {}", peaks.join(", "));
+            // which builds of the kernels this CPU runs, so that figures from
+            // different machines can be told apart
+            use gstcodiff::engine::kernels::{bf16, direct};
+            println!(
+                "kernels: direct 3x3 {}, bf16 dot products {}",
+                match (direct::available(), direct::Isa::best()) {
+                    (true, Some(isa)) => format!("{isa:?}"),
+                    _ => "off (im2col + GEMM)".into(),
+                },
+                if bf16::native() { "AVX512_BF16" } else { "emulated" }
+            );
         }
         for size in args.sizes.split(',') {
             let exe = std::env::current_exe()?;
