@@ -194,10 +194,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             use gstcodiff::engine::kernels::{bf16, direct};
             println!(
                 "kernels: direct 3x3 {}, bf16 dot products {}",
-                match (direct::available(), direct::Isa::best()) {
-                    (true, Some(isa)) => format!("{isa:?}"),
-                    _ => "off (im2col + GEMM)".into(),
-                },
+                direct::active().map_or("off (im2col + GEMM)".into(), |isa| format!("{isa:?}")),
                 if bf16::native() { "AVX512_BF16" } else { "emulated" }
             );
         }

@@ -57,7 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "threads={} direct kernel: {}",
         rayon::current_num_threads(),
-        if direct::available() { format!("{:?}", direct::Isa::best()) } else { "none".into() }
+        direct::active().map_or("none".into(), |isa| format!("{isa:?}"))
     );
     println!(
         "| layer | cin->cout | HxW | direct ms | GEMM ms | F(2,3) ms | F(4,3) ms | candle ms | best GFLOP/s (direct-equivalent) | bf16: direct ms | GEMM ms | F(2,3) ms |"

@@ -262,13 +262,8 @@ fn run(args: Args) -> anyhow_free::Result {
         device: args.device.parse::<DeviceSpec>()?,
         precision: args.precision.parse::<Precision>()?,
     };
-    if spec.precision == Precision::Bf16
-        && spec.device == DeviceSpec::Cpu
-        && !gstcodiff::engine::kernels::bf16::native()
-    {
-        eprintln!(
-            "note: this CPU has no AVX512_BF16, so --precision bf16 is emulated: no faster than f32 and less exact"
-        );
+    if let Some(caveat) = spec.precision.caveat(spec.device) {
+        eprintln!("note: --precision {}: {caveat}", args.precision);
     }
     let opts = RestoreOptions {
         color_fix: match args.color_fix {

@@ -443,13 +443,9 @@ impl Settings {
                 _ => {}
             }
         }
-        let on_cpu = matches!(self.device.parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
-        if self.precision == CodiffPrecision::Bf16 && on_cpu && !crate::engine::kernels::bf16::native() {
-            w.push(
-                "precision=bf16: this CPU has no AVX512_BF16, so the bf16 arithmetic is emulated (bf16-rounded \
-                 operands on the f32 kernels), no faster than precision=f32 and less exact; use f32 here"
-                    .to_string(),
-            );
+        let precision = Precision::from(self.precision);
+        if let Some(caveat) = self.device.parse::<DeviceSpec>().ok().and_then(|d| precision.caveat(d)) {
+            w.push(format!("precision={}: {caveat}", format!("{precision:?}").to_lowercase()));
         }
         if self.cave_checkpoint.is_some() && self.weights != Path::new(DEFAULT_WEIGHTS.as_str()) {
             w.push(format!(

@@ -181,11 +181,17 @@ thread_local! {
     static PAIR_ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Whether the direct kernel runs here: an x86-64 CPU with AVX-512F or AVX2
-/// and FMA ([`Isa::best`], checked at run time) and `CODIFF_CONV` not set to
-/// `gemm` (which keeps every layer on im2col + GEMM, for comparisons).
+/// The build of the direct kernel that runs here: this CPU's widest
+/// ([`Isa::best`], checked at run time), None where it has neither AVX-512F
+/// nor AVX2 and FMA or `CODIFF_CONV` is `gemm` (which keeps every layer on
+/// im2col + GEMM, for comparisons).
+pub fn active() -> Option<Isa> {
+    Isa::best().filter(|_| !super::gemm_forced())
+}
+
+/// Whether the direct kernel runs here ([`active`]).
 pub fn available() -> bool {
-    Isa::best().is_some() && !super::gemm_forced()
+    active().is_some()
 }
 
 impl Direct {
@@ -838,17 +844,15 @@ mod tests {
                     let mut acc = 0f32;
                     for ci in 0..cin {
                         for ky in 0..3 {
+                            // rows outside the frame are skipped, columns
+                            // outside it multiply a zero (a masked load)
+                            let Some(sy) = (oy + ky).checked_sub(1).filter(|&sy| sy < h) else { continue };
                             for kx in 0..3 {
-                                let (sy, sx) = (oy as isize + ky - 1, ox as isize + kx - 1);
-                                let v = if sy < 0 || sx < 0 || sy >= h as isize || sx >= w as isize {
-                                    if sy < 0 || sy >= h as isize {
-                                        continue;
-                                    }
-                                    0.0
-                                } else {
-                                    x[(ci * h + sy as usize) * w + sx as usize]
-                                };
-                                acc = v.mul_add(wt[((co * cin + ci) * 3 + ky as usize) * 3 + kx as usize], acc);
+                                let v = (ox + kx)
+                                    .checked_sub(1)
+                                    .filter(|&sx| sx < w)
+                                    .map_or(0.0, |sx| x[(ci * h + sy) * w + sx]);
+                                acc = v.mul_add(wt[((co * cin + ci) * 3 + ky) * 3 + kx], acc);
                             }
                         }
                     }
