@@ -510,30 +510,28 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, math: Math) -
 }
 
 /// A linear layer with its multiply-adds counted ([`super::kernels::flops`]):
-/// candle's, or in bf16 arithmetic ([`Math::Bf16`], the layer built under
-/// [`super::kernels::build_with`]) on the CPU kernel [`LinearOp`].
+/// on the CPU in f32 the kernel [`LinearOp`] (rows split over the threads,
+/// the bias added as each block is written) in the layer's arithmetic (f32,
+/// or [`Math::Bf16`] when built under [`super::kernels::build_with`]);
+/// candle's elsewhere (CUDA, f16/bf16 tensors).
 pub struct Linear {
     candle: nn::Linear,
-    bf16: Option<LinearOp>,
+    cpu: Option<LinearOp>,
 }
 
 impl Linear {
     pub fn new(w: Tensor, b: Option<Tensor>) -> candle_core::Result<Self> {
-        let bf16 = if super::kernels::building() == Math::Bf16 && fast_path(w.device(), w.dtype()) {
-            Some(LinearOp::new(&w, b.as_ref(), Math::Bf16)?)
+        let cpu = if fast_path(w.device(), w.dtype()) {
+            Some(LinearOp::new(&w, b.as_ref(), super::kernels::building())?)
         } else {
             None
         };
-        Ok(Self { candle: nn::Linear::new(w, b), bf16 })
+        Ok(Self { candle: nn::Linear::new(w, b), cpu })
     }
 
     /// The arithmetic this layer was built for.
     pub fn math(&self) -> Math {
-        if self.bf16.is_some() {
-            Math::Bf16
-        } else {
-            Math::F32
-        }
+        self.cpu.as_ref().map_or(Math::F32, LinearOp::math)
     }
 }
 
@@ -541,7 +539,7 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (cout, cin) = self.candle.weight().dims2()?;
         let _counted = super::kernels::counted(super::kernels::OpKind::Linear, 2 * cout * x.elem_count() / cin.max(1));
-        match &self.bf16 {
+        match &self.cpu {
             Some(op) if fast_path(x.device(), x.dtype()) => x.contiguous()?.apply_op1_no_bwd(op),
             _ => self.candle.forward(x),
         }

@@ -31,6 +31,11 @@ impl LinearOp {
         };
         Ok(Self { weight, bias, cin, cout, math, packed })
     }
+
+    /// The arithmetic of its products.
+    pub fn math(&self) -> Math {
+        self.math
+    }
 }
 
 impl CustomOp1 for LinearOp {
