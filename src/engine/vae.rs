@@ -127,6 +127,30 @@ pub struct VaeDecoder {
     conv_out: Conv,
 }
 
+/// A block's `n` ResNet blocks (`<vb>.resnets.<j>`): the first `cin` ->
+/// `cout`, the rest `cout` -> `cout`; no time embedding, eps 1e-6.
+fn resnets(
+    vb: &nn::VarBuilder,
+    n: usize,
+    cin: usize,
+    cout: usize,
+    groups: usize,
+) -> candle_core::Result<Vec<ResnetBlock>> {
+    (0..n)
+        .map(|j| {
+            ResnetBlock::new(
+                vb.pp(format!("resnets.{j}")),
+                if j == 0 { cin } else { cout },
+                cout,
+                None,
+                groups,
+                1e-6,
+                1.0,
+            )
+        })
+        .collect()
+}
+
 impl VaeEncoder {
     /// `vb` at the VAE root (`encoder.*`, `quant_conv.*`).
     pub fn new(cfg: &VaeConfig, vb: nn::VarBuilder) -> candle_core::Result<Self> {
@@ -138,19 +162,7 @@ impl VaeEncoder {
         for (i, &cout) in ch.iter().enumerate() {
             let vbi = vs.pp(format!("down_blocks.{i}"));
             let cin = if i > 0 { ch[i - 1] } else { ch[0] };
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    ResnetBlock::new(
-                        vbi.pp(format!("resnets.{j}")),
-                        if j == 0 { cin } else { cout },
-                        cout,
-                        None,
-                        g,
-                        1e-6,
-                        1.0,
-                    )
-                })
-                .collect::<candle_core::Result<_>>()?;
+            let resnets = resnets(&vbi, cfg.layers_per_block, cin, cout, g)?;
             let down = if i + 1 != ch.len() {
                 Some(Conv::new(vbi.pp("downsamplers.0.conv"), cout, cout, 3, 2, [0, 0, 1, 1], true)?)
             } else {
@@ -198,19 +210,7 @@ impl VaeDecoder {
         for (i, &cout) in ch.iter().enumerate() {
             let vbi = vs.pp(format!("up_blocks.{i}"));
             let cin = if i > 0 { ch[i - 1] } else { ch[0] };
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    ResnetBlock::new(
-                        vbi.pp(format!("resnets.{j}")),
-                        if j == 0 { cin } else { cout },
-                        cout,
-                        None,
-                        g,
-                        1e-6,
-                        1.0,
-                    )
-                })
-                .collect::<candle_core::Result<_>>()?;
+            let resnets = resnets(&vbi, cfg.layers_per_block + 1, cin, cout, g)?;
             let up = if i + 1 != ch.len() { Some(Upsample::new(vbi.pp("upsamplers.0"), cout)?) } else { None };
             up_blocks.push(UpBlock { resnets, up });
         }
