@@ -6,10 +6,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::cave::{Cave, Steer};
 use super::kernels::{build_with, simd_fn, Math};
+use super::layers::{self, Linear};
 use super::lora::{LoraSet, MergedBackend};
 use super::one_step::{x0_step, Schedule, TIMESTEP};
 use super::unet::{UNet, UNetConfig};
@@ -275,7 +276,7 @@ impl Engine {
         let proj = Linear::new(
             pkl.get_shaped("proj.weight", &[cross, c3])?.to_device(dev)?,
             Some(pkl.get_shaped("proj.bias", &[cross])?.to_device(dev)?),
-        );
+        )?;
         progress(&format!("loading VAE from {} (merging {} LoRA pairs)", sd.join("vae").display(), vae_lora.len()));
         let vae_file = component_weights(&sd.join("vae"))?;
         let n_vae_lora = vae_lora.len();
@@ -340,7 +341,7 @@ impl Engine {
                         UNet::new(vb.pp("unet"), &unet_cfg)?,
                     ))
                 })?;
-                let proj = candle_nn::linear(
+                let proj = layers::linear(
                     cave.nc[3],
                     unet_cfg.model.cross_attention_dim,
                     vb.pp("proj").set_dtype(DType::F32),
